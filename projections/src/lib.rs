@@ -1,0 +1,1 @@
+//! Read models: pure folds over the event log, persisted with their consumer offset

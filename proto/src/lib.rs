@@ -1,0 +1,136 @@
+//! Tributary's wire schema.
+//!
+//! * [`events`]: the events on the log. Every action is an [`events::Envelope`] carrying one
+//!   payload variant. See `docs/events.md` for what each event means and who emits it.
+//!
+//! Invariant: the schema only grows. A reader that meets an unknown payload variant decodes the
+//! envelope with `payload == None` and skips it.
+
+pub mod events {
+    include!(concat!(env!("OUT_DIR"), "/tributary.events.v1.rs"));
+}
+
+pub mod json;
+
+use events::envelope::Payload;
+use events::Envelope;
+
+/// Microseconds since the Unix epoch, now. Only edges (services, CLI) call this; folds read time
+/// from the events.
+pub fn now_us() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_micros() as i64)
+        .unwrap_or(0)
+}
+
+/// A new UUID v7 in canonical text form (time-ordered, globally unique).
+pub fn new_id() -> String {
+    uuid::Uuid::now_v7().to_string()
+}
+
+impl Envelope {
+    /// A new event with a fresh UUID v7 id, stamped with the current time.
+    pub fn new(tenant: &str, project: &str, build_id: &str, payload: Payload) -> Self {
+        Envelope {
+            event_id: new_id(),
+            tenant: tenant.to_owned(),
+            project: project.to_owned(),
+            build_id: build_id.to_owned(),
+            time_us: now_us(),
+            payload: Some(payload),
+        }
+    }
+
+    /// The key that orders this event on the log: the build id, so all events of a build keep
+    /// their order whichever backend or partition count is used.
+    pub fn partition_key(&self) -> &str {
+        &self.build_id
+    }
+
+    /// snake_case name of the payload variant (`line_exited`), or `unknown` for a variant this
+    /// reader does not know.
+    pub fn type_name(&self) -> &'static str {
+        self.payload.as_ref().map_or("unknown", Payload::type_name)
+    }
+}
+
+impl Payload {
+    /// snake_case name of the variant, as used by `tributary events --json` and docs/events.md.
+    pub fn type_name(&self) -> &'static str {
+        match self {
+            Payload::BuildTriggered(_) => "build_triggered",
+            Payload::BuildQueued(_) => "build_queued",
+            Payload::PipelineRejected(_) => "pipeline_rejected",
+            Payload::JobQueued(_) => "job_queued",
+            Payload::JobAssigned(_) => "job_assigned",
+            Payload::JobStarted(_) => "job_started",
+            Payload::StepStarted(_) => "step_started",
+            Payload::LineStarted(_) => "line_started",
+            Payload::LogChunk(_) => "log_chunk",
+            Payload::LineExited(_) => "line_exited",
+            Payload::StepFinished(_) => "step_finished",
+            Payload::ArtifactUploaded(_) => "artifact_uploaded",
+            Payload::JobFinished(_) => "job_finished",
+            Payload::BuildFinished(_) => "build_finished",
+            Payload::BuildCanceled(_) => "build_canceled",
+            Payload::UsageTick(_) => "usage_tick",
+        }
+    }
+}
+
+impl events::Status {
+    /// Lower-case name: `succeeded`, `failed`, `skipped`, `canceled`, `timed_out`.
+    pub fn name(self) -> &'static str {
+        match self {
+            events::Status::Unspecified => "unspecified",
+            events::Status::Succeeded => "succeeded",
+            events::Status::Failed => "failed",
+            events::Status::Skipped => "skipped",
+            events::Status::Canceled => "canceled",
+            events::Status::TimedOut => "timed_out",
+        }
+    }
+}
+
+impl events::Stream {
+    /// Lower-case name: `stdout`, `stderr`, `system`.
+    pub fn name(self) -> &'static str {
+        match self {
+            events::Stream::Unspecified => "unspecified",
+            events::Stream::Stdout => "stdout",
+            events::Stream::Stderr => "stderr",
+            events::Stream::System => "system",
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::events::*;
+    use prost::Message;
+
+    #[test]
+    fn unknown_payload_decodes_as_none() {
+        // Field 999 is a payload variant from a future schema: an old reader must skip it.
+        let mut env = Envelope::new("t", "p", "b", envelope::Payload::JobQueued(JobQueued {
+            job: "a".into(),
+            attempt: 1,
+        }));
+        env.payload = None;
+        let mut bytes = env.encode_to_vec();
+        // tag 999, wire type 2 (length-delimited), length 3, bytes.
+        bytes.extend_from_slice(&[0xba, 0x3e, 3, 1, 2, 3]);
+        let decoded = Envelope::decode(bytes.as_slice()).expect("decodes");
+        assert!(decoded.payload.is_none());
+        assert_eq!(decoded.type_name(), "unknown");
+        assert_eq!(decoded.event_id, env.event_id);
+    }
+
+    #[test]
+    fn event_ids_are_uuid_v7() {
+        let id = super::new_id();
+        let parsed = uuid::Uuid::parse_str(&id).expect("uuid");
+        assert_eq!(parsed.get_version_num(), 7);
+    }
+}
