@@ -1,0 +1,895 @@
+//! Walks the YAML tree and validates it into a [`Pipeline`]: the file's content, every string
+//! with its location, before matrix expansion and `${{ }}` substitution.
+
+use marked_yaml::types::{MarkedMappingNode, MarkedScalarNode, MarkedSequenceNode, Node};
+
+use crate::suggest::{closest, closest_key};
+use crate::yaml::{describe, kind, Kind, Loc, Owner, Source};
+use crate::PipelineError;
+
+type Result<T> = std::result::Result<T, PipelineError>;
+
+pub(crate) const TOP_KEYS: &[&str] = &["env", "jobs"];
+pub(crate) const JOB_KEYS: &[&str] = &[
+    "steps", "needs", "matrix", "env", "timeout", "runs-on", "image", "retry",
+];
+pub(crate) const STEP_KEYS: &[&str] = &["name", "script", "run"];
+
+/// Well-known names from other CI systems, mapped to ours.
+const TOP_ALIASES: &[(&str, &str)] = &[
+    ("variables", "env"),
+    ("environment", "env"),
+    ("job", "jobs"),
+    ("stages", "jobs"),
+];
+const JOB_ALIASES: &[(&str, &str)] = &[
+    ("depends-on", "needs"),
+    ("dependencies", "needs"),
+    ("requires", "needs"),
+    ("variables", "env"),
+    ("environment", "env"),
+    ("container", "image"),
+    ("docker", "image"),
+    ("strategy", "matrix"),
+    ("timeout-minutes", "timeout"),
+    ("retries", "retry"),
+    ("tags", "runs-on"),
+    ("labels", "runs-on"),
+    ("script", "steps"),
+    ("run", "steps"),
+];
+const STEP_ALIASES: &[(&str, &str)] = &[
+    ("command", "run"),
+    ("cmd", "run"),
+    ("shell", "run"),
+    ("sh", "run"),
+    ("commands", "script"),
+    ("lines", "script"),
+    ("title", "name"),
+];
+
+/// Most matrix instances one job may expand to.
+pub(crate) const MAX_INSTANCES: usize = 256;
+
+/// A string from the file and where it was written.
+#[derive(Debug, Clone)]
+pub(crate) struct Text {
+    pub value: String,
+    pub loc: Loc,
+}
+
+pub(crate) struct Pipeline {
+    pub env: Vec<EnvEntry>,
+    pub jobs: Vec<Job>,
+}
+
+pub(crate) struct EnvEntry {
+    pub name: String,
+    pub value: Text,
+}
+
+pub(crate) struct Axis {
+    pub name: String,
+    pub values: Vec<String>,
+}
+
+pub(crate) struct Need {
+    /// Index of the needed job in [`Pipeline::jobs`].
+    pub job: usize,
+    pub entry: Text,
+}
+
+pub(crate) struct Job {
+    pub key: String,
+    pub needs: Vec<Need>,
+    pub matrix: Vec<Axis>,
+    pub matrix_loc: Loc,
+    pub env: Vec<EnvEntry>,
+    pub timeout_secs: u64,
+    pub runs_on: Vec<Text>,
+    pub image: Option<Text>,
+    pub retry: u32,
+    pub steps: Vec<Step>,
+}
+
+pub(crate) enum StepName {
+    Given(Text),
+    /// `step N`.
+    Default(String),
+    /// A plain-string step is named after its command.
+    FromCommand,
+}
+
+pub(crate) struct Step {
+    pub name: StepName,
+    pub lines: Vec<Text>,
+}
+
+pub(crate) fn parse(src: &Source<'_>, root: &Node) -> Result<Pipeline> {
+    let Some(top) = root.as_mapping() else {
+        return Err(src.error(
+            Loc::START,
+            "the top level of a pipeline must be a mapping with a `jobs` key",
+        ));
+    };
+    if top.is_empty() {
+        return Err(src.empty_file());
+    }
+    let p = Parser { src };
+    let mut env = Vec::new();
+    let mut jobs = None;
+    for (key, value) in top.iter() {
+        match key.as_str() {
+            "env" => env = p.env(key, value, "the pipeline")?,
+            "jobs" => jobs = Some((key, value)),
+            _ => return Err(p.unknown_key(key, "at the top level", TOP_KEYS, TOP_ALIASES)),
+        }
+    }
+    let Some((key, value)) = jobs else {
+        return Err(src.error(
+            Loc::START,
+            "the pipeline has no `jobs`; add a `jobs:` mapping of job name to job, e.g.\n\
+             jobs:\n  build:\n    steps:\n      - make",
+        ));
+    };
+    let jobs = p.jobs(key, value)?;
+    Ok(Pipeline { env, jobs })
+}
+
+struct Parser<'s, 'a> {
+    src: &'s Source<'a>,
+}
+
+impl Parser<'_, '_> {
+    fn err(&self, loc: Loc, message: impl Into<String>) -> PipelineError {
+        self.src.error(loc, message)
+    }
+
+    fn unknown_key(
+        &self,
+        key: &MarkedScalarNode,
+        context: &str,
+        valid: &[&str],
+        aliases: &[(&str, &str)],
+    ) -> PipelineError {
+        let valid_list = valid.join(", ");
+        let message = match closest_key(key.as_str(), valid, aliases) {
+            Some(s) => format!(
+                "unknown key {:?} {context}; did you mean {s:?}? Valid keys: {valid_list}",
+                key.as_str()
+            ),
+            None => format!(
+                "unknown key {:?} {context}; remove or rename it. Valid keys: {valid_list}",
+                key.as_str()
+            ),
+        };
+        self.err(self.src.key_loc(key), message)
+    }
+
+    /// "expected X for WHAT, found Y; FIX" at `node`.
+    fn wrong_type(
+        &self,
+        node: &Node,
+        owner: Owner<'_>,
+        expected: &str,
+        what: &str,
+    ) -> PipelineError {
+        let found_kind = node.as_scalar().map(kind);
+        let fix = if found_kind == Some(Kind::Null) {
+            "give it a value, or remove the key".to_owned()
+        } else if expected.starts_with("a mapping") {
+            "write `name: value` entries indented below the key".to_owned()
+        } else if expected.starts_with("a list") {
+            "write `[a, b]`, or one `- a` entry per line".to_owned()
+        } else if let Node::Sequence(_) = node {
+            "write a single value, not a list".to_owned()
+        } else if let Node::Mapping(_) = node {
+            "write a single value, not a mapping (check the indentation, and quote values that \
+             contain \": \")"
+                .to_owned()
+        } else if let (Some(Kind::Bool | Kind::Int | Kind::Float), Node::Scalar(s), true) = (
+            found_kind,
+            node,
+            ["a string", "a job name", "a label"]
+                .iter()
+                .any(|e| expected.starts_with(e)),
+        ) {
+            format!("quote it (\"{}\") if you mean the text", s.as_str())
+        } else {
+            format!("write {expected}")
+        };
+        self.err(
+            self.src.loc(node, owner),
+            format!(
+                "expected {expected} for {what}, found {}; {fix}",
+                describe(node)
+            ),
+        )
+    }
+
+    /// A YAML string (quoted, block or plain text that is not a number, boolean or null).
+    fn string(&self, node: &Node, owner: Owner<'_>, what: &str) -> Result<Text> {
+        match node {
+            Node::Scalar(s) if kind(s) == Kind::Str => Ok(Text {
+                value: s.as_str().to_owned(),
+                loc: self.src.loc(node, owner),
+            }),
+            _ => Err(self.wrong_type(node, owner, "a string", what)),
+        }
+    }
+
+    /// A string that is not empty or blank.
+    fn non_empty_string(
+        &self,
+        node: &Node,
+        owner: Owner<'_>,
+        what: &str,
+        fix: &str,
+    ) -> Result<Text> {
+        let text = self.string(node, owner, what)?;
+        if text.value.trim().is_empty() {
+            return Err(self.err(text.loc, format!("{what} is empty; {fix}")));
+        }
+        Ok(text)
+    }
+
+    /// Any scalar but null, as written in the file: `1.80` stays `1.80`, `true` stays `true`.
+    fn scalar_text(&self, node: &Node, owner: Owner<'_>, what: &str) -> Result<Text> {
+        match node {
+            Node::Scalar(s) if kind(s) != Kind::Null => Ok(Text {
+                value: s.as_str().to_owned(),
+                loc: self.src.loc(node, owner),
+            }),
+            Node::Scalar(_) => Err(self.err(
+                self.src.loc(node, owner),
+                format!(
+                    "{what} has no value; give it one (write \"\" for an empty string), or remove it"
+                ),
+            )),
+            _ => Err(self.wrong_type(node, owner, "a string, number or boolean", what)),
+        }
+    }
+
+    fn mapping<'n>(
+        &self,
+        node: &'n Node,
+        key: &MarkedScalarNode,
+        what: &str,
+    ) -> Result<&'n MarkedMappingNode> {
+        node.as_mapping()
+            .ok_or_else(|| self.wrong_type(node, Owner::Key(key), "a mapping", what))
+    }
+
+    fn sequence<'n>(
+        &self,
+        node: &'n Node,
+        key: &MarkedScalarNode,
+        what: &str,
+    ) -> Result<&'n MarkedSequenceNode> {
+        node.as_sequence()
+            .ok_or_else(|| self.wrong_type(node, Owner::Key(key), "a list", what))
+    }
+
+    fn jobs(&self, key: &MarkedScalarNode, value: &Node) -> Result<Vec<Job>> {
+        let map = match value {
+            Node::Scalar(s) if kind(s) == Kind::Null => {
+                return Err(self.err(
+                    self.src.key_loc(key),
+                    "`jobs` is empty; add at least one job, e.g. `build: {steps: [make]}`",
+                ))
+            }
+            _ => self.mapping(value, key, "`jobs` (a mapping of job name to job)")?,
+        };
+        if map.is_empty() {
+            return Err(self.err(
+                self.src.loc(value, Owner::Key(key)),
+                "`jobs` is empty; add at least one job, e.g. `build: {steps: [make]}`",
+            ));
+        }
+        // First pass: the job names, so that `needs` can refer to jobs declared later.
+        let mut names = Vec::with_capacity(map.len());
+        for job_key in map.keys() {
+            let name = job_key.as_str();
+            if name.is_empty() || !name.chars().all(is_name_char) {
+                let fixed: String = name
+                    .chars()
+                    .map(|c| if is_name_char(c) { c } else { '-' })
+                    .collect();
+                let hint = if fixed.chars().any(|c| c != '-') {
+                    format!(" (e.g. {fixed:?})")
+                } else {
+                    String::new()
+                };
+                return Err(self.err(
+                    self.src.key_loc(job_key),
+                    format!(
+                        "invalid job name {name:?}: job names may only contain letters, digits, \
+                         `_` and `-`; rename it{hint}"
+                    ),
+                ));
+            }
+            names.push(name);
+        }
+        map.iter()
+            .map(|(job_key, job)| self.job(&names, job_key, job))
+            .collect()
+    }
+
+    fn job(&self, names: &[&str], key: &MarkedScalarNode, value: &Node) -> Result<Job> {
+        let name = key.as_str();
+        let map = match value {
+            Node::Scalar(s) if kind(s) == Kind::Null => {
+                return Err(self.err(
+                    self.src.key_loc(key),
+                    format!("job {name:?} is empty; give it a `steps:` list, e.g. `steps: [make]`"),
+                ))
+            }
+            _ => self.mapping(value, key, &format!("job {name:?}"))?,
+        };
+        let mut job = Job {
+            key: name.to_owned(),
+            needs: Vec::new(),
+            matrix: Vec::new(),
+            matrix_loc: Loc::START,
+            env: Vec::new(),
+            timeout_secs: 0,
+            runs_on: Vec::new(),
+            image: None,
+            retry: 0,
+            steps: Vec::new(),
+        };
+        let mut has_steps = false;
+        let context = format!("in job {name:?}");
+        for (k, v) in map.iter() {
+            match k.as_str() {
+                "steps" => {
+                    job.steps = self.steps(name, k, v)?;
+                    has_steps = true;
+                }
+                "needs" => job.needs = self.needs(names, name, k, v)?,
+                "matrix" => {
+                    job.matrix = self.matrix(name, k, v)?;
+                    job.matrix_loc = self.src.key_loc(k);
+                }
+                "env" => job.env = self.env(k, v, &format!("job {name:?}"))?,
+                "timeout" => job.timeout_secs = self.timeout(name, k, v)?,
+                "runs-on" => job.runs_on = self.runs_on(name, k, v)?,
+                "image" => {
+                    let what = format!("`image` of job {name:?}");
+                    job.image = Some(self.non_empty_string(
+                        v,
+                        Owner::Key(k),
+                        &what,
+                        "give an image name, or remove `image` to run on the host",
+                    )?);
+                }
+                "retry" => job.retry = self.retry(name, k, v)?,
+                _ => return Err(self.unknown_key(k, &context, JOB_KEYS, JOB_ALIASES)),
+            }
+        }
+        if !has_steps {
+            return Err(self.err(
+                self.src.key_loc(key),
+                format!("job {name:?} has no `steps`; add a `steps:` list, e.g. `steps: [make]`"),
+            ));
+        }
+        Ok(job)
+    }
+
+    fn steps(&self, job: &str, key: &MarkedScalarNode, value: &Node) -> Result<Vec<Step>> {
+        let what = format!("`steps` of job {job:?}");
+        let list = self.sequence(value, key, &what)?;
+        if list.is_empty() {
+            return Err(self.err(
+                self.src.loc(value, Owner::Key(key)),
+                format!("job {job:?} has no steps; add at least one, e.g. `- make`"),
+            ));
+        }
+        list.iter()
+            .enumerate()
+            .map(|(i, entry)| self.step(job, i + 1, entry, Owner::Entry(list, i)))
+            .collect()
+    }
+
+    fn step(&self, job: &str, n: usize, node: &Node, owner: Owner<'_>) -> Result<Step> {
+        let what = format!("step {n} of job {job:?}");
+        let map = match node {
+            Node::Mapping(m) => m,
+            Node::Scalar(s) if kind(s) == Kind::Str => {
+                // Shorthand: `- make` is `- {name: make, run: make}`.
+                let text = self.run(node, owner, &what)?;
+                return Ok(Step {
+                    name: StepName::FromCommand,
+                    lines: vec![text],
+                });
+            }
+            _ => {
+                return Err(self.err(
+                    self.src.loc(node, owner),
+                    format!(
+                        "{what} must be a command string or a mapping with `run` or `script`, \
+                         found {}; write e.g. `- make` or `- run: make`",
+                        describe(node)
+                    ),
+                ))
+            }
+        };
+        let mut name = None;
+        let mut lines: Option<(&str, Vec<Text>)> = None;
+        let context = format!("in step {n} of job {job:?}");
+        for (k, v) in map.iter() {
+            match k.as_str() {
+                "name" => {
+                    name = Some(self.non_empty_string(
+                        v,
+                        Owner::Key(k),
+                        &format!("`name` of {what}"),
+                        "give the step a name, or remove `name` to use the default",
+                    )?)
+                }
+                other @ ("run" | "script") => {
+                    if let Some((first, _)) = lines {
+                        return Err(self.err(
+                            self.src.key_loc(k),
+                            format!(
+                                "{what} has both `{first}` and `{other}`; keep only one \
+                                 (`run` for one command or block, `script` for a list of lines)"
+                            ),
+                        ));
+                    }
+                    let parsed = if other == "run" {
+                        vec![self.run(v, Owner::Key(k), &format!("`run` of {what}"))?]
+                    } else {
+                        self.script(v, k, &what)?
+                    };
+                    lines = Some((other, parsed));
+                }
+                _ => return Err(self.unknown_key(k, &context, STEP_KEYS, STEP_ALIASES)),
+            }
+        }
+        let Some((_, lines)) = lines else {
+            return Err(self.err(
+                self.src.loc(node, owner),
+                format!(
+                    "{what} has neither `run` nor `script`; add `run: <command>` or \
+                     `script: [<line>, ...]`"
+                ),
+            ));
+        };
+        Ok(Step {
+            name: name.map_or_else(|| StepName::Default(format!("step {n}")), StepName::Given),
+            lines,
+        })
+    }
+
+    /// A `run` command: one line, which may be a multi-line block (trailing newlines dropped).
+    fn run(&self, node: &Node, owner: Owner<'_>, what: &str) -> Result<Text> {
+        let mut text =
+            self.non_empty_string(node, owner, what, "give it a command, or remove the step")?;
+        let trimmed = text.value.trim_end_matches(['\n', '\r']).len();
+        text.value.truncate(trimmed);
+        Ok(text)
+    }
+
+    fn script(&self, value: &Node, key: &MarkedScalarNode, step: &str) -> Result<Vec<Text>> {
+        let what = format!("`script` of {step}");
+        let list = match value {
+            Node::Sequence(list) => list,
+            Node::Scalar(s) if kind(s) == Kind::Str => {
+                return Err(self.err(
+                    self.src.loc(value, Owner::Key(key)),
+                    format!(
+                        "{what} must be a list of lines, found a string; write `script: [...]` \
+                         with one entry per line, or use `run:` for a single command"
+                    ),
+                ))
+            }
+            _ => return Err(self.wrong_type(value, Owner::Key(key), "a list of lines", &what)),
+        };
+        if list.is_empty() {
+            return Err(self.err(
+                self.src.loc(value, Owner::Key(key)),
+                format!("{what} is empty; add at least one line, or remove the step"),
+            ));
+        }
+        list.iter()
+            .enumerate()
+            .map(|(i, line)| {
+                self.non_empty_string(
+                    line,
+                    Owner::Entry(list, i),
+                    &format!("line {} of {what}", i + 1),
+                    "write a command, or remove the line",
+                )
+            })
+            .collect()
+    }
+
+    fn needs(
+        &self,
+        names: &[&str],
+        job: &str,
+        key: &MarkedScalarNode,
+        value: &Node,
+    ) -> Result<Vec<Need>> {
+        let what = format!("`needs` of job {job:?}");
+        let entries: Vec<(&Node, Owner<'_>)> = match value {
+            Node::Sequence(list) => list
+                .iter()
+                .enumerate()
+                .map(|(i, n)| (n, Owner::Entry(list, i)))
+                .collect(),
+            Node::Scalar(_) => vec![(value, Owner::Key(key))],
+            Node::Mapping(_) => {
+                return Err(self.wrong_type(
+                    value,
+                    Owner::Key(key),
+                    "a job name or a list of job names",
+                    &what,
+                ))
+            }
+        };
+        let mut needs: Vec<Need> = Vec::with_capacity(entries.len());
+        for (node, owner) in entries {
+            let entry = self.string(node, owner, &what)?;
+            let target = entry.value.as_str();
+            if target == job {
+                return Err(self.err(
+                    entry.loc,
+                    format!("job {job:?} needs itself; remove {target:?} from its `needs`"),
+                ));
+            }
+            let Some(index) = names.iter().position(|n| *n == target) else {
+                return Err(self.err(entry.loc, unknown_need(names, job, target)));
+            };
+            if needs.iter().any(|n| n.job == index) {
+                return Err(self.err(
+                    entry.loc,
+                    format!("job {job:?} lists {target:?} twice in `needs`; remove the duplicate"),
+                ));
+            }
+            needs.push(Need { job: index, entry });
+        }
+        Ok(needs)
+    }
+
+    fn matrix(&self, job: &str, key: &MarkedScalarNode, value: &Node) -> Result<Vec<Axis>> {
+        let what = format!("`matrix` of job {job:?}");
+        let map = self.mapping(
+            value,
+            key,
+            &format!("{what} (a mapping of axis name to list of values)"),
+        )?;
+        if map.is_empty() {
+            return Err(self.err(
+                self.src.loc(value, Owner::Key(key)),
+                format!(
+                    "{what} has no axes; add one (e.g. `os: [linux, bsd]`), or remove `matrix`"
+                ),
+            ));
+        }
+        let mut axes = Vec::with_capacity(map.len());
+        let mut instances: usize = 1;
+        for (axis_key, values) in map.iter() {
+            let name = axis_key.as_str();
+            if name.is_empty() || !name.chars().all(is_name_char) {
+                return Err(self.err(
+                    self.src.key_loc(axis_key),
+                    format!(
+                        "invalid matrix axis name {name:?} in job {job:?}: axis names may only \
+                         contain letters, digits, `_` and `-`; rename it"
+                    ),
+                ));
+            }
+            let axis_what = format!("matrix axis {name:?} of job {job:?}");
+            let list = match values {
+                Node::Sequence(list) => list,
+                Node::Scalar(s) if kind(s) != Kind::Null => {
+                    return Err(self.err(
+                        self.src.loc(values, Owner::Key(axis_key)),
+                        format!(
+                            "{axis_what} must be a list of values, found {}; write `{name}: [{}]`",
+                            describe(values),
+                            s.as_str()
+                        ),
+                    ))
+                }
+                _ => {
+                    return Err(self.wrong_type(
+                        values,
+                        Owner::Key(axis_key),
+                        "a list of values",
+                        &axis_what,
+                    ))
+                }
+            };
+            if list.is_empty() {
+                return Err(self.err(
+                    self.src.loc(values, Owner::Key(axis_key)),
+                    format!("{axis_what} is empty; add at least one value, or remove the axis"),
+                ));
+            }
+            let mut seen: Vec<String> = Vec::with_capacity(list.len());
+            for (i, entry) in list.iter().enumerate() {
+                let text = self.scalar_text(
+                    entry,
+                    Owner::Entry(list, i),
+                    &format!("a value of {axis_what}"),
+                )?;
+                if text.value.is_empty() {
+                    return Err(self.err(
+                        text.loc,
+                        format!("empty value in {axis_what}; give it a name, or remove it"),
+                    ));
+                }
+                if seen.contains(&text.value) {
+                    return Err(self.err(
+                        text.loc,
+                        format!("duplicate value {:?} in {axis_what}; remove it", text.value),
+                    ));
+                }
+                seen.push(text.value);
+            }
+            instances = instances.saturating_mul(seen.len());
+            if instances > MAX_INSTANCES {
+                return Err(self.err(
+                    self.src.key_loc(axis_key),
+                    format!(
+                        "the matrix of job {job:?} expands to more than {MAX_INSTANCES} instances; \
+                         remove axes or values, or split the job"
+                    ),
+                ));
+            }
+            axes.push(Axis {
+                name: name.to_owned(),
+                values: seen,
+            });
+        }
+        Ok(axes)
+    }
+
+    fn env(&self, key: &MarkedScalarNode, value: &Node, owner: &str) -> Result<Vec<EnvEntry>> {
+        let map = match value {
+            Node::Scalar(s) if kind(s) == Kind::Null => {
+                return Err(self.err(
+                    self.src.key_loc(key),
+                    format!(
+                        "`env` of {owner} is empty; add `NAME: value` entries, or remove `env`"
+                    ),
+                ))
+            }
+            _ => self.mapping(
+                value,
+                key,
+                &format!("`env` of {owner} (a mapping of NAME: value)"),
+            )?,
+        };
+        let mut env = Vec::with_capacity(map.len());
+        for (k, v) in map.iter() {
+            let name = k.as_str();
+            let mut chars = name.chars();
+            let valid = chars
+                .next()
+                .is_some_and(|c| c.is_ascii_alphabetic() || c == '_')
+                && chars.all(|c| c.is_ascii_alphanumeric() || c == '_');
+            if !valid {
+                return Err(self.err(
+                    self.src.key_loc(k),
+                    format!(
+                        "invalid environment variable name {name:?} in `env` of {owner}: names \
+                         must start with a letter or `_` and contain only letters, digits and `_`; \
+                         rename it"
+                    ),
+                ));
+            }
+            let value = self.scalar_text(v, Owner::Key(k), &format!("env {name:?} of {owner}"))?;
+            env.push(EnvEntry {
+                name: name.to_owned(),
+                value,
+            });
+        }
+        Ok(env)
+    }
+
+    fn timeout(&self, job: &str, key: &MarkedScalarNode, value: &Node) -> Result<u64> {
+        let what = format!("`timeout` of job {job:?}");
+        let loc = self.src.loc(value, Owner::Key(key));
+        let text = match value {
+            Node::Scalar(s) if matches!(kind(s), Kind::Int | Kind::Str | Kind::Float) => s.as_str(),
+            _ => {
+                return Err(self.wrong_type(
+                    value,
+                    Owner::Key(key),
+                    "seconds or a duration like \"90s\", \"10m\", \"1h30m\"",
+                    &what,
+                ))
+            }
+        };
+        match parse_duration(text) {
+            Ok(0) => Err(self.err(
+                loc,
+                format!(
+                    "{what} is 0; give a positive duration, or remove `timeout` for no timeout"
+                ),
+            )),
+            Ok(secs) => Ok(secs),
+            Err(DurationError::TooLarge) => Err(self.err(
+                loc,
+                format!("{what} {text:?} is too large; give a shorter duration"),
+            )),
+            Err(DurationError::Invalid) => Err(self.err(
+                loc,
+                format!(
+                    "{what} is not a duration: {text:?}; write whole seconds (`600`) or hours, \
+                     minutes and seconds in that order: \"90s\", \"10m\", \"1h\", \"1h30m\""
+                ),
+            )),
+        }
+    }
+
+    fn retry(&self, job: &str, key: &MarkedScalarNode, value: &Node) -> Result<u32> {
+        let what = format!("`retry` of job {job:?}");
+        let loc = self.src.loc(value, Owner::Key(key));
+        let range_error = |text: &str| {
+            self.err(
+                loc,
+                format!(
+                    "{what} must be a whole number from 0 to 10 (re-runs after a failure), \
+                     found {text}; use a value in that range"
+                ),
+            )
+        };
+        match value {
+            Node::Scalar(s) if matches!(kind(s), Kind::Int | Kind::Str) => {
+                let text = s.as_str().trim();
+                if !text.starts_with(['-', '+']) && !text.chars().all(|c| c.is_ascii_digit()) {
+                    return Err(range_error(&format!("{text:?}")));
+                }
+                match text.parse::<i64>() {
+                    Ok(n @ 0..=10) => Ok(n as u32),
+                    _ => Err(range_error(text)),
+                }
+            }
+            Node::Scalar(s) if kind(s) == Kind::Float => Err(range_error(s.as_str())),
+            _ => Err(self.wrong_type(value, Owner::Key(key), "a whole number from 0 to 10", &what)),
+        }
+    }
+
+    fn runs_on(&self, job: &str, key: &MarkedScalarNode, value: &Node) -> Result<Vec<Text>> {
+        let what = format!("`runs-on` of job {job:?}");
+        let entries: Vec<(&Node, Owner<'_>)> = match value {
+            Node::Sequence(list) => list
+                .iter()
+                .enumerate()
+                .map(|(i, n)| (n, Owner::Entry(list, i)))
+                .collect(),
+            Node::Scalar(_) => vec![(value, Owner::Key(key))],
+            Node::Mapping(_) => {
+                return Err(self.wrong_type(
+                    value,
+                    Owner::Key(key),
+                    "a label or a list of labels",
+                    &what,
+                ))
+            }
+        };
+        if entries.is_empty() {
+            return Err(self.err(
+                self.src.loc(value, Owner::Key(key)),
+                format!(
+                    "{what} is an empty list; add a label, or remove `runs-on` to run on any agent"
+                ),
+            ));
+        }
+        entries
+            .into_iter()
+            .map(|(node, owner)| {
+                self.non_empty_string(
+                    node,
+                    owner,
+                    &format!("a label in {what}"),
+                    "give an agent label, or remove it",
+                )
+            })
+            .collect()
+    }
+}
+
+fn is_name_char(c: char) -> bool {
+    c.is_ascii_alphanumeric() || c == '_' || c == '-'
+}
+
+fn unknown_need(names: &[&str], job: &str, target: &str) -> String {
+    if let Some((base, _)) = target.split_once('[') {
+        if names.contains(&base) {
+            return format!(
+                "`needs` of job {job:?} names a matrix instance {target:?}; `needs` takes job \
+                 names: write {base:?} to wait for every instance of it"
+            );
+        }
+    }
+    let others: Vec<&str> = names.iter().copied().filter(|n| *n != job).collect();
+    let unknown = format!("job {job:?} needs {target:?}, which is not a job in this pipeline");
+    if others.is_empty() {
+        return format!("{unknown}; it is the only job, so remove `needs`");
+    }
+    let jobs = others.join(", ");
+    match closest(target, others.iter().copied()) {
+        Some(s) => format!("{unknown}; did you mean {s:?}? Other jobs: {jobs}"),
+        None => format!("{unknown}; use one of the other jobs: {jobs}"),
+    }
+}
+
+#[derive(Debug, PartialEq, Eq)]
+pub(crate) enum DurationError {
+    Invalid,
+    TooLarge,
+}
+
+/// Seconds in `600`, `90s`, `10m`, `1h`, `1h30m`, `2h5m10s` (units in that order, each once).
+pub(crate) fn parse_duration(text: &str) -> std::result::Result<u64, DurationError> {
+    if text.is_empty() {
+        return Err(DurationError::Invalid);
+    }
+    if text.chars().all(|c| c.is_ascii_digit()) {
+        return text.parse().map_err(|_| DurationError::TooLarge);
+    }
+    let mut total: u64 = 0;
+    let mut rest = text;
+    // Units still allowed, largest first.
+    let mut units: &[(char, u64)] = &[('h', 3600), ('m', 60), ('s', 1)];
+    while !rest.is_empty() {
+        let digits = rest
+            .find(|c: char| !c.is_ascii_digit())
+            .unwrap_or(rest.len());
+        if digits == 0 || digits == rest.len() {
+            return Err(DurationError::Invalid);
+        }
+        let n: u64 = rest[..digits]
+            .parse()
+            .map_err(|_| DurationError::TooLarge)?;
+        let unit = rest[digits..]
+            .chars()
+            .next()
+            .ok_or(DurationError::Invalid)?;
+        let pos = units
+            .iter()
+            .position(|(u, _)| *u == unit)
+            .ok_or(DurationError::Invalid)?;
+        let secs = n.checked_mul(units[pos].1).ok_or(DurationError::TooLarge)?;
+        total = total.checked_add(secs).ok_or(DurationError::TooLarge)?;
+        units = &units[pos + 1..];
+        rest = &rest[digits + unit.len_utf8()..];
+    }
+    Ok(total)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn durations() {
+        assert_eq!(parse_duration("600"), Ok(600));
+        assert_eq!(parse_duration("90s"), Ok(90));
+        assert_eq!(parse_duration("10m"), Ok(600));
+        assert_eq!(parse_duration("1h"), Ok(3600));
+        assert_eq!(parse_duration("1h30m"), Ok(5400));
+        assert_eq!(parse_duration("2h5m10s"), Ok(7510));
+        assert_eq!(parse_duration("1h10s"), Ok(3610));
+        assert_eq!(parse_duration("0s"), Ok(0));
+        for bad in [
+            "", "m", "10x", "1m1h", "1h1h", "1.5h", "10 m", "-5s", "1h30", "h1",
+        ] {
+            assert_eq!(parse_duration(bad), Err(DurationError::Invalid), "{bad:?}");
+        }
+        assert_eq!(
+            parse_duration("99999999999999999999"),
+            Err(DurationError::TooLarge)
+        );
+        assert_eq!(
+            parse_duration("9999999999999999h"),
+            Err(DurationError::TooLarge)
+        );
+    }
+}
