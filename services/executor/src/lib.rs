@@ -1,1 +1,182 @@
-//! Runs a job's lines in one shell session, emitting per-line events and batched log chunks
+//! Runs a job's lines in one shell session, emitting per-line events and batched log chunks.
+//!
+//! [`run_job`] runs the steps of a [`JobPlan`] on the host, in order. Each step is one fresh `sh`
+//! process running a generated wrapper script, so `cd`, variables and functions carry over from
+//! line to line of a step but not between steps. The wrapper prints a start and an exit marker
+//! around every line on both stdout and stderr (see [`marker`]); the executor merges the two pipes
+//! into the events StepStarted, LineStarted, LogChunk, LineExited and StepFinished, always in the
+//! order LineStarted(i), chunks of i, LineExited(i), LineStarted(i+1).
+//!
+//! A step stops at its first failing line; a job stops at its first failing step. Background
+//! processes a step leaves behind are killed when the step ends.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use tokio::sync::mpsc;
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+use tracing::Instrument;
+use tributary_proto::events::envelope::Payload;
+use tributary_proto::events::{JobPlan, Status};
+
+pub mod marker;
+mod script;
+mod sink;
+mod step;
+
+/// Everything needed to run one attempt of one job.
+#[derive(Debug, Clone)]
+pub struct JobContext {
+    pub build_id: String,
+    pub job: JobPlan,
+    /// 1-based attempt number.
+    pub attempt: u32,
+    /// Working directory the lines run in.
+    pub workdir: PathBuf,
+    /// A private directory for the generated wrapper scripts (never inside workdir). Created if
+    /// missing.
+    pub scratch_dir: PathBuf,
+    /// Extra environment (after the job's env): e.g. TRIBUTARY_* vars from the caller.
+    pub extra_env: Vec<(String, String)>,
+    pub limits: LogLimits,
+}
+
+/// How output is batched into `LogChunk`s and how much of it a job may produce.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct LogLimits {
+    /// Buffered output is sent at the latest this long after its first byte arrived.
+    pub flush_interval: Duration,
+    /// Largest `LogChunk.data`; a full buffer is sent at once.
+    pub flush_bytes: usize,
+    /// Output (stdout + stderr) forwarded per job attempt; the rest is dropped, and one
+    /// STREAM_SYSTEM chunk with `truncated = true` says so.
+    pub max_job_log_bytes: u64,
+}
+
+impl Default for LogLimits {
+    fn default() -> Self {
+        LogLimits {
+            flush_interval: Duration::from_millis(50),
+            flush_bytes: 64 * 1024,
+            max_job_log_bytes: 100 * 1024 * 1024,
+        }
+    }
+}
+
+/// How a job attempt ended. The caller turns it into JobFinished.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct JobOutcome {
+    /// SUCCEEDED, FAILED, CANCELED or TIMED_OUT.
+    pub status: Status,
+    /// Exit code of the failing (or killed) line; 0 on success; -1 when no process exit code.
+    pub exit_code: i32,
+    /// Empty on success, else e.g. `line 2 of step "test" exited with 3: false`.
+    pub reason: String,
+    pub duration: Duration,
+}
+
+/// Runs every step of ctx.job. Sends StepStarted, LineStarted, LogChunk, LineExited, StepFinished
+/// payloads, in order, on `events`.
+/// Does NOT send JobStarted/JobFinished: the caller does, from the returned outcome.
+///
+/// `job.timeout_secs > 0` bounds the whole job. On timeout or when `cancel` fires, the running
+/// step's process group gets SIGTERM, then SIGKILL 500 ms later. The caller must keep receiving
+/// `events`: a full channel holds the job up.
+pub async fn run_job(
+    ctx: JobContext,
+    events: mpsc::Sender<Payload>,
+    cancel: CancellationToken,
+) -> JobOutcome {
+    let span = tracing::info_span!(
+        "job",
+        build_id = %ctx.build_id,
+        job_id = %ctx.job.id,
+        attempt = ctx.attempt
+    );
+    run_job_inner(ctx, events, cancel).instrument(span).await
+}
+
+async fn run_job_inner(
+    ctx: JobContext,
+    events: mpsc::Sender<Payload>,
+    cancel: CancellationToken,
+) -> JobOutcome {
+    let started = Instant::now();
+    let timeout = ctx.job.timeout_secs;
+    let deadline = if timeout > 0 {
+        started.checked_add(Duration::from_secs(timeout))
+    } else {
+        None
+    };
+    let nonce = format!("{:032x}", rand::random::<u128>());
+    let env = job_env(&ctx);
+    let step_env = step::StepEnv {
+        nonce: &nonce,
+        workdir: &ctx.workdir,
+        scratch_dir: &ctx.scratch_dir,
+        env: &env,
+        deadline,
+        cancel: &cancel,
+    };
+    let mut sink = sink::Sink::new(events, ctx.job.id.clone(), ctx.attempt, ctx.limits);
+    let timed_out = || format!("timed out after {timeout}s");
+    let outcome = |status, exit_code, reason| JobOutcome {
+        status,
+        exit_code,
+        reason,
+        duration: started.elapsed(),
+    };
+    tracing::info!(steps = ctx.job.steps.len(), "job started");
+
+    for (index, plan) in ctx.job.steps.iter().enumerate() {
+        if cancel.is_cancelled() {
+            tracing::info!("job canceled");
+            return outcome(Status::Canceled, -1, "canceled".to_owned());
+        }
+        if deadline.is_some_and(|d| d <= Instant::now()) {
+            tracing::info!("job timed out");
+            return outcome(Status::TimedOut, -1, timed_out());
+        }
+        let index = u32::try_from(index).unwrap_or(u32::MAX);
+        let result = step::run_step(&mut sink, &step_env, index, plan)
+            .instrument(tracing::info_span!("step", step = index, name = %plan.name))
+            .await;
+        match result.status {
+            Status::Succeeded => {}
+            Status::Canceled => {
+                tracing::info!("job canceled");
+                return outcome(Status::Canceled, result.exit_code, "canceled".to_owned());
+            }
+            Status::TimedOut => {
+                tracing::info!("job timed out");
+                return outcome(Status::TimedOut, result.exit_code, timed_out());
+            }
+            status => {
+                tracing::info!(reason = %result.reason, "job failed");
+                return outcome(status, result.exit_code, result.reason);
+            }
+        }
+    }
+    tracing::info!("job succeeded");
+    outcome(Status::Succeeded, 0, String::new())
+}
+
+/// The variables set on top of the inherited environment, in order (later wins).
+fn job_env(ctx: &JobContext) -> Vec<(String, String)> {
+    let mut env = vec![
+        ("CI".to_owned(), "true".to_owned()),
+        ("TRIBUTARY".to_owned(), "true".to_owned()),
+        ("TRIBUTARY_BUILD_ID".to_owned(), ctx.build_id.clone()),
+        ("TRIBUTARY_JOB".to_owned(), ctx.job.id.clone()),
+        ("TRIBUTARY_ATTEMPT".to_owned(), ctx.attempt.to_string()),
+    ];
+    env.extend(
+        ctx.job
+            .env
+            .iter()
+            .map(|v| (v.name.clone(), v.value.clone())),
+    );
+    env.extend(ctx.extra_env.iter().cloned());
+    env
+}
