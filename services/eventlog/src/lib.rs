@@ -7,7 +7,7 @@
 //! Backends:
 //! * [`sqlite::SqliteLog`]: the embedded default, one SQLite file in WAL mode.
 //!
-//! Every backend passes the same conformance suite, [`conformance`].
+//! Every backend passes the same conformance suite, [`conformance`]; [`bench`](mod@bench) measures one.
 //!
 //! Invariants every backend keeps:
 //! * Offsets are assigned at append, strictly increasing, starting at 0, and never reused.
@@ -15,12 +15,15 @@
 //! * Events with the same key (the build id) are read in the order they were appended.
 //! * A subscription yields every record from its start offset exactly once, in offset order,
 //!   with no gap, whether the record was appended before or after the subscription began.
+//! * Appending an envelope whose `event_id` is already on the log stores nothing and returns
+//!   the offset it already has.
 
 use async_trait::async_trait;
 use bytes::Bytes;
 use prost::Message;
 use tributary_proto::events::Envelope;
 
+pub mod bench;
 pub mod conformance;
 pub mod sqlite;
 
@@ -59,6 +62,9 @@ pub enum LogError {
     Closed,
     #[error("{0}")]
     Invalid(String),
+    /// The backend does not implement this operation.
+    #[error("not supported by this event log backend: {0}")]
+    Unsupported(&'static str),
 }
 
 /// The log trait every backend implements.
@@ -66,6 +72,10 @@ pub enum LogError {
 pub trait EventLog: Send + Sync + 'static {
     /// Appends `events` atomically and durably, in order, each under its
     /// [`Envelope::partition_key`]. Returns their offsets, in the same order.
+    ///
+    /// Idempotent: an envelope whose `event_id` is already on the log (or earlier in the same
+    /// batch) is not stored again and its existing offset is returned, so a producer can simply
+    /// retry a batch after an ambiguous failure (timeout, crash, cancelled call).
     async fn append(&self, events: &[Envelope]) -> Result<Vec<Offset>, LogError>;
 
     /// Up to `max` records with `offset >= from`, in offset order. Empty when `from` is at the
@@ -73,8 +83,7 @@ pub trait EventLog: Send + Sync + 'static {
     async fn read(&self, from: Offset, max: usize) -> Result<Vec<Record>, LogError>;
 
     /// Up to `max` records with partition key `key` and `offset >= from`, in offset order.
-    async fn read_key(&self, key: &str, from: Offset, max: usize)
-        -> Result<Vec<Record>, LogError>;
+    async fn read_key(&self, key: &str, from: Offset, max: usize) -> Result<Vec<Record>, LogError>;
 
     /// The offset the next appended record will get (the number of records ever appended).
     async fn end_offset(&self) -> Result<Offset, LogError>;
@@ -88,6 +97,15 @@ pub trait EventLog: Send + Sync + 'static {
 
     /// The position last committed for `group`, if any.
     async fn committed(&self, group: &str) -> Result<Option<Offset>, LogError>;
+
+    /// Appends `data` verbatim (not necessarily a valid [`Envelope`]) under `key`, bypassing
+    /// encoding and de-duplication. Only for tests of readers against malformed records: every
+    /// backend must store such a record and hand it back like any other, so that readers can
+    /// skip it after [`Record::decode`] fails. The default returns [`LogError::Unsupported`].
+    async fn append_raw(&self, key: &str, data: Vec<u8>) -> Result<Offset, LogError> {
+        let _ = (key, data);
+        Err(LogError::Unsupported("append_raw"))
+    }
 }
 
 /// A live position in the log: yields every record from its start, then waits for new ones.
