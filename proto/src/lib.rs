@@ -2,13 +2,31 @@
 //!
 //! * [`events`]: the events on the log. Every action is an [`events::Envelope`] carrying one
 //!   payload variant. See `docs/events.md` for what each event means and who emits it.
+//! * [`api`]: the gRPC API (tonic clients and servers): projects, builds, agents, admin.
 //!
 //! Invariant: the schema only grows. A reader that meets an unknown payload variant decodes the
 //! envelope with `payload == None` and skips it.
 
-pub mod events {
-    include!(concat!(env!("OUT_DIR"), "/tributary.events.v1.rs"));
+/// Generated code, laid out like the protobuf packages so cross-package references resolve.
+pub mod tributary {
+    pub mod events {
+        pub mod v1 {
+            include!(concat!(env!("OUT_DIR"), "/tributary.events.v1.rs"));
+        }
+    }
+    pub mod api {
+        pub mod v1 {
+            include!(concat!(env!("OUT_DIR"), "/tributary.api.v1.rs"));
+        }
+    }
 }
+
+pub use tributary::api::v1 as api;
+pub use tributary::events::v1 as events;
+
+/// The encoded file descriptor set of every Tributary proto, for gRPC reflection.
+pub const FILE_DESCRIPTOR_SET: &[u8] =
+    include_bytes!(concat!(env!("OUT_DIR"), "/tributary_descriptor.bin"));
 
 pub mod json;
 
@@ -43,9 +61,24 @@ impl Envelope {
     }
 
     /// The key that orders this event on the log: the build id, so all events of a build keep
-    /// their order whichever backend or partition count is used.
-    pub fn partition_key(&self) -> &str {
-        &self.build_id
+    /// their order whichever backend or partition count is used. Events that belong to no
+    /// build are keyed by their agent (`agent:<id>`) or their tenant (`tenant:<name>`).
+    pub fn partition_key(&self) -> String {
+        if !self.build_id.is_empty() {
+            return self.build_id.clone();
+        }
+        let agent = match &self.payload {
+            Some(Payload::AgentRegistered(e)) => Some(&e.agent_id),
+            Some(Payload::AgentConnected(e)) => Some(&e.agent_id),
+            Some(Payload::AgentHeartbeat(e)) => Some(&e.agent_id),
+            Some(Payload::AgentDisconnected(e)) => Some(&e.agent_id),
+            Some(Payload::AgentRevoked(e)) => Some(&e.agent_id),
+            _ => None,
+        };
+        match agent {
+            Some(id) => format!("agent:{id}"),
+            None => format!("tenant:{}", self.tenant),
+        }
     }
 
     /// snake_case name of the payload variant (`line_exited`), or `unknown` for a variant this
@@ -75,6 +108,16 @@ impl Payload {
             Payload::BuildFinished(_) => "build_finished",
             Payload::BuildCanceled(_) => "build_canceled",
             Payload::UsageTick(_) => "usage_tick",
+            Payload::JobRequeued(_) => "job_requeued",
+            Payload::TenantCreated(_) => "tenant_created",
+            Payload::TokenIssued(_) => "token_issued",
+            Payload::TokenRevoked(_) => "token_revoked",
+            Payload::ProjectCreated(_) => "project_created",
+            Payload::AgentRegistered(_) => "agent_registered",
+            Payload::AgentConnected(_) => "agent_connected",
+            Payload::AgentHeartbeat(_) => "agent_heartbeat",
+            Payload::AgentDisconnected(_) => "agent_disconnected",
+            Payload::AgentRevoked(_) => "agent_revoked",
         }
     }
 }
@@ -113,10 +156,15 @@ mod tests {
     #[test]
     fn unknown_payload_decodes_as_none() {
         // Field 999 is a payload variant from a future schema: an old reader must skip it.
-        let mut env = Envelope::new("t", "p", "b", envelope::Payload::JobQueued(JobQueued {
-            job: "a".into(),
-            attempt: 1,
-        }));
+        let mut env = Envelope::new(
+            "t",
+            "p",
+            "b",
+            envelope::Payload::JobQueued(JobQueued {
+                job: "a".into(),
+                attempt: 1,
+            }),
+        );
         env.payload = None;
         let mut bytes = env.encode_to_vec();
         // tag 999, wire type 2 (length-delimited), length 3, bytes.
