@@ -1,1 +1,33 @@
-//! Read models: pure folds over the event log, persisted with their consumer offset
+//! Read models: pure folds over the event log, persisted with their consumer offset.
+//!
+//! Each read model is three pieces:
+//! * a **fold** `apply(&mut State, offset, &Envelope)` — pure, deterministic, total;
+//! * a **store** that persists the state's rows and the projection's next offset in one
+//!   transaction;
+//! * the **projector** that feeds log records to the fold and the store.
+//!
+//! Read models today:
+//! * [`builds`]: builds → jobs → steps → lines.
+//!
+//! [`replay`] rebuilds a read model from offset 0 and compares it with the stored one.
+
+pub mod builds;
+pub mod projector;
+pub mod replay;
+pub mod store;
+
+pub use builds::{apply, Build, BuildsState, Job, Line, Phase, Step, Touch};
+pub use projector::BuildsProjector;
+pub use store::BuildsStore;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ProjectionError {
+    #[error("read-model database error: {0}")]
+    Db(#[from] sqlx::Error),
+    #[error("event log error: {0}")]
+    Log(#[from] tributary_eventlog::LogError),
+    #[error("read-model row is not valid JSON: {0}")]
+    Json(#[from] serde_json::Error),
+    #[error("read-model database is corrupt: {0}")]
+    Corrupt(String),
+}

@@ -1,0 +1,487 @@
+//! Persistence of the builds read model in SQL tables, next to the projector's consumer offset.
+//!
+//! Invariant: rows and the `(projection, partition) -> next_offset` row are only ever written
+//! in the same transaction ([`BuildsStore::commit_batch`]), so the stored read model is always
+//! exactly the fold of the log prefix `[0, next_offset)`.
+
+use std::path::Path;
+use std::str::FromStr;
+
+use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteSynchronous};
+use sqlx::{Row, SqlitePool};
+
+use crate::builds::{Build, BuildsState, Job, Line, Phase, Step, Touch};
+use crate::ProjectionError;
+
+/// Name of the builds projection in the offsets table.
+pub const BUILDS_PROJECTION: &str = "builds";
+
+const SCHEMA: &str = r#"
+CREATE TABLE IF NOT EXISTS projection_offsets (
+    projection TEXT NOT NULL,
+    partition INTEGER NOT NULL,
+    next_offset INTEGER NOT NULL,
+    PRIMARY KEY (projection, partition)
+);
+CREATE TABLE IF NOT EXISTS builds (
+    id TEXT PRIMARY KEY,
+    tenant TEXT NOT NULL,
+    project TEXT NOT NULL,
+    number INTEGER NOT NULL,
+    phase TEXT NOT NULL,
+    who TEXT NOT NULL,
+    source TEXT NOT NULL,
+    repository TEXT NOT NULL,
+    git_ref TEXT NOT NULL,
+    commit_sha TEXT NOT NULL,
+    pipeline_path TEXT NOT NULL,
+    triggered_us INTEGER NOT NULL,
+    started_us INTEGER,
+    finished_us INTEGER,
+    reason TEXT NOT NULL,
+    last_offset INTEGER NOT NULL
+);
+CREATE INDEX IF NOT EXISTS builds_by_project ON builds (tenant, project, triggered_us);
+CREATE TABLE IF NOT EXISTS jobs (
+    build_id TEXT NOT NULL,
+    idx INTEGER NOT NULL,
+    id TEXT NOT NULL,
+    name TEXT NOT NULL,
+    matrix TEXT NOT NULL,
+    needs TEXT NOT NULL,
+    phase TEXT NOT NULL,
+    attempt INTEGER NOT NULL,
+    agent_id TEXT NOT NULL,
+    lease_id TEXT NOT NULL,
+    queued_us INTEGER,
+    started_us INTEGER,
+    finished_us INTEGER,
+    exit_code INTEGER,
+    reason TEXT NOT NULL,
+    log_bytes INTEGER NOT NULL,
+    PRIMARY KEY (build_id, idx)
+);
+CREATE TABLE IF NOT EXISTS steps (
+    build_id TEXT NOT NULL,
+    job_idx INTEGER NOT NULL,
+    idx INTEGER NOT NULL,
+    name TEXT NOT NULL,
+    phase TEXT NOT NULL,
+    started_us INTEGER,
+    duration_us INTEGER,
+    exit_code INTEGER,
+    PRIMARY KEY (build_id, job_idx, idx)
+);
+CREATE TABLE IF NOT EXISTS lines (
+    build_id TEXT NOT NULL,
+    job_idx INTEGER NOT NULL,
+    step_idx INTEGER NOT NULL,
+    idx INTEGER NOT NULL,
+    text TEXT NOT NULL,
+    phase TEXT NOT NULL,
+    started_us INTEGER,
+    duration_us INTEGER,
+    exit_code INTEGER,
+    log_bytes INTEGER NOT NULL,
+    PRIMARY KEY (build_id, job_idx, step_idx, idx)
+);
+"#;
+
+/// The builds read model's tables in one SQLite database.
+#[derive(Clone)]
+pub struct BuildsStore {
+    pool: SqlitePool,
+}
+
+impl BuildsStore {
+    /// Opens (creating if needed) the read-model database at `path`.
+    pub async fn open(path: &Path) -> Result<Self, ProjectionError> {
+        let options = SqliteConnectOptions::from_str("sqlite://")?
+            .filename(path)
+            .create_if_missing(true)
+            .journal_mode(SqliteJournalMode::Wal)
+            .synchronous(SqliteSynchronous::Full)
+            .busy_timeout(std::time::Duration::from_secs(10));
+        let pool = SqlitePoolOptions::new()
+            .max_connections(4)
+            .connect_with(options)
+            .await?;
+        sqlx::raw_sql(SCHEMA).execute(&pool).await?;
+        Ok(BuildsStore { pool })
+    }
+
+    pub async fn close(&self) {
+        self.pool.close().await;
+    }
+
+    /// The next log offset the projection has to apply (0 for a fresh store).
+    pub async fn next_offset(&self) -> Result<u64, ProjectionError> {
+        let row = sqlx::query(
+            "SELECT next_offset FROM projection_offsets WHERE projection = ? AND partition = 0",
+        )
+        .bind(BUILDS_PROJECTION)
+        .fetch_optional(&self.pool)
+        .await?;
+        Ok(match row {
+            Some(row) => to_u64(row.try_get::<i64, _>(0)?),
+            None => 0,
+        })
+    }
+
+    /// Writes what `touched` names of `state`, and the new offset, in one transaction.
+    pub async fn commit_batch(
+        &self,
+        state: &BuildsState,
+        touched: &[(String, Touch)],
+        next_offset: u64,
+    ) -> Result<(), ProjectionError> {
+        let mut tx = self.pool.begin().await?;
+        for (build_id, touch) in touched {
+            let Some(build) = state.builds.get(build_id) else {
+                continue;
+            };
+            write_touch(&mut tx, build, touch).await?;
+        }
+        sqlx::query(
+            "INSERT INTO projection_offsets (projection, partition, next_offset) VALUES (?, 0, ?) \
+             ON CONFLICT (projection, partition) DO UPDATE SET next_offset = excluded.next_offset",
+        )
+        .bind(BUILDS_PROJECTION)
+        .bind(to_i64(next_offset))
+        .execute(&mut *tx)
+        .await?;
+        tx.commit().await?;
+        Ok(())
+    }
+
+    /// One build with its jobs, steps and lines.
+    pub async fn load_build(&self, id: &str) -> Result<Option<Build>, ProjectionError> {
+        let row = sqlx::query("SELECT * FROM builds WHERE id = ?")
+            .bind(id)
+            .fetch_optional(&self.pool)
+            .await?;
+        let Some(row) = row else { return Ok(None) };
+        let mut build = build_from_row(&row)?;
+        load_children(&self.pool, &mut build).await?;
+        Ok(Some(build))
+    }
+
+    /// Builds (without jobs), newest first.
+    pub async fn list_builds(&self, limit: u32) -> Result<Vec<Build>, ProjectionError> {
+        let rows = sqlx::query("SELECT * FROM builds ORDER BY triggered_us DESC, id DESC LIMIT ?")
+            .bind(limit)
+            .fetch_all(&self.pool)
+            .await?;
+        rows.iter().map(build_from_row).collect()
+    }
+
+    /// The whole stored read model.
+    pub async fn load_all(&self) -> Result<BuildsState, ProjectionError> {
+        let ids: Vec<String> = sqlx::query_scalar("SELECT id FROM builds ORDER BY id")
+            .fetch_all(&self.pool)
+            .await?;
+        let mut state = BuildsState::default();
+        for id in ids {
+            if let Some(build) = self.load_build(&id).await? {
+                state.builds.insert(id, build);
+            }
+        }
+        Ok(state)
+    }
+
+    /// Replaces the whole stored read model with `state` at `next_offset`, in one transaction.
+    pub async fn replace_all(
+        &self,
+        state: &BuildsState,
+        next_offset: u64,
+    ) -> Result<(), ProjectionError> {
+        let mut tx = self.pool.begin().await?;
+        for table in ["builds", "jobs", "steps", "lines"] {
+            sqlx::query(&format!("DELETE FROM {table}"))
+                .execute(&mut *tx)
+                .await?;
+        }
+        for build in state.builds.values() {
+            write_touch(&mut tx, build, &Touch::WholeBuild).await?;
+        }
+        sqlx::query(
+            "INSERT INTO projection_offsets (projection, partition, next_offset) VALUES (?, 0, ?) \
+             ON CONFLICT (projection, partition) DO UPDATE SET next_offset = excluded.next_offset",
+        )
+        .bind(BUILDS_PROJECTION)
+        .bind(to_i64(next_offset))
+        .execute(&mut *tx)
+        .await?;
+        tx.commit().await?;
+        Ok(())
+    }
+
+    /// Raw access for tests and tools (e.g. tampering with a row to prove `--check` notices).
+    pub fn pool(&self) -> &SqlitePool {
+        &self.pool
+    }
+}
+
+type Tx<'a> = sqlx::Transaction<'a, sqlx::Sqlite>;
+
+async fn write_touch(tx: &mut Tx<'_>, build: &Build, touch: &Touch) -> Result<(), ProjectionError> {
+    match touch {
+        Touch::Nothing => return Ok(()),
+        Touch::Build => write_build(tx, build).await?,
+        Touch::WholeBuild => {
+            write_build(tx, build).await?;
+            for table in ["jobs", "steps", "lines"] {
+                sqlx::query(&format!("DELETE FROM {table} WHERE build_id = ?"))
+                    .bind(&build.id)
+                    .execute(&mut **tx)
+                    .await?;
+            }
+            for (j, job) in build.jobs.iter().enumerate() {
+                write_job_tree(tx, build, j, job).await?;
+            }
+        }
+        Touch::Job(job_id) => {
+            write_build(tx, build).await?;
+            if let Some((j, job)) = build.jobs.iter().enumerate().find(|(_, j)| &j.id == job_id) {
+                write_job_tree(tx, build, j, job).await?;
+            }
+        }
+        Touch::Line { job, step, line } => {
+            write_build(tx, build).await?;
+            if let Some((j, job)) = build.jobs.iter().enumerate().find(|(_, j)| &j.id == job) {
+                write_job(tx, build, j, job).await?;
+                if let Some(s) = job.steps.get(*step as usize) {
+                    write_step(tx, build, j, *step as usize, s).await?;
+                    if let Some(l) = s.lines.get(*line as usize) {
+                        write_line(tx, build, j, *step as usize, *line as usize, l).await?;
+                    }
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
+async fn write_build(tx: &mut Tx<'_>, b: &Build) -> Result<(), ProjectionError> {
+    sqlx::query(
+        "INSERT OR REPLACE INTO builds (id, tenant, project, number, phase, who, source, \
+         repository, git_ref, commit_sha, pipeline_path, triggered_us, started_us, finished_us, \
+         reason, last_offset) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+    )
+    .bind(&b.id)
+    .bind(&b.tenant)
+    .bind(&b.project)
+    .bind(to_i64(b.number))
+    .bind(b.phase.name())
+    .bind(&b.who)
+    .bind(&b.source)
+    .bind(&b.repository)
+    .bind(&b.git_ref)
+    .bind(&b.commit)
+    .bind(&b.pipeline_path)
+    .bind(b.triggered_us)
+    .bind(b.started_us)
+    .bind(b.finished_us)
+    .bind(&b.reason)
+    .bind(to_i64(b.last_offset))
+    .execute(&mut **tx)
+    .await?;
+    Ok(())
+}
+
+async fn write_job_tree(
+    tx: &mut Tx<'_>,
+    b: &Build,
+    j: usize,
+    job: &Job,
+) -> Result<(), ProjectionError> {
+    write_job(tx, b, j, job).await?;
+    for (s, step) in job.steps.iter().enumerate() {
+        write_step(tx, b, j, s, step).await?;
+        for (l, line) in step.lines.iter().enumerate() {
+            write_line(tx, b, j, s, l, line).await?;
+        }
+    }
+    Ok(())
+}
+
+async fn write_job(tx: &mut Tx<'_>, b: &Build, j: usize, job: &Job) -> Result<(), ProjectionError> {
+    sqlx::query(
+        "INSERT OR REPLACE INTO jobs (build_id, idx, id, name, matrix, needs, phase, attempt, \
+         agent_id, lease_id, queued_us, started_us, finished_us, exit_code, reason, log_bytes) \
+         VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+    )
+    .bind(&b.id)
+    .bind(j as i64)
+    .bind(&job.id)
+    .bind(&job.name)
+    .bind(serde_json::to_string(&job.matrix)?)
+    .bind(serde_json::to_string(&job.needs)?)
+    .bind(job.phase.name())
+    .bind(job.attempt)
+    .bind(&job.agent_id)
+    .bind(&job.lease_id)
+    .bind(job.queued_us)
+    .bind(job.started_us)
+    .bind(job.finished_us)
+    .bind(job.exit_code)
+    .bind(&job.reason)
+    .bind(to_i64(job.log_bytes))
+    .execute(&mut **tx)
+    .await?;
+    Ok(())
+}
+
+async fn write_step(
+    tx: &mut Tx<'_>,
+    b: &Build,
+    j: usize,
+    s: usize,
+    step: &Step,
+) -> Result<(), ProjectionError> {
+    sqlx::query(
+        "INSERT OR REPLACE INTO steps (build_id, job_idx, idx, name, phase, started_us, \
+         duration_us, exit_code) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+    )
+    .bind(&b.id)
+    .bind(j as i64)
+    .bind(s as i64)
+    .bind(&step.name)
+    .bind(step.phase.name())
+    .bind(step.started_us)
+    .bind(step.duration_us.map(to_i64))
+    .bind(step.exit_code)
+    .execute(&mut **tx)
+    .await?;
+    Ok(())
+}
+
+async fn write_line(
+    tx: &mut Tx<'_>,
+    b: &Build,
+    j: usize,
+    s: usize,
+    l: usize,
+    line: &Line,
+) -> Result<(), ProjectionError> {
+    sqlx::query(
+        "INSERT OR REPLACE INTO lines (build_id, job_idx, step_idx, idx, text, phase, \
+         started_us, duration_us, exit_code, log_bytes) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+    )
+    .bind(&b.id)
+    .bind(j as i64)
+    .bind(s as i64)
+    .bind(l as i64)
+    .bind(&line.text)
+    .bind(line.phase.name())
+    .bind(line.started_us)
+    .bind(line.duration_us.map(to_i64))
+    .bind(line.exit_code)
+    .bind(to_i64(line.log_bytes))
+    .execute(&mut **tx)
+    .await?;
+    Ok(())
+}
+
+async fn load_children(pool: &SqlitePool, build: &mut Build) -> Result<(), ProjectionError> {
+    let jobs = sqlx::query("SELECT * FROM jobs WHERE build_id = ? ORDER BY idx")
+        .bind(&build.id)
+        .fetch_all(pool)
+        .await?;
+    for row in &jobs {
+        build.jobs.push(Job {
+            id: row.try_get("id")?,
+            name: row.try_get("name")?,
+            matrix: serde_json::from_str(row.try_get::<&str, _>("matrix")?)?,
+            needs: serde_json::from_str(row.try_get::<&str, _>("needs")?)?,
+            phase: phase(row.try_get("phase")?)?,
+            attempt: row.try_get("attempt")?,
+            agent_id: row.try_get("agent_id")?,
+            lease_id: row.try_get("lease_id")?,
+            queued_us: row.try_get("queued_us")?,
+            started_us: row.try_get("started_us")?,
+            finished_us: row.try_get("finished_us")?,
+            exit_code: row.try_get("exit_code")?,
+            reason: row.try_get("reason")?,
+            log_bytes: to_u64(row.try_get("log_bytes")?),
+            steps: Vec::new(),
+        });
+    }
+    let steps = sqlx::query("SELECT * FROM steps WHERE build_id = ? ORDER BY job_idx, idx")
+        .bind(&build.id)
+        .fetch_all(pool)
+        .await?;
+    for row in &steps {
+        let j: i64 = row.try_get("job_idx")?;
+        let Some(job) = build.jobs.get_mut(j as usize) else {
+            continue;
+        };
+        job.steps.push(Step {
+            name: row.try_get("name")?,
+            phase: phase(row.try_get("phase")?)?,
+            started_us: row.try_get("started_us")?,
+            duration_us: row.try_get::<Option<i64>, _>("duration_us")?.map(to_u64),
+            exit_code: row.try_get("exit_code")?,
+            lines: Vec::new(),
+        });
+    }
+    let lines =
+        sqlx::query("SELECT * FROM lines WHERE build_id = ? ORDER BY job_idx, step_idx, idx")
+            .bind(&build.id)
+            .fetch_all(pool)
+            .await?;
+    for row in &lines {
+        let j: i64 = row.try_get("job_idx")?;
+        let s: i64 = row.try_get("step_idx")?;
+        let Some(step) = build
+            .jobs
+            .get_mut(j as usize)
+            .and_then(|job| job.steps.get_mut(s as usize))
+        else {
+            continue;
+        };
+        step.lines.push(Line {
+            text: row.try_get("text")?,
+            phase: phase(row.try_get("phase")?)?,
+            started_us: row.try_get("started_us")?,
+            duration_us: row.try_get::<Option<i64>, _>("duration_us")?.map(to_u64),
+            exit_code: row.try_get("exit_code")?,
+            log_bytes: to_u64(row.try_get("log_bytes")?),
+        });
+    }
+    Ok(())
+}
+
+fn build_from_row(row: &sqlx::sqlite::SqliteRow) -> Result<Build, ProjectionError> {
+    Ok(Build {
+        id: row.try_get("id")?,
+        tenant: row.try_get("tenant")?,
+        project: row.try_get("project")?,
+        number: to_u64(row.try_get("number")?),
+        phase: phase(row.try_get("phase")?)?,
+        who: row.try_get("who")?,
+        source: row.try_get("source")?,
+        repository: row.try_get("repository")?,
+        git_ref: row.try_get("git_ref")?,
+        commit: row.try_get("commit_sha")?,
+        pipeline_path: row.try_get("pipeline_path")?,
+        triggered_us: row.try_get("triggered_us")?,
+        started_us: row.try_get("started_us")?,
+        finished_us: row.try_get("finished_us")?,
+        reason: row.try_get("reason")?,
+        last_offset: to_u64(row.try_get("last_offset")?),
+        jobs: Vec::new(),
+    })
+}
+
+fn phase(s: &str) -> Result<Phase, ProjectionError> {
+    Phase::parse(s).ok_or_else(|| ProjectionError::Corrupt(format!("unknown phase {s:?}")))
+}
+
+fn to_i64(v: u64) -> i64 {
+    i64::try_from(v).unwrap_or(i64::MAX)
+}
+
+fn to_u64(v: i64) -> u64 {
+    u64::try_from(v).unwrap_or(0)
+}
