@@ -1,0 +1,26 @@
+#!/usr/bin/env bash
+# Installs, idempotently, what building and testing Tributary needs on Debian 12.
+# Safe to run again: it only installs what is missing.
+set -euo pipefail
+
+need_apt=()
+for cmd in git:git cc:build-essential pkg-config:pkg-config cmake:cmake; do
+    bin=${cmd%%:*}; pkg=${cmd##*:}
+    command -v "$bin" >/dev/null 2>&1 || need_apt+=("$pkg")
+done
+if [ ${#need_apt[@]} -gt 0 ]; then
+    echo "setup: installing ${need_apt[*]}"
+    SUDO=""; [ "$(id -u)" -eq 0 ] || SUDO=sudo
+    $SUDO apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq "${need_apt[@]}"
+fi
+
+if ! command -v cargo >/dev/null 2>&1; then
+    if [ -x "$HOME/.cargo/bin/cargo" ]; then
+        export PATH="$HOME/.cargo/bin:$PATH"
+    else
+        echo "setup: Rust is missing. Install Rust 1.85 or newer (https://rustup.rs), then re-run." >&2
+        exit 1
+    fi
+fi
+echo "setup: ready ($(cargo --version))"

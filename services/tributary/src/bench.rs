@@ -1,0 +1,113 @@
+//! `tributary bench ...`: benchmarks that print figures (recorded in docs/PERFORMANCE.md).
+
+use std::process::ExitCode;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use tokio_util::sync::CancellationToken;
+use tributary_eventlog::EventLog;
+use tributary_proto::events::Status;
+
+use crate::agent::BuildRef;
+use crate::cli::BenchCommand;
+use crate::data_dir::DataDir;
+use crate::local_run::{self, LocalRun};
+
+pub async fn bench(cmd: BenchCommand) -> anyhow::Result<ExitCode> {
+    match cmd {
+        BenchCommand::Log {
+            events,
+            batch,
+            data,
+        } => {
+            let tmp = tempfile::tempdir()?;
+            let dir = data.unwrap_or_else(|| tmp.path().to_path_buf());
+            std::fs::create_dir_all(&dir)?;
+            let log =
+                tributary_eventlog::sqlite::SqliteLog::open(&dir.join("bench-events.db")).await?;
+            println!(
+                "bench log: {events} events in batches of {batch} (sqlite, {})",
+                dir.display()
+            );
+            let report = tributary_eventlog::bench::bench_log(Arc::new(log), events, batch).await;
+            println!("{report}");
+            Ok(if report.error.is_some() {
+                ExitCode::from(1)
+            } else {
+                ExitCode::SUCCESS
+            })
+        }
+        BenchCommand::Run { jobs, parallel } => bench_run(jobs, parallel).await,
+    }
+}
+
+async fn bench_run(jobs: usize, parallel: usize) -> anyhow::Result<ExitCode> {
+    let tmp = tempfile::tempdir()?;
+    let mut text = String::from("jobs:\n");
+    for i in 0..jobs {
+        text.push_str(&format!("  j{i}:\n    steps:\n      - run: \"true\"\n"));
+    }
+    // Baseline: the same work as bare processes, `sh -c true` one after another.
+    let baseline = {
+        let start = Instant::now();
+        for _ in 0..jobs {
+            tokio::process::Command::new("sh")
+                .args(["-c", "true"])
+                .status()
+                .await?;
+        }
+        start.elapsed()
+    };
+    let data = DataDir::open(&tmp.path().join("data")).await?;
+    let log: Arc<dyn EventLog> = data.log.clone();
+    let run = LocalRun {
+        pipeline_file: tmp.path().join(".tributary.yml"),
+        pipeline_text: text,
+        workdir: tmp.path().to_path_buf(),
+        parallel,
+        scratch_dir: tmp.path().join("scratch"),
+    };
+    let build = BuildRef {
+        tenant: "bench".into(),
+        project: "bench".into(),
+        build_id: tributary_proto::new_id(),
+    };
+    let start = Instant::now();
+    let from = log.end_offset().await?;
+    let plan = match local_run::trigger(log.as_ref(), &build, &run).await? {
+        Ok(plan) => plan,
+        Err(e) => anyhow::bail!("benchmark pipeline invalid: {e}"),
+    };
+    let (status, reason) = local_run::drive(
+        log.clone(),
+        build,
+        plan,
+        from,
+        &run,
+        CancellationToken::new(),
+    )
+    .await?;
+    let elapsed = start.elapsed();
+    anyhow::ensure!(
+        status == Status::Succeeded,
+        "benchmark build failed: {reason}"
+    );
+    let events = log.end_offset().await? - from;
+    let per_job = |d: Duration| d.as_secs_f64() * 1e3 / jobs as f64;
+    println!("bench run: {jobs} jobs of `true`, --parallel {parallel}");
+    println!(
+        "  tributary run : {:>8.1} ms total, {:>6.3} ms/job, {events} events",
+        elapsed.as_secs_f64() * 1e3,
+        per_job(elapsed)
+    );
+    println!(
+        "  bare sh -c    : {:>8.1} ms total, {:>6.3} ms/job",
+        baseline.as_secs_f64() * 1e3,
+        per_job(baseline)
+    );
+    println!(
+        "  overhead      : {:>6.3} ms/job",
+        per_job(elapsed) - per_job(baseline)
+    );
+    Ok(ExitCode::SUCCESS)
+}

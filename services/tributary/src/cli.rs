@@ -1,0 +1,145 @@
+//! The command line: every subcommand, its flags and its help text.
+
+use std::path::PathBuf;
+
+use clap::{Args, Parser, Subcommand};
+
+/// Tributary: an event-sourced CI. Every action is an event on a log; everything you see is a
+/// projection of that log.
+#[derive(Debug, Parser)]
+#[command(name = "tributary", version, propagate_version = true)]
+#[command(after_help = "Examples:\n  \
+    tributary run                       run ./.tributary.yml here, with live output\n  \
+    tributary run -f ci.yml --parallel 4\n  \
+    tributary events --build <ID> --json   every event of a build, one JSON object per line\n  \
+    tributary builds                    the builds read model as a table\n  \
+    tributary replay --check            rebuild the read models from the log and compare\n\n\
+    Logging: set TRIBUTARY_LOG (e.g. TRIBUTARY_LOG=debug) for diagnostics on stderr.")]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Run a pipeline locally, exactly as the server would, with live per-job output.
+    ///
+    /// Jobs run on this machine with `sh`, in the directory holding the pipeline file. Every
+    /// action is recorded on the embedded event log in the data directory, so `tributary
+    /// events` and `tributary builds` show the run afterwards.
+    ///
+    /// Exit status: 0 if the build succeeded, 1 if it failed or was canceled (Ctrl-C), 2 if
+    /// the pipeline is invalid.
+    Run(RunArgs),
+    /// Print the event log in order.
+    Events(EventsArgs),
+    /// Show the builds read model as a table.
+    Builds(BuildsArgs),
+    /// Rebuild every read model from offset 0 of the log.
+    ///
+    /// With --check, nothing is written: the rebuilt state is compared with the stored one
+    /// and the first difference is reported (exit status 1).
+    Replay(ReplayArgs),
+    /// Measure performance: `bench log`, `bench run`.
+    #[command(subcommand)]
+    Bench(BenchCommand),
+}
+
+#[derive(Debug, Args)]
+pub struct DataArgs {
+    /// Directory holding the event log and read models.
+    #[arg(
+        long,
+        value_name = "DIR",
+        default_value = ".tributary",
+        env = "TRIBUTARY_DATA"
+    )]
+    pub data: PathBuf,
+}
+
+#[derive(Debug, Args)]
+pub struct RunArgs {
+    /// Pipeline file to run.
+    #[arg(
+        short = 'f',
+        long = "file",
+        value_name = "FILE",
+        default_value = ".tributary.yml"
+    )]
+    pub file: PathBuf,
+    #[command(flatten)]
+    pub data: DataArgs,
+    /// How many jobs may run at the same time.
+    #[arg(long, value_name = "N", default_value_t = default_parallel())]
+    pub parallel: usize,
+    /// Print plain lines even on a terminal (no progress spinners).
+    #[arg(long)]
+    pub plain: bool,
+}
+
+fn default_parallel() -> usize {
+    std::thread::available_parallelism()
+        .map(|n| n.get())
+        .unwrap_or(2)
+}
+
+#[derive(Debug, Args)]
+pub struct EventsArgs {
+    #[command(flatten)]
+    pub data: DataArgs,
+    /// Only the events of this build.
+    #[arg(long, value_name = "ID")]
+    pub build: Option<String>,
+    /// One JSON object per line: offset, type, build_id and the payload's fields.
+    #[arg(long)]
+    pub json: bool,
+    /// Start at this offset.
+    #[arg(long, value_name = "OFFSET", default_value_t = 0)]
+    pub from: u64,
+}
+
+#[derive(Debug, Args)]
+pub struct BuildsArgs {
+    #[command(flatten)]
+    pub data: DataArgs,
+    /// Show at most this many builds, newest first.
+    #[arg(long, default_value_t = 50)]
+    pub limit: u32,
+    /// Print the builds (with jobs, steps and lines) as JSON.
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(Debug, Args)]
+pub struct ReplayArgs {
+    #[command(flatten)]
+    pub data: DataArgs,
+    /// Compare instead of rebuilding; exit status 1 on any difference.
+    #[arg(long)]
+    pub check: bool,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum BenchCommand {
+    /// Append events in batches, then read them all back; prints events/s.
+    Log {
+        /// Number of events to append.
+        #[arg(long, default_value_t = 1_000_000)]
+        events: u64,
+        /// Events per append call.
+        #[arg(long, default_value_t = 1000)]
+        batch: usize,
+        /// Where to put the benchmark's log (a temporary directory by default).
+        #[arg(long, value_name = "DIR")]
+        data: Option<PathBuf>,
+    },
+    /// Run a pipeline of N trivial jobs; prints the overhead per job over a bare `sh -c true`.
+    Run {
+        /// Number of jobs in the pipeline.
+        #[arg(long, default_value_t = 200)]
+        jobs: usize,
+        /// Jobs running at once (1 measures pure per-job overhead).
+        #[arg(long, default_value_t = 1)]
+        parallel: usize,
+    },
+}

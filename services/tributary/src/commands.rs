@@ -1,0 +1,280 @@
+//! One function per subcommand: parse nothing, decide little, print results.
+
+use std::io::{IsTerminal, Write};
+use std::process::ExitCode;
+use std::sync::Arc;
+
+use anyhow::Context;
+use tokio_util::sync::CancellationToken;
+use tributary_eventlog::EventLog;
+use tributary_projections::{replay, Build};
+use tributary_proto::events::{envelope::Payload, Envelope, Status};
+
+use crate::agent::BuildRef;
+use crate::cli::{BuildsArgs, Command, EventsArgs, ReplayArgs, RunArgs};
+use crate::data_dir::DataDir;
+use crate::local_run::{self, LocalRun};
+use crate::render::Renderer;
+
+pub async fn dispatch(command: Command) -> anyhow::Result<ExitCode> {
+    match command {
+        Command::Run(args) => run(args).await,
+        Command::Events(args) => events(args).await,
+        Command::Builds(args) => builds(args).await,
+        Command::Replay(args) => replay_cmd(args).await,
+        Command::Bench(cmd) => crate::bench::bench(cmd).await,
+    }
+}
+
+async fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
+    let text = local_run::read_pipeline(&args.file)?;
+    let workdir = args
+        .file
+        .canonicalize()
+        .ok()
+        .and_then(|p| p.parent().map(|p| p.to_path_buf()))
+        .unwrap_or_else(|| std::path::PathBuf::from("."));
+    let data = DataDir::open(&args.data.data).await?;
+    let log: Arc<dyn EventLog> = data.log.clone();
+    let project = workdir
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_else(|| "local".into());
+    let build = BuildRef {
+        tenant: "local".into(),
+        project,
+        build_id: tributary_proto::new_id(),
+    };
+    let run = LocalRun {
+        pipeline_file: args.file.clone(),
+        pipeline_text: text,
+        workdir,
+        parallel: args.parallel,
+        scratch_dir: data.path.join("scratch"),
+    };
+    let tty = !args.plain && std::io::stdout().is_terminal();
+    let from = log.end_offset().await?;
+    let jobs = match local_run::trigger(log.as_ref(), &build, &run).await? {
+        Ok(jobs) => jobs,
+        Err(err) => {
+            eprintln!("error: invalid pipeline\n  {err}");
+            data.catch_up().await?;
+            return Ok(ExitCode::from(2));
+        }
+    };
+    println!(
+        "build {} ({} jobs), log in {}",
+        build.build_id,
+        jobs.len(),
+        data.path.display()
+    );
+    let renderer = tokio::spawn(Renderer::new(&build.build_id, tty).follow(log.clone(), from));
+    let cancel = CancellationToken::new();
+    let ctrl_c = {
+        let cancel = cancel.clone();
+        tokio::spawn(async move {
+            if tokio::signal::ctrl_c().await.is_ok() {
+                cancel.cancel();
+            }
+        })
+    };
+    let projector = {
+        let store = data.store.clone();
+        let log = log.clone();
+        tokio::spawn(async move {
+            let mut p = tributary_projections::BuildsProjector::open(store).await?;
+            p.follow(log.as_ref()).await
+        })
+    };
+    let (status, _reason) =
+        local_run::drive(log.clone(), build.clone(), jobs, from, &run, cancel).await?;
+    ctrl_c.abort();
+    let _ = renderer.await;
+    projector.abort();
+    data.catch_up().await?;
+    Ok(if status == Status::Succeeded {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::from(1)
+    })
+}
+
+async fn events(args: EventsArgs) -> anyhow::Result<ExitCode> {
+    let data = DataDir::open(&args.data.data).await?;
+    let mut out = std::io::BufWriter::new(std::io::stdout().lock());
+    let mut from = args.from;
+    loop {
+        let records = match &args.build {
+            Some(build) => data.log.read_key(build, from, 4096).await?,
+            None => data.log.read(from, 4096).await?,
+        };
+        let Some(last) = records.last() else { break };
+        from = last.offset + 1;
+        for record in &records {
+            let env = match record.decode() {
+                Ok(env) => env,
+                Err(e) => {
+                    writeln!(out, "{:>8}  (malformed event: {e})", record.offset)?;
+                    continue;
+                }
+            };
+            if args.json {
+                writeln!(
+                    out,
+                    "{}",
+                    tributary_proto::json::event_json(record.offset, &env)
+                )?;
+            } else {
+                writeln!(out, "{}", human_event(record.offset, &env))?;
+            }
+        }
+    }
+    out.flush()?;
+    Ok(ExitCode::SUCCESS)
+}
+
+fn human_event(offset: u64, env: &Envelope) -> String {
+    let detail = match &env.payload {
+        Some(Payload::BuildTriggered(e)) => {
+            format!("by {} from {} ({})", e.who, e.source, e.pipeline_path)
+        }
+        Some(Payload::BuildQueued(e)) => {
+            format!("{} jobs", e.plan.as_ref().map_or(0, |p| p.jobs.len()))
+        }
+        Some(Payload::PipelineRejected(e)) => {
+            format!("{}:{}:{}: {}", e.file, e.line, e.column, e.message)
+        }
+        Some(Payload::JobQueued(e)) => format!("{} attempt {}", e.job, e.attempt),
+        Some(Payload::JobAssigned(e)) => {
+            format!("{} attempt {} -> {}", e.job, e.attempt, e.agent_id)
+        }
+        Some(Payload::JobStarted(e)) => {
+            format!("{} attempt {} on {}", e.job, e.attempt, e.agent_id)
+        }
+        Some(Payload::StepStarted(e)) => format!("{} step {} {}", e.job, e.step, e.name),
+        Some(Payload::LineStarted(e)) => {
+            format!(
+                "{} {}.{} $ {}",
+                e.job,
+                e.step,
+                e.line,
+                e.text.lines().next().unwrap_or("")
+            )
+        }
+        Some(Payload::LogChunk(e)) => format!(
+            "{} {}.{} {} {:?}",
+            e.job,
+            e.step,
+            e.line,
+            tributary_proto::events::Stream::try_from(e.stream).map_or("?", |s| s.name()),
+            String::from_utf8_lossy(&e.data)
+        ),
+        Some(Payload::LineExited(e)) => {
+            format!(
+                "{} {}.{} exit {} ({}us)",
+                e.job, e.step, e.line, e.exit_code, e.duration_us
+            )
+        }
+        Some(Payload::StepFinished(e)) => format!("{} step {} {}", e.job, e.step, status(e.status)),
+        Some(Payload::ArtifactUploaded(e)) => {
+            format!("{} {} {} bytes sha256 {}", e.job, e.path, e.size, e.sha256)
+        }
+        Some(Payload::JobFinished(e)) => format!(
+            "{} attempt {} {} {}",
+            e.job,
+            e.attempt,
+            status(e.status),
+            e.reason
+        ),
+        Some(Payload::BuildFinished(e)) => format!("{} {}", status(e.status), e.reason),
+        Some(Payload::BuildCanceled(e)) => format!("by {} {}", e.who, e.reason),
+        Some(Payload::UsageTick(e)) => format!("{} {} {}ms", e.job, e.machine_class, e.millis),
+        Some(Payload::JobRequeued(e)) => format!(
+            "{} attempt {} from {}: {}",
+            e.job, e.attempt, e.agent_id, e.reason
+        ),
+        Some(Payload::AgentConnected(e)) => format!("{} labels {:?}", e.agent_id, e.labels),
+        Some(Payload::AgentDisconnected(e)) => format!("{} {}", e.agent_id, e.reason),
+        Some(Payload::ProjectCreated(e)) => format!("{}/{} {}", e.tenant, e.name, e.repository),
+        Some(_) | None => String::new(),
+    };
+    format!(
+        "{offset:>8}  {}  {:<18} {detail}",
+        short(&env.build_id),
+        env.type_name()
+    )
+}
+
+fn status(s: i32) -> &'static str {
+    Status::try_from(s).map_or("unknown", Status::name)
+}
+
+fn short(id: &str) -> &str {
+    id.get(..13).unwrap_or(id)
+}
+
+async fn builds(args: BuildsArgs) -> anyhow::Result<ExitCode> {
+    let data = DataDir::open(&args.data.data).await?;
+    data.catch_up().await?;
+    let list = data.store.list_builds(args.limit).await?;
+    if args.json {
+        let mut full: Vec<Build> = Vec::new();
+        for b in &list {
+            if let Some(b) = data.store.load_build(&b.id).await? {
+                full.push(b);
+            }
+        }
+        println!("{}", serde_json::to_string_pretty(&full)?);
+        return Ok(ExitCode::SUCCESS);
+    }
+    let mut out = std::io::stdout().lock();
+    writeln!(
+        out,
+        "{:<36}  {:<10}  {:<16}  {:<12}  {:>9}  REASON",
+        "BUILD", "STATUS", "PROJECT", "COMMIT", "DURATION"
+    )?;
+    for b in &list {
+        let duration = match (b.started_us.or(Some(b.triggered_us)), b.finished_us) {
+            (Some(s), Some(f)) => format!("{:.2}s", (f - s) as f64 / 1e6),
+            _ => "-".into(),
+        };
+        let commit = if b.commit.is_empty() {
+            "-"
+        } else {
+            b.commit.get(..12).unwrap_or(&b.commit)
+        };
+        writeln!(
+            out,
+            "{:<36}  {:<10}  {:<16}  {:<12}  {:>9}  {}",
+            b.id,
+            b.phase.name(),
+            b.project,
+            commit,
+            duration,
+            b.reason.lines().next().unwrap_or("")
+        )?;
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+async fn replay_cmd(args: ReplayArgs) -> anyhow::Result<ExitCode> {
+    let data = DataDir::open(&args.data.data).await?;
+    if args.check {
+        return match replay::check(data.log.as_ref(), &data.store).await? {
+            None => {
+                let at = data.store.next_offset().await?;
+                println!("read models match a replay of the log up to offset {at}");
+                Ok(ExitCode::SUCCESS)
+            }
+            Some(divergence) => {
+                println!("MISMATCH: {divergence}");
+                Ok(ExitCode::from(1))
+            }
+        };
+    }
+    let end = replay::rebuild(data.log.as_ref(), &data.store)
+        .await
+        .context("replay failed; the stored read models are unchanged")?;
+    println!("rebuilt the builds read model from offsets 0..{end}");
+    Ok(ExitCode::SUCCESS)
+}

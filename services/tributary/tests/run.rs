@@ -1,0 +1,256 @@
+//! End to end: the real `tributary` binary runs real pipelines with real `sh` processes on
+//! the embedded SQLite log; we check exit codes, the events on the log and the read model.
+
+use std::path::Path;
+use std::process::{Command, Output};
+
+use serde_json::Value;
+
+fn tributary(dir: &Path, args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_tributary"))
+        .args(args)
+        .current_dir(dir)
+        .env("TRIBUTARY_LOG", "warn")
+        .output()
+        .expect("spawn tributary")
+}
+
+fn events(dir: &Path) -> Vec<Value> {
+    let out = tributary(dir, &["events", "--json"]);
+    assert!(
+        out.status.success(),
+        "events failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .map(|l| serde_json::from_str(l).expect("one JSON object per line"))
+        .collect()
+}
+
+fn of_type<'a>(events: &'a [Value], ty: &str) -> Vec<&'a Value> {
+    events.iter().filter(|e| e["type"] == ty).collect()
+}
+
+fn offset_of(events: &[Value], ty: &str, job: &str) -> u64 {
+    events
+        .iter()
+        .find(|e| e["type"] == ty && e["job"] == job)
+        .and_then(|e| e["offset"].as_u64())
+        .unwrap_or_else(|| panic!("no {ty} for {job}"))
+}
+
+const PIPELINE: &str = r#"
+jobs:
+  a:
+    steps:
+      - name: first
+        script:
+          - echo a-start
+          - sleep 0.6
+          - echo a-done
+  b:
+    steps:
+      - script:
+          - sleep 0.6
+          - echo b-done >&2
+  m:
+    needs: [a, b]
+    matrix:
+      x: ["1", "2"]
+    steps:
+      - script:
+          - mkdir -p sub && cd sub
+          - echo "m ${{ matrix.x }} in $(basename $PWD)"
+  f:
+    needs: a
+    steps:
+      - name: fails
+        script:
+          - echo before
+          - exit 7
+          - echo after > after.txt
+  s:
+    needs: f
+    steps:
+      - run: echo never > s.txt
+"#;
+
+#[test]
+fn run_parallel_matrix_failure_and_skip() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join(".tributary.yml"), PIPELINE).unwrap();
+    let out = tributary(dir.path(), &["run", "--parallel", "2"]);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(
+        out.status.code(),
+        Some(1),
+        "a failed build exits 1\n{stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    // Live output shows lines and their output.
+    assert!(stdout.contains("[a] $ echo a-start"), "{stdout}");
+    assert!(stdout.contains("[a] a-start"), "{stdout}");
+    assert!(stdout.contains("[m[x=2]] m 2 in sub"), "{stdout}");
+
+    let ev = events(dir.path());
+    // Offsets are contiguous from 0 and every event belongs to the one build.
+    for (i, e) in ev.iter().enumerate() {
+        assert_eq!(e["offset"].as_u64(), Some(i as u64));
+    }
+    let build_id = ev[0]["build_id"].as_str().unwrap().to_owned();
+    assert_eq!(ev[0]["type"], "build_triggered");
+    assert!(ev.iter().all(|e| e["build_id"] == build_id.as_str()));
+
+    // a and b ran in parallel: b started before a finished.
+    assert!(offset_of(&ev, "job_started", "b") < offset_of(&ev, "job_finished", "a"));
+    // m waited for both; its matrix instances both ran and succeeded.
+    for m in ["m[x=1]", "m[x=2]"] {
+        assert!(offset_of(&ev, "job_started", m) > offset_of(&ev, "job_finished", "a"));
+        assert!(offset_of(&ev, "job_started", m) > offset_of(&ev, "job_finished", "b"));
+        let fin = ev
+            .iter()
+            .find(|e| e["type"] == "job_finished" && e["job"] == m)
+            .unwrap();
+        assert_eq!(fin["status"], "succeeded");
+    }
+    // f's failing line: exit code 7, the line after it never started, its file not created.
+    let exits: Vec<_> = of_type(&ev, "line_exited")
+        .into_iter()
+        .filter(|e| e["job"] == "f")
+        .collect();
+    assert_eq!(exits.len(), 2);
+    assert_eq!(exits[1]["line"], 1);
+    assert_eq!(exits[1]["exit_code"], 7);
+    assert!(!of_type(&ev, "line_started")
+        .iter()
+        .any(|e| e["job"] == "f" && e["line"] == 2));
+    assert!(!dir.path().join("after.txt").exists());
+    let f_fin = ev
+        .iter()
+        .find(|e| e["type"] == "job_finished" && e["job"] == "f")
+        .unwrap();
+    assert_eq!(f_fin["status"], "failed");
+    assert_eq!(f_fin["exit_code"], 7);
+    // s is skipped, never started, and says why.
+    let s_fin = ev
+        .iter()
+        .find(|e| e["type"] == "job_finished" && e["job"] == "s")
+        .unwrap();
+    assert_eq!(s_fin["status"], "skipped");
+    assert_eq!(s_fin["reason"], "needs f, which failed");
+    assert!(!of_type(&ev, "job_started").iter().any(|e| e["job"] == "s"));
+    assert!(!dir.path().join("s.txt").exists());
+    // stderr output is attributed to the right line and stream.
+    assert!(of_type(&ev, "log_chunk").iter().any(|e| e["job"] == "b"
+        && e["line"] == 1
+        && e["stream"] == "stderr"
+        && e["data"] == "b-done\n"));
+    let finished = of_type(&ev, "build_finished");
+    assert_eq!(finished.len(), 1);
+    assert_eq!(finished[0]["status"], "failed");
+
+    // The read model agrees.
+    let out = tributary(dir.path(), &["builds", "--json"]);
+    assert!(out.status.success());
+    let builds: Value = serde_json::from_slice(&out.stdout).unwrap();
+    let b = &builds[0];
+    assert_eq!(b["id"], build_id.as_str());
+    assert_eq!(b["phase"], "failed");
+    let job = |id: &str| {
+        b["jobs"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|j| j["id"] == id)
+            .unwrap()
+            .clone()
+    };
+    assert_eq!(job("a")["phase"], "succeeded");
+    assert_eq!(job("s")["phase"], "skipped");
+    let f = job("f");
+    assert_eq!(f["phase"], "failed");
+    assert_eq!(f["steps"][0]["lines"][1]["exit_code"], 7);
+    assert_eq!(f["steps"][0]["lines"][2]["phase"], "pending");
+    assert_eq!(job("m[x=1]")["matrix"], serde_json::json!([["x", "1"]]));
+
+    // Human table lists it; replay from offset 0 rebuilds the same read model.
+    let out = tributary(dir.path(), &["builds"]);
+    assert!(String::from_utf8_lossy(&out.stdout).contains(&build_id));
+    let out = tributary(dir.path(), &["replay", "--check"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+}
+
+#[test]
+fn successful_run_exits_zero_and_events_filter_by_build() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("ci.yml");
+    std::fs::write(&file, "jobs:\n  one:\n    steps:\n      - run: echo ok\n").unwrap();
+    for _ in 0..2 {
+        let out = tributary(dir.path(), &["run", "-f", "ci.yml", "--data", "state"]);
+        assert_eq!(
+            out.status.code(),
+            Some(0),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    let all = tributary(dir.path(), &["events", "--data", "state", "--json"]);
+    let all: Vec<Value> = String::from_utf8_lossy(&all.stdout)
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    let second = all.last().unwrap()["build_id"].as_str().unwrap().to_owned();
+    let one = tributary(
+        dir.path(),
+        &["events", "--data", "state", "--json", "--build", &second],
+    );
+    let one: Vec<Value> = String::from_utf8_lossy(&one.stdout)
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert!(one.len() < all.len());
+    assert!(one.iter().all(|e| e["build_id"] == second.as_str()));
+    assert_eq!(one.last().unwrap()["type"], "build_finished");
+    assert_eq!(one.last().unwrap()["status"], "succeeded");
+}
+
+#[test]
+fn invalid_pipeline_exits_two_with_location_and_is_recorded() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(
+        dir.path().join(".tributary.yml"),
+        "jobs:\n  a:\n    needs: nope\n    steps:\n      - run: echo\n",
+    )
+    .unwrap();
+    let out = tributary(dir.path(), &["run"]);
+    assert_eq!(out.status.code(), Some(2));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains(".tributary.yml:3:12"), "{stderr}");
+    assert!(stderr.contains("nope"), "{stderr}");
+    let ev = events(dir.path());
+    let types: Vec<&str> = ev.iter().map(|e| e["type"].as_str().unwrap()).collect();
+    assert_eq!(
+        types,
+        ["build_triggered", "pipeline_rejected", "build_finished"]
+    );
+    assert_eq!(ev[1]["line"], 3);
+    assert_eq!(ev[2]["status"], "failed");
+}
+
+#[test]
+fn missing_pipeline_file_says_what_to_do() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = tributary(dir.path(), &["run"]);
+    assert_eq!(out.status.code(), Some(1));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("cannot read pipeline file .tributary.yml"),
+        "{stderr}"
+    );
+    assert!(stderr.contains("-f FILE"), "{stderr}");
+}
