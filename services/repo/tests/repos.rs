@@ -1,0 +1,576 @@
+//! Against real git: throwaway repositories in temporary directories.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use tributary_repo::{read_file, resolve, Mirrors, RepoError};
+
+/// Runs git in `dir` (as a test author would by hand) and returns its trimmed stdout.
+fn git(dir: &Path, args: &[&str]) -> String {
+    let out = Command::new("git")
+        .args([
+            "-c",
+            "user.name=t",
+            "-c",
+            "user.email=t@t",
+            "-c",
+            "protocol.file.allow=always",
+            "-c",
+            "init.defaultBranch=main",
+        ])
+        .args(args)
+        .current_dir(dir)
+        .env_remove("GIT_DIR")
+        .env_remove("GIT_WORK_TREE")
+        .env_remove("GIT_INDEX_FILE")
+        .output()
+        .expect("git runs");
+    assert!(
+        out.status.success(),
+        "git {args:?} in {dir:?} failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).trim().to_owned()
+}
+
+struct Fixture {
+    tmp: tempfile::TempDir,
+    /// A non-bare repository, branch `main`.
+    src: PathBuf,
+    mirrors: Mirrors,
+}
+
+impl Fixture {
+    fn new() -> Fixture {
+        let tmp = tempfile::tempdir().unwrap();
+        let src = tmp.path().join("src");
+        std::fs::create_dir(&src).unwrap();
+        git(&src, &["init", "-q", "-b", "main"]);
+        let mirrors = Mirrors::new(tmp.path().join("mirrors"));
+        Fixture { tmp, src, mirrors }
+    }
+
+    fn repo(&self) -> &str {
+        self.src.to_str().unwrap()
+    }
+
+    fn dir(&self, name: &str) -> PathBuf {
+        self.tmp.path().join(name)
+    }
+
+    /// Writes `files` (path, contents; None deletes) in the source and commits them all.
+    fn commit(&self, files: &[(&str, Option<&str>)], message: &str) -> String {
+        commit_in(&self.src, files, message)
+    }
+}
+
+fn commit_in(repo: &Path, files: &[(&str, Option<&str>)], message: &str) -> String {
+    for (path, contents) in files {
+        let p = repo.join(path);
+        match contents {
+            Some(c) => {
+                std::fs::create_dir_all(p.parent().unwrap()).unwrap();
+                std::fs::write(&p, c).unwrap();
+            }
+            None => std::fs::remove_file(&p).unwrap(),
+        }
+    }
+    git(repo, &["add", "-A"]);
+    git(repo, &["commit", "-q", "--allow-empty", "-m", message]);
+    git(repo, &["rev-parse", "HEAD"])
+}
+
+fn read(path: &Path) -> String {
+    std::fs::read_to_string(path).unwrap_or_else(|e| panic!("{path:?}: {e}"))
+}
+
+/// Every file under `dir` (relative, sorted), skipping `.git`.
+fn tree(dir: &Path) -> Vec<String> {
+    fn walk(base: &Path, dir: &Path, out: &mut Vec<String>) {
+        for entry in std::fs::read_dir(dir).unwrap() {
+            let entry = entry.unwrap();
+            if entry.file_name() == ".git" {
+                continue;
+            }
+            let path = entry.path();
+            if entry.file_type().unwrap().is_dir() {
+                walk(base, &path, out);
+            } else {
+                let rel = path.strip_prefix(base).unwrap();
+                out.push(rel.to_string_lossy().into_owned());
+            }
+        }
+    }
+    let mut out = Vec::new();
+    walk(dir, dir, &mut out);
+    out.sort();
+    out
+}
+
+// ---- resolve ----
+
+#[tokio::test]
+async fn resolves_a_branch() {
+    let f = Fixture::new();
+    let c1 = f.commit(&[("a", Some("1"))], "one");
+    git(&f.src, &["checkout", "-q", "-b", "feature"]);
+    let c2 = f.commit(&[("a", Some("2"))], "two");
+    assert_eq!(resolve(f.repo(), "main", &f.mirrors).await.unwrap(), c1);
+    assert_eq!(resolve(f.repo(), "feature", &f.mirrors).await.unwrap(), c2);
+    assert_eq!(
+        resolve(f.repo(), "refs/heads/feature", &f.mirrors)
+            .await
+            .unwrap(),
+        c2
+    );
+}
+
+#[tokio::test]
+async fn resolves_annotated_and_lightweight_tags_to_commits() {
+    let f = Fixture::new();
+    let c1 = f.commit(&[("a", Some("1"))], "one");
+    git(&f.src, &["tag", "-a", "-m", "release", "v1.0"]);
+    git(&f.src, &["tag", "light"]);
+    f.commit(&[("a", Some("2"))], "two");
+    assert_eq!(resolve(f.repo(), "v1.0", &f.mirrors).await.unwrap(), c1);
+    assert_eq!(
+        resolve(f.repo(), "refs/tags/v1.0", &f.mirrors)
+            .await
+            .unwrap(),
+        c1
+    );
+    assert_eq!(resolve(f.repo(), "light", &f.mirrors).await.unwrap(), c1);
+}
+
+#[tokio::test]
+async fn resolves_short_and_full_shas() {
+    let f = Fixture::new();
+    let c1 = f.commit(&[("a", Some("1"))], "one");
+    let c2 = f.commit(&[("a", Some("2"))], "two");
+    assert_eq!(resolve(f.repo(), &c1[..8], &f.mirrors).await.unwrap(), c1);
+    assert_eq!(resolve(f.repo(), &c1, &f.mirrors).await.unwrap(), c1);
+    assert_eq!(resolve(f.repo(), &c2[..12], &f.mirrors).await.unwrap(), c2);
+    assert_eq!(c1.len(), 40);
+}
+
+#[tokio::test]
+async fn empty_ref_is_the_default_branch_and_follows_it_when_it_changes() {
+    let f = Fixture::new();
+    let c1 = f.commit(&[("a", Some("1"))], "one");
+    git(&f.src, &["checkout", "-q", "-b", "develop"]);
+    let c2 = f.commit(&[("a", Some("2"))], "two");
+    git(&f.src, &["checkout", "-q", "main"]);
+    assert_eq!(resolve(f.repo(), "", &f.mirrors).await.unwrap(), c1);
+    // The remote's default branch changes after the mirror was made.
+    git(&f.src, &["symbolic-ref", "HEAD", "refs/heads/develop"]);
+    assert_eq!(resolve(f.repo(), "", &f.mirrors).await.unwrap(), c2);
+}
+
+#[tokio::test]
+async fn resolve_sees_a_commit_pushed_after_the_mirror_was_made() {
+    let f = Fixture::new();
+    let c1 = f.commit(&[("a", Some("1"))], "one");
+    f.mirrors.sync(f.repo()).await.unwrap();
+    assert_eq!(resolve(f.repo(), "main", &f.mirrors).await.unwrap(), c1);
+    let c2 = f.commit(&[("a", Some("2"))], "two");
+    assert_eq!(resolve(f.repo(), "main", &f.mirrors).await.unwrap(), c2);
+    // A branch deleted upstream disappears from the mirror too (fetch --prune).
+    git(&f.src, &["branch", "gone"]);
+    resolve(f.repo(), "gone", &f.mirrors).await.unwrap();
+    git(&f.src, &["branch", "-D", "gone"]);
+    let err = resolve(f.repo(), "gone", &f.mirrors).await.unwrap_err();
+    assert!(matches!(err, RepoError::UnknownRef { .. }), "{err}");
+}
+
+#[tokio::test]
+async fn unknown_ref_names_the_ref_and_the_repository() {
+    let f = Fixture::new();
+    f.commit(&[("a", Some("1"))], "one");
+    let err = resolve(f.repo(), "no-such-branch", &f.mirrors)
+        .await
+        .unwrap_err();
+    assert!(matches!(err, RepoError::UnknownRef { .. }), "{err:?}");
+    let msg = err.to_string();
+    assert!(msg.contains("\"no-such-branch\""), "{msg}");
+    assert!(msg.contains(f.repo()), "{msg}");
+}
+
+#[tokio::test]
+async fn refs_paths_and_commits_that_look_like_options_are_rejected_before_git_runs() {
+    let f = Fixture::new();
+    let c1 = f.commit(&[("a", Some("1"))], "one");
+    for bad in ["-x", "--upload-pack=touch /tmp/pwned", "main..HEAD"] {
+        let err = resolve(f.repo(), bad, &f.mirrors).await.unwrap_err();
+        assert!(matches!(err, RepoError::InvalidInput { .. }), "{err}");
+        assert!(err.to_string().contains(bad), "{err}");
+    }
+    // Nothing ran: no mirror was made.
+    assert!(!f.dir("mirrors").exists());
+
+    for bad in ["-p", "../outside", "a/../../b", "/etc/passwd"] {
+        let err = read_file(f.repo(), &c1, bad, &f.mirrors).await.unwrap_err();
+        assert!(matches!(err, RepoError::InvalidInput { .. }), "{err}");
+    }
+    for bad in ["--detach", "main", "HEAD", "abc"] {
+        let err = read_file(f.repo(), bad, "a", &f.mirrors).await.unwrap_err();
+        assert!(matches!(err, RepoError::InvalidInput { .. }), "{err}");
+        let err = f
+            .mirrors
+            .checkout(f.repo(), bad, &f.dir("ws"), false)
+            .await
+            .unwrap_err();
+        assert!(matches!(err, RepoError::InvalidInput { .. }), "{err}");
+    }
+    let err = f.mirrors.sync("--upload-pack=x").await.unwrap_err();
+    assert!(matches!(err, RepoError::InvalidInput { .. }), "{err}");
+}
+
+#[tokio::test]
+async fn a_nonexistent_repository_path_is_named_in_the_error() {
+    let f = Fixture::new();
+    let missing = f.dir("no-such-repo");
+    let missing = missing.to_str().unwrap();
+    let err = resolve(missing, "main", &f.mirrors).await.unwrap_err();
+    assert!(matches!(err, RepoError::RepositoryNotFound { .. }), "{err}");
+    assert!(err.to_string().contains(missing), "{err}");
+
+    // Through git itself: a file:// URL, and a directory that is not a repository.
+    let url = format!("file://{missing}");
+    let err = f.mirrors.sync(&url).await.unwrap_err();
+    assert!(matches!(err, RepoError::Git { .. }), "{err}");
+    let msg = err.to_string();
+    assert!(msg.contains(&url), "{msg}");
+    assert!(msg.contains("hint: check that the repository URL"), "{msg}");
+
+    let not_a_repo = f.dir("plain");
+    std::fs::create_dir(&not_a_repo).unwrap();
+    let err = resolve(not_a_repo.to_str().unwrap(), "", &f.mirrors)
+        .await
+        .unwrap_err();
+    assert!(err.to_string().contains("plain"), "{err}");
+    // The failed clones left nothing behind but lock files.
+    for entry in std::fs::read_dir(f.dir("mirrors")).unwrap() {
+        let name = entry.unwrap().file_name();
+        assert!(name.to_string_lossy().ends_with(".lock"), "{name:?}");
+    }
+}
+
+#[tokio::test]
+async fn bare_repositories_and_file_urls_work() {
+    let f = Fixture::new();
+    let c1 = f.commit(&[("a", Some("1"))], "one");
+    let bare = f.dir("bare.git");
+    git(
+        f.tmp.path(),
+        &["clone", "-q", "--bare", f.repo(), bare.to_str().unwrap()],
+    );
+    assert_eq!(
+        resolve(bare.to_str().unwrap(), "main", &f.mirrors)
+            .await
+            .unwrap(),
+        c1
+    );
+    let url = format!("file://{}", bare.display());
+    assert_eq!(resolve(&url, "", &f.mirrors).await.unwrap(), c1);
+    assert_eq!(read_file(&url, &c1, "a", &f.mirrors).await.unwrap(), "1");
+    // Three locations, three mirrors, each one safe directory under the root.
+    let paths = [
+        f.mirrors.mirror_path(f.repo()).unwrap(),
+        f.mirrors.mirror_path(bare.to_str().unwrap()).unwrap(),
+        f.mirrors.mirror_path(&url).unwrap(),
+    ];
+    assert_ne!(paths[0], paths[1]);
+    assert_ne!(paths[1], paths[2]);
+    let name = paths[1].file_name().unwrap().to_str().unwrap();
+    assert!(name.contains("bare-"), "{name}");
+    assert_eq!(paths[1].parent().unwrap(), f.dir("mirrors"));
+}
+
+// ---- read_file ----
+
+#[tokio::test]
+async fn read_file_at_an_older_commit_returns_the_old_contents() {
+    let f = Fixture::new();
+    let c1 = f.commit(
+        &[(".tributary.yml", Some("old\n")), ("ci/x.yml", Some("x1"))],
+        "one",
+    );
+    let c2 = f.commit(
+        &[(".tributary.yml", Some("new\n")), ("ci/x.yml", Some("x2"))],
+        "two",
+    );
+    let repo = f.repo();
+    let m = &f.mirrors;
+    assert_eq!(
+        read_file(repo, &c2, ".tributary.yml", m).await.unwrap(),
+        "new\n"
+    );
+    assert_eq!(
+        read_file(repo, &c1, ".tributary.yml", m).await.unwrap(),
+        "old\n"
+    );
+    assert_eq!(
+        read_file(repo, &c1[..7], "ci/x.yml", m).await.unwrap(),
+        "x1"
+    );
+    assert_eq!(read_file(repo, &c2, "./ci/x.yml", m).await.unwrap(), "x2");
+}
+
+#[tokio::test]
+async fn a_missing_file_is_not_found() {
+    let f = Fixture::new();
+    let c1 = f.commit(&[("README", Some("hi"))], "one");
+    let err = read_file(f.repo(), &c1, ".tributary.yml", &f.mirrors)
+        .await
+        .unwrap_err();
+    assert!(err.is_not_found(), "{err:?}");
+    let msg = err.to_string();
+    assert_eq!(
+        msg,
+        format!("no .tributary.yml at commit {c1} in {}", f.repo())
+    );
+
+    // A later commit deletes the file: it is still there at the old commit only.
+    let c2 = f.commit(&[("README", None), ("other", Some("x"))], "two");
+    assert_eq!(
+        read_file(f.repo(), &c1, "README", &f.mirrors)
+            .await
+            .unwrap(),
+        "hi"
+    );
+    let err = read_file(f.repo(), &c2, "README", &f.mirrors)
+        .await
+        .unwrap_err();
+    assert!(err.is_not_found(), "{err:?}");
+}
+
+#[tokio::test]
+async fn directories_and_binary_files_are_not_text_files() {
+    let f = Fixture::new();
+    let c1 = f.commit(&[("dir/file", Some("x"))], "one");
+    std::fs::write(f.src.join("bin"), [0xff, 0xfe, 0x00, 0x01]).unwrap();
+    let c2 = f.commit(&[], "binary");
+    let err = read_file(f.repo(), &c1, "dir", &f.mirrors)
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(err, RepoError::NotAFile { ref kind, .. } if kind == "directory"),
+        "{err}"
+    );
+    let err = read_file(f.repo(), &c2, "bin", &f.mirrors)
+        .await
+        .unwrap_err();
+    assert!(matches!(err, RepoError::NotUtf8 { .. }), "{err}");
+}
+
+#[tokio::test]
+async fn read_file_fetches_a_commit_the_mirror_does_not_have_yet() {
+    let f = Fixture::new();
+    f.commit(&[("a", Some("1"))], "one");
+    f.mirrors.sync(f.repo()).await.unwrap();
+    let c2 = f.commit(&[("a", Some("2"))], "two");
+    assert_eq!(
+        read_file(f.repo(), &c2, "a", &f.mirrors).await.unwrap(),
+        "2"
+    );
+
+    // A commit that no ref reaches cannot be fetched: a clear error naming it.
+    let c3 = f.commit(&[("a", Some("3"))], "three");
+    git(&f.src, &["reset", "-q", "--hard", &c2]);
+    let err = read_file(f.repo(), &c3, "a", &f.mirrors).await.unwrap_err();
+    assert!(matches!(err, RepoError::UnknownCommit { .. }), "{err}");
+    assert!(err.to_string().contains(&c3), "{err}");
+}
+
+// ---- checkout ----
+
+#[tokio::test]
+async fn checkout_gives_the_exact_tree_of_the_commit() {
+    let f = Fixture::new();
+    let c1 = f.commit(
+        &[("a.txt", Some("one\n")), ("dir/b.txt", Some("bee\n"))],
+        "one",
+    );
+    f.commit(&[("a.txt", Some("two\n")), ("c.txt", Some("c"))], "two");
+    let ws = f.dir("ws");
+    f.mirrors.checkout(f.repo(), &c1, &ws, false).await.unwrap();
+    assert_eq!(tree(&ws), ["a.txt", "dir/b.txt"]);
+    assert_eq!(read(&ws.join("a.txt")), "one\n");
+    assert_eq!(read(&ws.join("dir/b.txt")), "bee\n");
+    assert_eq!(git(&ws, &["rev-parse", "HEAD"]), c1);
+    assert_eq!(git(&ws, &["status", "--porcelain"]), "");
+    // Detached, and origin is the real repository, not the mirror.
+    assert_eq!(git(&ws, &["rev-parse", "--abbrev-ref", "HEAD"]), "HEAD");
+    assert_eq!(git(&ws, &["remote", "get-url", "origin"]), f.repo());
+}
+
+#[tokio::test]
+async fn checkout_twice_into_one_workspace_replaces_the_first() {
+    let f = Fixture::new();
+    let c1 = f.commit(
+        &[
+            ("keep", Some("k1")),
+            ("old-only", Some("o")),
+            (".gitignore", Some("build/\n")),
+        ],
+        "one",
+    );
+    let ws = f.dir("ws");
+    f.mirrors.checkout(f.repo(), &c1, &ws, false).await.unwrap();
+    // A job dirties the workspace: edits, untracked and ignored files.
+    std::fs::write(ws.join("keep"), "edited").unwrap();
+    std::fs::write(ws.join("untracked"), "u").unwrap();
+    std::fs::create_dir_all(ws.join("build")).unwrap();
+    std::fs::write(ws.join("build/out.o"), "o").unwrap();
+
+    // Pushed after the mirror was made: checkout fetches it.
+    let c2 = f.commit(
+        &[
+            ("keep", Some("k2")),
+            ("old-only", None),
+            ("new-only", Some("n")),
+        ],
+        "two",
+    );
+    f.mirrors.checkout(f.repo(), &c2, &ws, false).await.unwrap();
+    assert_eq!(tree(&ws), [".gitignore", "keep", "new-only"]);
+    assert_eq!(read(&ws.join("keep")), "k2");
+    assert_eq!(git(&ws, &["rev-parse", "HEAD"]), c2);
+
+    // And back again.
+    f.mirrors.checkout(f.repo(), &c1, &ws, false).await.unwrap();
+    assert_eq!(tree(&ws), [".gitignore", "keep", "old-only"]);
+    assert_eq!(read(&ws.join("keep")), "k1");
+    assert_eq!(git(&ws, &["rev-parse", "HEAD"]), c1);
+}
+
+#[tokio::test]
+async fn checkout_cleans_a_directory_that_is_not_one_of_its_workspaces() {
+    let f = Fixture::new();
+    let c1 = f.commit(&[("a", Some("1"))], "one");
+    let ws = f.dir("ws");
+    std::fs::create_dir_all(ws.join("leftover/deep")).unwrap();
+    std::fs::write(ws.join("leftover/deep/x"), "x").unwrap();
+    std::fs::write(ws.join("stale"), "s").unwrap();
+    f.mirrors.checkout(f.repo(), &c1, &ws, false).await.unwrap();
+    assert_eq!(tree(&ws), ["a"]);
+
+    // A workspace of another repository is replaced too.
+    let other = f.dir("other");
+    std::fs::create_dir(&other).unwrap();
+    git(&other, &["init", "-q"]);
+    let o1 = commit_in(&other, &[("o", Some("o"))], "o");
+    f.mirrors
+        .checkout(other.to_str().unwrap(), &o1, &ws, false)
+        .await
+        .unwrap();
+    assert_eq!(tree(&ws), ["o"]);
+    assert_eq!(git(&ws, &["rev-parse", "HEAD"]), o1);
+
+    // A broken workspace (a crashed git's lock file) is re-created.
+    f.mirrors.checkout(f.repo(), &c1, &ws, false).await.unwrap();
+    std::fs::write(ws.join(".git/index.lock"), "").unwrap();
+    f.mirrors.checkout(f.repo(), &c1, &ws, false).await.unwrap();
+    assert_eq!(tree(&ws), ["a"]);
+    assert!(!ws.join(".git/index.lock").exists());
+
+    // The mirrors root is never a workspace.
+    let err = f
+        .mirrors
+        .checkout(f.repo(), &c1, f.tmp.path(), false)
+        .await
+        .unwrap_err();
+    assert!(matches!(err, RepoError::InvalidInput { .. }), "{err}");
+    assert!(f.dir("mirrors").exists());
+}
+
+#[tokio::test]
+async fn submodules_are_checked_out_only_when_asked() {
+    let f = Fixture::new();
+    let sub = f.dir("sub");
+    std::fs::create_dir(&sub).unwrap();
+    git(&sub, &["init", "-q", "-b", "main"]);
+    commit_in(&sub, &[("inner.txt", Some("inside\n"))], "sub");
+    git(
+        &f.src,
+        &["submodule", "add", "-q", sub.to_str().unwrap(), "libs/sub"],
+    );
+    let c1 = f.commit(&[("top.txt", Some("top"))], "with submodule");
+
+    let plain = f.dir("plain");
+    f.mirrors
+        .checkout(f.repo(), &c1, &plain, false)
+        .await
+        .unwrap();
+    assert!(plain.join("libs/sub").is_dir());
+    assert!(!plain.join("libs/sub/inner.txt").exists());
+    assert_eq!(tree(&plain), [".gitmodules", "top.txt"]);
+
+    let full = f.dir("full");
+    f.mirrors
+        .checkout(f.repo(), &c1, &full, true)
+        .await
+        .unwrap();
+    assert_eq!(read(&full.join("libs/sub/inner.txt")), "inside\n");
+    assert_eq!(git(&full, &["rev-parse", "HEAD"]), c1);
+
+    // The same workspace without submodules again: they are emptied.
+    f.mirrors
+        .checkout(f.repo(), &c1, &full, false)
+        .await
+        .unwrap();
+    assert!(!full.join("libs/sub/inner.txt").exists());
+    assert_eq!(tree(&full), [".gitmodules", "top.txt"]);
+}
+
+// ---- concurrency ----
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ten_concurrent_syncs_of_one_mirror_all_succeed() {
+    let f = Fixture::new();
+    let c1 = f.commit(&[("a", Some("1"))], "one");
+    let root = f.dir("mirrors");
+    let mut tasks = Vec::new();
+    for i in 0..10 {
+        // Half share one Mirrors, half have their own: the locks are per mirror path.
+        let mirrors = if i % 2 == 0 {
+            f.mirrors.clone()
+        } else {
+            Mirrors::new(&root)
+        };
+        let repo = f.repo().to_owned();
+        tasks.push(tokio::spawn(async move {
+            let path = mirrors.sync(&repo).await?;
+            let sha = resolve(&repo, "main", &mirrors).await?;
+            Ok::<_, RepoError>((path, sha))
+        }));
+    }
+    let mut paths = Vec::new();
+    for t in tasks {
+        let (path, sha) = t.await.unwrap().unwrap();
+        assert_eq!(sha, c1);
+        paths.push(path);
+    }
+    paths.dedup();
+    assert_eq!(paths.len(), 1, "{paths:?}");
+    assert_eq!(git(&paths[0], &["rev-parse", "main"]), c1);
+    git(&paths[0], &["fsck", "--no-progress"]);
+
+    // Concurrent checkouts into separate workspaces while a push is being synced.
+    let c2 = f.commit(&[("a", Some("2"))], "two");
+    let mut tasks = Vec::new();
+    for i in 0..4 {
+        let mirrors = f.mirrors.clone();
+        let repo = f.repo().to_owned();
+        let ws = f.dir(&format!("ws{i}"));
+        let commit = if i % 2 == 0 { c1.clone() } else { c2.clone() };
+        tasks.push(tokio::spawn(async move {
+            mirrors.checkout(&repo, &commit, &ws, false).await?;
+            Ok::<_, RepoError>(read(&ws.join("a")))
+        }));
+    }
+    for (i, t) in tasks.into_iter().enumerate() {
+        let want = if i % 2 == 0 { "1" } else { "2" };
+        assert_eq!(t.await.unwrap().unwrap(), want);
+    }
+}
