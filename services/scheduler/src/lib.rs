@@ -368,5 +368,6 @@ fn build_outcome(build: &BuildRun) -> (Status, String) {
     }
 }
 
+pub mod cluster;
 #[cfg(test)]
 mod tests;
