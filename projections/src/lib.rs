@@ -8,10 +8,12 @@
 //!
 //! Read models today:
 //! * [`builds`]: builds → jobs → steps → lines.
+//! * [`directory`]: tenants, API tokens (by sha256) and projects, in memory.
 //!
 //! [`replay`] rebuilds a read model from offset 0 and compares it with the stored one.
 
 pub mod builds;
+pub mod directory;
 pub mod projector;
 pub mod replay;
 pub mod store;

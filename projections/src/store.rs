@@ -175,6 +175,29 @@ impl BuildsStore {
         rows.iter().map(build_from_row).collect()
     }
 
+    /// A tenant's builds (without jobs), newest first, optionally of one project and phase.
+    pub async fn list_builds_for(
+        &self,
+        tenant: &str,
+        project: Option<&str>,
+        phase: Option<&str>,
+        limit: u32,
+    ) -> Result<Vec<Build>, ProjectionError> {
+        let rows = sqlx::query(
+            "SELECT * FROM builds WHERE tenant = ? AND (? IS NULL OR project = ?) \
+             AND (? IS NULL OR phase = ?) ORDER BY triggered_us DESC, id DESC LIMIT ?",
+        )
+        .bind(tenant)
+        .bind(project)
+        .bind(project)
+        .bind(phase)
+        .bind(phase)
+        .bind(limit)
+        .fetch_all(&self.pool)
+        .await?;
+        rows.iter().map(build_from_row).collect()
+    }
+
     /// The whole stored read model.
     pub async fn load_all(&self) -> Result<BuildsState, ProjectionError> {
         let ids: Vec<String> = sqlx::query_scalar("SELECT id FROM builds ORDER BY id")

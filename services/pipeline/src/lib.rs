@@ -132,3 +132,39 @@ pub struct PipelineError {
     pub column: u32,
     pub message: String,
 }
+
+/// The events that start a build: `BuildTriggered` (as given), then either `BuildQueued` with
+/// the plan, or `PipelineRejected` and `BuildFinished(failed)` when the pipeline in
+/// `triggered.pipeline_text` is invalid. Pure; the CLI's local run and the API both use it, so
+/// a build starts the same way everywhere.
+pub fn start_build(
+    triggered: tributary_proto::events::BuildTriggered,
+) -> (
+    Vec<tributary_proto::events::envelope::Payload>,
+    Result<Plan, PipelineError>,
+) {
+    use tributary_proto::events::{
+        envelope::Payload, BuildFinished, BuildQueued, PipelineRejected, Status,
+    };
+    let loaded = load(&triggered.pipeline_path, &triggered.pipeline_text);
+    let mut payloads = vec![Payload::BuildTriggered(triggered)];
+    match &loaded {
+        Ok(plan) => payloads.push(Payload::BuildQueued(BuildQueued {
+            plan: Some(plan.clone()),
+        })),
+        Err(err) => {
+            payloads.push(Payload::PipelineRejected(PipelineRejected {
+                file: err.file.clone(),
+                line: err.line,
+                column: err.column,
+                message: err.message.clone(),
+            }));
+            payloads.push(Payload::BuildFinished(BuildFinished {
+                status: Status::Failed as i32,
+                duration_us: 0,
+                reason: format!("invalid pipeline: {err}"),
+            }));
+        }
+    }
+    (payloads, loaded)
+}

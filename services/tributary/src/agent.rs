@@ -27,6 +27,55 @@ impl BuildRef {
     }
 }
 
+/// Where a build's code comes from.
+#[derive(Clone, Debug)]
+pub struct Source {
+    pub repository: String,
+    pub commit: String,
+}
+
+/// Where jobs run.
+#[derive(Clone)]
+pub enum Workspaces {
+    /// Every job in this directory (a local run: the pipeline's own directory).
+    Fixed(PathBuf),
+    /// Each job attempt in its own directory under `root`, with the build's commit checked out
+    /// from a bare mirror (the server).
+    Checkout {
+        root: PathBuf,
+        mirrors: tributary_repo::Mirrors,
+    },
+}
+
+/// The workspace of one job attempt.
+pub struct JobWorkspace {
+    pub dir: PathBuf,
+    checkout: Option<(tributary_repo::Mirrors, Source)>,
+}
+
+impl Workspaces {
+    pub fn for_job(
+        &self,
+        source: Option<&Source>,
+        build: &str,
+        job: &str,
+        attempt: u32,
+    ) -> JobWorkspace {
+        match self {
+            Workspaces::Fixed(dir) => JobWorkspace {
+                dir: dir.clone(),
+                checkout: None,
+            },
+            Workspaces::Checkout { root, mirrors } => JobWorkspace {
+                dir: root
+                    .join(build)
+                    .join(format!("{}-{attempt}", sanitize(job))),
+                checkout: source.cloned().map(|s| (mirrors.clone(), s)),
+            },
+        }
+    }
+}
+
 pub struct Lease {
     pub job: JobPlan,
     pub attempt: u32,
@@ -40,7 +89,7 @@ pub async fn run_attempt(
     log: Arc<dyn EventLog>,
     build: BuildRef,
     lease: Lease,
-    workdir: PathBuf,
+    workspace: JobWorkspace,
     scratch_dir: PathBuf,
     cancel: CancellationToken,
 ) {
@@ -72,6 +121,25 @@ pub async fn run_attempt(
         let scratch = scratch_dir.join(format!("{}-{}-{}", build.build_id, sanitize(&job_id), lease.attempt));
         if let Err(e) = std::fs::create_dir_all(&scratch) {
             tracing::error!(error = %e, dir = %scratch.display(), "cannot create scratch directory");
+        }
+        let workdir = workspace.dir.clone();
+        if let Some((mirrors, source)) = &workspace.checkout {
+            if let Err(e) = mirrors.checkout(&source.repository, &source.commit, &workdir, false).await {
+                let reason = format!("checkout of {} at {} failed: {e}", source.repository, source.commit);
+                tracing::error!(%reason);
+                let failed = Payload::JobFinished(JobFinished {
+                    job: lease.job.id.clone(),
+                    attempt: lease.attempt,
+                    status: tributary_proto::events::Status::Failed as i32,
+                    exit_code: -1,
+                    duration_us: 0,
+                    reason,
+                });
+                let _ = finish_tx.send(failed).await;
+                drop((tx, finish_tx));
+                let _ = writer.await;
+                return;
+            }
         }
         let ctx = JobContext {
             build_id: build.build_id.clone(),

@@ -74,19 +74,25 @@ async fn bench_run(jobs: usize, parallel: usize) -> anyhow::Result<ExitCode> {
     };
     let start = Instant::now();
     let from = log.end_offset().await?;
-    let plan = match local_run::trigger(log.as_ref(), &build, &run).await? {
-        Ok(plan) => plan,
+    match local_run::trigger(log.as_ref(), &build, &run).await? {
+        Ok(_) => {}
         Err(e) => anyhow::bail!("benchmark pipeline invalid: {e}"),
+    }
+    let cfg = local_run::DriveConfig {
+        log: log.clone(),
+        slots: parallel,
+        workspaces: crate::agent::Workspaces::Fixed(run.workdir.clone()),
+        scratch_dir: run.scratch_dir.clone(),
+        only_build: Some(build.build_id.clone()),
     };
-    let (status, reason) = local_run::drive(
-        log.clone(),
-        build,
-        plan,
+    let outcome = local_run::drive(
+        cfg,
         from,
-        &run,
+        CancellationToken::new(),
         CancellationToken::new(),
     )
     .await?;
+    let (status, reason) = outcome.unwrap_or((Status::Failed, "driver stopped".into()));
     let elapsed = start.elapsed();
     anyhow::ensure!(
         status == Status::Succeeded,

@@ -40,6 +40,28 @@ pub enum Command {
     /// With --check, nothing is written: the rebuilt state is compared with the stored one
     /// and the first difference is reported (exit status 1).
     Replay(ReplayArgs),
+    /// Start the server on the embedded default: API, scheduler, projector and in-process
+    /// agents in one process, with the log and read models in --data.
+    ///
+    /// On first start it creates the admin token in DIR/admin.token (mode 0600). Projects are
+    /// git repositories (URL or local path); builds read `.tributary.yml` at the commit.
+    Up(UpArgs),
+    /// Add or list projects on a server.
+    #[command(subcommand)]
+    Project(ProjectCommand),
+    /// Trigger a build of a project on a server; prints the build id.
+    Trigger(TriggerArgs),
+    /// Print a build's log (with -f, follow it live until the build ends).
+    Logs(LogsArgs),
+    /// Show one build from a server: jobs, steps, lines and exit codes.
+    Get(GetArgs),
+    /// Cancel a build on a server.
+    Cancel(GetArgs),
+    /// Follow the server's events live (your tenant's), from an offset.
+    Watch(WatchArgs),
+    /// Admin: create a tenant, or a token for one.
+    #[command(subcommand)]
+    Admin(AdminCommand),
     /// Measure performance: `bench log`, `bench run`.
     #[command(subcommand)]
     Bench(BenchCommand),
@@ -141,5 +163,140 @@ pub enum BenchCommand {
         /// Jobs running at once (1 measures pure per-job overhead).
         #[arg(long, default_value_t = 1)]
         parallel: usize,
+    },
+}
+
+#[derive(Debug, Args)]
+pub struct UpArgs {
+    #[command(flatten)]
+    pub data: DataArgs,
+    /// Address the gRPC API listens on.
+    #[arg(
+        long,
+        value_name = "ADDR",
+        default_value = "127.0.0.1:7700",
+        env = "TRIBUTARY_LISTEN"
+    )]
+    pub listen: String,
+    /// In-process agents.
+    #[arg(long, value_name = "N", default_value_t = 1)]
+    pub agents: usize,
+    /// Jobs each in-process agent runs at once.
+    #[arg(long, value_name = "C", default_value_t = 2)]
+    pub agent_capacity: usize,
+}
+
+#[derive(Debug, Args, Clone)]
+pub struct ServerArgs {
+    /// The server's address.
+    #[arg(
+        long,
+        value_name = "URL",
+        default_value = "http://127.0.0.1:7700",
+        env = "TRIBUTARY_SERVER"
+    )]
+    pub server: String,
+    /// API token (the admin token is in <data>/admin.token).
+    #[arg(
+        long,
+        value_name = "TOKEN",
+        env = "TRIBUTARY_TOKEN",
+        hide_env_values = true
+    )]
+    pub token: Option<String>,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum ProjectCommand {
+    /// Add a project whose pipelines come from a git repository.
+    Add {
+        /// Project name: letters, digits, '-', '_', '.'.
+        name: String,
+        /// A git URL or the path of a local git repository.
+        #[arg(long, value_name = "PATH_OR_URL")]
+        repo: String,
+        /// At most this many jobs of the project run at once (0 = no limit).
+        #[arg(long, default_value_t = 0)]
+        max_concurrent_jobs: u32,
+        #[command(flatten)]
+        server: ServerArgs,
+    },
+    /// List your tenant's projects.
+    List {
+        #[command(flatten)]
+        server: ServerArgs,
+    },
+}
+
+#[derive(Debug, Args)]
+pub struct TriggerArgs {
+    pub project: String,
+    /// Branch, tag or ref to build (default: the repository's default branch).
+    #[arg(long = "ref", value_name = "REF", conflicts_with = "commit")]
+    pub git_ref: Option<String>,
+    /// Exact commit to build.
+    #[arg(long, value_name = "SHA")]
+    pub commit: Option<String>,
+    /// Follow the build live; exit 0 if it succeeds, 1 otherwise.
+    #[arg(long)]
+    pub follow: bool,
+    #[command(flatten)]
+    pub server: ServerArgs,
+}
+
+#[derive(Debug, Args)]
+pub struct LogsArgs {
+    pub build: String,
+    /// Keep following until the build finishes.
+    #[arg(short = 'f', long)]
+    pub follow: bool,
+    /// Only this job's output.
+    #[arg(long, value_name = "JOB")]
+    pub job: Option<String>,
+    #[command(flatten)]
+    pub server: ServerArgs,
+}
+
+#[derive(Debug, Args)]
+pub struct GetArgs {
+    pub build: String,
+    /// Print JSON instead of a summary.
+    #[arg(long)]
+    pub json: bool,
+    #[command(flatten)]
+    pub server: ServerArgs,
+}
+
+#[derive(Debug, Args)]
+pub struct WatchArgs {
+    /// Start at this log offset.
+    #[arg(long, value_name = "OFFSET", default_value_t = 0)]
+    pub from: u64,
+    /// One JSON object per line.
+    #[arg(long)]
+    pub json: bool,
+    #[command(flatten)]
+    pub server: ServerArgs,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum AdminCommand {
+    /// Create a tenant.
+    TenantAdd {
+        name: String,
+        #[command(flatten)]
+        server: ServerArgs,
+    },
+    /// Create a token for a tenant; prints it once.
+    TokenCreate {
+        #[arg(long)]
+        tenant: String,
+        /// `user` (API access) or `enrollment` (registers agents).
+        #[arg(long, default_value = "user")]
+        kind: String,
+        #[arg(long, default_value = "")]
+        name: String,
+        #[command(flatten)]
+        server: ServerArgs,
     },
 }

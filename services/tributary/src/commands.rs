@@ -23,6 +23,14 @@ pub async fn dispatch(command: Command) -> anyhow::Result<ExitCode> {
         Command::Builds(args) => builds(args).await,
         Command::Replay(args) => replay_cmd(args).await,
         Command::Bench(cmd) => crate::bench::bench(cmd).await,
+        Command::Up(args) => crate::server::up(args).await,
+        Command::Project(cmd) => crate::client::project(cmd).await,
+        Command::Trigger(args) => crate::client::trigger(args).await,
+        Command::Logs(args) => crate::client::logs(args).await,
+        Command::Get(args) => crate::client::get(args).await,
+        Command::Cancel(args) => crate::client::cancel(args).await,
+        Command::Watch(args) => crate::client::watch(args).await,
+        Command::Admin(cmd) => crate::client::admin(cmd).await,
     }
 }
 
@@ -86,8 +94,15 @@ async fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
             p.follow(log.as_ref()).await
         })
     };
-    let (status, _reason) =
-        local_run::drive(log.clone(), build.clone(), jobs, from, &run, cancel).await?;
+    let cfg = local_run::DriveConfig {
+        log: log.clone(),
+        slots: run.parallel,
+        workspaces: crate::agent::Workspaces::Fixed(run.workdir.clone()),
+        scratch_dir: run.scratch_dir.clone(),
+        only_build: Some(build.build_id.clone()),
+    };
+    let outcome = local_run::drive(cfg, from, cancel, CancellationToken::new()).await?;
+    let status = outcome.map_or(Status::Failed, |(status, _)| status);
     ctrl_c.abort();
     let _ = renderer.await;
     projector.abort();

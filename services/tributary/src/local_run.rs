@@ -13,12 +13,11 @@ use anyhow::Context;
 use tokio_util::sync::CancellationToken;
 use tributary_eventlog::EventLog;
 use tributary_proto::events::{
-    envelope::Payload, BuildCanceled, BuildFinished, BuildQueued, BuildTriggered, JobAssigned,
-    JobPlan, PipelineRejected, Status,
+    envelope::Payload, BuildCanceled, BuildTriggered, JobAssigned, JobPlan, Status,
 };
 use tributary_scheduler::{decide, Decision, SchedulerState};
 
-use crate::agent::{self, BuildRef, Lease};
+use crate::agent::{self, BuildRef, Lease, Source, Workspaces};
 
 pub const LOCAL_AGENT: &str = "local";
 
@@ -40,7 +39,7 @@ pub async fn trigger(
     run: &LocalRun,
 ) -> anyhow::Result<Result<Vec<JobPlan>, tributary_pipeline::PipelineError>> {
     let file = run.pipeline_file.display().to_string();
-    let triggered = Payload::BuildTriggered(BuildTriggered {
+    let triggered = BuildTriggered {
         who: std::env::var("USER").unwrap_or_else(|_| "local".into()),
         source: "cli".into(),
         repository: run.workdir.display().to_string(),
@@ -49,65 +48,62 @@ pub async fn trigger(
         pipeline_path: file.clone(),
         pipeline_text: run.pipeline_text.clone(),
         number: 0,
-    });
-    match tributary_pipeline::load(&file, &run.pipeline_text) {
-        Ok(plan) => {
-            let jobs = plan.jobs.clone();
-            let queued = Payload::BuildQueued(BuildQueued { plan: Some(plan) });
-            log.append(&[build.envelope(triggered), build.envelope(queued)])
-                .await?;
-            Ok(Ok(jobs))
-        }
-        Err(err) => {
-            let rejected = Payload::PipelineRejected(PipelineRejected {
-                file: err.file.clone(),
-                line: err.line,
-                column: err.column,
-                message: err.message.clone(),
-            });
-            let finished = Payload::BuildFinished(BuildFinished {
-                status: Status::Failed as i32,
-                duration_us: 0,
-                reason: format!("invalid pipeline: {err}"),
-            });
-            log.append(&[
-                build.envelope(triggered),
-                build.envelope(rejected),
-                build.envelope(finished),
-            ])
-            .await?;
-            Ok(Err(err))
-        }
-    }
+    };
+    let (payloads, loaded) = tributary_pipeline::start_build(triggered);
+    let events: Vec<_> = payloads.into_iter().map(|p| build.envelope(p)).collect();
+    log.append(&events).await?;
+    Ok(loaded.map(|plan| plan.jobs))
 }
 
-/// Drives one build to its end. `from` is the log offset to fold from (at or before the
-/// build's trigger). `cancel` asks for a cancel (Ctrl-C).
+/// How the driver runs jobs.
+pub struct DriveConfig {
+    pub log: Arc<dyn EventLog>,
+    /// Jobs running at once (the in-process agent's capacity).
+    pub slots: usize,
+    pub workspaces: Workspaces,
+    pub scratch_dir: PathBuf,
+    /// Only this build (a local run); `None` = every build on the log (the server).
+    pub only_build: Option<String>,
+}
+
+/// Drives builds: from `from`, folds the log, decides, appends the decisions, runs assigned
+/// jobs with the in-process agent. With `only_build`, returns that build's result when it
+/// finishes; otherwise runs until `stop` is cancelled. `cancel` (Ctrl-C) cancels `only_build`.
 pub async fn drive(
-    log: Arc<dyn EventLog>,
-    build: BuildRef,
-    jobs: Vec<JobPlan>,
+    cfg: DriveConfig,
     from: u64,
-    run: &LocalRun,
     cancel: CancellationToken,
-) -> anyhow::Result<(Status, String)> {
-    let plans: HashMap<String, JobPlan> = jobs.into_iter().map(|j| (j.id.clone(), j)).collect();
+    stop: CancellationToken,
+) -> anyhow::Result<Option<(Status, String)>> {
+    let log = cfg.log.clone();
     let mut state = SchedulerState::default();
+    let mut plans: HashMap<String, HashMap<String, JobPlan>> = HashMap::new();
+    let mut builds: HashMap<String, BuildRef> = HashMap::new();
+    let mut sources: HashMap<String, Source> = HashMap::new();
     let mut sub = log.subscribe(from);
     let mut awaiting: Option<u64> = None;
-    let mut running: HashMap<(String, u32), CancellationToken> = HashMap::new();
+    let mut running: HashMap<(String, String, u32), CancellationToken> = HashMap::new();
     let mut tasks = tokio::task::JoinSet::new();
     let mut cancel_sent = false;
     loop {
         let records = tokio::select! {
             r = sub.next_batch() => r?,
+            _ = stop.cancelled() => {
+                for token in running.values() {
+                    token.cancel();
+                }
+                while tasks.join_next().await.is_some() {}
+                return Ok(None);
+            }
             _ = cancel.cancelled(), if !cancel_sent => {
                 cancel_sent = true;
-                let canceled = Payload::BuildCanceled(BuildCanceled {
-                    who: "ctrl-c".into(),
-                    reason: "interrupted".into(),
-                });
-                log.append(&[build.envelope(canceled)]).await?;
+                if let Some(build) = cfg.only_build.as_ref().and_then(|b| builds.get(b)) {
+                    let canceled = Payload::BuildCanceled(BuildCanceled {
+                        who: "ctrl-c".into(),
+                        reason: "interrupted".into(),
+                    });
+                    log.append(&[build.envelope(canceled)]).await?;
+                }
                 continue;
             }
         };
@@ -116,23 +112,56 @@ pub async fn drive(
                 tracing::error!(offset = record.offset, "skipping malformed event");
                 continue;
             };
-            if env.build_id != build.build_id {
+            if env.build_id.is_empty()
+                || cfg.only_build.as_ref().is_some_and(|b| *b != env.build_id)
+            {
                 continue;
             }
             state.apply(record.offset, &env);
             match &env.payload {
+                Some(Payload::BuildTriggered(t)) => {
+                    builds.insert(
+                        env.build_id.clone(),
+                        BuildRef {
+                            tenant: env.tenant.clone(),
+                            project: env.project.clone(),
+                            build_id: env.build_id.clone(),
+                        },
+                    );
+                    sources.insert(
+                        env.build_id.clone(),
+                        Source {
+                            repository: t.repository.clone(),
+                            commit: t.commit.clone(),
+                        },
+                    );
+                }
+                Some(Payload::BuildQueued(q)) => {
+                    let jobs = q.plan.iter().flat_map(|p| &p.jobs);
+                    plans.insert(
+                        env.build_id.clone(),
+                        jobs.map(|j| (j.id.clone(), j.clone())).collect(),
+                    );
+                }
                 Some(Payload::BuildCanceled(_)) => {
-                    for token in running.values() {
-                        token.cancel();
+                    for ((b, _, _), token) in &running {
+                        if *b == env.build_id {
+                            token.cancel();
+                        }
                     }
                 }
                 Some(Payload::JobFinished(f)) => {
-                    running.remove(&(f.job.clone(), f.attempt));
+                    running.remove(&(env.build_id.clone(), f.job.clone(), f.attempt));
                 }
                 Some(Payload::BuildFinished(f)) => {
-                    while tasks.join_next().await.is_some() {}
-                    let status = Status::try_from(f.status).unwrap_or(Status::Failed);
-                    return Ok((status, f.reason.clone()));
+                    plans.remove(&env.build_id);
+                    sources.remove(&env.build_id);
+                    builds.remove(&env.build_id);
+                    if cfg.only_build.is_some() {
+                        while tasks.join_next().await.is_some() {}
+                        let status = Status::try_from(f.status).unwrap_or(Status::Failed);
+                        return Ok(Some((status, f.reason.clone())));
+                    }
                 }
                 _ => {}
             }
@@ -140,7 +169,7 @@ pub async fn drive(
         if awaiting.is_some_and(|a| sub.position() <= a) {
             continue; // our last decisions are not folded yet
         }
-        let free = run.parallel.max(1).saturating_sub(state.busy());
+        let free = cfg.slots.max(1).saturating_sub(state.busy());
         let decisions = decide(&state, free);
         if decisions.is_empty() {
             continue;
@@ -148,8 +177,15 @@ pub async fn drive(
         let mut events = Vec::with_capacity(decisions.len());
         let mut leases = Vec::new();
         for decision in decisions {
+            let Some(build) = builds.get(decision.build_id()) else {
+                continue;
+            };
             match decision {
-                Decision::Assign { job, attempt, .. } => {
+                Decision::Assign {
+                    build: build_id,
+                    job,
+                    attempt,
+                } => {
                     let lease_id = tributary_proto::new_id();
                     events.push(build.envelope(Payload::JobAssigned(JobAssigned {
                         job: job.clone(),
@@ -158,7 +194,7 @@ pub async fn drive(
                         lease_id: lease_id.clone(),
                         deadline_us: 0,
                     })));
-                    leases.push((job, attempt, lease_id));
+                    leases.push((build_id, job, attempt, lease_id));
                 }
                 other => {
                     if let Some(payload) = other.payload() {
@@ -167,26 +203,35 @@ pub async fn drive(
                 }
             }
         }
+        if events.is_empty() {
+            continue;
+        }
         let offsets = log.append(&events).await?;
         awaiting = offsets.last().copied();
-        for (job, attempt, lease_id) in leases {
-            let Some(plan) = plans.get(&job) else {
+        for (build_id, job, attempt, lease_id) in leases {
+            let (Some(plan), Some(build)) = (
+                plans.get(&build_id).and_then(|p| p.get(&job)),
+                builds.get(&build_id),
+            ) else {
                 continue;
             };
             let token = CancellationToken::new();
-            running.insert((job.clone(), attempt), token.clone());
+            running.insert((build_id.clone(), job.clone(), attempt), token.clone());
             let lease = Lease {
                 job: plan.clone(),
                 attempt,
                 agent_id: LOCAL_AGENT.into(),
                 lease_id,
             };
+            let workspace =
+                cfg.workspaces
+                    .for_job(sources.get(&build_id), &build_id, &job, attempt);
             tasks.spawn(agent::run_attempt(
                 log.clone(),
                 build.clone(),
                 lease,
-                run.workdir.clone(),
-                run.scratch_dir.clone(),
+                workspace,
+                cfg.scratch_dir.clone(),
                 token,
             ));
         }

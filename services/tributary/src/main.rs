@@ -4,10 +4,12 @@
 mod agent;
 mod bench;
 mod cli;
+mod client;
 mod commands;
 mod data_dir;
 mod local_run;
 mod render;
+mod server;
 
 use std::process::ExitCode;
 

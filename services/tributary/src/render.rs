@@ -70,7 +70,7 @@ impl Renderer {
     }
 
     /// Renders one event; true at BuildFinished.
-    fn event(&mut self, env: &Envelope) -> bool {
+    pub fn event(&mut self, env: &Envelope) -> bool {
         let Some(payload) = &env.payload else {
             return false;
         };
@@ -192,7 +192,7 @@ impl Renderer {
         }
     }
 
-    fn finish(&mut self) {
+    pub fn finish(&mut self) {
         for (_, bar) in self.bars.drain() {
             bar.finish_and_clear();
         }

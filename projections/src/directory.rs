@@ -1,0 +1,186 @@
+//! The directory read model: tenants, API tokens and projects.
+//!
+//! Small and read on every API call, so it lives in memory and is rebuilt from the log at
+//! start (a pure fold like every read model). Tokens are known only by their sha256: the log
+//! never holds a usable secret.
+
+use std::collections::BTreeMap;
+
+use tributary_proto::events::{envelope::Payload, Envelope};
+
+/// What a token allows.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum TokenKind {
+    /// Everything, every tenant: creates tenants and tokens, lists and revokes agents.
+    Admin,
+    /// The API, within its tenant.
+    User,
+    /// Registers agents (for its tenant, or shared agents when issued by the admin tenant).
+    Enrollment,
+    /// An agent's own identity.
+    Agent,
+}
+
+impl TokenKind {
+    pub fn parse(s: &str) -> Option<TokenKind> {
+        Some(match s {
+            "admin" => TokenKind::Admin,
+            "user" => TokenKind::User,
+            "enrollment" => TokenKind::Enrollment,
+            "agent" => TokenKind::Agent,
+            _ => return None,
+        })
+    }
+
+    pub fn name(self) -> &'static str {
+        match self {
+            TokenKind::Admin => "admin",
+            TokenKind::User => "user",
+            TokenKind::Enrollment => "enrollment",
+            TokenKind::Agent => "agent",
+        }
+    }
+}
+
+#[derive(Clone, Debug, PartialEq)]
+pub struct Token {
+    pub id: String,
+    pub tenant: String,
+    pub kind: TokenKind,
+    pub name: String,
+    pub revoked: bool,
+}
+
+#[derive(Clone, Debug, PartialEq)]
+pub struct Project {
+    pub tenant: String,
+    pub name: String,
+    pub repository: String,
+    pub sealed_webhook_secret: Vec<u8>,
+    pub max_concurrent_jobs: u32,
+}
+
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct Directory {
+    pub tenants: BTreeMap<String, ()>,
+    /// By sha256 (lower-case hex) of the token.
+    pub tokens: BTreeMap<String, Token>,
+    /// By (tenant, name).
+    pub projects: BTreeMap<(String, String), Project>,
+}
+
+impl Directory {
+    /// The fold. Pure; a second creation of the same tenant/project/token changes nothing.
+    pub fn apply(&mut self, env: &Envelope) {
+        let Some(payload) = &env.payload else { return };
+        match payload {
+            Payload::TenantCreated(e) => {
+                self.tenants.entry(e.name.clone()).or_insert(());
+            }
+            Payload::TokenIssued(e) => {
+                let Some(kind) = TokenKind::parse(&e.kind) else {
+                    return;
+                };
+                if self.tokens.values().any(|t| t.id == e.token_id) {
+                    return;
+                }
+                self.tokens.entry(e.sha256.clone()).or_insert(Token {
+                    id: e.token_id.clone(),
+                    tenant: e.tenant.clone(),
+                    kind,
+                    name: e.name.clone(),
+                    revoked: false,
+                });
+            }
+            Payload::TokenRevoked(e) => {
+                for token in self.tokens.values_mut().filter(|t| t.id == e.token_id) {
+                    token.revoked = true;
+                }
+            }
+            Payload::ProjectCreated(e) => {
+                self.projects
+                    .entry((e.tenant.clone(), e.name.clone()))
+                    .or_insert(Project {
+                        tenant: e.tenant.clone(),
+                        name: e.name.clone(),
+                        repository: e.repository.clone(),
+                        sealed_webhook_secret: e.sealed_webhook_secret.clone(),
+                        max_concurrent_jobs: e.max_concurrent_jobs,
+                    });
+            }
+            Payload::AgentRevoked(e) => {
+                // An agent's token dies with the agent (its name is the agent id).
+                for token in self
+                    .tokens
+                    .values_mut()
+                    .filter(|t| t.kind == TokenKind::Agent && t.name == e.agent_id)
+                {
+                    token.revoked = true;
+                }
+            }
+            _ => {}
+        }
+    }
+
+    /// The live token with this sha256.
+    pub fn token(&self, sha256: &str) -> Option<&Token> {
+        self.tokens.get(sha256).filter(|t| !t.revoked)
+    }
+
+    pub fn project(&self, tenant: &str, name: &str) -> Option<&Project> {
+        self.projects.get(&(tenant.to_owned(), name.to_owned()))
+    }
+
+    pub fn projects_of<'a>(&'a self, tenant: &'a str) -> impl Iterator<Item = &'a Project> + 'a {
+        self.projects.values().filter(move |p| p.tenant == tenant)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tributary_proto::events::*;
+
+    fn env(payload: envelope::Payload) -> Envelope {
+        Envelope {
+            payload: Some(payload),
+            ..Envelope::default()
+        }
+    }
+
+    #[test]
+    fn tokens_projects_and_revocation() {
+        let mut d = Directory::default();
+        d.apply(&env(envelope::Payload::TenantCreated(TenantCreated {
+            name: "acme".into(),
+        })));
+        d.apply(&env(envelope::Payload::TokenIssued(TokenIssued {
+            token_id: "t1".into(),
+            tenant: "acme".into(),
+            kind: "user".into(),
+            name: "ci".into(),
+            sha256: "aa".into(),
+        })));
+        // A token of an unknown kind (newer schema) is ignored, not misread.
+        d.apply(&env(envelope::Payload::TokenIssued(TokenIssued {
+            token_id: "t2".into(),
+            kind: "superuser".into(),
+            sha256: "bb".into(),
+            ..TokenIssued::default()
+        })));
+        d.apply(&env(envelope::Payload::ProjectCreated(ProjectCreated {
+            tenant: "acme".into(),
+            name: "web".into(),
+            repository: "/repo".into(),
+            ..ProjectCreated::default()
+        })));
+        assert_eq!(d.token("aa").map(|t| t.kind), Some(TokenKind::User));
+        assert!(d.token("bb").is_none());
+        assert_eq!(d.projects_of("acme").count(), 1);
+        assert_eq!(d.projects_of("other").count(), 0);
+        d.apply(&env(envelope::Payload::TokenRevoked(TokenRevoked {
+            token_id: "t1".into(),
+        })));
+        assert!(d.token("aa").is_none());
+    }
+}

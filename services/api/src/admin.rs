@@ -1,0 +1,123 @@
+//! Admin: tenants and tokens. Only the admin token may call these.
+
+use tonic::{Request, Response, Status};
+use tributary_proto::api::{admin_server::Admin, *};
+use tributary_proto::events::{envelope::Payload, TenantCreated, TokenIssued};
+
+use crate::auth::{authenticate, new_token};
+use crate::state::{directory_event, ApiState};
+
+pub struct AdminApi {
+    state: ApiState,
+}
+
+impl AdminApi {
+    pub fn new(state: ApiState) -> Self {
+        AdminApi { state }
+    }
+}
+
+pub fn valid_name(name: &str) -> bool {
+    !name.is_empty()
+        && name.len() <= 64
+        && name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'))
+}
+
+#[tonic::async_trait]
+impl Admin for AdminApi {
+    async fn create_tenant(
+        &self,
+        request: Request<CreateTenantRequest>,
+    ) -> Result<Response<Tenant>, Status> {
+        self.state
+            .directory(|d| authenticate(d, &request))??
+            .require_admin()?;
+        let name = request.into_inner().name;
+        if !valid_name(&name) {
+            return Err(Status::invalid_argument(
+                "tenant names are 1-64 characters of letters, digits, '-', '_' and '.'",
+            ));
+        }
+        if self.state.directory(|d| d.tenants.contains_key(&name))? {
+            return Err(Status::already_exists(format!(
+                "tenant {name} already exists"
+            )));
+        }
+        let offsets = self
+            .state
+            .append(&[directory_event(
+                &name,
+                Payload::TenantCreated(TenantCreated { name: name.clone() }),
+            )])
+            .await?;
+        self.state
+            .wait_directory(offsets.last().map_or(0, |o| o + 1))
+            .await?;
+        Ok(Response::new(Tenant { name }))
+    }
+
+    async fn create_token(
+        &self,
+        request: Request<CreateTokenRequest>,
+    ) -> Result<Response<CreateTokenResponse>, Status> {
+        self.state
+            .directory(|d| authenticate(d, &request))??
+            .require_admin()?;
+        let req = request.into_inner();
+        if !matches!(req.kind.as_str(), "user" | "enrollment") {
+            return Err(Status::invalid_argument(
+                "token kind must be `user` or `enrollment`",
+            ));
+        }
+        if !self
+            .state
+            .directory(|d| d.tenants.contains_key(&req.tenant))?
+        {
+            return Err(Status::not_found(format!(
+                "no tenant {}; create it first (tributary tenant add {})",
+                req.tenant, req.tenant
+            )));
+        }
+        let (token, sha256) = new_token();
+        let token_id = tributary_proto::new_id();
+        let issued = TokenIssued {
+            token_id: token_id.clone(),
+            tenant: req.tenant.clone(),
+            kind: req.kind,
+            name: if req.name.is_empty() {
+                token_id.clone()
+            } else {
+                req.name
+            },
+            sha256,
+        };
+        let offsets = self
+            .state
+            .append(&[directory_event(&req.tenant, Payload::TokenIssued(issued))])
+            .await?;
+        self.state
+            .wait_directory(offsets.last().map_or(0, |o| o + 1))
+            .await?;
+        Ok(Response::new(CreateTokenResponse { token, token_id }))
+    }
+
+    async fn list_agents(
+        &self,
+        _request: Request<ListAgentsRequest>,
+    ) -> Result<Response<ListAgentsResponse>, Status> {
+        Err(Status::unimplemented(
+            "remote agents are not implemented yet",
+        ))
+    }
+
+    async fn revoke_agent(
+        &self,
+        _request: Request<RevokeAgentRequest>,
+    ) -> Result<Response<RevokeAgentResponse>, Status> {
+        Err(Status::unimplemented(
+            "remote agents are not implemented yet",
+        ))
+    }
+}

@@ -1,0 +1,377 @@
+//! Builds: trigger, inspect, cancel, and follow them live.
+//!
+//! Tails and watches are log subscriptions: a tail first reads the build's events already on
+//! the log (by partition key), then subscribes right after the last one it read, so it sees
+//! every chunk exactly once whether it started before, during or after the build.
+
+use std::pin::Pin;
+
+use futures::Stream;
+use tokio::sync::mpsc;
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::{Request, Response, Status};
+use tributary_eventlog::Record;
+use tributary_projections::{Build as ReadBuild, Phase};
+use tributary_proto::api::{builds_server::Builds, *};
+use tributary_proto::events::{envelope::Payload, BuildCanceled, BuildTriggered, Envelope};
+
+use crate::auth::{authenticate, Principal};
+use crate::state::{internal, ApiState};
+
+/// The pipeline file read from the repository at the build's commit.
+pub const PIPELINE_PATH: &str = ".tributary.yml";
+
+pub struct BuildsApi {
+    state: ApiState,
+}
+
+impl BuildsApi {
+    pub fn new(state: ApiState) -> Self {
+        BuildsApi { state }
+    }
+
+    fn who<T>(&self, request: &Request<T>) -> Result<Principal, Status> {
+        let who = self.state.directory(|d| authenticate(d, request))??;
+        who.require_user()?;
+        Ok(who)
+    }
+
+    /// The build, if it exists in the caller's tenant. Another tenant's build is NOT_FOUND, so
+    /// its existence is not revealed.
+    async fn build_of(&self, who: &Principal, id: &str) -> Result<ReadBuild, Status> {
+        let end = self.state.log.end_offset().await.map_err(internal)?;
+        self.state.wait_builds(end).await?;
+        match self.state.store.load_build(id).await.map_err(internal)? {
+            Some(b) if b.tenant == who.tenant => Ok(b),
+            _ => Err(Status::not_found(format!("no build {id}"))),
+        }
+    }
+}
+
+type BoxStream<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send>>;
+
+#[tonic::async_trait]
+impl Builds for BuildsApi {
+    async fn trigger_build(
+        &self,
+        request: Request<TriggerBuildRequest>,
+    ) -> Result<Response<TriggerBuildResponse>, Status> {
+        let who = self.who(&request)?;
+        let req = request.into_inner();
+        let project = self
+            .state
+            .directory(|d| d.project(&who.tenant, &req.project).cloned())?
+            .ok_or_else(|| {
+                Status::not_found(format!(
+                    "no project {}; create it with `tributary project add {} --repo PATH_OR_URL`",
+                    req.project, req.project
+                ))
+            })?;
+        let wanted = if req.commit.is_empty() {
+            req.git_ref.clone()
+        } else {
+            req.commit.clone()
+        };
+        let commit = tributary_repo::resolve(&project.repository, &wanted, &self.state.mirrors)
+            .await
+            .map_err(|e| Status::failed_precondition(e.to_string()))?;
+        let pipeline_text = match tributary_repo::read_file(
+            &project.repository,
+            &commit,
+            PIPELINE_PATH,
+            &self.state.mirrors,
+        )
+        .await
+        {
+            Ok(text) => text,
+            Err(e) if e.is_not_found() => String::new(),
+            Err(e) => return Err(Status::failed_precondition(e.to_string())),
+        };
+        let build_id = tributary_proto::new_id();
+        let triggered = BuildTriggered {
+            who: who.name.clone(),
+            source: "api".into(),
+            repository: project.repository.clone(),
+            git_ref: req.git_ref.clone(),
+            commit: commit.clone(),
+            pipeline_path: PIPELINE_PATH.into(),
+            pipeline_text,
+            number: 0,
+        };
+        let (payloads, _) = tributary_pipeline::start_build(triggered);
+        let events: Vec<Envelope> = payloads
+            .into_iter()
+            .map(|p| Envelope::new(&who.tenant, &project.name, &build_id, p))
+            .collect();
+        let offsets = self.state.append(&events).await?;
+        tracing::info!(build_id = %build_id, project = %project.name, commit = %commit, "build triggered");
+        Ok(Response::new(TriggerBuildResponse {
+            build_id,
+            offset: offsets.first().copied().unwrap_or(0),
+        }))
+    }
+
+    async fn get_build(
+        &self,
+        request: Request<GetBuildRequest>,
+    ) -> Result<Response<Build>, Status> {
+        let who = self.who(&request)?;
+        let build = self.build_of(&who, &request.get_ref().build_id).await?;
+        Ok(Response::new(to_api(&build)))
+    }
+
+    async fn list_builds(
+        &self,
+        request: Request<ListBuildsRequest>,
+    ) -> Result<Response<ListBuildsResponse>, Status> {
+        let who = self.who(&request)?;
+        let req = request.into_inner();
+        if !req.status.is_empty() && Phase::parse(&req.status).is_none() {
+            return Err(Status::invalid_argument(format!(
+                "unknown status {:?}; use one of pending, queued, running, succeeded, failed, \
+                 canceled",
+                req.status
+            )));
+        }
+        let end = self.state.log.end_offset().await.map_err(internal)?;
+        self.state.wait_builds(end).await?;
+        let limit = if req.limit == 0 {
+            50
+        } else {
+            req.limit.min(1000)
+        };
+        let project = (!req.project.is_empty()).then_some(req.project.as_str());
+        let status = (!req.status.is_empty()).then_some(req.status.as_str());
+        let builds = self
+            .state
+            .store
+            .list_builds_for(&who.tenant, project, status, limit)
+            .await
+            .map_err(internal)?;
+        Ok(Response::new(ListBuildsResponse {
+            builds: builds.iter().map(to_api).collect(),
+        }))
+    }
+
+    async fn cancel_build(
+        &self,
+        request: Request<CancelBuildRequest>,
+    ) -> Result<Response<CancelBuildResponse>, Status> {
+        let who = self.who(&request)?;
+        let req = request.into_inner();
+        let build = self.build_of(&who, &req.build_id).await?;
+        if build.phase.is_terminal() {
+            return Err(Status::failed_precondition(format!(
+                "build {} already {}",
+                build.id,
+                build.phase.name()
+            )));
+        }
+        let canceled = Payload::BuildCanceled(BuildCanceled {
+            who: who.name.clone(),
+            reason: req.reason,
+        });
+        self.state
+            .append(&[Envelope::new(
+                &build.tenant,
+                &build.project,
+                &build.id,
+                canceled,
+            )])
+            .await?;
+        Ok(Response::new(CancelBuildResponse {}))
+    }
+
+    async fn rerun_failed(
+        &self,
+        _request: Request<RerunFailedRequest>,
+    ) -> Result<Response<TriggerBuildResponse>, Status> {
+        Err(Status::unimplemented(
+            "re-running failed jobs is not implemented yet",
+        ))
+    }
+
+    type TailLogsStream = BoxStream<LogLine>;
+
+    async fn tail_logs(
+        &self,
+        request: Request<TailLogsRequest>,
+    ) -> Result<Response<Self::TailLogsStream>, Status> {
+        let who = self.who(&request)?;
+        let req = request.into_inner();
+        self.build_of(&who, &req.build_id).await?;
+        let (tx, rx) = mpsc::channel(256);
+        let log = self.state.log.clone();
+        tokio::spawn(async move {
+            let send = |record: &Record, env: &Envelope| -> Option<LogLine> {
+                match &env.payload {
+                    Some(Payload::LogChunk(c)) if req.job.is_empty() || c.job == req.job => {
+                        Some(LogLine {
+                            offset: record.offset,
+                            job: c.job.clone(),
+                            attempt: c.attempt,
+                            step: c.step,
+                            line: c.line,
+                            stream: c.stream,
+                            data: c.data.clone(),
+                            build_status: String::new(),
+                        })
+                    }
+                    Some(Payload::BuildFinished(f)) => Some(LogLine {
+                        offset: record.offset,
+                        build_status: tributary_proto::events::Status::try_from(f.status)
+                            .map_or("unknown", |s| s.name())
+                            .to_owned(),
+                        ..LogLine::default()
+                    }),
+                    _ => None,
+                }
+            };
+            // Catch up by key, then follow from right after the last record read.
+            let mut next = 0;
+            loop {
+                let records = match log.read_key(&req.build_id, next, 4096).await {
+                    Ok(r) => r,
+                    Err(e) => {
+                        let _ = tx.send(Err(Status::unavailable(e.to_string()))).await;
+                        return;
+                    }
+                };
+                let Some(last) = records.last() else { break };
+                next = last.offset + 1;
+                for record in &records {
+                    let Ok(env) = record.decode() else { continue };
+                    if let Some(line) = send(record, &env) {
+                        let done = !line.build_status.is_empty();
+                        if tx.send(Ok(line)).await.is_err() || done {
+                            return;
+                        }
+                    }
+                }
+            }
+            if !req.follow {
+                return;
+            }
+            let mut sub = log.subscribe(next);
+            loop {
+                let records = match sub.next_batch().await {
+                    Ok(r) => r,
+                    Err(_) => return,
+                };
+                for record in &records {
+                    if record.key != req.build_id {
+                        continue;
+                    }
+                    let Ok(env) = record.decode() else { continue };
+                    if let Some(line) = send(record, &env) {
+                        let done = !line.build_status.is_empty();
+                        if tx.send(Ok(line)).await.is_err() || done {
+                            return;
+                        }
+                    }
+                }
+            }
+        });
+        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+    }
+
+    type WatchEventsStream = BoxStream<WatchedEvent>;
+
+    async fn watch_events(
+        &self,
+        request: Request<WatchEventsRequest>,
+    ) -> Result<Response<Self::WatchEventsStream>, Status> {
+        let who = self.who(&request)?;
+        let req = request.into_inner();
+        let (tx, rx) = mpsc::channel(256);
+        let mut sub = self.state.log.subscribe(req.from_offset);
+        tokio::spawn(async move {
+            loop {
+                let Ok(records) = sub.next_batch().await else {
+                    return;
+                };
+                for record in &records {
+                    let Ok(env) = record.decode() else { continue };
+                    let visible = env.tenant == who.tenant
+                        && (req.build_id.is_empty() || env.build_id == req.build_id)
+                        && (req.project.is_empty() || env.project == req.project)
+                        && (req.types.is_empty() || req.types.iter().any(|t| t == env.type_name()));
+                    if visible
+                        && tx
+                            .send(Ok(WatchedEvent {
+                                offset: record.offset,
+                                event: Some(env),
+                            }))
+                            .await
+                            .is_err()
+                    {
+                        return;
+                    }
+                }
+            }
+        });
+        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+    }
+}
+
+fn to_api(b: &ReadBuild) -> Build {
+    Build {
+        id: b.id.clone(),
+        tenant: b.tenant.clone(),
+        project: b.project.clone(),
+        number: b.number,
+        status: b.phase.name().into(),
+        who: b.who.clone(),
+        git_ref: b.git_ref.clone(),
+        commit: b.commit.clone(),
+        triggered_us: b.triggered_us,
+        started_us: b.started_us.unwrap_or(0),
+        finished_us: b.finished_us.unwrap_or(0),
+        reason: b.reason.clone(),
+        jobs: b
+            .jobs
+            .iter()
+            .map(|j| Job {
+                id: j.id.clone(),
+                name: j.name.clone(),
+                matrix: j
+                    .matrix
+                    .iter()
+                    .map(|(n, v)| tributary_proto::events::MatrixValue {
+                        name: n.clone(),
+                        value: v.clone(),
+                    })
+                    .collect(),
+                needs: j.needs.clone(),
+                status: j.phase.name().into(),
+                attempt: j.attempt,
+                agent_id: j.agent_id.clone(),
+                started_us: j.started_us.unwrap_or(0),
+                finished_us: j.finished_us.unwrap_or(0),
+                exit_code: j.exit_code.unwrap_or(0),
+                reason: j.reason.clone(),
+                steps: j
+                    .steps
+                    .iter()
+                    .map(|s| Step {
+                        name: s.name.clone(),
+                        status: s.phase.name().into(),
+                        exit_code: s.exit_code.unwrap_or(0),
+                        duration_us: s.duration_us.unwrap_or(0),
+                        lines: s
+                            .lines
+                            .iter()
+                            .map(|l| Line {
+                                text: l.text.clone(),
+                                status: l.phase.name().into(),
+                                exit_code: l.exit_code.unwrap_or(0),
+                                duration_us: l.duration_us.unwrap_or(0),
+                            })
+                            .collect(),
+                    })
+                    .collect(),
+                waiting_for: String::new(),
+            })
+            .collect(),
+    }
+}

@@ -1,0 +1,58 @@
+//! The API service: tonic gRPC services over the event log and the read models.
+//!
+//! The API never keeps state of its own: writes are appends to the log, reads come from read
+//! models (the builds store, the in-memory [`Directory`]) or from the log itself (tails and
+//! watches are log subscriptions). Every call is authenticated by a bearer token
+//! ([`auth`]) and confined to the token's tenant.
+//!
+//! * [`projects`]: create and list projects.
+//! * [`builds`]: trigger (ref → commit → `.tributary.yml` from the repository), get, list,
+//!   cancel, tail logs, watch events.
+//! * [`admin`]: tenants and tokens.
+
+pub mod admin;
+pub mod auth;
+pub mod builds;
+pub mod projects;
+pub mod state;
+
+use std::net::SocketAddr;
+
+use tokio_stream::wrappers::TcpListenerStream;
+use tributary_proto::api::{
+    admin_server::AdminServer, builds_server::BuildsServer, projects_server::ProjectsServer,
+};
+
+pub use state::ApiState;
+
+/// Serves the gRPC API (with health and reflection) on `listener` until `shutdown` resolves.
+pub async fn serve(
+    state: ApiState,
+    listener: tokio::net::TcpListener,
+    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+) -> Result<(), tonic::transport::Error> {
+    let (health_reporter, health) = tonic_health::server::health_reporter();
+    health_reporter
+        .set_serving::<BuildsServer<builds::BuildsApi>>()
+        .await;
+    let reflection = tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(tributary_proto::FILE_DESCRIPTOR_SET)
+        .build_v1()
+        .ok();
+    let router = tonic::transport::Server::builder()
+        .add_service(health)
+        .add_optional_service(reflection)
+        .add_service(ProjectsServer::new(projects::ProjectsApi::new(
+            state.clone(),
+        )))
+        .add_service(BuildsServer::new(builds::BuildsApi::new(state.clone())))
+        .add_service(AdminServer::new(admin::AdminApi::new(state)));
+    router
+        .serve_with_incoming_shutdown(TcpListenerStream::new(listener), shutdown)
+        .await
+}
+
+/// The address a listener is bound to, for messages.
+pub fn local_addr(listener: &tokio::net::TcpListener) -> Option<SocketAddr> {
+    listener.local_addr().ok()
+}

@@ -1,0 +1,275 @@
+//! The CLI's server commands: thin gRPC clients that print what the API returns.
+
+use std::io::Write;
+use std::process::ExitCode;
+
+use anyhow::Context;
+use tonic::service::interceptor::InterceptedService;
+use tonic::transport::Channel;
+use tonic::{Request, Status};
+use tributary_proto::api::{
+    self, admin_client::AdminClient, builds_client::BuildsClient, projects_client::ProjectsClient,
+};
+use tributary_proto::events::{envelope::Payload, Status as BuildStatus};
+
+use crate::cli::{
+    AdminCommand, GetArgs, LogsArgs, ProjectCommand, ServerArgs, TriggerArgs, WatchArgs,
+};
+use crate::render::Renderer;
+
+type Auth = Box<dyn FnMut(Request<()>) -> Result<Request<()>, Status> + Send>;
+type Svc = InterceptedService<Channel, Auth>;
+
+async fn channel(server: &ServerArgs) -> anyhow::Result<(Channel, Auth)> {
+    let token = server.token.clone().context(
+        "no token: pass --token or set TRIBUTARY_TOKEN (the admin token is in <data>/admin.token)",
+    )?;
+    let value: tonic::metadata::MetadataValue<_> = format!("Bearer {}", token.trim())
+        .parse()
+        .context("the token contains characters that cannot be sent")?;
+    let channel = tonic::transport::Endpoint::from_shared(server.server.clone())
+        .with_context(|| format!("bad server address {}", server.server))?
+        .connect()
+        .await
+        .with_context(|| {
+            format!(
+                "cannot reach the server at {} (is `tributary up` running?)",
+                server.server
+            )
+        })?;
+    let auth: Auth = Box::new(move |mut req: Request<()>| {
+        req.metadata_mut().insert("authorization", value.clone());
+        Ok(req)
+    });
+    Ok((channel, auth))
+}
+
+async fn builds(server: &ServerArgs) -> anyhow::Result<BuildsClient<Svc>> {
+    let (ch, auth) = channel(server).await?;
+    Ok(BuildsClient::with_interceptor(ch, auth))
+}
+
+/// A gRPC error as a person reads it.
+fn status(e: Status) -> anyhow::Error {
+    anyhow::anyhow!("{} ({:?})", e.message(), e.code())
+}
+
+pub async fn project(cmd: ProjectCommand) -> anyhow::Result<ExitCode> {
+    match cmd {
+        ProjectCommand::Add {
+            name,
+            repo,
+            max_concurrent_jobs,
+            server,
+        } => {
+            let (ch, auth) = channel(&server).await?;
+            let mut client = ProjectsClient::with_interceptor(ch, auth);
+            // A local path is sent absolute: the server resolves it, not this shell.
+            let repository = match std::path::Path::new(&repo).canonicalize() {
+                Ok(p) if !repo.contains("://") => p.display().to_string(),
+                _ => repo,
+            };
+            let p = client
+                .create_project(api::CreateProjectRequest {
+                    name,
+                    repository,
+                    webhook_secret: String::new(),
+                    max_concurrent_jobs,
+                })
+                .await
+                .map_err(status)?
+                .into_inner();
+            println!("project {} ({}) created", p.name, p.repository);
+        }
+        ProjectCommand::List { server } => {
+            let (ch, auth) = channel(&server).await?;
+            let mut client = ProjectsClient::with_interceptor(ch, auth);
+            let list = client
+                .list_projects(api::ListProjectsRequest {})
+                .await
+                .map_err(status)?
+                .into_inner();
+            for p in list.projects {
+                println!("{:<24} {}", p.name, p.repository);
+            }
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+pub async fn trigger(args: TriggerArgs) -> anyhow::Result<ExitCode> {
+    let mut client = builds(&args.server).await?;
+    let resp = client
+        .trigger_build(api::TriggerBuildRequest {
+            project: args.project,
+            git_ref: args.git_ref.unwrap_or_default(),
+            commit: args.commit.unwrap_or_default(),
+        })
+        .await
+        .map_err(status)?
+        .into_inner();
+    println!("{}", resp.build_id);
+    if !args.follow {
+        return Ok(ExitCode::SUCCESS);
+    }
+    let mut stream = client
+        .watch_events(api::WatchEventsRequest {
+            from_offset: resp.offset,
+            build_id: resp.build_id.clone(),
+            ..Default::default()
+        })
+        .await
+        .map_err(status)?
+        .into_inner();
+    let mut renderer = Renderer::new(&resp.build_id, false);
+    while let Some(ev) = stream.message().await.map_err(status)? {
+        let Some(env) = ev.event else { continue };
+        let finished = match &env.payload {
+            Some(Payload::BuildFinished(f)) => Some(f.status),
+            _ => None,
+        };
+        renderer.event(&env);
+        if let Some(s) = finished {
+            renderer.finish();
+            let ok = BuildStatus::try_from(s) == Ok(BuildStatus::Succeeded);
+            return Ok(if ok {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::from(1)
+            });
+        }
+    }
+    anyhow::bail!("the server closed the event stream before the build finished")
+}
+
+pub async fn logs(args: LogsArgs) -> anyhow::Result<ExitCode> {
+    let mut client = builds(&args.server).await?;
+    let mut stream = client
+        .tail_logs(api::TailLogsRequest {
+            build_id: args.build,
+            job: args.job.unwrap_or_default(),
+            follow: args.follow,
+        })
+        .await
+        .map_err(status)?
+        .into_inner();
+    let mut out = std::io::stdout().lock();
+    while let Some(line) = stream.message().await.map_err(status)? {
+        if !line.build_status.is_empty() {
+            out.flush()?;
+            return Ok(if line.build_status == "succeeded" {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::from(1)
+            });
+        }
+        out.write_all(&line.data)?;
+        out.flush()?;
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+pub async fn get(args: GetArgs) -> anyhow::Result<ExitCode> {
+    let mut client = builds(&args.server).await?;
+    let b = client
+        .get_build(api::GetBuildRequest {
+            build_id: args.build,
+        })
+        .await
+        .map_err(status)?
+        .into_inner();
+    if args.json {
+        println!("{}", serde_json::to_string_pretty(&b)?);
+        return Ok(ExitCode::SUCCESS);
+    }
+    println!(
+        "build {}  {}  project {}  commit {}",
+        b.id, b.status, b.project, b.commit
+    );
+    if !b.reason.is_empty() {
+        println!("  {}", b.reason);
+    }
+    for j in &b.jobs {
+        println!("  job {:<28} {:<10} {}", j.id, j.status, j.reason);
+        for s in &j.steps {
+            println!("    step {:<24} {}", s.name, s.status);
+            for l in &s.lines {
+                let code = if l.status == "pending" {
+                    String::new()
+                } else {
+                    format!("exit {}", l.exit_code)
+                };
+                println!(
+                    "      {:<9} {:<8} {}",
+                    l.status,
+                    code,
+                    l.text.lines().next().unwrap_or("")
+                );
+            }
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+pub async fn cancel(args: GetArgs) -> anyhow::Result<ExitCode> {
+    let mut client = builds(&args.server).await?;
+    client
+        .cancel_build(api::CancelBuildRequest {
+            build_id: args.build.clone(),
+            reason: String::new(),
+        })
+        .await
+        .map_err(status)?;
+    println!("cancel requested for {}", args.build);
+    Ok(ExitCode::SUCCESS)
+}
+
+pub async fn watch(args: WatchArgs) -> anyhow::Result<ExitCode> {
+    let mut client = builds(&args.server).await?;
+    let mut stream = client
+        .watch_events(api::WatchEventsRequest {
+            from_offset: args.from,
+            ..Default::default()
+        })
+        .await
+        .map_err(status)?
+        .into_inner();
+    while let Some(ev) = stream.message().await.map_err(status)? {
+        let Some(env) = ev.event else { continue };
+        if args.json {
+            println!("{}", tributary_proto::json::event_json(ev.offset, &env));
+        } else {
+            println!("{:>8}  {}  {}", ev.offset, env.build_id, env.type_name());
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+pub async fn admin(cmd: AdminCommand) -> anyhow::Result<ExitCode> {
+    match cmd {
+        AdminCommand::TenantAdd { name, server } => {
+            let (ch, auth) = channel(&server).await?;
+            let t = AdminClient::with_interceptor(ch, auth)
+                .create_tenant(api::CreateTenantRequest { name })
+                .await
+                .map_err(status)?
+                .into_inner();
+            println!("tenant {} created", t.name);
+        }
+        AdminCommand::TokenCreate {
+            tenant,
+            kind,
+            name,
+            server,
+        } => {
+            let (ch, auth) = channel(&server).await?;
+            let t = AdminClient::with_interceptor(ch, auth)
+                .create_token(api::CreateTokenRequest { tenant, kind, name })
+                .await
+                .map_err(status)?
+                .into_inner();
+            println!("{}", t.token);
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}

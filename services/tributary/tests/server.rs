@@ -1,0 +1,248 @@
+//! End to end against a real `tributary up` process and real git repositories: trigger →
+//! follow, failure, a tail that starts mid-build, cancel, tenant isolation, auth errors.
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+struct Server {
+    child: Child,
+    addr: String,
+    token: String,
+    _dir: tempfile::TempDir,
+    root: PathBuf,
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+fn start() -> Server {
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path().to_path_buf();
+    let addr = format!("127.0.0.1:{}", free_port());
+    let child = Command::new(env!("CARGO_BIN_EXE_tributary"))
+        .args(["up", "--data"])
+        .arg(root.join("data"))
+        .args(["--listen", &addr, "--agents", "2"])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let token_file = root.join("data/admin.token");
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while std::net::TcpStream::connect(&addr).is_err() {
+        assert!(Instant::now() < deadline, "server did not start");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let token = std::fs::read_to_string(&token_file)
+        .unwrap()
+        .trim()
+        .to_owned();
+    let mode = std::os::unix::fs::PermissionsExt::mode(
+        &std::fs::metadata(&token_file).unwrap().permissions(),
+    );
+    assert_eq!(mode & 0o777, 0o600, "admin.token must be private");
+    Server {
+        child,
+        addr: format!("http://{addr}"),
+        token,
+        _dir: dir,
+        root,
+    }
+}
+
+impl Server {
+    fn cli(&self, token: &str, args: &[&str]) -> Output {
+        Command::new(env!("CARGO_BIN_EXE_tributary"))
+            .args(args)
+            .env("TRIBUTARY_SERVER", &self.addr)
+            .env("TRIBUTARY_TOKEN", token)
+            .output()
+            .unwrap()
+    }
+
+    fn ok(&self, token: &str, args: &[&str]) -> String {
+        let out = self.cli(token, args);
+        assert!(
+            out.status.success(),
+            "{args:?}: {}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+
+    fn repo(&self, name: &str, pipeline: &str) -> PathBuf {
+        let repo = self.root.join(name);
+        std::fs::create_dir_all(&repo).unwrap();
+        git(&repo, &["init", "-q", "-b", "main"]);
+        std::fs::write(repo.join(".tributary.yml"), pipeline).unwrap();
+        std::fs::write(repo.join("payload.txt"), "from the repository\n").unwrap();
+        git(&repo, &["add", "."]);
+        git(
+            &repo,
+            &[
+                "-c",
+                "user.name=t",
+                "-c",
+                "user.email=t@t",
+                "commit",
+                "-qm",
+                "init",
+            ],
+        );
+        repo
+    }
+}
+
+fn git(dir: &Path, args: &[&str]) {
+    let st = Command::new("git")
+        .args(args)
+        .current_dir(dir)
+        .status()
+        .unwrap();
+    assert!(st.success(), "git {args:?}");
+}
+
+#[test]
+fn trigger_follow_success_failure_and_isolation() {
+    let s = start();
+    let admin = s.token.clone();
+    let good = s.repo("good", "jobs:\n  a:\n    steps:\n      - script:\n          - cat payload.txt\n  b:\n    needs: a\n    steps:\n      - run: echo second\n");
+    let bad = s.repo("bad", "jobs:\n  a:\n    steps:\n      - script:\n          - echo before\n          - exit 4\n          - echo never\n");
+    s.ok(
+        &admin,
+        &["project", "add", "good", "--repo", good.to_str().unwrap()],
+    );
+    s.ok(
+        &admin,
+        &["project", "add", "bad", "--repo", bad.to_str().unwrap()],
+    );
+
+    // Success: the job ran in a checkout of the commit (it read payload.txt from it).
+    let out = s.cli(&admin, &["trigger", "good", "--follow"]);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{stdout}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(stdout.contains("[a] from the repository"), "{stdout}");
+    assert!(stdout.contains("[b] second"), "{stdout}");
+    let build = stdout.lines().next().unwrap().trim().to_owned();
+    let got = s.ok(&admin, &["get", &build, "--json"]);
+    let v: serde_json::Value = serde_json::from_str(&got).unwrap();
+    assert_eq!(v["status"], "succeeded");
+    assert_eq!(v["commit"].as_str().unwrap().len(), 40);
+
+    // Failure: exit 1, the failing line's exit code in `get`, the line after it never ran.
+    let out = s.cli(&admin, &["trigger", "bad", "--follow"]);
+    assert_eq!(out.status.code(), Some(1));
+    let build_bad = String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .next()
+        .unwrap()
+        .trim()
+        .to_owned();
+    let v: serde_json::Value =
+        serde_json::from_str(&s.ok(&admin, &["get", &build_bad, "--json"])).unwrap();
+    let lines = &v["jobs"][0]["steps"][0]["lines"];
+    assert_eq!(lines[1]["exit_code"], 4);
+    assert_eq!(lines[2]["status"], "pending");
+    let logs = s.cli(&admin, &["logs", &build_bad]);
+    assert_eq!(String::from_utf8_lossy(&logs.stdout), "before\n");
+
+    // A second tenant sees nothing of the first's.
+    s.ok(&admin, &["admin", "tenant-add", "other"]);
+    let other = s
+        .ok(&admin, &["admin", "token-create", "--tenant", "other"])
+        .trim()
+        .to_owned();
+    let out = s.cli(&other, &["get", &build]);
+    assert!(!out.status.success());
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("no build"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(!s.cli(&other, &["logs", &build]).status.success());
+    assert_eq!(s.ok(&other, &["project", "list"]), "");
+    assert!(!s.cli(&other, &["trigger", "good"]).status.success());
+    // A user token cannot administer.
+    assert!(!s
+        .cli(&other, &["admin", "tenant-add", "third"])
+        .status
+        .success());
+    // A bad token is refused.
+    let out = s.cli("trib_nope", &["project", "list"]);
+    assert!(String::from_utf8_lossy(&out.stderr).contains("unknown or revoked token"));
+}
+
+#[test]
+fn tail_started_mid_build_sees_every_line_once_and_cancel_stops_it() {
+    let s = start();
+    let admin = s.token.clone();
+    let repo = s.repo(
+        "slow",
+        "jobs:\n  count:\n    steps:\n      - script:\n          - for i in $(seq 1 20); do echo line-$i; sleep 0.05; done\n  forever:\n    steps:\n      - run: sleep 60\n",
+    );
+    s.ok(
+        &admin,
+        &["project", "add", "slow", "--repo", repo.to_str().unwrap()],
+    );
+    let build = s.ok(&admin, &["trigger", "slow"]).trim().to_owned();
+    // Start tailing once the job is printing.
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let partial = s.cli(&admin, &["logs", &build, "--job", "count"]);
+        if String::from_utf8_lossy(&partial.stdout).contains("line-3") {
+            break;
+        }
+        assert!(Instant::now() < deadline, "no output appeared");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let tail = Command::new(env!("CARGO_BIN_EXE_tributary"))
+        .args(["logs", &build, "-f", "--job", "count"])
+        .env("TRIBUTARY_SERVER", &s.addr)
+        .env("TRIBUTARY_TOKEN", &admin)
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    // Cancel once `count` is done; `forever` is still sleeping and must be stopped.
+    std::thread::sleep(Duration::from_millis(1500));
+    let started = Instant::now();
+    s.ok(&admin, &["cancel", &build]);
+    let out = tail.wait_with_output().unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    let expected: String = (1..=20).map(|i| format!("line-{i}\n")).collect();
+    assert_eq!(text, expected, "every line exactly once, in order");
+    assert_eq!(
+        out.status.code(),
+        Some(1),
+        "a canceled build is not a success"
+    );
+    assert!(started.elapsed() < Duration::from_secs(10));
+    let v: serde_json::Value =
+        serde_json::from_str(&s.ok(&admin, &["get", &build, "--json"])).unwrap();
+    assert_eq!(v["status"], "canceled");
+    let forever = v["jobs"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|j| j["id"] == "forever")
+        .unwrap();
+    assert_eq!(forever["status"], "canceled");
+}
