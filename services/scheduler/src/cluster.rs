@@ -892,6 +892,7 @@ fn plan_round(state: &ClusterState, now_us: i64, config: &ClusterConfig) -> Roun
                         job,
                         status,
                         reason,
+                        ..
                     } => round.decisions.push(ClusterDecision::Finish {
                         build,
                         job,

@@ -185,10 +185,12 @@ pub enum Decision {
         job: String,
         attempt: u32,
     },
-    /// The job will not run: append JobFinished with this status (skipped or canceled).
+    /// The job will not run: append JobFinished with this status (skipped or canceled), for
+    /// its current attempt (0 for a job never queued) so every fold accepts it.
     Finish {
         build: String,
         job: String,
+        attempt: u32,
         status: Status,
         reason: String,
     },
@@ -226,12 +228,13 @@ impl Decision {
             }),
             Decision::Finish {
                 job,
+                attempt,
                 status,
                 reason,
                 ..
             } => Payload::JobFinished(JobFinished {
                 job: job.clone(),
-                attempt: 0,
+                attempt: *attempt,
                 status: *status as i32,
                 exit_code: -1,
                 duration_us: 0,
@@ -266,6 +269,7 @@ pub fn decide(state: &SchedulerState, mut free_slots: usize) -> Vec<Decision> {
                 JobPhase::Waiting if build.canceled => decisions.push(Decision::Finish {
                     build: build_id,
                     job: job.id.clone(),
+                    attempt: job.attempt,
                     status: Status::Canceled,
                     reason: "build canceled".into(),
                 }),
@@ -281,6 +285,7 @@ pub fn decide(state: &SchedulerState, mut free_slots: usize) -> Vec<Decision> {
                         decisions.push(Decision::Finish {
                             build: build_id,
                             job: job.id.clone(),
+                            attempt: job.attempt,
                             status: Status::Skipped,
                             reason: format!("needs {need}, which {}", outcome_words(status)),
                         });
@@ -298,6 +303,7 @@ pub fn decide(state: &SchedulerState, mut free_slots: usize) -> Vec<Decision> {
                 JobPhase::Queued if build.canceled => decisions.push(Decision::Finish {
                     build: build_id,
                     job: job.id.clone(),
+                    attempt: job.attempt,
                     status: Status::Canceled,
                     reason: "build canceled".into(),
                 }),

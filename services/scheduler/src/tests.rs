@@ -356,3 +356,29 @@ proptest! {
         prop_assert_eq!(sim.count(|p| matches!(p, Payload::BuildFinished(_))), 1);
     }
 }
+
+#[test]
+fn cancel_finishes_queued_jobs_waiting_for_capacity_once() {
+    let mut sim = Sim::new(plan(&[("a", &[], 0), ("b", &[], 0), ("c", &[], 0)]));
+    // Queue all three, assign one (capacity 1): b and c stay queued.
+    sim.round(1, &|_, _| Status::Succeeded);
+    let d = decide(&sim.state, 1);
+    let assigned = d
+        .iter()
+        .filter(|d| matches!(d, Decision::Assign { .. }))
+        .count();
+    assert_eq!(assigned, 1);
+    sim.push(Payload::BuildCanceled(BuildCanceled {
+        who: "me".into(),
+        reason: String::new(),
+    }));
+    sim.run(1, &ok);
+    assert_eq!(sim.final_status("b"), Some(Status::Canceled));
+    assert_eq!(sim.final_status("c"), Some(Status::Canceled));
+    // Each queued job got exactly one JobFinished: the fold accepted the first one.
+    for job in ["b", "c"] {
+        let n = sim.count(|p| matches!(p, Payload::JobFinished(f) if f.job == job));
+        assert_eq!(n, 1, "{job} finished {n} times");
+    }
+    assert_eq!(sim.finished().map(|f| f.0), Some(Status::Canceled));
+}
