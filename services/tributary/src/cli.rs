@@ -62,6 +62,18 @@ pub enum Command {
     /// Admin: create a tenant, or a token for one.
     #[command(subcommand)]
     Admin(AdminCommand),
+    /// Run an agent: take jobs from a server and run them on this machine.
+    ///
+    /// The first start registers the agent with an enrollment token (--token; `tributary admin
+    /// token-create --kind enrollment`); its identity is then kept in WORKDIR/agent.json (mode
+    /// 0600) and later starts need no token. Jobs run in WORKDIR/work/<build>/<job>-<attempt>,
+    /// checked out from mirrors in WORKDIR/mirrors. The agent only dials out, and reconnects by
+    /// itself when the server goes away.
+    ///
+    /// SIGINT/SIGTERM drains: no new jobs (heartbeats tell the server), the running ones
+    /// finish and report, then exit 0. A second signal cancels the running jobs and exits at
+    /// once (status 130).
+    Agent(AgentArgs),
     /// Measure performance: `bench log`, `bench run`.
     #[command(subcommand)]
     Bench(BenchCommand),
@@ -299,4 +311,45 @@ pub enum AdminCommand {
         #[command(flatten)]
         server: ServerArgs,
     },
+}
+
+#[derive(Debug, Args)]
+pub struct AgentArgs {
+    /// The server's address.
+    #[arg(
+        long,
+        value_name = "URL",
+        default_value = "http://127.0.0.1:7700",
+        env = "TRIBUTARY_SERVER"
+    )]
+    pub server: String,
+    /// Enrollment token, needed on the first start only (then WORKDIR/agent.json is used).
+    #[arg(
+        long,
+        value_name = "TOKEN",
+        env = "TRIBUTARY_ENROLLMENT_TOKEN",
+        hide_env_values = true
+    )]
+    pub token: Option<String>,
+    /// Name shown by the server (default: the host name); used when registering.
+    #[arg(long, value_name = "NAME")]
+    pub name: Option<String>,
+    /// Labels jobs can ask for (`runs-on`), comma-separated.
+    #[arg(long, value_name = "A,B", value_delimiter = ',')]
+    pub labels: Vec<String>,
+    /// Jobs run at once.
+    #[arg(long, value_name = "N", default_value_t = 1)]
+    pub capacity: u32,
+    /// Directory for the identity, mirrors and job workspaces.
+    #[arg(
+        long,
+        value_name = "DIR",
+        default_value = ".tributary-agent",
+        env = "TRIBUTARY_AGENT_DIR"
+    )]
+    pub workdir: PathBuf,
+    /// Machine class reported in UsageTick events (machine time of running jobs); without it,
+    /// no usage is reported.
+    #[arg(long, value_name = "C")]
+    pub machine_class: Option<String>,
 }

@@ -1,0 +1,476 @@
+//! Runs one leased job attempt: checkout (server workspaces), JobStarted, the executor's events,
+//! JobFinished, all sent in order to one [`EventSink`].
+//!
+//! One pump per attempt sends the events: whatever queued up while the previous batch was in
+//! flight goes into the next batch, so the sink sees the attempt's events exactly in the order
+//! they were produced, and the executor is never held up by more than one batch in flight (plus
+//! the channel's buffer).
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::sync::mpsc;
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+use tracing::Instrument;
+use tributary_executor::{JobContext, LogLimits};
+use tributary_proto::events::{
+    envelope::Payload, Envelope, JobFinished, JobPlan, JobStarted, Status, UsageTick,
+};
+
+use crate::backoff::{Backoff, BackoffPolicy};
+use crate::sink::{EventSink, SinkError};
+
+/// Largest number of events the pump takes off the queue for one batch.
+const MAX_BATCH: usize = 256;
+/// Events waiting for the pump before the executor has to wait.
+const QUEUE: usize = 1024;
+
+/// Who the events belong to.
+#[derive(Clone, Debug)]
+pub struct BuildRef {
+    pub tenant: String,
+    pub project: String,
+    pub build_id: String,
+}
+
+impl BuildRef {
+    /// An envelope of this build with a fresh event id, stamped now.
+    pub fn envelope(&self, payload: Payload) -> Envelope {
+        Envelope::new(&self.tenant, &self.project, &self.build_id, payload)
+    }
+}
+
+/// Where a build's code comes from.
+#[derive(Clone, Debug)]
+pub struct Source {
+    pub repository: String,
+    pub commit: String,
+}
+
+/// Where jobs run.
+#[derive(Clone)]
+pub enum Workspaces {
+    /// Every job in this directory (a local run: the pipeline's own directory).
+    Fixed(PathBuf),
+    /// Each job attempt in its own directory under `root` (`<root>/<build>/<job>-<attempt>`),
+    /// with the build's commit checked out from a bare mirror (the server, a remote agent).
+    Checkout {
+        root: PathBuf,
+        mirrors: tributary_repo::Mirrors,
+    },
+}
+
+/// The workspace of one job attempt.
+pub struct JobWorkspace {
+    pub dir: PathBuf,
+    checkout: Option<(tributary_repo::Mirrors, Source)>,
+}
+
+impl JobWorkspace {
+    /// Whether the attempt checks out code into [`JobWorkspace::dir`] before it runs.
+    pub fn checks_out(&self) -> bool {
+        self.checkout.is_some()
+    }
+}
+
+impl Workspaces {
+    pub fn for_job(
+        &self,
+        source: Option<&Source>,
+        build: &str,
+        job: &str,
+        attempt: u32,
+    ) -> JobWorkspace {
+        match self {
+            Workspaces::Fixed(dir) => JobWorkspace {
+                dir: dir.clone(),
+                checkout: None,
+            },
+            Workspaces::Checkout { root, mirrors } => JobWorkspace {
+                dir: root
+                    .join(sanitize(build))
+                    .join(format!("{}-{attempt}", sanitize(job))),
+                checkout: source.cloned().map(|s| (mirrors.clone(), s)),
+            },
+        }
+    }
+}
+
+/// The attempt an agent was given.
+pub struct Lease {
+    pub job: JobPlan,
+    pub attempt: u32,
+    pub agent_id: String,
+    pub lease_id: String,
+}
+
+/// Usage metering: UsageTick events while the attempt runs.
+#[derive(Clone, Debug)]
+pub struct UsageMeter {
+    pub machine_class: String,
+    /// A tick every `interval` while the job runs; the last one (`last = true`) right before
+    /// JobFinished.
+    pub interval: Duration,
+}
+
+/// How an attempt's events are delivered.
+#[derive(Clone)]
+pub struct AttemptOptions {
+    /// Delays between re-sends of a batch the sink could not deliver for now.
+    pub retry: BackoffPolicy,
+    /// Cancelled: stop re-sending (drop what cannot be delivered) — a hard stop of the agent.
+    pub abandon: CancellationToken,
+    /// UsageTick events, if set.
+    pub usage: Option<UsageMeter>,
+    pub limits: LogLimits,
+    /// Extra environment for the job (after the job's own).
+    pub extra_env: Vec<(String, String)>,
+}
+
+impl Default for AttemptOptions {
+    fn default() -> Self {
+        AttemptOptions {
+            retry: BackoffPolicy::default(),
+            abandon: CancellationToken::new(),
+            usage: None,
+            limits: LogLimits::default(),
+            extra_env: Vec::new(),
+        }
+    }
+}
+
+/// What became of an attempt.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct AttemptReport {
+    /// The status JobFinished reported (`None` if the attempt never got that far).
+    pub status: Option<Status>,
+    /// The sink said the lease is gone: the job was stopped and its later events dropped.
+    pub fenced: bool,
+    /// Events the sink accepted.
+    pub delivered: usize,
+    /// Events dropped (fenced, refused, or abandoned).
+    pub dropped: usize,
+}
+
+/// Runs the attempt to its end: checks the code out if the workspace says so, sends
+/// JobStarted, runs the executor, sends JobFinished (CANCELED when `cancel` fired). Every event
+/// goes to `sink`, in order. Delivery errors are logged (see [`SinkError`] for what each
+/// kind does); the scheduler sees a job without JobFinished as lost.
+pub async fn run_attempt(
+    sink: Arc<dyn EventSink>,
+    build: BuildRef,
+    lease: Lease,
+    workspace: JobWorkspace,
+    scratch_dir: PathBuf,
+    cancel: CancellationToken,
+    options: AttemptOptions,
+) -> AttemptReport {
+    let span = tracing::info_span!(
+        "job",
+        build_id = %build.build_id,
+        job_id = %lease.job.id,
+        agent_id = %lease.agent_id,
+        attempt = lease.attempt
+    );
+    run_attempt_inner(sink, build, lease, workspace, scratch_dir, cancel, options)
+        .instrument(span)
+        .await
+}
+
+async fn run_attempt_inner(
+    sink: Arc<dyn EventSink>,
+    build: BuildRef,
+    lease: Lease,
+    workspace: JobWorkspace,
+    scratch_dir: PathBuf,
+    cancel: CancellationToken,
+    options: AttemptOptions,
+) -> AttemptReport {
+    let (tx, rx) = mpsc::channel(QUEUE);
+    let pump = tokio::spawn(
+        pump(
+            sink,
+            build.clone(),
+            rx,
+            PumpControl {
+                fence: cancel.clone(),
+                abandon: options.abandon.clone(),
+                retry: options.retry,
+            },
+        )
+        .in_current_span(),
+    );
+    let status = produce(
+        &tx,
+        &build,
+        lease,
+        workspace,
+        scratch_dir,
+        &cancel,
+        &options,
+    )
+    .await;
+    drop(tx);
+    match pump.await {
+        Ok(mut report) => {
+            report.status = status;
+            report
+        }
+        Err(e) => {
+            tracing::error!(error = %e, "event pump failed");
+            AttemptReport {
+                status,
+                ..AttemptReport::default()
+            }
+        }
+    }
+}
+
+/// Produces the attempt's events on `tx`, in order. Returns the status sent in JobFinished.
+async fn produce(
+    tx: &mpsc::Sender<Payload>,
+    build: &BuildRef,
+    lease: Lease,
+    workspace: JobWorkspace,
+    scratch_dir: PathBuf,
+    cancel: &CancellationToken,
+    options: &AttemptOptions,
+) -> Option<Status> {
+    let started = Instant::now();
+    let job_id = lease.job.id.clone();
+    let attempt = lease.attempt;
+    let job_started = Payload::JobStarted(JobStarted {
+        job: job_id.clone(),
+        attempt,
+        agent_id: lease.agent_id.clone(),
+        lease_id: lease.lease_id.clone(),
+        executor: "host".into(),
+    });
+    if tx.send(job_started).await.is_err() {
+        tracing::error!("event pump stopped before the job started");
+        return None;
+    }
+    let finished = |status: Status, exit_code: i32, reason: String, duration: Duration| {
+        Payload::JobFinished(JobFinished {
+            job: job_id.clone(),
+            attempt,
+            status: status as i32,
+            exit_code,
+            duration_us: u64::try_from(duration.as_micros()).unwrap_or(u64::MAX),
+            reason,
+        })
+    };
+    let mut meter = options
+        .usage
+        .clone()
+        .map(|m| Meter::new(m, &job_id, attempt, &lease.agent_id));
+
+    let workdir = workspace.dir.clone();
+    if let Some((mirrors, source)) = &workspace.checkout {
+        let checkout = mirrors.checkout(&source.repository, &source.commit, &workdir, false);
+        if let Err(e) = checkout.await {
+            let reason = format!(
+                "checkout of {} at {} failed: {e}",
+                source.repository, source.commit
+            );
+            tracing::error!(%reason);
+            if let Some(m) = meter.as_mut() {
+                let _ = tx.send(m.tick(true)).await;
+            }
+            let _ = tx
+                .send(finished(Status::Failed, -1, reason, started.elapsed()))
+                .await;
+            return Some(Status::Failed);
+        }
+    } else if let Err(e) = std::fs::create_dir_all(&workdir) {
+        tracing::error!(error = %e, dir = %workdir.display(), "cannot create the workspace");
+    }
+
+    let scratch = scratch_dir.join(format!(
+        "{}-{}-{}",
+        sanitize(&build.build_id),
+        sanitize(&job_id),
+        attempt
+    ));
+    if let Err(e) = std::fs::create_dir_all(&scratch) {
+        tracing::error!(error = %e, dir = %scratch.display(), "cannot create scratch directory");
+    }
+    let ctx = JobContext {
+        build_id: build.build_id.clone(),
+        job: lease.job,
+        attempt,
+        workdir,
+        scratch_dir: scratch.clone(),
+        extra_env: options.extra_env.clone(),
+        limits: options.limits,
+    };
+    let job = tributary_executor::run_job(ctx, tx.clone(), cancel.clone());
+    let outcome = match meter.as_mut() {
+        None => job.await,
+        Some(m) => {
+            tokio::pin!(job);
+            let mut ticks = tokio::time::interval_at(Instant::now() + m.interval, m.interval);
+            ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            loop {
+                tokio::select! {
+                    outcome = &mut job => break outcome,
+                    _ = ticks.tick() => {
+                        let _ = tx.send(m.tick(false)).await;
+                    }
+                }
+            }
+        }
+    };
+    let _ = std::fs::remove_dir_all(&scratch);
+    if let Some(m) = meter.as_mut() {
+        let _ = tx.send(m.tick(true)).await;
+    }
+    let status = outcome.status;
+    if tx
+        .send(finished(
+            outcome.status,
+            outcome.exit_code,
+            outcome.reason,
+            outcome.duration,
+        ))
+        .await
+        .is_err()
+    {
+        tracing::error!("event pump stopped before the job finished");
+    }
+    Some(status)
+}
+
+/// UsageTick state of one attempt.
+struct Meter {
+    usage: UsageMeter,
+    interval: Duration,
+    job: String,
+    attempt: u32,
+    agent_id: String,
+    seq: u32,
+    since: Instant,
+}
+
+impl Meter {
+    fn new(usage: UsageMeter, job: &str, attempt: u32, agent_id: &str) -> Self {
+        Meter {
+            interval: usage.interval.max(Duration::from_millis(100)),
+            usage,
+            job: job.to_owned(),
+            attempt,
+            agent_id: agent_id.to_owned(),
+            seq: 0,
+            since: Instant::now(),
+        }
+    }
+
+    fn tick(&mut self, last: bool) -> Payload {
+        let now = Instant::now();
+        let millis = now.duration_since(self.since).as_millis();
+        self.since = now;
+        self.seq += 1;
+        Payload::UsageTick(UsageTick {
+            job: self.job.clone(),
+            attempt: self.attempt,
+            agent_id: self.agent_id.clone(),
+            machine_class: self.usage.machine_class.clone(),
+            millis: u64::try_from(millis).unwrap_or(u64::MAX),
+            seq: self.seq,
+            last,
+        })
+    }
+}
+
+/// What the pump does when the sink fails.
+pub(crate) struct PumpControl {
+    /// Cancelled when the sink says the lease is gone (stops the job).
+    pub fence: CancellationToken,
+    /// Cancelled: give up re-sending.
+    pub abandon: CancellationToken,
+    pub retry: BackoffPolicy,
+}
+
+/// Sends the queued events in order, in batches of whatever queued up while the previous batch
+/// was in flight, until every sender is gone. Unavailable: the same batch again after a backoff
+/// (until `abandon`). Fenced: cancel the job, drop everything from then on. Failed: drop the
+/// batch, go on.
+pub(crate) async fn pump(
+    sink: Arc<dyn EventSink>,
+    build: BuildRef,
+    mut rx: mpsc::Receiver<Payload>,
+    ctl: PumpControl,
+) -> AttemptReport {
+    let mut report = AttemptReport::default();
+    let mut buf = Vec::with_capacity(MAX_BATCH);
+    let mut dropping = false;
+    while rx.recv_many(&mut buf, MAX_BATCH).await > 0 {
+        if dropping || ctl.abandon.is_cancelled() {
+            report.dropped += buf.len();
+            buf.clear();
+            continue;
+        }
+        let batch: Vec<Envelope> = buf.drain(..).map(|p| build.envelope(p)).collect();
+        let mut backoff = Backoff::new(ctl.retry);
+        loop {
+            match sink.send(batch.clone()).await {
+                Ok(()) => {
+                    report.delivered += batch.len();
+                    break;
+                }
+                Err(SinkError::Unavailable(reason)) => {
+                    let delay = backoff.next_delay();
+                    tracing::warn!(%reason, events = batch.len(), retry_in = ?delay, "cannot send job events; retrying");
+                    let abandoned = tokio::select! {
+                        _ = tokio::time::sleep(delay) => false,
+                        _ = ctl.abandon.cancelled() => true,
+                    };
+                    if abandoned {
+                        tracing::warn!(events = batch.len(), "giving up sending job events");
+                        report.dropped += batch.len();
+                        break;
+                    }
+                }
+                Err(SinkError::Fenced(reason)) => {
+                    tracing::warn!(%reason, "the lease was taken away: stopping the job and dropping its events");
+                    report.fenced = true;
+                    report.dropped += batch.len();
+                    dropping = true;
+                    ctl.fence.cancel();
+                    break;
+                }
+                Err(SinkError::Failed(reason)) => {
+                    tracing::error!(%reason, events = batch.len(), "cannot send job events");
+                    report.dropped += batch.len();
+                    break;
+                }
+            }
+        }
+    }
+    report
+}
+
+/// An id made safe for a directory name.
+pub fn sanitize(id: &str) -> String {
+    let s: String = id
+        .chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || c == '-' || c == '_' {
+                c
+            } else {
+                '_'
+            }
+        })
+        .collect();
+    if s.is_empty() {
+        "_".to_owned()
+    } else {
+        s
+    }
+}
+
+#[cfg(test)]
+#[path = "attempt_tests.rs"]
+mod tests;

@@ -1,0 +1,913 @@
+//! The remote agent runtime: register (once), pull leases, run them, heartbeat, reconnect, drain.
+//!
+//! Three loops share a [`Slots`] (the running leases and the draining flag):
+//!
+//! * the pull loop keeps one `PullWork` stream open (re-opening it with backoff) and hands each
+//!   pushed lease to the main loop;
+//! * the heartbeat loop sends `Heartbeat{running leases, draining}` every 2 s (and at once when
+//!   draining starts) and cancels the leases the server names;
+//! * the main loop admits leases (never more than `capacity`, none while draining), runs each in
+//!   its own task with an [`ApiSink`], and ends when drained.
+//!
+//! Draining: heartbeats say `draining` (the server then assigns nothing more, and moves leases
+//! the agent has not started elsewhere), leases still pushed are not started, the running jobs
+//! finish and send their events, then the work stream is closed and the runtime returns. The
+//! stream stays open until then because the server takes a closed work stream for a lost agent
+//! and requeues its jobs.
+
+use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use tokio::sync::{mpsc, Notify};
+use tokio::task::JoinSet;
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+use tonic::Code;
+use tracing::Instrument;
+use tributary_proto::api;
+
+use crate::attempt::{
+    run_attempt, AttemptOptions, BuildRef, Lease, Source, UsageMeter, Workspaces,
+};
+use crate::backoff::{Backoff, BackoffPolicy};
+use crate::client::{agents, channel, AgentsApi, BearerAuth};
+use crate::identity::{identity_path, Identity};
+use crate::sink::{classify, ApiSink, SinkError};
+use crate::AgentError;
+
+/// How long one Register or Heartbeat call may take.
+const CALL_TIMEOUT: Duration = Duration::from_secs(5);
+/// A work stream that stayed open this long resets the reconnect backoff.
+const STABLE_STREAM: Duration = Duration::from_secs(10);
+/// How long a hard stop waits for canceled jobs to report before abandoning them.
+const ABORT_GRACE: Duration = Duration::from_secs(2);
+/// Finished leases remembered so that a lease pushed again is not run twice.
+const REMEMBER_FINISHED: usize = 1024;
+
+/// Everything `tributary agent` is told.
+#[derive(Clone, Debug)]
+pub struct AgentConfig {
+    /// The server's address (`http://host:7700`).
+    pub server: String,
+    /// Enrollment token (or the admin token), only used when `workdir` holds no identity yet.
+    pub enrollment_token: Option<String>,
+    /// Name shown by the server (registration only).
+    pub name: String,
+    pub labels: Vec<String>,
+    /// Leases run at once.
+    pub capacity: u32,
+    /// Holds `agent.json`, `mirrors/`, `work/` and `scratch/`.
+    pub workdir: PathBuf,
+    /// With a machine class, running jobs report their machine time as UsageTick events.
+    pub machine_class: Option<String>,
+    pub usage_interval: Duration,
+    pub heartbeat_interval: Duration,
+    /// Delays between reconnects, registration attempts and re-sends of events.
+    pub reconnect: BackoffPolicy,
+    /// Delete each attempt's workspace when it ends.
+    pub clean_workspaces: bool,
+}
+
+impl AgentConfig {
+    /// Defaults: the host name as name, no labels, capacity 1, heartbeats every 2 s, backoff
+    /// 100 ms → 10 s, workspaces deleted after each attempt, no usage metering.
+    pub fn new(server: impl Into<String>, workdir: impl Into<PathBuf>) -> Self {
+        AgentConfig {
+            server: server.into(),
+            enrollment_token: None,
+            name: host_name(),
+            labels: Vec::new(),
+            capacity: 1,
+            workdir: workdir.into(),
+            machine_class: None,
+            usage_interval: Duration::from_secs(10),
+            heartbeat_interval: Duration::from_secs(2),
+            reconnect: BackoffPolicy::default(),
+            clean_workspaces: true,
+        }
+    }
+}
+
+/// The machine's host name, or `agent`.
+fn host_name() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .ok()
+        .or_else(|| std::env::var("HOSTNAME").ok())
+        .map(|s| s.trim().to_owned())
+        .filter(|s| !s.is_empty())
+        .unwrap_or_else(|| "agent".into())
+}
+
+/// Runs the agent until `shutdown` is cancelled, then drains: takes no new leases, lets the
+/// running ones finish, and returns `Ok(())`.
+pub async fn run(config: AgentConfig, shutdown: CancellationToken) -> Result<(), AgentError> {
+    run_until(config, shutdown, CancellationToken::new()).await
+}
+
+/// [`run`] with a hard stop too: `abort` cancels the running jobs, gives them a moment to
+/// report, and returns [`AgentError::Aborted`] (or `Ok` when nothing was running).
+pub async fn run_until(
+    config: AgentConfig,
+    drain: CancellationToken,
+    abort: CancellationToken,
+) -> Result<(), AgentError> {
+    let stop = CancellationToken::new();
+    let identity = tokio::select! {
+        biased;
+        id = identify(&config, &stop) => id?,
+        _ = drain.cancelled() => return Ok(()),
+        _ = abort.cancelled() => return Ok(()),
+    };
+    run_as(config, identity, drain, abort).await
+}
+
+/// The stored identity, or a new one: `Register` with the enrollment token (retried with
+/// backoff while the server cannot be reached), saved to `WORKDIR/agent.json` (mode 0600).
+/// Gives up with [`AgentError::Config`] when `stop` is cancelled first.
+pub async fn identify(
+    config: &AgentConfig,
+    stop: &CancellationToken,
+) -> Result<Identity, AgentError> {
+    validate(config)?;
+    std::fs::create_dir_all(&config.workdir).map_err(|e| {
+        AgentError::io(
+            format!(
+                "cannot create the work directory {}",
+                config.workdir.display()
+            ),
+            e,
+        )
+    })?;
+    if let Some(identity) = Identity::load(&config.workdir)? {
+        if !identity.server.is_empty() && identity.server != config.server {
+            tracing::warn!(
+                agent_id = %identity.agent_id,
+                registered_with = %identity.server,
+                server = %config.server,
+                "this agent registered with another server; its identity may be refused"
+            );
+        }
+        return Ok(identity);
+    }
+    let Some(token) = config.enrollment_token.as_deref().map(str::trim) else {
+        return Err(AgentError::Config(format!(
+            "no agent identity in {}: pass --token with an enrollment token (`tributary admin \
+             token-create --kind enrollment`) to register this agent",
+            identity_path(&config.workdir).display()
+        )));
+    };
+    let mut client = agents(channel(&config.server)?, BearerAuth::new(token)?);
+    let request = api::RegisterAgentRequest {
+        enrollment_token: token.to_owned(),
+        name: config.name.clone(),
+        labels: config.labels.clone(),
+        capacity: config.capacity,
+    };
+    let mut backoff = Backoff::new(config.reconnect);
+    loop {
+        let call = tokio::time::timeout(CALL_TIMEOUT, client.register(request.clone()));
+        let result = tokio::select! {
+            r = call => r,
+            _ = stop.cancelled() => {
+                return Err(AgentError::Config("stopped before the agent was registered".into()))
+            }
+        };
+        let status = match result {
+            Ok(Ok(response)) => {
+                let response = response.into_inner();
+                let identity = Identity {
+                    agent_id: response.agent_id,
+                    agent_token: response.agent_token,
+                    server: config.server.clone(),
+                    name: config.name.clone(),
+                };
+                identity.save(&config.workdir)?;
+                tracing::info!(agent_id = %identity.agent_id, "registered");
+                return Ok(identity);
+            }
+            Ok(Err(status)) => status,
+            Err(_) => tonic::Status::deadline_exceeded("Register timed out"),
+        };
+        if !matches!(classify(&status), SinkError::Unavailable(_)) {
+            let hint = match status.code() {
+                Code::Unauthenticated | Code::PermissionDenied => {
+                    "; check the enrollment token (`tributary admin token-create --kind enrollment`)"
+                }
+                _ => "",
+            };
+            return Err(AgentError::Rejected(format!(
+                "the server at {} refused to register this agent: {} ({:?}){hint}",
+                config.server,
+                status.message(),
+                status.code()
+            )));
+        }
+        let delay = backoff.next_delay();
+        tracing::warn!(server = %config.server, error = %status.message(), retry_in = ?delay, "cannot register; retrying");
+        tokio::select! {
+            _ = tokio::time::sleep(delay) => {}
+            _ = stop.cancelled() => {
+                return Err(AgentError::Config("stopped before the agent was registered".into()))
+            }
+        }
+    }
+}
+
+fn validate(config: &AgentConfig) -> Result<(), AgentError> {
+    if config.capacity == 0 {
+        return Err(AgentError::Config("--capacity must be at least 1".into()));
+    }
+    if config.server.trim().is_empty() {
+        return Err(AgentError::Config("no server address".into()));
+    }
+    Ok(())
+}
+
+/// Runs the agent with a known identity: see [`run_until`].
+pub async fn run_as(
+    config: AgentConfig,
+    identity: Identity,
+    drain: CancellationToken,
+    abort: CancellationToken,
+) -> Result<(), AgentError> {
+    validate(&config)?;
+    let span = tracing::info_span!("agent", agent_id = %identity.agent_id);
+    Runtime::new(config, identity)?
+        .run(drain, abort)
+        .instrument(span)
+        .await
+}
+
+/// What the pull loop hands the main loop.
+enum Pulled {
+    Lease(Box<api::Lease>),
+    /// The server will not take this agent (revoked, unknown, no Agents API).
+    Fatal(AgentError),
+}
+
+struct Runtime {
+    config: AgentConfig,
+    identity: Identity,
+    client: AgentsApi,
+    workspaces: Workspaces,
+    slots: Arc<Mutex<Slots>>,
+    /// Cancelled on a hard stop: pumps stop re-sending.
+    abandon: CancellationToken,
+}
+
+/// The attempt tasks, and the lease and workspace of each (so that even a task that panicked
+/// frees its slot).
+#[derive(Default)]
+struct Tasks {
+    set: JoinSet<()>,
+    leases: HashMap<tokio::task::Id, (String, PathBuf)>,
+}
+
+impl Runtime {
+    fn new(mut config: AgentConfig, identity: Identity) -> Result<Self, AgentError> {
+        // Jobs run in their own directories: every path handed to them must be absolute.
+        config.workdir = std::path::absolute(&config.workdir).map_err(|e| {
+            AgentError::io(
+                format!("cannot make {} absolute", config.workdir.display()),
+                e,
+            )
+        })?;
+        let client = agents(
+            channel(&config.server)?,
+            BearerAuth::new(&identity.agent_token)?,
+        );
+        let workspaces = Workspaces::Checkout {
+            root: config.workdir.join("work"),
+            mirrors: tributary_repo::Mirrors::new(config.workdir.join("mirrors")),
+        };
+        let slots = Arc::new(Mutex::new(Slots::new(config.capacity as usize)));
+        Ok(Runtime {
+            config,
+            identity,
+            client,
+            workspaces,
+            slots,
+            abandon: CancellationToken::new(),
+        })
+    }
+
+    fn slots(&self) -> std::sync::MutexGuard<'_, Slots> {
+        lock(&self.slots)
+    }
+
+    async fn run(
+        self,
+        drain: CancellationToken,
+        abort: CancellationToken,
+    ) -> Result<(), AgentError> {
+        let (pull_tx, mut pull_rx) = mpsc::channel(64);
+        let pull_stop = CancellationToken::new();
+        let pull = tokio::spawn(
+            pull_loop(
+                self.client.clone(),
+                api::PullWorkRequest {
+                    agent_id: self.identity.agent_id.clone(),
+                    labels: self.config.labels.clone(),
+                    capacity: self.config.capacity,
+                },
+                self.config.server.clone(),
+                self.config.reconnect,
+                pull_tx,
+                pull_stop.clone(),
+            )
+            .in_current_span(),
+        );
+        let beat_now = Arc::new(Notify::new());
+        let heartbeat_stop = CancellationToken::new();
+        let heartbeat = tokio::spawn(
+            heartbeat_loop(
+                self.client.clone(),
+                self.identity.agent_id.clone(),
+                self.slots.clone(),
+                self.config.heartbeat_interval,
+                beat_now.clone(),
+                heartbeat_stop.clone(),
+            )
+            .in_current_span(),
+        );
+        tracing::info!(
+            server = %self.config.server,
+            labels = ?self.config.labels,
+            capacity = self.config.capacity,
+            "agent started"
+        );
+
+        let mut tasks = Tasks::default();
+        let mut fatal: Option<AgentError> = None;
+        let mut pull_open = true;
+        let result = loop {
+            let (drained, draining) = {
+                let slots = self.slots();
+                (slots.drained(), slots.draining())
+            };
+            if drained {
+                break Ok(());
+            }
+            tokio::select! {
+                biased;
+                _ = abort.cancelled() => {
+                    let n = self.abort(&mut tasks).await;
+                    break if n == 0 { Ok(()) } else { Err(AgentError::Aborted(n)) };
+                }
+                _ = drain.cancelled(), if !draining => {
+                    let running = {
+                        let mut slots = self.slots();
+                        slots.drain();
+                        slots.running()
+                    };
+                    tracing::info!(running, "draining: no new leases; waiting for the running jobs");
+                    // The work stream stays open until they are done: the server takes a
+                    // closed stream for a lost agent and would requeue them.
+                    beat_now.notify_one();
+                }
+                Some(done) = tasks.set.join_next_with_id() => self.finished(&mut tasks, done),
+                pulled = pull_rx.recv(), if pull_open => match pulled {
+                    Some(Pulled::Lease(lease)) => self.start(*lease, &mut tasks),
+                    Some(Pulled::Fatal(e)) => {
+                        tracing::error!(error = %e, "the server refused this agent; stopping");
+                        let canceled = {
+                            let mut slots = self.slots();
+                            slots.drain();
+                            slots.cancel_all()
+                        };
+                        if canceled > 0 {
+                            tracing::warn!(canceled, "canceled the running jobs");
+                        }
+                        fatal = Some(e);
+                        pull_open = false;
+                    }
+                    None => pull_open = false,
+                },
+            }
+        };
+        drop(pull_rx);
+        pull_stop.cancel();
+        heartbeat_stop.cancel();
+        if result.is_err() {
+            heartbeat.abort();
+        }
+        let _ = heartbeat.await;
+        let _ = pull.await;
+        tracing::info!("agent stopped");
+        match fatal {
+            Some(e) => Err(e),
+            None => result,
+        }
+    }
+
+    /// Admits a pushed lease and starts its attempt, or says why not.
+    fn start(&self, lease: api::Lease, tasks: &mut Tasks) {
+        let Some(job) = lease.job else {
+            tracing::error!(lease_id = %lease.lease_id, "refusing a lease without a job");
+            return;
+        };
+        let span = tracing::info_span!(
+            "lease",
+            lease_id = %lease.lease_id,
+            build_id = %lease.build_id,
+            job_id = %job.id,
+            attempt = lease.attempt
+        );
+        let _entered = span.enter();
+        if lease.lease_id.is_empty() || lease.build_id.is_empty() {
+            tracing::error!("refusing a lease without a lease id or build id");
+            return;
+        }
+        let cancel = CancellationToken::new();
+        let admitted = self.slots().admit(
+            &lease.lease_id,
+            Running {
+                cancel: cancel.clone(),
+                build_id: lease.build_id.clone(),
+                job_id: job.id.clone(),
+            },
+        );
+        match admitted {
+            Admit::Start => {}
+            Admit::Duplicate => {
+                tracing::debug!("lease pushed again; already running or done");
+                return;
+            }
+            Admit::Full => {
+                tracing::warn!(
+                    capacity = self.config.capacity,
+                    "refusing a lease: already running as many jobs as the capacity allows"
+                );
+                return;
+            }
+            Admit::Draining => {
+                // The server moves a draining agent's unstarted leases elsewhere.
+                tracing::info!("not starting a lease: draining");
+                return;
+            }
+        }
+        tracing::info!("starting job");
+        let build = BuildRef {
+            tenant: lease.tenant,
+            project: lease.project,
+            build_id: lease.build_id,
+        };
+        let source = Source {
+            repository: lease.repository,
+            commit: lease.commit,
+        };
+        // Without a repository (not sent by the server) the job runs in an empty workspace.
+        let source = (!source.repository.is_empty()).then_some(source);
+        let workspace =
+            self.workspaces
+                .for_job(source.as_ref(), &build.build_id, &job.id, lease.attempt);
+        let dir = workspace.dir.clone();
+        let sink = Arc::new(ApiSink::new(self.client.clone(), lease.lease_id.clone()));
+        let options = AttemptOptions {
+            retry: self.config.reconnect,
+            abandon: self.abandon.clone(),
+            usage: self
+                .config
+                .machine_class
+                .clone()
+                .map(|machine_class| UsageMeter {
+                    machine_class,
+                    interval: self.config.usage_interval,
+                }),
+            ..AttemptOptions::default()
+        };
+        let attempt = Lease {
+            job,
+            attempt: lease.attempt,
+            agent_id: self.identity.agent_id.clone(),
+            lease_id: lease.lease_id.clone(),
+        };
+        let scratch = self.config.workdir.join("scratch");
+        let lease_id = lease.lease_id;
+        let handle = tasks.set.spawn(
+            async move {
+                let report =
+                    run_attempt(sink, build, attempt, workspace, scratch, cancel, options).await;
+                tracing::info!(
+                    status = report.status.map_or("none", |s| s.name()),
+                    fenced = report.fenced,
+                    delivered = report.delivered,
+                    dropped = report.dropped,
+                    "job ended"
+                );
+            }
+            .instrument(span.clone()),
+        );
+        tasks.leases.insert(handle.id(), (lease_id, dir));
+    }
+
+    /// An attempt task ended: free its slot, delete its workspace.
+    fn finished(
+        &self,
+        tasks: &mut Tasks,
+        done: Result<(tokio::task::Id, ()), tokio::task::JoinError>,
+    ) {
+        let id = match done {
+            Ok((id, ())) => id,
+            Err(e) => {
+                if !e.is_cancelled() {
+                    tracing::error!(error = %e, "job task failed");
+                }
+                e.id()
+            }
+        };
+        let Some((lease_id, dir)) = tasks.leases.remove(&id) else {
+            return;
+        };
+        self.slots().finish(&lease_id);
+        if self.config.clean_workspaces {
+            if let Err(e) = std::fs::remove_dir_all(&dir) {
+                if e.kind() != std::io::ErrorKind::NotFound {
+                    tracing::warn!(error = %e, dir = %dir.display(), "cannot delete the workspace");
+                }
+            }
+            if let Some(build_dir) = dir.parent() {
+                let _ = std::fs::remove_dir(build_dir); // only if no other attempt uses it
+            }
+        }
+    }
+
+    /// A hard stop: cancel every job, stop re-sending, wait a moment for the jobs to end.
+    /// Returns how many jobs were running.
+    async fn abort(&self, tasks: &mut Tasks) -> usize {
+        let n = {
+            let mut slots = self.slots();
+            slots.drain();
+            slots.cancel_all()
+        };
+        self.abandon.cancel();
+        if n > 0 {
+            tracing::warn!(running = n, "stopping at once: canceling the running jobs");
+        }
+        let deadline = Instant::now() + ABORT_GRACE;
+        while !tasks.set.is_empty() {
+            match tokio::time::timeout_at(deadline, tasks.set.join_next_with_id()).await {
+                Ok(Some(done)) => self.finished(tasks, done),
+                Ok(None) => break,
+                Err(_) => {
+                    tasks.set.abort_all();
+                    while let Some(done) = tasks.set.join_next_with_id().await {
+                        self.finished(tasks, done);
+                    }
+                    break;
+                }
+            }
+        }
+        n
+    }
+}
+
+fn lock(slots: &Mutex<Slots>) -> std::sync::MutexGuard<'_, Slots> {
+    slots
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
+/// Keeps a work stream open and hands every pushed lease on, until `stop`.
+async fn pull_loop(
+    client: AgentsApi,
+    request: api::PullWorkRequest,
+    server: String,
+    policy: BackoffPolicy,
+    tx: mpsc::Sender<Pulled>,
+    stop: CancellationToken,
+) {
+    let mut backoff = Backoff::new(policy);
+    loop {
+        let mut client = client.clone();
+        let opened = tokio::select! {
+            r = client.pull_work(request.clone()) => r,
+            _ = stop.cancelled() => return,
+        };
+        match opened {
+            Ok(response) => {
+                tracing::info!(%server, "work stream open");
+                let opened_at = Instant::now();
+                let mut stream = response.into_inner();
+                loop {
+                    let message = tokio::select! {
+                        m = stream.message() => m,
+                        _ = stop.cancelled() => {
+                            tracing::info!("work stream closed");
+                            return;
+                        }
+                    };
+                    match message {
+                        Ok(Some(lease)) => {
+                            backoff.reset();
+                            if tx.send(Pulled::Lease(Box::new(lease))).await.is_err() {
+                                return;
+                            }
+                        }
+                        Ok(None) => {
+                            tracing::warn!(%server, "the server ended the work stream; reconnecting");
+                            break;
+                        }
+                        Err(status) => {
+                            if let Some(e) = refusal(&status, &server) {
+                                let _ = tx.send(Pulled::Fatal(e)).await;
+                                return;
+                            }
+                            tracing::warn!(%server, error = %status.message(), code = ?status.code(), "work stream lost; reconnecting");
+                            break;
+                        }
+                    }
+                }
+                if opened_at.elapsed() >= STABLE_STREAM {
+                    backoff.reset();
+                }
+            }
+            Err(status) => {
+                if let Some(e) = refusal(&status, &server) {
+                    let _ = tx.send(Pulled::Fatal(e)).await;
+                    return;
+                }
+                tracing::warn!(%server, error = %status.message(), code = ?status.code(), "cannot open the work stream");
+            }
+        }
+        let delay = backoff.next_delay();
+        tracing::debug!(retry_in = ?delay, "reconnecting");
+        tokio::select! {
+            _ = tokio::time::sleep(delay) => {}
+            _ = stop.cancelled() => return,
+        }
+    }
+}
+
+/// A PullWork error after which retrying is pointless.
+fn refusal(status: &tonic::Status, server: &str) -> Option<AgentError> {
+    match status.code() {
+        Code::Unauthenticated | Code::PermissionDenied => Some(AgentError::Rejected(format!(
+            "the server at {server} refused this agent's identity: {} ({:?}); if the agent was \
+             revoked, delete agent.json in the work directory and register again with an \
+             enrollment token",
+            status.message(),
+            status.code()
+        ))),
+        Code::Unimplemented => Some(AgentError::Rejected(format!(
+            "the server at {server} does not serve agents (tributary.api.v1.Agents): {}",
+            status.message()
+        ))),
+        _ => None,
+    }
+}
+
+/// Heartbeats every `interval` (and when `now` is notified) until `stop`; a draining agent sends
+/// one last heartbeat when it stops.
+async fn heartbeat_loop(
+    client: AgentsApi,
+    agent_id: String,
+    slots: Arc<Mutex<Slots>>,
+    interval: Duration,
+    now: Arc<Notify>,
+    stop: CancellationToken,
+) {
+    let mut ticks = tokio::time::interval(interval.max(Duration::from_millis(10)));
+    ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = ticks.tick() => {}
+            _ = now.notified() => {}
+            _ = stop.cancelled() => break,
+        }
+        beat(&client, &agent_id, &slots).await;
+    }
+    if lock(&slots).draining() {
+        beat(&client, &agent_id, &slots).await;
+    }
+}
+
+/// One heartbeat; cancels the leases the server names.
+async fn beat(client: &AgentsApi, agent_id: &str, slots: &Mutex<Slots>) {
+    let (lease_ids, draining) = {
+        let slots = lock(slots);
+        (slots.lease_ids(), slots.draining())
+    };
+    let request = api::HeartbeatRequest {
+        agent_id: agent_id.to_owned(),
+        lease_ids,
+        draining,
+    };
+    let mut client = client.clone();
+    match tokio::time::timeout(CALL_TIMEOUT, client.heartbeat(request)).await {
+        Ok(Ok(response)) => {
+            let slots = lock(slots);
+            for lease_id in response.into_inner().cancel_lease_ids {
+                if let Some(job) = slots.cancel(&lease_id) {
+                    tracing::info!(%lease_id, build_id = %job.build_id, job_id = %job.job_id, "the server canceled the job");
+                }
+            }
+        }
+        Ok(Err(status)) => {
+            tracing::debug!(error = %status.message(), code = ?status.code(), "heartbeat failed")
+        }
+        Err(_) => tracing::debug!("heartbeat timed out"),
+    }
+}
+
+/// A running lease.
+pub(crate) struct Running {
+    pub cancel: CancellationToken,
+    pub build_id: String,
+    pub job_id: String,
+}
+
+/// Whether a pushed lease may start.
+#[derive(Debug, PartialEq, Eq)]
+pub(crate) enum Admit {
+    Start,
+    /// Already running, or finished a moment ago (pushed again after a reconnect).
+    Duplicate,
+    /// At capacity.
+    Full,
+    Draining,
+}
+
+/// The running leases and the drain state: pure bookkeeping, shared by the loops.
+pub(crate) struct Slots {
+    capacity: usize,
+    running: BTreeMap<String, Running>,
+    finished: VecDeque<String>,
+    finished_set: HashSet<String>,
+    draining: bool,
+}
+
+impl Slots {
+    pub(crate) fn new(capacity: usize) -> Self {
+        Slots {
+            capacity: capacity.max(1),
+            running: BTreeMap::new(),
+            finished: VecDeque::new(),
+            finished_set: HashSet::new(),
+            draining: false,
+        }
+    }
+
+    /// Takes a slot for `lease_id` if it may start.
+    pub(crate) fn admit(&mut self, lease_id: &str, job: Running) -> Admit {
+        if self.running.contains_key(lease_id) || self.finished_set.contains(lease_id) {
+            return Admit::Duplicate;
+        }
+        if self.draining {
+            return Admit::Draining;
+        }
+        if self.running.len() >= self.capacity {
+            return Admit::Full;
+        }
+        self.running.insert(lease_id.to_owned(), job);
+        Admit::Start
+    }
+
+    /// Frees the slot of a lease whose attempt ended.
+    pub(crate) fn finish(&mut self, lease_id: &str) -> Option<Running> {
+        let job = self.running.remove(lease_id)?;
+        if self.finished_set.insert(lease_id.to_owned()) {
+            self.finished.push_back(lease_id.to_owned());
+        }
+        while self.finished.len() > REMEMBER_FINISHED {
+            if let Some(old) = self.finished.pop_front() {
+                self.finished_set.remove(&old);
+            }
+        }
+        Some(job)
+    }
+
+    /// No new leases from now on.
+    pub(crate) fn drain(&mut self) {
+        self.draining = true;
+    }
+
+    pub(crate) fn draining(&self) -> bool {
+        self.draining
+    }
+
+    pub(crate) fn running(&self) -> usize {
+        self.running.len()
+    }
+
+    /// Draining and nothing left running: time to stop.
+    pub(crate) fn drained(&self) -> bool {
+        self.draining && self.running.is_empty()
+    }
+
+    pub(crate) fn lease_ids(&self) -> Vec<String> {
+        self.running.keys().cloned().collect()
+    }
+
+    /// Cancels a running lease's job; `None` if it is not running here.
+    pub(crate) fn cancel(&self, lease_id: &str) -> Option<&Running> {
+        let job = self.running.get(lease_id)?;
+        job.cancel.cancel();
+        Some(job)
+    }
+
+    /// Cancels every running job; returns how many.
+    pub(crate) fn cancel_all(&self) -> usize {
+        for job in self.running.values() {
+            job.cancel.cancel();
+        }
+        self.running.len()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn job(id: &str) -> Running {
+        Running {
+            cancel: CancellationToken::new(),
+            build_id: "b".into(),
+            job_id: id.into(),
+        }
+    }
+
+    #[test]
+    fn admits_up_to_capacity_and_refuses_duplicates() {
+        let mut s = Slots::new(2);
+        assert_eq!(s.admit("l1", job("a")), Admit::Start);
+        assert_eq!(s.admit("l1", job("a")), Admit::Duplicate);
+        assert_eq!(s.admit("l2", job("b")), Admit::Start);
+        assert_eq!(s.admit("l3", job("c")), Admit::Full);
+        assert_eq!(s.lease_ids(), vec!["l1".to_owned(), "l2".to_owned()]);
+        assert!(s.finish("l1").is_some());
+        assert!(s.finish("l1").is_none());
+        // A finished lease pushed again (reconnect race) is not run twice.
+        assert_eq!(s.admit("l1", job("a")), Admit::Duplicate);
+        assert_eq!(s.admit("l3", job("c")), Admit::Start);
+        assert_eq!(s.running(), 2);
+    }
+
+    #[test]
+    fn capacity_zero_means_one() {
+        let mut s = Slots::new(0);
+        assert_eq!(s.admit("l1", job("a")), Admit::Start);
+        assert_eq!(s.admit("l2", job("b")), Admit::Full);
+    }
+
+    #[test]
+    fn drain_takes_no_new_leases_and_ends_when_the_last_job_ends() {
+        let mut s = Slots::new(4);
+        assert!(!s.drained());
+        s.admit("l1", job("a"));
+        s.admit("l2", job("b"));
+        s.drain();
+        assert!(s.draining());
+        assert_eq!(s.admit("l3", job("c")), Admit::Draining);
+        assert!(!s.drained());
+        s.finish("l1");
+        assert!(!s.drained());
+        assert_eq!(s.lease_ids(), vec!["l2".to_owned()]);
+        s.finish("l2");
+        assert!(s.drained());
+        assert!(s.lease_ids().is_empty());
+
+        let mut idle = Slots::new(1);
+        idle.drain();
+        assert!(idle.drained(), "an idle agent stops at once");
+    }
+
+    #[test]
+    fn cancel_reaches_the_job_token() {
+        let mut s = Slots::new(2);
+        let a = job("a");
+        let token = a.cancel.clone();
+        s.admit("l1", a);
+        s.admit("l2", job("b"));
+        assert!(s.cancel("nope").is_none());
+        assert_eq!(s.cancel("l1").map(|j| j.job_id.clone()), Some("a".into()));
+        assert!(token.is_cancelled());
+        assert!(!s.running.get("l2").unwrap().cancel.is_cancelled());
+        assert_eq!(s.cancel_all(), 2);
+        assert!(s.running.get("l2").unwrap().cancel.is_cancelled());
+    }
+
+    #[test]
+    fn finished_leases_are_forgotten_after_a_while() {
+        let mut s = Slots::new(1);
+        for i in 0..(REMEMBER_FINISHED + 10) {
+            let id = format!("l{i}");
+            assert_eq!(s.admit(&id, job("a")), Admit::Start);
+            s.finish(&id);
+        }
+        assert_eq!(s.finished.len(), REMEMBER_FINISHED);
+        assert_eq!(s.finished_set.len(), REMEMBER_FINISHED);
+        assert_eq!(s.admit("l0", job("a")), Admit::Start);
+    }
+
+    #[test]
+    fn refusals_that_stop_the_agent() {
+        assert!(refusal(&tonic::Status::unauthenticated("revoked"), "s").is_some());
+        assert!(refusal(&tonic::Status::permission_denied("no"), "s").is_some());
+        assert!(refusal(&tonic::Status::unimplemented("no"), "s").is_some());
+        assert!(refusal(&tonic::Status::unavailable("down"), "s").is_none());
+        assert!(refusal(&tonic::Status::internal("oops"), "s").is_none());
+    }
+}
