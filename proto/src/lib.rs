@@ -35,6 +35,8 @@ use events::Envelope;
 
 /// Microseconds since the Unix epoch, now. Only edges (services, CLI) call this; folds read time
 /// from the events.
+pub use uuid::Uuid;
+
 pub fn now_us() -> i64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)

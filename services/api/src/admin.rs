@@ -2,7 +2,7 @@
 
 use tonic::{Request, Response, Status};
 use tributary_proto::api::{admin_server::Admin, *};
-use tributary_proto::events::{envelope::Payload, TenantCreated, TokenIssued};
+use tributary_proto::events::{envelope::Payload, AgentRevoked, TenantCreated, TokenIssued};
 
 use crate::auth::{authenticate, new_token};
 use crate::state::{directory_event, ApiState};
@@ -105,19 +105,63 @@ impl Admin for AdminApi {
 
     async fn list_agents(
         &self,
-        _request: Request<ListAgentsRequest>,
+        request: Request<ListAgentsRequest>,
     ) -> Result<Response<ListAgentsResponse>, Status> {
-        Err(Status::unimplemented(
-            "remote agents are not implemented yet",
-        ))
+        self.state
+            .directory(|d| authenticate(d, &request))??
+            .require_admin()?;
+        let end = self
+            .state
+            .log
+            .end_offset()
+            .await
+            .map_err(crate::state::internal)?;
+        self.state.cluster.wait(end).await?;
+        let agents = self.state.cluster.read(|c| {
+            c.agents
+                .iter()
+                .filter(|(_, a)| a.registered)
+                .map(|(id, a)| Agent {
+                    id: id.clone(),
+                    name: a.name.clone(),
+                    labels: a.labels.clone(),
+                    capacity: a.capacity,
+                    connected: a.connected,
+                    revoked: a.revoked,
+                    last_heartbeat_us: a.last_seen_us,
+                    running: c
+                        .agent_leases(id)
+                        .map(|((build, job), _)| format!("{build}/{job}"))
+                        .collect(),
+                })
+                .collect()
+        })?;
+        Ok(Response::new(ListAgentsResponse { agents }))
     }
 
     async fn revoke_agent(
         &self,
-        _request: Request<RevokeAgentRequest>,
+        request: Request<RevokeAgentRequest>,
     ) -> Result<Response<RevokeAgentResponse>, Status> {
-        Err(Status::unimplemented(
-            "remote agents are not implemented yet",
-        ))
+        self.state
+            .directory(|d| authenticate(d, &request))??
+            .require_admin()?;
+        let agent_id = request.into_inner().agent_id;
+        let known = self
+            .state
+            .cluster
+            .read(|c| c.agents.get(&agent_id).map(|a| a.tenant.clone()))?;
+        let Some(tenant) = known else {
+            return Err(Status::not_found(format!("no agent {agent_id}")));
+        };
+        let revoked = Payload::AgentRevoked(AgentRevoked { agent_id });
+        let offsets = self
+            .state
+            .append(&[directory_event(&tenant, revoked)])
+            .await?;
+        self.state
+            .wait_directory(offsets.last().map_or(0, |o| o + 1))
+            .await?;
+        Ok(Response::new(RevokeAgentResponse {}))
     }
 }

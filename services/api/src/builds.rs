@@ -48,6 +48,62 @@ impl BuildsApi {
     }
 }
 
+/// Triggers a build of `project` at `wanted` (a ref or a commit; empty = default branch):
+/// resolves it to a commit, reads the pipeline at that commit, appends the build's first
+/// events. `git_ref` is what is recorded as the ref. Used by the API and by webhooks.
+pub async fn trigger(
+    state: &ApiState,
+    tenant: &str,
+    project: &str,
+    git_ref: &str,
+    wanted: &str,
+    who: &str,
+    source: &str,
+) -> Result<TriggerBuildResponse, Status> {
+    let project = state.directory(|d| d.project(tenant, project).cloned())?.ok_or_else(|| {
+        Status::not_found(format!(
+            "no project {project}; create it with `tributary project add {project} --repo PATH_OR_URL`"
+        ))
+    })?;
+    let commit = tributary_repo::resolve(&project.repository, wanted, &state.mirrors)
+        .await
+        .map_err(|e| Status::failed_precondition(e.to_string()))?;
+    let pipeline_text = match tributary_repo::read_file(
+        &project.repository,
+        &commit,
+        PIPELINE_PATH,
+        &state.mirrors,
+    )
+    .await
+    {
+        Ok(text) => text,
+        Err(e) if e.is_not_found() => String::new(),
+        Err(e) => return Err(Status::failed_precondition(e.to_string())),
+    };
+    let build_id = tributary_proto::new_id();
+    let triggered = BuildTriggered {
+        who: who.to_owned(),
+        source: source.to_owned(),
+        repository: project.repository.clone(),
+        git_ref: git_ref.to_owned(),
+        commit: commit.clone(),
+        pipeline_path: PIPELINE_PATH.into(),
+        pipeline_text,
+        number: 0,
+    };
+    let (payloads, _) = tributary_pipeline::start_build(triggered);
+    let events: Vec<Envelope> = payloads
+        .into_iter()
+        .map(|p| Envelope::new(tenant, &project.name, &build_id, p))
+        .collect();
+    let offsets = state.append(&events).await?;
+    tracing::info!(build_id = %build_id, project = %project.name, commit = %commit, source, "build triggered");
+    Ok(TriggerBuildResponse {
+        build_id,
+        offset: offsets.first().copied().unwrap_or(0),
+    })
+}
+
 type BoxStream<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send>>;
 
 #[tonic::async_trait]
@@ -58,57 +114,22 @@ impl Builds for BuildsApi {
     ) -> Result<Response<TriggerBuildResponse>, Status> {
         let who = self.who(&request)?;
         let req = request.into_inner();
-        let project = self
-            .state
-            .directory(|d| d.project(&who.tenant, &req.project).cloned())?
-            .ok_or_else(|| {
-                Status::not_found(format!(
-                    "no project {}; create it with `tributary project add {} --repo PATH_OR_URL`",
-                    req.project, req.project
-                ))
-            })?;
         let wanted = if req.commit.is_empty() {
             req.git_ref.clone()
         } else {
             req.commit.clone()
         };
-        let commit = tributary_repo::resolve(&project.repository, &wanted, &self.state.mirrors)
-            .await
-            .map_err(|e| Status::failed_precondition(e.to_string()))?;
-        let pipeline_text = match tributary_repo::read_file(
-            &project.repository,
-            &commit,
-            PIPELINE_PATH,
-            &self.state.mirrors,
+        let resp = trigger(
+            &self.state,
+            &who.tenant,
+            &req.project,
+            &req.git_ref,
+            &wanted,
+            &who.name,
+            "api",
         )
-        .await
-        {
-            Ok(text) => text,
-            Err(e) if e.is_not_found() => String::new(),
-            Err(e) => return Err(Status::failed_precondition(e.to_string())),
-        };
-        let build_id = tributary_proto::new_id();
-        let triggered = BuildTriggered {
-            who: who.name.clone(),
-            source: "api".into(),
-            repository: project.repository.clone(),
-            git_ref: req.git_ref.clone(),
-            commit: commit.clone(),
-            pipeline_path: PIPELINE_PATH.into(),
-            pipeline_text,
-            number: 0,
-        };
-        let (payloads, _) = tributary_pipeline::start_build(triggered);
-        let events: Vec<Envelope> = payloads
-            .into_iter()
-            .map(|p| Envelope::new(&who.tenant, &project.name, &build_id, p))
-            .collect();
-        let offsets = self.state.append(&events).await?;
-        tracing::info!(build_id = %build_id, project = %project.name, commit = %commit, "build triggered");
-        Ok(Response::new(TriggerBuildResponse {
-            build_id,
-            offset: offsets.first().copied().unwrap_or(0),
-        }))
+        .await?;
+        Ok(Response::new(resp))
     }
 
     async fn get_build(
@@ -117,7 +138,25 @@ impl Builds for BuildsApi {
     ) -> Result<Response<Build>, Status> {
         let who = self.who(&request)?;
         let build = self.build_of(&who, &request.get_ref().build_id).await?;
-        Ok(Response::new(to_api(&build)))
+        let mut api = to_api(&build);
+        // Why queued jobs are not running, from the same routing rules the scheduler uses.
+        let end = self.state.log.end_offset().await.map_err(internal)?;
+        self.state.cluster.wait(end).await?;
+        let config = tributary_scheduler::cluster::ClusterConfig::default();
+        let reasons = self.state.cluster.read(|c| {
+            tributary_scheduler::cluster::waiting_reasons(
+                c,
+                &build.id,
+                tributary_proto::now_us(),
+                &config,
+            )
+        })?;
+        for job in &mut api.jobs {
+            if let Some(reason) = reasons.get(&job.id) {
+                job.waiting_for = reason.clone();
+            }
+        }
+        Ok(Response::new(api))
     }
 
     async fn list_builds(
@@ -202,7 +241,9 @@ impl Builds for BuildsApi {
         self.build_of(&who, &req.build_id).await?;
         let (tx, rx) = mpsc::channel(256);
         let log = self.state.log.clone();
+        let guard = crate::state::TailGuard::new(&self.state);
         tokio::spawn(async move {
+            let _guard = guard;
             let send = |record: &Record, env: &Envelope| -> Option<LogLine> {
                 match &env.payload {
                     Some(Payload::LogChunk(c)) if req.job.is_empty() || c.job == req.job => {
@@ -254,9 +295,12 @@ impl Builds for BuildsApi {
             }
             let mut sub = log.subscribe(next);
             loop {
-                let records = match sub.next_batch().await {
-                    Ok(r) => r,
-                    Err(_) => return,
+                let records = tokio::select! {
+                    r = sub.next_batch() => match r {
+                        Ok(r) => r,
+                        Err(_) => return,
+                    },
+                    _ = tx.closed() => return,
                 };
                 for record in &records {
                     if record.key != req.build_id {
@@ -285,10 +329,16 @@ impl Builds for BuildsApi {
         let req = request.into_inner();
         let (tx, rx) = mpsc::channel(256);
         let mut sub = self.state.log.subscribe(req.from_offset);
+        let guard = crate::state::TailGuard::new(&self.state);
         tokio::spawn(async move {
+            let _guard = guard;
             loop {
-                let Ok(records) = sub.next_batch().await else {
-                    return;
+                let records = tokio::select! {
+                    r = sub.next_batch() => match r {
+                        Ok(r) => r,
+                        Err(_) => return,
+                    },
+                    _ = tx.closed() => return,
                 };
                 for record in &records {
                     let Ok(env) = record.decode() else { continue };

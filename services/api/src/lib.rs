@@ -8,47 +8,58 @@
 //! * [`projects`]: create and list projects.
 //! * [`builds`]: trigger (ref → commit → `.tributary.yml` from the repository), get, list,
 //!   cancel, tail logs, watch events.
+//! * [`agents`]: agents register, pull leases, heartbeat and send their events (fenced).
 //! * [`admin`]: tenants and tokens.
 
 pub mod admin;
+pub mod agents;
 pub mod auth;
 pub mod builds;
+pub mod http;
 pub mod projects;
+pub mod seal;
 pub mod state;
 
 use std::net::SocketAddr;
 
-use tokio_stream::wrappers::TcpListenerStream;
 use tributary_proto::api::{
-    admin_server::AdminServer, builds_server::BuildsServer, projects_server::ProjectsServer,
+    admin_server::AdminServer, agents_server::AgentsServer, builds_server::BuildsServer,
+    projects_server::ProjectsServer,
 };
 
 pub use state::ApiState;
 
-/// Serves the gRPC API (with health and reflection) on `listener` until `shutdown` resolves.
+/// Serves the gRPC API (with health and reflection) and the HTTP routes ([`http`]) on
+/// `listener` until `shutdown` resolves. gRPC and HTTP share the port: requests are routed by
+/// path (`/tributary.api.v1.Builds/...` vs `/hooks/...`).
 pub async fn serve(
     state: ApiState,
     listener: tokio::net::TcpListener,
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
-) -> Result<(), tonic::transport::Error> {
+) -> std::io::Result<()> {
     let (health_reporter, health) = tonic_health::server::health_reporter();
     health_reporter
         .set_serving::<BuildsServer<builds::BuildsApi>>()
         .await;
-    let reflection = tonic_reflection::server::Builder::configure()
-        .register_encoded_file_descriptor_set(tributary_proto::FILE_DESCRIPTOR_SET)
-        .build_v1()
-        .ok();
-    let router = tonic::transport::Server::builder()
-        .add_service(health)
-        .add_optional_service(reflection)
+    let mut routes = tonic::service::Routes::new(health)
         .add_service(ProjectsServer::new(projects::ProjectsApi::new(
             state.clone(),
         )))
         .add_service(BuildsServer::new(builds::BuildsApi::new(state.clone())))
-        .add_service(AdminServer::new(admin::AdminApi::new(state)));
-    router
-        .serve_with_incoming_shutdown(TcpListenerStream::new(listener), shutdown)
+        .add_service(AgentsServer::new(agents::AgentsApi::new(state.clone())))
+        .add_service(AdminServer::new(admin::AdminApi::new(state.clone())));
+    if let Ok(reflection) = tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(tributary_proto::FILE_DESCRIPTOR_SET)
+        .build_v1()
+    {
+        routes = routes.add_service(reflection);
+    }
+    let app = routes
+        .prepare()
+        .into_axum_router()
+        .merge(http::router(state));
+    axum::serve(listener, app)
+        .with_graceful_shutdown(shutdown)
         .await
 }
 

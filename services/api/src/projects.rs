@@ -46,11 +46,14 @@ impl Projects for ProjectsApi {
                 "a project needs a repository: a git URL or a local path",
             ));
         }
-        if !req.webhook_secret.is_empty() {
-            return Err(Status::unimplemented(
-                "webhook secrets are not supported yet",
-            ));
-        }
+        let sealed_webhook_secret = if req.webhook_secret.is_empty() {
+            Vec::new()
+        } else {
+            let key = self.state.server_key.as_ref().ok_or_else(|| {
+                Status::failed_precondition("this server has no key to seal webhook secrets")
+            })?;
+            key.seal(req.webhook_secret.as_bytes())
+        };
         if self
             .state
             .directory(|d| d.project(&who.tenant, &req.name).is_some())?
@@ -70,7 +73,7 @@ impl Projects for ProjectsApi {
             tenant: who.tenant.clone(),
             name: req.name.clone(),
             repository: req.repository.clone(),
-            sealed_webhook_secret: Vec::new(),
+            sealed_webhook_secret,
             max_concurrent_jobs: req.max_concurrent_jobs,
         };
         let offsets = self

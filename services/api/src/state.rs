@@ -13,71 +13,65 @@ use tributary_eventlog::EventLog;
 use tributary_projections::directory::Directory;
 use tributary_projections::BuildsStore;
 use tributary_proto::events::{envelope::Payload, Envelope};
+use tributary_scheduler::cluster::ClusterState;
 
-#[derive(Clone)]
-pub struct ApiState {
-    pub log: Arc<dyn EventLog>,
-    pub store: BuildsStore,
-    pub mirrors: tributary_repo::Mirrors,
-    directory: Arc<RwLock<Directory>>,
-    /// Next offset the directory fold will apply.
-    directory_at: watch::Receiver<u64>,
+/// A read model folded in memory from offset 0 and kept following the log by a task.
+pub struct Folded<S> {
+    state: Arc<RwLock<S>>,
+    /// Next offset the fold will apply.
+    at: watch::Receiver<u64>,
 }
 
-impl ApiState {
-    /// Builds the directory from the log (offset 0) and keeps following it in a task.
-    pub async fn start(
-        log: Arc<dyn EventLog>,
-        store: BuildsStore,
-        mirrors: tributary_repo::Mirrors,
-    ) -> Result<ApiState, tributary_eventlog::LogError> {
-        let directory = Arc::new(RwLock::new(Directory::default()));
+impl<S> Clone for Folded<S> {
+    fn clone(&self) -> Self {
+        Folded {
+            state: self.state.clone(),
+            at: self.at.clone(),
+        }
+    }
+}
+
+impl<S: Default + Send + Sync + 'static> Folded<S> {
+    /// Starts folding `log` into a fresh `S` with `apply`.
+    pub fn start(log: &Arc<dyn EventLog>, apply: fn(&mut S, u64, &Envelope)) -> Self {
+        let state = Arc::new(RwLock::new(S::default()));
         let (tx, rx) = watch::channel(0u64);
         let mut sub = log.subscribe(0);
-        let dir = directory.clone();
+        let shared = state.clone();
         tokio::spawn(async move {
             loop {
                 let records = match sub.next_batch().await {
                     Ok(records) => records,
                     Err(e) => {
-                        tracing::info!(error = %e, "directory fold stopped");
+                        tracing::info!(error = %e, "read-model fold stopped");
                         return;
                     }
                 };
-                if let Ok(mut d) = dir.write() {
+                if let Ok(mut s) = shared.write() {
                     for record in &records {
                         if let Ok(env) = record.decode() {
-                            d.apply(&env);
+                            apply(&mut s, record.offset, &env);
                         }
                     }
                 }
                 let _ = tx.send(sub.position());
             }
         });
-        let state = ApiState {
-            log,
-            store,
-            mirrors,
-            directory,
-            directory_at: rx,
-        };
-        let end = state.log.end_offset().await?;
-        let _ = state.wait_directory(end).await;
-        Ok(state)
+        Folded { state, at: rx }
     }
 
-    /// A consistent copy-free view of the directory.
-    pub fn directory<R>(&self, f: impl FnOnce(&Directory) -> R) -> Result<R, Status> {
-        let d = self
-            .directory
+    /// Reads the state.
+    pub fn read<R>(&self, f: impl FnOnce(&S) -> R) -> Result<R, Status> {
+        let s = self
+            .state
             .read()
-            .map_err(|_| Status::internal("directory lock poisoned"))?;
-        Ok(f(&d))
+            .map_err(|_| Status::internal("read-model lock poisoned"))?;
+        Ok(f(&s))
     }
 
-    /// Waits until the directory has folded every offset below `end`.
-    pub async fn wait_directory(&self, end: u64) -> Result<(), Status> {
-        let mut rx = self.directory_at.clone();
+    /// Waits until every offset below `end` is folded.
+    pub async fn wait(&self, end: u64) -> Result<(), Status> {
+        let mut rx = self.at.clone();
         let ok = tokio::time::timeout(Duration::from_secs(5), rx.wait_for(|at| *at >= end))
             .await
             .is_ok_and(|r| r.is_ok());
@@ -85,9 +79,79 @@ impl ApiState {
             Ok(())
         } else {
             Err(Status::unavailable(
-                "the directory read model is lagging; retry",
+                "a read model is lagging behind the log; retry",
             ))
         }
+    }
+}
+
+#[derive(Clone)]
+pub struct ApiState {
+    pub log: Arc<dyn EventLog>,
+    pub store: BuildsStore,
+    pub mirrors: tributary_repo::Mirrors,
+    pub directory: Folded<Directory>,
+    pub cluster: Folded<ClusterState>,
+    /// Seals secrets at rest (webhook secrets); None = secrets refused.
+    pub server_key: Option<crate::seal::ServerKey>,
+    /// Open log tails and event watches (a metric).
+    pub tail_subscribers: Arc<std::sync::atomic::AtomicUsize>,
+}
+
+/// Counts one open tail while alive.
+pub struct TailGuard(Arc<std::sync::atomic::AtomicUsize>);
+
+impl TailGuard {
+    pub fn new(state: &ApiState) -> Self {
+        state
+            .tail_subscribers
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        TailGuard(state.tail_subscribers.clone())
+    }
+}
+
+impl Drop for TailGuard {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
+    }
+}
+
+impl ApiState {
+    /// Folds the directory and the cluster state from the log (offset 0), keeps them
+    /// following it, and returns once they have caught up.
+    pub async fn start(
+        log: Arc<dyn EventLog>,
+        store: BuildsStore,
+        mirrors: tributary_repo::Mirrors,
+        server_key: Option<crate::seal::ServerKey>,
+    ) -> Result<ApiState, tributary_eventlog::LogError> {
+        let directory = Folded::start(&log, |d: &mut Directory, _, env| d.apply(env));
+        let cluster = Folded::start(&log, |c: &mut ClusterState, offset, env| {
+            c.apply(offset, env)
+        });
+        let state = ApiState {
+            log,
+            store,
+            mirrors,
+            directory,
+            cluster,
+            server_key,
+            tail_subscribers: Arc::default(),
+        };
+        let end = state.log.end_offset().await?;
+        let _ = state.directory.wait(end).await;
+        let _ = state.cluster.wait(end).await;
+        Ok(state)
+    }
+
+    /// Reads the directory.
+    pub fn directory<R>(&self, f: impl FnOnce(&Directory) -> R) -> Result<R, Status> {
+        self.directory.read(f)
+    }
+
+    /// Waits until the directory has folded every offset below `end`.
+    pub async fn wait_directory(&self, end: u64) -> Result<(), Status> {
+        self.directory.wait(end).await
     }
 
     /// Waits (bounded) until the builds read model has folded every offset below `end`.

@@ -375,5 +375,6 @@ fn build_outcome(build: &BuildRun) -> (Status, String) {
 }
 
 pub mod cluster;
+pub mod service;
 #[cfg(test)]
 mod tests;

@@ -41,7 +41,8 @@ pub enum Command {
     /// and the first difference is reported (exit status 1).
     Replay(ReplayArgs),
     /// Start the server on the embedded default: API, scheduler, projector and in-process
-    /// agents in one process, with the log and read models in --data.
+    /// agents in one process, with the log and read models in --data. Remote agents
+    /// (`tributary agent`) can join it too.
     ///
     /// On first start it creates the admin token in DIR/admin.token (mode 0600). Projects are
     /// git repositories (URL or local path); builds read `.tributary.yml` at the commit.
@@ -59,6 +60,8 @@ pub enum Command {
     Cancel(GetArgs),
     /// Follow the server's events live (your tenant's), from an offset.
     Watch(WatchArgs),
+    /// Admin: list agents (connected, labels, running jobs) or revoke one.
+    Agents(AgentsArgs),
     /// Admin: create a tenant, or a token for one.
     #[command(subcommand)]
     Admin(AdminCommand),
@@ -136,6 +139,23 @@ pub struct EventsArgs {
 pub struct BuildsArgs {
     #[command(flatten)]
     pub data: DataArgs,
+    /// List from this server instead of the local data directory (also TRIBUTARY_SERVER).
+    #[arg(long, value_name = "URL", env = "TRIBUTARY_SERVER")]
+    pub server: Option<String>,
+    /// API token for --server.
+    #[arg(
+        long,
+        value_name = "TOKEN",
+        env = "TRIBUTARY_TOKEN",
+        hide_env_values = true
+    )]
+    pub token: Option<String>,
+    /// Only this project's builds (with --server).
+    #[arg(long, value_name = "P")]
+    pub project: Option<String>,
+    /// Only builds with this status (with --server): running, failed, succeeded, ...
+    #[arg(long, value_name = "S")]
+    pub status: Option<String>,
     /// Show at most this many builds, newest first.
     #[arg(long, default_value_t = 50)]
     pub limit: u32,
@@ -196,6 +216,9 @@ pub struct UpArgs {
     /// Jobs each in-process agent runs at once.
     #[arg(long, value_name = "C", default_value_t = 2)]
     pub agent_capacity: usize,
+    /// Seconds without a heartbeat after which an agent is lost and its jobs are requeued.
+    #[arg(long, value_name = "SECS", default_value_t = 10.0)]
+    pub lease_ttl: f64,
 }
 
 #[derive(Debug, Args, Clone)]
@@ -230,6 +253,10 @@ pub enum ProjectCommand {
         /// At most this many jobs of the project run at once (0 = no limit).
         #[arg(long, default_value_t = 0)]
         max_concurrent_jobs: u32,
+        /// Secret for GitHub webhook signatures (POST /hooks/github/TENANT/PROJECT); taken
+        /// from the environment so it stays out of the process list.
+        #[arg(long, env = "TRIBUTARY_WEBHOOK_SECRET", hide_env_values = true)]
+        webhook_secret: Option<String>,
         #[command(flatten)]
         server: ServerArgs,
     },
@@ -352,4 +379,13 @@ pub struct AgentArgs {
     /// no usage is reported.
     #[arg(long, value_name = "C")]
     pub machine_class: Option<String>,
+}
+
+#[derive(Debug, Args)]
+pub struct AgentsArgs {
+    /// Revoke this agent: it gets no more work and its token stops working.
+    #[arg(long, value_name = "AGENT_ID")]
+    pub revoke: Option<String>,
+    #[command(flatten)]
+    pub server: ServerArgs,
 }

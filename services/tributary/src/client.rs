@@ -13,7 +13,8 @@ use tributary_proto::api::{
 use tributary_proto::events::{envelope::Payload, Status as BuildStatus};
 
 use crate::cli::{
-    AdminCommand, GetArgs, LogsArgs, ProjectCommand, ServerArgs, TriggerArgs, WatchArgs,
+    AdminCommand, AgentsArgs, BuildsArgs, GetArgs, LogsArgs, ProjectCommand, ServerArgs,
+    TriggerArgs, WatchArgs,
 };
 use crate::render::Renderer;
 
@@ -60,6 +61,7 @@ pub async fn project(cmd: ProjectCommand) -> anyhow::Result<ExitCode> {
             name,
             repo,
             max_concurrent_jobs,
+            webhook_secret,
             server,
         } => {
             let (ch, auth) = channel(&server).await?;
@@ -73,7 +75,7 @@ pub async fn project(cmd: ProjectCommand) -> anyhow::Result<ExitCode> {
                 .create_project(api::CreateProjectRequest {
                     name,
                     repository,
-                    webhook_secret: String::new(),
+                    webhook_secret: webhook_secret.unwrap_or_default(),
                     max_concurrent_jobs,
                 })
                 .await
@@ -191,6 +193,9 @@ pub async fn get(args: GetArgs) -> anyhow::Result<ExitCode> {
     }
     for j in &b.jobs {
         println!("  job {:<28} {:<10} {}", j.id, j.status, j.reason);
+        if !j.waiting_for.is_empty() {
+            println!("    waiting: {}", j.waiting_for);
+        }
         for s in &j.steps {
             println!("    step {:<24} {}", s.name, s.status);
             for l in &s.lines {
@@ -270,6 +275,85 @@ pub async fn admin(cmd: AdminCommand) -> anyhow::Result<ExitCode> {
                 .into_inner();
             println!("{}", t.token);
         }
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+pub async fn builds_list(args: BuildsArgs, server: String) -> anyhow::Result<ExitCode> {
+    let mut client = builds(&ServerArgs {
+        server,
+        token: args.token.clone(),
+    })
+    .await?;
+    let list = client
+        .list_builds(api::ListBuildsRequest {
+            project: args.project.unwrap_or_default(),
+            status: args.status.unwrap_or_default(),
+            limit: args.limit,
+        })
+        .await
+        .map_err(status)?
+        .into_inner();
+    if args.json {
+        println!("{}", serde_json::to_string_pretty(&list.builds)?);
+        return Ok(ExitCode::SUCCESS);
+    }
+    println!(
+        "{:<36}  {:<10}  {:<16}  {:<12}  REASON",
+        "BUILD", "STATUS", "PROJECT", "COMMIT"
+    );
+    for b in &list.builds {
+        println!(
+            "{:<36}  {:<10}  {:<16}  {:<12}  {}",
+            b.id,
+            b.status,
+            b.project,
+            b.commit.get(..12).unwrap_or(&b.commit),
+            b.reason.lines().next().unwrap_or("")
+        );
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+pub async fn agents(args: AgentsArgs) -> anyhow::Result<ExitCode> {
+    let (ch, auth) = channel(&args.server).await?;
+    let mut client = AdminClient::with_interceptor(ch, auth);
+    if let Some(agent_id) = args.revoke {
+        client
+            .revoke_agent(api::RevokeAgentRequest {
+                agent_id: agent_id.clone(),
+            })
+            .await
+            .map_err(status)?;
+        println!("agent {agent_id} revoked");
+        return Ok(ExitCode::SUCCESS);
+    }
+    let list = client
+        .list_agents(api::ListAgentsRequest {})
+        .await
+        .map_err(status)?
+        .into_inner();
+    println!(
+        "{:<36}  {:<16}  {:<12}  {:>4}  {:<12}  RUNNING",
+        "AGENT", "NAME", "STATE", "CAP", "LABELS"
+    );
+    for a in list.agents {
+        let state = if a.revoked {
+            "revoked"
+        } else if a.connected {
+            "connected"
+        } else {
+            "gone"
+        };
+        println!(
+            "{:<36}  {:<16}  {:<12}  {:>4}  {:<12}  {}",
+            a.id,
+            a.name,
+            state,
+            a.capacity,
+            a.labels.join(","),
+            a.running.join(" ")
+        );
     }
     Ok(ExitCode::SUCCESS)
 }

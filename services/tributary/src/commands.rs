@@ -31,6 +31,7 @@ pub async fn dispatch(command: Command) -> anyhow::Result<ExitCode> {
         Command::Cancel(args) => crate::client::cancel(args).await,
         Command::Watch(args) => crate::client::watch(args).await,
         Command::Admin(cmd) => crate::client::admin(cmd).await,
+        Command::Agents(args) => crate::client::agents(args).await,
         Command::Agent(args) => crate::agent::command(args).await,
     }
 }
@@ -230,6 +231,9 @@ fn short(id: &str) -> &str {
 }
 
 async fn builds(args: BuildsArgs) -> anyhow::Result<ExitCode> {
+    if let Some(server) = args.server.clone() {
+        return crate::client::builds_list(args, server).await;
+    }
     let data = DataDir::open(&args.data.data).await?;
     data.catch_up().await?;
     let list = data.store.list_builds(args.limit).await?;

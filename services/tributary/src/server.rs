@@ -6,15 +6,17 @@ use std::os::unix::fs::OpenOptionsExt;
 use std::process::ExitCode;
 use std::sync::Arc;
 
+use std::time::Duration;
+
 use anyhow::Context;
 use tokio_util::sync::CancellationToken;
+use tributary_agent::AgentConfig;
 use tributary_eventlog::EventLog;
 use tributary_proto::events::{envelope::Payload, Envelope, TenantCreated, TokenIssued};
+use tributary_scheduler::cluster::ClusterConfig;
 
-use crate::agent::Workspaces;
 use crate::cli::UpArgs;
 use crate::data_dir::DataDir;
-use crate::local_run::{self, DriveConfig};
 
 /// The tenant the admin token belongs to (and the default for its own projects).
 pub const DEFAULT_TENANT: &str = "default";
@@ -37,8 +39,6 @@ pub async fn up(args: UpArgs) -> anyhow::Result<ExitCode> {
         })?;
     let addr = listener.local_addr()?;
     let mirrors = tributary_repo::Mirrors::new(data.path.join("mirrors"));
-    let stop = CancellationToken::new();
-
     let projector = {
         let store = data.store.clone();
         let log = log.clone();
@@ -47,25 +47,58 @@ pub async fn up(args: UpArgs) -> anyhow::Result<ExitCode> {
             p.follow(log.as_ref()).await
         })
     };
-    let state =
-        tributary_api::ApiState::start(log.clone(), data.store.clone(), mirrors.clone()).await?;
-    let driver = tokio::spawn(local_run::drive(
-        DriveConfig {
-            log: log.clone(),
-            slots: args.agents.max(1) * args.agent_capacity.max(1),
-            workspaces: Workspaces::Checkout {
-                root: data.path.join("workspaces"),
-                mirrors,
-            },
-            scratch_dir: data.path.join("scratch"),
-            only_build: None,
-        },
-        0,
-        CancellationToken::new(),
-        stop.clone(),
+    let server_key = load_or_create_key(&data.path.join("server.key"))?;
+    let state = tributary_api::ApiState::start(
+        log.clone(),
+        data.store.clone(),
+        mirrors.clone(),
+        Some(server_key),
+    )
+    .await?;
+
+    // Scheduler service: folds the log, assigns leases to connected agents, requeues lost ones.
+    let ttl_us = (args.lease_ttl * 1e6) as i64;
+    let config = ClusterConfig {
+        lease_ttl_us: ttl_us,
+        agent_ttl_us: ttl_us,
+        ..ClusterConfig::default()
+    };
+    let scheduler_stop = CancellationToken::new();
+    let scheduler = tokio::spawn(tributary_scheduler::service::run(
+        log.clone(),
+        config,
+        Duration::from_millis(250),
+        scheduler_stop.clone(),
     ));
+
+    // The API (gRPC + HTTP on one port).
+    let server_stop = CancellationToken::new();
+    let server = {
+        let stop = server_stop.clone();
+        tokio::spawn(tributary_api::serve(state, listener, async move {
+            stop.cancelled().await
+        }))
+    };
+
+    // In-process agents: the same agent runtime as `tributary agent`, over loopback gRPC,
+    // enrolled with the admin token as shared agents.
+    let admin_token = std::fs::read_to_string(&token_path)
+        .with_context(|| format!("cannot read {}", token_path.display()))?;
+    let drain = CancellationToken::new();
+    let mut agents = tokio::task::JoinSet::new();
+    for i in 0..args.agents {
+        let mut config = AgentConfig::new(
+            format!("http://{addr}"),
+            data.path.join("agents").join(format!("embedded-{i}")),
+        );
+        config.enrollment_token = Some(admin_token.trim().to_owned());
+        config.name = format!("embedded-{i}");
+        config.capacity = args.agent_capacity.max(1) as u32;
+        agents.spawn(tributary_agent::run(config, drain.clone()));
+    }
+
     println!(
-        "tributary is up: gRPC on http://{addr}, data in {}",
+        "tributary is up: gRPC and HTTP on http://{addr}, data in {}",
         data.path.display()
     );
     if first_start {
@@ -76,28 +109,63 @@ pub async fn up(args: UpArgs) -> anyhow::Result<ExitCode> {
         );
     }
     let _ = std::io::stdout().flush();
-    let shutdown = {
-        let stop = stop.clone();
-        async move {
-            let mut term =
-                tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).ok();
-            tokio::select! {
-                _ = tokio::signal::ctrl_c() => {}
-                _ = async { match term.as_mut() { Some(t) => { t.recv().await; } None => std::future::pending().await } } => {}
-            }
-            tracing::info!("shutting down");
-            stop.cancel();
-        }
-    };
-    tributary_api::serve(state, listener, shutdown).await?;
-    match driver.await {
-        Ok(Ok(_)) => {}
-        Ok(Err(e)) => tracing::error!(error = %e, "scheduler stopped with an error"),
-        Err(e) => tracing::error!(error = %e, "scheduler task failed"),
+
+    wait_for_signal().await;
+    // Drain: agents take no new work and finish what they run, while the API stays up to take
+    // their events. A second signal stops at once.
+    tracing::info!("draining agents");
+    drain.cancel();
+    tokio::select! {
+        _ = async { while agents.join_next().await.is_some() {} } => {}
+        _ = wait_for_signal() => tracing::warn!("second signal: stopping without waiting for jobs"),
+    }
+    scheduler_stop.cancel();
+    if let Ok(Err(e)) = scheduler.await {
+        tracing::error!(error = %e, "scheduler stopped with an error");
+    }
+    server_stop.cancel();
+    if let Ok(Err(e)) = server.await {
+        tracing::error!(error = %e, "API server stopped with an error");
     }
     projector.abort();
     data.log.close().await;
     Ok(ExitCode::SUCCESS)
+}
+
+async fn wait_for_signal() {
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).ok();
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        _ = async {
+            match term.as_mut() {
+                Some(t) => { t.recv().await; }
+                None => std::future::pending::<()>().await,
+            }
+        } => {}
+    }
+}
+
+/// The key that seals secrets at rest: 32 random bytes in `path` (0600), made on first start.
+fn load_or_create_key(path: &std::path::Path) -> anyhow::Result<tributary_api::seal::ServerKey> {
+    if let Ok(bytes) = std::fs::read(path) {
+        let key: [u8; 32] = bytes.try_into().map_err(|_| {
+            anyhow::anyhow!(
+                "{} is not a 32-byte key; restore it from backup",
+                path.display()
+            )
+        })?;
+        return Ok(tributary_api::seal::ServerKey::new(key));
+    }
+    let key = tributary_api::seal::ServerKey::generate();
+    let mut file = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(path)
+        .with_context(|| format!("cannot create {}", path.display()))?;
+    file.write_all(key.bytes())?;
+    file.sync_all()?;
+    Ok(key)
 }
 
 /// First start: the default tenant and an admin token, whose sha256 goes on the log and whose

@@ -1,0 +1,394 @@
+//! The Agents service: agents dial out (they sit behind NAT) and pull work.
+//!
+//! * `Register` exchanges an enrollment token for an agent id and the agent's own token.
+//! * `PullWork` is the agent's work stream: every lease assigned to it is pushed the moment the
+//!   scheduler's `JobAssigned` is on the log (Buildkite-style streaming dispatch, no polling).
+//!   Opening it appends `AgentConnected`; closing it appends `AgentDisconnected`.
+//! * `Heartbeat` appends `AgentHeartbeat` (renewing the agent's leases) and answers which
+//!   leases to stop.
+//! * `SendEvents` is the only way an agent's events reach the log. Fencing: a lease that is no
+//!   longer the agent's current one (requeued, finished, revoked) is refused with
+//!   FAILED_PRECONDITION, and each event must belong to the lease's job attempt.
+
+use std::collections::HashMap;
+use std::pin::Pin;
+use std::sync::{Arc, Mutex};
+
+use futures::Stream;
+use tokio::sync::mpsc;
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::{Request, Response, Status};
+use tributary_projections::directory::TokenKind;
+use tributary_proto::api::{agents_server::Agents, *};
+use tributary_proto::events::{
+    envelope::Payload, AgentConnected, AgentDisconnected, AgentHeartbeat, AgentRegistered,
+    Envelope, TokenIssued,
+};
+use tributary_scheduler::cluster::leases_to_cancel;
+
+use crate::auth::{authenticate, new_token, sha256_hex, Principal};
+use crate::state::{internal, ApiState};
+
+pub struct AgentsApi {
+    state: ApiState,
+    /// Current work-stream session per agent (connection state, not domain state).
+    sessions: Arc<Mutex<HashMap<String, String>>>,
+}
+
+impl AgentsApi {
+    pub fn new(state: ApiState) -> Self {
+        AgentsApi {
+            state,
+            sessions: Arc::new(Mutex::new(HashMap::new())),
+        }
+    }
+
+    /// The calling agent; `agent_id` in the request must be its own.
+    fn agent<T>(&self, request: &Request<T>, agent_id: &str) -> Result<Principal, Status> {
+        let who = self.state.directory(|d| authenticate(d, request))??;
+        if who.kind != TokenKind::Agent {
+            return Err(Status::permission_denied("this call needs an agent token"));
+        }
+        if who.name != agent_id {
+            return Err(Status::permission_denied(
+                "agent_id does not match the agent token",
+            ));
+        }
+        let revoked = self
+            .state
+            .cluster
+            .read(|c| c.agents.get(agent_id).is_none_or(|a| a.revoked))?;
+        if revoked {
+            return Err(Status::permission_denied(
+                "this agent is revoked or unknown",
+            ));
+        }
+        Ok(who)
+    }
+
+    fn session(&self, agent_id: &str) -> String {
+        self.sessions
+            .lock()
+            .ok()
+            .and_then(|s| s.get(agent_id).cloned())
+            .unwrap_or_default()
+    }
+}
+
+/// The lease message for a job assigned to an agent, from the build's first event
+/// (BuildTriggered: repository and commit) and the cluster state (the job's plan).
+async fn lease_message(
+    state: &ApiState,
+    build_id: &str,
+    job: &str,
+    attempt: u32,
+    lease_id: &str,
+) -> Result<Option<Lease>, Status> {
+    let first = state.log.read_key(build_id, 0, 1).await.map_err(internal)?;
+    let Some(env) = first.first().and_then(|r| r.decode().ok()) else {
+        return Ok(None);
+    };
+    let Some(Payload::BuildTriggered(t)) = &env.payload else {
+        return Ok(None);
+    };
+    let plan = state.cluster.read(|c| c.job_plan(build_id, job).cloned())?;
+    Ok(plan.map(|plan| Lease {
+        lease_id: lease_id.to_owned(),
+        tenant: env.tenant.clone(),
+        project: env.project.clone(),
+        build_id: build_id.to_owned(),
+        job: Some(plan),
+        attempt,
+        repository: t.repository.clone(),
+        commit: t.commit.clone(),
+    }))
+}
+
+/// Job and attempt an agent event is about; None for types an agent may not send.
+fn job_attempt(payload: &Payload) -> Option<(&str, u32)> {
+    Some(match payload {
+        Payload::JobStarted(e) => (&e.job, e.attempt),
+        Payload::StepStarted(e) => (&e.job, e.attempt),
+        Payload::LineStarted(e) => (&e.job, e.attempt),
+        Payload::LogChunk(e) => (&e.job, e.attempt),
+        Payload::LineExited(e) => (&e.job, e.attempt),
+        Payload::StepFinished(e) => (&e.job, e.attempt),
+        Payload::ArtifactUploaded(e) => (&e.job, e.attempt),
+        Payload::JobFinished(e) => (&e.job, e.attempt),
+        Payload::UsageTick(e) => (&e.job, e.attempt),
+        _ => return None,
+    })
+}
+
+type BoxStream<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send>>;
+
+#[tonic::async_trait]
+impl Agents for AgentsApi {
+    async fn register(
+        &self,
+        request: Request<RegisterAgentRequest>,
+    ) -> Result<Response<RegisterAgentResponse>, Status> {
+        let req = request.into_inner();
+        let token = self
+            .state
+            .directory(|d| d.token(&sha256_hex(req.enrollment_token.trim())).cloned())?
+            .ok_or_else(|| Status::unauthenticated("unknown or revoked enrollment token"))?;
+        // Agents enrolled with the admin token are shared by every tenant.
+        let tenant = match token.kind {
+            TokenKind::Enrollment => token.tenant.clone(),
+            TokenKind::Admin => String::new(),
+            _ => {
+                return Err(Status::permission_denied(
+                    "registering needs an enrollment token",
+                ))
+            }
+        };
+        if req.capacity == 0 || req.capacity > 256 {
+            return Err(Status::invalid_argument(
+                "capacity must be between 1 and 256",
+            ));
+        }
+        if let Some(bad) = req.labels.iter().find(|l| !crate::admin::valid_name(l)) {
+            return Err(Status::invalid_argument(format!(
+                "invalid label {bad:?}: letters, digits, '-', '_' and '.' only"
+            )));
+        }
+        let agent_id = tributary_proto::new_id();
+        let (agent_token, sha256) = new_token();
+        let name = if req.name.is_empty() {
+            agent_id.clone()
+        } else {
+            req.name
+        };
+        let registered = Payload::AgentRegistered(AgentRegistered {
+            agent_id: agent_id.clone(),
+            name,
+            labels: req.labels,
+            capacity: req.capacity,
+            tenant: tenant.clone(),
+            token_sha256: sha256.clone(),
+        });
+        let issued = Payload::TokenIssued(TokenIssued {
+            token_id: tributary_proto::new_id(),
+            tenant: tenant.clone(),
+            kind: "agent".into(),
+            name: agent_id.clone(),
+            sha256,
+        });
+        let offsets = self
+            .state
+            .append(&[
+                Envelope::new(&tenant, "", "", registered),
+                Envelope::new(&tenant, "", "", issued),
+            ])
+            .await?;
+        let end = offsets.last().map_or(0, |o| o + 1);
+        self.state.wait_directory(end).await?;
+        self.state.cluster.wait(end).await?;
+        tracing::info!(agent_id = %agent_id, tenant = %tenant, "agent registered");
+        Ok(Response::new(RegisterAgentResponse {
+            agent_id,
+            agent_token,
+        }))
+    }
+
+    type PullWorkStream = BoxStream<Lease>;
+
+    async fn pull_work(
+        &self,
+        request: Request<PullWorkRequest>,
+    ) -> Result<Response<Self::PullWorkStream>, Status> {
+        let agent_id = request.get_ref().agent_id.clone();
+        let who = self.agent(&request, &agent_id)?;
+        let req = request.into_inner();
+        let session = tributary_proto::new_id();
+        if let Ok(mut s) = self.sessions.lock() {
+            s.insert(agent_id.clone(), session.clone());
+        }
+        let connected = Payload::AgentConnected(AgentConnected {
+            agent_id: agent_id.clone(),
+            labels: req.labels,
+            capacity: req.capacity,
+            session_id: session.clone(),
+        });
+        let offsets = self
+            .state
+            .append(&[Envelope::new(&who.tenant, "", "", connected)])
+            .await?;
+        let from = offsets.last().map_or(0, |o| o + 1);
+        self.state.cluster.wait(from).await?;
+        // Leases already assigned (and not started) as of `from`, then every new assignment.
+        let pending: Vec<(String, String, u32, String)> = self.state.cluster.read(|c| {
+            c.agent_leases(&agent_id)
+                .filter(|(_, l)| l.started_us.is_none())
+                .map(|((b, j), l)| (b.clone(), j.clone(), l.attempt, l.lease_id.clone()))
+                .collect()
+        })?;
+        let (tx, rx) = mpsc::channel::<Result<Lease, Status>>(64);
+        let state = self.state.clone();
+        let sessions = self.sessions.clone();
+        let tenant = who.tenant.clone();
+        tokio::spawn(async move {
+            let mut sub = state.log.subscribe(from);
+            let mut send = pending;
+            loop {
+                for (build, job, attempt, lease_id) in send.drain(..) {
+                    match lease_message(&state, &build, &job, attempt, &lease_id).await {
+                        Ok(Some(lease)) => {
+                            if tx.send(Ok(lease)).await.is_err() {
+                                break;
+                            }
+                        }
+                        Ok(None) => {
+                            tracing::warn!(build_id = %build, job_id = %job, "lease for an unknown build")
+                        }
+                        Err(e) => tracing::error!(error = %e, "cannot build a lease"),
+                    }
+                }
+                let batch = tokio::select! {
+                    b = sub.next_batch() => b,
+                    _ = tx.closed() => break,
+                };
+                let Ok(records) = batch else { break };
+                for record in &records {
+                    let Ok(env) = record.decode() else { continue };
+                    if let Some(Payload::JobAssigned(a)) = &env.payload {
+                        if a.agent_id == agent_id {
+                            // The lease must be in the cluster fold before the agent uses it.
+                            let _ = state.cluster.wait(record.offset + 1).await;
+                            send.push((
+                                env.build_id.clone(),
+                                a.job.clone(),
+                                a.attempt,
+                                a.lease_id.clone(),
+                            ));
+                        }
+                    }
+                }
+                if tx.is_closed() {
+                    break;
+                }
+            }
+            let current = sessions.lock().ok().and_then(|s| s.get(&agent_id).cloned());
+            if current.as_deref() == Some(session.as_str()) {
+                let gone = Payload::AgentDisconnected(AgentDisconnected {
+                    agent_id: agent_id.clone(),
+                    session_id: session.clone(),
+                    reason: "work stream closed".into(),
+                });
+                if let Err(e) = state
+                    .log
+                    .append(&[Envelope::new(&tenant, "", "", gone)])
+                    .await
+                {
+                    tracing::error!(error = %e, "cannot record AgentDisconnected");
+                }
+                tracing::info!(agent_id = %agent_id, "agent disconnected");
+            }
+        });
+        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+    }
+
+    async fn heartbeat(
+        &self,
+        request: Request<HeartbeatRequest>,
+    ) -> Result<Response<HeartbeatResponse>, Status> {
+        let agent_id = request.get_ref().agent_id.clone();
+        let who = self.agent(&request, &agent_id)?;
+        let req = request.into_inner();
+        let beat = Payload::AgentHeartbeat(AgentHeartbeat {
+            agent_id: agent_id.clone(),
+            lease_ids: req.lease_ids.clone(),
+            draining: req.draining,
+            session_id: self.session(&agent_id),
+        });
+        self.state
+            .append(&[Envelope::new(&who.tenant, "", "", beat)])
+            .await?;
+        let end = self.state.log.end_offset().await.map_err(internal)?;
+        self.state.cluster.wait(end).await?;
+        let cancel_lease_ids = self
+            .state
+            .cluster
+            .read(|c| leases_to_cancel(c, &agent_id, &req.lease_ids))?;
+        Ok(Response::new(HeartbeatResponse { cancel_lease_ids }))
+    }
+
+    async fn send_events(
+        &self,
+        request: Request<SendEventsRequest>,
+    ) -> Result<Response<SendEventsResponse>, Status> {
+        let who = self.state.directory(|d| authenticate(d, &request))??;
+        if who.kind != TokenKind::Agent {
+            return Err(Status::permission_denied("this call needs an agent token"));
+        }
+        let req = request.into_inner();
+        let end = self.state.log.end_offset().await.map_err(internal)?;
+        self.state.cluster.wait(end).await?;
+        let lease = self.state.cluster.read(|c| {
+            c.lease(&req.lease_id).map(|((build, job), l)| {
+                let tenant = c
+                    .builds
+                    .builds
+                    .get(build)
+                    .map(|b| (b.tenant.clone(), b.project.clone()));
+                (
+                    build.clone(),
+                    job.clone(),
+                    l.attempt,
+                    l.agent_id.clone(),
+                    tenant,
+                )
+            })
+        })?;
+        let Some((build, job, attempt, agent, Some((tenant, project)))) = lease else {
+            return Err(Status::failed_precondition(format!(
+                "lease {} is not current (the job was requeued, finished or canceled); stop it",
+                req.lease_id
+            )));
+        };
+        if agent != who.name {
+            return Err(Status::failed_precondition(format!(
+                "lease {} belongs to another agent",
+                req.lease_id
+            )));
+        }
+        let mut events = Vec::with_capacity(req.events.len());
+        for mut env in req.events {
+            let Some(payload) = &env.payload else {
+                return Err(Status::invalid_argument("an event without a payload"));
+            };
+            match job_attempt(payload) {
+                Some((j, a)) if j == job && a == attempt => {}
+                Some(_) => {
+                    return Err(Status::invalid_argument(format!(
+                        "event {} is not about job {job} attempt {attempt} of this lease",
+                        env.type_name()
+                    )))
+                }
+                None => {
+                    return Err(Status::invalid_argument(format!(
+                        "agents may not send {} events",
+                        env.type_name()
+                    )))
+                }
+            }
+            if uuid_v7(&env.event_id).is_none() {
+                return Err(Status::invalid_argument(
+                    "every event needs a UUID v7 event_id",
+                ));
+            }
+            env.tenant = tenant.clone();
+            env.project = project.clone();
+            env.build_id = build.clone();
+            events.push(env);
+        }
+        let offsets = self.state.append(&events).await?;
+        Ok(Response::new(SendEventsResponse { offsets }))
+    }
+}
+
+fn uuid_v7(id: &str) -> Option<()> {
+    let parsed = id.parse::<tributary_proto::Uuid>().ok()?;
+    (parsed.get_version_num() == 7).then_some(())
+}

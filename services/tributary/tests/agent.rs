@@ -1,0 +1,355 @@
+//! `tributary agent` as a real process against a real `tributary up` (without in-process
+//! agents): enrollment on first start and the identity kept for restarts, builds run by the
+//! agent, drain on SIGTERM (the running job finishes, exit 0), and a second signal stopping at
+//! once (exit 130).
+
+use std::io::{BufRead, BufReader};
+use std::path::PathBuf;
+use std::process::{Child, ChildStdout, Command, ExitStatus, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+
+struct Proc(Child);
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn bin() -> &'static str {
+    env!("CARGO_BIN_EXE_tributary")
+}
+
+fn wait_until(what: &str, secs: u64, mut f: impl FnMut() -> bool) {
+    let deadline = Instant::now() + Duration::from_secs(secs);
+    while !f() {
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+struct Server {
+    _proc: Proc,
+    addr: String,
+    token: String,
+    dir: tempfile::TempDir,
+}
+
+impl Server {
+    fn start() -> Server {
+        let dir = tempfile::tempdir().unwrap();
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let addr = format!("127.0.0.1:{port}");
+        let child = Command::new(bin())
+            .args(["up", "--agents", "0", "--listen", &addr, "--data"])
+            .arg(dir.path().join("data"))
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        let proc = Proc(child);
+        wait_until("the server", 30, || {
+            std::net::TcpStream::connect(&addr).is_ok()
+        });
+        let token = std::fs::read_to_string(dir.path().join("data/admin.token"))
+            .unwrap()
+            .trim()
+            .to_owned();
+        Server {
+            _proc: proc,
+            addr: format!("http://{addr}"),
+            token,
+            dir,
+        }
+    }
+
+    fn cli(&self, args: &[&str]) -> Output {
+        Command::new(bin())
+            .args(args)
+            .env("TRIBUTARY_SERVER", &self.addr)
+            .env("TRIBUTARY_TOKEN", &self.token)
+            .output()
+            .unwrap()
+    }
+
+    fn ok(&self, args: &[&str]) -> String {
+        let out = self.cli(args);
+        assert!(
+            out.status.success(),
+            "{args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+
+    fn project(&self, name: &str, pipeline: &str) {
+        let repo = self.dir.path().join(name);
+        std::fs::create_dir_all(&repo).unwrap();
+        let git = |args: &[&str]| {
+            let ok = Command::new("git")
+                .args(["-c", "user.name=t", "-c", "user.email=t@t"])
+                .args(args)
+                .current_dir(&repo)
+                .status()
+                .unwrap()
+                .success();
+            assert!(ok, "git {args:?}");
+        };
+        git(&["init", "-q", "-b", "main"]);
+        std::fs::write(repo.join(".tributary.yml"), pipeline).unwrap();
+        git(&["add", "."]);
+        git(&["commit", "-qm", "init"]);
+        self.ok(&["project", "add", name, "--repo", repo.to_str().unwrap()]);
+    }
+
+    fn get(&self, build: &str) -> Value {
+        serde_json::from_str(&self.ok(&["get", build, "--json"])).unwrap()
+    }
+
+    fn job_status(&self, build: &str, job: &str) -> String {
+        self.get(build)["jobs"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|j| j["id"] == job)
+            .map(|j| j["status"].as_str().unwrap_or_default().to_owned())
+            .unwrap_or_default()
+    }
+
+    fn workdir(&self) -> PathBuf {
+        self.dir.path().join("agent")
+    }
+
+    /// `tributary agent` with `token` (None: without one, as on a restart).
+    fn agent(&self, token: Option<&str>) -> Agent {
+        let log = self
+            .dir
+            .path()
+            .join(format!("agent-{}.log", tributary_proto::new_id()));
+        let mut cmd = Command::new(bin());
+        // A relative --workdir: jobs run in their own directories, so the agent must make it
+        // absolute.
+        cmd.args([
+            "agent",
+            "--server",
+            &self.addr,
+            "--name",
+            "box",
+            "--capacity",
+            "1",
+        ])
+        .args(["--workdir", "agent"])
+        .current_dir(self.dir.path())
+        .env_remove("TRIBUTARY_ENROLLMENT_TOKEN")
+        .env("TRIBUTARY_LOG", "info")
+        .stdout(Stdio::piped())
+        .stderr(std::fs::File::create(&log).unwrap());
+        if let Some(token) = token {
+            cmd.args(["--token", token]);
+        }
+        let mut child = cmd.spawn().unwrap();
+        let mut stdout = BufReader::new(child.stdout.take().unwrap());
+        let proc = Proc(child);
+        let mut line = String::new();
+        stdout.read_line(&mut line).unwrap();
+        Agent {
+            proc,
+            first_line: line,
+            stdout,
+            log,
+        }
+    }
+}
+
+struct Agent {
+    proc: Proc,
+    first_line: String,
+    stdout: BufReader<ChildStdout>,
+    log: PathBuf,
+}
+
+impl Agent {
+    fn id(&self) -> String {
+        // "tributary agent <id> (<name>) on <server>: ..."
+        self.first_line
+            .strip_prefix("tributary agent ")
+            .and_then(|rest| rest.split_whitespace().next())
+            .unwrap_or_else(|| panic!("unexpected startup line {:?}", self.first_line))
+            .to_owned()
+    }
+
+    fn signal(&self, name: &str) {
+        let ok = Command::new("kill")
+            .args([&format!("-{name}"), &self.proc.0.id().to_string()])
+            .status()
+            .unwrap()
+            .success();
+        assert!(ok);
+    }
+
+    fn wait_exit(&mut self, secs: u64) -> ExitStatus {
+        let deadline = Instant::now() + Duration::from_secs(secs);
+        loop {
+            if let Some(status) = self.proc.0.try_wait().unwrap() {
+                return status;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "the agent did not exit; its log:\n{}",
+                self.log()
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    fn log(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// Everything printed on stdout after the startup line.
+    fn rest_of_stdout(&mut self) -> String {
+        let mut rest = String::new();
+        let mut line = String::new();
+        while self.stdout.read_line(&mut line).unwrap_or(0) > 0 {
+            rest.push_str(&line);
+            line.clear();
+        }
+        rest
+    }
+}
+
+const PIPELINE: &str =
+    "jobs:\n  work:\n    steps:\n      - run: sleep 2\n      - run: echo done-by-agent\n";
+
+#[test]
+fn an_enrolled_agent_runs_builds_keeps_its_identity_and_drains_on_sigterm() {
+    let server = Server::start();
+    let enrollment = server
+        .ok(&[
+            "admin",
+            "token-create",
+            "--tenant",
+            "default",
+            "--kind",
+            "enrollment",
+        ])
+        .trim()
+        .to_owned();
+    server.project("app", PIPELINE);
+
+    let mut agent = server.agent(Some(&enrollment));
+    let id = agent.id();
+    assert!(
+        agent.first_line.contains("(box)") && agent.first_line.contains(&server.addr),
+        "{}",
+        agent.first_line
+    );
+    let identity: Value = serde_json::from_str(
+        &std::fs::read_to_string(server.workdir().join("agent.json")).unwrap(),
+    )
+    .unwrap();
+    assert_eq!(identity["agent_id"], id.as_str());
+    let mode = std::os::unix::fs::PermissionsExt::mode(
+        &std::fs::metadata(server.workdir().join("agent.json"))
+            .unwrap()
+            .permissions(),
+    );
+    assert_eq!(mode & 0o777, 0o600, "agent.json must be private");
+
+    // A build runs on the agent; SIGTERM while it runs drains: the job still finishes.
+    let build = server.ok(&["trigger", "app"]).trim().to_owned();
+    wait_until("the job to run", 30, || {
+        server.job_status(&build, "work") == "running"
+    });
+    agent.signal("TERM");
+    let status = agent.wait_exit(30);
+    assert!(status.success(), "{status:?}; log:\n{}", agent.log());
+    assert_eq!(agent.rest_of_stdout(), "", "one line on stdout, no more");
+    wait_until("the build to finish", 30, || {
+        server.get(&build)["status"] != "running" && server.get(&build)["status"] != "queued"
+    });
+    let b = server.get(&build);
+    assert_eq!(b["status"], "succeeded", "{b}\nagent log:\n{}", agent.log());
+    assert_eq!(b["jobs"][0]["agent_id"], id.as_str());
+    let logs = server.ok(&["logs", &build]);
+    assert!(logs.contains("done-by-agent"), "{logs}");
+    // The attempt's workspace is gone; the mirror is kept for the next build.
+    let work = server.workdir().join("work");
+    let left: Vec<_> = std::fs::read_dir(&work)
+        .map(|d| d.collect())
+        .unwrap_or_default();
+    assert!(left.is_empty(), "{left:?}");
+    assert!(server.workdir().join("mirrors").is_dir());
+
+    // A restart without a token is the same agent.
+    let again = server.agent(None);
+    assert_eq!(again.id(), id);
+    let build = server.ok(&["trigger", "app"]).trim().to_owned();
+    wait_until("the second build", 30, || {
+        server.get(&build)["status"] == "succeeded"
+    });
+    assert_eq!(server.get(&build)["jobs"][0]["agent_id"], id.as_str());
+}
+
+#[test]
+fn without_a_token_or_identity_the_agent_says_what_to_do() {
+    let server = Server::start();
+    let out = Command::new(bin())
+        .args(["agent", "--server", &server.addr, "--workdir"])
+        .arg(server.workdir())
+        .env_remove("TRIBUTARY_ENROLLMENT_TOKEN")
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("--token"), "{err}");
+
+    let out = Command::new(bin())
+        .args([
+            "agent",
+            "--server",
+            &server.addr,
+            "--token",
+            "nope",
+            "--workdir",
+        ])
+        .arg(server.workdir())
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("refused to register"), "{err}");
+    assert!(!server.workdir().join("agent.json").exists());
+}
+
+#[test]
+fn a_second_signal_stops_at_once() {
+    let server = Server::start();
+    server.project(
+        "slow",
+        "jobs:\n  work:\n    steps:\n      - run: sleep 60\n",
+    );
+    let mut agent = server.agent(Some(&server.token));
+    let build = server.ok(&["trigger", "slow"]).trim().to_owned();
+    wait_until("the job to run", 30, || {
+        server.job_status(&build, "work") == "running"
+    });
+    agent.signal("TERM");
+    std::thread::sleep(Duration::from_millis(300));
+    assert!(
+        agent.proc.0.try_wait().unwrap().is_none(),
+        "draining waits for the job"
+    );
+    let started = Instant::now();
+    agent.signal("INT");
+    let status = agent.wait_exit(10);
+    assert!(started.elapsed() < Duration::from_secs(5));
+    assert_eq!(status.code(), Some(130), "log:\n{}", agent.log());
+}
