@@ -268,6 +268,16 @@ fn apply_to_build(build: &mut Build, time_us: i64, payload: &Payload) -> bool {
                 .map(|j| Job {
                     id: j.id.clone(),
                     name: j.name.clone(),
+                    phase: if j.kept_from_build.is_empty() {
+                        Phase::Pending
+                    } else {
+                        Phase::Succeeded
+                    },
+                    reason: if j.kept_from_build.is_empty() {
+                        String::new()
+                    } else {
+                        format!("succeeded in build {}; not re-run", j.kept_from_build)
+                    },
                     matrix: j
                         .matrix
                         .iter()

@@ -404,6 +404,12 @@ impl Runtime {
 
     /// Admits a pushed lease and starts its attempt, or says why not.
     fn start(&self, lease: api::Lease, tasks: &mut Tasks) {
+        if lease.cancel {
+            if let Some(job) = self.slots().cancel(&lease.lease_id) {
+                tracing::info!(lease_id = %lease.lease_id, build_id = %job.build_id, job_id = %job.job_id, "the server canceled the job");
+            }
+            return;
+        }
         let Some(job) = lease.job else {
             tracing::error!(lease_id = %lease.lease_id, "refusing a lease without a job");
             return;

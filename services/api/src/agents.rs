@@ -101,6 +101,7 @@ async fn lease_message(
         attempt,
         repository: t.repository.clone(),
         commit: t.commit.clone(),
+        cancel: false,
     }))
 }
 
@@ -252,6 +253,29 @@ impl Agents for AgentsApi {
                 let Ok(records) = batch else { break };
                 for record in &records {
                     let Ok(env) = record.decode() else { continue };
+                    if let Some(Payload::BuildCanceled(_)) = &env.payload {
+                        // Tell the agent at once (heartbeats would take up to their interval).
+                        let _ = state.cluster.wait(record.offset + 1).await;
+                        let leases: Vec<String> = state
+                            .cluster
+                            .read(|c| {
+                                c.agent_leases(&agent_id)
+                                    .filter(|((b, _), _)| *b == env.build_id)
+                                    .map(|(_, l)| l.lease_id.clone())
+                                    .collect()
+                            })
+                            .unwrap_or_default();
+                        for lease_id in leases {
+                            let stop = Lease {
+                                lease_id,
+                                cancel: true,
+                                ..Lease::default()
+                            };
+                            if tx.send(Ok(stop)).await.is_err() {
+                                break;
+                            }
+                        }
+                    }
                     if let Some(Payload::JobAssigned(a)) = &env.payload {
                         if a.agent_id == agent_id {
                             // The lease must be in the cluster fold before the agent uses it.

@@ -223,11 +223,67 @@ impl Builds for BuildsApi {
 
     async fn rerun_failed(
         &self,
-        _request: Request<RerunFailedRequest>,
+        request: Request<RerunFailedRequest>,
     ) -> Result<Response<TriggerBuildResponse>, Status> {
-        Err(Status::unimplemented(
-            "re-running failed jobs is not implemented yet",
-        ))
+        let who = self.who(&request)?;
+        let original = self.build_of(&who, &request.get_ref().build_id).await?;
+        if !original.phase.is_terminal() {
+            return Err(Status::failed_precondition(format!(
+                "build {} is still {}; re-run failed jobs once it has finished",
+                original.id,
+                original.phase.name()
+            )));
+        }
+        if original.phase == Phase::Succeeded {
+            return Err(Status::failed_precondition(format!(
+                "build {} succeeded: nothing to re-run",
+                original.id
+            )));
+        }
+        // The original trigger, from the log: same commit, same pipeline text, same plan.
+        let first = self
+            .state
+            .log
+            .read_key(&original.id, 0, 1)
+            .await
+            .map_err(internal)?;
+        let Some(Payload::BuildTriggered(mut triggered)) = first
+            .first()
+            .and_then(|r| r.decode().ok())
+            .and_then(|e| e.payload)
+        else {
+            return Err(Status::internal(
+                "the build's trigger is missing from the log",
+            ));
+        };
+        triggered.who = who.name.clone();
+        triggered.source = format!("rerun:{}", original.id);
+        let build_id = tributary_proto::new_id();
+        let (mut payloads, _) = tributary_pipeline::start_build(triggered);
+        // Jobs that succeeded keep their result: marked in the plan, they are not run again.
+        for payload in &mut payloads {
+            if let Payload::BuildQueued(queued) = payload {
+                for job in queued.plan.iter_mut().flat_map(|p| p.jobs.iter_mut()) {
+                    let succeeded = original
+                        .jobs
+                        .iter()
+                        .any(|j| j.id == job.id && j.phase == Phase::Succeeded);
+                    if succeeded {
+                        job.kept_from_build = original.id.clone();
+                    }
+                }
+            }
+        }
+        let events: Vec<Envelope> = payloads
+            .into_iter()
+            .map(|p| Envelope::new(&original.tenant, &original.project, &build_id, p))
+            .collect();
+        let offsets = self.state.append(&events).await?;
+        tracing::info!(build_id = %build_id, rerun_of = %original.id, "failed jobs re-run");
+        Ok(Response::new(TriggerBuildResponse {
+            build_id,
+            offset: offsets.first().copied().unwrap_or(0),
+        }))
     }
 
     type TailLogsStream = BoxStream<LogLine>;

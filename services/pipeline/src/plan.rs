@@ -102,6 +102,7 @@ pub(crate) fn build(src: &Source<'_>, pipeline: &Pipeline) -> Result<Plan, Pipel
                     .as_ref()
                     .map_or_else(String::new, |t| t.render(values)),
                 retry: job.retry,
+                kept_from_build: String::new(),
             });
         }
     }

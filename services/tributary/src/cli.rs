@@ -58,6 +58,9 @@ pub enum Command {
     Get(GetArgs),
     /// Cancel a build on a server.
     Cancel(GetArgs),
+    /// Re-run the failed jobs of a finished build: a new build of the same commit where jobs
+    /// that succeeded keep their result and are not run again. Prints the new build id.
+    Rerun(GetArgs),
     /// Follow the server's events live (your tenant's), from an offset.
     Watch(WatchArgs),
     /// Admin: list agents (connected, labels, running jobs) or revoke one.

@@ -357,3 +357,16 @@ pub async fn agents(args: AgentsArgs) -> anyhow::Result<ExitCode> {
     }
     Ok(ExitCode::SUCCESS)
 }
+
+pub async fn rerun(args: GetArgs) -> anyhow::Result<ExitCode> {
+    let mut client = builds(&args.server).await?;
+    let resp = client
+        .rerun_failed(api::RerunFailedRequest {
+            build_id: args.build,
+        })
+        .await
+        .map_err(status)?
+        .into_inner();
+    println!("{}", resp.build_id);
+    Ok(ExitCode::SUCCESS)
+}

@@ -29,6 +29,7 @@ pub async fn dispatch(command: Command) -> anyhow::Result<ExitCode> {
         Command::Logs(args) => crate::client::logs(args).await,
         Command::Get(args) => crate::client::get(args).await,
         Command::Cancel(args) => crate::client::cancel(args).await,
+        Command::Rerun(args) => crate::client::rerun(args).await,
         Command::Watch(args) => crate::client::watch(args).await,
         Command::Admin(cmd) => crate::client::admin(cmd).await,
         Command::Agents(args) => crate::client::agents(args).await,

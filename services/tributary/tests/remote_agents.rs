@@ -348,3 +348,23 @@ fn timeout_kills_the_job_and_retry_reruns_a_failure() {
     assert_eq!(flaky["status"], "succeeded");
     assert_eq!(flaky["attempt"], 2);
 }
+
+#[test]
+fn cancel_reaches_a_remote_agent_within_a_second() {
+    let c = Cluster::start();
+    let _agent = c.agent("worker", "");
+    c.project(
+        "cancel",
+        "jobs:\n  long:\n    steps:\n      - run: sleep 60\n",
+    );
+    let build = c.ok(&["trigger", "cancel"]).trim().to_owned();
+    wait_until("the job to run", 30, || {
+        job(&c.get(&build), "long")["status"] == "running"
+    });
+    let started = Instant::now();
+    c.ok(&["cancel", &build]);
+    wait_until("the cancel", 10, || c.get(&build)["status"] == "canceled");
+    let took = started.elapsed();
+    assert!(took < Duration::from_millis(1500), "cancel took {took:?}");
+    assert_eq!(job(&c.get(&build), "long")["status"], "canceled");
+}

@@ -246,3 +246,59 @@ fn tail_started_mid_build_sees_every_line_once_and_cancel_stops_it() {
         .unwrap();
     assert_eq!(forever["status"], "canceled");
 }
+
+#[test]
+fn rerun_failed_runs_only_the_jobs_that_did_not_succeed() {
+    let s = start();
+    let admin = s.token.clone();
+    let flag = s.root.join("fixed");
+    let pipeline = format!(
+        "jobs:\n  ok:\n    steps:\n      - run: echo fine\n  flaky:\n    steps:\n      - run: test -f {}\n  after:\n    needs: flaky\n    steps:\n      - run: echo after\n",
+        flag.display()
+    );
+    let repo = s.repo("rerun", &pipeline);
+    s.ok(
+        &admin,
+        &["project", "add", "rerun", "--repo", repo.to_str().unwrap()],
+    );
+    let out = s.cli(&admin, &["trigger", "rerun", "--follow"]);
+    assert_eq!(out.status.code(), Some(1));
+    let first = String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .next()
+        .unwrap()
+        .trim()
+        .to_owned();
+    // Re-running a build that is not finished or succeeded is refused; this one failed.
+    std::fs::write(&flag, "").unwrap();
+    let second = s.ok(&admin, &["rerun", &first]).trim().to_owned();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let v = loop {
+        let v: serde_json::Value =
+            serde_json::from_str(&s.ok(&admin, &["get", &second, "--json"])).unwrap();
+        if v["status"] == "succeeded" || v["status"] == "failed" {
+            break v;
+        }
+        assert!(Instant::now() < deadline, "rerun did not finish");
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    assert_eq!(v["status"], "succeeded", "{v}");
+    let job = |id: &str| {
+        v["jobs"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|j| j["id"] == id)
+            .unwrap()
+            .clone()
+    };
+    assert_eq!(job("ok")["status"], "succeeded");
+    assert_eq!(job("ok")["attempt"], 0, "kept, not run again");
+    assert!(job("ok")["reason"].as_str().unwrap().contains(&first));
+    assert_eq!(job("flaky")["attempt"], 1);
+    assert_eq!(job("after")["status"], "succeeded");
+    // A succeeded build has nothing to re-run.
+    let out = s.cli(&admin, &["rerun", &second]);
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("nothing to re-run"));
+}
