@@ -316,6 +316,7 @@ fn lease(id: &str, lines: &[&str], source: Option<(&str, &str)>) -> Lease {
         attempt: 1,
         repository: source.map(|s| s.0.to_owned()).unwrap_or_default(),
         commit: source.map(|s| s.1.to_owned()).unwrap_or_default(),
+        cancel: false,
     }
 }
 

@@ -88,6 +88,7 @@ fn full_example() {
             runs_on: vec![],
             image: String::new(),
             retry: 0,
+            kept_from_build: String::new(),
         }
     );
     assert_eq!(
@@ -112,6 +113,7 @@ fn full_example() {
             runs_on: vec!["linux".into(), "big".into()],
             image: "localhost/ci-busybox".into(),
             retry: 2,
+            kept_from_build: String::new(),
         }
     );
 }
