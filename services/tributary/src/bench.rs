@@ -38,6 +38,24 @@ pub async fn bench(cmd: BenchCommand) -> anyhow::Result<ExitCode> {
             })
         }
         BenchCommand::Run { jobs, parallel } => bench_run(jobs, parallel).await,
+        BenchCommand::Server {
+            builds,
+            concurrency,
+            agents,
+            agent_capacity,
+            server,
+            token,
+        } => {
+            crate::bench_server::bench_server(crate::bench_server::Options {
+                builds,
+                concurrency,
+                agents,
+                agent_capacity,
+                server,
+                token,
+            })
+            .await
+        }
     }
 }
 

@@ -199,6 +199,34 @@ pub enum BenchCommand {
         #[arg(long, default_value_t = 1)]
         parallel: usize,
     },
+    /// Trigger many one-job builds on a server; prints trigger -> first line and trigger ->
+    /// finished latencies (p50/p99), sustained builds/s, log tail latency and the server's RSS.
+    ///
+    /// Without --server it starts `tributary up` (this executable) on a temporary data
+    /// directory and a free port, and stops it at the end. It creates a throwaway git
+    /// repository and project (`bench-...`) for the run. With --server the project stays on
+    /// that server, which must be able to read a local path of this machine; the tail latency
+    /// then also includes the offset between this machine's clock and the agent's.
+    Server {
+        /// Builds to trigger.
+        #[arg(long, value_name = "N", default_value_t = 200)]
+        builds: usize,
+        /// Triggerers sending TriggerBuild at the same time.
+        #[arg(long, value_name = "C", default_value_t = 8)]
+        concurrency: usize,
+        /// In-process agents of the server started here.
+        #[arg(long, value_name = "A", default_value_t = 2, conflicts_with = "server")]
+        agents: usize,
+        /// Jobs each of those agents runs at once.
+        #[arg(long, value_name = "K", default_value_t = 4, conflicts_with = "server")]
+        agent_capacity: usize,
+        /// Measure this running server instead of starting one.
+        #[arg(long, value_name = "URL")]
+        server: Option<String>,
+        /// Admin token for --server (default: TRIBUTARY_TOKEN).
+        #[arg(long, value_name = "TOKEN", requires = "server")]
+        token: Option<String>,
+    },
 }
 
 #[derive(Debug, Args)]

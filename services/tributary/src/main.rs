@@ -3,6 +3,7 @@
 
 mod agent;
 mod bench;
+mod bench_server;
 mod cli;
 mod client;
 mod commands;
