@@ -263,6 +263,10 @@ struct Runtime {
 struct Tasks {
     set: JoinSet<()>,
     leases: HashMap<tokio::task::Id, (String, PathBuf)>,
+    /// Leases pushed while every slot was still taken: the server frees a slot when it sees
+    /// JobFinished, a moment before the attempt's task here has ended. They start as soon as
+    /// a slot frees, instead of being dropped (and requeued only when their lease expires).
+    pending: std::collections::VecDeque<api::Lease>,
 }
 
 impl Runtime {
@@ -405,11 +409,13 @@ impl Runtime {
     /// Admits a pushed lease and starts its attempt, or says why not.
     fn start(&self, lease: api::Lease, tasks: &mut Tasks) {
         if lease.cancel {
+            tasks.pending.retain(|p| p.lease_id != lease.lease_id);
             if let Some(job) = self.slots().cancel(&lease.lease_id) {
                 tracing::info!(lease_id = %lease.lease_id, build_id = %job.build_id, job_id = %job.job_id, "the server canceled the job");
             }
             return;
         }
+        let original = lease.clone();
         let Some(job) = lease.job else {
             tracing::error!(lease_id = %lease.lease_id, "refusing a lease without a job");
             return;
@@ -442,10 +448,17 @@ impl Runtime {
                 return;
             }
             Admit::Full => {
-                tracing::warn!(
+                tracing::debug!(
                     capacity = self.config.capacity,
-                    "refusing a lease: already running as many jobs as the capacity allows"
+                    "every slot is taken: the lease starts when one frees"
                 );
+                if !tasks
+                    .pending
+                    .iter()
+                    .any(|p| p.lease_id == original.lease_id)
+                {
+                    tasks.pending.push_back(original);
+                }
                 return;
             }
             Admit::Draining => {
@@ -528,6 +541,9 @@ impl Runtime {
             return;
         };
         self.slots().finish(&lease_id);
+        if let Some(next) = tasks.pending.pop_front() {
+            self.start(next, tasks);
+        }
         if self.config.clean_workspaces {
             if let Err(e) = std::fs::remove_dir_all(&dir) {
                 if e.kind() != std::io::ErrorKind::NotFound {

@@ -314,6 +314,14 @@ impl Builds for BuildsApi {
                             build_status: String::new(),
                         })
                     }
+                    // An invalid pipeline is part of the build's log, as the system's words.
+                    Some(Payload::PipelineRejected(r)) if req.job.is_empty() => Some(LogLine {
+                        offset: record.offset,
+                        stream: tributary_proto::events::Stream::System as i32,
+                        data: format!("{}:{}:{}: {}\n", r.file, r.line, r.column, r.message)
+                            .into_bytes(),
+                        ..LogLine::default()
+                    }),
                     Some(Payload::BuildFinished(f)) => Some(LogLine {
                         offset: record.offset,
                         build_status: tributary_proto::events::Status::try_from(f.status)

@@ -165,6 +165,40 @@ fn trigger_follow_success_failure_and_isolation() {
     let logs = s.cli(&admin, &["logs", &build_bad]);
     assert_eq!(String::from_utf8_lossy(&logs.stdout), "before\n");
 
+    // An invalid pipeline fails the build at once, with file:line:column in get and logs.
+    let broken = s.repo("broken", "jobs:\n  a:\n    stesp: []\n");
+    s.ok(
+        &admin,
+        &[
+            "project",
+            "add",
+            "broken",
+            "--repo",
+            broken.to_str().unwrap(),
+        ],
+    );
+    let out = s.cli(&admin, &["trigger", "broken", "--follow"]);
+    assert_eq!(out.status.code(), Some(1));
+    let build_broken = String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .next()
+        .unwrap()
+        .trim()
+        .to_owned();
+    let v: serde_json::Value =
+        serde_json::from_str(&s.ok(&admin, &["get", &build_broken, "--json"])).unwrap();
+    assert_eq!(v["status"], "failed");
+    assert!(
+        v["reason"].as_str().unwrap().contains(".tributary.yml:3:5"),
+        "{v}"
+    );
+    let logs =
+        String::from_utf8_lossy(&s.cli(&admin, &["logs", &build_broken]).stdout).into_owned();
+    assert!(
+        logs.contains(".tributary.yml:3:5") && logs.contains("steps"),
+        "{logs}"
+    );
+
     // A second tenant sees nothing of the first's.
     s.ok(&admin, &["admin", "tenant-add", "other"]);
     let other = s
