@@ -97,17 +97,14 @@ impl Git<'_> {
         if let Some(dir) = dir {
             cmd.current_dir(dir);
         }
-        // SAFETY: setsid(2) is async-signal-safe and touches no memory of the parent. A new
-        // session has no controlling terminal, so ssh and credential helpers cannot stop to ask
-        // on the tty (they fail instead), and git and all its children form one process group
-        // (pgid = git's pid) that killpg can end at once.
-        unsafe {
-            cmd.pre_exec(|| {
-                if libc::setsid() == -1 {
-                    return Err(std::io::Error::last_os_error());
-                }
-                Ok(())
-            });
+        // git and all its children form one process group (pgid = git's pid) that killpg can
+        // end at once. `process_group` (not a `pre_exec` hook) lets std spawn with
+        // posix_spawn instead of forking the whole multi-threaded server for every git call.
+        // Nothing may stop to ask on a terminal: GIT_TERMINAL_PROMPT above, and ssh in batch
+        // mode unless the user configured their own ssh command.
+        cmd.process_group(0);
+        if std::env::var_os("GIT_SSH_COMMAND").is_none() && std::env::var_os("GIT_SSH").is_none() {
+            cmd.env("GIT_SSH_COMMAND", "ssh -o BatchMode=yes");
         }
 
         let command = self.describe(args);
@@ -224,7 +221,7 @@ struct GroupGuard(Option<i32>);
 impl Drop for GroupGuard {
     fn drop(&mut self) {
         if let Some(pgid) = self.0.filter(|&p| p > 1) {
-            // SAFETY: killpg only sends a signal. pgid is git's pid, which setsid made the id of
+            // SAFETY: killpg only sends a signal. pgid is git's pid, which process_group(0) made the id of
             // its own process group; git has not been reaped yet (we stopped waiting for it before
             // it exited), so the id cannot have been reused.
             unsafe {
