@@ -142,14 +142,7 @@ impl BuildsStore {
             };
             write_touch(&mut tx, build, touch).await?;
         }
-        sqlx::query(
-            "INSERT INTO projection_offsets (projection, partition, next_offset) VALUES (?, 0, ?) \
-             ON CONFLICT (projection, partition) DO UPDATE SET next_offset = excluded.next_offset",
-        )
-        .bind(BUILDS_PROJECTION)
-        .bind(to_i64(next_offset))
-        .execute(&mut *tx)
-        .await?;
+        write_offset(&mut tx, next_offset).await?;
         tx.commit().await?;
         Ok(())
     }
@@ -227,14 +220,7 @@ impl BuildsStore {
         for build in state.builds.values() {
             write_touch(&mut tx, build, &Touch::WholeBuild).await?;
         }
-        sqlx::query(
-            "INSERT INTO projection_offsets (projection, partition, next_offset) VALUES (?, 0, ?) \
-             ON CONFLICT (projection, partition) DO UPDATE SET next_offset = excluded.next_offset",
-        )
-        .bind(BUILDS_PROJECTION)
-        .bind(to_i64(next_offset))
-        .execute(&mut *tx)
-        .await?;
+        write_offset(&mut tx, next_offset).await?;
         tx.commit().await?;
         Ok(())
     }
@@ -246,6 +232,19 @@ impl BuildsStore {
 }
 
 type Tx<'a> = sqlx::Transaction<'a, sqlx::Sqlite>;
+
+/// Records the projection's next offset; always inside the transaction that wrote its rows.
+async fn write_offset(tx: &mut Tx<'_>, next_offset: u64) -> Result<(), ProjectionError> {
+    sqlx::query(
+        "INSERT INTO projection_offsets (projection, partition, next_offset) VALUES (?, 0, ?) \
+         ON CONFLICT (projection, partition) DO UPDATE SET next_offset = excluded.next_offset",
+    )
+    .bind(BUILDS_PROJECTION)
+    .bind(to_i64(next_offset))
+    .execute(&mut **tx)
+    .await?;
+    Ok(())
+}
 
 async fn write_touch(tx: &mut Tx<'_>, build: &Build, touch: &Touch) -> Result<(), ProjectionError> {
     match touch {

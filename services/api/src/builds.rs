@@ -359,12 +359,8 @@ impl Builds for BuildsApi {
             }
             let mut sub = log.subscribe(next);
             loop {
-                let records = tokio::select! {
-                    r = sub.next_batch() => match r {
-                        Ok(r) => r,
-                        Err(_) => return,
-                    },
-                    _ = tx.closed() => return,
+                let Some(records) = next_batch(sub.as_mut(), &tx).await else {
+                    return;
                 };
                 for record in &records {
                     if record.key != req.build_id {
@@ -397,12 +393,8 @@ impl Builds for BuildsApi {
         tokio::spawn(async move {
             let _guard = guard;
             loop {
-                let records = tokio::select! {
-                    r = sub.next_batch() => match r {
-                        Ok(r) => r,
-                        Err(_) => return,
-                    },
-                    _ = tx.closed() => return,
+                let Some(records) = next_batch(sub.as_mut(), &tx).await else {
+                    return;
                 };
                 for record in &records {
                     let Ok(env) = record.decode() else { continue };
@@ -425,6 +417,18 @@ impl Builds for BuildsApi {
             }
         });
         Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+    }
+}
+
+/// The subscription's next batch, or None when the log closed or the client went away (so a
+/// stream task never outlives its client).
+async fn next_batch<T>(
+    sub: &mut dyn tributary_eventlog::Subscription,
+    tx: &mpsc::Sender<Result<T, Status>>,
+) -> Option<Vec<Record>> {
+    tokio::select! {
+        r = sub.next_batch() => r.ok(),
+        _ = tx.closed() => None,
     }
 }
 
