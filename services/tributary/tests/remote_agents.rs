@@ -132,6 +132,10 @@ impl Cluster {
     }
 
     fn project(&self, name: &str, pipeline: &str) {
+        self.project_with(name, pipeline, &[]);
+    }
+
+    fn project_with(&self, name: &str, pipeline: &str, flags: &[&str]) {
         let repo = self.dir.path().join(name);
         std::fs::create_dir_all(&repo).unwrap();
         git(&repo, &["init", "-q", "-b", "main"]);
@@ -149,7 +153,9 @@ impl Cluster {
                 "init",
             ],
         );
-        self.ok(&["project", "add", name, "--repo", repo.to_str().unwrap()]);
+        let mut args = vec!["project", "add", name, "--repo", repo.to_str().unwrap()];
+        args.extend_from_slice(flags);
+        self.ok(&args);
     }
 
     fn get(&self, build: &str) -> Value {
@@ -367,4 +373,48 @@ fn cancel_reaches_a_remote_agent_within_a_second() {
     let took = started.elapsed();
     assert!(took < Duration::from_millis(1500), "cancel took {took:?}");
     assert_eq!(job(&c.get(&build), "long")["status"], "canceled");
+}
+
+#[test]
+fn a_project_concurrency_limit_holds_even_with_free_agent_slots() {
+    let c = Cluster::start();
+    let mut cmd = Command::new(bin());
+    cmd.args([
+        "agent",
+        "--server",
+        &c.addr,
+        "--token",
+        &c.token,
+        "--name",
+        "wide",
+        "--capacity",
+        "3",
+    ])
+    .arg("--workdir")
+    .arg(c.workdir("wide"))
+    .stdout(Stdio::null())
+    .stderr(Stdio::null());
+    let _agent = Proc(cmd.spawn().unwrap());
+    c.project_with(
+        "limited",
+        "jobs:\n  a:\n    steps:\n      - run: sleep 0.3\n  b:\n    steps:\n      - run: sleep 0.3\n  \
+         c:\n    steps:\n      - run: sleep 0.3\n",
+        &["--max-concurrent-jobs", "1"],
+    );
+    let build = c.ok(&["trigger", "limited"]).trim().to_owned();
+    wait_until("the build to finish", 30, || {
+        c.get(&build)["status"] == "succeeded"
+    });
+    // The log proves the limit: at no offset do two jobs of the project run at once.
+    let mut running = 0;
+    let mut most = 0;
+    for e in c.events(&build) {
+        match e["type"].as_str() {
+            Some("job_started") => running += 1,
+            Some("job_finished") => running -= 1,
+            _ => {}
+        }
+        most = most.max(running);
+    }
+    assert_eq!(most, 1, "max_concurrent_jobs 1 was exceeded");
 }
