@@ -43,24 +43,30 @@ impl AgentsApi {
         }
     }
 
-    /// The calling agent; `agent_id` in the request must be its own.
-    fn agent<T>(&self, request: &Request<T>, agent_id: &str) -> Result<Principal, Status> {
+    /// The calling agent: a live agent token of an agent that is not revoked.
+    fn agent_principal<T>(&self, request: &Request<T>) -> Result<Principal, Status> {
         let who = self.state.directory(|d| authenticate(d, request))??;
         if who.kind != TokenKind::Agent {
             return Err(Status::permission_denied("this call needs an agent token"));
         }
-        if who.name != agent_id {
-            return Err(Status::permission_denied(
-                "agent_id does not match the agent token",
-            ));
-        }
         let revoked = self
             .state
             .cluster
-            .read(|c| c.agents.get(agent_id).is_none_or(|a| a.revoked))?;
+            .read(|c| c.agents.get(&who.name).is_none_or(|a| a.revoked))?;
         if revoked {
             return Err(Status::permission_denied(
                 "this agent is revoked or unknown",
+            ));
+        }
+        Ok(who)
+    }
+
+    /// The calling agent; `agent_id` in the request must be its own.
+    fn agent<T>(&self, request: &Request<T>, agent_id: &str) -> Result<Principal, Status> {
+        let who = self.agent_principal(request)?;
+        if who.name != agent_id {
+            return Err(Status::permission_denied(
+                "agent_id does not match the agent token",
             ));
         }
         Ok(who)
@@ -326,11 +332,15 @@ impl Agents for AgentsApi {
             draining: req.draining,
             session_id: self.session(&agent_id),
         });
-        self.state
+        let offsets = self
+            .state
             .append(&[Envelope::new(&who.tenant, "", "", beat)])
             .await?;
-        let end = self.state.log.end_offset().await.map_err(internal)?;
-        self.state.cluster.wait(end).await?;
+        // Answer from a state that includes this heartbeat.
+        self.state
+            .cluster
+            .wait(offsets.last().map_or(0, |o| o + 1))
+            .await?;
         let cancel_lease_ids = self
             .state
             .cluster
@@ -342,10 +352,7 @@ impl Agents for AgentsApi {
         &self,
         request: Request<SendEventsRequest>,
     ) -> Result<Response<SendEventsResponse>, Status> {
-        let who = self.state.directory(|d| authenticate(d, &request))??;
-        if who.kind != TokenKind::Agent {
-            return Err(Status::permission_denied("this call needs an agent token"));
-        }
+        let who = self.agent_principal(&request)?;
         let req = request.into_inner();
         let end = self.state.log.end_offset().await.map_err(internal)?;
         self.state.cluster.wait(end).await?;
