@@ -16,7 +16,7 @@ use tokio_util::sync::CancellationToken;
 use tributary_agent::{AgentConfig, AgentError, AttemptOptions, LogSink};
 use tributary_eventlog::EventLog;
 
-pub use tributary_agent::{BuildRef, JobWorkspace, Lease, Source, Workspaces};
+pub use tributary_agent::{BuildRef, JobWorkspace, Lease, Workspaces};
 
 use crate::cli::AgentArgs;
 

@@ -98,19 +98,12 @@ async fn bench_run(jobs: usize, parallel: usize) -> anyhow::Result<ExitCode> {
     }
     let cfg = local_run::DriveConfig {
         log: log.clone(),
+        build: build.clone(),
         slots: parallel,
-        workspaces: crate::agent::Workspaces::Fixed(run.workdir.clone()),
+        workdir: run.workdir.clone(),
         scratch_dir: run.scratch_dir.clone(),
-        only_build: Some(build.build_id.clone()),
     };
-    let outcome = local_run::drive(
-        cfg,
-        from,
-        CancellationToken::new(),
-        CancellationToken::new(),
-    )
-    .await?;
-    let (status, reason) = outcome.unwrap_or((Status::Failed, "driver stopped".into()));
+    let (status, reason) = local_run::drive(cfg, from, CancellationToken::new()).await?;
     let elapsed = start.elapsed();
     anyhow::ensure!(
         status == Status::Succeeded,

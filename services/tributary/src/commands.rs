@@ -99,13 +99,12 @@ async fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
     };
     let cfg = local_run::DriveConfig {
         log: log.clone(),
+        build: build.clone(),
         slots: run.parallel,
-        workspaces: crate::agent::Workspaces::Fixed(run.workdir.clone()),
+        workdir: run.workdir.clone(),
         scratch_dir: run.scratch_dir.clone(),
-        only_build: Some(build.build_id.clone()),
     };
-    let outcome = local_run::drive(cfg, from, cancel, CancellationToken::new()).await?;
-    let status = outcome.map_or(Status::Failed, |(status, _)| status);
+    let (status, _reason) = local_run::drive(cfg, from, cancel).await?;
     ctrl_c.abort();
     let _ = renderer.await;
     projector.abort();

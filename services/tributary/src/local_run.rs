@@ -17,7 +17,7 @@ use tributary_proto::events::{
 };
 use tributary_scheduler::{decide, Decision, SchedulerState};
 
-use crate::agent::{self, BuildRef, Lease, Source, Workspaces};
+use crate::agent::{self, BuildRef, Lease, Workspaces};
 
 pub const LOCAL_AGENT: &str = "local";
 
@@ -55,55 +55,47 @@ pub async fn trigger(
     Ok(loaded.map(|plan| plan.jobs))
 }
 
-/// How the driver runs jobs.
+/// How the driver runs a build's jobs.
 pub struct DriveConfig {
     pub log: Arc<dyn EventLog>,
+    /// The build to drive (already triggered on the log).
+    pub build: BuildRef,
     /// Jobs running at once (the in-process agent's capacity).
     pub slots: usize,
-    pub workspaces: Workspaces,
+    /// Where every job runs (the pipeline file's directory).
+    pub workdir: PathBuf,
     pub scratch_dir: PathBuf,
-    /// Only this build (a local run); `None` = every build on the log (the server).
-    pub only_build: Option<String>,
 }
 
-/// Drives builds: from `from`, folds the log, decides, appends the decisions, runs assigned
-/// jobs with the in-process agent. With `only_build`, returns that build's result when it
-/// finishes; otherwise runs until `stop` is cancelled. `cancel` (Ctrl-C) cancels `only_build`.
+/// Drives one build to its end: from `from` (at or before its trigger), folds the log,
+/// decides, appends the decisions, runs assigned jobs with the in-process agent, and returns
+/// the build's status and reason once BuildFinished is on the log. `cancel` (Ctrl-C) appends
+/// BuildCanceled. The server drives builds with the scheduler service and agents instead.
 pub async fn drive(
     cfg: DriveConfig,
     from: u64,
     cancel: CancellationToken,
-    stop: CancellationToken,
-) -> anyhow::Result<Option<(Status, String)>> {
+) -> anyhow::Result<(Status, String)> {
     let log = cfg.log.clone();
+    let build = &cfg.build;
+    let workspaces = Workspaces::Fixed(cfg.workdir.clone());
     let mut state = SchedulerState::default();
-    let mut plans: HashMap<String, HashMap<String, JobPlan>> = HashMap::new();
-    let mut builds: HashMap<String, BuildRef> = HashMap::new();
-    let mut sources: HashMap<String, Source> = HashMap::new();
+    let mut plans: HashMap<String, JobPlan> = HashMap::new();
     let mut sub = log.subscribe(from);
     let mut awaiting: Option<u64> = None;
-    let mut running: HashMap<(String, String, u32), CancellationToken> = HashMap::new();
+    let mut running: HashMap<(String, u32), CancellationToken> = HashMap::new();
     let mut tasks = tokio::task::JoinSet::new();
     let mut cancel_sent = false;
     loop {
         let records = tokio::select! {
             r = sub.next_batch() => r?,
-            _ = stop.cancelled() => {
-                for token in running.values() {
-                    token.cancel();
-                }
-                while tasks.join_next().await.is_some() {}
-                return Ok(None);
-            }
             _ = cancel.cancelled(), if !cancel_sent => {
                 cancel_sent = true;
-                if let Some(build) = cfg.only_build.as_ref().and_then(|b| builds.get(b)) {
-                    let canceled = Payload::BuildCanceled(BuildCanceled {
-                        who: "ctrl-c".into(),
-                        reason: "interrupted".into(),
-                    });
-                    log.append(&[build.envelope(canceled)]).await?;
-                }
+                let canceled = Payload::BuildCanceled(BuildCanceled {
+                    who: "ctrl-c".into(),
+                    reason: "interrupted".into(),
+                });
+                log.append(&[build.envelope(canceled)]).await?;
                 continue;
             }
         };
@@ -112,56 +104,27 @@ pub async fn drive(
                 tracing::error!(offset = record.offset, "skipping malformed event");
                 continue;
             };
-            if env.build_id.is_empty()
-                || cfg.only_build.as_ref().is_some_and(|b| *b != env.build_id)
-            {
+            if env.build_id != build.build_id {
                 continue;
             }
             state.apply(record.offset, &env);
             match &env.payload {
-                Some(Payload::BuildTriggered(t)) => {
-                    builds.insert(
-                        env.build_id.clone(),
-                        BuildRef {
-                            tenant: env.tenant.clone(),
-                            project: env.project.clone(),
-                            build_id: env.build_id.clone(),
-                        },
-                    );
-                    sources.insert(
-                        env.build_id.clone(),
-                        Source {
-                            repository: t.repository.clone(),
-                            commit: t.commit.clone(),
-                        },
-                    );
-                }
                 Some(Payload::BuildQueued(q)) => {
                     let jobs = q.plan.iter().flat_map(|p| &p.jobs);
-                    plans.insert(
-                        env.build_id.clone(),
-                        jobs.map(|j| (j.id.clone(), j.clone())).collect(),
-                    );
+                    plans = jobs.map(|j| (j.id.clone(), j.clone())).collect();
                 }
                 Some(Payload::BuildCanceled(_)) => {
-                    for ((b, _, _), token) in &running {
-                        if *b == env.build_id {
-                            token.cancel();
-                        }
+                    for token in running.values() {
+                        token.cancel();
                     }
                 }
                 Some(Payload::JobFinished(f)) => {
-                    running.remove(&(env.build_id.clone(), f.job.clone(), f.attempt));
+                    running.remove(&(f.job.clone(), f.attempt));
                 }
                 Some(Payload::BuildFinished(f)) => {
-                    plans.remove(&env.build_id);
-                    sources.remove(&env.build_id);
-                    builds.remove(&env.build_id);
-                    if cfg.only_build.is_some() {
-                        while tasks.join_next().await.is_some() {}
-                        let status = Status::try_from(f.status).unwrap_or(Status::Failed);
-                        return Ok(Some((status, f.reason.clone())));
-                    }
+                    while tasks.join_next().await.is_some() {}
+                    let status = Status::try_from(f.status).unwrap_or(Status::Failed);
+                    return Ok((status, f.reason.clone()));
                 }
                 _ => {}
             }
@@ -177,15 +140,8 @@ pub async fn drive(
         let mut events = Vec::with_capacity(decisions.len());
         let mut leases = Vec::new();
         for decision in decisions {
-            let Some(build) = builds.get(decision.build_id()) else {
-                continue;
-            };
             match decision {
-                Decision::Assign {
-                    build: build_id,
-                    job,
-                    attempt,
-                } => {
+                Decision::Assign { job, attempt, .. } => {
                     let lease_id = tributary_proto::new_id();
                     events.push(build.envelope(Payload::JobAssigned(JobAssigned {
                         job: job.clone(),
@@ -194,7 +150,7 @@ pub async fn drive(
                         lease_id: lease_id.clone(),
                         deadline_us: 0,
                     })));
-                    leases.push((build_id, job, attempt, lease_id));
+                    leases.push((job, attempt, lease_id));
                 }
                 other => {
                     if let Some(payload) = other.payload() {
@@ -203,29 +159,21 @@ pub async fn drive(
                 }
             }
         }
-        if events.is_empty() {
-            continue;
-        }
         let offsets = log.append(&events).await?;
         awaiting = offsets.last().copied();
-        for (build_id, job, attempt, lease_id) in leases {
-            let (Some(plan), Some(build)) = (
-                plans.get(&build_id).and_then(|p| p.get(&job)),
-                builds.get(&build_id),
-            ) else {
+        for (job, attempt, lease_id) in leases {
+            let Some(plan) = plans.get(&job) else {
                 continue;
             };
             let token = CancellationToken::new();
-            running.insert((build_id.clone(), job.clone(), attempt), token.clone());
+            running.insert((job.clone(), attempt), token.clone());
             let lease = Lease {
                 job: plan.clone(),
                 attempt,
                 agent_id: LOCAL_AGENT.into(),
                 lease_id,
             };
-            let workspace =
-                cfg.workspaces
-                    .for_job(sources.get(&build_id), &build_id, &job, attempt);
+            let workspace = workspaces.for_job(None, &build.build_id, &job, attempt);
             tasks.spawn(agent::run_attempt(
                 log.clone(),
                 build.clone(),
