@@ -45,7 +45,9 @@ pub struct JobContext {
 /// How output is batched into `LogChunk`s and how much of it a job may produce.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct LogLimits {
-    /// Buffered output is sent at the latest this long after its first byte arrived.
+    /// Buffered output is sent at most once per interval: at once when the previous chunk went
+    /// out longer ago than this (sparse lines reach tails without delay), otherwise this long
+    /// after the previous chunk (dense output is batched).
     pub flush_interval: Duration,
     /// Largest `LogChunk.data`; a full buffer is sent at once.
     pub flush_bytes: usize,
@@ -57,7 +59,7 @@ pub struct LogLimits {
 impl Default for LogLimits {
     fn default() -> Self {
         LogLimits {
-            flush_interval: Duration::from_millis(50),
+            flush_interval: Duration::from_millis(20),
             flush_bytes: 64 * 1024,
             max_job_log_bytes: 100 * 1024 * 1024,
         }

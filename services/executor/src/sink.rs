@@ -38,6 +38,10 @@ pub(crate) struct Sink {
     buf: [Vec<u8>; 2],
     /// When the oldest buffered byte must be sent.
     pub(crate) flush_at: Option<Instant>,
+    /// When buffered output was last sent: output arriving after a quiet spell of at least
+    /// `flush_interval` is sent at once, so sparse lines reach tails without waiting while dense
+    /// output is still batched to one chunk per interval.
+    last_flush: Option<Instant>,
 }
 
 impl Sink {
@@ -59,6 +63,7 @@ impl Sink {
             step: 0,
             buf: [Vec::new(), Vec::new()],
             flush_at: None,
+            last_flush: None,
         }
     }
 
@@ -86,7 +91,11 @@ impl Sink {
         let mut rest = &data[..take];
         while !rest.is_empty() {
             if self.buf[stream].is_empty() && self.flush_at.is_none() {
-                self.flush_at = Some(Instant::now() + self.limits.flush_interval);
+                let now = Instant::now();
+                let due = self
+                    .last_flush
+                    .map_or(now, |t| (t + self.limits.flush_interval).max(now));
+                self.flush_at = Some(due);
             }
             let n = (fb - self.buf[stream].len()).min(rest.len());
             self.buf[stream].extend_from_slice(&rest[..n]);
@@ -110,6 +119,9 @@ impl Sink {
 
     /// Sends all buffered output as `line`'s.
     pub(crate) async fn flush(&mut self, line: u32) {
+        if self.buf.iter().any(|b| !b.is_empty()) {
+            self.last_flush = Some(Instant::now());
+        }
         self.flush_stream(line, STDOUT).await;
         self.flush_stream(line, STDERR).await;
         self.flush_at = None;

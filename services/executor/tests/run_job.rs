@@ -539,6 +539,54 @@ async fn output_streams_live() {
     assert!(data[0].0 < data[1].0);
 }
 
+/// Dense output is batched: 200 lines printed as fast as the shell can go become far fewer
+/// chunks than lines (at most one per flush interval after the first), and none is lost.
+#[tokio::test]
+async fn dense_output_is_batched_and_complete() {
+    let mut f = fixture(&[(
+        "s",
+        &["i=0; while [ $i -lt 200 ]; do echo line$i; i=$((i+1)); done"],
+    )]);
+    f.ctx.limits.flush_interval = Duration::from_millis(200);
+    let (outcome, events) = run(f.ctx).await;
+    assert_eq!(outcome.status, Status::Succeeded);
+    let expected: String = (0..200).map(|i| format!("line{i}\n")).collect();
+    assert_eq!(out(&events, 0, 0), expected);
+    let n = chunks(&events)
+        .filter(|c| c.stream == Stream::Stdout as i32)
+        .count();
+    assert!(
+        n < 20,
+        "{n} chunks for 200 dense lines: output is not batched"
+    );
+}
+
+/// A line printed after a quiet spell longer than the flush interval is sent at once, not one
+/// interval later (which would be 0.35 s before the job ends instead of 0.6 s).
+#[tokio::test]
+async fn sparse_output_is_sent_without_waiting_for_the_interval() {
+    let mut f = fixture(&[("s", &["echo first; sleep 0.3; echo second; sleep 0.6"])]);
+    f.ctx.limits.flush_interval = Duration::from_millis(250);
+    let started = Instant::now();
+    let (outcome, events) = run_with(f.ctx, CancellationToken::new()).await;
+    assert_eq!(outcome.status, Status::Succeeded);
+    let data: Vec<(Instant, Vec<u8>)> = events
+        .iter()
+        .filter_map(|(t, e)| match e {
+            Payload::LogChunk(c) => Some((*t, c.data.clone())),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(data.len(), 2, "{data:?}");
+    assert_eq!(data[1].1, b"second\n");
+    // "second" went out before the job's last sleep ended, i.e. without waiting for the end.
+    let finished = events.last().map(|(t, _)| *t).unwrap_or(started);
+    assert!(
+        finished.duration_since(data[1].0) >= Duration::from_millis(450),
+        "the second line was only sent {:?} before the job ended",
+        finished.duration_since(data[1].0)
+    );
+}
 #[tokio::test]
 async fn environment_is_layered() {
     let mut f = fixture(&[(
