@@ -6,6 +6,9 @@
 //! is fetched from the mirror if missing, then `checkout --force --detach` and `clean -ffdx` make
 //! the tree exactly the commit's. If updating in place fails for any reason, or the directory holds
 //! anything else, its contents are deleted and it is cloned anew.
+//!
+//! Without submodules, a new workspace of a commit that was checked out before is a copy of that
+//! first checkout instead (see `template.rs`): no git process at all.
 
 use std::ffi::{OsStr, OsString};
 use std::path::{Path, PathBuf};
@@ -13,7 +16,7 @@ use std::path::{Path, PathBuf};
 use crate::error::RepoError;
 use crate::git::{Git, Kind};
 use crate::source::Source;
-use crate::{lock, Mirrors};
+use crate::{lock, template, Mirrors};
 
 /// The config key marking a workspace as ours, holding the repository's public location.
 const MARK: &str = "tributary.repository";
@@ -41,7 +44,33 @@ pub(crate) async fn checkout(
     }
     if !updated {
         wipe(&ws)?;
+        // Without submodules a fresh checkout is the same for every job of the commit: copy it
+        // from the commit's template when there is one, else check out and save the template.
+        let template = (!submodules).then(|| template::path(mirrors.root(), source, sha));
+        if let Some(t) = &template {
+            match template::restore(t.clone(), ws.clone()).await {
+                Ok(true) => {
+                    tracing::debug!(repository = %source.display, workspace = %ws.display(),
+                        sha, "checked out from the commit's template");
+                    return Ok(());
+                }
+                Ok(false) => {}
+                Err(e) => {
+                    tracing::warn!(repository = %source.display, template = %t.display(),
+                        "cannot copy the commit's template, checking out with git: {e}");
+                    wipe(&ws)?;
+                }
+            }
+        }
         fresh(mirrors, &git, &mirror, &ws, sha).await?;
+        if let Some(t) = template {
+            verify_head(&git, &ws, sha).await?;
+            if let Err(e) = template::save(ws.clone(), t.clone()).await {
+                tracing::warn!(repository = %source.display, template = %t.display(),
+                    "cannot save the commit's template (later jobs check out with git): {e}");
+            }
+            return Ok(());
+        }
     }
 
     let modules: &[&str] = if source.local {
@@ -100,20 +129,25 @@ pub(crate) async fn checkout(
         .await?;
     }
 
+    verify_head(&git, &ws, sha).await?;
+    tracing::debug!(repository = %source.display, workspace = %ws.display(), sha, "checked out");
+    Ok(())
+}
+
+async fn verify_head(git: &Git<'_>, ws: &Path, sha: &str) -> Result<(), RepoError> {
     let head = git
-        .run(Kind::Local, dir, &["rev-parse", "--verify", "HEAD"])
+        .run(Kind::Local, Some(ws), &["rev-parse", "--verify", "HEAD"])
         .await?;
     let head = String::from_utf8_lossy(&head).trim().to_owned();
     if head != sha {
         return Err(RepoError::Git {
-            repository: source.display.clone(),
+            repository: git.source.display.clone(),
             command: "git rev-parse --verify HEAD".to_owned(),
             status: "unexpected result".to_owned(),
             stderr: format!("HEAD in {} is {head}, not {sha}", ws.display()),
             hint: "delete the workspace directory and check out again".to_owned(),
         });
     }
-    tracing::debug!(repository = %source.display, workspace = %ws.display(), sha, "checked out");
     Ok(())
 }
 

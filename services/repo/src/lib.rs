@@ -20,6 +20,15 @@
 //! in the mirror. [`resolve`] fetches first, so a ref pushed a moment ago is seen; [`read_file`]
 //! and [`Mirrors::checkout`] fetch only when the commit is not in the mirror yet.
 //!
+//! # What is remembered
+//!
+//! Facts that never change once learnt are kept in memory for the process (`cache.rs`): that a
+//! full sha is in a mirror, and a file's contents at a commit. A trigger at a known commit and a
+//! pipeline read at it then run no git at all. Each commit's first fresh checkout is saved as a
+//! template (`template.rs`) that later workspaces of the commit are copied from. A sync fetches
+//! with automatic maintenance on every 16th fetch only, and looks up the remote's default branch
+//! when HEAD is asked for or at most once a minute otherwise.
+//!
 //! # Locking
 //!
 //! Every mirror has a read/write lock, taken first in-process (an async `RwLock` shared by all
@@ -45,17 +54,24 @@ use std::time::Duration;
 
 use tokio::time::Instant;
 
+mod cache;
 mod checkout;
 mod error;
 mod git;
 mod lock;
 mod source;
+mod template;
 
 pub use error::RepoError;
 pub use git::Timeouts;
 
 use git::{Git, Kind};
 use source::Source;
+
+/// How often a sync that does not need HEAD still follows the remote's default branch.
+const HEAD_CHECK_INTERVAL: Duration = Duration::from_secs(60);
+/// Fetches of a mirror between two runs of git's automatic maintenance (gc).
+const MAINTENANCE_EVERY: u64 = 16;
 
 /// Bare mirrors of repositories, one directory per repository under a root directory.
 #[derive(Debug, Clone)]
@@ -80,26 +96,32 @@ pub async fn resolve(
     let mirror = mirrors.path_of(&source)?;
     let git = mirrors.git(&source);
 
+    if is_full_sha(git_ref) && cache::commit_known(&mirror, git_ref) {
+        return Ok(git_ref.to_owned());
+    }
     if is_full_sha(git_ref) && is_mirror(&mirror) {
         let _lock = lock::read(&mirror, &source.display, mirrors.lock_wait()).await?;
         if let Some(sha) = commit_in(&git, &mirror, git_ref).await? {
+            cache::remember_commit(&mirror, &sha);
             return Ok(sha);
         }
     }
 
-    mirrors.sync_source(&source).await?;
+    mirrors.sync_source(&source, git_ref.is_empty()).await?;
     let _lock = lock::read(&mirror, &source.display, mirrors.lock_wait()).await?;
     let spec = if git_ref.is_empty() { "HEAD" } else { git_ref };
-    commit_in(&git, &mirror, spec)
-        .await?
-        .ok_or_else(|| RepoError::UnknownRef {
-            repository: source.display.clone(),
-            git_ref: if git_ref.is_empty() {
-                "HEAD (the default branch)".to_owned()
-            } else {
-                git_ref.to_owned()
-            },
-        })
+    let sha = commit_in(&git, &mirror, spec).await?;
+    if let Some(sha) = &sha {
+        cache::remember_commit(&mirror, sha);
+    }
+    sha.ok_or_else(|| RepoError::UnknownRef {
+        repository: source.display.clone(),
+        git_ref: if git_ref.is_empty() {
+            "HEAD (the default branch)".to_owned()
+        } else {
+            git_ref.to_owned()
+        },
+    })
 }
 
 /// The contents of `path` (relative to the repository's root, e.g. `.tributary.yml`) at
@@ -119,6 +141,16 @@ pub async fn read_file(
     let source = Source::parse(repository)?;
     let sha = mirrors.ensure_commit(&source, commit).await?;
     let mirror = mirrors.path_of(&source)?;
+    let not_found = || RepoError::NotFound {
+        repository: source.display.clone(),
+        commit: sha.clone(),
+        path: path.to_owned(),
+    };
+    match cache::file(&mirror, &sha, path) {
+        Some(cache::FileAt::Text(text)) => return Ok(text),
+        Some(cache::FileAt::Missing) => return Err(not_found()),
+        None => {}
+    }
     let git = mirrors.git(&source);
     let _lock = lock::read(&mirror, &source.display, mirrors.lock_wait()).await?;
 
@@ -147,11 +179,8 @@ pub async fn read_file(
     };
     let oid = match entry.as_deref() {
         None => {
-            return Err(RepoError::NotFound {
-                repository: source.display.clone(),
-                commit: sha.clone(),
-                path: path.to_owned(),
-            })
+            cache::remember_file(&mirror, &sha, path, cache::FileAt::Missing);
+            return Err(not_found());
         }
         Some(["120000", "blob", _]) => return Err(not_a_file("symbolic link")),
         Some([_, "blob", oid]) => oid.to_string(),
@@ -162,11 +191,13 @@ pub async fn read_file(
     let bytes = git
         .run(Kind::Local, Some(&mirror), &["cat-file", "blob", &oid])
         .await?;
-    String::from_utf8(bytes).map_err(|_| RepoError::NotUtf8 {
+    let text = String::from_utf8(bytes).map_err(|_| RepoError::NotUtf8 {
         repository: source.display.clone(),
         commit: sha.clone(),
         path: path.to_owned(),
-    })
+    })?;
+    cache::remember_file(&mirror, &sha, path, cache::FileAt::Text(text.clone()));
+    Ok(text)
 }
 
 impl Mirrors {
@@ -203,7 +234,7 @@ impl Mirrors {
     /// Safe to call concurrently, from any number of tasks and processes: see the crate docs.
     pub async fn sync(&self, repository: &str) -> Result<PathBuf, RepoError> {
         let source = Source::parse(repository)?;
-        self.sync_source(&source).await
+        self.sync_source(&source, true).await
     }
 
     /// Checks out exactly `commit` (hex, full or abbreviated) into `workspace`, detached, with
@@ -251,41 +282,73 @@ impl Mirrors {
         self.timeouts.network * 3 + Duration::from_secs(60)
     }
 
-    async fn sync_source(&self, source: &Source) -> Result<PathBuf, RepoError> {
+    /// Fetches (or clones) the mirror. `need_head`: the caller is about to read HEAD, so the
+    /// remote's default branch is looked up now; otherwise at most once per
+    /// [`HEAD_CHECK_INTERVAL`] (it rarely changes and costs two processes).
+    async fn sync_source(&self, source: &Source, need_head: bool) -> Result<PathBuf, RepoError> {
         let requested = Instant::now();
         let mirror = self.path_of(source)?;
         let mut lock = lock::write(&mirror, &source.display, self.lock_wait()).await?;
-        if lock.state.last_sync_started.is_some_and(|t| t >= requested) && is_mirror(&mirror) {
+        if lock.state.last_sync_started.is_some_and(|t| t >= requested)
+            && is_mirror(&mirror)
+            && (!need_head || lock.state.head_checked.is_some_and(|t| t >= requested))
+        {
             return Ok(mirror);
         }
         let started = Instant::now();
         let git = self.git(source);
         if is_mirror(&mirror) {
-            git.run(
-                Kind::Local,
-                Some(&mirror),
-                &["config", "remote.origin.url", &source.location],
-            )
-            .await?;
-            git.run(
-                Kind::Network,
-                Some(&mirror),
-                &[
-                    "-c",
-                    "gc.autoDetach=false",
-                    "-c",
-                    "maintenance.autoDetach=false",
-                    "fetch",
-                    "--prune",
-                    "--quiet",
-                    "origin",
-                ],
-            )
-            .await?;
+            if lock.state.origin_url.as_deref() != Some(source.location.as_str()) {
+                git.run(
+                    Kind::Local,
+                    Some(&mirror),
+                    &["config", "remote.origin.url", &source.location],
+                )
+                .await?;
+                lock.state.origin_url = Some(source.location.clone());
+            }
+            // Automatic maintenance is a process per fetch; let it run every few fetches only.
+            lock.state.fetches += 1;
+            let auto = if lock.state.fetches % MAINTENANCE_EVERY == 1 {
+                "maintenance.auto=true"
+            } else {
+                "maintenance.auto=false"
+            };
+            let fetched = git
+                .run(
+                    Kind::Network,
+                    Some(&mirror),
+                    &[
+                        "-c",
+                        "gc.autoDetach=false",
+                        "-c",
+                        "maintenance.autoDetach=false",
+                        "-c",
+                        auto,
+                        "fetch",
+                        "--prune",
+                        "--quiet",
+                        "origin",
+                    ],
+                )
+                .await;
+            if fetched.is_err() {
+                // Another process may have written other credentials: write ours next time.
+                lock.state.origin_url = None;
+            }
+            fetched?;
         } else {
             self.clone_mirror(&git, &mirror).await?;
+            lock.state.origin_url = Some(source.location.clone());
         }
-        follow_remote_head(&git, &mirror).await;
+        let head_due = lock
+            .state
+            .head_checked
+            .is_none_or(|t| need_head || t.elapsed() >= HEAD_CHECK_INTERVAL);
+        if head_due {
+            follow_remote_head(&git, &mirror).await;
+            lock.state.head_checked = Some(started);
+        }
         lock.state.last_sync_started = Some(started);
         tracing::debug!(repository = %source.display, mirror = %mirror.display(), "mirror synced");
         Ok(mirror)
@@ -334,21 +397,27 @@ impl Mirrors {
     /// The full sha of `commit`, syncing the mirror first if it is missing or lacks the commit.
     async fn ensure_commit(&self, source: &Source, commit: &str) -> Result<String, RepoError> {
         let mirror = self.path_of(source)?;
+        if is_full_sha(commit) && cache::commit_known(&mirror, commit) {
+            return Ok(commit.to_owned());
+        }
         let git = self.git(source);
         if is_mirror(&mirror) {
             let _lock = lock::read(&mirror, &source.display, self.lock_wait()).await?;
             if let Some(sha) = commit_in(&git, &mirror, commit).await? {
+                cache::remember_commit(&mirror, &sha);
                 return Ok(sha);
             }
         }
-        self.sync_source(source).await?;
+        self.sync_source(source, false).await?;
         let _lock = lock::read(&mirror, &source.display, self.lock_wait()).await?;
-        commit_in(&git, &mirror, commit)
-            .await?
-            .ok_or_else(|| RepoError::UnknownCommit {
-                repository: source.display.clone(),
-                commit: commit.to_owned(),
-            })
+        let sha = commit_in(&git, &mirror, commit).await?;
+        if let Some(sha) = &sha {
+            cache::remember_commit(&mirror, sha);
+        }
+        sha.ok_or_else(|| RepoError::UnknownCommit {
+            repository: source.display.clone(),
+            commit: commit.to_owned(),
+        })
     }
 }
 

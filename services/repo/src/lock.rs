@@ -20,6 +20,12 @@ use crate::error::RepoError;
 pub(crate) struct MirrorState {
     /// When the last successful sync *started*: a sync requested before that need not fetch again.
     pub last_sync_started: Option<Instant>,
+    /// When the last lookup of the remote's default branch (HEAD) started.
+    pub head_checked: Option<Instant>,
+    /// The `remote.origin.url` this process last wrote into the mirror's config.
+    pub origin_url: Option<String>,
+    /// Fetches run by this process (automatic maintenance runs on some of them only).
+    pub fetches: u64,
 }
 
 type Slot = Arc<RwLock<MirrorState>>;

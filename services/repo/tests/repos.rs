@@ -574,3 +574,76 @@ async fn ten_concurrent_syncs_of_one_mirror_all_succeed() {
         assert_eq!(t.await.unwrap().unwrap(), want);
     }
 }
+
+// ---- what is remembered: later jobs of a commit need no git ----
+
+/// The second workspace of a commit is a copy of the first checkout: it is made even with the
+/// mirror gone (so no git ran against it), and it is a complete, clean git checkout with
+/// executable bits and symbolic links intact.
+#[tokio::test]
+async fn a_second_workspace_of_a_commit_is_copied_without_git() {
+    let f = Fixture::new();
+    std::fs::write(f.src.join("run.sh"), "#!/bin/sh\necho hi\n").unwrap();
+    let exec = std::os::unix::fs::PermissionsExt::from_mode(0o755);
+    std::fs::set_permissions(f.src.join("run.sh"), exec).unwrap();
+    std::os::unix::fs::symlink("run.sh", f.src.join("link")).unwrap();
+    let c1 = f.commit(&[("dir/a.txt", Some("one\n"))], "one");
+    f.mirrors
+        .checkout(f.repo(), &c1, &f.dir("ws1"), false)
+        .await
+        .unwrap();
+    std::fs::remove_dir_all(f.mirrors.mirror_path(f.repo()).unwrap()).unwrap();
+
+    let ws = f.dir("ws2");
+    let again = Mirrors::new(f.mirrors.root());
+    again.checkout(f.repo(), &c1, &ws, false).await.unwrap();
+    assert_eq!(tree(&ws), ["dir/a.txt", "link", "run.sh"]);
+    assert_eq!(read(&ws.join("dir/a.txt")), "one\n");
+    let mode = std::os::unix::fs::PermissionsExt::mode(
+        &std::fs::metadata(ws.join("run.sh")).unwrap().permissions(),
+    );
+    assert_ne!(mode & 0o111, 0, "run.sh lost its executable bit");
+    assert_eq!(
+        std::fs::read_link(ws.join("link")).unwrap(),
+        Path::new("run.sh")
+    );
+    assert_eq!(git(&ws, &["rev-parse", "HEAD"]), c1);
+    assert_eq!(git(&ws, &["status", "--porcelain"]), "");
+    assert_eq!(git(&ws, &["log", "--format=%s", "-1"]), "one");
+    // A change in one workspace is not seen by the next copy.
+    std::fs::write(ws.join("dir/a.txt"), "changed\n").unwrap();
+    let ws3 = f.dir("ws3");
+    again.checkout(f.repo(), &c1, &ws3, false).await.unwrap();
+    assert_eq!(read(&ws3.join("dir/a.txt")), "one\n");
+}
+
+/// A file read at a commit is remembered (commits never change): it is served with the mirror
+/// gone, and so is "no such file".
+#[tokio::test]
+async fn files_read_at_a_commit_are_remembered() {
+    let f = Fixture::new();
+    let c1 = f.commit(&[(".tributary.yml", Some("jobs: {}\n"))], "one");
+    let sha = resolve(f.repo(), &c1, &f.mirrors).await.unwrap();
+    assert_eq!(
+        read_file(f.repo(), &sha, ".tributary.yml", &f.mirrors)
+            .await
+            .unwrap(),
+        "jobs: {}\n"
+    );
+    assert!(read_file(f.repo(), &sha, "missing.yml", &f.mirrors)
+        .await
+        .unwrap_err()
+        .is_not_found());
+    std::fs::remove_dir_all(f.mirrors.mirror_path(f.repo()).unwrap()).unwrap();
+    assert_eq!(resolve(f.repo(), &sha, &f.mirrors).await.unwrap(), sha);
+    assert_eq!(
+        read_file(f.repo(), &sha, ".tributary.yml", &f.mirrors)
+            .await
+            .unwrap(),
+        "jobs: {}\n"
+    );
+    assert!(read_file(f.repo(), &sha, "missing.yml", &f.mirrors)
+        .await
+        .unwrap_err()
+        .is_not_found());
+}
