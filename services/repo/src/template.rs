@@ -124,7 +124,7 @@ fn prune(dir: &Path) {
             done.push((modified, path));
         }
     }
-    done.sort_by(|a, b| b.0.cmp(&a.0));
+    done.sort_by_key(|d| std::cmp::Reverse(d.0));
     for (_, old) in done.into_iter().skip(KEEP) {
         let _ = std::fs::remove_dir_all(old);
     }
