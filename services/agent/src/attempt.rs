@@ -6,7 +6,7 @@
 //! they were produced, and the executor is never held up by more than one batch in flight (plus
 //! the channel's buffer).
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -88,12 +88,69 @@ impl Workspaces {
                 dir: dir.clone(),
                 checkout: None,
             },
-            Workspaces::Checkout { root, mirrors } => JobWorkspace {
-                dir: root
+            Workspaces::Checkout { root, mirrors } => {
+                let dir = root
                     .join(sanitize(build))
-                    .join(format!("{}-{attempt}", sanitize(job))),
-                checkout: source.cloned().map(|s| (mirrors.clone(), s)),
-            },
+                    .join(format!("{}-{attempt}", sanitize(job)));
+                if source.is_some() {
+                    reuse_recycled(root, &dir);
+                }
+                JobWorkspace {
+                    dir,
+                    checkout: source.cloned().map(|s| (mirrors.clone(), s)),
+                }
+            }
+        }
+    }
+
+    /// The attempt that ran in `dir` has ended: keep the workspace for a later job (whose
+    /// checkout then writes only what differs, see `tributary_repo::Mirrors::checkout`), or
+    /// delete it when [`RECYCLED_MAX`] are kept already. Blocking file work: call it on a
+    /// blocking thread.
+    pub fn release(&self, dir: &Path) {
+        let Workspaces::Checkout { root, .. } = self else {
+            return;
+        };
+        let pool = root.join(RECYCLED);
+        let kept = std::fs::read_dir(&pool).map_or(0, |d| d.count());
+        let recycled = kept < RECYCLED_MAX
+            && std::fs::create_dir_all(&pool).is_ok()
+            && std::fs::rename(dir, pool.join(tributary_proto::new_id())).is_ok();
+        if !recycled {
+            if let Err(e) = std::fs::remove_dir_all(dir) {
+                if e.kind() != std::io::ErrorKind::NotFound {
+                    tracing::warn!(error = %e, dir = %dir.display(), "cannot delete the workspace");
+                }
+            }
+        }
+        if let Some(build_dir) = dir.parent() {
+            let _ = std::fs::remove_dir(build_dir); // only if no other attempt uses it
+        }
+    }
+}
+
+/// Where finished workspaces wait for reuse, under the workspaces root.
+const RECYCLED: &str = ".recycled";
+/// Finished workspaces kept for reuse (creating and deleting a workspace's files for every job
+/// costs more than the job on a busy agent).
+const RECYCLED_MAX: usize = 16;
+
+/// Moves a recycled workspace to `dir`, if there is one (best effort: else `dir` starts empty).
+fn reuse_recycled(root: &Path, dir: &Path) {
+    let Ok(entries) = std::fs::read_dir(root.join(RECYCLED)) else {
+        return;
+    };
+    if dir.exists()
+        || dir
+            .parent()
+            .is_none_or(|p| std::fs::create_dir_all(p).is_err())
+    {
+        return;
+    }
+    for entry in entries.flatten() {
+        // Another task may take the same one first: then try the next.
+        if std::fs::rename(entry.path(), dir).is_ok() {
+            return;
         }
     }
 }

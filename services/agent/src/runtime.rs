@@ -66,7 +66,7 @@ pub struct AgentConfig {
     pub heartbeat_interval: Duration,
     /// Delays between reconnects, registration attempts and re-sends of events.
     pub reconnect: BackoffPolicy,
-    /// Delete each attempt's workspace when it ends.
+    /// Clear each attempt's workspace when it ends (kept for reuse by a later job, or deleted).
     pub clean_workspaces: bool,
 }
 
@@ -545,14 +545,8 @@ impl Runtime {
             self.start(next, tasks);
         }
         if self.config.clean_workspaces {
-            if let Err(e) = std::fs::remove_dir_all(&dir) {
-                if e.kind() != std::io::ErrorKind::NotFound {
-                    tracing::warn!(error = %e, dir = %dir.display(), "cannot delete the workspace");
-                }
-            }
-            if let Some(build_dir) = dir.parent() {
-                let _ = std::fs::remove_dir(build_dir); // only if no other attempt uses it
-            }
+            let workspaces = self.workspaces.clone();
+            tokio::task::spawn_blocking(move || workspaces.release(&dir));
         }
     }
 

@@ -507,8 +507,14 @@ async fn runs_a_lease_in_a_checked_out_workspace_and_sends_its_events() {
             "heartbeats name the running lease"
         );
     });
-    // The workspace is deleted once the attempt ended; the mirror stays.
+    // The workspace leaves its place once the attempt ended, kept for reuse by a later job; the
+    // mirror stays.
     wait_until("the workspace to go", 10, || !expected_dir.exists()).await;
+    assert!(!workdir.join("work/build-L1").exists());
+    let recycled = std::fs::read_dir(workdir.join("work/.recycled"))
+        .unwrap()
+        .count();
+    assert_eq!(recycled, 1);
     assert!(workdir.join("mirrors").is_dir());
     wait_until("a heartbeat without the lease", 10, || {
         shared.with(|s| s.heartbeats.last().is_some_and(|h| h.lease_ids.is_empty()))

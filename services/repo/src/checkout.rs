@@ -32,6 +32,25 @@ pub(crate) async fn checkout(
     let ws = prepare_dir(workspace, mirrors.root())?;
     let git = mirrors.git(source);
 
+    // Without submodules a checkout is the same for every job of the commit: make the workspace
+    // the commit's template when there is one (a fresh or a reused workspace alike).
+    let template = (!submodules).then(|| template::path(mirrors.root(), source, sha));
+    if let Some(t) = &template {
+        match template::restore(t.clone(), ws.clone()).await {
+            Ok(true) => {
+                tracing::debug!(repository = %source.display, workspace = %ws.display(),
+                    sha, "checked out from the commit's template");
+                return Ok(());
+            }
+            Ok(false) => {}
+            Err(e) => {
+                tracing::warn!(repository = %source.display, template = %t.display(),
+                    "cannot copy the commit's template, checking out with git: {e}");
+                wipe(&ws)?;
+            }
+        }
+    }
+
     let mut updated = false;
     if is_our_workspace(&git, &ws).await {
         match update(mirrors, &git, &mirror, &ws, sha).await {
@@ -44,25 +63,8 @@ pub(crate) async fn checkout(
     }
     if !updated {
         wipe(&ws)?;
-        // Without submodules a fresh checkout is the same for every job of the commit: copy it
-        // from the commit's template when there is one, else check out and save the template.
-        let template = (!submodules).then(|| template::path(mirrors.root(), source, sha));
-        if let Some(t) = &template {
-            match template::restore(t.clone(), ws.clone()).await {
-                Ok(true) => {
-                    tracing::debug!(repository = %source.display, workspace = %ws.display(),
-                        sha, "checked out from the commit's template");
-                    return Ok(());
-                }
-                Ok(false) => {}
-                Err(e) => {
-                    tracing::warn!(repository = %source.display, template = %t.display(),
-                        "cannot copy the commit's template, checking out with git: {e}");
-                    wipe(&ws)?;
-                }
-            }
-        }
         fresh(mirrors, &git, &mirror, &ws, sha).await?;
+        // The first fresh checkout of a commit becomes its template.
         if let Some(t) = template {
             verify_head(&git, &ws, sha).await?;
             if let Err(e) = template::save(ws.clone(), t.clone()).await {

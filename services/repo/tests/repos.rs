@@ -647,3 +647,74 @@ async fn files_read_at_a_commit_are_remembered() {
         .unwrap_err()
         .is_not_found());
 }
+
+/// A reused workspace (an earlier job's, with its leftovers) is made exactly the commit's
+/// checkout from the template: extra files go, changed files are restored, and a symbolic link a
+/// job planted where the commit has a directory is removed, never followed.
+#[tokio::test]
+async fn a_reused_workspace_becomes_exactly_the_commit() {
+    let f = Fixture::new();
+    let c1 = f.commit(
+        &[("a.txt", Some("one\n")), ("dir/b.txt", Some("bee\n"))],
+        "one",
+    );
+    let c2 = f.commit(&[("a.txt", Some("two\n")), ("c.txt", Some("sea\n"))], "two");
+    let (ws1, ws2) = (f.dir("ws1"), f.dir("ws2"));
+    f.mirrors
+        .checkout(f.repo(), &c1, &ws1, false)
+        .await
+        .unwrap();
+    f.mirrors
+        .checkout(f.repo(), &c2, &ws2, false)
+        .await
+        .unwrap();
+
+    // What a job may leave behind in ws2.
+    let outside = f.dir("outside");
+    std::fs::create_dir(&outside).unwrap();
+    std::fs::write(ws2.join("build.out"), "artifact").unwrap();
+    std::fs::write(ws2.join("a.txt"), "changed by the job\n").unwrap();
+    std::fs::remove_file(ws2.join("c.txt")).unwrap();
+    std::fs::remove_dir_all(ws2.join("dir")).unwrap();
+    std::os::unix::fs::symlink(&outside, ws2.join("dir")).unwrap();
+
+    // The next job, of c1, gets that workspace.
+    f.mirrors
+        .checkout(f.repo(), &c1, &ws2, false)
+        .await
+        .unwrap();
+    assert_eq!(tree(&ws2), ["a.txt", "dir/b.txt"]);
+    assert_eq!(read(&ws2.join("a.txt")), "one\n");
+    assert!(!ws2.join("dir").symlink_metadata().unwrap().is_symlink());
+    assert_eq!(
+        std::fs::read_dir(&outside).unwrap().count(),
+        0,
+        "wrote through a symlink"
+    );
+    assert_eq!(git(&ws2, &["rev-parse", "HEAD"]), c1);
+    assert_eq!(git(&ws2, &["status", "--porcelain", "--ignored"]), "");
+
+    // A change that keeps the size and puts the time back is still undone.
+    let a = ws2.join("a.txt");
+    let before = std::fs::metadata(&a).unwrap().modified().unwrap();
+    std::fs::write(&a, "ONE\n").unwrap();
+    std::fs::File::open(&a)
+        .unwrap()
+        .set_modified(before)
+        .unwrap();
+    f.mirrors
+        .checkout(f.repo(), &c1, &ws2, false)
+        .await
+        .unwrap();
+    assert_eq!(read(&a), "one\n");
+
+    // And back to c2.
+    f.mirrors
+        .checkout(f.repo(), &c2, &ws2, false)
+        .await
+        .unwrap();
+    assert_eq!(tree(&ws2), ["a.txt", "c.txt", "dir/b.txt"]);
+    assert_eq!(read(&ws2.join("a.txt")), "two\n");
+    assert_eq!(git(&ws2, &["rev-parse", "HEAD"]), c2);
+    assert_eq!(git(&ws2, &["status", "--porcelain", "--ignored"]), "");
+}

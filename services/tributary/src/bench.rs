@@ -45,6 +45,7 @@ pub async fn bench(cmd: BenchCommand) -> anyhow::Result<ExitCode> {
             agent_capacity,
             server,
             token,
+            by_branch,
         } => {
             crate::bench_server::bench_server(crate::bench_server::Options {
                 builds,
@@ -53,6 +54,7 @@ pub async fn bench(cmd: BenchCommand) -> anyhow::Result<ExitCode> {
                 agent_capacity,
                 server,
                 token,
+                by_branch,
             })
             .await
         }

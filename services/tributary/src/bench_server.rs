@@ -56,6 +56,8 @@ pub struct Options {
     pub agent_capacity: usize,
     pub server: Option<String>,
     pub token: Option<String>,
+    /// Trigger by branch name rather than at the branch's commit.
+    pub by_branch: bool,
 }
 
 /// Adds `authorization: Bearer <token>` to every call.
@@ -81,7 +83,13 @@ pub async fn bench_server(opts: Options) -> anyhow::Result<ExitCode> {
     let concurrency = opts.concurrency.clamp(1, opts.builds);
     let tmp = tempfile::tempdir()?;
     let repo = tmp.path().join("repo");
-    make_repo(&repo)?;
+    let main_commit = make_repo(&repo)?;
+    // What each build is triggered at: the branch, or its commit as a push webhook sends it.
+    let at = if opts.by_branch {
+        "main".to_owned()
+    } else {
+        main_commit
+    };
 
     // The server: ours (started and stopped here) or the one given.
     let (mut spawned, url, token) = match &opts.server {
@@ -99,7 +107,16 @@ pub async fn bench_server(opts: Options) -> anyhow::Result<ExitCode> {
             (Some(server), url, token)
         }
     };
-    let result = run(&opts, concurrency, &repo, spawned.as_ref(), &url, &token).await;
+    let result = run(
+        &opts,
+        concurrency,
+        &repo,
+        &at,
+        spawned.as_ref(),
+        &url,
+        &token,
+    )
+    .await;
     if let (Err(_), Some(server)) = (&result, &spawned) {
         eprintln!(
             "the server's last log lines:\n{}",
@@ -119,6 +136,7 @@ async fn run(
     opts: &Options,
     concurrency: usize,
     repo: &Path,
+    at: &str,
     spawned: Option<&Spawned>,
     url: &str,
     token: &str,
@@ -169,6 +187,7 @@ async fn run(
     let warm = builds
         .trigger_build(api::TriggerBuildRequest {
             project: project.clone(),
+            git_ref: at.to_owned(),
             ..Default::default()
         })
         .await
@@ -201,11 +220,16 @@ async fn run(
     }
     let from = ev.offset + 1;
 
+    let by = if opts.by_branch {
+        "by branch"
+    } else {
+        "at a commit"
+    };
     println!(
-        "bench server: {} builds of one `echo` job, {} concurrent triggerers; {what}",
+        "bench server: {} builds of one `echo` job triggered {by}, {} concurrent triggerers; {what}",
         opts.builds, concurrency
     );
-    let measured = measure_builds(&builds, &project, opts.builds, concurrency, from).await?;
+    let measured = measure_builds(&builds, &project, at, opts.builds, concurrency, from).await?;
     let tail = measure_tail(&mut builds, &project).await?;
     let rss_after = spawned.and_then(|s| memory(s.pid()));
     let phases = phases(&mut builds, &project, from, &measured).await;
@@ -374,6 +398,7 @@ enum Seen {
 async fn measure_builds(
     client: &BuildsClient<Svc>,
     project: &str,
+    at: &str,
     n: usize,
     concurrency: usize,
     from: u64,
@@ -412,6 +437,7 @@ async fn measure_builds(
         let mut client = client.clone();
         let next = next.clone();
         let project = project.to_owned();
+        let at = at.to_owned();
         triggerers.spawn(async move {
             let mut out = Vec::new();
             while next.fetch_add(1, Ordering::Relaxed) < n {
@@ -420,6 +446,7 @@ async fn measure_builds(
                 let r = client
                     .trigger_build(api::TriggerBuildRequest {
                         project: project.clone(),
+                        git_ref: at.clone(),
                         ..Default::default()
                     })
                     .await;
@@ -768,8 +795,8 @@ async fn wait_for_agents(admin: &mut AdminClient<Svc>, n: usize) -> anyhow::Resu
 }
 
 /// A git repository whose default branch `main` runs [`BUILD_PIPELINE`] and whose branch
-/// [`TAIL_REF`] runs [`TAIL_PIPELINE`].
-fn make_repo(dir: &Path) -> anyhow::Result<()> {
+/// [`TAIL_REF`] runs [`TAIL_PIPELINE`]. Returns `main`'s commit.
+fn make_repo(dir: &Path) -> anyhow::Result<String> {
     std::fs::create_dir_all(dir)?;
     git(dir, &["init", "-q", "-b", "main"])?;
     std::fs::write(dir.join(".tributary.yml"), BUILD_PIPELINE)?;
@@ -779,7 +806,14 @@ fn make_repo(dir: &Path) -> anyhow::Result<()> {
     std::fs::write(dir.join(".tributary.yml"), TAIL_PIPELINE)?;
     git(dir, &["commit", "-qam", "bench: print timestamps"])?;
     git(dir, &["checkout", "-q", "main"])?;
-    Ok(())
+    let out = std::process::Command::new("git")
+        .args(["rev-parse", "main"])
+        .current_dir(dir)
+        .output()
+        .context("cannot run git rev-parse")?;
+    let sha = String::from_utf8_lossy(&out.stdout).trim().to_owned();
+    anyhow::ensure!(sha.len() >= 40, "git rev-parse main printed {sha:?}");
+    Ok(sha)
 }
 
 fn git(dir: &Path, args: &[&str]) -> anyhow::Result<()> {

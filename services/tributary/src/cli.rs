@@ -226,6 +226,10 @@ pub enum BenchCommand {
         /// Admin token for --server (default: TRIBUTARY_TOKEN).
         #[arg(long, value_name = "TOKEN", requires = "server")]
         token: Option<String>,
+        /// Trigger each build by branch (`main`: the server fetches to resolve it) instead of
+        /// at the branch's commit (as a push webhook does, which carries the commit).
+        #[arg(long)]
+        by_branch: bool,
     },
 }
 
