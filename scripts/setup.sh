@@ -23,4 +23,6 @@ if ! command -v cargo >/dev/null 2>&1; then
         exit 1
     fi
 fi
+# An S3-compatible server on loopback for the object storage tests.
+"$(dirname "$0")/setup-s3.sh"
 echo "setup: ready ($(cargo --version))"
