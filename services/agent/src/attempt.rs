@@ -16,7 +16,8 @@ use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 use tributary_executor::{JobContext, LogLimits};
 use tributary_proto::events::{
-    envelope::Payload, Envelope, JobFinished, JobPlan, JobStarted, Status, UsageTick,
+    envelope::Payload, ArtifactUploaded, Envelope, JobFinished, JobPlan, JobStarted, Status,
+    UsageTick,
 };
 
 use crate::backoff::{Backoff, BackoffPolicy};
@@ -161,6 +162,8 @@ pub struct Lease {
     pub attempt: u32,
     pub agent_id: String,
     pub lease_id: String,
+    /// Artifacts of the jobs this one needs, downloaded before it runs.
+    pub inputs: Vec<ArtifactUploaded>,
 }
 
 /// Usage metering: UsageTick events while the attempt runs.
@@ -184,6 +187,8 @@ pub struct AttemptOptions {
     pub limits: LogLimits,
     /// Extra environment for the job (after the job's own).
     pub extra_env: Vec<(String, String)>,
+    /// Where artifacts go (and come from); without it a job with artifacts fails, saying so.
+    pub objects: Option<tributary_objects::Objects>,
 }
 
 impl Default for AttemptOptions {
@@ -194,6 +199,7 @@ impl Default for AttemptOptions {
             usage: None,
             limits: LogLimits::default(),
             extra_env: Vec::new(),
+            objects: None,
         }
     }
 }
@@ -345,6 +351,24 @@ async fn produce(
         tracing::error!(error = %e, dir = %workdir.display(), "cannot create the workspace");
     }
 
+    if !lease.inputs.is_empty() {
+        let downloaded = match &options.objects {
+            None => Err(NO_OBJECTS.to_owned()),
+            Some(objects) => crate::artifacts::download(objects, &lease.inputs, &workdir).await,
+        };
+        if let Err(reason) = downloaded {
+            tracing::error!(%reason, "cannot get the artifacts this job needs");
+            if let Some(m) = meter.as_mut() {
+                let _ = tx.send(m.tick(true)).await;
+            }
+            let _ = tx
+                .send(finished(Status::Failed, -1, reason, started.elapsed()))
+                .await;
+            return Some(Status::Failed);
+        }
+    }
+    let patterns = lease.job.artifacts.clone();
+
     let scratch = scratch_dir.join(format!(
         "{}-{}-{}",
         sanitize(&build.build_id),
@@ -354,6 +378,7 @@ async fn produce(
     if let Err(e) = std::fs::create_dir_all(&scratch) {
         tracing::error!(error = %e, dir = %scratch.display(), "cannot create scratch directory");
     }
+    let ctx_dir = workdir.clone();
     let ctx = JobContext {
         build_id: build.build_id.clone(),
         job: lease.job,
@@ -381,6 +406,29 @@ async fn produce(
         }
     };
     let _ = std::fs::remove_dir_all(&scratch);
+    let mut outcome = outcome;
+    if outcome.status == Status::Succeeded && !patterns.is_empty() {
+        let uploaded = match &options.objects {
+            None => Err(NO_OBJECTS.to_owned()),
+            Some(objects) => {
+                crate::artifacts::upload(objects, build, &job_id, attempt, &patterns, &ctx_dir)
+                    .await
+            }
+        };
+        match uploaded {
+            Ok(artifacts) => {
+                for a in artifacts {
+                    let _ = tx.send(Payload::ArtifactUploaded(a)).await;
+                }
+            }
+            Err(reason) => {
+                tracing::error!(%reason, "artifact upload failed");
+                outcome.status = Status::Failed;
+                outcome.exit_code = -1;
+                outcome.reason = reason;
+            }
+        }
+    }
     if let Some(m) = meter.as_mut() {
         let _ = tx.send(m.tick(true)).await;
     }
@@ -399,6 +447,9 @@ async fn produce(
     }
     Some(status)
 }
+
+const NO_OBJECTS: &str = "this job has artifacts, but this agent has no object storage: start \
+     it with --objects URL (a directory or s3://BUCKET/PREFIX shared with the server)";
 
 /// UsageTick state of one attempt.
 struct Meter {

@@ -17,6 +17,7 @@
 //! re-sending is safe; a refusal because the lease is not current any more (the job was
 //! requeued elsewhere) stops the job and drops its remaining events. See [`SinkError`].
 
+mod artifacts;
 mod attempt;
 mod backoff;
 mod client;

@@ -68,6 +68,9 @@ pub struct AgentConfig {
     pub reconnect: BackoffPolicy,
     /// Clear each attempt's workspace when it ends (kept for reuse by a later job, or deleted).
     pub clean_workspaces: bool,
+    /// Where artifacts are uploaded and downloaded: the server's object storage (a shared
+    /// directory or S3). Without it, jobs with artifacts fail with a message saying so.
+    pub objects: Option<tributary_objects::Objects>,
 }
 
 impl AgentConfig {
@@ -86,6 +89,7 @@ impl AgentConfig {
             heartbeat_interval: Duration::from_secs(2),
             reconnect: BackoffPolicy::default(),
             clean_workspaces: true,
+            objects: None,
         }
     }
 }
@@ -495,6 +499,7 @@ impl Runtime {
                     machine_class,
                     interval: self.config.usage_interval,
                 }),
+            objects: self.config.objects.clone(),
             ..AttemptOptions::default()
         };
         let attempt = Lease {
@@ -502,6 +507,7 @@ impl Runtime {
             attempt: lease.attempt,
             agent_id: self.identity.agent_id.clone(),
             lease_id: lease.lease_id.clone(),
+            inputs: lease.artifacts,
         };
         let scratch = self.config.workdir.join("scratch");
         let lease_id = lease.lease_id;

@@ -89,6 +89,7 @@ fn lease(lines: &[&str]) -> Lease {
             }],
             ..Default::default()
         },
+        inputs: Vec::new(),
         attempt: 2,
         agent_id: "agent-7".into(),
         lease_id: "lease-9".into(),

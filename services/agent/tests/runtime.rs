@@ -317,6 +317,7 @@ fn lease(id: &str, lines: &[&str], source: Option<(&str, &str)>) -> Lease {
         repository: source.map(|s| s.0.to_owned()).unwrap_or_default(),
         commit: source.map(|s| s.1.to_owned()).unwrap_or_default(),
         cancel: false,
+        artifacts: Vec::new(),
     }
 }
 

@@ -97,7 +97,12 @@ async fn lease_message(
     let Some(Payload::BuildTriggered(t)) = &env.payload else {
         return Ok(None);
     };
-    let plan = state.cluster.read(|c| c.job_plan(build_id, job).cloned())?;
+    let (plan, artifacts) = state.cluster.read(|c| {
+        (
+            c.job_plan(build_id, job).cloned(),
+            c.needed_artifacts(build_id, job),
+        )
+    })?;
     Ok(plan.map(|plan| Lease {
         lease_id: lease_id.to_owned(),
         tenant: env.tenant.clone(),
@@ -108,6 +113,7 @@ async fn lease_message(
         repository: t.repository.clone(),
         commit: t.commit.clone(),
         cancel: false,
+        artifacts,
     }))
 }
 

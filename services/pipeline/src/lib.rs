@@ -32,6 +32,7 @@
 //!     runs-on: [linux, big] # an agent label or a list of labels
 //!     image: localhost/ci-busybox
 //!     retry: 2              # re-runs after a failure, 0..=10
+//!     artifacts: [dist/*.tar, "reports/${{ matrix.os }}"]  # kept when the job succeeds
 //!     steps:
 //!       - script: ["cargo test --target ${{ matrix.os }}"]
 //! ```
@@ -39,7 +40,7 @@
 //! # Rules
 //!
 //! * **Keys.** Top level: `env`, `jobs`. Job: `steps`, `needs`, `matrix`, `env`, `timeout`,
-//!   `runs-on`, `image`, `retry`. Step: `name`, `script`, `run`. Any other key is an error at
+//!   `runs-on`, `image`, `retry`, `artifacts`. Step: `name`, `script`, `run`. Any other key is an error at
 //!   the key, with a "did you mean" suggestion when it is close to a valid one (or a well-known
 //!   synonym such as `depends_on` for `needs`). Duplicate keys are errors.
 //! * **Steps.** A step is a plain string (shorthand for `run`, named after the command) or a
@@ -70,6 +71,10 @@
 //! * **Timeout** is whole seconds or `<h>h<m>m<s>s` with any of the parts (in that order), and
 //!   must not be 0; absent means no timeout (`timeout_secs == 0`). **Retry** is a whole number
 //!   from 0 to 10. **`runs-on`** labels and **`image`** must not be empty.
+//! * **Artifacts**: a pattern, a list of patterns, or `{paths: [...]}` (GitLab's spelling);
+//!   globs relative to the workspace where `*` does not cross `/` and `**` does, a directory
+//!   keeps everything under it (see [`artifacts`]). Absolute patterns, `..` and backslashes are
+//!   errors at the pattern; `${{ matrix.NAME }}` is substituted.
 //! * **File.** One YAML document whose top level is a mapping; an empty file, a second
 //!   document, anchors/aliases and tags are errors. YAML syntax errors carry the parser's
 //!   line and column.
@@ -107,6 +112,7 @@
 
 use tributary_proto::events::Plan;
 
+pub mod artifacts;
 mod parse;
 mod plan;
 mod suggest;

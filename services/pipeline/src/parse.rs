@@ -11,7 +11,15 @@ type Result<T> = std::result::Result<T, PipelineError>;
 
 pub(crate) const TOP_KEYS: &[&str] = &["env", "jobs"];
 pub(crate) const JOB_KEYS: &[&str] = &[
-    "steps", "needs", "matrix", "env", "timeout", "runs-on", "image", "retry",
+    "steps",
+    "needs",
+    "matrix",
+    "env",
+    "timeout",
+    "runs-on",
+    "image",
+    "retry",
+    "artifacts",
 ];
 pub(crate) const STEP_KEYS: &[&str] = &["name", "script", "run"];
 
@@ -34,6 +42,8 @@ const JOB_ALIASES: &[(&str, &str)] = &[
     ("timeout-minutes", "timeout"),
     ("retries", "retry"),
     ("tags", "runs-on"),
+    ("artifact", "artifacts"),
+    ("upload", "artifacts"),
     ("labels", "runs-on"),
     ("script", "steps"),
     ("run", "steps"),
@@ -90,6 +100,8 @@ pub(crate) struct Job {
     pub image: Option<Text>,
     pub retry: u32,
     pub steps: Vec<Step>,
+    /// `artifacts`: glob patterns of files to keep after the job.
+    pub artifacts: Vec<Text>,
 }
 
 pub(crate) enum StepName {
@@ -337,6 +349,7 @@ impl Parser<'_, '_> {
             image: None,
             retry: 0,
             steps: Vec::new(),
+            artifacts: Vec::new(),
         };
         let mut has_steps = false;
         let context = format!("in job {name:?}");
@@ -364,6 +377,7 @@ impl Parser<'_, '_> {
                     )?);
                 }
                 "retry" => job.retry = self.retry(name, k, v)?,
+                "artifacts" => job.artifacts = self.artifacts(name, k, v)?,
                 _ => return Err(self.unknown_key(k, &context, JOB_KEYS, JOB_ALIASES)),
             }
         }
@@ -792,6 +806,80 @@ impl Parser<'_, '_> {
                 )
             })
             .collect()
+    }
+}
+
+impl Parser<'_, '_> {
+    /// `artifacts: PATTERN`, `artifacts: [PATTERNS]` or GitLab's `artifacts: {paths: [...]}`.
+    fn artifacts(&self, job: &str, key: &MarkedScalarNode, value: &Node) -> Result<Vec<Text>> {
+        let what = format!("`artifacts` of job {job:?}");
+        let (list_owner_key, value) = match value {
+            Node::Mapping(map) => {
+                let mut paths = None;
+                for (k, v) in map.iter() {
+                    match k.as_str() {
+                        "paths" => paths = Some((k, v)),
+                        _ => {
+                            return Err(self.err(
+                                self.src.key_loc(k),
+                                format!(
+                                    "{what} has an unknown key `{}`; only `paths` is supported \
+                                     (artifacts are kept when the job succeeds)",
+                                    k.as_str()
+                                ),
+                            ))
+                        }
+                    }
+                }
+                let Some((k, v)) = paths else {
+                    return Err(self.err(
+                        self.src.loc(value, Owner::Key(key)),
+                        format!("{what} has no `paths`; write e.g. `artifacts: [dist/*.tar.gz]`"),
+                    ));
+                };
+                (k, v)
+            }
+            _ => (key, value),
+        };
+        let entries: Vec<(&Node, Owner<'_>)> = match value {
+            Node::Sequence(list) => list
+                .iter()
+                .enumerate()
+                .map(|(i, n)| (n, Owner::Entry(list, i)))
+                .collect(),
+            Node::Scalar(_) => vec![(value, Owner::Key(list_owner_key))],
+            Node::Mapping(_) => {
+                return Err(self.wrong_type(
+                    value,
+                    Owner::Key(list_owner_key),
+                    "a file pattern or a list of file patterns",
+                    &what,
+                ))
+            }
+        };
+        if entries.is_empty() {
+            return Err(self.err(
+                self.src.loc(value, Owner::Key(list_owner_key)),
+                format!("{what} is an empty list; add a file pattern, or remove `artifacts`"),
+            ));
+        }
+        let mut patterns = Vec::with_capacity(entries.len());
+        for (node, owner) in entries {
+            let text = self.non_empty_string(
+                node,
+                owner,
+                &format!("a pattern in {what}"),
+                "give a file pattern relative to the workspace, e.g. `dist/*.tar.gz`",
+            )?;
+            if let Some(problem) = crate::artifacts::pattern_problem(&text.value) {
+                return Err(self.err(
+                    text.loc,
+                    format!("pattern {:?} in {what} {problem}", text.value),
+                ));
+            }
+            patterns.push(text);
+        }
+        Ok(patterns)
     }
 }
 

@@ -28,6 +28,7 @@ struct CompiledJob {
     env: BTreeMap<String, Template>,
     runs_on: Vec<Template>,
     image: Option<Template>,
+    artifacts: Vec<Template>,
 }
 
 pub(crate) fn build(src: &Source<'_>, pipeline: &Pipeline) -> Result<Plan, PipelineError> {
@@ -103,6 +104,11 @@ pub(crate) fn build(src: &Source<'_>, pipeline: &Pipeline) -> Result<Plan, Pipel
                     .map_or_else(String::new, |t| t.render(values)),
                 retry: job.retry,
                 kept_from_build: String::new(),
+                artifacts: compiled
+                    .artifacts
+                    .iter()
+                    .map(|t| t.render(values))
+                    .collect(),
             });
         }
     }
@@ -157,11 +163,17 @@ fn compile(src: &Source<'_>, pipeline: &Pipeline, job: &Job) -> Result<CompiledJ
         .as_ref()
         .map(|image| tpl(image, format!("`image` of job {key:?}")))
         .transpose()?;
+    let artifacts = job
+        .artifacts
+        .iter()
+        .map(|p| tpl(p, format!("`artifacts` of job {key:?}")))
+        .collect::<Result<_, _>>()?;
     Ok(CompiledJob {
         steps,
         env,
         runs_on,
         image,
+        artifacts,
     })
 }
 

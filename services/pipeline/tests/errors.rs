@@ -35,7 +35,7 @@ fn display_is_file_line_column_message() {
     assert_eq!(
         err.to_string(),
         ".tributary.yml:3:5: unknown key \"stesp\" in job \"b\"; did you mean \"steps\"? \
-         Valid keys: steps, needs, matrix, env, timeout, runs-on, image, retry"
+         Valid keys: steps, needs, matrix, env, timeout, runs-on, image, retry, artifacts"
     );
 }
 
@@ -918,4 +918,27 @@ fn runs_on_empty_label() {
         5,
         &["found an empty value"],
     );
+}
+
+// ---- artifacts -------------------------------------------------------------------------------
+
+#[test]
+fn artifact_patterns_that_escape_or_do_not_parse() {
+    let text = "jobs:\n  b:\n    steps: [make]\n    artifacts: [dist/*.tar, ../secret]\n";
+    rejects(
+        text,
+        4,
+        29,
+        &["\"../secret\"", "`..`", "inside the workspace"],
+    );
+    let text = "jobs:\n  b:\n    steps: [make]\n    artifacts:\n      - /etc/passwd\n";
+    rejects(text, 5, 9, &["absolute", "relative to the workspace"]);
+    let text = "jobs:\n  b:\n    steps: [make]\n    artifacts: 'dist/[a-'\n";
+    rejects(text, 4, 16, &["not a valid pattern"]);
+    let text = "jobs:\n  b:\n    steps: [make]\n    artifacts: []\n";
+    rejects(text, 4, 16, &["empty list", "remove `artifacts`"]);
+    let text = "jobs:\n  b:\n    steps: [make]\n    artifacts:\n      when: always\n";
+    rejects(text, 5, 7, &["unknown key `when`", "`paths`"]);
+    let text = "jobs:\n  b:\n    steps: [make]\n    artifact: [x]\n";
+    rejects(text, 4, 5, &["artifacts"]);
 }

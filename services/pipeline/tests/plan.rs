@@ -89,6 +89,7 @@ fn full_example() {
             image: String::new(),
             retry: 0,
             kept_from_build: String::new(),
+            artifacts: vec![],
         }
     );
     assert_eq!(
@@ -114,6 +115,7 @@ fn full_example() {
             image: "localhost/ci-busybox".into(),
             retry: 2,
             kept_from_build: String::new(),
+            artifacts: vec![],
         }
     );
 }
@@ -396,4 +398,17 @@ fn windows_line_endings() {
     assert_eq!(plan(text).jobs[0].steps[0].lines, ["make"]);
     let err = load("p", "jobs:\r\n  build:\r\n    stesp: []\r\n").unwrap_err();
     assert_eq!((err.line, err.column), (3, 5));
+}
+
+#[test]
+fn artifacts_in_every_spelling_with_matrix_values() {
+    let p = plan(
+        "jobs:\n  a:\n    steps: [make]\n    artifacts: dist/app.tar\n  \
+         b:\n    steps: [make]\n    artifacts:\n      paths: [out, '**/*.log']\n  \
+         c:\n    matrix: {os: [linux, bsd]}\n    steps: [make]\n    artifacts: ['bin/${{ matrix.os }}/*']\n",
+    );
+    assert_eq!(p.jobs[0].artifacts, ["dist/app.tar"]);
+    assert_eq!(p.jobs[1].artifacts, ["out", "**/*.log"]);
+    assert_eq!(p.jobs[2].artifacts, ["bin/linux/*"]);
+    assert_eq!(p.jobs[3].artifacts, ["bin/bsd/*"]);
 }

@@ -61,8 +61,8 @@
 use std::collections::{BTreeMap, BTreeSet};
 
 use tributary_proto::events::{
-    envelope::Payload, BuildFinished, Envelope, JobAssigned, JobFinished, JobPlan, JobQueued,
-    JobRequeued, Status,
+    envelope::Payload, ArtifactUploaded, BuildFinished, Envelope, JobAssigned, JobFinished,
+    JobPlan, JobQueued, JobRequeued, Status,
 };
 
 use crate::{decide, BuildRun, Decision, JobPhase, JobState, SchedulerState};
@@ -200,6 +200,9 @@ pub struct JobInfo {
     /// events are fenced off and the next attempt is to be queued.
     pub requeued_attempt: Option<u32>,
     pub last_requeue_reason: String,
+    /// Artifacts uploaded by the job's current attempt (one per path): what a lease of a job
+    /// that needs this one downloads.
+    pub artifacts: Vec<ArtifactUploaded>,
 }
 
 /// The scheduler service's read model.
@@ -402,6 +405,23 @@ impl ClusterState {
                 self.builds.apply(offset, env);
                 self.reconcile(build_id, &e.job);
             }
+            Payload::ArtifactUploaded(e) => {
+                let current = self
+                    .job(build_id, &e.job)
+                    .is_some_and(|j| j.attempt == e.attempt);
+                if !current || self.fenced(build_id, &e.job, e.attempt) {
+                    return;
+                }
+                let info = self
+                    .build_info
+                    .get_mut(build_id)
+                    .and_then(|b| b.jobs.get_mut(&e.job));
+                if let Some(info) = info {
+                    info.artifacts
+                        .retain(|a| a.attempt == e.attempt && a.path != e.path);
+                    info.artifacts.push(e.clone());
+                }
+            }
             Payload::JobRequeued(e) => {
                 let current = self.job(build_id, &e.job).is_some_and(|j| {
                     j.attempt == e.attempt
@@ -457,6 +477,21 @@ impl ClusterState {
     /// The plan of a job of an unfinished build.
     pub fn job_plan(&self, build: &str, job: &str) -> Option<&JobPlan> {
         Some(&self.build_info.get(build)?.jobs.get(job)?.plan)
+    }
+
+    /// The artifacts of the jobs `job` needs (their current attempts'), in `needs` order.
+    pub fn needed_artifacts(&self, build: &str, job: &str) -> Vec<ArtifactUploaded> {
+        let Some(info) = self.build_info.get(build) else {
+            return Vec::new();
+        };
+        let Some(plan) = info.jobs.get(job).map(|j| &j.plan) else {
+            return Vec::new();
+        };
+        plan.needs
+            .iter()
+            .filter_map(|need| info.jobs.get(need))
+            .flat_map(|j| j.artifacts.iter().cloned())
+            .collect()
     }
 
     fn job(&self, build: &str, job: &str) -> Option<&JobState> {

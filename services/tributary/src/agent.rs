@@ -29,6 +29,7 @@ pub async fn run_attempt(
     workspace: JobWorkspace,
     scratch_dir: PathBuf,
     cancel: CancellationToken,
+    objects: Option<tributary_objects::Objects>,
 ) {
     tributary_agent::run_attempt(
         Arc::new(LogSink::new(log)),
@@ -37,7 +38,10 @@ pub async fn run_attempt(
         workspace,
         scratch_dir,
         cancel,
-        AttemptOptions::default(),
+        AttemptOptions {
+            objects,
+            ..AttemptOptions::default()
+        },
     )
     .await;
 }
@@ -59,6 +63,9 @@ pub async fn command(args: AgentArgs) -> anyhow::Result<ExitCode> {
         .collect();
     config.capacity = args.capacity;
     config.machine_class = args.machine_class.filter(|c| !c.is_empty());
+    if let Some(url) = args.objects.as_deref().filter(|u| !u.is_empty()) {
+        config.objects = Some(tributary_objects::Objects::open(url)?);
+    }
 
     let drain = CancellationToken::new();
     let abort = CancellationToken::new();

@@ -104,6 +104,7 @@ async fn bench_run(jobs: usize, parallel: usize) -> anyhow::Result<ExitCode> {
         slots: parallel,
         workdir: run.workdir.clone(),
         scratch_dir: run.scratch_dir.clone(),
+        objects: None,
     };
     let (status, reason) = local_run::drive(cfg, from, CancellationToken::new()).await?;
     let elapsed = start.elapsed();

@@ -414,6 +414,12 @@ pub struct AgentArgs {
     /// no usage is reported.
     #[arg(long, value_name = "C")]
     pub machine_class: Option<String>,
+    /// Object storage for artifacts, shared with the server: a directory (e.g. the server's
+    /// `DATA/objects` on the same machine) or `s3://BUCKET/PREFIX` (AWS_* variables configure
+    /// credentials and AWS_ENDPOINT an S3-compatible server). Without it, jobs with
+    /// `artifacts` or needing another job's artifacts fail, saying so.
+    #[arg(long, value_name = "URL", env = "TRIBUTARY_OBJECTS")]
+    pub objects: Option<String>,
 }
 
 #[derive(Debug, Args)]

@@ -103,6 +103,7 @@ async fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
         slots: run.parallel,
         workdir: run.workdir.clone(),
         scratch_dir: run.scratch_dir.clone(),
+        objects: Some(data.objects()?),
     };
     let (status, _reason) = local_run::drive(cfg, from, cancel).await?;
     ctrl_c.abort();

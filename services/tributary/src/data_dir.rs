@@ -30,6 +30,13 @@ impl DataDir {
         })
     }
 
+    /// The object storage of the embedded default: `objects/` in the data directory.
+    pub fn objects(&self) -> anyhow::Result<tributary_objects::Objects> {
+        Ok(tributary_objects::Objects::local(
+            &self.path.join("objects"),
+        )?)
+    }
+
     /// Brings the builds read model up to the end of the log.
     pub async fn catch_up(&self) -> anyhow::Result<()> {
         let mut projector =

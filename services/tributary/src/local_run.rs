@@ -65,6 +65,8 @@ pub struct DriveConfig {
     /// Where every job runs (the pipeline file's directory).
     pub workdir: PathBuf,
     pub scratch_dir: PathBuf,
+    /// Where jobs' artifacts are uploaded (the data directory's `objects/`).
+    pub objects: Option<tributary_objects::Objects>,
 }
 
 /// Drives one build to its end: from `from` (at or before its trigger), folds the log,
@@ -172,6 +174,9 @@ pub async fn drive(
                 attempt,
                 agent_id: LOCAL_AGENT.into(),
                 lease_id,
+                // Every job of a local run shares the pipeline's directory: what a needed job
+                // produced is already there.
+                inputs: Vec::new(),
             };
             let workspace = workspaces.for_job(None, &build.build_id, &job, attempt);
             tasks.spawn(agent::run_attempt(
@@ -181,6 +186,7 @@ pub async fn drive(
                 workspace,
                 cfg.scratch_dir.clone(),
                 token,
+                cfg.objects.clone(),
             ));
         }
     }

@@ -86,6 +86,7 @@ pub async fn up(args: UpArgs) -> anyhow::Result<ExitCode> {
         .with_context(|| format!("cannot read {}", token_path.display()))?;
     let drain = CancellationToken::new();
     let mut agents = tokio::task::JoinSet::new();
+    let objects = data.objects()?;
     for i in 0..args.agents {
         let mut config = AgentConfig::new(
             format!("http://{addr}"),
@@ -94,6 +95,7 @@ pub async fn up(args: UpArgs) -> anyhow::Result<ExitCode> {
         config.enrollment_token = Some(admin_token.trim().to_owned());
         config.name = format!("embedded-{i}");
         config.capacity = args.agent_capacity.max(1) as u32;
+        config.objects = Some(objects.clone());
         agents.spawn(tributary_agent::run(config, drain.clone()));
     }
 

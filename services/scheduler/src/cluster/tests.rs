@@ -981,3 +981,55 @@ proptest! {
         }
     }
 }
+
+fn uploaded(job: &str, attempt: u32, path: &str, sha: &str) -> Payload {
+    Payload::ArtifactUploaded(ArtifactUploaded {
+        job: job.into(),
+        attempt,
+        path: path.into(),
+        size: 1,
+        sha256: sha.into(),
+        object_key: format!("artifacts/t/p/b/{job}/{path}"),
+    })
+}
+
+/// A lease of `test` carries the artifacts of the attempt of `build` that succeeded: a failed
+/// attempt's uploads are replaced by the retry's, the same path twice counts once.
+#[test]
+fn needed_artifacts_are_the_current_attempts() {
+    let mut w = World::new();
+    w.agent("a", &[], 4, "");
+    let mut build = job("build");
+    build.retry = 1;
+    let mut test = job("test");
+    test.needs = vec!["build".into()];
+    w.build("b", vec![build, test]);
+    w.settle();
+    w.start("b", "build", 1, "a");
+    w.push("b", uploaded("build", 1, "app.tar", "old"));
+    w.finish("b", "build", 1, Status::Failed);
+    w.settle();
+    assert_eq!(w.phase("b", "build").map(|p| p.0), Some(2));
+    w.start("b", "build", 2, "a");
+    // A late upload of the failed attempt is not taken.
+    w.push("b", uploaded("build", 1, "late.tar", "x"));
+    w.push("b", uploaded("build", 2, "app.tar", "first"));
+    w.push("b", uploaded("build", 2, "app.tar", "new"));
+    w.push("b", uploaded("build", 2, "lib/x.so", "so"));
+    w.finish("b", "build", 2, Status::Succeeded);
+    w.settle();
+    let got: Vec<(String, String)> = w
+        .state
+        .needed_artifacts("b", "test")
+        .into_iter()
+        .map(|a| (a.path, a.sha256))
+        .collect();
+    assert_eq!(
+        got,
+        [
+            ("app.tar".to_owned(), "new".to_owned()),
+            ("lib/x.so".to_owned(), "so".to_owned())
+        ]
+    );
+    assert!(w.state.needed_artifacts("b", "build").is_empty());
+}
