@@ -3,6 +3,10 @@
 //! * `POST /hooks/github/{tenant}/{project}`: GitHub `push` and `pull_request` webhooks,
 //!   verified with the project's secret through `X-Hub-Signature-256` (HMAC-SHA256, compared
 //!   in constant time). A missing or bad signature is 401 and triggers nothing.
+//! * `GET /api/builds/{build}/artifacts/{job}/{*path}`: download an artifact, with
+//!   `Authorization: Bearer <token>` (a build of another tenant is 404). The bytes were checked
+//!   against the recorded sha256 first (a corrupt object is 500 and sends nothing); the sha256
+//!   is in the `X-Tributary-Sha256` header for the client to check again.
 //! * `GET /metrics`: Prometheus text format.
 //! * `GET /healthz`: liveness.
 
@@ -22,9 +26,86 @@ use crate::state::ApiState;
 pub fn router(state: ApiState) -> Router {
     Router::new()
         .route("/hooks/github/{tenant}/{project}", post(github))
+        .route(
+            "/api/builds/{build}/artifacts/{job}/{*path}",
+            get(download_artifact),
+        )
         .route("/metrics", get(metrics))
         .route("/healthz", get(|| async { "ok\n" }))
         .with_state(state)
+}
+
+/// `GET /api/builds/{build}/artifacts/{job}/{*path}`.
+async fn download_artifact(
+    State(state): State<ApiState>,
+    Path((build, job, path)): Path<(String, String, String)>,
+    headers: HeaderMap,
+) -> Response {
+    let who = match bearer_principal(&state, &headers) {
+        Ok(who) => who,
+        Err(status) => return grpc_to_http(&status),
+    };
+    let artifact = match crate::artifacts::find(&state, &who, &build, &job, &path).await {
+        Ok(a) => a,
+        Err(status) => return grpc_to_http(&status),
+    };
+    let (tmp, file) = match crate::artifacts::fetch_verified(&state, &artifact).await {
+        Ok(f) => f,
+        Err(status) => return grpc_to_http(&status),
+    };
+    let file_name = artifact
+        .path
+        .rsplit('/')
+        .next()
+        .unwrap_or("artifact")
+        .replace(['"', '\\', '\r', '\n'], "_");
+    let body = axum::body::Body::from_stream(crate::artifacts::chunks(tmp, file));
+    (
+        [
+            ("content-type", "application/octet-stream".to_owned()),
+            ("content-length", artifact.size.to_string()),
+            ("x-tributary-sha256", artifact.sha256.clone()),
+            (
+                "content-disposition",
+                format!("attachment; filename=\"{file_name}\""),
+            ),
+        ],
+        body,
+    )
+        .into_response()
+}
+
+/// The caller of an HTTP route, from `Authorization: Bearer <token>`.
+fn bearer_principal(
+    state: &ApiState,
+    headers: &HeaderMap,
+) -> Result<crate::auth::Principal, tonic::Status> {
+    let mut request = tonic::Request::new(());
+    if let Some(value) = headers.get("authorization") {
+        let value = value
+            .to_str()
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .ok_or_else(|| tonic::Status::unauthenticated("bad authorization header"))?;
+        request.metadata_mut().insert("authorization", value);
+    }
+    let who = state.directory(|d| crate::auth::authenticate(d, &request))??;
+    who.require_user()?;
+    Ok(who)
+}
+
+fn grpc_to_http(status: &tonic::Status) -> Response {
+    use tonic::Code;
+    let code = match status.code() {
+        Code::Unauthenticated => StatusCode::UNAUTHORIZED,
+        Code::PermissionDenied => StatusCode::FORBIDDEN,
+        Code::NotFound => StatusCode::NOT_FOUND,
+        Code::InvalidArgument => StatusCode::BAD_REQUEST,
+        Code::FailedPrecondition => StatusCode::CONFLICT,
+        Code::Unavailable => StatusCode::SERVICE_UNAVAILABLE,
+        _ => StatusCode::INTERNAL_SERVER_ERROR,
+    };
+    error(code, status.message())
 }
 
 fn error(status: StatusCode, message: &str) -> Response {

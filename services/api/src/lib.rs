@@ -13,6 +13,7 @@
 
 pub mod admin;
 pub mod agents;
+pub mod artifacts;
 pub mod auth;
 pub mod builds;
 pub mod http;
@@ -23,8 +24,8 @@ pub mod state;
 use std::net::SocketAddr;
 
 use tributary_proto::api::{
-    admin_server::AdminServer, agents_server::AgentsServer, builds_server::BuildsServer,
-    projects_server::ProjectsServer,
+    admin_server::AdminServer, agents_server::AgentsServer, artifacts_server::ArtifactsServer,
+    builds_server::BuildsServer, projects_server::ProjectsServer,
 };
 
 pub use state::ApiState;
@@ -47,7 +48,10 @@ pub async fn serve(
         )))
         .add_service(BuildsServer::new(builds::BuildsApi::new(state.clone())))
         .add_service(AgentsServer::new(agents::AgentsApi::new(state.clone())))
-        .add_service(AdminServer::new(admin::AdminApi::new(state.clone())));
+        .add_service(AdminServer::new(admin::AdminApi::new(state.clone())))
+        .add_service(ArtifactsServer::new(artifacts::ArtifactsApi::new(
+            state.clone(),
+        )));
     if let Ok(reflection) = tonic_reflection::server::Builder::configure()
         .register_encoded_file_descriptor_set(tributary_proto::FILE_DESCRIPTOR_SET)
         .build_v1()

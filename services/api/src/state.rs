@@ -96,6 +96,8 @@ pub struct ApiState {
     pub server_key: Option<crate::seal::ServerKey>,
     /// Open log tails and event watches (a metric).
     pub tail_subscribers: Arc<std::sync::atomic::AtomicUsize>,
+    /// Where artifacts are (None: artifact downloads are refused).
+    pub objects: Option<tributary_objects::Objects>,
 }
 
 /// Counts one open tail while alive.
@@ -137,11 +139,18 @@ impl ApiState {
             cluster,
             server_key,
             tail_subscribers: Arc::default(),
+            objects: None,
         };
         let end = state.log.end_offset().await?;
         let _ = state.directory.wait(end).await;
         let _ = state.cluster.wait(end).await;
         Ok(state)
+    }
+
+    /// The same state serving artifacts from `objects`.
+    pub fn with_objects(mut self, objects: tributary_objects::Objects) -> Self {
+        self.objects = Some(objects);
+        self
     }
 
     /// Reads the directory.

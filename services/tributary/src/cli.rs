@@ -63,6 +63,10 @@ pub enum Command {
     Rerun(GetArgs),
     /// Follow the server's events live (your tenant's), from an offset.
     Watch(WatchArgs),
+    /// A build's artifacts on a server: list them, or download one (its sha256 is checked
+    /// before the file appears).
+    #[command(subcommand)]
+    Artifacts(ArtifactsCommand),
     /// Admin: list agents (connected, labels, running jobs) or revoke one.
     Agents(AgentsArgs),
     /// Admin: create a tenant, or a token for one.
@@ -339,6 +343,34 @@ pub struct GetArgs {
     pub json: bool,
     #[command(flatten)]
     pub server: ServerArgs,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum ArtifactsCommand {
+    /// List a build's artifacts: job, path, size and sha256.
+    List {
+        build: String,
+        /// One JSON object per artifact and line.
+        #[arg(long)]
+        json: bool,
+        #[command(flatten)]
+        server: ServerArgs,
+    },
+    /// Download one artifact, e.g. `tributary artifacts get BUILD dist/app.tar`.
+    Get {
+        build: String,
+        /// The artifact's path, as `list` shows it.
+        path: String,
+        /// The job that produced it, when several jobs have one at that path.
+        #[arg(long, value_name = "JOB")]
+        job: Option<String>,
+        /// Where to write it (default: its file name, in the current directory; `-` for
+        /// stdout).
+        #[arg(short, long, value_name = "FILE")]
+        output: Option<std::path::PathBuf>,
+        #[command(flatten)]
+        server: ServerArgs,
+    },
 }
 
 #[derive(Debug, Args)]

@@ -18,10 +18,10 @@ use crate::cli::{
 };
 use crate::render::Renderer;
 
-type Auth = Box<dyn FnMut(Request<()>) -> Result<Request<()>, Status> + Send>;
+pub(crate) type Auth = Box<dyn FnMut(Request<()>) -> Result<Request<()>, Status> + Send>;
 type Svc = InterceptedService<Channel, Auth>;
 
-async fn channel(server: &ServerArgs) -> anyhow::Result<(Channel, Auth)> {
+pub(crate) async fn channel(server: &ServerArgs) -> anyhow::Result<(Channel, Auth)> {
     let token = server.token.clone().context(
         "no token: pass --token or set TRIBUTARY_TOKEN (the admin token is in <data>/admin.token)",
     )?;
@@ -51,7 +51,7 @@ async fn builds(server: &ServerArgs) -> anyhow::Result<BuildsClient<Svc>> {
 }
 
 /// A gRPC error as a person reads it.
-fn status(e: Status) -> anyhow::Error {
+pub(crate) fn status(e: Status) -> anyhow::Error {
     anyhow::anyhow!("{} ({:?})", e.message(), e.code())
 }
 

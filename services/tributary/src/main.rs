@@ -2,6 +2,7 @@
 //! here (anyhow); everything below is typed.
 
 mod agent;
+mod artifacts;
 mod bench;
 mod bench_server;
 mod cli;

@@ -48,13 +48,15 @@ pub async fn up(args: UpArgs) -> anyhow::Result<ExitCode> {
         })
     };
     let server_key = load_or_create_key(&data.path.join("server.key"))?;
+    let objects = data.objects()?;
     let state = tributary_api::ApiState::start(
         log.clone(),
         data.store.clone(),
         mirrors.clone(),
         Some(server_key),
     )
-    .await?;
+    .await?
+    .with_objects(objects.clone());
 
     // Scheduler service: folds the log, assigns leases to connected agents, requeues lost ones.
     let ttl_us = (args.lease_ttl * 1e6) as i64;
@@ -86,7 +88,6 @@ pub async fn up(args: UpArgs) -> anyhow::Result<ExitCode> {
         .with_context(|| format!("cannot read {}", token_path.display()))?;
     let drain = CancellationToken::new();
     let mut agents = tokio::task::JoinSet::new();
-    let objects = data.objects()?;
     for i in 0..args.agents {
         let mut config = AgentConfig::new(
             format!("http://{addr}"),

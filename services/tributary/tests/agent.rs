@@ -280,12 +280,17 @@ fn an_enrolled_agent_runs_builds_keeps_its_identity_and_drains_on_sigterm() {
     assert_eq!(b["jobs"][0]["agent_id"], id.as_str());
     let logs = server.ok(&["logs", &build]);
     assert!(logs.contains("done-by-agent"), "{logs}");
-    // The attempt's workspace is gone; the mirror is kept for the next build.
+    // The attempt's workspace left its place (kept under .recycled for a later job); the
+    // mirror is kept for the next build.
     let work = server.workdir().join("work");
-    let left: Vec<_> = std::fs::read_dir(&work)
-        .map(|d| d.collect())
-        .unwrap_or_default();
-    assert!(left.is_empty(), "{left:?}");
+    let left = || -> Vec<std::ffi::OsString> {
+        std::fs::read_dir(&work)
+            .map(|d| d.flatten().map(|e| e.file_name()).collect())
+            .unwrap_or_default()
+    };
+    wait_until("the workspace to be recycled", 10, || {
+        left() == [".recycled"]
+    });
     assert!(server.workdir().join("mirrors").is_dir());
 
     // A restart without a token is the same agent.

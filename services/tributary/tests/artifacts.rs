@@ -57,10 +57,90 @@ fn artifacts_pass_from_a_job_to_the_jobs_that_need_it() {
         .output()
         .unwrap();
     let sum = String::from_utf8_lossy(&sum.stdout);
-    assert_eq!(
-        Some(uploads[0]["sha256"].as_str().unwrap()),
-        sum.split(' ').next()
+    let sha = uploads[0]["sha256"].as_str().unwrap().to_owned();
+    assert_eq!(Some(sha.as_str()), sum.split(' ').next());
+
+    // The CLI lists them and downloads one, checked.
+    let listed = s.ok(&s.token, &["artifacts", "list", &id]);
+    assert!(
+        listed.contains("dist/app.txt") && listed.contains(&sha),
+        "{listed}"
     );
+    let out = s.root.join("got/app.txt");
+    std::fs::create_dir_all(out.parent().unwrap()).unwrap();
+    s.ok(
+        &s.token,
+        &[
+            "artifacts",
+            "get",
+            &id,
+            "dist/app.txt",
+            "-o",
+            out.to_str().unwrap(),
+        ],
+    );
+    assert_eq!(std::fs::read_to_string(&out).unwrap(), "built by build\n");
+
+    // Over HTTP with the token; nothing without it or with another tenant's token.
+    let route = format!("/api/builds/{id}/artifacts/build/dist/app.txt");
+    let (code, headers, body) = http_get(&s.addr, &route, Some(&s.token));
+    assert_eq!(code, 200, "{headers}");
+    assert!(headers
+        .to_ascii_lowercase()
+        .contains(&format!("x-tributary-sha256: {sha}")));
+    assert_eq!(body, b"built by build\n");
+    assert_eq!(http_get(&s.addr, &route, None).0, 401);
+    s.ok(&s.token, &["admin", "tenant-add", "other"]);
+    let other = s
+        .ok(&s.token, &["admin", "token-create", "--tenant", "other"])
+        .trim()
+        .to_owned();
+    assert_eq!(http_get(&s.addr, &route, Some(&other)).0, 404);
+    let out = s.cli(&other, &["artifacts", "list", &id]);
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("no build"));
+}
+
+/// A plain HTTP/1.1 GET: (status, headers, body).
+fn http_get(addr: &str, path: &str, token: Option<&str>) -> (u16, String, Vec<u8>) {
+    use std::io::{Read, Write};
+    let host = addr.trim_start_matches("http://");
+    let mut conn = std::net::TcpStream::connect(host).unwrap();
+    let auth = token.map_or(String::new(), |t| format!("Authorization: Bearer {t}\r\n"));
+    write!(
+        conn,
+        "GET {path} HTTP/1.1\r\nHost: {host}\r\n{auth}Connection: close\r\n\r\n"
+    )
+    .unwrap();
+    let mut raw = Vec::new();
+    conn.read_to_end(&mut raw).unwrap();
+    let split = raw.windows(4).position(|w| w == b"\r\n\r\n").unwrap();
+    let headers = String::from_utf8_lossy(&raw[..split]).into_owned();
+    let code = headers[9..12].parse().unwrap();
+    let mut body = raw[split + 4..].to_vec();
+    if headers
+        .to_ascii_lowercase()
+        .contains("transfer-encoding: chunked")
+    {
+        body = unchunk(&body);
+    }
+    (code, headers, body)
+}
+
+fn unchunk(mut data: &[u8]) -> Vec<u8> {
+    let mut out = Vec::new();
+    loop {
+        let line_end = data.windows(2).position(|w| w == b"\r\n").unwrap();
+        let size =
+            usize::from_str_radix(std::str::from_utf8(&data[..line_end]).unwrap().trim(), 16)
+                .unwrap();
+        data = &data[line_end + 2..];
+        if size == 0 {
+            return out;
+        }
+        out.extend_from_slice(&data[..size]);
+        data = &data[size + 2..];
+    }
 }
 
 #[test]
