@@ -77,6 +77,16 @@ impl Envelope {
             Some(Payload::AgentRevoked(e)) => Some(&e.agent_id),
             _ => None,
         };
+        let pool = match &self.payload {
+            Some(Payload::AgentRequested(e)) => Some(&e.request_id),
+            Some(Payload::AgentDraining(e)) => Some(&e.request_id),
+            Some(Payload::AgentReleased(e)) => Some(&e.request_id),
+            Some(Payload::AgentProvisioned(e)) => Some(&e.request_id),
+            _ => None,
+        };
+        if let Some(id) = pool {
+            return format!("pool:{id}");
+        }
         match agent {
             Some(id) => format!("agent:{id}"),
             None => format!("tenant:{}", self.tenant),
@@ -120,6 +130,10 @@ impl Payload {
             Payload::AgentHeartbeat(_) => "agent_heartbeat",
             Payload::AgentDisconnected(_) => "agent_disconnected",
             Payload::AgentRevoked(_) => "agent_revoked",
+            Payload::AgentRequested(_) => "agent_requested",
+            Payload::AgentDraining(_) => "agent_draining",
+            Payload::AgentReleased(_) => "agent_released",
+            Payload::AgentProvisioned(_) => "agent_provisioned",
         }
     }
 }

@@ -16,7 +16,8 @@
 //!
 //! # Routing (as implemented)
 //!
-//! An agent is *available* when it is registered, connected, not revoked, not draining and not
+//! An agent is *available* when it is registered, connected, not revoked, not draining (by its
+//! heartbeat or by the autoscaler's `AgentDraining`) and not
 //! lost (heard from within `agent_ttl_us`), and *serves* a build when it was registered for the
 //! build's tenant or is shared (registered with an empty tenant). Among the available agents
 //! serving the build's tenant:
@@ -110,6 +111,9 @@ pub struct AgentState {
     /// Time of the last connect or heartbeat of the current session.
     pub last_seen_us: i64,
     pub draining: bool,
+    /// The autoscaler drains it (`AgentDraining`): it gets no new work, whatever its
+    /// heartbeats say, until it is gone.
+    pub drain_requested: bool,
     /// Revoked agents never get work again.
     pub revoked: bool,
     pub disconnect_reason: String,
@@ -142,6 +146,7 @@ impl AgentState {
             && self.connected
             && !self.revoked
             && !self.draining
+            && !self.drain_requested
             && !self.is_lost(now_us, config)
     }
 }
@@ -286,6 +291,11 @@ impl ClusterState {
             }
             Payload::AgentRevoked(e) => {
                 self.agents.entry(e.agent_id.clone()).or_default().revoked = true;
+            }
+            Payload::AgentDraining(e) => {
+                if let Some(agent) = self.agents.get_mut(&e.agent_id) {
+                    agent.drain_requested = true;
+                }
             }
             Payload::ProjectCreated(e) => {
                 let tenant = if e.tenant.is_empty() {
@@ -1310,7 +1320,7 @@ impl<'a> Pool<'a> {
             }
             if a.is_lost(self.now_us, self.config) {
                 silent += 1;
-            } else if a.draining {
+            } else if a.draining || a.drain_requested {
                 draining += 1;
             }
         }
