@@ -38,6 +38,17 @@ pub async fn bench(cmd: BenchCommand) -> anyhow::Result<ExitCode> {
             })
         }
         BenchCommand::Run { jobs, parallel } => bench_run(jobs, parallel).await,
+        BenchCommand::Autoscale {
+            trace,
+            config,
+            generate,
+            seed,
+        } => crate::bench_autoscale::bench_autoscale(crate::bench_autoscale::Options {
+            trace,
+            config,
+            generate,
+            seed,
+        }),
         BenchCommand::Server {
             builds,
             concurrency,

@@ -2,7 +2,7 @@
 
 use std::path::PathBuf;
 
-use clap::{Args, Parser, Subcommand};
+use clap::{Args, Parser, Subcommand, ValueEnum};
 
 /// Tributary: an event-sourced CI. Every action is an event on a log; everything you see is a
 /// projection of that log.
@@ -84,7 +84,10 @@ pub enum Command {
     /// finish and report, then exit 0. A second signal cancels the running jobs and exits at
     /// once (status 130).
     Agent(AgentArgs),
-    /// Measure performance: `bench log`, `bench run`.
+    /// Run one of the server's services in its own process, on a `tributary up` data directory.
+    #[command(subcommand)]
+    Serve(ServeCommand),
+    /// Measure performance: `bench log`, `bench run`, `bench server`, `bench autoscale`.
     #[command(subcommand)]
     Bench(BenchCommand),
 }
@@ -203,6 +206,28 @@ pub enum BenchCommand {
         #[arg(long, default_value_t = 1)]
         parallel: usize,
     },
+    /// Replay a day of job arrivals through the autoscaler's policy with simulated time, and
+    /// through a fixed pool of the policy's peak size and a fixed pool of one agent per kind;
+    /// prints each one's cost and p50/p95 queue wait.
+    ///
+    /// The trace is CSV: `arrival_secs,duration_secs,job,labels` (labels separated by ';').
+    /// services/autoscaler/traces/day.csv is a synthetic working day (daily curve, release
+    /// bursts); --generate FILE writes another one. The pool is --config (the format of `serve
+    /// autoscaler`), by default services/autoscaler/traces/bench-pool.toml.
+    Autoscale {
+        /// The trace to replay.
+        #[arg(long, value_name = "FILE", required_unless_present = "generate")]
+        trace: Option<PathBuf>,
+        /// The autoscaler configuration (kinds, prices, billing, grace period, budget).
+        #[arg(long, value_name = "FILE")]
+        config: Option<PathBuf>,
+        /// Write a synthetic day of arrivals to FILE instead of replaying.
+        #[arg(long, value_name = "FILE", conflicts_with = "trace")]
+        generate: Option<PathBuf>,
+        /// Seed of --generate (the same seed gives the same day).
+        #[arg(long, default_value_t = 1)]
+        seed: u64,
+    },
     /// Trigger many one-job builds on a server; prints trigger -> first line and trigger ->
     /// finished latencies (p50/p99), sustained builds/s, log tail latency and the server's RSS.
     ///
@@ -258,6 +283,88 @@ pub struct UpArgs {
     /// Seconds without a heartbeat after which an agent is lost and its jobs are requeued.
     #[arg(long, value_name = "SECS", default_value_t = 10.0)]
     pub lease_ttl: f64,
+    /// Size a pool of agents from the queue with this autoscaler configuration (see `tributary
+    /// serve autoscaler --help`); its agents enroll with the admin token.
+    #[arg(long, value_name = "FILE")]
+    pub autoscaler: Option<PathBuf>,
+    /// Who starts and stops the autoscaler's agents.
+    #[arg(long, value_enum, default_value = "local", requires = "autoscaler")]
+    pub autoscaler_provider: ProviderKind,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum ServeCommand {
+    /// Size the agent pool from the queue, and pay nothing when idle.
+    ///
+    /// Jobs waiting for agents make it acquire agents of the configured kinds (enough to drain
+    /// the waiting work in about target_wait_secs, within max_agents and a hard budget per
+    /// hour); agents idle for grace_secs with nothing waiting for their kind are drained (they
+    /// finish what they run) and released — an agent billed by the hour only near the end of
+    /// its paid hour (renewal_margin_secs). Every decision is an event on the log
+    /// (agent_requested, agent_draining, agent_released, with reason and cost): `tributary
+    /// events | grep agent_` is the pool's audit trail.
+    ///
+    /// The configuration file (TOML):
+    ///
+    ///   budget_per_hour = 10.0          # hard limit on the pool's summed hourly price
+    ///   grace_secs = 300                # idle this long -> let go
+    ///   renewal_margin_secs = 300       # hourly agents: decide this long before the hour ends
+    ///   target_wait_secs = 120          # size the pool so waiting work drains in about this
+    ///   default_job_secs = 300          # expected duration of a job never seen before
+    ///   [[kind]]
+    ///   name = "standard"
+    ///   labels = []                     # runs-on labels it carries ([] = generic)
+    ///   capacity = 2                    # jobs at once
+    ///   price_per_hour = 0.20
+    ///   billing = "minute"              # "second", "minute", "hour" or seconds
+    ///   max_agents = 20
+    ///   [command]                       # --provider command only
+    ///   acquire = "./scripts/vm-create.sh"   # prints the machine id on its last line
+    ///   release = "./scripts/vm-delete.sh"   # gets TRIBUTARY_MACHINE
+    ///
+    /// Providers: `local` starts `tributary agent` processes on this machine (SIGTERM drains
+    /// them); `command` runs your scripts with TRIBUTARY_REQUEST_ID (start the agent with
+    /// `--name $TRIBUTARY_REQUEST_ID`), TRIBUTARY_AGENT_LABELS, TRIBUTARY_AGENT_CAPACITY,
+    /// TRIBUTARY_SERVER, TRIBUTARY_ENROLLMENT_TOKEN and, for release, TRIBUTARY_MACHINE.
+    ///
+    /// SIGINT/SIGTERM stops it; the local provider drains its agents first.
+    Autoscaler(AutoscalerArgs),
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum ProviderKind {
+    /// `tributary agent` processes on this machine.
+    Local,
+    /// Your scripts acquire and release machines.
+    Command,
+}
+
+#[derive(Debug, Args)]
+pub struct AutoscalerArgs {
+    #[command(flatten)]
+    pub data: DataArgs,
+    /// Who starts and stops agents.
+    #[arg(long, value_enum)]
+    pub provider: ProviderKind,
+    /// The autoscaler configuration (TOML, see above).
+    #[arg(long, value_name = "FILE")]
+    pub config: PathBuf,
+    /// The server the agents join.
+    #[arg(
+        long,
+        value_name = "URL",
+        default_value = "http://127.0.0.1:7700",
+        env = "TRIBUTARY_SERVER"
+    )]
+    pub server: String,
+    /// Enrollment token the agents register with (default: the admin token in DIR/admin.token).
+    #[arg(
+        long,
+        value_name = "TOKEN",
+        env = "TRIBUTARY_ENROLLMENT_TOKEN",
+        hide_env_values = true
+    )]
+    pub token: Option<String>,
 }
 
 #[derive(Debug, Args, Clone)]

@@ -24,6 +24,9 @@ pub async fn dispatch(command: Command) -> anyhow::Result<ExitCode> {
         Command::Replay(args) => replay_cmd(args).await,
         Command::Bench(cmd) => crate::bench::bench(cmd).await,
         Command::Up(args) => crate::server::up(args).await,
+        Command::Serve(crate::cli::ServeCommand::Autoscaler(args)) => {
+            crate::autoscaler::serve(args).await
+        }
         Command::Project(cmd) => crate::client::project(cmd).await,
         Command::Trigger(args) => crate::client::trigger(args).await,
         Command::Logs(args) => crate::client::logs(args).await,

@@ -3,7 +3,9 @@
 
 mod agent;
 mod artifacts;
+mod autoscaler;
 mod bench;
+mod bench_autoscale;
 mod bench_server;
 mod cli;
 mod client;

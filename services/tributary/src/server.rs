@@ -22,6 +22,10 @@ use crate::data_dir::DataDir;
 pub const DEFAULT_TENANT: &str = "default";
 
 pub async fn up(args: UpArgs) -> anyhow::Result<ExitCode> {
+    let autoscaler_config = match &args.autoscaler {
+        Some(path) => Some((crate::autoscaler::load_config(path)?, path.clone())),
+        None => None,
+    };
     let data = DataDir::open(&args.data.data).await?;
     let log: Arc<dyn EventLog> = data.log.clone();
     let token_path = data.path.join("admin.token");
@@ -100,6 +104,28 @@ pub async fn up(args: UpArgs) -> anyhow::Result<ExitCode> {
         agents.spawn(tributary_agent::run(config, drain.clone()));
     }
 
+    // The autoscaler: agents sized from the queue, enrolled with the admin token.
+    let autoscaler_stop = CancellationToken::new();
+    let autoscaler = match autoscaler_config {
+        Some((config, path)) => {
+            let provider = crate::autoscaler::provider(
+                args.autoscaler_provider,
+                &config,
+                &path,
+                format!("http://{addr}"),
+                admin_token.trim().to_owned(),
+                data.path.join("autoscaler"),
+            )?;
+            Some(crate::autoscaler::spawn(
+                log.clone(),
+                config,
+                provider,
+                autoscaler_stop.clone(),
+            ))
+        }
+        None => None,
+    };
+
     println!(
         "tributary is up: gRPC and HTTP on http://{addr}, data in {}",
         data.path.display()
@@ -118,8 +144,17 @@ pub async fn up(args: UpArgs) -> anyhow::Result<ExitCode> {
     // their events. A second signal stops at once.
     tracing::info!("draining agents");
     drain.cancel();
+    autoscaler_stop.cancel();
     tokio::select! {
-        _ = async { while agents.join_next().await.is_some() {} } => {}
+        _ = async {
+            while agents.join_next().await.is_some() {}
+            // The autoscaler's provider drains the agents it started.
+            if let Some(autoscaler) = autoscaler {
+                if let Ok(Err(e)) = autoscaler.await {
+                    tracing::error!(error = %e, "autoscaler stopped with an error");
+                }
+            }
+        } => {}
         _ = wait_for_signal() => tracing::warn!("second signal: stopping without waiting for jobs"),
     }
     scheduler_stop.cancel();
@@ -135,7 +170,7 @@ pub async fn up(args: UpArgs) -> anyhow::Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
-async fn wait_for_signal() {
+pub async fn wait_for_signal() {
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).ok();
     tokio::select! {
         _ = tokio::signal::ctrl_c() => {}

@@ -98,6 +98,16 @@ impl Provider for LocalProvider {
             // Its own process group: a Ctrl-C at the terminal reaches the server, which
             // drains the agents itself.
             .process_group(0);
+        // SAFETY: prctl is async-signal-safe; it only sets this child's parent-death signal.
+        // If this process dies without draining its agents (SIGKILL), they drain themselves.
+        unsafe {
+            cmd.pre_exec(|| {
+                if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGTERM) == -1 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                Ok(())
+            });
+        }
         if !request.labels.is_empty() {
             cmd.arg("--labels").arg(request.labels.join(","));
         }

@@ -1,0 +1,124 @@
+//! The autoscaler as the `tributary` binary runs it: `tributary serve autoscaler` (its own
+//! process on a server's data directory) and inside `tributary up --autoscaler FILE`.
+
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::sync::Arc;
+
+use anyhow::Context;
+use tokio_util::sync::CancellationToken;
+use tributary_autoscaler::provider::command::CommandProvider;
+use tributary_autoscaler::provider::local::LocalProvider;
+use tributary_autoscaler::provider::Provider;
+use tributary_autoscaler::Config;
+use tributary_eventlog::EventLog;
+
+use crate::cli::{AutoscalerArgs, ProviderKind};
+
+/// The provider that interprets the decisions. `server` and `token` are what the agents it
+/// starts connect and enroll with; `root` holds the local agents' directories and logs.
+pub fn provider(
+    kind: ProviderKind,
+    config: &Config,
+    config_path: &Path,
+    server: String,
+    token: String,
+    root: PathBuf,
+) -> anyhow::Result<Arc<dyn Provider>> {
+    Ok(match kind {
+        ProviderKind::Local => {
+            let exe = std::env::current_exe()
+                .context("cannot find this executable to start local agents with")?;
+            Arc::new(LocalProvider::new(exe, server, token, root))
+        }
+        ProviderKind::Command => {
+            let Some(scripts) = config.command.clone() else {
+                anyhow::bail!(
+                    "{}: the command provider needs a [command] section with `acquire` and \
+                     `release` scripts (and optionally `drain`)",
+                    config_path.display()
+                );
+            };
+            Arc::new(CommandProvider {
+                scripts,
+                server,
+                token,
+            })
+        }
+    })
+}
+
+/// Loads the configuration, naming the file in errors.
+pub fn load_config(path: &Path) -> anyhow::Result<Config> {
+    Ok(Config::load(path)?)
+}
+
+/// Starts the service; stop it with `stop` and await the handle (the provider drains what it
+/// started before it returns).
+pub fn spawn(
+    log: Arc<dyn EventLog>,
+    config: Config,
+    provider: Arc<dyn Provider>,
+    stop: CancellationToken,
+) -> tokio::task::JoinHandle<Result<(), tributary_eventlog::LogError>> {
+    tokio::spawn(tributary_autoscaler::service::run(
+        log, config, provider, stop,
+    ))
+}
+
+/// `tributary serve autoscaler`.
+pub async fn serve(args: AutoscalerArgs) -> anyhow::Result<ExitCode> {
+    let config = load_config(&args.config)?;
+    let data = &args.data.data;
+    if !data.join("events.db").exists() {
+        anyhow::bail!(
+            "{} holds no event log: point --data at the data directory of a `tributary up`",
+            data.display()
+        );
+    }
+    let token = match args.token.filter(|t| !t.trim().is_empty()) {
+        Some(t) => t.trim().to_owned(),
+        None => {
+            let path = data.join("admin.token");
+            std::fs::read_to_string(&path)
+                .with_context(|| {
+                    format!(
+                        "no --token (TRIBUTARY_ENROLLMENT_TOKEN) and cannot read {}: agents need \
+                         an enrollment token (`tributary admin token-create --kind enrollment`)",
+                        path.display()
+                    )
+                })?
+                .trim()
+                .to_owned()
+        }
+    };
+    let log = tributary_eventlog::sqlite::SqliteLog::open(&data.join("events.db"))
+        .await
+        .with_context(|| format!("cannot open the event log in {}", data.display()))?;
+    let log: Arc<dyn EventLog> = Arc::new(log);
+    let provider = provider(
+        args.provider,
+        &config,
+        &args.config,
+        args.server.clone(),
+        token,
+        data.join("autoscaler"),
+    )?;
+    println!(
+        "tributary autoscaler: provider {}, {} kind(s), budget {}/h, agents join {}",
+        provider.name(),
+        config.kinds.len(),
+        tributary_autoscaler::config::format_money(config.budget_per_hour_micros),
+        args.server
+    );
+    let stop = CancellationToken::new();
+    let service = spawn(log.clone(), config, provider, stop.clone());
+    crate::server::wait_for_signal().await;
+    tracing::info!("stopping: draining the agents this autoscaler started");
+    stop.cancel();
+    match service.await {
+        Ok(Ok(())) => Ok(ExitCode::SUCCESS),
+        Ok(Err(e)) => Err(e.into()),
+        Err(e) => Err(anyhow::anyhow!("the autoscaler task failed: {e}")),
+    }
+}
