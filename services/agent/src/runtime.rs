@@ -9,7 +9,7 @@
 //! * the main loop admits leases (never more than `capacity`, none while draining), runs each in
 //!   its own task with an [`ApiSink`], and ends when drained.
 //!
-//! Draining: heartbeats say `draining` (the server then assigns nothing more, and moves leases
+//! Draining (on `drain`, or when the server pushes a drain instruction): heartbeats say `draining` (the server then assigns nothing more, and moves leases
 //! the agent has not started elsewhere), leases still pushed are not started, the running jobs
 //! finish and send their events, then the work stream is closed and the runtime returns. The
 //! stream stays open until then because the server takes a closed work stream for a lost agent
@@ -247,6 +247,8 @@ pub async fn run_as(
 /// What the pull loop hands the main loop.
 enum Pulled {
     Lease(Box<api::Lease>),
+    /// The server drains this agent (the autoscaler lets it go): as on SIGTERM.
+    Drain,
     /// The server will not take this agent (revoked, unknown, no Agents API).
     Fatal(AgentError),
 }
@@ -364,20 +366,15 @@ impl Runtime {
                     let n = self.abort(&mut tasks).await;
                     break if n == 0 { Ok(()) } else { Err(AgentError::Aborted(n)) };
                 }
-                _ = drain.cancelled(), if !draining => {
-                    let running = {
-                        let mut slots = self.slots();
-                        slots.drain();
-                        slots.running()
-                    };
-                    tracing::info!(running, "draining: no new leases; waiting for the running jobs");
-                    // The work stream stays open until they are done: the server takes a
-                    // closed stream for a lost agent and would requeue them.
-                    beat_now.notify_one();
-                }
+                _ = drain.cancelled(), if !draining => self.begin_drain(&beat_now, "stop requested"),
                 Some(done) = tasks.set.join_next_with_id() => self.finished(&mut tasks, done),
                 pulled = pull_rx.recv(), if pull_open => match pulled {
                     Some(Pulled::Lease(lease)) => self.start(*lease, &mut tasks),
+                    Some(Pulled::Drain) => {
+                        if !draining {
+                            self.begin_drain(&beat_now, "the server drains this agent");
+                        }
+                    }
                     Some(Pulled::Fatal(e)) => {
                         tracing::error!(error = %e, "the server refused this agent; stopping");
                         let canceled = {
@@ -408,6 +405,23 @@ impl Runtime {
             Some(e) => Err(e),
             None => result,
         }
+    }
+
+    /// No new leases from now on; the running ones finish, then the runtime returns. The work
+    /// stream stays open until they are done: the server takes a closed stream for a lost
+    /// agent and would requeue them.
+    fn begin_drain(&self, beat_now: &Notify, why: &str) {
+        let running = {
+            let mut slots = self.slots();
+            slots.drain();
+            slots.running()
+        };
+        tracing::info!(
+            running,
+            why,
+            "draining: no new leases; waiting for the running jobs"
+        );
+        beat_now.notify_one();
     }
 
     /// Admits a pushed lease and starts its attempt, or says why not.
@@ -624,7 +638,12 @@ async fn pull_loop(
                     match message {
                         Ok(Some(lease)) => {
                             backoff.reset();
-                            if tx.send(Pulled::Lease(Box::new(lease))).await.is_err() {
+                            let pulled = if lease.drain {
+                                Pulled::Drain
+                            } else {
+                                Pulled::Lease(Box::new(lease))
+                            };
+                            if tx.send(pulled).await.is_err() {
                                 return;
                             }
                         }

@@ -318,6 +318,7 @@ fn lease(id: &str, lines: &[&str], source: Option<(&str, &str)>) -> Lease {
         commit: source.map(|s| s.1.to_owned()).unwrap_or_default(),
         cancel: false,
         artifacts: Vec::new(),
+        drain: false,
     }
 }
 
@@ -692,6 +693,51 @@ async fn drain_stops_pulling_lets_running_jobs_finish_then_returns() {
         shared.with(|s| s.pulls.len()),
         1,
         "no new stream while draining"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_drain_instruction_from_the_server_drains_like_sigterm() {
+    let shared = Shared::default();
+    let server = Server::start(any_port(), shared.clone());
+    let dir = tempfile::tempdir().unwrap();
+    let agent = start_agent(config(&server.url(), dir.path()));
+    wait_until("the work stream", 10, || shared.open_streams() == 1).await;
+    shared
+        .push(lease("L1", &["sleep 1.5", "echo finished"], None))
+        .await;
+    wait_until("JobStarted", 10, || shared.has("L1", "job_started")).await;
+
+    // The autoscaler lets this agent go: the server pushes a drain instruction.
+    shared
+        .push(Lease {
+            drain: true,
+            ..Lease::default()
+        })
+        .await;
+    wait_until("a draining heartbeat with the running lease", 10, || {
+        shared.with(|s| {
+            s.heartbeats
+                .iter()
+                .any(|h| h.draining && h.lease_ids == vec!["L1".to_owned()])
+        })
+    })
+    .await;
+    shared.push(lease("L2", &["true"], None)).await;
+    let result = tokio::time::timeout(Duration::from_secs(15), agent.task)
+        .await
+        .unwrap()
+        .unwrap();
+    result.unwrap();
+    assert!(shared.types("L2").is_empty(), "no new work while draining");
+    assert!(
+        shared.output("L1").contains("finished"),
+        "the running job finished"
+    );
+    assert_eq!(shared.types("L1").last(), Some(&"job_finished"));
+    assert!(
+        !agent.drain.is_cancelled(),
+        "it drained on the server's word alone"
     );
 }
 

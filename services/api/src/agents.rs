@@ -3,6 +3,8 @@
 //! * `Register` exchanges an enrollment token for an agent id and the agent's own token.
 //! * `PullWork` is the agent's work stream: every lease assigned to it is pushed the moment the
 //!   scheduler's `JobAssigned` is on the log (Buildkite-style streaming dispatch, no polling).
+//!   An `AgentDraining` of the agent (the autoscaler lets it go) is pushed as a drain
+//!   instruction (`Lease.drain`).
 //!   Opening it appends `AgentConnected`; closing it appends `AgentDisconnected`.
 //! * `Heartbeat` appends `AgentHeartbeat` (renewing the agent's leases) and answers which
 //!   leases to stop.
@@ -114,7 +116,16 @@ async fn lease_message(
         commit: t.commit.clone(),
         cancel: false,
         artifacts,
+        drain: false,
     }))
+}
+
+/// Tells the agent to drain (the autoscaler lets it go).
+fn drain_message() -> Lease {
+    Lease {
+        drain: true,
+        ..Lease::default()
+    }
 }
 
 /// Job and attempt an agent event is about; None for types an agent may not send.
@@ -237,7 +248,15 @@ impl Agents for AgentsApi {
                 .map(|((b, j), l)| (b.clone(), j.clone(), l.attempt, l.lease_id.clone()))
                 .collect()
         })?;
+        // An agent the autoscaler is draining hears it first thing.
+        let draining = self
+            .state
+            .cluster
+            .read(|c| c.agents.get(&agent_id).is_some_and(|a| a.drain_requested))?;
         let (tx, rx) = mpsc::channel::<Result<Lease, Status>>(64);
+        if draining {
+            let _ = tx.send(Ok(drain_message())).await;
+        }
         let state = self.state.clone();
         let sessions = self.sessions.clone();
         let tenant = who.tenant.clone();
@@ -286,6 +305,11 @@ impl Agents for AgentsApi {
                             if tx.send(Ok(stop)).await.is_err() {
                                 break;
                             }
+                        }
+                    }
+                    if let Some(Payload::AgentDraining(d)) = &env.payload {
+                        if d.agent_id == agent_id && tx.send(Ok(drain_message())).await.is_err() {
+                            break;
                         }
                     }
                     if let Some(Payload::JobAssigned(a)) = &env.payload {

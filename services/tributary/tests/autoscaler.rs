@@ -65,15 +65,22 @@ max_agents = 4
 "#;
 
 impl Server {
+    /// `tributary up` with the autoscaler inside (local provider), or without one.
     fn start() -> Server {
+        Self::start_with(true)
+    }
+
+    fn start_with(autoscaler: bool) -> Server {
         let dir = tempfile::tempdir().unwrap();
         let config = dir.path().join("pool.toml");
         std::fs::write(&config, POOL).unwrap();
         let addr = format!("127.0.0.1:{}", free_port());
-        let child = Command::new(bin())
-            .args(["up", "--agents", "0", "--lease-ttl", "5", "--listen", &addr])
-            .arg("--autoscaler")
-            .arg(&config)
+        let mut cmd = Command::new(bin());
+        cmd.args(["up", "--agents", "0", "--lease-ttl", "5", "--listen", &addr]);
+        if autoscaler {
+            cmd.arg("--autoscaler").arg(&config);
+        }
+        let child = cmd
             .arg("--data")
             .arg(dir.path().join("data"))
             .env("TRIBUTARY_LOG", "info")
@@ -170,7 +177,10 @@ impl Server {
 
     /// `tributary agent` processes started by this server's autoscaler.
     fn agent_processes(&self) -> usize {
-        let root = self.dir.path().join("data/autoscaler");
+        self.agent_processes_under(&self.dir.path().join("data/autoscaler"))
+    }
+
+    fn agent_processes_under(&self, root: &Path) -> usize {
         let root = root.to_string_lossy();
         std::fs::read_dir("/proc")
             .unwrap()
@@ -326,4 +336,87 @@ fn a_burst_scales_the_pool_up_it_drains_and_returns_to_zero_without_killing_a_jo
     assert!(time(drained) > time(ended));
     assert_eq!(s.agent_processes(), 0);
     s.stop();
+}
+
+/// `tributary serve autoscaler --provider command` in its own process, next to a `tributary up`
+/// on the same data directory: the scripts start and stop `tributary agent` processes; the
+/// server tells drained agents to drain down their work stream.
+#[test]
+fn serve_autoscaler_with_the_command_provider_scales_up_and_back_to_zero() {
+    let s = Server::start_with(false);
+    let root = s.dir.path().join("machines");
+    std::fs::create_dir_all(&root).unwrap();
+    let acquire = format!(
+        "TRIBUTARY_LOG=info nohup {bin} agent --server \"$TRIBUTARY_SERVER\" \
+         --token \"$TRIBUTARY_ENROLLMENT_TOKEN\" --name \"$TRIBUTARY_REQUEST_ID\" \
+         --capacity \"$TRIBUTARY_AGENT_CAPACITY\" --workdir {root}/$TRIBUTARY_REQUEST_ID \
+         > {root}/$TRIBUTARY_REQUEST_ID.log 2>&1 < /dev/null & echo \"$!\"",
+        bin = bin(),
+        root = root.display()
+    );
+    let release = format!(
+        "kill \"$TRIBUTARY_MACHINE\" 2>/dev/null; \
+         echo \"$TRIBUTARY_REQUEST_ID $TRIBUTARY_AGENT_ID\" >> {}/released",
+        root.display()
+    );
+    let config = s.dir.path().join("command.toml");
+    std::fs::write(
+        &config,
+        format!("{POOL}\n[command]\nacquire = '''{acquire}'''\nrelease = '''{release}'''\n"),
+    )
+    .unwrap();
+    let log = std::fs::File::create(s.dir.path().join("autoscaler.log")).unwrap();
+    let mut autoscaler = Command::new(bin())
+        .args(["serve", "autoscaler", "--provider", "command", "--config"])
+        .arg(&config)
+        .arg("--data")
+        .arg(s.dir.path().join("data"))
+        .args(["--server", &s.addr])
+        .env("TRIBUTARY_LOG", "info")
+        .stdout(Stdio::null())
+        .stderr(log)
+        .spawn()
+        .unwrap();
+
+    let mut pipeline = String::from("jobs:\n");
+    for i in 0..8 {
+        pipeline.push_str(&format!("  j{i}:\n    steps:\n      - run: sleep 0.5\n"));
+    }
+    s.project("cmd", &pipeline);
+    let build = s.ok(&["trigger", "cmd"]).trim().to_owned();
+    wait_until("the build to finish", 300, || {
+        let b = s.get(&build);
+        b["status"] != "running" && b["status"] != "queued"
+    });
+    assert_eq!(s.get(&build)["status"], "succeeded");
+
+    let mut events = Vec::new();
+    wait_until("the pool to return to zero", 120, || {
+        events = s.events();
+        let requested = Server::of_type(&events, "agent_requested").len();
+        requested > 0
+            && requested == Server::of_type(&events, "agent_released").len()
+            && s.agent_processes_under(&root) == 0
+    });
+    let requested = Server::of_type(&events, "agent_requested");
+    assert!(requested.len() >= 2, "{requested:?}");
+    assert!(requested.iter().all(|r| r["provider"] == "command"));
+    let provisioned = Server::of_type(&events, "agent_provisioned");
+    assert_eq!(provisioned.len(), requested.len());
+    let released = std::fs::read_to_string(root.join("released")).unwrap();
+    assert_eq!(released.lines().count(), requested.len(), "{released}");
+    // Each agent heard the drain from the server (the release script only runs after).
+    for r in &requested {
+        let id = r["request_id"].as_str().unwrap();
+        let agent_log = std::fs::read_to_string(root.join(format!("{id}.log"))).unwrap();
+        assert!(
+            agent_log.contains("the server drains this agent"),
+            "{id}: {agent_log}"
+        );
+    }
+    unsafe {
+        libc::kill(autoscaler.id() as libc::pid_t, libc::SIGTERM);
+    }
+    let status = autoscaler.wait().unwrap();
+    assert!(status.success(), "{status}");
 }
