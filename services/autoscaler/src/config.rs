@@ -64,6 +64,9 @@ pub struct Config {
     pub drain_settle_us: i64,
     /// How often the service decides.
     pub tick_us: i64,
+    /// A queued job counts as waiting once it has waited this long: a job that an agent with a
+    /// free slot (the pool's or another one) takes at once never makes the pool grow.
+    pub queue_delay_us: i64,
     /// The `command` provider's scripts.
     pub command: Option<CommandConfig>,
 }
@@ -92,6 +95,7 @@ impl Default for Config {
             startup_timeout_us: 600 * SECOND_US,
             drain_settle_us: SECOND_US,
             tick_us: SECOND_US,
+            queue_delay_us: SECOND_US,
             command: None,
         }
     }
@@ -109,6 +113,7 @@ struct File {
     startup_timeout_secs: Option<f64>,
     drain_settle_secs: Option<f64>,
     tick_secs: Option<f64>,
+    queue_delay_secs: Option<f64>,
     command: Option<CommandConfig>,
     #[serde(rename = "kind")]
     kinds: Vec<KindFile>,
@@ -247,6 +252,7 @@ impl Config {
                 "drain_settle_secs",
             )?,
             tick_us: secs(file.tick_secs, d.tick_us, "tick_secs")?.max(10_000),
+            queue_delay_us: secs(file.queue_delay_secs, d.queue_delay_us, "queue_delay_secs")?,
             command: file.command,
         })
     }

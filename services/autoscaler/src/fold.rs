@@ -45,6 +45,8 @@ pub struct PoolState {
     durations: Durations,
     requested: u64,
     last_acquired_us: BTreeMap<String, i64>,
+    /// When each (build, job) was last queued or requeued.
+    queued_us: BTreeMap<(String, String), i64>,
     /// Cost of every released agent, summed (AgentReleased.cost_micros).
     pub released_cost_micros: u64,
 }
@@ -81,8 +83,24 @@ impl PoolState {
         if let Payload::JobRequeued(e) = payload {
             self.last_active_us.insert(e.agent_id.clone(), t);
         }
+        if let Payload::JobAssigned(e) = payload {
+            self.queued_us
+                .remove(&(env.build_id.clone(), e.job.clone()));
+        }
         self.cluster.apply(offset, env);
         match payload {
+            Payload::JobQueued(e) => {
+                self.queued_us
+                    .insert((env.build_id.clone(), e.job.clone()), t);
+            }
+            Payload::JobRequeued(e) => {
+                self.queued_us
+                    .insert((env.build_id.clone(), e.job.clone()), t);
+            }
+            Payload::BuildFinished(_) => {
+                let build = env.build_id.clone();
+                self.queued_us.retain(|(b, _), _| *b != build);
+            }
             Payload::JobAssigned(e) => {
                 self.last_active_us.insert(e.agent_id.clone(), t);
             }
@@ -145,8 +163,9 @@ impl PoolState {
         }
     }
 
-    /// The waiting jobs, per label set, with their expected work.
-    pub fn queue(&self, config: &Config) -> Queue {
+    /// The jobs waiting at `now_us` (for `config.queue_delay_us` at least), per label set,
+    /// with their expected work.
+    pub fn queue(&self, config: &Config, now_us: i64) -> Queue {
         let mut groups: BTreeMap<Vec<String>, Demand> = BTreeMap::new();
         for (build_id, run) in &self.cluster.builds.builds {
             if run.canceled {
@@ -162,7 +181,9 @@ impl PoolState {
                     job.phase,
                     JobPhase::Queued | JobPhase::Assigned | JobPhase::Running
                 ) && !leased;
-                if !waiting {
+                let key = (build_id.clone(), job.id.clone());
+                let since = self.queued_us.get(&key).copied().unwrap_or(i64::MIN);
+                if !waiting || now_us.saturating_sub(since) < config.queue_delay_us {
                     continue;
                 }
                 let mut labels = self

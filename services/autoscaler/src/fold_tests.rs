@@ -40,6 +40,7 @@ impl World {
                 grace_us: 30 * S,
                 target_wait_us: 10 * S,
                 default_job_us: 10 * S,
+                queue_delay_us: 0,
                 ..Config::default()
             },
         }
@@ -60,7 +61,7 @@ impl World {
 
     fn autoscale(&mut self) -> Vec<Decision> {
         let ds = decide(
-            &self.state.queue(&self.config),
+            &self.state.queue(&self.config, self.now),
             &self.state.pool(),
             self.now,
             &self.config,
@@ -131,7 +132,13 @@ fn the_fold_gives_the_queue_and_the_pool_through_a_scale_up_and_down() {
         }),
     );
     w.schedule(); // queues the three jobs; no agent yet
-    let q = w.state.queue(&w.config);
+                  // A job counts as waiting only once it has waited queue_delay: one that an agent takes at
+                  // once never makes the pool grow.
+    let mut delayed = w.config.clone();
+    delayed.queue_delay_us = S;
+    assert!(w.state.queue(&delayed, w.now + S / 2).waiting.is_empty());
+    assert_eq!(w.state.queue(&delayed, w.now + S).waiting[0].jobs, 3);
+    let q = w.state.queue(&w.config, w.now);
     assert_eq!(q.waiting.len(), 1);
     assert_eq!((q.waiting[0].jobs, q.waiting[0].work_us), (3, 30 * S));
 
@@ -160,7 +167,7 @@ fn the_fold_gives_the_queue_and_the_pool_through_a_scale_up_and_down() {
         .agents
         .iter()
         .all(|a| a.phase == Phase::Busy && a.busy_slots == 1));
-    assert!(w.state.queue(&w.config).waiting.is_empty());
+    assert!(w.state.queue(&w.config, w.now).waiting.is_empty());
 
     // The jobs run 20 s; the fold learns their duration.
     w.now += 20 * S;
@@ -215,7 +222,7 @@ fn the_fold_gives_the_queue_and_the_pool_through_a_scale_up_and_down() {
     assert!(w.schedule().is_empty(), "a draining agent gets no work");
     // The new build's job waits with its learnt duration (20 s): one new agent, no flapping
     // of the draining ones.
-    let q = w.state.queue(&w.config);
+    let q = w.state.queue(&w.config, w.now);
     assert_eq!(q.waiting[0].work_us, 20 * S);
     w.now += 2 * S;
     let ds = w.autoscale();

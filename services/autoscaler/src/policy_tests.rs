@@ -32,6 +32,7 @@ fn config() -> Config {
         startup_timeout_us: 120 * S,
         drain_settle_us: S,
         tick_us: S,
+        queue_delay_us: 0,
         command: None,
     }
 }
@@ -308,6 +309,7 @@ fn arb_config() -> impl Strategy<Value = Config> {
             startup_timeout_us: 300 * S,
             drain_settle_us: S,
             tick_us: S,
+            queue_delay_us: 0,
             command: None,
         })
 }
@@ -497,6 +499,7 @@ proptest! {
             startup_timeout_us: 300 * S,
             drain_settle_us: S,
             tick_us: 5 * S,
+            queue_delay_us: 0,
             command: None,
         };
         let options = SimOptions { tick_us: 5 * S, step_us: S, until_us: 0, horizon_us: 48 * 3600 * S };

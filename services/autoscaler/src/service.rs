@@ -66,7 +66,7 @@ async fn drive(
             continue; // our last decisions are not folded yet
         }
         let now = tributary_proto::now_us();
-        let decisions = decide(&state.queue(config), &state.pool(), now, config);
+        let decisions = decide(&state.queue(config, now), &state.pool(), now, config);
         if decisions.is_empty() {
             continue;
         }

@@ -311,6 +311,8 @@ pub enum ServeCommand {
     ///   renewal_margin_secs = 300       # hourly agents: decide this long before the hour ends
     ///   target_wait_secs = 120          # size the pool so waiting work drains in about this
     ///   default_job_secs = 300          # expected duration of a job never seen before
+    ///   queue_delay_secs = 1            # a job counts as waiting after this long in the queue
+    ///   startup_timeout_secs = 600      # an agent not connected by then is released
     ///   [[kind]]
     ///   name = "standard"
     ///   labels = []                     # runs-on labels it carries ([] = generic)
