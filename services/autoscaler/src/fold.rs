@@ -49,6 +49,8 @@ pub struct PoolState {
     queued_us: BTreeMap<(String, String), i64>,
     /// Cost of every released agent, summed (AgentReleased.cost_micros).
     pub released_cost_micros: u64,
+    /// The offset after the last event folded.
+    pub next_offset: u64,
 }
 
 fn duration_key(env: &Envelope, job: &str) -> String {
@@ -62,6 +64,7 @@ impl PoolState {
 
     /// Folds one event.
     pub fn apply(&mut self, offset: u64, env: &Envelope) {
+        self.next_offset = self.next_offset.max(offset + 1);
         let Some(payload) = &env.payload else { return };
         let t = env.time_us;
         // The agent whose job ends: looked up before the cluster fold drops the lease.

@@ -4,7 +4,9 @@
 //! appends (and at least every tick) it asks the policy what to do now, appends the decisions
 //! as events, and hands each to the provider: acquire (then `AgentProvisioned`, or
 //! `AgentReleased` with the provider's error), drain, release. Decisions are events first, so
-//! a restarted autoscaler picks up where the log is, and nothing is decided twice.
+//! a restarted autoscaler picks up where the log is, and nothing is decided twice. When it
+//! stops, the agents its provider stopped (the local provider's processes, drained first) are
+//! recorded as released.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -13,7 +15,7 @@ use tokio_util::sync::CancellationToken;
 use tributary_eventlog::{EventLog, LogError};
 use tributary_proto::events::{envelope::Payload, AgentProvisioned, AgentReleased, Envelope};
 
-use crate::config::{format_money, Config};
+use crate::config::{billed_secs, cost_micros, format_money, Config};
 use crate::events::{envelopes, POOL_TENANT};
 use crate::fold::PoolState;
 use crate::policy::{decide, Decision};
@@ -26,8 +28,43 @@ pub async fn run(
     provider: Arc<dyn Provider>,
     stop: CancellationToken,
 ) -> Result<(), LogError> {
-    let result = drive(log, &config, provider.clone(), stop).await;
-    provider.shutdown().await;
+    let mut state = PoolState::new();
+    let result = drive(log.clone(), &config, provider.clone(), stop, &mut state).await;
+    let stopped = provider.shutdown().await;
+    // Catch up, so that the releases below see every request and what it cost.
+    loop {
+        let records = log.read(state.next_offset, 10_000).await?;
+        if records.is_empty() {
+            break;
+        }
+        for record in records {
+            match record.decode() {
+                Ok(env) => state.apply(record.offset, &env),
+                Err(_) => state.next_offset = state.next_offset.max(record.offset + 1),
+            }
+        }
+    }
+    let now = tributary_proto::now_us();
+    let releases: Vec<Envelope> = state
+        .pool()
+        .agents
+        .iter()
+        .filter(|a| stopped.contains(&a.id))
+        .flat_map(|a| {
+            let billed_secs = billed_secs(a.started_us, now, a.billing_granularity_secs);
+            let decision = Decision::Release {
+                id: a.id.clone(),
+                agent_id: a.agent_id.clone(),
+                reason: "the autoscaler stopped: its provider drained and stopped the agent".into(),
+                billed_secs,
+                cost_micros: cost_micros(billed_secs, a.price_per_hour_micros),
+            };
+            envelopes(&decision, provider.name(), now)
+        })
+        .collect();
+    if !releases.is_empty() {
+        log.append(&releases).await?;
+    }
     result
 }
 
@@ -36,8 +73,8 @@ async fn drive(
     config: &Config,
     provider: Arc<dyn Provider>,
     stop: CancellationToken,
+    state: &mut PoolState,
 ) -> Result<(), LogError> {
-    let mut state = PoolState::new();
     let mut sub = log.subscribe(0);
     let mut awaiting: Option<u64> = None;
     let tick = Duration::from_micros(config.tick_us.max(10_000) as u64);
@@ -108,7 +145,7 @@ async fn drive(
                     }
                 }
                 Decision::Drain { id, agent_id, .. } => {
-                    let handle = handle(&state, &id, agent_id, machine(&id));
+                    let handle = handle(state, &id, agent_id, machine(&id));
                     calls.spawn(async move {
                         if let Err(e) = provider.drain(&handle).await {
                             tracing::error!(request_id = %handle.id, error = %e, "the provider could not drain the agent");
@@ -116,7 +153,7 @@ async fn drive(
                     });
                 }
                 Decision::Release { id, agent_id, .. } => {
-                    let handle = handle(&state, &id, agent_id, machine(&id));
+                    let handle = handle(state, &id, agent_id, machine(&id));
                     calls.spawn(async move {
                         if let Err(e) = provider.release(&handle).await {
                             tracing::error!(request_id = %handle.id, machine = %handle.machine, error = %e, "the provider could not release the machine: release it by hand");

@@ -420,3 +420,38 @@ fn serve_autoscaler_with_the_command_provider_scales_up_and_back_to_zero() {
     let status = autoscaler.wait().unwrap();
     assert!(status.success(), "{status}");
 }
+
+/// SIGTERM to `tributary up` while autoscaled agents run jobs: the jobs finish, the agents
+/// drain and stop, and each is recorded as released (with its cost) before the server exits.
+#[test]
+fn stopping_up_drains_the_autoscaled_agents_and_records_their_release() {
+    let mut s = Server::start();
+    s.project(
+        "stop",
+        "jobs:\n  a:\n    steps:\n      - run: sleep 4 && echo done-a\n",
+    );
+    let build = s.ok(&["trigger", "stop"]).trim().to_owned();
+    wait_until("the job to run", 120, || {
+        s.get(&build)["jobs"][0]["status"] == "running"
+    });
+    s.stop();
+    let events = s.events();
+    let finished: Vec<&Value> = events
+        .iter()
+        .filter(|e| e["type"] == "job_finished" && e["build_id"] == build.as_str())
+        .collect();
+    assert_eq!(finished.len(), 1, "the job reported its end");
+    assert!(
+        finished.iter().all(|e| e["status"] == "succeeded"),
+        "{finished:?}"
+    );
+    let requested = Server::of_type(&events, "agent_requested");
+    let released = Server::of_type(&events, "agent_released");
+    assert!(!requested.is_empty());
+    assert_eq!(released.len(), requested.len(), "{released:?}");
+    assert!(released.iter().all(
+        |r| r["reason"].as_str().unwrap().contains("autoscaler stopped")
+            && r["cost_micros"].as_u64().unwrap() > 0
+    ));
+    assert_eq!(s.agent_processes(), 0);
+}

@@ -159,7 +159,7 @@ impl Provider for LocalProvider {
         Ok(())
     }
 
-    async fn shutdown(&self) {
+    async fn shutdown(&self) -> Vec<String> {
         let mut children = std::mem::take(&mut *self.children.lock().await);
         for child in children.values() {
             sigterm(child);
@@ -173,5 +173,6 @@ impl Provider for LocalProvider {
                 let _ = child.kill().await;
             }
         }
+        children.into_keys().collect()
     }
 }

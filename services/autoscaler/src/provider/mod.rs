@@ -57,6 +57,11 @@ pub trait Provider: Send + Sync {
     async fn drain(&self, agent: &AgentHandle) -> Result<(), ProviderError>;
     /// Stops the machine. The policy calls it only for an agent that runs nothing.
     async fn release(&self, agent: &AgentHandle) -> Result<(), ProviderError>;
-    /// The service stops: drain what is still running (the local provider's processes).
-    async fn shutdown(&self) {}
+    /// The service stops: drain and stop what must not outlive it (the local provider's
+    /// processes). Returns the request ids of the agents it stopped, which the service records
+    /// as released; machines of other providers keep running and are picked up again from the
+    /// log by the next start.
+    async fn shutdown(&self) -> Vec<String> {
+        Vec::new()
+    }
 }
