@@ -371,6 +371,32 @@ fn draining_revoked_disconnected_and_unregistered_agents_get_nothing() {
 }
 
 #[test]
+fn an_agent_the_autoscaler_drains_gets_nothing_whatever_its_heartbeats_say() {
+    let mut w = World::new();
+    w.agent("pool-1", &[], 2, "");
+    w.push(
+        "",
+        Payload::AgentDraining(tributary_proto::events::AgentDraining {
+            request_id: "as-small-0".into(),
+            agent_id: "pool-1".into(),
+            reason: "idle".into(),
+        }),
+    );
+    // Its heartbeats do not know yet, and it even reconnects: it still gets no work.
+    w.heartbeat("pool-1", "s1", &[], false);
+    w.connect("pool-1", "s2");
+    w.build("x", vec![job("j")]);
+    assert!(w.settle().is_empty());
+    assert_eq!(
+        w.reason("x", "j").as_deref(),
+        Some("no agent connected (1 agent draining)")
+    );
+    // Another agent takes the job.
+    w.agent("other", &[], 1, "");
+    assert_eq!(w.settle(), vec![("j".into(), 1, "other".into())]);
+}
+
+#[test]
 fn a_stale_disconnect_or_heartbeat_does_not_touch_the_new_session() {
     let mut w = World::new();
     w.agent("a", &[], 1, "");
