@@ -9,7 +9,8 @@
 //! * the main loop admits leases (never more than `capacity`, none while draining), runs each in
 //!   its own task with an [`ApiSink`], and ends when drained.
 //!
-//! Draining (on `drain`, or when the server pushes a drain instruction): heartbeats say `draining` (the server then assigns nothing more, and moves leases
+//! Draining (on `drain`, or when the server pushes a drain instruction): heartbeats say
+//! `draining` (the server then assigns nothing more, and moves leases
 //! the agent has not started elsewhere), leases still pushed are not started, the running jobs
 //! finish and send their events, then the work stream is closed and the runtime returns. The
 //! stream stays open until then because the server takes a closed work stream for a lost agent
