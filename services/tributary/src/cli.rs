@@ -330,6 +330,7 @@ pub enum ServeCommand {
     /// TRIBUTARY_SERVER, TRIBUTARY_ENROLLMENT_TOKEN and, for release, TRIBUTARY_MACHINE.
     ///
     /// SIGINT/SIGTERM stops it; the local provider drains its agents first.
+    #[command(verbatim_doc_comment)]
     Autoscaler(AutoscalerArgs),
 }
 
