@@ -8,6 +8,9 @@ for cmd in git:git cc:build-essential pkg-config:pkg-config cmake:cmake; do
     bin=${cmd%%:*}; pkg=${cmd##*:}
     command -v "$bin" >/dev/null 2>&1 || need_apt+=("$pkg")
 done
+# librdkafka 2.12 (built by rdkafka-sys with cmake) includes <curl/curl.h> even without curl.
+[ -f /usr/include/x86_64-linux-gnu/curl/curl.h ] || [ -f /usr/include/curl/curl.h ] \
+    || need_apt+=(libcurl4-openssl-dev)
 if [ ${#need_apt[@]} -gt 0 ]; then
     echo "setup: installing ${need_apt[*]}"
     SUDO=""; [ "$(id -u)" -eq 0 ] || SUDO=sudo
@@ -25,4 +28,5 @@ if ! command -v cargo >/dev/null 2>&1; then
 fi
 # An S3-compatible server on loopback for the object storage tests.
 "$(dirname "$0")/setup-s3.sh"
+"$(dirname "$0")/setup-brokers.sh"   # Kafka and PostgreSQL on loopback for the integration tests
 echo "setup: ready ($(cargo --version))"
