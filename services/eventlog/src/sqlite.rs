@@ -67,7 +67,7 @@
 //! already queued, then drops the watch sender, and every subscription returns
 //! [`LogError::Closed`].
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
@@ -85,7 +85,10 @@ use tributary_proto::events::Envelope;
 
 pub use sqlx::sqlite::SqliteSynchronous;
 
-use crate::{EventLog, LogError, Offset, Record, Subscription};
+use crate::{
+    Capabilities, EventLog, FailedSubscription, LogError, Offset, Partition, Record, Subscription,
+    Topic,
+};
 
 mod raw;
 
@@ -370,30 +373,68 @@ impl EventLog for SqliteLog {
         self.send_append(rows).await
     }
 
-    async fn read(&self, from: Offset, max: usize) -> Result<Vec<Record>, LogError> {
+    fn capabilities(&self) -> Capabilities {
+        Capabilities {
+            dedupes_event_ids: true,
+            atomic_append: true,
+        }
+    }
+
+    async fn read_partition(
+        &self,
+        partition: Partition,
+        from: Offset,
+        max: usize,
+    ) -> Result<Vec<Record>, LogError> {
+        only_partition(partition)?;
         self.reader.read(from, max).await
     }
 
-    async fn read_key(&self, key: &str, from: Offset, max: usize) -> Result<Vec<Record>, LogError> {
+    async fn read_key_in(
+        &self,
+        _topic: Topic,
+        key: &str,
+        from: Offset,
+        max: usize,
+    ) -> Result<Vec<Record>, LogError> {
         self.reader.read_key(key, from, max).await
     }
 
-    async fn end_offset(&self) -> Result<Offset, LogError> {
+    async fn end_offsets(&self) -> Result<Vec<Offset>, LogError> {
         let mut conn = self.reader.pool.acquire().await.map_err(storage)?;
-        next_offset(&mut conn).await
+        Ok(vec![next_offset(&mut conn).await?])
     }
 
-    fn subscribe(&self, from: Offset) -> Box<dyn Subscription> {
-        Box::new(SqliteSubscription {
-            reader: self.reader.clone(),
-            end: self.end.clone(),
-            position: from,
-            batch: self.subscription_batch,
-        })
+    fn subscribe_partitions(&self, from: &[(Partition, Offset)]) -> Box<dyn Subscription> {
+        match from {
+            [(0, from)] => Box::new(SqliteSubscription {
+                reader: self.reader.clone(),
+                end: self.end.clone(),
+                position: *from,
+                batch: self.subscription_batch,
+            }),
+            _ => Box::new(FailedSubscription::new(
+                LogError::Invalid(format!(
+                    "the SQLite event log has one partition, 0: cannot subscribe to {from:?}"
+                )),
+                from,
+            )),
+        }
     }
 
-    async fn commit(&self, group: &str, next: Offset) -> Result<(), LogError> {
-        let next = to_sql(next)?;
+    async fn commit_partitions(
+        &self,
+        group: &str,
+        positions: &[(Partition, Offset)],
+    ) -> Result<(), LogError> {
+        let mut next = None;
+        for (partition, offset) in positions {
+            only_partition(*partition)?;
+            next = Some(to_sql(*offset)?);
+        }
+        let Some(next) = next else {
+            return Ok(());
+        };
         let (reply, answer) = oneshot::channel();
         self.writer
             .send(WriterMsg::Commit(CommitReq {
@@ -406,13 +447,21 @@ impl EventLog for SqliteLog {
         answer.await.map_err(|_| LogError::Closed)?
     }
 
-    async fn committed(&self, group: &str) -> Result<Option<Offset>, LogError> {
+    async fn committed_partitions(
+        &self,
+        group: &str,
+    ) -> Result<BTreeMap<Partition, Offset>, LogError> {
         let next: Option<i64> = sqlx::query_scalar(COMMITTED)
             .bind(group)
             .fetch_optional(&self.reader.pool)
             .await
             .map_err(storage)?;
-        next.map(from_sql).transpose()
+        Ok(next
+            .map(from_sql)
+            .transpose()?
+            .map(|next| (0, next))
+            .into_iter()
+            .collect())
     }
 
     async fn append_raw(&self, key: &str, data: Vec<u8>) -> Result<Offset, LogError> {
@@ -459,6 +508,21 @@ impl Subscription for SqliteSubscription {
 
     fn position(&self) -> Offset {
         self.position
+    }
+
+    fn positions(&self) -> Vec<(Partition, Offset)> {
+        vec![(0, self.position)]
+    }
+}
+
+/// The SQLite log has one partition, 0.
+fn only_partition(partition: Partition) -> Result<(), LogError> {
+    if partition == 0 {
+        Ok(())
+    } else {
+        Err(LogError::Invalid(format!(
+            "the SQLite event log has one partition, 0: there is no partition {partition}"
+        )))
     }
 }
 

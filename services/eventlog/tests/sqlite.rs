@@ -42,6 +42,7 @@ conformance_tests!(
     empty_append_is_a_no_op,
     read_from_middle_and_past_end,
     read_key_returns_only_that_key_in_order,
+    topics_route_by_payload,
     subscribe_from_zero_sees_all,
     subscribe_mid_stream_catches_up_then_follows,
     subscriber_waits_for_appends,
@@ -49,6 +50,7 @@ conformance_tests!(
     committed_offsets_are_per_group,
     idempotent_reappend,
     malformed_record_is_readable,
+    single_partition_methods,
     subscription_closed_when_log_dropped,
 );
 

@@ -1,0 +1,217 @@
+//! The Kafka backend against a real Apache Kafka broker: the conformance suite on a log with
+//! several partitions and a separate logs topic, and on a single-partition one; garbage bytes
+//! written to the topic by another producer.
+//!
+//! The broker comes from `scripts/setup-brokers.sh` (127.0.0.1:19092); set
+//! `TRIBUTARY_TEST_KAFKA` to use another. Every test works on topics of its own (a random
+//! prefix) and deletes them at the end.
+
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use rdkafka::admin::{AdminClient, AdminOptions, ResourceSpecifier};
+use rdkafka::client::DefaultClientContext;
+use rdkafka::config::ClientConfig;
+use rdkafka::producer::{FutureProducer, FutureRecord};
+use tributary_eventlog::conformance::{self, state_event};
+use tributary_eventlog::kafka::{KafkaLog, KafkaOptions};
+use tributary_eventlog::{EventLog, Layout, Topic};
+
+/// The broker's address; panics, naming the script that starts one, if nothing listens there.
+fn brokers() -> String {
+    let brokers =
+        std::env::var("TRIBUTARY_TEST_KAFKA").unwrap_or_else(|_| "127.0.0.1:19092".into());
+    let first = brokers.split(',').next().unwrap_or_default();
+    let reachable = std::net::ToSocketAddrs::to_socket_addrs(first)
+        .ok()
+        .and_then(|mut addrs| addrs.next())
+        .is_some_and(|addr| {
+            std::net::TcpStream::connect_timeout(&addr, Duration::from_secs(3)).is_ok()
+        });
+    assert!(
+        reachable,
+        "no Kafka broker at {brokers}: run scripts/setup-brokers.sh (it starts one on \
+         127.0.0.1:19092), or set TRIBUTARY_TEST_KAFKA to a reachable broker"
+    );
+    brokers
+}
+
+fn options(events: u32, logs: u32) -> KafkaOptions {
+    let mut options = KafkaOptions::new(brokers());
+    options.topic_prefix = format!("test-{}", uuid::Uuid::now_v7().simple());
+    options.event_partitions = events;
+    options.log_partitions = logs;
+    options.replication_factor = 1;
+    options
+}
+
+async fn connect(options: &KafkaOptions) -> KafkaLog {
+    KafkaLog::connect(options.clone())
+        .await
+        .expect("connect to Kafka and create the topics")
+}
+
+/// Topics of every log a test made, deleted at the end.
+#[derive(Default, Clone)]
+struct Cleanup(Arc<Mutex<Vec<KafkaOptions>>>);
+
+impl Cleanup {
+    fn add(&self, options: &KafkaOptions) {
+        self.0.lock().expect("lock").push(options.clone());
+    }
+
+    async fn run(self) {
+        let all = self.0.lock().expect("lock").clone();
+        for options in all {
+            if let Ok(log) = KafkaLog::connect(options).await {
+                let _ = log.delete_topics().await;
+            }
+        }
+    }
+}
+
+/// One test per conformance check, each on fresh topics: 3 event partitions, 2 log partitions.
+macro_rules! conformance_tests {
+    ($($check:ident),* $(,)?) => {
+        $(
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn $check() {
+                let options = options(3, 2);
+                let log = connect(&options).await;
+                assert_eq!(log.layout(), Layout { events: 3, logs: 2 });
+                conformance::$check(Arc::new(log)).await;
+                let cleanup = Cleanup::default();
+                cleanup.add(&options);
+                cleanup.run().await;
+            }
+        )*
+    };
+}
+
+conformance_tests!(
+    append_then_read,
+    empty_append_is_a_no_op,
+    read_from_middle_and_past_end,
+    read_key_returns_only_that_key_in_order,
+    topics_route_by_payload,
+    subscribe_from_zero_sees_all,
+    subscribe_mid_stream_catches_up_then_follows,
+    subscriber_waits_for_appends,
+    concurrent_appenders_and_subscribers,
+    committed_offsets_are_per_group,
+    idempotent_reappend,
+    malformed_record_is_readable,
+    single_partition_methods,
+    subscription_closed_when_log_dropped,
+);
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reopen_keeps_events_and_offsets() {
+    let options = options(3, 2);
+    conformance::reopen_keeps_events_and_offsets(|| async {
+        Arc::new(connect(&options).await) as Arc<dyn EventLog>
+    })
+    .await;
+    let cleanup = Cleanup::default();
+    cleanup.add(&options);
+    cleanup.run().await;
+}
+
+/// The whole suite on a single-partition Kafka log (one events partition, chunks in the same
+/// topic): the layout every current single-partition consumer can run on.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn run_all_on_a_single_partition_log() {
+    let cleanup = Cleanup::default();
+    conformance::run_all(|| {
+        let cleanup = cleanup.clone();
+        async move {
+            let options = options(1, 0);
+            cleanup.add(&options);
+            let log = connect(&options).await;
+            assert_eq!(log.layout(), Layout::SINGLE);
+            Arc::new(log) as Arc<dyn EventLog>
+        }
+    })
+    .await;
+    cleanup.run().await;
+}
+
+/// Garbage bytes written to the events topic by some other producer (not through Tributary)
+/// are handed back like any record, between the good events, to readers and subscribers.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn garbage_from_another_producer_is_handed_back() {
+    let options = options(2, 1);
+    let log = Arc::new(connect(&options).await);
+    let key = "build-g";
+    let partition = log.layout().partition_for(Topic::Events, key);
+    let good: Vec<_> = (0..2).map(|i| state_event(key, i)).collect();
+    log.append(&good[..1]).await.expect("append");
+
+    let producer: FutureProducer = ClientConfig::new()
+        .set("bootstrap.servers", &options.brokers)
+        .create()
+        .expect("a plain producer");
+    producer
+        .send(
+            FutureRecord::to(&options.events_topic())
+                .partition(partition as i32)
+                .key(key)
+                .payload(&b"\x08\x96\x01 not an envelope \xff\xff"[..]),
+            Duration::from_secs(30),
+        )
+        .await
+        .expect("produce garbage");
+    log.append(&good[1..]).await.expect("append");
+
+    let mut sub = log.subscribe_partitions(&[(partition, 0)]);
+    let records = conformance::collect_until(sub.as_mut(), 3, "garbage").await;
+    let decoded: Vec<_> = records.iter().map(|r| r.decode().ok()).collect();
+    assert_eq!(decoded[0].as_ref(), Some(&good[0]), "the event before");
+    assert!(decoded[1].is_none(), "the garbage must not decode");
+    assert_eq!(records[1].key, key);
+    assert_eq!(decoded[2].as_ref(), Some(&good[1]), "the event after");
+    drop(sub);
+    log.delete_topics().await.expect("delete topics");
+}
+
+/// Reconnecting to existing topics keeps their partition counts, even if the options ask for
+/// others (moving builds between partitions would break their order), and applies the
+/// configured retention.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn existing_topics_keep_their_partitions() {
+    let mut options = options(2, 1);
+    let first = connect(&options).await;
+    assert_eq!(first.layout(), Layout { events: 2, logs: 1 });
+    options.event_partitions = 5;
+    options.log_partitions = 4;
+    options.logs_retention = Duration::from_secs(3600);
+    let second = connect(&options).await;
+    assert_eq!(
+        second.layout(),
+        Layout { events: 2, logs: 1 },
+        "the existing topics' partition counts win"
+    );
+    let admin: AdminClient<DefaultClientContext> = ClientConfig::new()
+        .set("bootstrap.servers", &options.brokers)
+        .create()
+        .expect("admin client");
+    let logs_topic = options.logs_topic();
+    let described = admin
+        .describe_configs(
+            &[ResourceSpecifier::Topic(&logs_topic)],
+            &AdminOptions::new(),
+        )
+        .await
+        .expect("describe configs");
+    let config = described
+        .into_iter()
+        .next()
+        .expect("one resource")
+        .expect("the logs topic's config");
+    assert_eq!(
+        config.get("retention.ms").and_then(|e| e.value.as_deref()),
+        Some("3600000"),
+        "the logs topic's retention follows the options"
+    );
+    second.delete_topics().await.expect("delete topics");
+}
