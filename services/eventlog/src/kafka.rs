@@ -57,7 +57,7 @@ use rdkafka::admin::{
 use rdkafka::client::DefaultClientContext;
 use rdkafka::config::ClientConfig;
 use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer};
-use rdkafka::error::{KafkaError, RDKafkaErrorCode};
+use rdkafka::error::{KafkaError, KafkaResult, RDKafkaErrorCode};
 use rdkafka::message::{BorrowedMessage, Message};
 use rdkafka::producer::{DeliveryFuture, FutureProducer, FutureRecord};
 use rdkafka::{Offset as KafkaOffset, TopicPartitionList};
@@ -466,9 +466,9 @@ impl EventLog for KafkaLog {
             targets
                 .iter()
                 .map(|(topic, index)| {
-                    let (_, high) = reader
-                        .fetch_watermarks(topic, *index, timeout)
-                        .map_err(|e| kafka(&format!("end offset of {topic}[{index}]"), e))?;
+                    let (_, high) =
+                        retrying(timeout, || reader.fetch_watermarks(topic, *index, timeout))
+                            .map_err(|e| kafka(&format!("end offset of {topic}[{index}]"), e))?;
                     Ok(high.max(0) as Offset)
                 })
                 .collect()
@@ -501,9 +501,9 @@ impl EventLog for KafkaLog {
         }
         let consumer = self.group_consumer(group)?;
         let group = group.to_owned();
+        let timeout = self.options.timeout;
         tokio::task::spawn_blocking(move || {
-            consumer
-                .commit(&list, CommitMode::Sync)
+            retrying(timeout, || consumer.commit(&list, CommitMode::Sync))
                 .map_err(|e| kafka(&format!("committing offsets of group {group}"), e))
         })
         .await
@@ -527,9 +527,10 @@ impl EventLog for KafkaLog {
         tokio::task::spawn_blocking(move || {
             // The list librdkafka returns must be dropped before the consumer is (a live one
             // makes the consumer's drop hang): it lives only inside this closure.
-            let committed = consumer
-                .committed_offsets(list, timeout)
-                .map_err(|e| kafka(&format!("reading committed offsets of group {group}"), e))?;
+            let committed = retrying(timeout, || {
+                consumer.committed_offsets(list.clone(), timeout)
+            })
+            .map_err(|e| kafka(&format!("reading committed offsets of group {group}"), e))?;
             let mut positions = BTreeMap::new();
             for element in committed.elements() {
                 if let KafkaOffset::Offset(next) = element.offset() {
@@ -731,8 +732,7 @@ fn read_blocking(
     max: usize,
     timeout: Duration,
 ) -> Result<Vec<Record>, LogError> {
-    let (low, high) = reader
-        .fetch_watermarks(topic, index, timeout)
+    let (low, high) = retrying(timeout, || reader.fetch_watermarks(topic, index, timeout))
         .map_err(|e| kafka(&format!("watermarks of {topic}[{index}]"), e))?;
     let (low, high) = (low.max(0) as Offset, high.max(0) as Offset);
     let start = from.max(low);
@@ -919,6 +919,24 @@ fn partition_count(reader: &BaseConsumer, topic: &str, timeout: Duration) -> Res
             )));
         }
         std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// Runs `op` until it succeeds or `within` has passed, 100 ms apart: right after a topic is
+/// created, or while a broker restarts or moves a leader, requests fail for a moment
+/// (`NotLeaderForPartition`, `CoordinatorLoadInProgress`, transport errors). Only for operations
+/// that are safe to repeat. Returns the last error.
+fn retrying<T>(within: Duration, mut op: impl FnMut() -> KafkaResult<T>) -> KafkaResult<T> {
+    let deadline = Instant::now() + within;
+    loop {
+        match op() {
+            Ok(value) => return Ok(value),
+            Err(error) if Instant::now() < deadline => {
+                tracing::debug!(%error, "Kafka request failed; retrying");
+                std::thread::sleep(Duration::from_millis(100));
+            }
+            Err(error) => return Err(error),
+        }
     }
 }
 

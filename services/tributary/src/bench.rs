@@ -18,7 +18,16 @@ pub async fn bench(cmd: BenchCommand) -> anyhow::Result<ExitCode> {
         BenchCommand::Log {
             events,
             batch,
+            kafka: Some(brokers),
+            partitions,
+            ..
+        } => bench_log_kafka(brokers, partitions, events, batch).await,
+        BenchCommand::Log {
+            events,
+            batch,
             data,
+            kafka: None,
+            ..
         } => {
             let tmp = tempfile::tempdir()?;
             let dir = data.unwrap_or_else(|| tmp.path().to_path_buf());
@@ -70,6 +79,38 @@ pub async fn bench(cmd: BenchCommand) -> anyhow::Result<ExitCode> {
             .await
         }
     }
+}
+
+async fn bench_log_kafka(
+    brokers: String,
+    partitions: u32,
+    events: u64,
+    batch: usize,
+) -> anyhow::Result<ExitCode> {
+    use tributary_eventlog::kafka::{KafkaLog, KafkaOptions};
+    let mut options = KafkaOptions::new(brokers);
+    options.topic_prefix = format!("bench-{}", tributary_proto::new_id());
+    options.event_partitions = partitions;
+    options.log_partitions = partitions;
+    let log = Arc::new(KafkaLog::connect(options.clone()).await?);
+    println!(
+        "bench log: {events} events in batches of {batch} (kafka at {}, topics {} and {}, {} \
+         partitions each)",
+        options.brokers,
+        options.events_topic(),
+        options.logs_topic(),
+        partitions
+    );
+    let report = tributary_eventlog::bench::bench_log(log.clone(), events, batch).await;
+    println!("{report}");
+    if let Err(error) = log.delete_topics().await {
+        eprintln!("bench log: could not delete the benchmark's topics: {error}");
+    }
+    Ok(if report.error.is_some() {
+        ExitCode::from(1)
+    } else {
+        ExitCode::SUCCESS
+    })
 }
 
 async fn bench_run(jobs: usize, parallel: usize) -> anyhow::Result<ExitCode> {

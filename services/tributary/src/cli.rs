@@ -186,6 +186,11 @@ pub struct ReplayArgs {
 #[derive(Debug, Subcommand)]
 pub enum BenchCommand {
     /// Append events in batches, then read them all back; prints events/s.
+    ///
+    /// By default on the embedded SQLite log in a temporary directory. With --kafka, on Apache
+    /// Kafka through rdkafka: fresh topics `bench-<id>.events` and `bench-<id>.logs` (deleted
+    /// afterwards), appends through the idempotent producer (acks=all), reads through one
+    /// consumer assigned to every partition.
     Log {
         /// Number of events to append.
         #[arg(long, default_value_t = 1_000_000)]
@@ -194,8 +199,15 @@ pub enum BenchCommand {
         #[arg(long, default_value_t = 1000)]
         batch: usize,
         /// Where to put the benchmark's log (a temporary directory by default).
-        #[arg(long, value_name = "DIR")]
+        #[arg(long, value_name = "DIR", conflicts_with = "kafka")]
         data: Option<PathBuf>,
+        /// Benchmark the Kafka backend on these brokers (host:port[,host:port...]), e.g. the
+        /// one scripts/setup-brokers.sh starts: --kafka 127.0.0.1:19092.
+        #[arg(long, value_name = "BROKERS")]
+        kafka: Option<String>,
+        /// With --kafka: partitions of each topic (events and logs).
+        #[arg(long, default_value_t = 6, requires = "kafka")]
+        partitions: u32,
     },
     /// Run a pipeline of N trivial jobs; prints the overhead per job over a bare `sh -c true`.
     Run {
