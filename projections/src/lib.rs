@@ -26,6 +26,8 @@ pub use store::BuildsStore;
 pub enum ProjectionError {
     #[error("read-model database error: {0}")]
     Db(#[from] sqlx::Error),
+    #[error("migrating the read-model database failed: {0}")]
+    Migrate(#[from] sqlx::migrate::MigrateError),
     #[error("event log error: {0}")]
     Log(#[from] tributary_eventlog::LogError),
     #[error("read-model row is not valid JSON: {0}")]

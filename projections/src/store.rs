@@ -5,10 +5,11 @@
 //! exactly the fold of the log prefix `[0, next_offset)`.
 
 use std::path::Path;
-use std::str::FromStr;
+use std::time::Duration;
 
-use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteSynchronous};
-use sqlx::{Row, SqlitePool};
+use sqlx::any::{AnyPoolOptions, AnyRow};
+use sqlx::migrate::Migrator;
+use sqlx::{AnyPool, Executor, Row};
 
 use crate::builds::{Build, BuildsState, Job, Line, Phase, Step, Touch};
 use crate::ProjectionError;
@@ -16,98 +17,84 @@ use crate::ProjectionError;
 /// Name of the builds projection in the offsets table.
 pub const BUILDS_PROJECTION: &str = "builds";
 
-const SCHEMA: &str = r#"
-CREATE TABLE IF NOT EXISTS projection_offsets (
-    projection TEXT NOT NULL,
-    partition INTEGER NOT NULL,
-    next_offset INTEGER NOT NULL,
-    PRIMARY KEY (projection, partition)
-);
-CREATE TABLE IF NOT EXISTS builds (
-    id TEXT PRIMARY KEY,
-    tenant TEXT NOT NULL,
-    project TEXT NOT NULL,
-    number INTEGER NOT NULL,
-    phase TEXT NOT NULL,
-    who TEXT NOT NULL,
-    source TEXT NOT NULL,
-    repository TEXT NOT NULL,
-    git_ref TEXT NOT NULL,
-    commit_sha TEXT NOT NULL,
-    pipeline_path TEXT NOT NULL,
-    triggered_us INTEGER NOT NULL,
-    started_us INTEGER,
-    finished_us INTEGER,
-    reason TEXT NOT NULL,
-    last_offset INTEGER NOT NULL
-);
-CREATE INDEX IF NOT EXISTS builds_by_project ON builds (tenant, project, triggered_us);
-CREATE TABLE IF NOT EXISTS jobs (
-    build_id TEXT NOT NULL,
-    idx INTEGER NOT NULL,
-    id TEXT NOT NULL,
-    name TEXT NOT NULL,
-    matrix TEXT NOT NULL,
-    needs TEXT NOT NULL,
-    phase TEXT NOT NULL,
-    attempt INTEGER NOT NULL,
-    agent_id TEXT NOT NULL,
-    lease_id TEXT NOT NULL,
-    queued_us INTEGER,
-    started_us INTEGER,
-    finished_us INTEGER,
-    exit_code INTEGER,
-    reason TEXT NOT NULL,
-    log_bytes INTEGER NOT NULL,
-    PRIMARY KEY (build_id, idx)
-);
-CREATE TABLE IF NOT EXISTS steps (
-    build_id TEXT NOT NULL,
-    job_idx INTEGER NOT NULL,
-    idx INTEGER NOT NULL,
-    name TEXT NOT NULL,
-    phase TEXT NOT NULL,
-    started_us INTEGER,
-    duration_us INTEGER,
-    exit_code INTEGER,
-    PRIMARY KEY (build_id, job_idx, idx)
-);
-CREATE TABLE IF NOT EXISTS lines (
-    build_id TEXT NOT NULL,
-    job_idx INTEGER NOT NULL,
-    step_idx INTEGER NOT NULL,
-    idx INTEGER NOT NULL,
-    text TEXT NOT NULL,
-    phase TEXT NOT NULL,
-    started_us INTEGER,
-    duration_us INTEGER,
-    exit_code INTEGER,
-    log_bytes INTEGER NOT NULL,
-    PRIMARY KEY (build_id, job_idx, step_idx, idx)
-);
-"#;
+/// Migrations of the SQLite read-model database (`projections/migrations/sqlite`).
+static SQLITE_MIGRATIONS: Migrator = sqlx::migrate!("./migrations/sqlite");
+/// Migrations of the PostgreSQL read-model database (`projections/migrations/postgres`).
+static POSTGRES_MIGRATIONS: Migrator = sqlx::migrate!("./migrations/postgres");
 
-/// The builds read model's tables in one SQLite database.
+/// The database engine behind a [`BuildsStore`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Engine {
+    Sqlite,
+    Postgres,
+}
+
+/// The builds read model's tables in one SQLite or PostgreSQL database.
+///
+/// The SQL is shared: `$n` parameters (SQLite reads them as positional too) and
+/// `INSERT ... ON CONFLICT ... DO UPDATE` upserts, through sqlx's `Any` driver. The schema comes
+/// from per-engine migrations (`projections/migrations/{sqlite,postgres}`), run at open.
 #[derive(Clone)]
 pub struct BuildsStore {
-    pool: SqlitePool,
+    pool: AnyPool,
+    engine: Engine,
 }
 
 impl BuildsStore {
-    /// Opens (creating if needed) the read-model database at `path`.
+    /// Opens (creating if needed) the SQLite read-model database at `path`.
     pub async fn open(path: &Path) -> Result<Self, ProjectionError> {
-        let options = SqliteConnectOptions::from_str("sqlite://")?
-            .filename(path)
-            .create_if_missing(true)
-            .journal_mode(SqliteJournalMode::Wal)
-            .synchronous(SqliteSynchronous::Full)
-            .busy_timeout(std::time::Duration::from_secs(10));
-        let pool = SqlitePoolOptions::new()
-            .max_connections(4)
-            .connect_with(options)
+        let path = path.to_str().ok_or_else(|| {
+            ProjectionError::Corrupt(format!(
+                "the read-model path {} is not UTF-8; choose another data directory",
+                path.display()
+            ))
+        })?;
+        Self::connect(&sqlite_url(path)).await
+    }
+
+    /// Connects to the read-model database at `url`: `sqlite://PATH[?mode=rwc]` or
+    /// `postgres://USER:PASSWORD@HOST:PORT/DATABASE`, and migrates its schema.
+    pub async fn connect(url: &str) -> Result<Self, ProjectionError> {
+        sqlx::any::install_default_drivers();
+        let engine = if url.starts_with("sqlite:") {
+            Engine::Sqlite
+        } else if url.starts_with("postgres:") || url.starts_with("postgresql:") {
+            Engine::Postgres
+        } else {
+            return Err(ProjectionError::Corrupt(format!(
+                "unsupported read-model database URL {url:?}: use sqlite://PATH or \
+                 postgres://USER:PASSWORD@HOST:PORT/DATABASE"
+            )));
+        };
+        let mut options = AnyPoolOptions::new().max_connections(4);
+        if engine == Engine::Sqlite {
+            // WAL and full syncs, as the embedded log: a committed batch survives a power loss.
+            options = options.after_connect(|conn, _| {
+                Box::pin(async move {
+                    conn.execute(
+                        "PRAGMA journal_mode = WAL; PRAGMA synchronous = FULL; \
+                         PRAGMA busy_timeout = 10000;",
+                    )
+                    .await?;
+                    Ok(())
+                })
+            });
+        }
+        let pool = options
+            .acquire_timeout(Duration::from_secs(30))
+            .connect(url)
             .await?;
-        sqlx::raw_sql(SCHEMA).execute(&pool).await?;
-        Ok(BuildsStore { pool })
+        let migrator = match engine {
+            Engine::Sqlite => &SQLITE_MIGRATIONS,
+            Engine::Postgres => &POSTGRES_MIGRATIONS,
+        };
+        migrator.run(&pool).await?;
+        Ok(BuildsStore { pool, engine })
+    }
+
+    /// The database engine.
+    pub fn engine(&self) -> Engine {
+        self.engine
     }
 
     pub async fn close(&self) {
@@ -117,7 +104,7 @@ impl BuildsStore {
     /// The next log offset the projection has to apply (0 for a fresh store).
     pub async fn next_offset(&self) -> Result<u64, ProjectionError> {
         let row = sqlx::query(
-            "SELECT next_offset FROM projection_offsets WHERE projection = ? AND partition = 0",
+            "SELECT next_offset FROM projection_offsets WHERE projection = $1 AND partition = 0",
         )
         .bind(BUILDS_PROJECTION)
         .fetch_optional(&self.pool)
@@ -149,7 +136,7 @@ impl BuildsStore {
 
     /// One build with its jobs, steps and lines.
     pub async fn load_build(&self, id: &str) -> Result<Option<Build>, ProjectionError> {
-        let row = sqlx::query("SELECT * FROM builds WHERE id = ?")
+        let row = sqlx::query("SELECT * FROM builds WHERE id = $1")
             .bind(id)
             .fetch_optional(&self.pool)
             .await?;
@@ -161,8 +148,8 @@ impl BuildsStore {
 
     /// Builds (without jobs), newest first.
     pub async fn list_builds(&self, limit: u32) -> Result<Vec<Build>, ProjectionError> {
-        let rows = sqlx::query("SELECT * FROM builds ORDER BY triggered_us DESC, id DESC LIMIT ?")
-            .bind(limit)
+        let rows = sqlx::query("SELECT * FROM builds ORDER BY triggered_us DESC, id DESC LIMIT $1")
+            .bind(i64::from(limit))
             .fetch_all(&self.pool)
             .await?;
         rows.iter().map(build_from_row).collect()
@@ -177,15 +164,13 @@ impl BuildsStore {
         limit: u32,
     ) -> Result<Vec<Build>, ProjectionError> {
         let rows = sqlx::query(
-            "SELECT * FROM builds WHERE tenant = ? AND (? IS NULL OR project = ?) \
-             AND (? IS NULL OR phase = ?) ORDER BY triggered_us DESC, id DESC LIMIT ?",
+            "SELECT * FROM builds WHERE tenant = $1 AND ($2 IS NULL OR project = $2) \
+             AND ($3 IS NULL OR phase = $3) ORDER BY triggered_us DESC, id DESC LIMIT $4",
         )
         .bind(tenant)
         .bind(project)
-        .bind(project)
         .bind(phase)
-        .bind(phase)
-        .bind(limit)
+        .bind(i64::from(limit))
         .fetch_all(&self.pool)
         .await?;
         rows.iter().map(build_from_row).collect()
@@ -226,17 +211,17 @@ impl BuildsStore {
     }
 
     /// Raw access for tests and tools (e.g. tampering with a row to prove `--check` notices).
-    pub fn pool(&self) -> &SqlitePool {
+    pub fn pool(&self) -> &AnyPool {
         &self.pool
     }
 }
 
-type Tx<'a> = sqlx::Transaction<'a, sqlx::Sqlite>;
+type Tx<'a> = sqlx::Transaction<'a, sqlx::Any>;
 
 /// Records the projection's next offset; always inside the transaction that wrote its rows.
 async fn write_offset(tx: &mut Tx<'_>, next_offset: u64) -> Result<(), ProjectionError> {
     sqlx::query(
-        "INSERT INTO projection_offsets (projection, partition, next_offset) VALUES (?, 0, ?) \
+        "INSERT INTO projection_offsets (projection, partition, next_offset) VALUES ($1, 0, $2) \
          ON CONFLICT (projection, partition) DO UPDATE SET next_offset = excluded.next_offset",
     )
     .bind(BUILDS_PROJECTION)
@@ -253,7 +238,7 @@ async fn write_touch(tx: &mut Tx<'_>, build: &Build, touch: &Touch) -> Result<()
         Touch::WholeBuild => {
             write_build(tx, build).await?;
             for table in ["jobs", "steps", "lines"] {
-                sqlx::query(&format!("DELETE FROM {table} WHERE build_id = ?"))
+                sqlx::query(&format!("DELETE FROM {table} WHERE build_id = $1"))
                     .bind(&build.id)
                     .execute(&mut **tx)
                     .await?;
@@ -286,9 +271,16 @@ async fn write_touch(tx: &mut Tx<'_>, build: &Build, touch: &Touch) -> Result<()
 
 async fn write_build(tx: &mut Tx<'_>, b: &Build) -> Result<(), ProjectionError> {
     sqlx::query(
-        "INSERT OR REPLACE INTO builds (id, tenant, project, number, phase, who, source, \
-         repository, git_ref, commit_sha, pipeline_path, triggered_us, started_us, finished_us, \
-         reason, last_offset) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+        "INSERT INTO builds (id, tenant, project, number, phase, who, source, repository, \
+         git_ref, commit_sha, pipeline_path, triggered_us, started_us, finished_us, \
+         reason, last_offset) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, \
+         $13, $14, $15, $16) ON CONFLICT (id) DO UPDATE SET tenant = excluded.tenant, \
+         project = excluded.project, number = excluded.number, phase = excluded.phase, \
+         who = excluded.who, source = excluded.source, repository = excluded.repository, \
+         git_ref = excluded.git_ref, commit_sha = excluded.commit_sha, pipeline_path = \
+         excluded.pipeline_path, triggered_us = excluded.triggered_us, started_us = \
+         excluded.started_us, finished_us = excluded.finished_us, reason = \
+         excluded.reason, last_offset = excluded.last_offset",
     )
     .bind(&b.id)
     .bind(&b.tenant)
@@ -329,9 +321,15 @@ async fn write_job_tree(
 
 async fn write_job(tx: &mut Tx<'_>, b: &Build, j: usize, job: &Job) -> Result<(), ProjectionError> {
     sqlx::query(
-        "INSERT OR REPLACE INTO jobs (build_id, idx, id, name, matrix, needs, phase, attempt, \
-         agent_id, lease_id, queued_us, started_us, finished_us, exit_code, reason, log_bytes) \
-         VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+        "INSERT INTO jobs (build_id, idx, id, name, matrix, needs, phase, attempt, \
+         agent_id, lease_id, queued_us, started_us, finished_us, exit_code, reason, \
+         log_bytes) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, \
+         $15, $16) ON CONFLICT (build_id, idx) DO UPDATE SET id = excluded.id, name = \
+         excluded.name, matrix = excluded.matrix, needs = excluded.needs, phase = \
+         excluded.phase, attempt = excluded.attempt, agent_id = excluded.agent_id, \
+         lease_id = excluded.lease_id, queued_us = excluded.queued_us, started_us = \
+         excluded.started_us, finished_us = excluded.finished_us, exit_code = \
+         excluded.exit_code, reason = excluded.reason, log_bytes = excluded.log_bytes",
     )
     .bind(&b.id)
     .bind(j as i64)
@@ -340,7 +338,7 @@ async fn write_job(tx: &mut Tx<'_>, b: &Build, j: usize, job: &Job) -> Result<()
     .bind(serde_json::to_string(&job.matrix)?)
     .bind(serde_json::to_string(&job.needs)?)
     .bind(job.phase.name())
-    .bind(job.attempt)
+    .bind(i64::from(job.attempt))
     .bind(&job.agent_id)
     .bind(&job.lease_id)
     .bind(job.queued_us)
@@ -362,8 +360,11 @@ async fn write_step(
     step: &Step,
 ) -> Result<(), ProjectionError> {
     sqlx::query(
-        "INSERT OR REPLACE INTO steps (build_id, job_idx, idx, name, phase, started_us, \
-         duration_us, exit_code) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+        "INSERT INTO steps (build_id, job_idx, idx, name, phase, started_us, duration_us, \
+         exit_code) VALUES ($1, $2, $3, $4, $5, $6, $7, $8) ON CONFLICT (build_id, \
+         job_idx, idx) DO UPDATE SET name = excluded.name, phase = excluded.phase, \
+         started_us = excluded.started_us, duration_us = excluded.duration_us, exit_code \
+         = excluded.exit_code",
     )
     .bind(&b.id)
     .bind(j as i64)
@@ -387,8 +388,12 @@ async fn write_line(
     line: &Line,
 ) -> Result<(), ProjectionError> {
     sqlx::query(
-        "INSERT OR REPLACE INTO lines (build_id, job_idx, step_idx, idx, text, phase, \
-         started_us, duration_us, exit_code, log_bytes) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+        "INSERT INTO lines (build_id, job_idx, step_idx, idx, text, phase, started_us, \
+         duration_us, exit_code, log_bytes) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, \
+         $10) ON CONFLICT (build_id, job_idx, step_idx, idx) DO UPDATE SET text = \
+         excluded.text, phase = excluded.phase, started_us = excluded.started_us, \
+         duration_us = excluded.duration_us, exit_code = excluded.exit_code, log_bytes = \
+         excluded.log_bytes",
     )
     .bind(&b.id)
     .bind(j as i64)
@@ -405,8 +410,8 @@ async fn write_line(
     Ok(())
 }
 
-async fn load_children(pool: &SqlitePool, build: &mut Build) -> Result<(), ProjectionError> {
-    let jobs = sqlx::query("SELECT * FROM jobs WHERE build_id = ? ORDER BY idx")
+async fn load_children(pool: &AnyPool, build: &mut Build) -> Result<(), ProjectionError> {
+    let jobs = sqlx::query("SELECT * FROM jobs WHERE build_id = $1 ORDER BY idx")
         .bind(&build.id)
         .fetch_all(pool)
         .await?;
@@ -417,7 +422,7 @@ async fn load_children(pool: &SqlitePool, build: &mut Build) -> Result<(), Proje
             matrix: serde_json::from_str(row.try_get::<&str, _>("matrix")?)?,
             needs: serde_json::from_str(row.try_get::<&str, _>("needs")?)?,
             phase: phase(row.try_get("phase")?)?,
-            attempt: row.try_get("attempt")?,
+            attempt: u32::try_from(row.try_get::<i64, _>("attempt")?).unwrap_or(0),
             agent_id: row.try_get("agent_id")?,
             lease_id: row.try_get("lease_id")?,
             queued_us: row.try_get("queued_us")?,
@@ -429,7 +434,7 @@ async fn load_children(pool: &SqlitePool, build: &mut Build) -> Result<(), Proje
             steps: Vec::new(),
         });
     }
-    let steps = sqlx::query("SELECT * FROM steps WHERE build_id = ? ORDER BY job_idx, idx")
+    let steps = sqlx::query("SELECT * FROM steps WHERE build_id = $1 ORDER BY job_idx, idx")
         .bind(&build.id)
         .fetch_all(pool)
         .await?;
@@ -448,7 +453,7 @@ async fn load_children(pool: &SqlitePool, build: &mut Build) -> Result<(), Proje
         });
     }
     let lines =
-        sqlx::query("SELECT * FROM lines WHERE build_id = ? ORDER BY job_idx, step_idx, idx")
+        sqlx::query("SELECT * FROM lines WHERE build_id = $1 ORDER BY job_idx, step_idx, idx")
             .bind(&build.id)
             .fetch_all(pool)
             .await?;
@@ -474,7 +479,7 @@ async fn load_children(pool: &SqlitePool, build: &mut Build) -> Result<(), Proje
     Ok(())
 }
 
-fn build_from_row(row: &sqlx::sqlite::SqliteRow) -> Result<Build, ProjectionError> {
+fn build_from_row(row: &AnyRow) -> Result<Build, ProjectionError> {
     Ok(Build {
         id: row.try_get("id")?,
         tenant: row.try_get("tenant")?,
@@ -496,6 +501,23 @@ fn build_from_row(row: &sqlx::sqlite::SqliteRow) -> Result<Build, ProjectionErro
     })
 }
 
+/// The `sqlite://` URL of the file at `path`, created if missing. sqlx percent-decodes the path,
+/// so the characters that would end or escape it are encoded.
+fn sqlite_url(path: &str) -> String {
+    let mut url = String::from("sqlite://");
+    for c in path.chars() {
+        match c {
+            '%' => url.push_str("%25"),
+            '?' => url.push_str("%3F"),
+            '#' => url.push_str("%23"),
+            ' ' => url.push_str("%20"),
+            c => url.push(c),
+        }
+    }
+    url.push_str("?mode=rwc");
+    url
+}
+
 fn phase(s: &str) -> Result<Phase, ProjectionError> {
     Phase::parse(s).ok_or_else(|| ProjectionError::Corrupt(format!("unknown phase {s:?}")))
 }
@@ -506,4 +528,21 @@ fn to_i64(v: u64) -> i64 {
 
 fn to_u64(v: i64) -> u64 {
     u64::try_from(v).unwrap_or(0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn opens_a_path_with_url_characters() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("a dir #1 100%?").join("rm.db");
+        std::fs::create_dir_all(path.parent().expect("parent")).expect("mkdir");
+        let store = BuildsStore::open(&path).await.expect("open");
+        assert_eq!(store.engine(), Engine::Sqlite);
+        assert_eq!(store.next_offset().await.expect("next_offset"), 0);
+        store.close().await;
+        assert!(path.exists(), "the database is at the path given");
+    }
 }
