@@ -121,6 +121,7 @@ impl Payload {
             Payload::BuildCanceled(_) => "build_canceled",
             Payload::UsageTick(_) => "usage_tick",
             Payload::JobRequeued(_) => "job_requeued",
+            Payload::InvoiceIssued(_) => "invoice_issued",
             Payload::TenantCreated(_) => "tenant_created",
             Payload::TokenIssued(_) => "token_issued",
             Payload::TokenRevoked(_) => "token_revoked",

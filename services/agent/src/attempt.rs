@@ -460,6 +460,8 @@ struct Meter {
     agent_id: String,
     seq: u32,
     since: Instant,
+    /// Wall-clock start of the interval the next tick covers (µs since the epoch).
+    since_us: i64,
 }
 
 impl Meter {
@@ -472,22 +474,32 @@ impl Meter {
             agent_id: agent_id.to_owned(),
             seq: 0,
             since: Instant::now(),
+            since_us: tributary_proto::now_us(),
         }
     }
 
     fn tick(&mut self, last: bool) -> Payload {
         let now = Instant::now();
         let millis = now.duration_since(self.since).as_millis();
+        let millis = u64::try_from(millis).unwrap_or(u64::MAX);
         self.since = now;
+        // The interval is placed on the wall clock but measured on the monotonic one: a clock
+        // step never bills time that did not pass.
+        let start_us = self.since_us;
+        let end_us =
+            start_us.saturating_add(i64::try_from(millis.saturating_mul(1000)).unwrap_or(i64::MAX));
+        self.since_us = end_us;
         self.seq += 1;
         Payload::UsageTick(UsageTick {
             job: self.job.clone(),
             attempt: self.attempt,
             agent_id: self.agent_id.clone(),
             machine_class: self.usage.machine_class.clone(),
-            millis: u64::try_from(millis).unwrap_or(u64::MAX),
+            millis,
             seq: self.seq,
             last,
+            start_us,
+            end_us,
         })
     }
 }

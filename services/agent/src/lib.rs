@@ -32,7 +32,7 @@ pub use attempt::{
 pub use backoff::{Backoff, BackoffPolicy};
 pub use client::{agents, channel, AgentsApi, BearerAuth};
 pub use identity::{identity_path, Identity, IDENTITY_FILE};
-pub use runtime::{identify, run, run_as, run_until, AgentConfig};
+pub use runtime::{default_machine_class, identify, run, run_as, run_until, AgentConfig};
 pub use sink::{classify, ApiSink, EventSink, LogSink, SinkError, MAX_REQUEST_BYTES};
 
 /// Why the agent runtime stopped or could not start.

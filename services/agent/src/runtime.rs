@@ -95,6 +95,25 @@ impl AgentConfig {
     }
 }
 
+/// A machine class describing this host, `<os>-<cpus>cpu-<memory>gb` (e.g.
+/// `linux-2cpu-24gb`): the default of `tributary agent --machine-class` and of the in-process
+/// agents of `tributary up`.
+pub fn default_machine_class() -> String {
+    let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let mem_gb = std::fs::read_to_string("/proc/meminfo")
+        .ok()
+        .and_then(|text| mem_total_gb(&text))
+        .unwrap_or(0);
+    format!("{}-{cpus}cpu-{mem_gb}gb", std::env::consts::OS)
+}
+
+/// `MemTotal:  24589236 kB` -> 24 (rounded to the nearest GiB).
+fn mem_total_gb(meminfo: &str) -> Option<u64> {
+    let line = meminfo.lines().find(|l| l.starts_with("MemTotal:"))?;
+    let kb: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some((kb + 512 * 1024) / (1024 * 1024))
+}
+
 /// The machine's host name, or `agent`.
 fn host_name() -> String {
     std::fs::read_to_string("/proc/sys/kernel/hostname")

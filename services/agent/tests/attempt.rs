@@ -254,6 +254,11 @@ async fn usage_ticks_while_running_and_a_last_one_before_job_finished() {
         assert_eq!(t.machine_class, "small");
         assert_eq!(t.agent_id, "agent-7");
         assert_eq!(t.last, i + 1 == ticks.len());
+        // Each tick covers [start_us, end_us), as long as it says, right after the previous.
+        assert_eq!(t.end_us - t.start_us, t.millis as i64 * 1000, "{t:?}");
+        if i > 0 {
+            assert_eq!(t.start_us, ticks[i - 1].end_us, "{t:?}");
+        }
     }
     let total: u64 = ticks.iter().map(|t| t.millis).sum();
     assert!((500..5000).contains(&total), "{total} ms");

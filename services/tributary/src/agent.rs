@@ -62,7 +62,12 @@ pub async fn command(args: AgentArgs) -> anyhow::Result<ExitCode> {
         .filter(|l| !l.is_empty())
         .collect();
     config.capacity = args.capacity;
-    config.machine_class = args.machine_class.filter(|c| !c.is_empty());
+    config.machine_class = match args.machine_class {
+        None => Some(tributary_agent::default_machine_class()),
+        Some(c) if c.trim().is_empty() => None,
+        Some(c) => Some(c.trim().to_owned()),
+    };
+    config.usage_interval = secs(args.usage_interval, "--usage-interval")?;
     if let Some(url) = args.objects.as_deref().filter(|u| !u.is_empty()) {
         config.objects = Some(tributary_objects::Objects::open(url)?);
     }
@@ -98,6 +103,15 @@ pub async fn command(args: AgentArgs) -> anyhow::Result<ExitCode> {
             Ok(ExitCode::from(130))
         }
         Err(e) => Err(e.into()),
+    }
+}
+
+/// A positive number of seconds from a flag.
+pub fn secs(value: f64, flag: &str) -> anyhow::Result<std::time::Duration> {
+    if value.is_finite() && value > 0.0 {
+        Ok(std::time::Duration::from_secs_f64(value))
+    } else {
+        anyhow::bail!("{flag} must be a positive number of seconds, not {value}")
     }
 }
 

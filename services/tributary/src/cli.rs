@@ -302,6 +302,15 @@ pub struct UpArgs {
     /// Who starts and stops the autoscaler's agents.
     #[arg(long, value_enum, default_value = "local", requires = "autoscaler")]
     pub autoscaler_provider: ProviderKind,
+    /// Machine class the in-process agents report in UsageTick events. Default: this host's
+    /// `<os>-<cpus>cpu-<memory>gb`, e.g. `linux-2cpu-24gb`.
+    #[arg(long, value_name = "CLASS")]
+    pub agent_machine_class: Option<String>,
+    /// Seconds between two UsageTick events of a job on an in-process agent.
+    #[arg(long, value_name = "SECS", default_value_t = 10.0)]
+    pub usage_interval: f64,
+    #[command(flatten)]
+    pub metering: MeteringArgs,
 }
 
 #[derive(Debug, Subcommand)]
@@ -564,9 +573,10 @@ pub struct AgentArgs {
         env = "TRIBUTARY_AGENT_DIR"
     )]
     pub workdir: PathBuf,
-    /// Machine class reported in UsageTick events (machine time of running jobs); without it,
-    /// no usage is reported.
-    #[arg(long, value_name = "C")]
+    /// Machine class reported in UsageTick events (machine time of running jobs, billed per
+    /// class by the price plan). Default: this host's `<os>-<cpus>cpu-<memory>gb`, e.g.
+    /// `linux-2cpu-24gb`. An empty value reports no usage.
+    #[arg(long, value_name = "CLASS")]
     pub machine_class: Option<String>,
     /// Object storage for artifacts, shared with the server: a directory (e.g. the server's
     /// `DATA/objects` on the same machine) or `s3://BUCKET/PREFIX` (AWS_* variables configure
@@ -574,6 +584,10 @@ pub struct AgentArgs {
     /// `artifacts` or needing another job's artifacts fail, saying so.
     #[arg(long, value_name = "URL", env = "TRIBUTARY_OBJECTS")]
     pub objects: Option<String>,
+    /// Seconds between two UsageTick events of a running job (a last, partial tick is always
+    /// sent when the job ends).
+    #[arg(long, value_name = "SECS", default_value_t = 10.0)]
+    pub usage_interval: f64,
 }
 
 #[derive(Debug, Args)]
@@ -583,4 +597,18 @@ pub struct AgentsArgs {
     pub revoke: Option<String>,
     #[command(flatten)]
     pub server: ServerArgs,
+}
+
+/// How the metering service prices and closes invoices.
+#[derive(Debug, Args, Clone)]
+pub struct MeteringArgs {
+    /// Price plan (TOML: version, currency, free_minutes_per_month, round_up_secs,
+    /// [prices] per machine class, default_price). Default: the built-in plan, printed by
+    /// `tributary invoice --print-default-plan`.
+    #[arg(long, value_name = "FILE", env = "TRIBUTARY_PRICE_PLAN")]
+    pub price_plan: Option<PathBuf>,
+    /// Hours after the end of a month before its invoices are issued (late ticks of running
+    /// jobs land in the month itself until then; later ones become adjustments).
+    #[arg(long, value_name = "HOURS", default_value_t = 1.0)]
+    pub close_after_hours: f64,
 }

@@ -90,6 +90,12 @@ pub async fn up(args: UpArgs) -> anyhow::Result<ExitCode> {
     // enrolled with the admin token as shared agents.
     let admin_token = std::fs::read_to_string(&token_path)
         .with_context(|| format!("cannot read {}", token_path.display()))?;
+    let machine_class = args
+        .agent_machine_class
+        .clone()
+        .filter(|c| !c.trim().is_empty())
+        .unwrap_or_else(tributary_agent::default_machine_class);
+    let usage_interval = crate::agent::secs(args.usage_interval, "--usage-interval")?;
     let drain = CancellationToken::new();
     let mut agents = tokio::task::JoinSet::new();
     for i in 0..args.agents {
@@ -101,6 +107,8 @@ pub async fn up(args: UpArgs) -> anyhow::Result<ExitCode> {
         config.name = format!("embedded-{i}");
         config.capacity = args.agent_capacity.max(1) as u32;
         config.objects = Some(objects.clone());
+        config.machine_class = Some(machine_class.clone());
+        config.usage_interval = usage_interval;
         agents.spawn(tributary_agent::run(config, drain.clone()));
     }
 

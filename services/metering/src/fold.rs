@@ -1,0 +1,387 @@
+//! The metering fold: UsageTick, job and InvoiceIssued events → usage per tenant, project,
+//! machine class and day; machine time per job attempt and month (what invoices bill); and
+//! the issued invoices. Pure: no clock (days and months come from the ticks' intervals), no
+//! I/O, deterministic.
+//!
+//! * **Idempotent**: a tick counts once per job attempt and `seq` (the agent numbers its
+//!   ticks 1, 2, ...; a re-delivered tick keeps its event id and its seq). Ticks without a
+//!   seq fall back to their event id.
+//! * **Order-free usage**: usage is a sum, so ticks of one job interleaved with any other
+//!   events, in any order, give the same usage. Only InvoiceIssued is ordered against ticks:
+//!   a tick of a month folded after that month's invoice is late and is billed as an
+//!   adjustment on the tenant's next invoice.
+//! * **Invoices are validated, then frozen**: an InvoiceIssued is accepted only if pricing
+//!   this state at its offset with its own plan gives exactly its lines and total (see
+//!   [`crate::invoice`]); accepted invoices never change.
+
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
+
+use tributary_proto::events::{envelope::Payload, Envelope, InvoiceIssued, UsageTick};
+
+use crate::calendar::{split_by_day, Day, Period};
+use crate::invoice::{price, Invoice};
+use crate::plan::PricePlan;
+
+/// One job attempt of one build.
+#[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct AttemptKey {
+    pub build_id: String,
+    pub job: String,
+    pub attempt: u32,
+}
+
+/// What the ticks of one attempt add up to.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct AttemptUsage {
+    pub tenant: String,
+    pub project: String,
+    pub machine_class: String,
+    pub millis: u64,
+    pub ticks: u64,
+    /// The agent sent its last tick (`last = true`).
+    pub complete: bool,
+    /// The attempt ended on the log (JobFinished or JobRequeued).
+    pub ended: bool,
+    pub seqs: SeqSet,
+    pub last_offset: u64,
+}
+
+/// The tick sequence numbers seen: `1..=contiguous` plus the ones beyond a gap.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct SeqSet {
+    pub contiguous: u32,
+    pub sparse: BTreeSet<u32>,
+    /// Event ids of ticks without a seq (seq 0).
+    pub ids: BTreeSet<String>,
+}
+
+impl SeqSet {
+    /// Records a tick; false if it was seen already.
+    pub fn insert(&mut self, seq: u32, event_id: &str) -> bool {
+        if seq == 0 {
+            return self.ids.insert(event_id.to_owned());
+        }
+        if seq <= self.contiguous || !self.sparse.insert(seq) {
+            return false;
+        }
+        while self.sparse.remove(&(self.contiguous + 1)) {
+            self.contiguous += 1;
+        }
+        true
+    }
+}
+
+/// Machine time of one job attempt in one month and machine class: what invoices bill.
+#[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct PartKey {
+    pub tenant: String,
+    pub period: Period,
+    pub build_id: String,
+    pub job: String,
+    pub attempt: u32,
+    pub machine_class: String,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Part {
+    pub project: String,
+    pub millis: u64,
+    /// Billed time as of the last accepted invoice that billed this part (None: never billed).
+    pub billed_millis: Option<u64>,
+    pub last_offset: u64,
+}
+
+/// A usage record: machine time per tenant, project, machine class and day.
+#[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct UsageKey {
+    pub tenant: String,
+    pub project: String,
+    pub machine_class: String,
+    pub day: Day,
+}
+
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Usage {
+    pub millis: u64,
+    pub last_offset: u64,
+}
+
+/// An accepted InvoiceIssued.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct IssuedInvoice {
+    pub invoice: Invoice,
+    pub offset: u64,
+    pub time_us: i64,
+    pub event_id: String,
+}
+
+/// What one event did to the state (for the projector's dirty rows and for logs).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Effect {
+    Nothing,
+    /// A tick counted.
+    Counted,
+    /// A tick seen before (same attempt and seq, or same event id).
+    Duplicate,
+    /// An attempt was marked ended.
+    Ended,
+    Accepted {
+        tenant: String,
+        period: Period,
+    },
+    /// An InvoiceIssued that does not match the state at its offset, or repeats an issued one.
+    Rejected {
+        tenant: String,
+        period: String,
+        reason: String,
+    },
+}
+
+/// Keys changed since the last [`MeteringState::take_dirty`], when tracking is on.
+#[derive(Clone, Debug, Default)]
+pub struct Dirty {
+    pub attempts: HashSet<AttemptKey>,
+    pub parts: HashSet<PartKey>,
+    pub usage: HashSet<UsageKey>,
+    pub invoices: HashSet<(String, Period)>,
+}
+
+impl Dirty {
+    pub fn is_empty(&self) -> bool {
+        self.attempts.is_empty()
+            && self.parts.is_empty()
+            && self.usage.is_empty()
+            && self.invoices.is_empty()
+    }
+}
+
+#[derive(Clone, Debug, Default)]
+pub struct MeteringState {
+    pub attempts: HashMap<AttemptKey, AttemptUsage>,
+    pub parts: BTreeMap<PartKey, Part>,
+    pub usage: HashMap<UsageKey, Usage>,
+    pub issued: BTreeMap<(String, Period), IssuedInvoice>,
+    /// InvoiceIssued events that were not accepted.
+    pub rejected: u64,
+    track: bool,
+    dirty: Dirty,
+}
+
+impl PartialEq for MeteringState {
+    fn eq(&self, other: &Self) -> bool {
+        self.attempts == other.attempts
+            && self.parts == other.parts
+            && self.usage == other.usage
+            && self.issued == other.issued
+    }
+}
+
+impl MeteringState {
+    /// A state that records which keys each event changes (for the projector).
+    pub fn tracking() -> Self {
+        MeteringState {
+            track: true,
+            ..MeteringState::default()
+        }
+    }
+
+    pub fn take_dirty(&mut self) -> Dirty {
+        std::mem::take(&mut self.dirty)
+    }
+
+    /// Applies the event at `offset`.
+    pub fn apply(&mut self, offset: u64, env: &Envelope) -> Effect {
+        match &env.payload {
+            Some(Payload::UsageTick(t)) => self.apply_tick(offset, env, t),
+            Some(Payload::JobFinished(e)) => self.end_attempt(&env.build_id, &e.job, e.attempt),
+            Some(Payload::JobRequeued(e)) => self.end_attempt(&env.build_id, &e.job, e.attempt),
+            Some(Payload::InvoiceIssued(inv)) => self.apply_invoice(offset, env, inv),
+            _ => Effect::Nothing,
+        }
+    }
+
+    fn end_attempt(&mut self, build_id: &str, job: &str, attempt: u32) -> Effect {
+        let key = AttemptKey {
+            build_id: build_id.to_owned(),
+            job: job.to_owned(),
+            attempt,
+        };
+        match self.attempts.get_mut(&key) {
+            Some(a) if !a.ended => {
+                a.ended = true;
+                if self.track {
+                    self.dirty.attempts.insert(key);
+                }
+                Effect::Ended
+            }
+            _ => Effect::Nothing,
+        }
+    }
+
+    fn apply_tick(&mut self, offset: u64, env: &Envelope, t: &UsageTick) -> Effect {
+        let key = AttemptKey {
+            build_id: env.build_id.clone(),
+            job: t.job.clone(),
+            attempt: t.attempt,
+        };
+        let a = self
+            .attempts
+            .entry(key.clone())
+            .or_insert_with(|| AttemptUsage {
+                tenant: env.tenant.clone(),
+                project: env.project.clone(),
+                machine_class: t.machine_class.clone(),
+                ..AttemptUsage::default()
+            });
+        if !a.seqs.insert(t.seq, &env.event_id) {
+            return Effect::Duplicate;
+        }
+        a.millis = a.millis.saturating_add(t.millis);
+        a.ticks += 1;
+        a.complete |= t.last;
+        a.last_offset = offset;
+        let (start, end) = interval(env, t);
+        let mut part_key: Option<PartKey> = None;
+        for (day, ms) in split_by_day(start, end, t.millis) {
+            let ukey = UsageKey {
+                tenant: env.tenant.clone(),
+                project: env.project.clone(),
+                machine_class: t.machine_class.clone(),
+                day,
+            };
+            let u = self.usage.entry(ukey).or_default();
+            u.millis = u.millis.saturating_add(ms);
+            u.last_offset = offset;
+            if self.track {
+                self.dirty.usage.insert(UsageKey {
+                    tenant: env.tenant.clone(),
+                    project: env.project.clone(),
+                    machine_class: t.machine_class.clone(),
+                    day,
+                });
+            }
+            let period = day.period();
+            let pk = match part_key.take() {
+                Some(k) if k.period == period => k,
+                _ => PartKey {
+                    tenant: env.tenant.clone(),
+                    period,
+                    build_id: env.build_id.clone(),
+                    job: t.job.clone(),
+                    attempt: t.attempt,
+                    machine_class: t.machine_class.clone(),
+                },
+            };
+            let p = match self.parts.get_mut(&pk) {
+                Some(p) => p,
+                None => self.parts.entry(pk.clone()).or_insert_with(|| Part {
+                    project: env.project.clone(),
+                    ..Part::default()
+                }),
+            };
+            p.millis = p.millis.saturating_add(ms);
+            p.last_offset = offset;
+            if self.track {
+                self.dirty.parts.insert(pk.clone());
+            }
+            part_key = Some(pk);
+        }
+        if self.track {
+            self.dirty.attempts.insert(key);
+        }
+        Effect::Counted
+    }
+
+    fn apply_invoice(&mut self, offset: u64, env: &Envelope, inv: &InvoiceIssued) -> Effect {
+        let rejected = |reason: String| Effect::Rejected {
+            tenant: inv.tenant.clone(),
+            period: inv.period.clone(),
+            reason,
+        };
+        let period = match Period::parse(&inv.period) {
+            Ok(p) => p,
+            Err(e) => {
+                self.rejected += 1;
+                return rejected(e);
+            }
+        };
+        if self.issued.contains_key(&(inv.tenant.clone(), period)) {
+            self.rejected += 1;
+            return rejected("this period's invoice was already issued".into());
+        }
+        let plan = match PricePlan::parse(&inv.plan_toml, "the invoice's plan") {
+            Ok(p) => p,
+            Err(e) => {
+                self.rejected += 1;
+                return rejected(e.to_string());
+            }
+        };
+        let priced = match price(self, &inv.tenant, period, &plan) {
+            Ok(p) => p,
+            Err(e) => {
+                self.rejected += 1;
+                return rejected(e.to_string());
+            }
+        };
+        let claimed = Invoice::from_event(inv);
+        if priced.invoice != claimed {
+            self.rejected += 1;
+            return rejected(
+                "usage changed between pricing and issuing; the metering service issues it again"
+                    .into(),
+            );
+        }
+        for (key, billed) in priced.billed {
+            if let Some(p) = self.parts.get_mut(&key) {
+                p.billed_millis = Some(billed);
+                if self.track {
+                    self.dirty.parts.insert(key);
+                }
+            }
+        }
+        let k = (inv.tenant.clone(), period);
+        self.issued.insert(
+            k.clone(),
+            IssuedInvoice {
+                invoice: claimed,
+                offset,
+                time_us: env.time_us,
+                event_id: env.event_id.clone(),
+            },
+        );
+        if self.track {
+            self.dirty.invoices.insert(k);
+        }
+        Effect::Accepted {
+            tenant: inv.tenant.clone(),
+            period,
+        }
+    }
+
+    /// Whether `tenant`'s invoice of `period` was issued.
+    pub fn is_issued(&self, tenant: &str, period: Period) -> bool {
+        self.issued.contains_key(&(tenant.to_owned(), period))
+    }
+
+    /// The build's usage per job attempt, in job order.
+    pub fn build_usage(&self, build_id: &str) -> Vec<(&AttemptKey, &AttemptUsage)> {
+        let mut v: Vec<_> = self
+            .attempts
+            .iter()
+            .filter(|(k, _)| k.build_id == build_id)
+            .collect();
+        v.sort_by(|a, b| a.0.cmp(b.0));
+        v
+    }
+}
+
+/// The wall-clock interval a tick covers: its own, or (older agents) the `millis` before the
+/// envelope's time.
+pub fn interval(env: &Envelope, t: &UsageTick) -> (i64, i64) {
+    if t.end_us > 0 && t.end_us >= t.start_us {
+        (t.start_us, t.end_us)
+    } else {
+        let len = i64::try_from(t.millis.saturating_mul(1000)).unwrap_or(i64::MAX);
+        (env.time_us.saturating_sub(len), env.time_us)
+    }
+}
