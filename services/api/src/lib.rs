@@ -17,6 +17,7 @@ pub mod artifacts;
 pub mod auth;
 pub mod builds;
 pub mod http;
+pub mod metering;
 pub mod projects;
 pub mod seal;
 pub mod state;
@@ -25,7 +26,7 @@ use std::net::SocketAddr;
 
 use tributary_proto::api::{
     admin_server::AdminServer, agents_server::AgentsServer, artifacts_server::ArtifactsServer,
-    builds_server::BuildsServer, projects_server::ProjectsServer,
+    builds_server::BuildsServer, metering_server::MeteringServer, projects_server::ProjectsServer,
 };
 
 pub use state::ApiState;
@@ -35,6 +36,16 @@ pub use state::ApiState;
 /// path (`/tributary.api.v1.Builds/...` vs `/hooks/...`).
 pub async fn serve(
     state: ApiState,
+    listener: tokio::net::TcpListener,
+    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+) -> std::io::Result<()> {
+    serve_with_metering(state, None, listener, shutdown).await
+}
+
+/// [`serve`], plus the `Metering` service (invoices, usage) when `metering` is given.
+pub async fn serve_with_metering(
+    state: ApiState,
+    metering: Option<metering::MeteringApi>,
     listener: tokio::net::TcpListener,
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
@@ -52,6 +63,9 @@ pub async fn serve(
         .add_service(ArtifactsServer::new(artifacts::ArtifactsApi::new(
             state.clone(),
         )));
+    if let Some(metering) = metering {
+        routes = routes.add_service(MeteringServer::new(metering));
+    }
     if let Ok(reflection) = tonic_reflection::server::Builder::configure()
         .register_encoded_file_descriptor_set(tributary_proto::FILE_DESCRIPTOR_SET)
         .build_v1()

@@ -58,6 +58,12 @@ pub async fn bench(cmd: BenchCommand) -> anyhow::Result<ExitCode> {
             generate,
             seed,
         }),
+        BenchCommand::Metering {
+            ticks,
+            tenants,
+            ticks_per_job,
+            data,
+        } => crate::bench_metering::bench(ticks, tenants, ticks_per_job, data).await,
         BenchCommand::Server {
             builds,
             concurrency,

@@ -87,9 +87,84 @@ pub enum Command {
     /// Run one of the server's services in its own process, on a `tributary up` data directory.
     #[command(subcommand)]
     Serve(ServeCommand),
-    /// Measure performance: `bench log`, `bench run`, `bench server`, `bench autoscale`.
+    /// Show a tenant's invoice for a month: the issued one once the month is closed, else the
+    /// live one (the month so far).
+    ///
+    /// With a server (--server or TRIBUTARY_SERVER) it asks the server (a user token sees its
+    /// own tenant only; the admin token may name any). Without one it reads the local data
+    /// directory (--data).
+    ///
+    /// Each job attempt's time in the month is rounded up on its own (default: to the
+    /// minute); the month's free minutes are used first; late usage of an already issued month
+    /// appears as an `adjustment` line on the next invoice.
+    Invoice(InvoiceArgs),
+    /// Replay the whole log into fresh read models (builds and metering) and compare them
+    /// with the stored ones and with every issued invoice.
+    ///
+    /// Reports the first divergence with the offset of the event where it starts. Exit
+    /// status: 0 when everything matches, 1 on any difference.
+    Audit(AuditArgs),
+    /// Measure performance: `bench log`, `bench run`, `bench server`, `bench autoscale`,
+    /// `bench metering`.
     #[command(subcommand)]
     Bench(BenchCommand),
+}
+
+#[derive(Debug, Args)]
+pub struct ServeMeteringArgs {
+    #[command(flatten)]
+    pub data: DataArgs,
+    #[command(flatten)]
+    pub metering: MeteringArgs,
+}
+
+#[derive(Debug, Args)]
+pub struct InvoiceArgs {
+    /// Tenant (default: the token's own tenant with a server; `local` without one, the tenant
+    /// of `tributary run`).
+    #[arg(long, value_name = "T")]
+    pub tenant: Option<String>,
+    /// The month, YYYY-MM (default: the current month, UTC).
+    #[arg(long, value_name = "YYYY-MM")]
+    pub period: Option<String>,
+    /// Output format.
+    #[arg(long, value_enum, default_value_t = InvoiceFormat::Table)]
+    pub format: InvoiceFormat,
+    /// Print the built-in price plan (a starting point for --price-plan) and exit.
+    #[arg(long)]
+    pub print_default_plan: bool,
+    /// Ask this server (also TRIBUTARY_SERVER); without it, read the local data directory.
+    #[arg(long, value_name = "URL", env = "TRIBUTARY_SERVER")]
+    pub server: Option<String>,
+    /// API token for --server.
+    #[arg(
+        long,
+        value_name = "TOKEN",
+        env = "TRIBUTARY_TOKEN",
+        hide_env_values = true
+    )]
+    pub token: Option<String>,
+    #[command(flatten)]
+    pub data: DataArgs,
+    /// Price plan for a live invoice read locally (a server uses its own).
+    #[arg(long, value_name = "FILE", env = "TRIBUTARY_PRICE_PLAN")]
+    pub price_plan: Option<PathBuf>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum InvoiceFormat {
+    Table,
+    Json,
+    Csv,
+}
+
+#[derive(Debug, Args)]
+pub struct AuditArgs {
+    #[command(flatten)]
+    pub data: DataArgs,
+    /// Only compare this tenant's builds, usage and invoices (the whole log is replayed).
+    #[arg(long, value_name = "T")]
+    pub tenant: Option<String>,
 }
 
 #[derive(Debug, Args)]
@@ -272,6 +347,22 @@ pub enum BenchCommand {
         #[arg(long)]
         by_branch: bool,
     },
+    /// Generate a synthetic log of usage ticks over many tenants, then print ticks/s through
+    /// the metering projection (into SQLite) and the time `audit` takes to replay it.
+    Metering {
+        /// Usage ticks in the log.
+        #[arg(long, default_value_t = 2_000_000)]
+        ticks: u64,
+        /// Tenants the ticks are spread over.
+        #[arg(long, default_value_t = 1000)]
+        tenants: u64,
+        /// Ticks per job attempt (a 10 s tick interval: 60 = a 10-minute job).
+        #[arg(long, default_value_t = 60)]
+        ticks_per_job: u64,
+        /// Where to put the benchmark's log (a temporary directory by default).
+        #[arg(long, value_name = "DIR")]
+        data: Option<PathBuf>,
+    },
 }
 
 #[derive(Debug, Args)]
@@ -353,6 +444,10 @@ pub enum ServeCommand {
     /// SIGINT/SIGTERM stops it; the local provider drains its agents first.
     #[command(verbatim_doc_comment)]
     Autoscaler(AutoscalerArgs),
+    /// The metering service: folds usage ticks into usage per tenant, project, machine class
+    /// and day (DIR/metering.db), and issues each tenant's invoice when a month is over.
+    /// `tributary up` runs it too; run it alone when the API runs elsewhere on the same log.
+    Metering(ServeMeteringArgs),
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]

@@ -45,6 +45,15 @@ pub(crate) async fn channel(server: &ServerArgs) -> anyhow::Result<(Channel, Aut
     Ok((channel, auth))
 }
 
+pub async fn metering(
+    server: &ServerArgs,
+) -> anyhow::Result<api::metering_client::MeteringClient<Svc>> {
+    let (ch, auth) = channel(server).await?;
+    Ok(api::metering_client::MeteringClient::with_interceptor(
+        ch, auth,
+    ))
+}
+
 async fn builds(server: &ServerArgs) -> anyhow::Result<BuildsClient<Svc>> {
     let (ch, auth) = channel(server).await?;
     Ok(BuildsClient::with_interceptor(ch, auth))
@@ -173,6 +182,7 @@ pub async fn logs(args: LogsArgs) -> anyhow::Result<ExitCode> {
 
 pub async fn get(args: GetArgs) -> anyhow::Result<ExitCode> {
     let mut client = builds(&args.server).await?;
+    let usage = build_usage(&args.server, &args.build).await;
     let b = client
         .get_build(api::GetBuildRequest {
             build_id: args.build,
@@ -191,8 +201,24 @@ pub async fn get(args: GetArgs) -> anyhow::Result<ExitCode> {
     if !b.reason.is_empty() {
         println!("  {}", b.reason);
     }
+    let mut used: u64 = 0;
     for j in &b.jobs {
         println!("  job {:<28} {:<10} {}", j.id, j.status, j.reason);
+        for u in usage.iter().flat_map(|u| &u.jobs).filter(|u| u.job == j.id) {
+            used += u.millis;
+            println!(
+                "    usage: attempt {} on {}: {} machine time in {} ticks{}",
+                u.attempt,
+                u.machine_class,
+                duration(u.millis),
+                u.ticks,
+                if u.complete {
+                    ""
+                } else {
+                    " (no final tick yet: billed to the last tick)"
+                }
+            );
+        }
         if !j.waiting_for.is_empty() {
             println!("    waiting: {}", j.waiting_for);
         }
@@ -213,7 +239,33 @@ pub async fn get(args: GetArgs) -> anyhow::Result<ExitCode> {
             }
         }
     }
+    if usage.is_some() {
+        println!("  usage: {} machine time in all", duration(used));
+    }
     Ok(ExitCode::SUCCESS)
+}
+
+/// The build's metered usage, or None when the server does not meter (or says no).
+async fn build_usage(server: &ServerArgs, build: &str) -> Option<api::BuildUsage> {
+    let mut client = metering(server).await.ok()?;
+    match client
+        .get_build_usage(api::GetBuildUsageRequest {
+            build_id: build.to_owned(),
+        })
+        .await
+    {
+        Ok(r) => Some(r.into_inner()),
+        Err(e) => {
+            tracing::debug!(error = %e.message(), "no usage for the build");
+            None
+        }
+    }
+}
+
+/// `1m 05.2s`.
+fn duration(ms: u64) -> String {
+    let (m, rest) = (ms / 60_000, ms % 60_000);
+    format!("{m}m {:02}.{}s", rest / 1000, (rest % 1000) / 100)
 }
 
 pub async fn cancel(args: GetArgs) -> anyhow::Result<ExitCode> {

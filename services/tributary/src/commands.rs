@@ -38,6 +38,11 @@ pub async fn dispatch(command: Command) -> anyhow::Result<ExitCode> {
         Command::Admin(cmd) => crate::client::admin(cmd).await,
         Command::Agents(args) => crate::client::agents(args).await,
         Command::Agent(args) => crate::agent::command(args).await,
+        Command::Serve(crate::cli::ServeCommand::Metering(args)) => {
+            crate::metering::serve(args).await
+        }
+        Command::Invoice(args) => crate::metering::invoice(args).await,
+        Command::Audit(args) => crate::metering::audit(args).await,
     }
 }
 
@@ -210,7 +215,22 @@ fn human_event(offset: u64, env: &Envelope) -> String {
         ),
         Some(Payload::BuildFinished(e)) => format!("{} {}", status(e.status), e.reason),
         Some(Payload::BuildCanceled(e)) => format!("by {} {}", e.who, e.reason),
-        Some(Payload::UsageTick(e)) => format!("{} {} {}ms", e.job, e.machine_class, e.millis),
+        Some(Payload::UsageTick(e)) => format!(
+            "{} {} {}ms seq {}{}",
+            e.job,
+            e.machine_class,
+            e.millis,
+            e.seq,
+            if e.last { " last" } else { "" }
+        ),
+        Some(Payload::InvoiceIssued(e)) => format!(
+            "{} {} {} lines total {} {}",
+            e.tenant,
+            e.period,
+            e.lines.len(),
+            tributary_metering::plan::format_money(e.total_micros, 2),
+            e.currency
+        ),
         Some(Payload::JobRequeued(e)) => format!(
             "{} attempt {} from {}: {}",
             e.job, e.attempt, e.agent_id, e.reason

@@ -1,4 +1,5 @@
-//! The embedded data directory: `events.db` (the log) and `readmodels.db` (the read models).
+//! The embedded data directory: `events.db` (the log), `readmodels.db` (the builds read
+//! model) and `metering.db` (the metering read model).
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -11,6 +12,8 @@ pub struct DataDir {
     pub path: PathBuf,
     pub log: Arc<SqliteLog>,
     pub store: BuildsStore,
+    /// The metering read model (`metering.db`).
+    pub metering: tributary_metering::MeteringStore,
 }
 
 impl DataDir {
@@ -23,10 +26,14 @@ impl DataDir {
         let store = BuildsStore::open(&path.join("readmodels.db"))
             .await
             .with_context(|| format!("cannot open the read models in {}", path.display()))?;
+        let metering = tributary_metering::MeteringStore::open(&path.join("metering.db"))
+            .await
+            .with_context(|| format!("cannot open the metering database in {}", path.display()))?;
         Ok(DataDir {
             path: path.to_path_buf(),
             log: Arc::new(log),
             store,
+            metering,
         })
     }
 

@@ -6,12 +6,14 @@ mod artifacts;
 mod autoscaler;
 mod bench;
 mod bench_autoscale;
+mod bench_metering;
 mod bench_server;
 mod cli;
 mod client;
 mod commands;
 mod data_dir;
 mod local_run;
+mod metering;
 mod render;
 mod server;
 

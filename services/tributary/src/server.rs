@@ -1,5 +1,6 @@
 //! `tributary up`: the embedded all-in-one server — the gRPC API, the scheduler driver, the
-//! builds projector and in-process agents, on the SQLite log in the data directory.
+//! builds projector, the metering service and in-process agents, on the SQLite log in the
+//! data directory.
 
 use std::io::Write;
 use std::os::unix::fs::OpenOptionsExt;
@@ -26,6 +27,7 @@ pub async fn up(args: UpArgs) -> anyhow::Result<ExitCode> {
         Some(path) => Some((crate::autoscaler::load_config(path)?, path.clone())),
         None => None,
     };
+    let metering_config = crate::metering::service_config(&args.metering)?;
     let data = DataDir::open(&args.data.data).await?;
     let log: Arc<dyn EventLog> = data.log.clone();
     let token_path = data.path.join("admin.token");
@@ -77,13 +79,30 @@ pub async fn up(args: UpArgs) -> anyhow::Result<ExitCode> {
         scheduler_stop.clone(),
     ));
 
+    // Metering: usage ticks -> usage and invoices (metering.db); issues closed months.
+    let metering_stop = CancellationToken::new();
+    let metering = tokio::spawn(tributary_metering::service::run(
+        log.clone(),
+        data.metering.clone(),
+        metering_config.clone(),
+        metering_stop.clone(),
+    ));
+    let metering_api = tributary_api::metering::MeteringApi::new(
+        state.clone(),
+        data.metering.clone(),
+        metering_config.plan.clone(),
+    );
+
     // The API (gRPC + HTTP on one port).
     let server_stop = CancellationToken::new();
     let server = {
         let stop = server_stop.clone();
-        tokio::spawn(tributary_api::serve(state, listener, async move {
-            stop.cancelled().await
-        }))
+        tokio::spawn(tributary_api::serve_with_metering(
+            state,
+            Some(metering_api),
+            listener,
+            async move { stop.cancelled().await },
+        ))
     };
 
     // In-process agents: the same agent runtime as `tributary agent`, over loopback gRPC,
@@ -168,6 +187,10 @@ pub async fn up(args: UpArgs) -> anyhow::Result<ExitCode> {
     scheduler_stop.cancel();
     if let Ok(Err(e)) = scheduler.await {
         tracing::error!(error = %e, "scheduler stopped with an error");
+    }
+    metering_stop.cancel();
+    if let Ok(Err(e)) = metering.await {
+        tracing::error!(error = %e, "metering stopped with an error");
     }
     server_stop.cancel();
     if let Ok(Err(e)) = server.await {

@@ -1,0 +1,155 @@
+//! `tributary bench metering`: a synthetic log of usage ticks over many tenants; prints
+//! ticks/s through the metering projection (fold + SQLite commits) and the time `audit`
+//! takes to replay it (read + decode + fold, no writes).
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::sync::Arc;
+use std::time::Instant;
+
+use tributary_eventlog::EventLog;
+use tributary_metering::audit::{replay, replay_log};
+use tributary_metering::calendar::Day;
+use tributary_metering::{MeteringProjector, MeteringState, MeteringStore};
+use tributary_projections::BuildsState;
+use tributary_proto::events::{envelope::Payload, Envelope, UsageTick};
+
+/// Jobs running at once: their ticks interleave on the log, as builds' partitions do.
+const CONCURRENT_JOBS: u64 = 64;
+const TICK_MS: u64 = 10_000;
+
+pub async fn bench(
+    ticks: u64,
+    tenants: u64,
+    ticks_per_job: u64,
+    data: Option<PathBuf>,
+) -> anyhow::Result<ExitCode> {
+    let tenants = tenants.max(1);
+    let ticks_per_job = ticks_per_job.max(1);
+    let tmp = tempfile::tempdir()?;
+    let dir = data.unwrap_or_else(|| tmp.path().to_path_buf());
+    std::fs::create_dir_all(&dir)?;
+    let log = Arc::new(
+        tributary_eventlog::sqlite::SqliteLog::open(&dir.join("bench-metering-events.db")).await?,
+    );
+    let jobs = ticks.div_ceil(ticks_per_job);
+    println!(
+        "bench metering: {ticks} usage ticks, {jobs} jobs of {ticks_per_job} ticks over {tenants} \
+         tenants, {CONCURRENT_JOBS} jobs interleaved at a time, across a month end (sqlite, {})",
+        dir.display()
+    );
+
+    // The synthetic log: starting 2 h before the end of October 2026.
+    let base = Day::parse("2026-11-01").map_or(0, |d| d.start_us()) - 7_200_000_000;
+    let build_ids: Vec<String> = (0..jobs).map(|_| tributary_proto::new_id()).collect();
+    let started = Instant::now();
+    let mut batch = Vec::with_capacity(10_000);
+    let mut written = 0u64;
+    'outer: for wave in 0..jobs.div_ceil(CONCURRENT_JOBS) {
+        for seq in 1..=ticks_per_job {
+            for j in wave * CONCURRENT_JOBS..((wave + 1) * CONCURRENT_JOBS).min(jobs) {
+                if written == ticks {
+                    break 'outer;
+                }
+                let tenant = format!("tenant-{:04}", j % tenants);
+                let start_us = base
+                    + (wave * ticks_per_job * TICK_MS * 1000) as i64
+                    + ((seq - 1) * TICK_MS * 1000) as i64;
+                let mut env = Envelope::new(
+                    &tenant,
+                    "web",
+                    &build_ids[j as usize],
+                    Payload::UsageTick(UsageTick {
+                        job: "build".into(),
+                        attempt: 1,
+                        agent_id: format!("agent-{}", j % 16),
+                        machine_class: if j % 3 == 0 {
+                            "linux-8cpu-32gb"
+                        } else {
+                            "linux-2cpu-4gb"
+                        }
+                        .into(),
+                        millis: TICK_MS,
+                        seq: seq as u32,
+                        last: seq == ticks_per_job,
+                        start_us,
+                        end_us: start_us + (TICK_MS * 1000) as i64,
+                    }),
+                );
+                env.time_us = start_us + (TICK_MS * 1000) as i64;
+                batch.push(env);
+                written += 1;
+                if batch.len() == 10_000 {
+                    log.append(&batch).await?;
+                    batch.clear();
+                }
+            }
+        }
+    }
+    if !batch.is_empty() {
+        log.append(&batch).await?;
+    }
+    let end = log.end_offset().await?;
+    let t = started.elapsed().as_secs_f64();
+    println!(
+        "  generate + append:          {end} events in {t:.2}s ({:.0} events/s)",
+        end as f64 / t
+    );
+
+    // The projection: fold + one SQLite transaction per batch of 4096, from a fresh store.
+    let store = MeteringStore::open(&dir.join("bench-metering.db")).await?;
+    let mut projector = MeteringProjector::open(store.clone()).await?;
+    let started = Instant::now();
+    projector.catch_up(log.as_ref()).await?;
+    let t = started.elapsed().as_secs_f64();
+    println!(
+        "  metering projection:        {:.2}s, {:.0} ticks/s ({} usage records, {} job attempts)",
+        t,
+        end as f64 / t,
+        projector.state().usage.len(),
+        projector.state().attempts.len()
+    );
+
+    let dyn_log: Arc<dyn EventLog> = log.clone();
+    // Baseline: read + decode only.
+    let started = Instant::now();
+    let mut n = 0u64;
+    replay_log(dyn_log.clone(), end, |_, _| n += 1).await?;
+    let t = started.elapsed().as_secs_f64();
+    println!(
+        "  replay, read + decode only: {t:.2}s, {:.0} events/s",
+        n as f64 / t
+    );
+    // The audit's metering replay.
+    let started = Instant::now();
+    let replayed = replay(dyn_log.clone(), end).await?;
+    let t = started.elapsed().as_secs_f64();
+    println!(
+        "  audit replay (metering):    {t:.2}s, {:.0} events/s",
+        end as f64 / t
+    );
+    // What `tributary audit` does: both folds over one pass, then the comparison.
+    let started = Instant::now();
+    let mut builds = BuildsState::default();
+    let mut metering = MeteringState::default();
+    replay_log(dyn_log.clone(), end, |offset, env| {
+        builds.apply(offset, env);
+        metering.apply(offset, env);
+    })
+    .await?;
+    let (stored, _) = store.load_all().await?;
+    let diffs = tributary_metering::audit::compare(&stored, &metering, None);
+    let t = started.elapsed().as_secs_f64();
+    println!(
+        "  full audit (both folds + load + compare): {t:.2}s, {:.0} events/s, {} differences",
+        end as f64 / t,
+        diffs.len()
+    );
+    let ok = diffs.is_empty() && replayed == metering;
+    log.close().await;
+    Ok(if ok {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::from(1)
+    })
+}
