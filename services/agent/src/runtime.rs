@@ -971,4 +971,17 @@ mod tests {
         assert!(refusal(&tonic::Status::unavailable("down"), "s").is_none());
         assert!(refusal(&tonic::Status::internal("oops"), "s").is_none());
     }
+
+    #[test]
+    fn the_default_machine_class_describes_the_host() {
+        assert_eq!(
+            mem_total_gb("MemTotal:       24589236 kB\nMemFree: 1 kB\n"),
+            Some(23)
+        );
+        assert_eq!(mem_total_gb("MemTotal: 4026532 kB"), Some(4));
+        assert_eq!(mem_total_gb("nothing"), None);
+        let class = default_machine_class();
+        assert!(class.starts_with(std::env::consts::OS), "{class}");
+        assert!(class.contains("cpu-") && class.ends_with("gb"), "{class}");
+    }
 }

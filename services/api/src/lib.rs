@@ -10,6 +10,7 @@
 //!   cancel, tail logs, watch events.
 //! * [`agents`]: agents register, pull leases, heartbeat and send their events (fenced).
 //! * [`admin`]: tenants and tokens.
+//! * [`metering`]: invoices (issued or live) and per-build usage from the metering read model.
 
 pub mod admin;
 pub mod agents;
