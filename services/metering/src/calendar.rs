@@ -153,6 +153,24 @@ pub fn civil_from_days(z: i64) -> (i32, u32, u32) {
 /// `millis` exactly (integer arithmetic, the remainder lands in the later part). An empty or
 /// inverted interval puts everything on the day of `end_us`.
 pub fn split_by_day(start_us: i64, end_us: i64, millis: u64) -> Vec<(Day, u64)> {
+    let mut parts = Vec::new();
+    for_each_day(start_us, end_us, millis, |d, ms| parts.push((d, ms)));
+    parts
+}
+
+/// [`split_by_day`] without allocating in the common case (the interval lies in one day).
+#[inline]
+pub fn for_each_day(start_us: i64, end_us: i64, millis: u64, mut f: impl FnMut(Day, u64)) {
+    let first = Day::of_us(start_us);
+    if end_us > start_us && Day::of_us(end_us - 1) == first {
+        return f(first, millis);
+    }
+    for (d, ms) in split_slow(start_us, end_us, millis) {
+        f(d, ms);
+    }
+}
+
+fn split_slow(start_us: i64, end_us: i64, millis: u64) -> Vec<(Day, u64)> {
     let last = Day::of_us(end_us.saturating_sub(1).max(start_us));
     if end_us <= start_us {
         return vec![(Day::of_us(end_us), millis)];

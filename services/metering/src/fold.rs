@@ -14,11 +14,15 @@
 //!   this state at its offset with its own plan gives exactly its lines and total (see
 //!   [`crate::invoice`]); accepted invoices never change.
 
-use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
+use std::collections::{BTreeMap, BTreeSet, HashSet};
+
+/// Hash maps with a fixed, fast hasher: the fold is deterministic and hot (one lookup per
+/// tick), SipHash's DoS resistance buys nothing for keys taken from our own log.
+pub type HashMap<K, V> = std::collections::HashMap<K, V, foldhash::fast::FixedState>;
 
 use tributary_proto::events::{envelope::Payload, Envelope, InvoiceIssued, UsageTick};
 
-use crate::calendar::{split_by_day, Day, Period};
+use crate::calendar::{for_each_day, Day, Period};
 use crate::invoice::{price, Invoice};
 use crate::plan::PricePlan;
 
@@ -61,7 +65,14 @@ impl SeqSet {
         if seq == 0 {
             return self.ids.insert(event_id.to_owned());
         }
-        if seq <= self.contiguous || !self.sparse.insert(seq) {
+        if seq <= self.contiguous {
+            return false;
+        }
+        if seq == self.contiguous + 1 && self.sparse.is_empty() {
+            self.contiguous = seq; // in order: the common case, no allocation
+            return true;
+        }
+        if !self.sparse.insert(seq) {
             return false;
         }
         while self.sparse.remove(&(self.contiguous + 1)) {
@@ -158,13 +169,55 @@ impl Dirty {
 #[derive(Clone, Debug, Default)]
 pub struct MeteringState {
     pub attempts: HashMap<AttemptKey, AttemptUsage>,
-    pub parts: BTreeMap<PartKey, Part>,
+    pub parts: HashMap<PartKey, Part>,
+    /// Every key of `parts`, ordered (tenant, month, ...): pricing reads a tenant's range.
+    pub part_keys: BTreeSet<PartKey>,
     pub usage: HashMap<UsageKey, Usage>,
     pub issued: BTreeMap<(String, Period), IssuedInvoice>,
     /// InvoiceIssued events that were not accepted.
     pub rejected: u64,
     track: bool,
     dirty: Dirty,
+    /// Reused lookup keys: a tick allocates nothing unless it creates a row.
+    scratch: Scratch,
+}
+
+#[derive(Clone, Debug)]
+struct Scratch {
+    attempt: AttemptKey,
+    usage: UsageKey,
+    part: PartKey,
+}
+
+impl Default for Scratch {
+    fn default() -> Self {
+        Scratch {
+            attempt: AttemptKey {
+                build_id: String::new(),
+                job: String::new(),
+                attempt: 0,
+            },
+            usage: UsageKey {
+                tenant: String::new(),
+                project: String::new(),
+                machine_class: String::new(),
+                day: Day(0),
+            },
+            part: PartKey {
+                tenant: String::new(),
+                period: Period { year: 0, month: 1 },
+                build_id: String::new(),
+                job: String::new(),
+                attempt: 0,
+                machine_class: String::new(),
+            },
+        }
+    }
+}
+
+fn set(dst: &mut String, src: &str) {
+    dst.clear();
+    dst.push_str(src);
 }
 
 impl PartialEq for MeteringState {
@@ -219,20 +272,22 @@ impl MeteringState {
     }
 
     fn apply_tick(&mut self, offset: u64, env: &Envelope, t: &UsageTick) -> Effect {
-        let key = AttemptKey {
-            build_id: env.build_id.clone(),
-            job: t.job.clone(),
-            attempt: t.attempt,
+        let sc = &mut self.scratch;
+        set(&mut sc.attempt.build_id, &env.build_id);
+        set(&mut sc.attempt.job, &t.job);
+        sc.attempt.attempt = t.attempt;
+        let a = match self.attempts.get_mut(&sc.attempt) {
+            Some(a) => a,
+            None => self
+                .attempts
+                .entry(sc.attempt.clone())
+                .or_insert_with(|| AttemptUsage {
+                    tenant: env.tenant.clone(),
+                    project: env.project.clone(),
+                    machine_class: t.machine_class.clone(),
+                    ..AttemptUsage::default()
+                }),
         };
-        let a = self
-            .attempts
-            .entry(key.clone())
-            .or_insert_with(|| AttemptUsage {
-                tenant: env.tenant.clone(),
-                project: env.project.clone(),
-                machine_class: t.machine_class.clone(),
-                ..AttemptUsage::default()
-            });
         if !a.seqs.insert(t.seq, &env.event_id) {
             return Effect::Duplicate;
         }
@@ -240,55 +295,51 @@ impl MeteringState {
         a.ticks += 1;
         a.complete |= t.last;
         a.last_offset = offset;
+        if self.track {
+            self.dirty.attempts.insert(sc.attempt.clone());
+        }
         let (start, end) = interval(env, t);
-        let mut part_key: Option<PartKey> = None;
-        for (day, ms) in split_by_day(start, end, t.millis) {
-            let ukey = UsageKey {
-                tenant: env.tenant.clone(),
-                project: env.project.clone(),
-                machine_class: t.machine_class.clone(),
-                day,
+        set(&mut sc.usage.tenant, &env.tenant);
+        set(&mut sc.usage.project, &env.project);
+        set(&mut sc.usage.machine_class, &t.machine_class);
+        set(&mut sc.part.tenant, &env.tenant);
+        set(&mut sc.part.build_id, &env.build_id);
+        set(&mut sc.part.job, &t.job);
+        sc.part.attempt = t.attempt;
+        set(&mut sc.part.machine_class, &t.machine_class);
+        let (usage, parts, part_keys, dirty, track) = (
+            &mut self.usage,
+            &mut self.parts,
+            &mut self.part_keys,
+            &mut self.dirty,
+            self.track,
+        );
+        for_each_day(start, end, t.millis, |day, ms| {
+            sc.usage.day = day;
+            let u = match usage.get_mut(&sc.usage) {
+                Some(u) => u,
+                None => usage.entry(sc.usage.clone()).or_default(),
             };
-            let u = self.usage.entry(ukey).or_default();
             u.millis = u.millis.saturating_add(ms);
             u.last_offset = offset;
-            if self.track {
-                self.dirty.usage.insert(UsageKey {
-                    tenant: env.tenant.clone(),
-                    project: env.project.clone(),
-                    machine_class: t.machine_class.clone(),
-                    day,
-                });
-            }
-            let period = day.period();
-            let pk = match part_key.take() {
-                Some(k) if k.period == period => k,
-                _ => PartKey {
-                    tenant: env.tenant.clone(),
-                    period,
-                    build_id: env.build_id.clone(),
-                    job: t.job.clone(),
-                    attempt: t.attempt,
-                    machine_class: t.machine_class.clone(),
-                },
-            };
-            let p = match self.parts.get_mut(&pk) {
+            sc.part.period = day.period();
+            let p = match parts.get_mut(&sc.part) {
                 Some(p) => p,
-                None => self.parts.entry(pk.clone()).or_insert_with(|| Part {
-                    project: env.project.clone(),
-                    ..Part::default()
-                }),
+                None => {
+                    part_keys.insert(sc.part.clone());
+                    parts.entry(sc.part.clone()).or_insert_with(|| Part {
+                        project: env.project.clone(),
+                        ..Part::default()
+                    })
+                }
             };
             p.millis = p.millis.saturating_add(ms);
             p.last_offset = offset;
-            if self.track {
-                self.dirty.parts.insert(pk.clone());
+            if track {
+                dirty.usage.insert(sc.usage.clone());
+                dirty.parts.insert(sc.part.clone());
             }
-            part_key = Some(pk);
-        }
-        if self.track {
-            self.dirty.attempts.insert(key);
-        }
+        });
         Effect::Counted
     }
 

@@ -97,10 +97,13 @@ pub fn price(
         attempt: 0,
         machine_class: String::new(),
     };
-    for (key, part) in state.parts.range(from..) {
+    for key in state.part_keys.range(from..) {
         if key.tenant != tenant || key.period > period {
             break;
         }
+        let Some(part) = state.parts.get(key) else {
+            continue;
+        };
         let rounded = plan.billed_millis(part.millis);
         if key.period == period {
             let acc = usage
@@ -194,7 +197,10 @@ pub fn due(
 ) -> Vec<(String, Period)> {
     let is_due = |p: Period| p.end_us().saturating_add(close_after_us) <= now_us;
     let mut out: BTreeMap<(String, Period), ()> = BTreeMap::new();
-    for (key, part) in &state.parts {
+    for key in &state.part_keys {
+        let Some(part) = state.parts.get(key) else {
+            continue;
+        };
         if !is_due(key.period) {
             continue;
         }

@@ -294,6 +294,7 @@ async fn load_parts(
             attempt: row.try_get("attempt")?,
             machine_class: row.try_get("machine_class")?,
         };
+        state.part_keys.insert(key.clone());
         state.parts.insert(
             key,
             Part {

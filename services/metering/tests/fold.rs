@@ -334,7 +334,8 @@ proptest! {
         let strip = |s: &MeteringState| {
             let mut usage: Vec<_> = s.usage.iter().map(|(k, u)| (k.clone(), u.millis)).collect();
             usage.sort();
-            let parts: Vec<_> = s.parts.iter().map(|(k, p)| (k.clone(), p.millis)).collect();
+            let mut parts: Vec<_> = s.parts.iter().map(|(k, p)| (k.clone(), p.millis)).collect();
+            parts.sort();
             let mut attempts: Vec<_> = s.attempts.iter().map(|(k, a)| (k.clone(), a.millis, a.ticks, a.complete)).collect();
             attempts.sort();
             (usage, parts, attempts)
