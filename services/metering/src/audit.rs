@@ -12,44 +12,70 @@ use tributary_proto::events::Envelope;
 use crate::fold::MeteringState;
 use crate::MeteringError;
 
-/// Reads `[0, end)` with one batch read ahead (the log's reader works while this thread
-/// decodes and folds) and calls `f` for every decodable event. Returns the number of
-/// malformed records skipped.
+/// Reads `[0, end)` and calls `f` for every decodable event, in offset order. Three stages
+/// overlap: the log's reader, a task that decodes the next batch, and the caller's fold.
+/// Returns the number of malformed records skipped.
 pub async fn replay_log(
     log: Arc<dyn EventLog>,
     end: u64,
     mut f: impl FnMut(u64, &Envelope),
 ) -> Result<u64, MeteringError> {
-    const BATCH: usize = 16_384;
-    let (tx, mut rx) = tokio::sync::mpsc::channel::<Result<Vec<Record>, MeteringError>>(2);
+    const BATCH: usize = 8192;
+    type Decoded = (Vec<(u64, Envelope)>, u64);
+    let (tx, mut rx) = tokio::sync::mpsc::channel::<Result<Decoded, MeteringError>>(4);
     let reader = tokio::spawn(async move {
         let mut next = 0;
-        while next < end {
-            match log.read(next, BATCH).await {
-                Ok(records) => {
-                    let Some(last) = records.last() else { break };
-                    next = last.offset + 1;
-                    if tx.send(Ok(records)).await.is_err() {
-                        break;
-                    }
-                }
+        let mut pending: Option<tokio::task::JoinHandle<Result<Vec<Record>, MeteringError>>> = None;
+        loop {
+            // Start reading the following batch before decoding this one.
+            let records = match pending.take() {
+                Some(h) => match h.await {
+                    Ok(r) => r,
+                    Err(e) => Err(MeteringError::Corrupt(format!("log reader failed: {e}"))),
+                },
+                None if next < end => log.read(next, BATCH).await.map_err(Into::into),
+                None => break,
+            };
+            let records = match records {
+                Ok(r) => r,
                 Err(e) => {
-                    let _ = tx.send(Err(e.into())).await;
+                    let _ = tx.send(Err(e)).await;
                     break;
                 }
+            };
+            let Some(last) = records.last() else { break };
+            next = last.offset + 1;
+            if next < end {
+                let log = log.clone();
+                pending = Some(tokio::spawn(async move {
+                    log.read(next, BATCH).await.map_err(Into::into)
+                }));
             }
+            let mut malformed = 0;
+            let mut decoded = Vec::with_capacity(records.len());
+            for record in &records {
+                if record.offset >= end {
+                    break;
+                }
+                match record.decode() {
+                    Ok(env) => decoded.push((record.offset, env)),
+                    Err(_) => malformed += 1,
+                }
+            }
+            if tx.send(Ok((decoded, malformed))).await.is_err() {
+                break;
+            }
+        }
+        if let Some(h) = pending {
+            h.abort();
         }
     });
     let mut malformed = 0;
     while let Some(batch) = rx.recv().await {
-        for record in batch? {
-            if record.offset >= end {
-                break;
-            }
-            match record.decode() {
-                Ok(env) => f(record.offset, &env),
-                Err(_) => malformed += 1,
-            }
+        let (events, bad) = batch?;
+        malformed += bad;
+        for (offset, env) in &events {
+            f(*offset, env);
         }
     }
     let _ = reader.await;

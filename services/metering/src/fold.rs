@@ -295,7 +295,7 @@ impl MeteringState {
         a.ticks += 1;
         a.complete |= t.last;
         a.last_offset = offset;
-        if self.track {
+        if self.track && !self.dirty.attempts.contains(&sc.attempt) {
             self.dirty.attempts.insert(sc.attempt.clone());
         }
         let (start, end) = interval(env, t);
@@ -335,8 +335,10 @@ impl MeteringState {
             };
             p.millis = p.millis.saturating_add(ms);
             p.last_offset = offset;
-            if track {
+            if track && !dirty.usage.contains(&sc.usage) {
                 dirty.usage.insert(sc.usage.clone());
+            }
+            if track && !dirty.parts.contains(&sc.part) {
                 dirty.parts.insert(sc.part.clone());
             }
         });

@@ -43,7 +43,7 @@ impl MeteringProjector {
     /// Applies every record up to the current end of the log.
     pub async fn catch_up(&mut self, log: &dyn EventLog) -> Result<u64, MeteringError> {
         loop {
-            let records = log.read(self.next_offset, 4096).await?;
+            let records = log.read(self.next_offset, 16_384).await?;
             if records.is_empty() {
                 return Ok(self.next_offset);
             }
