@@ -29,4 +29,7 @@ fi
 # An S3-compatible server on loopback for the object storage tests.
 "$(dirname "$0")/setup-s3.sh"
 "$(dirname "$0")/setup-brokers.sh"   # Kafka and PostgreSQL on loopback for the integration tests
+# Podman serving the Docker API on unix:///run/podman/podman.sock, image localhost/ci-busybox
+# (container executor tests).
+$( [ "$(id -u)" -eq 0 ] || echo sudo ) "$(dirname "$0")/setup-containers.sh"
 echo "setup: ready ($(cargo --version))"

@@ -30,6 +30,10 @@ pub const FILE_DESCRIPTOR_SET: &[u8] =
 
 pub mod json;
 
+/// gRPC metadata key under which agents send their [`api::AgentCapabilities`] (protobuf bytes)
+/// with `Register` and `PullWork`.
+pub const CAPABILITIES_METADATA: &str = "tributary-capabilities-bin";
+
 use events::envelope::Payload;
 use events::Envelope;
 

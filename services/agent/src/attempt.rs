@@ -14,6 +14,7 @@ use tokio::sync::mpsc;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
+use tributary_executor::container::ContainerRuntime;
 use tributary_executor::{JobContext, LogLimits};
 use tributary_proto::events::{
     envelope::Payload, ArtifactUploaded, Envelope, JobFinished, JobPlan, JobStarted, Status,
@@ -189,6 +190,8 @@ pub struct AttemptOptions {
     pub extra_env: Vec<(String, String)>,
     /// Where artifacts go (and come from); without it a job with artifacts fails, saying so.
     pub objects: Option<tributary_objects::Objects>,
+    /// How to run jobs with an `image`; `None`: this agent cannot (such a job fails, saying so).
+    pub container: Option<ContainerRuntime>,
 }
 
 impl Default for AttemptOptions {
@@ -200,6 +203,7 @@ impl Default for AttemptOptions {
             limits: LogLimits::default(),
             extra_env: Vec::new(),
             objects: None,
+            container: None,
         }
     }
 }
@@ -309,7 +313,7 @@ async fn produce(
         attempt,
         agent_id: lease.agent_id.clone(),
         lease_id: lease.lease_id.clone(),
-        executor: "host".into(),
+        executor: executor_name(&lease.job),
     });
     if tx.send(job_started).await.is_err() {
         tracing::error!("event pump stopped before the job started");
@@ -387,6 +391,7 @@ async fn produce(
         scratch_dir: scratch.clone(),
         extra_env: options.extra_env.clone(),
         limits: options.limits,
+        container: options.container.clone(),
     };
     let job = tributary_executor::run_job(ctx, tx.clone(), cancel.clone());
     let outcome = match meter.as_mut() {
@@ -450,6 +455,13 @@ async fn produce(
 
 const NO_OBJECTS: &str = "this job has artifacts, but this agent has no object storage: start \
      it with --objects URL (a directory or s3://BUCKET/PREFIX shared with the server)";
+/// `JobStarted.executor`: `host`, or `container:<image>`.
+fn executor_name(job: &JobPlan) -> String {
+    match job.image.trim() {
+        "" => "host".to_owned(),
+        image => format!("container:{image}"),
+    }
+}
 
 /// UsageTick state of one attempt.
 struct Meter {

@@ -32,8 +32,11 @@ pub use attempt::{
 pub use backoff::{Backoff, BackoffPolicy};
 pub use client::{agents, channel, AgentsApi, BearerAuth};
 pub use identity::{identity_path, Identity, IDENTITY_FILE};
-pub use runtime::{default_machine_class, identify, run, run_as, run_until, AgentConfig};
+pub use runtime::{
+    default_machine_class, identify, run, run_as, run_until, AgentConfig, ContainerSettings,
+};
 pub use sink::{classify, ApiSink, EventSink, LogSink, SinkError, MAX_REQUEST_BYTES};
+pub use tributary_executor::container::{ContainerLimits, ContainerRuntime, Engine};
 
 /// Why the agent runtime stopped or could not start.
 #[derive(Debug, thiserror::Error)]

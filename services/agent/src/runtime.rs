@@ -37,6 +37,7 @@ use crate::client::{agents, channel, AgentsApi, BearerAuth};
 use crate::identity::{identity_path, Identity};
 use crate::sink::{classify, ApiSink, SinkError};
 use crate::AgentError;
+use tributary_executor::container::{ContainerLimits, ContainerRuntime, Engine};
 
 /// How long one Register or Heartbeat call may take.
 const CALL_TIMEOUT: Duration = Duration::from_secs(5);
@@ -72,6 +73,41 @@ pub struct AgentConfig {
     /// Where artifacts are uploaded and downloaded: the server's object storage (a shared
     /// directory or S3). Without it, jobs with artifacts fail with a message saying so.
     pub objects: Option<tributary_objects::Objects>,
+    /// Run container jobs (`image:`) on this engine with these limits; `None`: host jobs only
+    /// (the server then sends this agent no container jobs).
+    pub containers: Option<ContainerSettings>,
+}
+
+/// How an agent runs container jobs.
+#[derive(Clone, Debug)]
+pub struct ContainerSettings {
+    /// A connected engine ([`Engine::connect`]).
+    pub engine: Engine,
+    pub limits: ContainerLimits,
+}
+
+impl AgentConfig {
+    /// What this agent tells the server it can run.
+    pub fn capabilities(&self) -> api::AgentCapabilities {
+        match &self.containers {
+            Some(c) => api::AgentCapabilities {
+                containers: true,
+                engine: c.engine.description().to_owned(),
+            },
+            None => api::AgentCapabilities::default(),
+        }
+    }
+}
+
+/// A request carrying the agent's capabilities in its metadata.
+pub(crate) fn with_capabilities<T>(message: T, caps: &api::AgentCapabilities) -> tonic::Request<T> {
+    let mut request = tonic::Request::new(message);
+    let bytes = prost::Message::encode_to_vec(caps);
+    request.metadata_mut().insert_bin(
+        tributary_proto::CAPABILITIES_METADATA,
+        tonic::metadata::MetadataValue::from_bytes(&bytes),
+    );
+    request
 }
 
 impl AgentConfig {
@@ -91,6 +127,7 @@ impl AgentConfig {
             reconnect: BackoffPolicy::default(),
             clean_workspaces: true,
             objects: None,
+            containers: None,
         }
     }
 }
@@ -191,7 +228,10 @@ pub async fn identify(
     };
     let mut backoff = Backoff::new(config.reconnect);
     loop {
-        let call = tokio::time::timeout(CALL_TIMEOUT, client.register(request.clone()));
+        let call = tokio::time::timeout(
+            CALL_TIMEOUT,
+            client.register(with_capabilities(request.clone(), &config.capabilities())),
+        );
         let result = tokio::select! {
             r = call => r,
             _ = stop.cancelled() => {
@@ -258,6 +298,18 @@ pub async fn run_as(
 ) -> Result<(), AgentError> {
     validate(&config)?;
     let span = tracing::info_span!("agent", agent_id = %identity.agent_id);
+    if let Some(c) = &config.containers {
+        // Containers of this agent that are still there were left by a crash: nothing runs yet.
+        match c.engine.remove_orphans(&identity.agent_id).await {
+            Ok(0) => {}
+            Ok(n) => {
+                tracing::warn!(agent_id = %identity.agent_id, removed = n, "removed containers left over from an earlier run")
+            }
+            Err(e) => {
+                tracing::error!(agent_id = %identity.agent_id, error = %e, "cannot remove containers left over from an earlier run")
+            }
+        }
+    }
     Runtime::new(config, identity)?
         .run(drain, abort)
         .instrument(span)
@@ -342,6 +394,7 @@ impl Runtime {
                     labels: self.config.labels.clone(),
                     capacity: self.config.capacity,
                 },
+                self.config.capabilities(),
                 self.config.server.clone(),
                 self.config.reconnect,
                 pull_tx,
@@ -366,6 +419,7 @@ impl Runtime {
             server = %self.config.server,
             labels = ?self.config.labels,
             capacity = self.config.capacity,
+            engine = self.config.containers.as_ref().map_or("none", |c| c.engine.description()),
             "agent started"
         );
 
@@ -534,6 +588,11 @@ impl Runtime {
                     interval: self.config.usage_interval,
                 }),
             objects: self.config.objects.clone(),
+            container: self.config.containers.as_ref().map(|c| ContainerRuntime {
+                engine: c.engine.clone(),
+                limits: c.limits,
+                owner: self.identity.agent_id.clone(),
+            }),
             ..AttemptOptions::default()
         };
         let attempt = Lease {
@@ -630,6 +689,7 @@ fn lock(slots: &Mutex<Slots>) -> std::sync::MutexGuard<'_, Slots> {
 async fn pull_loop(
     client: AgentsApi,
     request: api::PullWorkRequest,
+    caps: api::AgentCapabilities,
     server: String,
     policy: BackoffPolicy,
     tx: mpsc::Sender<Pulled>,
@@ -639,7 +699,7 @@ async fn pull_loop(
     loop {
         let mut client = client.clone();
         let opened = tokio::select! {
-            r = client.pull_work(request.clone()) => r,
+            r = client.pull_work(with_capabilities(request.clone(), &caps)) => r,
             _ = stop.cancelled() => return,
         };
         match opened {

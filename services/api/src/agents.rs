@@ -128,6 +128,25 @@ fn drain_message() -> Lease {
     }
 }
 
+/// What the agent says it can run (`tributary-capabilities-bin` metadata); none = host jobs
+/// only, as agents that predate container jobs.
+fn capabilities<T>(request: &Request<T>) -> Result<AgentCapabilities, Status> {
+    let Some(value) = request
+        .metadata()
+        .get_bin(tributary_proto::CAPABILITIES_METADATA)
+    else {
+        return Ok(AgentCapabilities::default());
+    };
+    let bytes = value
+        .to_bytes()
+        .map_err(|_| Status::invalid_argument("capabilities metadata is not base64"))?;
+    let mut caps = <AgentCapabilities as prost::Message>::decode(bytes.as_ref())
+        .map_err(|e| Status::invalid_argument(format!("capabilities metadata: {e}")))?;
+    // For people only; bounded so an agent cannot bloat the log.
+    caps.engine = caps.engine.chars().take(200).collect();
+    Ok(caps)
+}
+
 /// Job and attempt an agent event is about; None for types an agent may not send.
 fn job_attempt(payload: &Payload) -> Option<(&str, u32)> {
     Some(match payload {
@@ -152,6 +171,7 @@ impl Agents for AgentsApi {
         &self,
         request: Request<RegisterAgentRequest>,
     ) -> Result<Response<RegisterAgentResponse>, Status> {
+        let caps = capabilities(&request)?;
         let req = request.into_inner();
         let token = self
             .state
@@ -191,6 +211,8 @@ impl Agents for AgentsApi {
             capacity: req.capacity,
             tenant: tenant.clone(),
             token_sha256: sha256.clone(),
+            containers: caps.containers,
+            engine: caps.engine,
         });
         let issued = Payload::TokenIssued(TokenIssued {
             token_id: tributary_proto::new_id(),
@@ -224,6 +246,7 @@ impl Agents for AgentsApi {
     ) -> Result<Response<Self::PullWorkStream>, Status> {
         let agent_id = request.get_ref().agent_id.clone();
         let who = self.agent(&request, &agent_id)?;
+        let caps = capabilities(&request)?;
         let req = request.into_inner();
         let session = tributary_proto::new_id();
         if let Ok(mut s) = self.sessions.lock() {
@@ -234,6 +257,8 @@ impl Agents for AgentsApi {
             labels: req.labels,
             capacity: req.capacity,
             session_id: session.clone(),
+            containers: caps.containers,
+            engine: caps.engine,
         });
         let offsets = self
             .state

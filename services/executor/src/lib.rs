@@ -9,6 +9,10 @@
 //!
 //! A step stops at its first failing line; a job stops at its first failing step. Background
 //! processes a step leaves behind are killed when the step ends.
+//!
+//! A job with an `image` runs in a container of that image instead ([`container`]): the same
+//! wrapper scripts, markers and events, one `exec` per step; [`JobContext::container`] says
+//! which engine and limits to use.
 
 use std::path::PathBuf;
 use std::time::Duration;
@@ -20,7 +24,9 @@ use tracing::Instrument;
 use tributary_proto::events::envelope::Payload;
 use tributary_proto::events::{JobPlan, Status};
 
+pub mod container;
 pub mod marker;
+mod process;
 mod script;
 mod sink;
 mod step;
@@ -40,6 +46,9 @@ pub struct JobContext {
     /// Extra environment (after the job's env): e.g. TRIBUTARY_* vars from the caller.
     pub extra_env: Vec<(String, String)>,
     pub limits: LogLimits,
+    /// How to run a job with an `image`; `None`: this agent cannot, and such a job fails with
+    /// a reason saying so.
+    pub container: Option<container::ContainerRuntime>,
 }
 
 /// How output is batched into `LogChunk`s and how much of it a job may produce.
@@ -113,8 +122,25 @@ async fn run_job_inner(
     };
     let nonce = format!("{:032x}", rand::random::<u128>());
     let env = job_env(&ctx);
+    let container = match start_container(&ctx).await {
+        Ok(container) => container,
+        Err(reason) => {
+            tracing::error!(%reason, "job failed before its first step");
+            return JobOutcome {
+                status: Status::Failed,
+                exit_code: -1,
+                reason,
+                duration: started.elapsed(),
+            };
+        }
+    };
+    let runner = match &container {
+        Some(c) => step::Runner::Container(c),
+        None => step::Runner::Host,
+    };
     let step_env = step::StepEnv {
         nonce: &nonce,
+        runner,
         workdir: &ctx.workdir,
         scratch_dir: &ctx.scratch_dir,
         env: &env,
@@ -122,6 +148,59 @@ async fn run_job_inner(
         cancel: &cancel,
     };
     let mut sink = sink::Sink::new(events, ctx.job.id.clone(), ctx.attempt, ctx.limits);
+    let outcome = run_steps(&ctx, &mut sink, &step_env, &cancel, started).await;
+    if let Some(container) = container {
+        container.remove().await;
+    }
+    outcome
+}
+
+/// The job's container, when it names an image. Errors are reasons for JobFinished.
+async fn start_container(ctx: &JobContext) -> Result<Option<container::JobContainer>, String> {
+    let image = ctx.job.image.trim();
+    if image.is_empty() {
+        return Ok(None);
+    }
+    let Some(runtime) = &ctx.container else {
+        return Err(format!(
+            "job {} runs in a container (image {image}) but this agent has no container engine; \
+             run it on an agent started with --engine, or remove `image` to run on the host",
+            ctx.job.id
+        ));
+    };
+    let who = container::Ownership {
+        owner: &runtime.owner,
+        build_id: &ctx.build_id,
+        job_id: &ctx.job.id,
+        attempt: ctx.attempt,
+    };
+    if let Err(e) = std::fs::create_dir_all(&ctx.scratch_dir) {
+        return Err(format!(
+            "cannot create the scripts directory {}: {e}",
+            ctx.scratch_dir.display()
+        ));
+    }
+    container::JobContainer::start(
+        runtime,
+        image,
+        &ctx.workdir,
+        &ctx.scratch_dir,
+        ctx.job.network,
+        &who,
+    )
+    .await
+    .map(Some)
+}
+
+async fn run_steps(
+    ctx: &JobContext,
+    sink: &mut sink::Sink,
+    step_env: &step::StepEnv<'_>,
+    cancel: &CancellationToken,
+    started: Instant,
+) -> JobOutcome {
+    let timeout = ctx.job.timeout_secs;
+    let deadline = step_env.deadline;
     let timed_out = || format!("timed out after {timeout}s");
     let outcome = |status, exit_code, reason| JobOutcome {
         status,
@@ -141,7 +220,7 @@ async fn run_job_inner(
             return outcome(Status::TimedOut, -1, timed_out());
         }
         let index = u32::try_from(index).unwrap_or(u32::MAX);
-        let result = step::run_step(&mut sink, &step_env, index, plan)
+        let result = step::run_step(sink, step_env, index, plan)
             .instrument(tracing::info_span!("step", step = index, name = %plan.name))
             .await;
         match result.status {

@@ -1,5 +1,6 @@
-//! Runs one step: a fresh `sh` on the generated wrapper script, its two pipes merged into
-//! ordered line events.
+//! Runs one step: a fresh `sh` on the generated wrapper script (on the host, or `exec`ed in the
+//! job's container: see [`crate::process::StepProcess`]), its two pipes merged into ordered line
+//! events.
 //!
 //! # Merging the pipes
 //!
@@ -26,7 +27,7 @@
 //! outlive their step.
 
 use std::collections::VecDeque;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::process::Stdio;
 use std::time::Duration;
 
@@ -40,6 +41,7 @@ use tributary_proto::events::{
 };
 
 use crate::marker::{Item, MarkerScanner};
+use crate::process::{HostProcess, StepProcess};
 use crate::script;
 use crate::sink::{Sink, STDERR, STDOUT};
 
@@ -64,9 +66,19 @@ pub(crate) enum Kill {
     TimedOut,
 }
 
+/// Where a job's step shells run.
+#[derive(Clone, Copy)]
+pub(crate) enum Runner<'a> {
+    Host,
+    /// In the job's container, one `exec` per step.
+    Container(&'a crate::container::JobContainer),
+}
+
 /// What the step's shell is given, shared by all steps of a job.
 pub(crate) struct StepEnv<'a> {
     pub nonce: &'a str,
+    /// Where the step's shell runs.
+    pub runner: Runner<'a>,
     pub workdir: &'a Path,
     pub scratch_dir: &'a Path,
     /// Variables set on top of the inherited environment, in order (later wins).
@@ -100,20 +112,23 @@ pub(crate) async fn run_step(
     }))
     .await;
 
-    let outcome = match prepare_and_spawn(env, &job, index, step).await {
-        Ok((child, script_path)) => {
-            let outcome = supervise(sink, env, step, child).await;
-            remove_script(&script_path).await;
+    let outcome = match write_script(env, &job, index, step).await {
+        Err(msg) => failed_to_start(sink, index, msg).await,
+        Ok(script) => {
+            let outcome = match env.runner {
+                Runner::Host => match spawn_host(env, step, &script).await {
+                    Ok(process) => supervise(sink, env, step, process).await,
+                    Err(msg) => failed_to_start(sink, index, msg).await,
+                },
+                Runner::Container(container) => {
+                    match container.spawn_step(env.env, step, &script).await {
+                        Ok(process) => supervise(sink, env, step, process).await,
+                        Err(msg) => failed_to_start(sink, index, msg).await,
+                    }
+                }
+            };
+            remove_script(&script).await;
             outcome
-        }
-        Err(msg) => {
-            tracing::error!(step = index, "{msg}");
-            sink.system(0, &msg).await;
-            StepOutcome {
-                status: Status::Failed,
-                exit_code: -1,
-                reason: msg,
-            }
         }
     };
 
@@ -137,13 +152,24 @@ async fn remove_script(path: &Path) {
     }
 }
 
-/// Writes the wrapper script and starts `sh` on it. Errors are complete sentences for the log.
-async fn prepare_and_spawn(
+async fn failed_to_start(sink: &mut Sink, index: u32, msg: String) -> StepOutcome {
+    tracing::error!(step = index, "{msg}");
+    sink.system(0, &msg).await;
+    StepOutcome {
+        status: Status::Failed,
+        exit_code: -1,
+        reason: msg,
+    }
+}
+
+/// Checks the environment and writes the wrapper script into the scratch directory. Errors are
+/// complete sentences for the log.
+async fn write_script(
     env: &StepEnv<'_>,
     job: &str,
     index: u32,
     step: &StepPlan,
-) -> Result<(tokio::process::Child, std::path::PathBuf), String> {
+) -> Result<PathBuf, String> {
     for (name, value) in env.env {
         if name.is_empty() || name.contains(['=', '\0']) || value.contains('\0') {
             return Err(format!(
@@ -164,9 +190,17 @@ async fn prepare_and_spawn(
             path.display()
         )
     })?;
+    Ok(path)
+}
 
+/// Starts `sh` on the wrapper script on the host, in its own process group.
+async fn spawn_host(
+    env: &StepEnv<'_>,
+    step: &StepPlan,
+    script: &Path,
+) -> Result<HostProcess, String> {
     let mut cmd = Command::new("sh");
-    cmd.arg(&path)
+    cmd.arg(script)
         .current_dir(env.workdir)
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
@@ -176,17 +210,13 @@ async fn prepare_and_spawn(
     for (name, value) in env.env {
         cmd.env(name, value);
     }
-    match cmd.spawn() {
-        Ok(child) => Ok((child, path)),
-        Err(e) => {
-            remove_script(&path).await;
-            Err(format!(
-                "cannot start sh for step \"{}\" in {}: {e}",
-                step.name,
-                env.workdir.display()
-            ))
-        }
-    }
+    cmd.spawn().map(HostProcess::new).map_err(|e| {
+        format!(
+            "cannot start sh for step \"{}\" in {}: {e}",
+            step.name,
+            env.workdir.display()
+        )
+    })
 }
 
 async fn write_private(path: &Path, data: &[u8]) -> std::io::Result<()> {
@@ -209,7 +239,7 @@ enum Event {
     Timeout,
     Escalate,
     Read(usize, std::io::Result<usize>),
-    Exited(std::io::Result<std::process::ExitStatus>),
+    Exited(std::io::Result<i32>),
     DrainOver,
     Flush,
     Lag,
@@ -296,15 +326,15 @@ async fn sleep_opt(at: Option<Instant>) {
 }
 
 /// Runs the spawned shell to its end, sending line events and output.
-async fn supervise(
+async fn supervise<P: StepProcess>(
     sink: &mut Sink,
     env: &StepEnv<'_>,
     step: &StepPlan,
-    mut child: tokio::process::Child,
+    mut child: P,
 ) -> StepOutcome {
-    let pgid = child.id().and_then(|p| i32::try_from(p).ok());
-    let mut stdout = Pipe::new(child.stdout.take(), env.nonce);
-    let mut stderr = Pipe::new(child.stderr.take(), env.nonce);
+    let (out, err) = child.take_pipes();
+    let mut stdout = Pipe::new(out, env.nonce);
+    let mut stderr = Pipe::new(err, env.nonce);
     let mut co = Coordinator::new(step);
     co.streams[STDOUT].eof = stdout.reader.is_none();
     co.streams[STDERR].eof = stderr.reader.is_none();
@@ -393,12 +423,12 @@ async fn supervise(
                 };
                 tracing::info!(?why, "killing the step's process group");
                 kill = Some(why);
-                signal_group(pgid, libc::SIGTERM, &mut child);
+                child.terminate();
                 escalate_at = Some(Instant::now() + KILL_GRACE);
             }
             Event::Escalate => {
                 escalate_at = None;
-                signal_group(pgid, libc::SIGKILL, &mut child);
+                child.kill();
             }
             Event::Read(s, Ok(n)) if n > 0 => {
                 let items = if s == STDOUT {
@@ -422,7 +452,7 @@ async fn supervise(
             }
             Event::Exited(r) => {
                 let code = match r {
-                    Ok(status) => exit_status_code(status),
+                    Ok(code) => code,
                     Err(e) => {
                         tracing::error!("waiting for the step's shell failed: {e}");
                         -1
@@ -442,7 +472,7 @@ async fn supervise(
         }
     }
     // Background processes do not outlive their step.
-    signal_group(pgid, libc::SIGKILL, &mut child);
+    child.end();
     // Output no line claimed (the shell failed before the first marker).
     co.flush(sink).await;
 
@@ -529,35 +559,6 @@ fn summarize(text: &str) -> String {
         s.push_str(" ...");
     }
     s
-}
-
-/// Exit code as a shell reports it: the code, or 128 + signal number.
-fn exit_status_code(status: std::process::ExitStatus) -> i32 {
-    use std::os::unix::process::ExitStatusExt;
-    status
-        .code()
-        .or_else(|| status.signal().map(|s| 128 + s))
-        .unwrap_or(-1)
-}
-
-/// Sends `sig` to the step's process group (or, without a group id, kills the shell alone).
-fn signal_group(pgid: Option<i32>, sig: libc::c_int, child: &mut tokio::process::Child) {
-    match pgid {
-        Some(pgid) if pgid > 1 => {
-            // SAFETY: killpg has no memory-safety preconditions: it only sends a signal. pgid is
-            // the step shell's pid, which `process_group(0)` made the id of its own group.
-            let rc = unsafe { libc::killpg(pgid, sig) };
-            if rc != 0 {
-                let err = std::io::Error::last_os_error();
-                if err.raw_os_error() != Some(libc::ESRCH) {
-                    tracing::warn!(pgid, sig, "killpg failed: {err}");
-                }
-            }
-        }
-        _ => {
-            let _ = child.start_kill();
-        }
-    }
 }
 
 pub(crate) fn duration_us(d: Duration) -> u64 {

@@ -37,6 +37,7 @@ fn fixture(steps: &[(&str, &[&str])]) -> Fixture {
         scratch_dir: scratch.path().join("scripts"),
         extra_env: Vec::new(),
         limits: LogLimits::default(),
+        container: None,
     };
     Fixture {
         ctx,

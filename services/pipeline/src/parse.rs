@@ -20,6 +20,8 @@ pub(crate) const JOB_KEYS: &[&str] = &[
     "image",
     "retry",
     "artifacts",
+    "network",
+    "submodules",
 ];
 pub(crate) const STEP_KEYS: &[&str] = &["name", "script", "run"];
 
@@ -41,6 +43,9 @@ const JOB_ALIASES: &[(&str, &str)] = &[
     ("strategy", "matrix"),
     ("timeout-minutes", "timeout"),
     ("retries", "retry"),
+    ("networking", "network"),
+    ("net", "network"),
+    ("submodule", "submodules"),
     ("tags", "runs-on"),
     ("artifact", "artifacts"),
     ("upload", "artifacts"),
@@ -99,6 +104,9 @@ pub(crate) struct Job {
     pub runs_on: Vec<Text>,
     pub image: Option<Text>,
     pub retry: u32,
+    /// Container network for an `image` job.
+    pub network: bool,
+    pub submodules: bool,
     pub steps: Vec<Step>,
     /// `artifacts`: glob patterns of files to keep after the job.
     pub artifacts: Vec<Text>,
@@ -348,9 +356,12 @@ impl Parser<'_, '_> {
             runs_on: Vec::new(),
             image: None,
             retry: 0,
+            network: false,
+            submodules: false,
             steps: Vec::new(),
             artifacts: Vec::new(),
         };
+        let mut network_key = None;
         let mut has_steps = false;
         let context = format!("in job {name:?}");
         for (k, v) in map.iter() {
@@ -378,8 +389,27 @@ impl Parser<'_, '_> {
                 }
                 "retry" => job.retry = self.retry(name, k, v)?,
                 "artifacts" => job.artifacts = self.artifacts(name, k, v)?,
+                "network" => {
+                    let what = format!("`network` of job {name:?}");
+                    job.network = self.boolean(k, v, &what)?;
+                    network_key = Some(k);
+                }
+                "submodules" => {
+                    let what = format!("`submodules` of job {name:?}");
+                    job.submodules = self.boolean(k, v, &what)?;
+                }
                 _ => return Err(self.unknown_key(k, &context, JOB_KEYS, JOB_ALIASES)),
             }
+        }
+        if let (Some(k), None, true) = (network_key, &job.image, job.network) {
+            return Err(self.err(
+                self.src.key_loc(k),
+                format!(
+                    "`network: true` of job {name:?} only applies to container jobs (jobs on \
+                     the host always have the host's network); add an `image`, or remove \
+                     `network`"
+                ),
+            ));
         }
         if !has_steps {
             return Err(self.err(
@@ -738,6 +768,14 @@ impl Parser<'_, '_> {
                      minutes and seconds in that order: \"90s\", \"10m\", \"1h\", \"1h30m\""
                 ),
             )),
+        }
+    }
+
+    /// `true` or `false`.
+    fn boolean(&self, key: &MarkedScalarNode, value: &Node, what: &str) -> Result<bool> {
+        match value {
+            Node::Scalar(s) if kind(s) == Kind::Bool => Ok(s.as_str().eq_ignore_ascii_case("true")),
+            _ => Err(self.wrong_type(value, Owner::Key(key), "true or false", what)),
         }
     }
 

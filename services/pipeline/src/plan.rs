@@ -109,6 +109,8 @@ pub(crate) fn build(src: &Source<'_>, pipeline: &Pipeline) -> Result<Plan, Pipel
                     .iter()
                     .map(|t| t.render(values))
                     .collect(),
+                network: job.network,
+                submodules: job.submodules,
             });
         }
     }

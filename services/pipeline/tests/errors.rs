@@ -36,6 +36,7 @@ fn display_is_file_line_column_message() {
         err.to_string(),
         ".tributary.yml:3:5: unknown key \"stesp\" in job \"b\"; did you mean \"steps\"? \
          Valid keys: steps, needs, matrix, env, timeout, runs-on, image, retry, artifacts"
+         Valid keys: steps, needs, matrix, env, timeout, runs-on, image, retry, network, submodules"
     );
 }
 
@@ -279,7 +280,7 @@ fn unknown_job_key_without_suggestion() {
         5,
         &[
             "unknown key \"colour\" in job \"build\"; remove or rename it",
-            "Valid keys: steps, needs, matrix, env, timeout, runs-on, image, retry",
+            "Valid keys: steps, needs, matrix, env, timeout, runs-on, image, retry, network, submodules",
         ],
     );
 }
@@ -941,4 +942,30 @@ fn artifact_patterns_that_escape_or_do_not_parse() {
     rejects(text, 5, 7, &["unknown key `when`", "`paths`"]);
     let text = "jobs:\n  b:\n    steps: [make]\n    artifact: [x]\n";
     rejects(text, 4, 5, &["artifacts"]);
+// ---- container network and submodules -------------------------------------------------------
+
+#[test]
+fn network_and_submodules_take_booleans() {
+    rejects(
+        "jobs:\n  b:\n    image: localhost/x\n    network: yes\n    steps: [make]\n",
+        4,
+        14,
+        &["`network` of job \"b\"", "true or false"],
+    );
+    rejects(
+        "jobs:\n  b:\n    submodules: [a]\n    steps: [make]\n",
+        3,
+        17,
+        &["`submodules` of job \"b\"", "true or false"],
+    );
+}
+
+#[test]
+fn network_without_an_image_is_rejected() {
+    rejects(
+        "jobs:\n  b:\n    network: true\n    steps: [make]\n",
+        3,
+        5,
+        &["only applies to container jobs", "add an `image`"],
+    );
 }

@@ -90,6 +90,8 @@ fn full_example() {
             retry: 0,
             kept_from_build: String::new(),
             artifacts: vec![],
+            network: false,
+            submodules: false,
         }
     );
     assert_eq!(
@@ -116,6 +118,8 @@ fn full_example() {
             retry: 2,
             kept_from_build: String::new(),
             artifacts: vec![],
+            network: false,
+            submodules: false,
         }
     );
 }
@@ -411,4 +415,12 @@ fn artifacts_in_every_spelling_with_matrix_values() {
     assert_eq!(p.jobs[1].artifacts, ["out", "**/*.log"]);
     assert_eq!(p.jobs[2].artifacts, ["bin/linux/*"]);
     assert_eq!(p.jobs[3].artifacts, ["bin/bsd/*"]);
+fn network_and_submodules() {
+    let plan = plan(
+        "jobs:\n  a:\n    image: localhost/ci-busybox\n    network: true\n    submodules: true\n    steps: [make]\n  b:\n    network: false\n    steps: [make]\n",
+    );
+    assert!(plan.jobs[0].network);
+    assert!(plan.jobs[0].submodules);
+    assert!(!plan.jobs[1].network);
+    assert!(!plan.jobs[1].submodules);
 }

@@ -19,8 +19,10 @@
 //! An agent is *available* when it is registered, connected, not revoked, not draining (by its
 //! heartbeat or by the autoscaler's `AgentDraining`) and not
 //! lost (heard from within `agent_ttl_us`), and *serves* a build when it was registered for the
-//! build's tenant or is shared (registered with an empty tenant). Among the available agents
-//! serving the build's tenant:
+//! build's tenant or is shared (registered with an empty tenant). A job with an `image` only
+//! considers the agents that can run containers (`containers` in AgentRegistered /
+//! AgentConnected); when none is available it waits, saying so. Among the available agents
+//! serving the build's tenant (and, for an `image` job, able to run containers):
 //!
 //! * a job with `runs_on` labels may go to the agents whose labels contain **all** of them; if
 //!   there is no such agent, to the *generic* agents (no labels at all);
@@ -117,6 +119,10 @@ pub struct AgentState {
     /// Revoked agents never get work again.
     pub revoked: bool,
     pub disconnect_reason: String,
+    /// It can run container jobs (`image:`), as it said when it registered or last connected.
+    pub containers: bool,
+    /// Its container engine, for people.
+    pub engine: String,
 }
 
 impl AgentState {
@@ -246,6 +252,8 @@ impl ClusterState {
                 agent.labels = e.labels.clone();
                 agent.capacity = e.capacity;
                 agent.tenant = e.tenant.clone();
+                agent.containers = e.containers;
+                agent.engine = e.engine.clone();
             }
             Payload::AgentConnected(e) => {
                 let agent = self.agents.entry(e.agent_id.clone()).or_default();
@@ -258,6 +266,8 @@ impl ClusterState {
                 if e.capacity > 0 {
                     agent.labels = e.labels.clone();
                     agent.capacity = e.capacity;
+                    agent.containers = e.containers;
+                    agent.engine = e.engine.clone();
                 }
             }
             Payload::AgentHeartbeat(e) => {
@@ -951,11 +961,11 @@ fn plan_round(state: &ClusterState, now_us: i64, config: &ClusterConfig) -> Roun
                         job,
                         attempt,
                     } => {
-                        let runs_on = state
+                        let (runs_on, image) = state
                             .job_info(&build, &job)
-                            .map(|i| i.plan.runs_on.as_slice())
+                            .map(|i| (i.plan.runs_on.as_slice(), i.plan.image.trim()))
                             .unwrap_or_default();
-                        match pool.take(&project_of(state, &build), runs_on) {
+                        match pool.take(&project_of(state, &build), runs_on, image) {
                             Ok(agent_id) => {
                                 let lease_id = lease_id_for(&build, &job, attempt);
                                 round.decisions.push(ClusterDecision::Assign {
@@ -1224,15 +1234,37 @@ impl<'a> Pool<'a> {
         }
     }
 
-    /// Picks an agent for a job of `(tenant, project)` with `runs_on`, or says why none.
-    fn take(&mut self, project: &(String, String), runs_on: &[String]) -> Result<String, String> {
+    /// Picks an agent for a job of `(tenant, project)` with `runs_on` (and `image`: only agents
+    /// that can run containers), or says why none.
+    fn take(
+        &mut self,
+        project: &(String, String),
+        runs_on: &[String],
+        image: &str,
+    ) -> Result<String, String> {
         let tenant = &project.0;
-        let serving: Vec<(&'a str, &'a AgentState)> = self
+        let mut serving: Vec<(&'a str, &'a AgentState)> = self
             .free
             .iter()
             .filter(|(_, (a, _))| a.serves(tenant))
             .map(|(id, (a, _))| (*id, *a))
             .collect();
+        if !image.is_empty() {
+            let any = !serving.is_empty();
+            serving.retain(|(_, a)| a.containers);
+            if serving.is_empty() {
+                return Err(format!(
+                    "needs an agent that can run containers (image {image}); {}{}",
+                    if any {
+                        "no connected agent has a container engine: start one with \
+                         `tributary agent --engine unix:///run/podman/podman.sock`"
+                    } else {
+                        "no agent connected"
+                    },
+                    self.unavailable_note(tenant)
+                ));
+            }
+        }
         let with = |pred: &dyn Fn(&AgentState) -> bool| -> Vec<&'a str> {
             serving
                 .iter()
@@ -1284,6 +1316,12 @@ impl<'a> Pool<'a> {
                 ));
             }
         }
+
+        let what = if image.is_empty() {
+            what
+        } else {
+            format!("{what} that can run containers")
+        };
 
         // Most free slots first, ties to the smallest id (candidates are in id order).
         let mut best: Option<(&str, u32)> = None;

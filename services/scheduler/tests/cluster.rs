@@ -172,6 +172,7 @@ impl Sim {
                 capacity: spec.capacity,
                 tenant: spec.tenant.into(),
                 token_sha256: String::new(),
+                ..AgentRegistered::default()
             }),
         );
         self.agents.push(SimAgent {

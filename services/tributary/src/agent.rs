@@ -13,12 +13,15 @@ use std::sync::Arc;
 
 use tokio::signal::unix::{signal, Signal, SignalKind};
 use tokio_util::sync::CancellationToken;
-use tributary_agent::{AgentConfig, AgentError, AttemptOptions, LogSink};
+use tributary_agent::{
+    AgentConfig, AgentError, AttemptOptions, ContainerLimits, ContainerRuntime, ContainerSettings,
+    Engine, LogSink,
+};
 use tributary_eventlog::EventLog;
 
 pub use tributary_agent::{BuildRef, JobWorkspace, Lease, Workspaces};
 
-use crate::cli::AgentArgs;
+use crate::cli::{AgentArgs, ContainerArgs};
 
 /// Runs the attempt to its end, appending its events to `log` in order. Errors appending to
 /// the log are logged; the scheduler sees a job without JobFinished as lost.
@@ -30,6 +33,7 @@ pub async fn run_attempt(
     scratch_dir: PathBuf,
     cancel: CancellationToken,
     objects: Option<tributary_objects::Objects>,
+    container: Option<ContainerRuntime>,
 ) {
     tributary_agent::run_attempt(
         Arc::new(LogSink::new(log)),
@@ -40,10 +44,44 @@ pub async fn run_attempt(
         cancel,
         AttemptOptions {
             objects,
+            container,
             ..AttemptOptions::default()
         },
     )
     .await;
+}
+
+/// The container limits the flags ask for.
+pub fn container_limits(args: &ContainerArgs) -> anyhow::Result<ContainerLimits> {
+    if !(args.cpus >= 0.0 && args.cpus.is_finite()) {
+        anyhow::bail!(
+            "--cpus must be 0 (no limit) or a positive number, not {}",
+            args.cpus
+        );
+    }
+    Ok(ContainerLimits {
+        cpus: args.cpus,
+        memory_bytes: args.memory,
+        pids: args.pids_limit,
+    })
+}
+
+/// Connects to the engine at `address` and says so on stdout.
+pub async fn connect_engine(address: &str) -> anyhow::Result<Engine> {
+    let engine = Engine::connect(address).await?;
+    println!("container engine: {} at {address}", engine.description());
+    Ok(engine)
+}
+
+/// Container settings of an agent: only with `--engine` (then the engine must answer).
+pub async fn container_settings(args: &ContainerArgs) -> anyhow::Result<Option<ContainerSettings>> {
+    let Some(address) = args.engine.as_deref().filter(|a| !a.trim().is_empty()) else {
+        return Ok(None);
+    };
+    Ok(Some(ContainerSettings {
+        engine: connect_engine(address.trim()).await?,
+        limits: container_limits(args)?,
+    }))
 }
 
 /// `tributary agent`: registers (first start), then takes jobs from the server until a signal.
@@ -71,6 +109,7 @@ pub async fn command(args: AgentArgs) -> anyhow::Result<ExitCode> {
     if let Some(url) = args.objects.as_deref().filter(|u| !u.is_empty()) {
         config.objects = Some(tributary_objects::Objects::open(url)?);
     }
+    config.containers = container_settings(&args.containers).await?;
 
     let drain = CancellationToken::new();
     let abort = CancellationToken::new();

@@ -163,6 +163,7 @@ async fn bench_run(jobs: usize, parallel: usize) -> anyhow::Result<ExitCode> {
         workdir: run.workdir.clone(),
         scratch_dir: run.scratch_dir.clone(),
         objects: None,
+        container: None,
     };
     let (status, reason) = local_run::drive(cfg, from, CancellationToken::new()).await?;
     let elapsed = start.elapsed();

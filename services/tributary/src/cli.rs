@@ -197,6 +197,46 @@ pub struct RunArgs {
     /// Print plain lines even on a terminal (no progress spinners).
     #[arg(long)]
     pub plain: bool,
+    #[command(flatten)]
+    pub containers: ContainerArgs,
+}
+
+/// Container jobs (`image:` in the pipeline): the engine and the limits of every container.
+#[derive(Debug, Args, Clone)]
+pub struct ContainerArgs {
+    /// Docker Engine API of the container engine that runs `image:` jobs: `unix:///path` or
+    /// `tcp://host:port` (Docker, or Podman's compatible socket; `scripts/setup-containers.sh`
+    /// starts Podman's at unix:///run/podman/podman.sock). `tributary run` uses DOCKER_HOST or
+    /// that socket when a job has an image; agents run container jobs only with --engine.
+    #[arg(long, value_name = "ADDR", env = "TRIBUTARY_ENGINE")]
+    pub engine: Option<String>,
+    /// CPUs each job container may use (fractions allowed; 0 = no limit).
+    #[arg(long, value_name = "N", default_value_t = 2.0)]
+    pub cpus: f64,
+    /// Memory each job container may use, e.g. 512m, 4g (no swap on top; 0 = no limit).
+    #[arg(long, value_name = "SIZE", default_value = "4g", value_parser = parse_size)]
+    pub memory: u64,
+    /// Processes and threads each job container may run (0 = no limit).
+    #[arg(long, value_name = "N", default_value_t = 4096)]
+    pub pids_limit: u32,
+}
+
+/// A size in bytes: a number with an optional k, m, g or t suffix (powers of 1024).
+pub fn parse_size(text: &str) -> Result<u64, String> {
+    let t = text.trim().to_ascii_lowercase();
+    let t = t.strip_suffix('b').unwrap_or(&t);
+    let (digits, shift) = match t.chars().last() {
+        Some('k') => (&t[..t.len() - 1], 10),
+        Some('m') => (&t[..t.len() - 1], 20),
+        Some('g') => (&t[..t.len() - 1], 30),
+        Some('t') => (&t[..t.len() - 1], 40),
+        _ => (t, 0),
+    };
+    digits
+        .parse::<u64>()
+        .ok()
+        .and_then(|n| n.checked_mul(1u64 << shift))
+        .ok_or_else(|| format!("{text:?} is not a size; write e.g. 512m, 4g or a number of bytes"))
 }
 
 fn default_parallel() -> usize {
@@ -402,6 +442,9 @@ pub struct UpArgs {
     pub usage_interval: f64,
     #[command(flatten)]
     pub metering: MeteringArgs,
+    /// The in-process agents run `image:` jobs with --engine (and these limits).
+    #[command(flatten)]
+    pub containers: ContainerArgs,
 }
 
 #[derive(Debug, Subcommand)]
@@ -683,6 +726,10 @@ pub struct AgentArgs {
     /// sent when the job ends).
     #[arg(long, value_name = "SECS", default_value_t = 10.0)]
     pub usage_interval: f64,
+    /// With --engine the agent also runs `image:` jobs, in containers with these limits, and
+    /// tells the server so; without it the server sends it no container jobs.
+    #[command(flatten)]
+    pub containers: ContainerArgs,
 }
 
 #[derive(Debug, Args)]

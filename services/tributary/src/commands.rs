@@ -88,6 +88,7 @@ async fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
         jobs.len(),
         data.path.display()
     );
+    let container = local_container(&args.containers, &build.build_id, &jobs).await;
     let renderer = tokio::spawn(Renderer::new(&build.build_id, tty).follow(log.clone(), from));
     let cancel = CancellationToken::new();
     let ctrl_c = {
@@ -113,6 +114,7 @@ async fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
         workdir: run.workdir.clone(),
         scratch_dir: run.scratch_dir.clone(),
         objects: Some(data.objects()?),
+        container,
     };
     let (status, _reason) = local_run::drive(cfg, from, cancel).await?;
     ctrl_c.abort();
@@ -124,6 +126,40 @@ async fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
     } else {
         ExitCode::from(1)
     })
+}
+
+/// The container runtime of a local run, when a job has an `image`: the engine of --engine,
+/// DOCKER_HOST or Podman's default socket. Unreachable: said on stderr, and those jobs fail.
+async fn local_container(
+    args: &crate::cli::ContainerArgs,
+    build_id: &str,
+    jobs: &[tributary_proto::events::JobPlan],
+) -> Option<tributary_agent::ContainerRuntime> {
+    let first = jobs.iter().find(|j| !j.image.trim().is_empty())?;
+    let address = args
+        .engine
+        .clone()
+        .filter(|a| !a.trim().is_empty())
+        .unwrap_or_else(tributary_executor::container::engine_from_env);
+    let settings = async {
+        let engine = crate::agent::connect_engine(address.trim()).await?;
+        anyhow::Ok((engine, crate::agent::container_limits(args)?))
+    };
+    match settings.await {
+        Ok((engine, limits)) => Some(tributary_agent::ContainerRuntime {
+            engine,
+            limits,
+            // Unique per run: concurrent local runs never touch each other's containers.
+            owner: format!("local-{build_id}"),
+        }),
+        Err(e) => {
+            eprintln!(
+                "error: job {} runs in a container (image {}), but {e:#}",
+                first.id, first.image
+            );
+            None
+        }
+    }
 }
 
 async fn events(args: EventsArgs) -> anyhow::Result<ExitCode> {

@@ -67,6 +67,8 @@ pub struct DriveConfig {
     pub scratch_dir: PathBuf,
     /// Where jobs' artifacts are uploaded (the data directory's `objects/`).
     pub objects: Option<tributary_objects::Objects>,
+    /// How `image:` jobs run; `None`: they fail, saying there is no container engine.
+    pub container: Option<tributary_agent::ContainerRuntime>,
 }
 
 /// Drives one build to its end: from `from` (at or before its trigger), folds the log,
@@ -187,6 +189,7 @@ pub async fn drive(
                 cfg.scratch_dir.clone(),
                 token,
                 cfg.objects.clone(),
+                cfg.container.clone(),
             ));
         }
     }

@@ -115,6 +115,7 @@ pub async fn up(args: UpArgs) -> anyhow::Result<ExitCode> {
         .filter(|c| !c.trim().is_empty())
         .unwrap_or_else(tributary_agent::default_machine_class);
     let usage_interval = crate::agent::secs(args.usage_interval, "--usage-interval")?;
+    let containers = crate::agent::container_settings(&args.containers).await?;
     let drain = CancellationToken::new();
     let mut agents = tokio::task::JoinSet::new();
     for i in 0..args.agents {
@@ -128,6 +129,7 @@ pub async fn up(args: UpArgs) -> anyhow::Result<ExitCode> {
         config.objects = Some(objects.clone());
         config.machine_class = Some(machine_class.clone());
         config.usage_interval = usage_interval;
+        config.containers = containers.clone();
         agents.spawn(tributary_agent::run(config, drain.clone()));
     }
 

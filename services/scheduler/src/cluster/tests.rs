@@ -23,6 +23,13 @@ fn job(id: &str) -> JobPlan {
     }
 }
 
+fn boxed(id: &str, image: &str) -> JobPlan {
+    JobPlan {
+        image: image.into(),
+        ..job(id)
+    }
+}
+
 fn on(id: &str, labels: &[&str]) -> JobPlan {
     JobPlan {
         runs_on: labels.iter().map(|l| l.to_string()).collect(),
@@ -65,6 +72,18 @@ impl World {
     }
 
     fn agent(&mut self, id: &str, labels: &[&str], capacity: u32, tenant: &str) {
+        self.agent_with(id, labels, capacity, tenant, false);
+    }
+
+    /// An agent that can (or cannot) run container jobs.
+    fn agent_with(
+        &mut self,
+        id: &str,
+        labels: &[&str],
+        capacity: u32,
+        tenant: &str,
+        containers: bool,
+    ) {
         self.push(
             "",
             Payload::AgentRegistered(AgentRegistered {
@@ -74,6 +93,12 @@ impl World {
                 capacity,
                 tenant: tenant.into(),
                 token_sha256: String::new(),
+                containers,
+                engine: if containers {
+                    "podman 4.3.1 (API 1.41)".into()
+                } else {
+                    String::new()
+                },
             }),
         );
         self.connect(id, "s1");
@@ -427,13 +452,76 @@ fn connecting_agents_report_labels_and_capacity() {
             labels: vec!["gpu".into()],
             capacity: 3,
             session_id: "s2".into(),
+            containers: true,
+            engine: "docker 27.0 (API 1.46)".into(),
         }),
     );
     let agent = &w.state.agents["a"];
     assert_eq!(
-        (agent.labels.clone(), agent.capacity),
-        (vec!["gpu".to_string()], 3)
+        (agent.labels.clone(), agent.capacity, agent.containers),
+        (vec!["gpu".to_string()], 3, true)
     );
+    assert_eq!(agent.engine, "docker 27.0 (API 1.46)");
+    // A reconnect without a container engine takes the capability away.
+    w.push(
+        "",
+        Payload::AgentConnected(AgentConnected {
+            agent_id: "a".into(),
+            capacity: 3,
+            session_id: "s3".into(),
+            ..AgentConnected::default()
+        }),
+    );
+    assert!(!w.state.agents["a"].containers);
+}
+
+#[test]
+fn image_jobs_go_only_to_agents_that_run_containers() {
+    let mut w = World::new();
+    w.agent("host", &[], 4, "");
+    w.agent_with("box", &[], 1, "", true);
+    w.build(
+        "b",
+        vec![
+            boxed("img1", "localhost/ci-busybox"),
+            job("plain"),
+            boxed("img2", "localhost/ci-busybox"),
+        ],
+    );
+    let assigned = w.settle();
+    assert_eq!(who(&assigned, "img1").as_deref(), Some("box"));
+    assert_eq!(who(&assigned, "plain").as_deref(), Some("host"));
+    // The only container agent is full: img2 waits for it, not for the host agent's free slots.
+    assert_eq!(who(&assigned, "img2"), None);
+    assert_eq!(
+        w.reason("b", "img2").as_deref(),
+        Some("all generic agents that can run containers are busy (1/1 slots in use)")
+    );
+}
+
+#[test]
+fn an_image_job_waits_until_an_agent_can_run_containers() {
+    let mut w = World::new();
+    w.agent("host", &[], 2, "");
+    w.build(
+        "b",
+        vec![boxed("img", "localhost/ci-busybox"), job("plain")],
+    );
+    assert_eq!(w.settle(), vec![("plain".into(), 1, "host".into())]);
+    assert_eq!(w.phase("b", "img"), Some((1, JobPhase::Queued)));
+    assert_eq!(
+        w.reason("b", "img").as_deref(),
+        Some(
+            "needs an agent that can run containers (image localhost/ci-busybox); no connected \
+             agent has a container engine: start one with `tributary agent --engine \
+             unix:///run/podman/podman.sock`"
+        )
+    );
+    // Labels do not make a host agent eligible either.
+    w.agent("gpu", &["gpu"], 2, "");
+    assert!(w.settle().is_empty());
+    w.agent_with("box", &["gpu"], 1, "", true);
+    assert_eq!(w.settle(), vec![("img".into(), 1, "box".into())]);
 }
 
 #[test]
@@ -973,18 +1061,34 @@ proptest! {
         caps in proptest::collection::vec(0u32..3, 0..4),
         jobs in 1usize..6,
         gpu_mask in any::<u8>(),
+        container_mask in any::<u8>(),
+        image_mask in any::<u8>(),
         silent_secs in 0i64..25,
     ) {
         let mut w = World::new();
         for (i, cap) in caps.iter().enumerate() {
             let labels: &[&str] = if i % 2 == 1 { &["gpu"] } else { &[] };
-            w.agent(&format!("a{i}"), labels, *cap, "");
+            w.agent_with(&format!("a{i}"), labels, *cap, "", container_mask >> i & 1 == 1);
         }
-        let plan = (0..jobs)
-            .map(|i| if gpu_mask >> i & 1 == 1 { on(&format!("j{i}"), &["gpu"]) } else { job(&format!("j{i}")) })
+        let plan: Vec<JobPlan> = (0..jobs)
+            .map(|i| {
+                let mut j = if gpu_mask >> i & 1 == 1 { on(&format!("j{i}"), &["gpu"]) } else { job(&format!("j{i}")) };
+                if image_mask >> i & 1 == 1 {
+                    j.image = "localhost/ci-busybox".into();
+                }
+                j
+            })
             .collect();
+        let images: std::collections::BTreeSet<String> =
+            plan.iter().filter(|j| !j.image.is_empty()).map(|j| j.id.clone()).collect();
         w.build("x", plan);
-        w.settle();
+        let assigned = w.settle();
+        // Container jobs only ever go to agents that can run containers.
+        for (job, _, agent) in &assigned {
+            if images.contains(job) {
+                prop_assert!(w.state.agents[agent].containers, "{} went to {}", job, agent);
+            }
+        }
         w.now += silent_secs * S;
         for _ in 0..20 {
             let first = w.decide();
