@@ -1,0 +1,366 @@
+//! Container jobs end to end, against the real Podman Docker API socket
+//! (`scripts/setup-containers.sh`; or DOCKER_HOST): `tributary run` runs `image:` jobs in
+//! containers; on a server, image jobs go only to agents started with `--engine`, a job waits
+//! with a reason while there is none, and a restarted agent removes the containers its crash
+//! left behind.
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+use tributary_executor::container::{engine_from_env, Engine};
+
+const IMAGE: &str = "localhost/ci-busybox";
+
+struct Proc(Child);
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn bin() -> &'static str {
+    env!("CARGO_BIN_EXE_tributary")
+}
+
+fn wait_until(what: &str, secs: u64, mut f: impl FnMut() -> bool) {
+    let deadline = Instant::now() + Duration::from_secs(secs);
+    while !f() {
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// The engine, or a failure naming the script that starts it.
+fn engine(rt: &tokio::runtime::Runtime) -> Engine {
+    let address = engine_from_env();
+    rt.block_on(Engine::connect(&address)).unwrap_or_else(|e| {
+        panic!(
+            "these tests need a container engine with the {IMAGE} image: run \
+             `sudo scripts/setup-containers.sh` (or set DOCKER_HOST): {e}"
+        )
+    })
+}
+
+fn owned(rt: &tokio::runtime::Runtime, engine: &Engine, owner: &str) -> Vec<String> {
+    rt.block_on(engine.owned_containers(owner))
+        .expect("list containers")
+}
+
+fn host_name() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .unwrap()
+        .trim()
+        .to_owned()
+}
+
+fn events(data: &Path, build: &str) -> Vec<Value> {
+    let out = Command::new(bin())
+        .args(["events", "--json", "--build", build, "--data"])
+        .arg(data)
+        .output()
+        .unwrap();
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect()
+}
+
+/// stdout of line `line` of step 0 of `job`, from the events.
+fn line_output(events: &[Value], job: &str, line: u64) -> String {
+    events
+        .iter()
+        .filter(|e| {
+            e["type"] == "log_chunk"
+                && e["job"] == job
+                && e["step"] == 0
+                && e["line"] == line
+                && e["stream"] == "stdout"
+        })
+        .map(|e| e["data"].as_str().unwrap().to_owned())
+        .collect()
+}
+
+fn executor_of(events: &[Value], job: &str) -> String {
+    events
+        .iter()
+        .rev()
+        .find(|e| e["type"] == "job_started" && e["job"] == job)
+        .map(|e| e["executor"].as_str().unwrap().to_owned())
+        .unwrap_or_default()
+}
+
+#[test]
+fn tributary_run_runs_image_jobs_in_containers() {
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let engine = engine(&rt);
+    let dir = tempfile::tempdir().unwrap();
+    let pipeline = dir.path().join(".tributary.yml");
+    std::fs::write(
+        &pipeline,
+        format!(
+            "jobs:\n  inside:\n    image: {IMAGE}\n    steps:\n      - script:\n          - hostname\n          \
+             - test -f /bin/busybox && echo busybox\n          - echo $PWD > where.txt\n  \
+             outside:\n    steps:\n      - script:\n          - hostname\n"
+        ),
+    )
+    .unwrap();
+    let data = dir.path().join("data");
+    let out = Command::new(bin())
+        .args(["run", "--plain", "-f"])
+        .arg(&pipeline)
+        .arg("--data")
+        .arg(&data)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}\n{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let build = stdout
+        .lines()
+        .find_map(|l| l.strip_prefix("build "))
+        .and_then(|l| l.split_whitespace().next())
+        .expect("build id")
+        .to_owned();
+    let events = events(&data, &build);
+    assert_eq!(executor_of(&events, "inside"), format!("container:{IMAGE}"));
+    assert_eq!(executor_of(&events, "outside"), "host");
+    let inside = line_output(&events, "inside", 0);
+    assert_eq!(line_output(&events, "outside", 0).trim(), host_name());
+    assert_ne!(
+        inside.trim(),
+        host_name(),
+        "the image job ran in a container"
+    );
+    assert_eq!(line_output(&events, "inside", 1), "busybox\n");
+    // The pipeline's directory is the container's workspace.
+    assert_eq!(
+        std::fs::read_to_string(dir.path().join("where.txt")).unwrap(),
+        "/workspace\n"
+    );
+    assert!(owned(&rt, &engine, &format!("local-{build}")).is_empty());
+}
+
+struct Cluster {
+    _server: Proc,
+    addr: String,
+    token: String,
+    dir: tempfile::TempDir,
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+impl Cluster {
+    fn start() -> Cluster {
+        let dir = tempfile::tempdir().unwrap();
+        let addr = format!("127.0.0.1:{}", free_port());
+        let server = Command::new(bin())
+            .args([
+                "up",
+                "--agents",
+                "0",
+                "--lease-ttl",
+                "3",
+                "--listen",
+                &addr,
+                "--data",
+            ])
+            .arg(dir.path().join("data"))
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        wait_until("server", 60, || std::net::TcpStream::connect(&addr).is_ok());
+        let token = std::fs::read_to_string(dir.path().join("data/admin.token"))
+            .unwrap()
+            .trim()
+            .to_owned();
+        Cluster {
+            _server: Proc(server),
+            addr: format!("http://{addr}"),
+            token,
+            dir,
+        }
+    }
+
+    fn ok(&self, args: &[&str]) -> String {
+        let out: Output = Command::new(bin())
+            .args(args)
+            .env("TRIBUTARY_SERVER", &self.addr)
+            .env("TRIBUTARY_TOKEN", &self.token)
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+
+    fn workdir(&self, name: &str) -> PathBuf {
+        self.dir.path().join("agents").join(name)
+    }
+
+    /// An agent; with `engine`, one that runs container jobs.
+    fn agent(&self, name: &str, engine: Option<&str>) -> Proc {
+        let mut cmd = Command::new(bin());
+        cmd.args([
+            "agent",
+            "--server",
+            &self.addr,
+            "--token",
+            &self.token,
+            "--name",
+            name,
+            "--cpus",
+            "1",
+            "--memory",
+            "128m",
+        ])
+        .arg("--workdir")
+        .arg(self.workdir(name))
+        .env_remove("TRIBUTARY_ENGINE")
+        .stdout(Stdio::null())
+        .stderr(Stdio::null());
+        if let Some(engine) = engine {
+            cmd.args(["--engine", engine]);
+        }
+        Proc(cmd.spawn().unwrap())
+    }
+
+    fn agent_id(&self, name: &str) -> String {
+        let path = self.workdir(name).join("agent.json");
+        wait_until("agent registration", 60, || path.exists());
+        let v: Value = serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
+        v["agent_id"].as_str().unwrap().to_owned()
+    }
+
+    fn project(&self, name: &str, pipeline: &str) {
+        let repo = self.dir.path().join(name);
+        std::fs::create_dir_all(&repo).unwrap();
+        git(&repo, &["init", "-q", "-b", "main"]);
+        std::fs::write(repo.join(".tributary.yml"), pipeline).unwrap();
+        git(&repo, &["add", "."]);
+        git(
+            &repo,
+            &[
+                "-c",
+                "user.name=t",
+                "-c",
+                "user.email=t@t",
+                "commit",
+                "-qm",
+                "init",
+            ],
+        );
+        self.ok(&["project", "add", name, "--repo", repo.to_str().unwrap()]);
+    }
+
+    fn get(&self, build: &str) -> Value {
+        serde_json::from_str(&self.ok(&["get", build, "--json"])).unwrap()
+    }
+
+    fn events(&self, build: &str) -> Vec<Value> {
+        events(&self.dir.path().join("data"), build)
+    }
+}
+
+fn git(dir: &Path, args: &[&str]) {
+    assert!(Command::new("git")
+        .args(args)
+        .current_dir(dir)
+        .status()
+        .unwrap()
+        .success());
+}
+
+fn job<'a>(build: &'a Value, id: &str) -> &'a Value {
+    build["jobs"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|j| j["id"] == id)
+        .unwrap()
+}
+
+#[test]
+fn image_jobs_wait_for_an_agent_with_an_engine_and_a_crashed_agent_cleans_up() {
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let engine = engine(&rt);
+    let c = Cluster::start();
+    let _plain = c.agent("plain", None);
+    let plain = c.agent_id("plain");
+    c.project(
+        "boxes",
+        &format!(
+            "jobs:\n  boxed:\n    image: {IMAGE}\n    steps:\n      - hostname\n  \
+             host:\n    steps:\n      - hostname\n"
+        ),
+    );
+    let build = c.ok(&["trigger", "boxes"]).trim().to_owned();
+    // Only an agent without an engine: the host job runs, the image job waits and says why.
+    wait_until("the host job", 60, || {
+        job(&c.get(&build), "host")["status"] == "succeeded"
+    });
+    let b = c.get(&build);
+    assert_eq!(job(&b, "host")["agent_id"], plain.as_str());
+    let boxed = job(&b, "boxed");
+    assert_eq!(boxed["status"], "queued");
+    let why = boxed["waiting_for"].as_str().unwrap();
+    assert!(why.contains("can run containers"), "{why}");
+
+    // An agent with an engine arrives: the image job runs there, in a container.
+    let address = engine.address().to_owned();
+    let boxer_proc = c.agent("boxer", Some(&address));
+    let boxer = c.agent_id("boxer");
+    wait_until("the build", 120, || c.get(&build)["status"] == "succeeded");
+    let b = c.get(&build);
+    assert_eq!(job(&b, "boxed")["agent_id"], boxer.as_str());
+    let events = c.events(&build);
+    assert_eq!(executor_of(&events, "boxed"), format!("container:{IMAGE}"));
+    assert_ne!(line_output(&events, "boxed", 0).trim(), host_name());
+    assert!(owned(&rt, &engine, &boxer).is_empty(), "container removed");
+
+    // The container agent crashes mid-job: its container stays behind ...
+    c.project(
+        "sleepy",
+        &format!("jobs:\n  nap:\n    image: {IMAGE}\n    steps:\n      - sleep 600\n"),
+    );
+    let sleepy = c.ok(&["trigger", "sleepy"]).trim().to_owned();
+    wait_until("the nap to start", 120, || {
+        c.events(&sleepy)
+            .iter()
+            .any(|e| e["type"] == "line_started")
+    });
+    let mut boxer_proc = boxer_proc;
+    boxer_proc.0.kill().unwrap();
+    boxer_proc.0.wait().unwrap();
+    let orphans = owned(&rt, &engine, &boxer);
+    assert_eq!(orphans.len(), 1, "{orphans:?}");
+    // ... until it starts again: then it removes it before taking work.
+    let _boxer_again = c.agent("boxer", Some(&address));
+    wait_until("the orphan to be removed", 120, || {
+        !owned(&rt, &engine, &boxer).contains(&orphans[0])
+    });
+    c.ok(&["cancel", &sleepy]);
+    wait_until("the canceled build", 120, || {
+        c.get(&sleepy)["status"] == "canceled"
+    });
+    wait_until("no containers left", 60, || {
+        owned(&rt, &engine, &boxer).is_empty()
+    });
+}
