@@ -336,7 +336,12 @@ async fn produce(
 
     let workdir = workspace.dir.clone();
     if let Some((mirrors, source)) = &workspace.checkout {
-        let checkout = mirrors.checkout(&source.repository, &source.commit, &workdir, false);
+        let checkout = mirrors.checkout(
+            &source.repository,
+            &source.commit,
+            &workdir,
+            lease.job.submodules,
+        );
         if let Err(e) = checkout.await {
             let reason = format!(
                 "checkout of {} at {} failed: {e}",

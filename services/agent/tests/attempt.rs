@@ -375,3 +375,64 @@ async fn a_failed_checkout_fails_the_job_with_the_reason() {
     );
     assert_eq!(finished.exit_code, -1);
 }
+
+#[tokio::test]
+async fn submodules_are_checked_out_when_the_job_asks() {
+    let dir = tempfile::tempdir().unwrap();
+    let sub = dir.path().join("sub");
+    std::fs::create_dir(&sub).unwrap();
+    git(&sub, &["init", "-q", "-b", "main"]);
+    std::fs::write(sub.join("inside.txt"), "from the submodule\n").unwrap();
+    git(&sub, &["add", "."]);
+    git(&sub, &["commit", "-q", "-m", "sub"]);
+    let repo = dir.path().join("repo");
+    std::fs::create_dir(&repo).unwrap();
+    git(&repo, &["init", "-q", "-b", "main"]);
+    git(
+        &repo,
+        &[
+            "-c",
+            "protocol.file.allow=always",
+            "submodule",
+            "add",
+            "-q",
+            sub.to_str().unwrap(),
+            "libs/sub",
+        ],
+    );
+    git(&repo, &["commit", "-q", "-m", "with submodule"]);
+    let commit = git(&repo, &["rev-parse", "HEAD"]);
+
+    let workspaces = Workspaces::Checkout {
+        root: dir.path().join("work"),
+        mirrors: tributary_repo::Mirrors::new(dir.path().join("mirrors")),
+    };
+    let source = Source {
+        repository: repo.display().to_string(),
+        commit,
+    };
+    for (attempt, submodules) in [(1, true), (2, false)] {
+        let mut l = lease(&["cat libs/sub/inside.txt"]);
+        l.job.submodules = submodules;
+        l.attempt = attempt;
+        let ws = workspaces.for_job(Some(&source), "build-1", &l.job.id, l.attempt);
+        let sink = Arc::new(Recorder::default());
+        let report = run_attempt(
+            sink.clone(),
+            build(),
+            l,
+            ws,
+            dir.path().join("scratch"),
+            CancellationToken::new(),
+            AttemptOptions::default(),
+        )
+        .await;
+        if submodules {
+            assert_eq!(report.status, Some(Status::Succeeded), "{}", sink.output());
+            assert!(sink.output().contains("from the submodule\n"));
+        } else {
+            // Without `submodules: true` the submodule's directory stays empty.
+            assert_eq!(report.status, Some(Status::Failed), "{}", sink.output());
+        }
+    }
+}
