@@ -192,6 +192,12 @@ pub struct AttemptOptions {
     pub objects: Option<tributary_objects::Objects>,
     /// How to run jobs with an `image`; `None`: this agent cannot (such a job fails, saying so).
     pub container: Option<ContainerRuntime>,
+    /// The pipeline file the recreate commands at the top of the log name (a local run's own
+    /// file); `None`: `.tributary.yml` of the repository.
+    pub pipeline_file: Option<String>,
+    /// Keep the workspace of a failed (or timed-out) job this long, and say so in its log;
+    /// `None` (or a workspace that is not the job's own checkout): nothing is kept.
+    pub keep_failed_for: Option<Duration>,
 }
 
 impl Default for AttemptOptions {
@@ -204,6 +210,8 @@ impl Default for AttemptOptions {
             extra_env: Vec::new(),
             objects: None,
             container: None,
+            pipeline_file: None,
+            keep_failed_for: None,
         }
     }
 }
@@ -335,6 +343,14 @@ async fn produce(
         .map(|m| Meter::new(m, &job_id, attempt, &lease.agent_id));
 
     let workdir = workspace.dir.clone();
+    let preamble = crate::recreate::recreate_commands(
+        workspace.checkout.as_ref().map(|(_, s)| s),
+        &lease.job,
+        options.pipeline_file.as_deref(),
+    );
+    let keep_for = options
+        .keep_failed_for
+        .filter(|d| !d.is_zero() && workspace.checkout.is_some());
     if let Some((mirrors, source)) = &workspace.checkout {
         let checkout = mirrors.checkout(
             &source.repository,
@@ -388,6 +404,7 @@ async fn produce(
         tracing::error!(error = %e, dir = %scratch.display(), "cannot create scratch directory");
     }
     let ctx_dir = workdir.clone();
+    let ctx_workdir = workdir.clone();
     let ctx = JobContext {
         build_id: build.build_id.clone(),
         job: lease.job,
@@ -397,6 +414,18 @@ async fn produce(
         extra_env: options.extra_env.clone(),
         limits: options.limits,
         container: options.container.clone(),
+        preamble,
+        failure_note: keep_for.map_or_else(String::new, |d| {
+            format!(
+                "tributary: this job's workspace is kept on agent {} ({}) at {} for {} \
+                 (until {}), to look at what it left",
+                lease.agent_id,
+                crate::runtime::host_name(),
+                ctx_workdir.display(),
+                crate::kept::human(d),
+                crate::kept::format_time(std::time::SystemTime::now() + d)
+            )
+        }),
     };
     let job = tributary_executor::run_job(ctx, tx.clone(), cancel.clone());
     let outcome = match meter.as_mut() {
@@ -436,6 +465,15 @@ async fn produce(
                 outcome.status = Status::Failed;
                 outcome.exit_code = -1;
                 outcome.reason = reason;
+            }
+        }
+    }
+    if let (Some(d), Status::Failed | Status::TimedOut) = (keep_for, outcome.status) {
+        let dir = &ctx_workdir;
+        match crate::kept::keep(dir, std::time::SystemTime::now(), d) {
+            Ok(_) => tracing::info!(dir = %dir.display(), "keeping the failed job's workspace"),
+            Err(e) => {
+                tracing::warn!(dir = %dir.display(), error = %e, "cannot mark the workspace as kept")
             }
         }
     }

@@ -22,6 +22,8 @@ mod attempt;
 mod backoff;
 mod client;
 mod identity;
+pub mod kept;
+pub mod recreate;
 mod runtime;
 mod sink;
 

@@ -45,6 +45,8 @@ const CALL_TIMEOUT: Duration = Duration::from_secs(5);
 const STABLE_STREAM: Duration = Duration::from_secs(10);
 /// How long a hard stop waits for canceled jobs to report before abandoning them.
 const ABORT_GRACE: Duration = Duration::from_secs(2);
+/// How often kept workspaces of failed jobs are checked for expiry.
+const KEPT_SWEEP_INTERVAL: Duration = Duration::from_secs(600);
 /// Finished leases remembered so that a lease pushed again is not run twice.
 const REMEMBER_FINISHED: usize = 1024;
 
@@ -73,6 +75,9 @@ pub struct AgentConfig {
     /// Where artifacts are uploaded and downloaded: the server's object storage (a shared
     /// directory or S3). Without it, jobs with artifacts fail with a message saying so.
     pub objects: Option<tributary_objects::Objects>,
+    /// Keep the workspace of a failed job this long (its log says where); 0 = delete at once.
+    /// Expired ones are deleted when the agent starts and then every 10 minutes.
+    pub keep_failed_for: Duration,
     /// Run container jobs (`image:`) on this engine with these limits; `None`: host jobs only
     /// (the server then sends this agent no container jobs).
     pub containers: Option<ContainerSettings>,
@@ -127,6 +132,7 @@ impl AgentConfig {
             reconnect: BackoffPolicy::default(),
             clean_workspaces: true,
             objects: None,
+            keep_failed_for: Duration::from_secs(24 * 3600),
             containers: None,
         }
     }
@@ -152,7 +158,7 @@ fn mem_total_gb(meminfo: &str) -> Option<u64> {
 }
 
 /// The machine's host name, or `agent`.
-fn host_name() -> String {
+pub(crate) fn host_name() -> String {
     std::fs::read_to_string("/proc/sys/kernel/hostname")
         .ok()
         .or_else(|| std::env::var("HOSTNAME").ok())
@@ -426,6 +432,9 @@ impl Runtime {
         let mut tasks = Tasks::default();
         let mut fatal: Option<AgentError> = None;
         let mut pull_open = true;
+        // Kept workspaces of failed jobs whose time is up: now, then every 10 minutes.
+        let mut sweep = tokio::time::interval(KEPT_SWEEP_INTERVAL);
+        sweep.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let result = loop {
             let (drained, draining) = {
                 let slots = self.slots();
@@ -442,6 +451,18 @@ impl Runtime {
                 }
                 _ = drain.cancelled(), if !draining => self.begin_drain(&beat_now, "stop requested"),
                 Some(done) = tasks.set.join_next_with_id() => self.finished(&mut tasks, done),
+                _ = sweep.tick() => {
+                    let work = self.config.workdir.join("work");
+                    let deleted = tokio::task::spawn_blocking(move || {
+                        crate::kept::sweep(&work, std::time::SystemTime::now())
+                    })
+                    .await
+                    .map(|d| d.len())
+                    .unwrap_or(0);
+                    if deleted > 0 {
+                        tracing::info!(deleted, "deleted kept workspaces whose time was up");
+                    }
+                }
                 pulled = pull_rx.recv(), if pull_open => match pulled {
                     Some(Pulled::Lease(lease)) => self.start(*lease, &mut tasks),
                     Some(Pulled::Drain) => {
@@ -588,6 +609,7 @@ impl Runtime {
                     interval: self.config.usage_interval,
                 }),
             objects: self.config.objects.clone(),
+            keep_failed_for: Some(self.config.keep_failed_for),
             container: self.config.containers.as_ref().map(|c| ContainerRuntime {
                 engine: c.engine.clone(),
                 limits: c.limits,
@@ -643,7 +665,8 @@ impl Runtime {
         if let Some(next) = tasks.pending.pop_front() {
             self.start(next, tasks);
         }
-        if self.config.clean_workspaces {
+        // A failed job's kept workspace is neither reused nor deleted until its time is up.
+        if self.config.clean_workspaces && !crate::kept::is_kept(&dir) {
             let workspaces = self.workspaces.clone();
             tokio::task::spawn_blocking(move || workspaces.release(&dir));
         }

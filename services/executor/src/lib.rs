@@ -49,6 +49,12 @@ pub struct JobContext {
     /// How to run a job with an `image`; `None`: this agent cannot, and such a job fails with
     /// a reason saying so.
     pub container: Option<container::ContainerRuntime>,
+    /// Printed (STREAM_SYSTEM) at the very start of the job's log, before its first step: e.g.
+    /// how to recreate the job locally. Empty = nothing.
+    pub preamble: String,
+    /// Printed (STREAM_SYSTEM) at the end of the log when the job failed or timed out: e.g.
+    /// where its workspace is kept. Empty = nothing.
+    pub failure_note: String,
 }
 
 /// How output is batched into `LogChunk`s and how much of it a job may produce.
@@ -122,10 +128,18 @@ async fn run_job_inner(
     };
     let nonce = format!("{:032x}", rand::random::<u128>());
     let env = job_env(&ctx);
+    let mut sink = sink::Sink::new(events, ctx.job.id.clone(), ctx.attempt, ctx.limits);
+    if !ctx.preamble.is_empty() {
+        sink.system_text(0, &ctx.preamble).await;
+    }
     let container = match start_container(&ctx).await {
         Ok(container) => container,
         Err(reason) => {
             tracing::error!(%reason, "job failed before its first step");
+            sink.system(0, &reason).await;
+            if !ctx.failure_note.is_empty() {
+                sink.system_text(0, &ctx.failure_note).await;
+            }
             return JobOutcome {
                 status: Status::Failed,
                 exit_code: -1,
@@ -147,8 +161,10 @@ async fn run_job_inner(
         deadline,
         cancel: &cancel,
     };
-    let mut sink = sink::Sink::new(events, ctx.job.id.clone(), ctx.attempt, ctx.limits);
     let outcome = run_steps(&ctx, &mut sink, &step_env, &cancel, started).await;
+    if !ctx.failure_note.is_empty() && matches!(outcome.status, Status::Failed | Status::TimedOut) {
+        sink.system_text(sink.last_line, &ctx.failure_note).await;
+    }
     if let Some(container) = container {
         container.remove().await;
     }

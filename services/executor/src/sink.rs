@@ -42,6 +42,8 @@ pub(crate) struct Sink {
     /// `flush_interval` is sent at once, so sparse lines reach tails without waiting while dense
     /// output is still batched to one chunk per interval.
     last_flush: Option<Instant>,
+    /// Line of the last chunk sent (with `step`: where a closing note belongs).
+    pub(crate) last_line: u32,
 }
 
 impl Sink {
@@ -64,6 +66,7 @@ impl Sink {
             buf: [Vec::new(), Vec::new()],
             flush_at: None,
             last_flush: None,
+            last_line: 0,
         }
     }
 
@@ -135,6 +138,15 @@ impl Sink {
         self.send_chunk(line, stream, data, false).await;
     }
 
+    /// Text from Tributary itself, on STREAM_SYSTEM, as given (a newline added if missing).
+    pub(crate) async fn system_text(&mut self, line: u32, text: &str) {
+        let mut data = text.as_bytes().to_vec();
+        if data.last() != Some(&b'\n') {
+            data.push(b'\n');
+        }
+        self.system_chunk(line, data, false).await;
+    }
+
     /// A message from Tributary itself, on STREAM_SYSTEM (not counted against the limit).
     pub(crate) async fn system(&mut self, line: u32, msg: &str) {
         let mut data = format!("tributary: {msg}").into_bytes();
@@ -149,6 +161,7 @@ impl Sink {
     }
 
     async fn send_chunk(&mut self, line: u32, stream: usize, data: Vec<u8>, truncated: bool) {
+        self.last_line = line;
         let offset = self.offsets[stream];
         self.offsets[stream] += data.len() as u64;
         let chunk = LogChunk {

@@ -711,6 +711,7 @@ impl<'a> Coordinator<'a> {
     }
 
     async fn start_line(&mut self, sink: &mut Sink, line: u32) {
+        sink.last_line = line;
         self.open = Some(OpenLine {
             line,
             started: Instant::now(),

@@ -72,6 +72,8 @@ async fn fixture(steps: &[&[&str]]) -> Fixture {
             },
             owner: owner.clone(),
         }),
+        preamble: String::new(),
+        failure_note: String::new(),
     };
     Fixture {
         ctx,
@@ -385,6 +387,8 @@ async fn an_image_job_without_an_engine_fails_with_a_reason() {
         extra_env: Vec::new(),
         limits: LogLimits::default(),
         container: None,
+        preamble: String::new(),
+        failure_note: String::new(),
     };
     let (outcome, events) = run(ctx).await;
     assert_eq!(outcome.status, Status::Failed);
@@ -393,7 +397,13 @@ async fn an_image_job_without_an_engine_fails_with_a_reason() {
         "{}",
         outcome.reason
     );
-    assert!(events.is_empty(), "no step ran: {events:?}");
+    // No step ran; the reason is in the log too.
+    assert_eq!(events.len(), 1, "{events:?}");
+    assert!(
+        matches!(&events[0], Payload::LogChunk(c) if c.stream == Stream::System as i32
+            && String::from_utf8_lossy(&c.data).contains("no container engine")),
+        "{events:?}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

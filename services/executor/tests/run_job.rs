@@ -38,6 +38,8 @@ fn fixture(steps: &[(&str, &[&str])]) -> Fixture {
         extra_env: Vec::new(),
         limits: LogLimits::default(),
         container: None,
+        preamble: String::new(),
+        failure_note: String::new(),
     };
     Fixture {
         ctx,
@@ -91,7 +93,10 @@ fn check_order(events: &[Timed]) {
                 next_line += 1;
             }
             Payload::LogChunk(c) => {
-                assert_eq!(step, Some(c.step));
+                // Only Tributary's own notes (preamble, failure note) stand outside a step.
+                if step.is_some() || c.stream != Stream::System as i32 {
+                    assert_eq!(step, Some(c.step));
+                }
                 if c.stream != Stream::System as i32 {
                     assert_eq!(line, Some(c.line), "chunk outside its line: {c:?}");
                     assert!(!c.data.is_empty());
@@ -759,4 +764,34 @@ async fn pipe_kept_open_without_markers_is_given_up_on() {
         exits(&events),
         vec![(0, 0, 0), (0, 1, 0), (0, 2, 0), (0, 3, 0)]
     );
+}
+
+#[tokio::test]
+async fn preamble_first_and_failure_note_last_on_the_system_stream() {
+    let mut f = fixture(&[
+        ("one", &["echo hi"]),
+        ("two", &["true", "false", "echo never"]),
+    ]);
+    f.ctx.preamble = "recreate: tributary run --job test".into();
+    f.ctx.failure_note = "workspace kept at /x".into();
+    let (outcome, events) = run(f.ctx.clone()).await;
+    assert_eq!(outcome.status, Status::Failed);
+    let Payload::LogChunk(first) = &events[0] else {
+        panic!("the log starts with the preamble: {events:?}");
+    };
+    assert_eq!(first.stream, Stream::System as i32);
+    assert_eq!(first.data, b"recreate: tributary run --job test\n");
+    let Some(Payload::LogChunk(last)) = events.last() else {
+        panic!("the log ends with the note: {events:?}");
+    };
+    assert_eq!(last.stream, Stream::System as i32);
+    assert_eq!((last.step, last.line), (1, 1), "at the failing line");
+    assert_eq!(last.data, b"workspace kept at /x\n");
+
+    // No note when the job succeeds.
+    let mut ok = fixture(&[("one", &["true"])]);
+    ok.ctx.failure_note = "workspace kept at /x".into();
+    let (outcome, events) = run(ok.ctx.clone()).await;
+    assert_eq!(outcome.status, Status::Succeeded);
+    assert!(!events.iter().any(|e| matches!(e, Payload::LogChunk(_))));
 }

@@ -14,12 +14,11 @@ use std::sync::Arc;
 use tokio::signal::unix::{signal, Signal, SignalKind};
 use tokio_util::sync::CancellationToken;
 use tributary_agent::{
-    AgentConfig, AgentError, AttemptOptions, ContainerLimits, ContainerRuntime, ContainerSettings,
-    Engine, LogSink,
+    AgentConfig, AgentError, ContainerLimits, ContainerSettings, Engine, LogSink,
 };
 use tributary_eventlog::EventLog;
 
-pub use tributary_agent::{BuildRef, JobWorkspace, Lease, Workspaces};
+pub use tributary_agent::{AttemptOptions, BuildRef, JobWorkspace, Lease, Workspaces};
 
 use crate::cli::{AgentArgs, ContainerArgs};
 
@@ -32,8 +31,7 @@ pub async fn run_attempt(
     workspace: JobWorkspace,
     scratch_dir: PathBuf,
     cancel: CancellationToken,
-    objects: Option<tributary_objects::Objects>,
-    container: Option<ContainerRuntime>,
+    options: AttemptOptions,
 ) {
     tributary_agent::run_attempt(
         Arc::new(LogSink::new(log)),
@@ -42,11 +40,7 @@ pub async fn run_attempt(
         workspace,
         scratch_dir,
         cancel,
-        AttemptOptions {
-            objects,
-            container,
-            ..AttemptOptions::default()
-        },
+        options,
     )
     .await;
 }
@@ -110,6 +104,7 @@ pub async fn command(args: AgentArgs) -> anyhow::Result<ExitCode> {
         config.objects = Some(tributary_objects::Objects::open(url)?);
     }
     config.containers = container_settings(&args.containers).await?;
+    config.keep_failed_for = args.keep_failed;
 
     let drain = CancellationToken::new();
     let abort = CancellationToken::new();

@@ -144,6 +144,7 @@ async fn bench_run(jobs: usize, parallel: usize) -> anyhow::Result<ExitCode> {
         workdir: tmp.path().to_path_buf(),
         parallel,
         scratch_dir: tmp.path().join("scratch"),
+        only_job: None,
     };
     let build = BuildRef {
         tenant: "bench".into(),
@@ -164,6 +165,7 @@ async fn bench_run(jobs: usize, parallel: usize) -> anyhow::Result<ExitCode> {
         scratch_dir: run.scratch_dir.clone(),
         objects: None,
         container: None,
+        pipeline_file: None,
     };
     let (status, reason) = local_run::drive(cfg, from, CancellationToken::new()).await?;
     let elapsed = start.elapsed();

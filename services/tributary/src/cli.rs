@@ -197,8 +197,56 @@ pub struct RunArgs {
     /// Print plain lines even on a terminal (no progress spinners).
     #[arg(long)]
     pub plain: bool,
+    /// Run only this job: an instance id (`test[os=linux]`) or a job name (all its matrix
+    /// instances). Its `needs` are taken as done. Every job log starts with the command that
+    /// recreates that job this way.
+    #[arg(long, value_name = "JOB")]
+    pub job: Option<String>,
     #[command(flatten)]
     pub containers: ContainerArgs,
+}
+
+/// How long a failed job's workspace is kept.
+fn parse_keep(text: &str) -> Result<std::time::Duration, String> {
+    parse_duration(text).map(std::time::Duration::from_secs)
+}
+
+/// Seconds, or hours/minutes/seconds in that order: `3600`, `24h`, `1h30m`, `90s`, `0`.
+pub fn parse_duration(text: &str) -> Result<u64, String> {
+    let t = text.trim();
+    let bad = || format!("{text:?} is not a duration; write e.g. 24h, 30m, 1h30m, 90s or 0");
+    if let Ok(secs) = t.parse::<u64>() {
+        return Ok(secs);
+    }
+    let mut total: u64 = 0;
+    let mut num = String::new();
+    let mut last_unit = 0;
+    for c in t.chars() {
+        if c.is_ascii_digit() {
+            num.push(c);
+            continue;
+        }
+        let (rank, mult) = match c {
+            'h' => (1, 3600),
+            'm' => (2, 60),
+            's' => (3, 1),
+            _ => return Err(bad()),
+        };
+        if num.is_empty() || rank <= last_unit {
+            return Err(bad());
+        }
+        last_unit = rank;
+        let n: u64 = num.parse().map_err(|_| bad())?;
+        total = n
+            .checked_mul(mult)
+            .and_then(|v| total.checked_add(v))
+            .ok_or_else(bad)?;
+        num.clear();
+    }
+    if !num.is_empty() || last_unit == 0 {
+        return Err(bad());
+    }
+    Ok(total)
 }
 
 /// Container jobs (`image:` in the pipeline): the engine and the limits of every container.
@@ -442,6 +490,10 @@ pub struct UpArgs {
     pub usage_interval: f64,
     #[command(flatten)]
     pub metering: MeteringArgs,
+    /// Keep the workspace of a failed or timed-out job this long (its log says where), then
+    /// delete it: e.g. 24h, 30m, 0 (delete at once).
+    #[arg(long, value_name = "DURATION", default_value = "24h", value_parser = parse_keep)]
+    pub keep_failed: std::time::Duration,
     /// The in-process agents run `image:` jobs with --engine (and these limits).
     #[command(flatten)]
     pub containers: ContainerArgs,
@@ -726,10 +778,35 @@ pub struct AgentArgs {
     /// sent when the job ends).
     #[arg(long, value_name = "SECS", default_value_t = 10.0)]
     pub usage_interval: f64,
+    /// Keep the workspace of a failed or timed-out job this long (its log says where), then
+    /// delete it: e.g. 24h, 30m, 0 (delete at once).
+    #[arg(long, value_name = "DURATION", default_value = "24h", value_parser = parse_keep)]
+    pub keep_failed: std::time::Duration,
     /// With --engine the agent also runs `image:` jobs, in containers with these limits, and
     /// tells the server so; without it the server sends it no container jobs.
     #[command(flatten)]
     pub containers: ContainerArgs,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sizes_and_durations() {
+        assert_eq!(parse_size("512m"), Ok(512 << 20));
+        assert_eq!(parse_size("4G"), Ok(4 << 30));
+        assert_eq!(parse_size("1024"), Ok(1024));
+        assert_eq!(parse_size("0"), Ok(0));
+        assert!(parse_size("lots").is_err());
+        assert_eq!(parse_duration("24h"), Ok(86400));
+        assert_eq!(parse_duration("1h30m"), Ok(5400));
+        assert_eq!(parse_duration("90s"), Ok(90));
+        assert_eq!(parse_duration("0"), Ok(0));
+        assert!(parse_duration("30m1h").is_err());
+        assert!(parse_duration("h").is_err());
+        assert!(parse_duration("1d").is_err());
+    }
 }
 
 #[derive(Debug, Args)]

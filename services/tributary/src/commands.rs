@@ -71,6 +71,7 @@ async fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
         workdir,
         parallel: args.parallel,
         scratch_dir: data.path.join("scratch"),
+        only_job: args.job.clone(),
     };
     let tty = !args.plain && std::io::stdout().is_terminal();
     let from = log.end_offset().await?;
@@ -115,6 +116,13 @@ async fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
         scratch_dir: run.scratch_dir.clone(),
         objects: Some(data.objects()?),
         container,
+        pipeline_file: Some(
+            args.file
+                .canonicalize()
+                .unwrap_or_else(|_| args.file.clone())
+                .display()
+                .to_string(),
+        ),
     };
     let (status, _reason) = local_run::drive(cfg, from, cancel).await?;
     ctrl_c.abort();

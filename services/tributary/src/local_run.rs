@@ -29,6 +29,9 @@ pub struct LocalRun {
     pub workdir: PathBuf,
     pub parallel: usize,
     pub scratch_dir: PathBuf,
+    /// Run only this job (an instance id, or a job name for all its matrix instances); its
+    /// `needs` are taken as done.
+    pub only_job: Option<String>,
 }
 
 /// Records the trigger, then either the rejection or the plan. Returns the build and, when
@@ -49,10 +52,51 @@ pub async fn trigger(
         pipeline_text: run.pipeline_text.clone(),
         number: 0,
     };
-    let (payloads, loaded) = tributary_pipeline::start_build(triggered);
+    let (mut payloads, loaded) = tributary_pipeline::start_build(triggered);
+    let loaded = match (loaded, &run.only_job) {
+        (Ok(plan), Some(only)) => {
+            let jobs = only_job(&plan.jobs, only).with_context(|| {
+                format!(
+                    "no job {only:?} in {file}; its jobs are: {}",
+                    plan.jobs
+                        .iter()
+                        .map(|j| j.id.as_str())
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                )
+            })?;
+            for p in payloads.iter_mut() {
+                if let Payload::BuildQueued(q) = p {
+                    q.plan = Some(tributary_proto::events::Plan { jobs: jobs.clone() });
+                }
+            }
+            Ok(jobs)
+        }
+        (loaded, _) => loaded.map(|plan| plan.jobs),
+    };
     let events: Vec<_> = payloads.into_iter().map(|p| build.envelope(p)).collect();
     log.append(&events).await?;
-    Ok(loaded.map(|plan| plan.jobs))
+    Ok(loaded)
+}
+
+/// The jobs `only` names (an instance id, else every instance of a job name), without their
+/// `needs`; `None` when it names none.
+pub fn only_job(jobs: &[JobPlan], only: &str) -> Option<Vec<JobPlan>> {
+    let by_id: Vec<JobPlan> = jobs.iter().filter(|j| j.id == only).cloned().collect();
+    let chosen = if by_id.is_empty() {
+        jobs.iter().filter(|j| j.name == only).cloned().collect()
+    } else {
+        by_id
+    };
+    (!chosen.is_empty()).then(|| {
+        chosen
+            .into_iter()
+            .map(|mut j| {
+                j.needs.clear();
+                j
+            })
+            .collect()
+    })
 }
 
 /// How the driver runs a build's jobs.
@@ -69,6 +113,8 @@ pub struct DriveConfig {
     pub objects: Option<tributary_objects::Objects>,
     /// How `image:` jobs run; `None`: they fail, saying there is no container engine.
     pub container: Option<tributary_agent::ContainerRuntime>,
+    /// The pipeline file, as the recreate commands at the top of each job log name it.
+    pub pipeline_file: Option<String>,
 }
 
 /// Drives one build to its end: from `from` (at or before its trigger), folds the log,
@@ -188,8 +234,12 @@ pub async fn drive(
                 workspace,
                 cfg.scratch_dir.clone(),
                 token,
-                cfg.objects.clone(),
-                cfg.container.clone(),
+                agent::AttemptOptions {
+                    objects: cfg.objects.clone(),
+                    container: cfg.container.clone(),
+                    pipeline_file: cfg.pipeline_file.clone(),
+                    ..agent::AttemptOptions::default()
+                },
             ));
         }
     }

@@ -130,6 +130,7 @@ pub async fn up(args: UpArgs) -> anyhow::Result<ExitCode> {
         config.machine_class = Some(machine_class.clone());
         config.usage_interval = usage_interval;
         config.containers = containers.clone();
+        config.keep_failed_for = args.keep_failed;
         agents.spawn(tributary_agent::run(config, drain.clone()));
     }
 

@@ -163,7 +163,10 @@ fn trigger_follow_success_failure_and_isolation() {
     assert_eq!(lines[1]["exit_code"], 4);
     assert_eq!(lines[2]["status"], "pending");
     let logs = s.cli(&admin, &["logs", &build_bad]);
-    assert_eq!(String::from_utf8_lossy(&logs.stdout), "before\n");
+    assert_eq!(
+        without_recreate(&String::from_utf8_lossy(&logs.stdout)),
+        "before\n"
+    );
 
     // An invalid pipeline fails the build at once, with file:line:column in get and logs.
     let broken = s.repo("broken", "jobs:\n  a:\n    stesp: []\n");
@@ -260,7 +263,7 @@ fn tail_started_mid_build_sees_every_line_once_and_cancel_stops_it() {
     let started = Instant::now();
     s.ok(&admin, &["cancel", &build]);
     let out = tail.wait_with_output().unwrap();
-    let text = String::from_utf8_lossy(&out.stdout);
+    let text = without_recreate(&String::from_utf8_lossy(&out.stdout));
     let expected: String = (1..=20).map(|i| format!("line-{i}\n")).collect();
     assert_eq!(text, expected, "every line exactly once, in order");
     assert_eq!(
@@ -335,4 +338,26 @@ fn rerun_failed_runs_only_the_jobs_that_did_not_succeed() {
     let out = s.cli(&admin, &["rerun", &second]);
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("nothing to re-run"));
+}
+
+/// A job log without Tributary's own notes: the recreate commands every job log starts with
+/// and the kept-workspace note of a failed job (both checked in tests/workspaces.rs).
+fn without_recreate(log: &str) -> String {
+    let mut out = String::new();
+    let mut in_preamble = false;
+    for line in log.split_inclusive('\n') {
+        if line.starts_with("tributary: to recreate this job locally") {
+            in_preamble = true;
+            continue;
+        }
+        if in_preamble && line.starts_with("  ") {
+            continue;
+        }
+        if line.starts_with("tributary: this job's workspace is kept") {
+            continue;
+        }
+        in_preamble = false;
+        out.push_str(line);
+    }
+    out
 }

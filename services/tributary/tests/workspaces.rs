@@ -1,0 +1,176 @@
+//! Job logs start with the commands that recreate the job locally (and those commands work);
+//! a failed job's workspace is kept for the configured time, its log says where, and it is
+//! deleted once that time is up.
+
+mod cluster;
+
+use std::path::Path;
+use std::process::Command;
+use std::time::Duration;
+
+use cluster::{bin, events, job, wait_until, Cluster};
+use serde_json::Value;
+
+/// The system-stream text of a job's log, in order.
+fn system_text(events: &[Value], job: &str) -> String {
+    events
+        .iter()
+        .filter(|e| e["type"] == "log_chunk" && e["job"] == job && e["stream"] == "system")
+        .map(|e| e["data"].as_str().unwrap().to_owned())
+        .collect()
+}
+
+/// The first log chunk of a job.
+fn first_chunk<'a>(events: &'a [Value], job: &str) -> &'a Value {
+    events
+        .iter()
+        .find(|e| e["type"] == "log_chunk" && e["job"] == job)
+        .expect("the job has a log")
+}
+
+fn build_id(stdout: &str) -> String {
+    stdout
+        .lines()
+        .find_map(|l| l.strip_prefix("build "))
+        .and_then(|l| l.split_whitespace().next())
+        .expect("build id")
+        .to_owned()
+}
+
+fn run_in(dir: &Path, data: &Path, args: &[&str]) -> std::process::Output {
+    Command::new(bin())
+        .args(args)
+        .arg("--plain")
+        .arg("--data")
+        .arg(data)
+        .current_dir(dir)
+        .output()
+        .unwrap()
+}
+
+#[test]
+fn every_job_log_starts_with_a_recreate_command_that_works() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(
+        dir.path().join(".tributary.yml"),
+        "jobs:\n  first:\n    steps: [echo first]\n  test:\n    needs: first\n    matrix:\n      os: [linux, bsd]\n    steps: [\"echo test ${{ matrix.os }}\"]\n",
+    )
+    .unwrap();
+    let data = dir.path().join("data");
+    let out = run_in(dir.path(), &data, &["run"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let build = build_id(&String::from_utf8_lossy(&out.stdout));
+    let all = events(&data, &build);
+    let first = first_chunk(&all, "test[os=bsd]");
+    assert_eq!(first["stream"], "system");
+    let text = first["data"].as_str().unwrap();
+    assert!(
+        text.starts_with("tributary: to recreate this job locally, run:\n  tributary run -f "),
+        "{text}"
+    );
+    let command = text.lines().nth(1).unwrap().trim();
+    assert!(command.ends_with("--job 'test[os=bsd]'"), "{command}");
+
+    // The command works: only that job runs (its needs are taken as done).
+    let script = format!(
+        "{} --plain --data {}",
+        command.replacen("tributary", bin(), 1),
+        data.display()
+    );
+    let out = Command::new("sh")
+        .args(["-c", &script])
+        .current_dir(dir.path())
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let again = build_id(&String::from_utf8_lossy(&out.stdout));
+    let ran: Vec<String> = events(&data, &again)
+        .iter()
+        .filter(|e| e["type"] == "job_started")
+        .map(|e| e["job"].as_str().unwrap().to_owned())
+        .collect();
+    assert_eq!(ran, vec!["test[os=bsd]".to_owned()]);
+
+    // A name selects every matrix instance; an unknown one says which jobs there are.
+    let out = run_in(dir.path(), &data, &["run", "--job", "test"]);
+    assert!(out.status.success());
+    let out = run_in(dir.path(), &data, &["run", "--job", "nope"]);
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("no job \"nope\"") && err.contains("first, test[os=linux], test[os=bsd]"),
+        "{err}"
+    );
+}
+
+#[test]
+fn a_failed_jobs_workspace_is_kept_then_deleted_and_its_log_says_where() {
+    let c = Cluster::start();
+    let keep = ["--keep-failed", "4s"];
+    let agent = c.agent_args("keeper", None, &keep);
+    let agent_id = c.agent_id("keeper");
+    c.project(
+        "kept",
+        "jobs:\n  broken:\n    steps:\n      - echo evidence > left-behind.txt\n      - exit 4\n  fine:\n    steps:\n      - echo ok > made.txt\n",
+    );
+    let build = c.ok(&["trigger", "kept"]).trim().to_owned();
+    wait_until("the build", 120, || c.get(&build)["status"] == "failed");
+    let b = c.get(&build);
+    assert_eq!(job(&b, "fine")["status"], "succeeded");
+    let all = c.events(&build);
+
+    // Server jobs' logs start with how to clone the exact commit and run the job.
+    let first = first_chunk(&all, "fine")["data"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let commit = b["commit"].as_str().unwrap();
+    assert!(
+        first.contains("git clone ") && first.contains(commit),
+        "{first}"
+    );
+    assert!(
+        first.contains("tributary run -f .tributary.yml --job fine"),
+        "{first}"
+    );
+
+    let notes = system_text(&all, "broken");
+    let line = notes
+        .lines()
+        .find(|l| l.contains("workspace is kept"))
+        .unwrap_or_else(|| panic!("no note in {notes}"));
+    assert!(
+        line.contains(&agent_id) && line.contains("for 4s"),
+        "{line}"
+    );
+    let path = line
+        .split(" at ")
+        .nth(1)
+        .and_then(|rest| rest.split(" for ").next())
+        .expect("a path");
+    let kept = Path::new(path);
+    assert!(kept.starts_with(c.workdir("keeper")), "{path}");
+    assert_eq!(
+        std::fs::read_to_string(kept.join("left-behind.txt")).unwrap(),
+        "evidence\n"
+    );
+    assert!(!system_text(&all, "fine").contains("workspace is kept"));
+    // The successful job's workspace is gone once the agent freed its slot.
+    let fine_ws = kept.with_file_name("fine-1");
+    wait_until("the successful workspace to go", 60, || !fine_ws.exists());
+
+    // Kept workspaces whose time is up are deleted when the agent (re)starts.
+    drop(agent);
+    std::thread::sleep(Duration::from_secs(5));
+    assert!(kept.exists(), "nothing deletes it while no agent runs");
+    let _agent = c.agent_args("keeper", None, &keep);
+    wait_until("the kept workspace to be deleted", 60, || !kept.exists());
+}
