@@ -49,6 +49,17 @@ pub fn engine_from_env() -> String {
         .unwrap_or_else(|| DEFAULT_ENGINE.to_owned())
 }
 
+/// Container states of the Docker API (Podman has more).
+const DOCKER_STATES: &[&str] = &[
+    "created",
+    "restarting",
+    "running",
+    "removing",
+    "paused",
+    "exited",
+    "dead",
+];
+
 /// Seconds one engine API request may take (not a running exec: its stream has no limit).
 const API_TIMEOUT_SECS: u64 = 120;
 
@@ -157,19 +168,46 @@ impl Engine {
 
     /// Ids of the containers (running or not) labelled as owned by `owner`.
     pub async fn owned_containers(&self, owner: &str) -> Result<Vec<String>, EngineError> {
-        let filters = std::collections::HashMap::from([(
-            "label",
-            vec![format!("{}={owner}", spec::LABEL_OWNER)],
-        )]);
+        let label = format!("{}={owner}", spec::LABEL_OWNER);
+        // Podman fails a listing now and then while a container is being removed: with a 500
+        // (`no such container`), or with a state Docker does not have (`stopped`, which
+        // bollard cannot decode). Both pass within moments: such a listing is retried.
+        let mut attempt = 0;
+        loop {
+            match self.list(&label, None).await {
+                Ok(ids) => return Ok(ids),
+                Err(
+                    ApiError::DockerResponseServerError {
+                        status_code: 500, ..
+                    }
+                    | ApiError::JsonDataError { .. },
+                ) if attempt < 6 => {
+                    attempt += 1;
+                    tokio::time::sleep(std::time::Duration::from_millis(100 * attempt)).await;
+                }
+                // Still undecodable: list by the states Docker knows (leaves out containers
+                // Podman calls `stopped`, which become `exited` soon after).
+                Err(ApiError::JsonDataError { .. }) => {
+                    return self
+                        .list(&label, Some(DOCKER_STATES))
+                        .await
+                        .map_err(|e| self.api(e));
+                }
+                Err(e) => return Err(self.api(e)),
+            }
+        }
+    }
+
+    async fn list(&self, label: &str, states: Option<&[&str]>) -> Result<Vec<String>, ApiError> {
+        let mut filters = std::collections::HashMap::from([("label", vec![label.to_owned()])]);
+        if let Some(states) = states {
+            filters.insert("status", states.iter().map(|s| (*s).to_owned()).collect());
+        }
         let options = ListContainersOptionsBuilder::new()
             .all(true)
             .filters(&filters)
             .build();
-        let list = self
-            .docker
-            .list_containers(Some(options))
-            .await
-            .map_err(|e| self.api(e))?;
+        let list = self.docker.list_containers(Some(options)).await?;
         Ok(list.into_iter().filter_map(|c| c.id).collect())
     }
 
