@@ -40,7 +40,9 @@
 //! # Rules
 //!
 //! * **Keys.** Top level: `env`, `jobs`. Job: `steps`, `needs`, `matrix`, `env`, `timeout`,
-//!   `runs-on`, `image`, `retry`, `artifacts`. Step: `name`, `script`, `run`. Any other key is an error at
+//!   `runs-on`, `image`, `retry`, `artifacts`, `network`, `submodules` (both `true`/`false`;
+//!   `network: true` only with an `image`). Step: `name`, `script`, `run`. Any other key is an
+//!   error at
 //!   the key, with a "did you mean" suggestion when it is close to a valid one (or a well-known
 //!   synonym such as `depends_on` for `needs`). Duplicate keys are errors.
 //! * **Steps.** A step is a plain string (shorthand for `run`, named after the command) or a

@@ -64,6 +64,18 @@ pub async fn bench(cmd: BenchCommand) -> anyhow::Result<ExitCode> {
             ticks_per_job,
             data,
         } => crate::bench_metering::bench(ticks, tenants, ticks_per_job, data).await,
+        BenchCommand::Exec {
+            runs,
+            image,
+            engine,
+        } => {
+            crate::bench_exec::bench_exec(crate::bench_exec::Options {
+                runs,
+                image,
+                engine: engine.unwrap_or_else(tributary_executor::container::engine_from_env),
+            })
+            .await
+        }
         BenchCommand::Server {
             builds,
             concurrency,

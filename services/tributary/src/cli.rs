@@ -106,6 +106,7 @@ pub enum Command {
     Audit(AuditArgs),
     /// Measure performance: `bench log`, `bench run`, `bench server`, `bench autoscale`,
     /// `bench metering`.
+    /// Measure performance: `bench log`, `bench run`, `bench server`, `bench autoscale`, `bench exec`.
     #[command(subcommand)]
     Bench(BenchCommand),
 }
@@ -402,6 +403,20 @@ pub enum BenchCommand {
         /// Seed of --generate (the same seed gives the same day).
         #[arg(long, default_value_t = 1)]
         seed: u64,
+    },
+    /// Container overhead: a one-line job run N times on the host and N times in a container
+    /// (alternating); prints start -> first line and whole-job times (p50/p90/max) of both and
+    /// the difference. Needs a container engine (`scripts/setup-containers.sh`).
+    Exec {
+        /// Runs of each kind.
+        #[arg(long, value_name = "N", default_value_t = 20)]
+        runs: usize,
+        /// Image of the container runs (must be on the engine).
+        #[arg(long, value_name = "IMAGE", default_value = "localhost/ci-busybox")]
+        image: String,
+        /// The engine's Docker API (default: DOCKER_HOST, else unix:///run/podman/podman.sock).
+        #[arg(long, value_name = "ADDR")]
+        engine: Option<String>,
     },
     /// Trigger many one-job builds on a server; prints trigger -> first line and trigger ->
     /// finished latencies (p50/p99), sustained builds/s, log tail latency and the server's RSS.

@@ -7,6 +7,7 @@ mod autoscaler;
 mod bench;
 mod bench_autoscale;
 mod bench_metering;
+mod bench_exec;
 mod bench_server;
 mod cli;
 mod client;
