@@ -35,8 +35,8 @@ fn display_is_file_line_column_message() {
     assert_eq!(
         err.to_string(),
         ".tributary.yml:3:5: unknown key \"stesp\" in job \"b\"; did you mean \"steps\"? \
-         Valid keys: steps, needs, matrix, env, timeout, runs-on, image, retry, artifacts"
-         Valid keys: steps, needs, matrix, env, timeout, runs-on, image, retry, network, submodules"
+         Valid keys: steps, needs, matrix, env, timeout, runs-on, image, retry, artifacts, \
+         network, submodules"
     );
 }
 
@@ -942,6 +942,8 @@ fn artifact_patterns_that_escape_or_do_not_parse() {
     rejects(text, 5, 7, &["unknown key `when`", "`paths`"]);
     let text = "jobs:\n  b:\n    steps: [make]\n    artifact: [x]\n";
     rejects(text, 4, 5, &["artifacts"]);
+}
+
 // ---- container network and submodules -------------------------------------------------------
 
 #[test]

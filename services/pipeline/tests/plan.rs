@@ -415,6 +415,9 @@ fn artifacts_in_every_spelling_with_matrix_values() {
     assert_eq!(p.jobs[1].artifacts, ["out", "**/*.log"]);
     assert_eq!(p.jobs[2].artifacts, ["bin/linux/*"]);
     assert_eq!(p.jobs[3].artifacts, ["bin/bsd/*"]);
+}
+
+#[test]
 fn network_and_submodules() {
     let plan = plan(
         "jobs:\n  a:\n    image: localhost/ci-busybox\n    network: true\n    submodules: true\n    steps: [make]\n  b:\n    network: false\n    steps: [make]\n",
