@@ -280,7 +280,8 @@ fn unknown_job_key_without_suggestion() {
         5,
         &[
             "unknown key \"colour\" in job \"build\"; remove or rename it",
-            "Valid keys: steps, needs, matrix, env, timeout, runs-on, image, retry, network, submodules",
+            "Valid keys: steps, needs, matrix, env, timeout, runs-on, image, retry, artifacts, \
+             network, submodules",
         ],
     );
 }
