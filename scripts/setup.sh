@@ -33,3 +33,4 @@ fi
 # (container executor tests).
 $( [ "$(id -u)" -eq 0 ] || echo sudo ) "$(dirname "$0")/setup-containers.sh"
 echo "setup: ready ($(cargo --version))"
+"$(dirname "$0")/setup-browser.sh"   # chromium + chromium-driver for the web UI's browser tests

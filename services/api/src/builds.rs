@@ -2,7 +2,8 @@
 //!
 //! Tails and watches are log subscriptions: a tail first reads the build's events already on
 //! the log (by partition key), then subscribes right after the last one it read, so it sees
-//! every chunk exactly once whether it started before, during or after the build.
+//! every chunk exactly once whether it started before, during or after the build
+//! ([`crate::follow`], shared with the web UI's live log).
 
 use std::pin::Pin;
 
@@ -16,6 +17,7 @@ use tributary_proto::api::{builds_server::Builds, *};
 use tributary_proto::events::{envelope::Payload, BuildCanceled, BuildTriggered, Envelope};
 
 use crate::auth::{authenticate, Principal};
+use crate::follow::{follow_build, next_batch, Step as Next};
 use crate::state::{internal, ApiState};
 
 /// The pipeline file read from the repository at the build's commit.
@@ -35,17 +37,114 @@ impl BuildsApi {
         who.require_user()?;
         Ok(who)
     }
+}
 
-    /// The build, if it exists in the caller's tenant. Another tenant's build is NOT_FOUND, so
-    /// its existence is not revealed.
-    async fn build_of(&self, who: &Principal, id: &str) -> Result<ReadBuild, Status> {
-        let end = self.state.log.end_offset().await.map_err(internal)?;
-        self.state.wait_builds(end).await?;
-        match self.state.store.load_build(id).await.map_err(internal)? {
-            Some(b) if b.tenant == who.tenant => Ok(b),
-            _ => Err(Status::not_found(format!("no build {id}"))),
+/// The build, if it exists in the caller's tenant, once the read model has folded everything
+/// on the log now. Another tenant's build is NOT_FOUND, so its existence is not revealed.
+pub async fn build_of(state: &ApiState, who: &Principal, id: &str) -> Result<ReadBuild, Status> {
+    let end = state.log.end_offset().await.map_err(internal)?;
+    state.wait_builds(end).await?;
+    match state.store.load_build(id).await.map_err(internal)? {
+        Some(b) if b.tenant == who.tenant => Ok(b),
+        _ => Err(Status::not_found(format!("no build {id}"))),
+    }
+}
+
+/// Cancels a build of the caller's tenant that has not finished: running jobs are stopped,
+/// waiting ones canceled (by the scheduler, from the `BuildCanceled` event).
+pub async fn cancel(
+    state: &ApiState,
+    who: &Principal,
+    build_id: &str,
+    reason: &str,
+) -> Result<(), Status> {
+    let build = build_of(state, who, build_id).await?;
+    if build.phase.is_terminal() {
+        return Err(Status::failed_precondition(format!(
+            "build {} already {}",
+            build.id,
+            build.phase.name()
+        )));
+    }
+    let canceled = Payload::BuildCanceled(BuildCanceled {
+        who: who.name.clone(),
+        reason: reason.to_owned(),
+    });
+    state
+        .append(&[Envelope::new(
+            &build.tenant,
+            &build.project,
+            &build.id,
+            canceled,
+        )])
+        .await?;
+    Ok(())
+}
+
+/// Re-runs the jobs of a finished, unsuccessful build that did not succeed, as a new build of
+/// the same commit and pipeline; jobs that succeeded keep their result (`kept_from_build`).
+pub async fn rerun_failed(
+    state: &ApiState,
+    who: &Principal,
+    build_id: &str,
+) -> Result<TriggerBuildResponse, Status> {
+    let original = build_of(state, who, build_id).await?;
+    if !original.phase.is_terminal() {
+        return Err(Status::failed_precondition(format!(
+            "build {} is still {}; re-run failed jobs once it has finished",
+            original.id,
+            original.phase.name()
+        )));
+    }
+    if original.phase == Phase::Succeeded {
+        return Err(Status::failed_precondition(format!(
+            "build {} succeeded: nothing to re-run",
+            original.id
+        )));
+    }
+    // The original trigger, from the log: same commit, same pipeline text, same plan.
+    let first = state
+        .log
+        .read_key(&original.id, 0, 1)
+        .await
+        .map_err(internal)?;
+    let Some(Payload::BuildTriggered(mut triggered)) = first
+        .first()
+        .and_then(|r| r.decode().ok())
+        .and_then(|e| e.payload)
+    else {
+        return Err(Status::internal(
+            "the build's trigger is missing from the log",
+        ));
+    };
+    triggered.who = who.name.clone();
+    triggered.source = format!("rerun:{}", original.id);
+    let new_id = tributary_proto::new_id();
+    let (mut payloads, _) = tributary_pipeline::start_build(triggered);
+    // Jobs that succeeded keep their result: marked in the plan, they are not run again.
+    for payload in &mut payloads {
+        if let Payload::BuildQueued(queued) = payload {
+            for job in queued.plan.iter_mut().flat_map(|p| p.jobs.iter_mut()) {
+                let succeeded = original
+                    .jobs
+                    .iter()
+                    .any(|j| j.id == job.id && j.phase == Phase::Succeeded);
+                if succeeded {
+                    job.kept_from_build = original.id.clone();
+                }
+            }
         }
     }
+    let events: Vec<Envelope> = payloads
+        .into_iter()
+        .map(|p| Envelope::new(&original.tenant, &original.project, &new_id, p))
+        .collect();
+    let offsets = state.append(&events).await?;
+    tracing::info!(build_id = %new_id, rerun_of = %original.id, "failed jobs re-run");
+    Ok(TriggerBuildResponse {
+        build_id: new_id,
+        offset: offsets.first().copied().unwrap_or(0),
+    })
 }
 
 /// Triggers a build of `project` at `wanted` (a ref or a commit; empty = default branch):
@@ -137,7 +236,7 @@ impl Builds for BuildsApi {
         request: Request<GetBuildRequest>,
     ) -> Result<Response<Build>, Status> {
         let who = self.who(&request)?;
-        let build = self.build_of(&who, &request.get_ref().build_id).await?;
+        let build = build_of(&self.state, &who, &request.get_ref().build_id).await?;
         let mut api = to_api(&build);
         // Why queued jobs are not running, from the same routing rules the scheduler uses.
         let end = self.state.log.end_offset().await.map_err(internal)?;
@@ -198,26 +297,7 @@ impl Builds for BuildsApi {
     ) -> Result<Response<CancelBuildResponse>, Status> {
         let who = self.who(&request)?;
         let req = request.into_inner();
-        let build = self.build_of(&who, &req.build_id).await?;
-        if build.phase.is_terminal() {
-            return Err(Status::failed_precondition(format!(
-                "build {} already {}",
-                build.id,
-                build.phase.name()
-            )));
-        }
-        let canceled = Payload::BuildCanceled(BuildCanceled {
-            who: who.name.clone(),
-            reason: req.reason,
-        });
-        self.state
-            .append(&[Envelope::new(
-                &build.tenant,
-                &build.project,
-                &build.id,
-                canceled,
-            )])
-            .await?;
+        cancel(&self.state, &who, &req.build_id, &req.reason).await?;
         Ok(Response::new(CancelBuildResponse {}))
     }
 
@@ -226,64 +306,8 @@ impl Builds for BuildsApi {
         request: Request<RerunFailedRequest>,
     ) -> Result<Response<TriggerBuildResponse>, Status> {
         let who = self.who(&request)?;
-        let original = self.build_of(&who, &request.get_ref().build_id).await?;
-        if !original.phase.is_terminal() {
-            return Err(Status::failed_precondition(format!(
-                "build {} is still {}; re-run failed jobs once it has finished",
-                original.id,
-                original.phase.name()
-            )));
-        }
-        if original.phase == Phase::Succeeded {
-            return Err(Status::failed_precondition(format!(
-                "build {} succeeded: nothing to re-run",
-                original.id
-            )));
-        }
-        // The original trigger, from the log: same commit, same pipeline text, same plan.
-        let first = self
-            .state
-            .log
-            .read_key(&original.id, 0, 1)
-            .await
-            .map_err(internal)?;
-        let Some(Payload::BuildTriggered(mut triggered)) = first
-            .first()
-            .and_then(|r| r.decode().ok())
-            .and_then(|e| e.payload)
-        else {
-            return Err(Status::internal(
-                "the build's trigger is missing from the log",
-            ));
-        };
-        triggered.who = who.name.clone();
-        triggered.source = format!("rerun:{}", original.id);
-        let build_id = tributary_proto::new_id();
-        let (mut payloads, _) = tributary_pipeline::start_build(triggered);
-        // Jobs that succeeded keep their result: marked in the plan, they are not run again.
-        for payload in &mut payloads {
-            if let Payload::BuildQueued(queued) = payload {
-                for job in queued.plan.iter_mut().flat_map(|p| p.jobs.iter_mut()) {
-                    let succeeded = original
-                        .jobs
-                        .iter()
-                        .any(|j| j.id == job.id && j.phase == Phase::Succeeded);
-                    if succeeded {
-                        job.kept_from_build = original.id.clone();
-                    }
-                }
-            }
-        }
-        let events: Vec<Envelope> = payloads
-            .into_iter()
-            .map(|p| Envelope::new(&original.tenant, &original.project, &build_id, p))
-            .collect();
-        let offsets = self.state.append(&events).await?;
-        tracing::info!(build_id = %build_id, rerun_of = %original.id, "failed jobs re-run");
-        Ok(Response::new(TriggerBuildResponse {
-            build_id,
-            offset: offsets.first().copied().unwrap_or(0),
-        }))
+        let resp = rerun_failed(&self.state, &who, &request.get_ref().build_id).await?;
+        Ok(Response::new(resp))
     }
 
     type TailLogsStream = BoxStream<LogLine>;
@@ -294,16 +318,16 @@ impl Builds for BuildsApi {
     ) -> Result<Response<Self::TailLogsStream>, Status> {
         let who = self.who(&request)?;
         let req = request.into_inner();
-        self.build_of(&who, &req.build_id).await?;
+        build_of(&self.state, &who, &req.build_id).await?;
         let (tx, rx) = mpsc::channel(256);
         let log = self.state.log.clone();
         let guard = crate::state::TailGuard::new(&self.state);
         tokio::spawn(async move {
             let _guard = guard;
-            let send = |record: &Record, env: &Envelope| -> Option<LogLine> {
+            let map = |record: &Record, env: &Envelope| -> Next<LogLine> {
                 match &env.payload {
                     Some(Payload::LogChunk(c)) if req.job.is_empty() || c.job == req.job => {
-                        Some(LogLine {
+                        Next::Send(LogLine {
                             offset: record.offset,
                             job: c.job.clone(),
                             attempt: c.attempt,
@@ -315,66 +339,26 @@ impl Builds for BuildsApi {
                         })
                     }
                     // An invalid pipeline is part of the build's log, as the system's words.
-                    Some(Payload::PipelineRejected(r)) if req.job.is_empty() => Some(LogLine {
-                        offset: record.offset,
-                        stream: tributary_proto::events::Stream::System as i32,
-                        data: format!("{}:{}:{}: {}\n", r.file, r.line, r.column, r.message)
-                            .into_bytes(),
-                        ..LogLine::default()
-                    }),
-                    Some(Payload::BuildFinished(f)) => Some(LogLine {
+                    Some(Payload::PipelineRejected(r)) if req.job.is_empty() => {
+                        Next::Send(LogLine {
+                            offset: record.offset,
+                            stream: tributary_proto::events::Stream::System as i32,
+                            data: format!("{}:{}:{}: {}\n", r.file, r.line, r.column, r.message)
+                                .into_bytes(),
+                            ..LogLine::default()
+                        })
+                    }
+                    Some(Payload::BuildFinished(f)) => Next::Last(LogLine {
                         offset: record.offset,
                         build_status: tributary_proto::events::Status::try_from(f.status)
                             .map_or("unknown", |s| s.name())
                             .to_owned(),
                         ..LogLine::default()
                     }),
-                    _ => None,
+                    _ => Next::Skip,
                 }
             };
-            // Catch up by key, then follow from right after the last record read.
-            let mut next = 0;
-            loop {
-                let records = match log.read_key(&req.build_id, next, 4096).await {
-                    Ok(r) => r,
-                    Err(e) => {
-                        let _ = tx.send(Err(Status::unavailable(e.to_string()))).await;
-                        return;
-                    }
-                };
-                let Some(last) = records.last() else { break };
-                next = last.offset + 1;
-                for record in &records {
-                    let Ok(env) = record.decode() else { continue };
-                    if let Some(line) = send(record, &env) {
-                        let done = !line.build_status.is_empty();
-                        if tx.send(Ok(line)).await.is_err() || done {
-                            return;
-                        }
-                    }
-                }
-            }
-            if !req.follow {
-                return;
-            }
-            let mut sub = log.subscribe(next);
-            loop {
-                let Some(records) = next_batch(sub.as_mut(), &tx).await else {
-                    return;
-                };
-                for record in &records {
-                    if record.key != req.build_id {
-                        continue;
-                    }
-                    let Ok(env) = record.decode() else { continue };
-                    if let Some(line) = send(record, &env) {
-                        let done = !line.build_status.is_empty();
-                        if tx.send(Ok(line)).await.is_err() || done {
-                            return;
-                        }
-                    }
-                }
-            }
+            follow_build(log.as_ref(), &req.build_id, 0, req.follow, &tx, map).await;
         });
         Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
     }
@@ -417,18 +401,6 @@ impl Builds for BuildsApi {
             }
         });
         Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
-    }
-}
-
-/// The subscription's next batch, or None when the log closed or the client went away (so a
-/// stream task never outlives its client).
-async fn next_batch<T>(
-    sub: &mut dyn tributary_eventlog::Subscription,
-    tx: &mpsc::Sender<Result<T, Status>>,
-) -> Option<Vec<Record>> {
-    tokio::select! {
-        r = sub.next_batch() => r.ok(),
-        _ = tx.closed() => None,
     }
 }
 

@@ -11,17 +11,20 @@
 //! * [`agents`]: agents register, pull leases, heartbeat and send their events (fenced).
 //! * [`admin`]: tenants and tokens.
 //! * [`metering`]: invoices (issued or live) and per-build usage from the metering read model.
+//! * [`web`]: the web UI under `/ui/` (same port), from the same read models and log.
 
 pub mod admin;
 pub mod agents;
 pub mod artifacts;
 pub mod auth;
 pub mod builds;
+pub mod follow;
 pub mod http;
 pub mod metering;
 pub mod projects;
 pub mod seal;
 pub mod state;
+pub mod web;
 
 use std::net::SocketAddr;
 
@@ -76,7 +79,8 @@ pub async fn serve_with_metering(
     let app = routes
         .prepare()
         .into_axum_router()
-        .merge(http::router(state));
+        .merge(http::router(state.clone()))
+        .merge(web::router(state));
     axum::serve(listener, app)
         .with_graceful_shutdown(shutdown)
         .await

@@ -1,0 +1,240 @@
+//! Live streams (Server-Sent Events) and the raw log.
+//!
+//! [`build`]: one build's log and status changes. It replays the build's events from `from`
+//! (0, or the offset after the `Last-Event-ID` a reconnecting browser sends), then follows the
+//! log, through the same [`follow_build`] as the gRPC `TailLogs`: no gap, no duplicate. Every
+//! event carries its log offset as its SSE id, so a reader can resume exactly where it left.
+//!
+//! | event     | when                      | data (JSON)                                  |
+//! |-----------|---------------------------|----------------------------------------------|
+//! | `log`     | `LogChunk`, `PipelineRejected` | `j` job, `a` attempt, `s` step, `l` line, `e` stream (1 out, 2 err, 3 system), `t` text |
+//! | `cmd`     | `LineStarted`             | `j`, `a`, `s`, `l`, `t` the line's command    |
+//! | `exit`    | `LineExited`              | `j`, `a`, `s`, `l`, `c` exit code, `d` µs     |
+//! | `step`    | `StepStarted`             | `j`, `a`, `s`, `n` name                       |
+//! | `attempt` | `JobStarted`              | `j`, `a`                                      |
+//! | `changed` | any other event of the build | `{}`: re-fetch the summary `?after=<id>`  |
+//! | `end`     | `BuildFinished` (then the stream closes) | `status`                       |
+//!
+//! [`project`]: a `changed` event whenever a build of the project moves (not for log lines).
+
+use std::collections::HashMap;
+use std::convert::Infallible;
+
+use axum::body::{Body, Bytes};
+use axum::extract::{Path, Query, State};
+use axum::http::{header, HeaderMap};
+use axum::response::sse::{Event, KeepAlive, Sse};
+use axum::response::{IntoResponse, Response};
+use futures::{Stream, StreamExt};
+use serde::Deserialize;
+use serde_json::json;
+use tokio::sync::mpsc;
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::Status;
+use tributary_eventlog::Record;
+use tributary_proto::events::{envelope::Payload, Envelope};
+
+use super::format::utf8_chunk;
+use super::{api_session, WebError};
+use crate::builds::build_of;
+use crate::follow::{follow_build, next_batch, Step};
+use crate::state::{ApiState, TailGuard};
+
+/// Events buffered per viewer before the stream task waits for the client to read.
+const BUFFER: usize = 256;
+
+#[derive(Deserialize)]
+pub struct From {
+    from: Option<u64>,
+}
+
+/// Where a stream starts: after the `Last-Event-ID` of a reconnecting browser, else `from`.
+pub fn start_offset(headers: &HeaderMap, from: Option<u64>) -> u64 {
+    headers
+        .get("last-event-id")
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.trim().parse::<u64>().ok())
+        .map_or(from.unwrap_or(0), |last| last + 1)
+}
+
+fn to_sse(
+    rx: mpsc::Receiver<Result<Event, Status>>,
+) -> Sse<impl Stream<Item = Result<Event, Infallible>>> {
+    let stream = ReceiverStream::new(rx).map(|item| {
+        Ok(item.unwrap_or_else(|status| Event::default().event("error").data(status.message())))
+    });
+    Sse::new(stream).keep_alive(KeepAlive::default())
+}
+
+/// Maps a build's events to SSE events; keeps partial UTF-8 characters between chunks.
+#[derive(Default)]
+pub struct BuildEvents {
+    carry: HashMap<(String, u32, u32, u32, i32), Vec<u8>>,
+}
+
+impl BuildEvents {
+    pub fn map(&mut self, record: &Record, env: &Envelope) -> Step<Event> {
+        let event = |name: &str, data: serde_json::Value| {
+            Event::default()
+                .id(record.offset.to_string())
+                .event(name)
+                .data(data.to_string())
+        };
+        let Some(payload) = &env.payload else {
+            return Step::Skip;
+        };
+        Step::Send(match payload {
+            Payload::LogChunk(c) => {
+                let key = (c.job.clone(), c.attempt, c.step, c.line, c.stream);
+                let text = utf8_chunk(self.carry.entry(key).or_default(), &c.data);
+                event(
+                    "log",
+                    json!({"j": c.job, "a": c.attempt, "s": c.step, "l": c.line, "e": c.stream, "t": text}),
+                )
+            }
+            Payload::PipelineRejected(r) => event(
+                "log",
+                json!({"j": "", "a": 0, "s": 0, "l": 0, "e": 3,
+                       "t": format!("{}:{}:{}: {}\n", r.file, r.line, r.column, r.message)}),
+            ),
+            Payload::LineStarted(l) => event(
+                "cmd",
+                json!({"j": l.job, "a": l.attempt, "s": l.step, "l": l.line, "t": l.text}),
+            ),
+            Payload::LineExited(l) => {
+                self.carry.retain(|k, _| {
+                    !(k.0 == l.job && k.1 == l.attempt && k.2 == l.step && k.3 == l.line)
+                });
+                event(
+                    "exit",
+                    json!({"j": l.job, "a": l.attempt, "s": l.step, "l": l.line,
+                           "c": l.exit_code, "d": l.duration_us}),
+                )
+            }
+            Payload::StepStarted(s) => event(
+                "step",
+                json!({"j": s.job, "a": s.attempt, "s": s.step, "n": s.name}),
+            ),
+            Payload::JobStarted(j) => event("attempt", json!({"j": j.job, "a": j.attempt})),
+            Payload::BuildFinished(f) => {
+                let status = tributary_proto::events::Status::try_from(f.status)
+                    .map_or("unknown", |s| s.name());
+                return Step::Last(event("end", json!({ "status": status })));
+            }
+            _ => event("changed", json!({})),
+        })
+    }
+}
+
+/// `GET /ui/builds/{id}/events[?from=OFFSET]`: the build's log and changes, live.
+pub async fn build(
+    State(state): State<ApiState>,
+    Path(id): Path<String>,
+    Query(q): Query<From>,
+    headers: HeaderMap,
+) -> Result<Response, WebError> {
+    let session = api_session(&state, &headers)?;
+    build_of(&state, &session.who, &id).await?;
+    let from = start_offset(&headers, q.from);
+    let (tx, rx) = mpsc::channel(BUFFER);
+    let log = state.log.clone();
+    let guard = TailGuard::new(&state);
+    tokio::spawn(async move {
+        let _guard = guard;
+        let mut events = BuildEvents::default();
+        follow_build(log.as_ref(), &id, from, true, &tx, |r, e| events.map(r, e)).await;
+    });
+    Ok(([("x-accel-buffering", "no")], to_sse(rx)).into_response())
+}
+
+/// Whether an event moves a build in a way the builds table shows (not log lines).
+fn moves_build(env: &Envelope) -> bool {
+    !matches!(
+        env.payload,
+        None | Some(
+            Payload::LogChunk(_)
+                | Payload::LineStarted(_)
+                | Payload::LineExited(_)
+                | Payload::StepStarted(_)
+                | Payload::StepFinished(_)
+        )
+    )
+}
+
+/// `GET /ui/projects/{project}/live`: a `changed` event (id = offset) whenever a build of the
+/// project moves; at most one per batch of the log.
+pub async fn project(
+    State(state): State<ApiState>,
+    Path(project): Path<String>,
+    headers: HeaderMap,
+) -> Result<Response, WebError> {
+    let session = api_session(&state, &headers)?;
+    let tenant = session.who.tenant.clone();
+    if !state.directory(|d| d.project(&tenant, &project).is_some())? {
+        return Err(WebError::NotFound(format!("no project {project}")));
+    }
+    let end = state
+        .log
+        .end_offset()
+        .await
+        .map_err(crate::state::internal)?;
+    let mut sub = state.log.subscribe(start_offset(&headers, Some(end)));
+    let (tx, rx) = mpsc::channel(BUFFER);
+    let guard = TailGuard::new(&state);
+    tokio::spawn(async move {
+        let _guard = guard;
+        loop {
+            let Some(records) = next_batch(sub.as_mut(), &tx).await else {
+                return;
+            };
+            let last = records.iter().rev().find(|r| {
+                r.decode().is_ok_and(|env| {
+                    env.tenant == tenant && env.project == project && moves_build(&env)
+                })
+            });
+            if let Some(r) = last {
+                let event = Event::default()
+                    .id(r.offset.to_string())
+                    .event("changed")
+                    .data("{}");
+                if tx.send(Ok(event)).await.is_err() {
+                    return;
+                }
+            }
+        }
+    });
+    Ok(([("x-accel-buffering", "no")], to_sse(rx)).into_response())
+}
+
+#[derive(Deserialize)]
+pub struct JobQuery {
+    #[serde(default)]
+    job: String,
+}
+
+/// `GET /ui/builds/{id}/log.txt[?job=JOB]`: the log as it is now, streamed as plain text
+/// (every attempt, in order; all jobs when `job` is empty).
+pub async fn log_txt(
+    State(state): State<ApiState>,
+    Path(id): Path<String>,
+    Query(q): Query<JobQuery>,
+    headers: HeaderMap,
+) -> Result<Response, WebError> {
+    let session = api_session(&state, &headers)?;
+    build_of(&state, &session.who, &id).await?;
+    let (tx, rx) = mpsc::channel::<Result<Bytes, Status>>(BUFFER);
+    let log = state.log.clone();
+    tokio::spawn(async move {
+        follow_build(log.as_ref(), &id, 0, false, &tx, |_, env| {
+            match &env.payload {
+                Some(Payload::LogChunk(c)) if q.job.is_empty() || c.job == q.job => {
+                    Step::Send(Bytes::from(c.data.clone()))
+                }
+                _ => Step::Skip,
+            }
+        })
+        .await;
+    });
+    let body = Body::from_stream(ReceiverStream::new(rx));
+    Ok(([(header::CONTENT_TYPE, "text/plain; charset=utf-8")], body).into_response())
+}

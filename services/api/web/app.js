@@ -1,0 +1,403 @@
+// Tributary web UI: the live parts. Plain JavaScript, no framework.
+//
+// * Build page: one EventSource on the build's event stream (see services/api/src/web/live.rs)
+//   fills one log per job, incrementally (batches per animation frame, at most MAX_LINES lines
+//   per job in the page), renders ANSI colours, numbers every line (#L<job>-<n> links to it),
+//   follows the bottom until the reader scrolls up, and re-fetches the summary (statuses,
+//   exit codes, durations) when the build moves.
+// * Project page: re-fetches the builds table when the project's event stream says so.
+(function () {
+  'use strict';
+
+  var MAX_LINES = 20000;      // log lines kept in the page per job
+  var FRAME_BUDGET_MS = 12;   // rendering work per animation frame
+
+  // ---------------------------------------------------------------- ANSI SGR -> spans
+  function Ansi() { this.reset(); this.partial = ''; }
+  Ansi.prototype.reset = function () {
+    this.fg = null; this.bg = null; this.fgRgb = null; this.bgRgb = null;
+    this.bold = false; this.dim = false; this.italic = false; this.underline = false;
+  };
+  function xterm256(n) {
+    if (n < 16) return null;
+    if (n >= 232) { var g = 8 + (n - 232) * 10; return 'rgb(' + g + ',' + g + ',' + g + ')'; }
+    n -= 16;
+    var c = [0, 95, 135, 175, 215, 255];
+    return 'rgb(' + c[Math.floor(n / 36)] + ',' + c[Math.floor(n / 6) % 6] + ',' + c[n % 6] + ')';
+  }
+  Ansi.prototype.sgr = function (params) {
+    var p = params === '' ? [0] : params.split(';').map(function (x) { return parseInt(x, 10) || 0; });
+    for (var i = 0; i < p.length; i++) {
+      var c = p[i];
+      if (c === 0) this.reset();
+      else if (c === 1) this.bold = true;
+      else if (c === 2) this.dim = true;
+      else if (c === 3) this.italic = true;
+      else if (c === 4) this.underline = true;
+      else if (c === 22) { this.bold = false; this.dim = false; }
+      else if (c === 23) this.italic = false;
+      else if (c === 24) this.underline = false;
+      else if (c >= 30 && c <= 37) { this.fg = c - 30; this.fgRgb = null; }
+      else if (c >= 90 && c <= 97) { this.fg = c - 90 + 8; this.fgRgb = null; }
+      else if (c === 39) { this.fg = null; this.fgRgb = null; }
+      else if (c >= 40 && c <= 47) { this.bg = c - 40; this.bgRgb = null; }
+      else if (c >= 100 && c <= 107) { this.bg = c - 100 + 8; this.bgRgb = null; }
+      else if (c === 49) { this.bg = null; this.bgRgb = null; }
+      else if ((c === 38 || c === 48) && p[i + 1] === 5) {
+        var n = p[i + 2] || 0, rgb = xterm256(n);
+        if (c === 38) { this.fg = rgb ? null : n; this.fgRgb = rgb; } else { this.bg = rgb ? null : n; this.bgRgb = rgb; }
+        i += 2;
+      } else if ((c === 38 || c === 48) && p[i + 1] === 2) {
+        var col = 'rgb(' + (p[i + 2] || 0) + ',' + (p[i + 3] || 0) + ',' + (p[i + 4] || 0) + ')';
+        if (c === 38) { this.fg = null; this.fgRgb = col; } else { this.bg = null; this.bgRgb = col; }
+        i += 4;
+      }
+    }
+  };
+  Ansi.prototype.styled = function () {
+    return this.fg !== null || this.bg !== null || this.fgRgb || this.bgRgb ||
+      this.bold || this.dim || this.italic || this.underline;
+  };
+  Ansi.prototype.span = function (text) {
+    if (!this.styled()) return document.createTextNode(text);
+    var s = document.createElement('span'), cls = [];
+    if (this.fg !== null) cls.push('f' + this.fg);
+    if (this.bg !== null) cls.push('b' + this.bg);
+    if (this.bold) cls.push('bo');
+    if (this.dim) cls.push('dm');
+    if (this.italic) cls.push('it');
+    if (this.underline) cls.push('ul');
+    s.className = cls.join(' ');
+    if (this.fgRgb) s.style.color = this.fgRgb;
+    if (this.bgRgb) s.style.backgroundColor = this.bgRgb;
+    s.textContent = text;
+    return s;
+  };
+  // Appends `text` (no newline in it) to `el`, turning SGR sequences into spans and dropping
+  // other control sequences. An escape cut at the end of a chunk waits for the next one.
+  Ansi.prototype.render = function (text, el) {
+    text = this.partial + text;
+    this.partial = '';
+    var re = /\x1b(?:\[([0-9;?]*)([@-~])|\][^\x07\x1b]*(?:\x07|\x1b\\)|[@-Z\\-_])/g, last = 0, m;
+    while ((m = re.exec(text)) !== null) {
+      if (m.index > last) el.appendChild(this.span(text.slice(last, m.index).replace(/\r/g, '')));
+      if (m[2] === 'm') this.sgr(m[1] || '');
+      last = re.lastIndex;
+    }
+    var rest = text.slice(last), esc = rest.indexOf('\x1b');
+    if (esc >= 0 && rest.length - esc < 32) { this.partial = rest.slice(esc); rest = rest.slice(0, esc); }
+    rest = rest.replace(/\r/g, '');
+    if (rest) el.appendChild(this.span(rest));
+  };
+
+  function duration(us) {
+    var ms = Math.floor(us / 1000);
+    if (ms < 1000) return ms + ' ms';
+    if (ms < 60000) return (ms / 1000).toFixed(1) + ' s';
+    return Math.floor(ms / 60000) + ' m ' + String(Math.floor(ms / 1000) % 60).padStart(2, '0') + ' s';
+  }
+
+  function el(tag, cls, text) {
+    var e = document.createElement(tag);
+    if (cls) e.className = cls;
+    if (text !== undefined) e.textContent = text;
+    return e;
+  }
+
+  // ---------------------------------------------------------------- one job's log
+  function JobLog(details, index, page) {
+    this.details = details;
+    this.box = details.querySelector('.log');
+    this.btn = details.querySelector('button.follow');
+    this.index = index;
+    this.page = page;
+    this.n = 0;             // lines numbered so far
+    this.inPage = 0;        // line elements in the page
+    this.cur = null;        // the open (unterminated) line's text element
+    this.ansi = new Ansi();
+    this.follow = true;
+    this.frag = document.createDocumentFragment();
+    this.cmds = {};         // "a-s-l" -> result element of a command header
+    this.notice = null;
+    var self = this;
+    this.box.addEventListener('scroll', function () {
+      var atBottom = self.box.scrollTop + self.box.clientHeight >= self.box.scrollHeight - 8;
+      if (atBottom !== self.follow) {
+        self.follow = atBottom;
+        self.btn.hidden = atBottom;
+        if (atBottom) page.resumeIfPaused();
+      }
+    });
+    this.btn.addEventListener('click', function () {
+      self.follow = true; self.btn.hidden = true;
+      self.box.scrollTop = self.box.scrollHeight;
+      page.resumeIfPaused();
+    });
+  }
+  JobLog.prototype.newLine = function (stream) {
+    this.n += 1;
+    var row = el('div', stream === 2 ? 'ln err' : stream === 3 ? 'ln sys' : 'ln');
+    row.id = 'L' + this.index + '-' + this.n;
+    var a = el('a', 'n', String(this.n));
+    a.href = '#' + row.id;
+    row.appendChild(a);
+    var t = el('span', 't');
+    row.appendChild(t);
+    this.frag.appendChild(row);
+    this.inPage += 1;
+    if (this.page.target === row.id) this.page.found = row;
+    return t;
+  };
+  // Appends output: a newline closes the open line; text opens one when none is open.
+  JobLog.prototype.text = function (text, stream) {
+    var parts = text.split('\n');
+    for (var i = 0; i < parts.length; i++) {
+      if (i > 0) {
+        if (!this.cur) this.newLine(stream); // an empty line
+        this.cur = null;
+      }
+      if (parts[i] === '') continue;
+      if (!this.cur) this.cur = this.newLine(stream);
+      this.ansi.render(parts[i], this.cur);
+    }
+  };
+  JobLog.prototype.cmd = function (d) {
+    this.cur = null;
+    var row = el('div', 'cmd');
+    row.appendChild(el('span', 'c', '$ ' + d.t));
+    var res = el('span', 'res', 'running…');
+    row.appendChild(res);
+    this.cmds[d.a + '-' + d.s + '-' + d.l] = res;
+    this.frag.appendChild(row);
+  };
+  JobLog.prototype.exit = function (d) {
+    this.cur = null;
+    var key = d.a + '-' + d.s + '-' + d.l, res = this.cmds[key];
+    if (!res) return;
+    delete this.cmds[key];
+    res.textContent = 'exit ' + d.c + ' · ' + duration(d.d);
+    res.className = 'res ' + (d.c === 0 ? 'ok' : 'fail');
+  };
+  JobLog.prototype.marker = function (cls, text) {
+    this.cur = null;
+    this.frag.appendChild(el('div', cls, text));
+  };
+  // Moves what was rendered into the page; keeps at most MAX_LINES lines while following.
+  JobLog.prototype.flush = function () {
+    if (!this.frag.firstChild) return;
+    this.box.appendChild(this.frag);
+    this.frag = document.createDocumentFragment();
+    if (this.inPage > MAX_LINES && this.follow) {
+      var drop = this.inPage - Math.floor(MAX_LINES * 0.9);
+      var first = this.notice ? this.notice.nextSibling : this.box.firstChild;
+      while (drop > 0 && first) {
+        var next = first.nextSibling;
+        if (first.classList.contains('ln')) { drop -= 1; this.inPage -= 1; }
+        this.box.removeChild(first);
+        first = next;
+      }
+      if (!this.notice) {
+        this.notice = el('div', 'notice');
+        this.box.insertBefore(this.notice, this.box.firstChild);
+      }
+      this.notice.textContent = 'Earlier lines are not kept in the page; the raw log has them all.';
+    }
+    if (this.follow) this.box.scrollTop = this.box.scrollHeight;
+  };
+
+  // ---------------------------------------------------------------- build page
+  function BuildPage(logs) {
+    this.logs = logs;
+    this.url = logs.getAttribute('data-events');
+    this.summary = document.getElementById('summary');
+    this.summaryUrl = this.summary.getAttribute('data-summary');
+    this.jobs = {};
+    this.queue = [];
+    this.scheduled = false;
+    this.lastId = -1;
+    this.es = null;
+    this.paused = false;
+    this.ended = false;
+    this.target = location.hash.slice(1);
+    this.found = null;
+    this.wantSummary = -1; this.summaryBusy = false; this.summaryTimer = null;
+    var self = this;
+    logs.querySelectorAll('details.joblog').forEach(function (d) {
+      self.jobs[d.getAttribute('data-job')] = new JobLog(d, d.getAttribute('data-index'), self);
+    });
+    window.addEventListener('hashchange', function () { self.highlight(location.hash.slice(1)); });
+    this.open(0);
+  }
+  BuildPage.prototype.job = function (id) {
+    if (!this.jobs[id]) {
+      // A job the page did not know (or the build's own messages): give it a log.
+      var index = id === '' ? 'sys' : 'x' + Object.keys(this.jobs).length;
+      var d = el('details', 'joblog');
+      d.open = true;
+      d.setAttribute('data-job', id);
+      d.appendChild(el('summary', null, id === '' ? 'build' : id));
+      var box = el('div', 'log'); box.tabIndex = 0; d.appendChild(box);
+      var b = el('button', 'follow', '↓ follow'); b.type = 'button'; b.hidden = true; d.appendChild(b);
+      var h = this.logs.querySelector('h2');
+      this.logs.insertBefore(d, h.nextSibling);
+      this.jobs[id] = new JobLog(d, index, this);
+    }
+    return this.jobs[id];
+  };
+  BuildPage.prototype.open = function (from) {
+    var self = this, es = new EventSource(this.url + '?from=' + from);
+    this.es = es;
+    var push = function (kind) {
+      return function (e) {
+        self.lastId = parseInt(e.lastEventId, 10);
+        self.queue.push([kind, JSON.parse(e.data), self.lastId]);
+        self.schedule();
+      };
+    };
+    ['log', 'cmd', 'exit', 'step', 'attempt', 'changed', 'end'].forEach(function (k) {
+      es.addEventListener(k, push(k));
+    });
+    es.addEventListener('end', function () { self.ended = true; es.close(); });
+    es.addEventListener('error', function () {
+      if (es.readyState === EventSource.CLOSED && !self.ended && !self.paused) {
+        self.bar('The live log stopped (signed out or the server went away). Reload the page to retry.');
+      }
+    });
+  };
+  BuildPage.prototype.schedule = function () {
+    if (this.scheduled) return;
+    this.scheduled = true;
+    var self = this, run = function () { if (self.scheduled) { self.scheduled = false; self.render(); } };
+    requestAnimationFrame(run);
+    setTimeout(run, 100); // rAF does not run in background tabs
+  };
+  BuildPage.prototype.render = function () {
+    var start = performance.now(), touched = {}, moved = -1, i = 0;
+    for (; i < this.queue.length; i++) {
+      if ((i & 63) === 0 && performance.now() - start > FRAME_BUDGET_MS) break;
+      var kind = this.queue[i][0], d = this.queue[i][1], id = this.queue[i][2];
+      if (kind === 'log') {
+        var j = this.job(d.j);
+        j.text(d.t, d.e); touched[d.j] = j;
+      } else if (kind === 'cmd') {
+        j = this.job(d.j); j.cmd(d); touched[d.j] = j; moved = id;
+      } else if (kind === 'exit') {
+        j = this.job(d.j); j.exit(d); touched[d.j] = j; moved = id;
+      } else if (kind === 'step') {
+        j = this.job(d.j); j.marker('stepname', '▸ ' + d.n); touched[d.j] = j;
+      } else if (kind === 'attempt') {
+        j = this.job(d.j);
+        if (d.a > 1) { j.marker('attempt', '— attempt ' + d.a + ' —'); touched[d.j] = j; }
+        moved = id;
+      } else if (kind === 'end') {
+        this.logs.setAttribute('data-status', d.status);
+        moved = id;
+      } else {
+        moved = id;
+      }
+    }
+    this.queue.splice(0, i);
+    for (var k in touched) touched[k].flush();
+    if (this.found) { this.highlight(this.target); this.found = null; }
+    if (moved >= 0) this.refreshSummary(moved);
+    this.maybePause();
+    if (this.queue.length) this.schedule();
+  };
+  // A reader who scrolled up keeps the page light: past MAX_LINES the stream pauses (it resumes
+  // from the same offset, nothing lost) instead of growing the page without bound.
+  BuildPage.prototype.maybePause = function () {
+    if (this.paused || this.ended || !this.es) return;
+    for (var k in this.jobs) {
+      var j = this.jobs[k];
+      if (!j.follow && j.inPage > MAX_LINES) {
+        this.paused = true;
+        this.es.close();
+        this.bar('Paused at offset ' + this.lastId + ' to keep the page light. Scroll to the bottom or ', true);
+        return;
+      }
+    }
+  };
+  BuildPage.prototype.resumeIfPaused = function () {
+    if (!this.paused) return;
+    this.paused = false;
+    var b = this.logs.querySelector('.pausebar');
+    if (b) b.remove();
+    this.open(this.lastId + 1);
+  };
+  BuildPage.prototype.bar = function (text, resume) {
+    var b = this.logs.querySelector('.pausebar') || el('div', 'pausebar');
+    b.textContent = text;
+    if (resume) {
+      var self = this, btn = el('button', null, 'resume');
+      btn.type = 'button';
+      btn.addEventListener('click', function () { self.resumeIfPaused(); });
+      b.appendChild(btn);
+    }
+    this.logs.insertBefore(b, this.logs.querySelector('h2').nextSibling);
+  };
+  BuildPage.prototype.highlight = function (id) {
+    var old = document.querySelectorAll('.log .ln.hl');
+    for (var i = 0; i < old.length; i++) old[i].classList.remove('hl');
+    var row = id && document.getElementById(id);
+    if (!row || !row.classList.contains('ln')) return;
+    row.classList.add('hl');
+    for (var k in this.jobs) {
+      var j = this.jobs[k];
+      if (j.box.contains(row)) { j.follow = false; j.btn.hidden = false; }
+    }
+    row.scrollIntoView({ block: 'center' });
+  };
+  // Re-fetches the summary once the read model has the offset `id` (debounced, one at a time).
+  BuildPage.prototype.refreshSummary = function (id) {
+    if (id > this.wantSummary) this.wantSummary = id;
+    if (this.summaryBusy || this.summaryTimer) return;
+    var self = this;
+    this.summaryTimer = setTimeout(function () {
+      self.summaryTimer = null;
+      self.summaryBusy = true;
+      var want = self.wantSummary;
+      fetch(self.summaryUrl + '?after=' + want, { credentials: 'same-origin' })
+        .then(function (r) { return r.ok ? r.text() : null; })
+        .then(function (html) {
+          if (html !== null) self.summary.innerHTML = html;
+        })
+        .catch(function () {})
+        .then(function () {
+          self.summaryBusy = false;
+          if (self.wantSummary > want) self.refreshSummary(self.wantSummary);
+        });
+    }, 200);
+  };
+
+  // ---------------------------------------------------------------- project page
+  function BuildsTable(table) {
+    var tbody = table.querySelector('tbody'), rowsUrl = table.getAttribute('data-rows');
+    var want = -1, busy = false, timer = null;
+    function refresh() {
+      if (busy || timer) return;
+      timer = setTimeout(function () {
+        timer = null; busy = true;
+        var at = want;
+        fetch(rowsUrl + '?after=' + at, { credentials: 'same-origin' })
+          .then(function (r) { return r.ok ? r.text() : null; })
+          .then(function (html) { if (html !== null) tbody.innerHTML = html; })
+          .catch(function () {})
+          .then(function () { busy = false; if (want > at) refresh(); });
+      }, 200);
+    }
+    var es = new EventSource(table.getAttribute('data-live'));
+    es.addEventListener('changed', function (e) {
+      want = Math.max(want, parseInt(e.lastEventId, 10));
+      refresh();
+    });
+  }
+
+  function start() {
+    var logs = document.getElementById('logs');
+    if (logs) window.tributaryBuild = new BuildPage(logs);
+    var table = document.getElementById('builds');
+    if (table && table.getAttribute('data-live')) new BuildsTable(table);
+  }
+  if (document.readyState === 'loading') document.addEventListener('DOMContentLoaded', start);
+  else start();
+})();

@@ -1,0 +1,743 @@
+//! The web UI in a real browser (Debian's headless chromium through chromedriver, driven by
+//! fantoccini) against a real `tributary up` process and real git repositories: sign-in, a
+//! log that shows lines while the build still runs, final exit codes, ANSI colours, links to
+//! lines, cancel from the page, and tenant isolation (in the browser and at the HTTP level).
+//!
+//! Needs `chromium` and `chromedriver` on the PATH: `scripts/setup-browser.sh` installs them.
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use fantoccini::{Client, ClientBuilder, Locator};
+use http_body_util::BodyExt;
+
+const WAIT: Duration = Duration::from_secs(90);
+
+// ------------------------------------------------------------------ the server
+
+struct Server {
+    child: Child,
+    addr: String,
+    token: String,
+    _dir: tempfile::TempDir,
+    root: PathBuf,
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+fn wait_for_port(addr: &str, what: &str) {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while std::net::TcpStream::connect(addr).is_err() {
+        assert!(Instant::now() < deadline, "{what} did not start on {addr}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+fn start_server() -> Server {
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path().to_path_buf();
+    let addr = format!("127.0.0.1:{}", free_port());
+    let child = Command::new(env!("CARGO_BIN_EXE_tributary"))
+        .args(["up", "--data"])
+        .arg(root.join("data"))
+        .args(["--listen", &addr, "--agents", "2"])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    wait_for_port(&addr, "tributary up");
+    let token = std::fs::read_to_string(root.join("data/admin.token"))
+        .unwrap()
+        .trim()
+        .to_owned();
+    Server {
+        child,
+        addr: format!("http://{addr}"),
+        token,
+        _dir: dir,
+        root,
+    }
+}
+
+impl Server {
+    fn cli(&self, token: &str, args: &[&str]) -> Output {
+        Command::new(env!("CARGO_BIN_EXE_tributary"))
+            .args(args)
+            .env("TRIBUTARY_SERVER", &self.addr)
+            .env("TRIBUTARY_TOKEN", token)
+            .output()
+            .unwrap()
+    }
+
+    fn ok(&self, token: &str, args: &[&str]) -> String {
+        let out = self.cli(token, args);
+        assert!(
+            out.status.success(),
+            "{args:?}: {}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+
+    fn status(&self, token: &str, build: &str) -> String {
+        let v: serde_json::Value =
+            serde_json::from_str(&self.ok(token, &["get", build, "--json"])).unwrap();
+        v["status"].as_str().unwrap().to_owned()
+    }
+
+    /// A git repository with `pipeline` as its `.tributary.yml`, added as `name`.
+    fn project(&self, token: &str, name: &str, pipeline: &str) {
+        let repo = self.root.join(name);
+        std::fs::create_dir_all(&repo).unwrap();
+        git(&repo, &["init", "-q", "-b", "main"]);
+        std::fs::write(repo.join(".tributary.yml"), pipeline).unwrap();
+        git(&repo, &["add", "."]);
+        git(
+            &repo,
+            &[
+                "-c",
+                "user.name=t",
+                "-c",
+                "user.email=t@t",
+                "commit",
+                "-qm",
+                "init",
+            ],
+        );
+        self.ok(
+            token,
+            &["project", "add", name, "--repo", repo.to_str().unwrap()],
+        );
+    }
+
+    fn trigger(&self, token: &str, project: &str) -> String {
+        self.ok(token, &["trigger", project])
+            .lines()
+            .next()
+            .unwrap()
+            .trim()
+            .to_owned()
+    }
+
+    /// A user token of a new tenant.
+    fn tenant(&self, name: &str) -> String {
+        self.ok(&self.token, &["admin", "tenant-add", name]);
+        self.ok(
+            &self.token,
+            &["admin", "token-create", "--tenant", name, "--kind", "user"],
+        )
+        .trim()
+        .to_owned()
+    }
+}
+
+fn git(dir: &Path, args: &[&str]) {
+    let st = Command::new("git")
+        .args(args)
+        .current_dir(dir)
+        .status()
+        .unwrap();
+    assert!(st.success(), "git {args:?}");
+}
+
+// ------------------------------------------------------------------ the browser
+
+/// chromedriver on a free port of its own, and a headless chromium session through it.
+struct Browser {
+    driver: Child,
+    client: Option<Client>,
+    _profile: tempfile::TempDir,
+}
+
+impl Drop for Browser {
+    fn drop(&mut self) {
+        let _ = self.driver.kill();
+        let _ = self.driver.wait();
+    }
+}
+
+fn which(bin: &str) -> bool {
+    Command::new("sh")
+        .args(["-c", &format!("command -v {bin}")])
+        .stdout(Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success())
+}
+
+impl Browser {
+    async fn start() -> Browser {
+        assert!(
+            which("chromedriver") && which("chromium"),
+            "chromium and chromedriver are missing: run scripts/setup-browser.sh (scripts/setup.sh \
+             calls it)"
+        );
+        let port = free_port();
+        let driver = Command::new("chromedriver")
+            .arg(format!("--port={port}"))
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("chromedriver starts");
+        wait_for_port(&format!("127.0.0.1:{port}"), "chromedriver");
+        let profile = tempfile::tempdir().unwrap();
+        let mut caps = serde_json::Map::new();
+        caps.insert(
+            "goog:chromeOptions".into(),
+            serde_json::json!({
+                "binary": "/usr/bin/chromium",
+                "args": [
+                    "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic",
+                    "--no-first-run", "--disable-background-networking",
+                    "--disable-component-update", "--disable-sync",
+                    "--disable-dev-shm-usage", "--window-size=1280,1800",
+                    format!("--user-data-dir={}", profile.path().display()),
+                ]
+            }),
+        );
+        let client = ClientBuilder::new(hyper_util::client::legacy::connect::HttpConnector::new())
+            .capabilities(caps)
+            .connect(&format!("http://127.0.0.1:{port}"))
+            .await
+            .expect("a chromium session through chromedriver");
+        Browser {
+            driver,
+            client: Some(client),
+            _profile: profile,
+        }
+    }
+
+    fn c(&self) -> &Client {
+        self.client.as_ref().unwrap()
+    }
+
+    async fn close(mut self) {
+        if let Some(c) = self.client.take() {
+            let _ = c.close().await;
+        }
+    }
+
+    /// Signs in through the login page with `token`, starting from `url` (a UI page).
+    async fn sign_in(&self, url: &str, token: &str) {
+        let c = self.c();
+        c.goto(url).await.unwrap();
+        let field = c
+            .wait()
+            .at_most(WAIT)
+            .for_element(Locator::Css("input[name=token]"))
+            .await
+            .expect("the sign-in form");
+        field.send_keys(token).await.unwrap();
+        c.find(Locator::Css("form button[type=submit]"))
+            .await
+            .unwrap()
+            .click()
+            .await
+            .unwrap();
+        self.until("signed in (away from the sign-in page)", || async {
+            let url = c.current_url().await.ok()?;
+            (url.path() != "/ui/login").then_some(())
+        })
+        .await;
+    }
+
+    /// Clicks the element matching `css`; retries when a live refresh replaced it meanwhile.
+    async fn click(&self, css: &str) {
+        self.until(&format!("a click on {css}"), || async {
+            let el = self.c().find(Locator::Css(css)).await.ok()?;
+            el.click().await.ok()
+        })
+        .await;
+    }
+
+    /// Text of the first element matching `css`, if any.
+    async fn text(&self, css: &str) -> Option<String> {
+        let el = self.c().find(Locator::Css(css)).await.ok()?;
+        el.text().await.ok()
+    }
+
+    async fn count(&self, css: &str) -> usize {
+        self.c()
+            .find_all(Locator::Css(css))
+            .await
+            .map_or(0, |v| v.len())
+    }
+
+    /// Polls `probe` until it returns Some (or panics after a generous timeout).
+    async fn until<T, F, Fut>(&self, what: &str, mut probe: F) -> T
+    where
+        F: FnMut() -> Fut,
+        Fut: std::future::Future<Output = Option<T>>,
+    {
+        let deadline = Instant::now() + WAIT;
+        loop {
+            if let Some(v) = probe().await {
+                return v;
+            }
+            assert!(Instant::now() < deadline, "timed out waiting for: {what}");
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+}
+
+// ------------------------------------------------------------------ plain HTTP
+
+struct Http {
+    client: hyper_util::client::legacy::Client<
+        hyper_util::client::legacy::connect::HttpConnector,
+        http_body_util::Full<bytes::Bytes>,
+    >,
+    base: String,
+}
+
+struct Reply {
+    status: u16,
+    headers: http::HeaderMap,
+    body: String,
+}
+
+impl Http {
+    fn new(base: &str) -> Http {
+        Http {
+            client: hyper_util::client::legacy::Client::builder(
+                hyper_util::rt::TokioExecutor::new(),
+            )
+            .build_http(),
+            base: base.to_owned(),
+        }
+    }
+
+    /// A request with the session cookie `token` (if any) and extra headers; the body is read
+    /// for at most 3 s (a live stream never ends by itself).
+    async fn send(
+        &self,
+        method: &str,
+        path: &str,
+        token: Option<&str>,
+        headers: &[(&str, &str)],
+        body: &str,
+    ) -> Reply {
+        let mut req = http::Request::builder()
+            .method(method)
+            .uri(format!("{}{path}", self.base));
+        if let Some(t) = token {
+            req = req.header("cookie", format!("tributary_session={t}"));
+        }
+        for (k, v) in headers {
+            req = req.header(*k, *v);
+        }
+        let resp = self
+            .client
+            .request(
+                req.body(http_body_util::Full::new(bytes::Bytes::from(
+                    body.to_owned(),
+                )))
+                .unwrap(),
+            )
+            .await
+            .unwrap();
+        let status = resp.status().as_u16();
+        let headers = resp.headers().clone();
+        let mut body = resp.into_body();
+        let mut text = Vec::new();
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(3);
+        while let Ok(Some(Ok(frame))) = tokio::time::timeout_at(deadline, body.frame()).await {
+            if let Ok(data) = frame.into_data() {
+                text.extend_from_slice(&data);
+            }
+        }
+        Reply {
+            status,
+            headers,
+            body: String::from_utf8_lossy(&text).into_owned(),
+        }
+    }
+
+    async fn get(&self, path: &str, token: Option<&str>) -> Reply {
+        self.send("GET", path, token, &[], "").await
+    }
+}
+
+// ------------------------------------------------------------------ the tests
+
+/// Prints `tick 1..30` 100 ms apart, then waits for the test to create `gate`, so the test
+/// sees lines in the browser while the build certainly still runs. The second job fails.
+fn ticker_pipeline(gate: &Path) -> String {
+    format!(
+        "jobs:\n  ticker:\n    steps:\n      - name: tick\n        script:\n          - for i in $(seq 1 30); do echo \"tick $i\"; sleep 0.1; done\n          - \"printf '\\\\033[32mgreen done\\\\033[0m\\\\n'\"\n          - while [ ! -e {} ]; do sleep 0.1; done\n  verdict:\n    needs: ticker\n    matrix:\n      os: [linux]\n    steps:\n      - script:\n          - echo checking ${{{{ matrix.os }}}}\n          - exit 3\n          - echo never\n",
+        gate.display()
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_log_is_live_and_lines_show_exit_codes() {
+    let s = start_server();
+    let gate = s.root.join("gate");
+    s.project(&s.token, "live", &ticker_pipeline(&gate));
+    let b = Browser::start().await;
+    b.sign_in(&format!("{}/ui/", s.addr), &s.token).await;
+    // The project list links to the project.
+    b.until("the project in the list", || async {
+        b.text("table.list a[href='/ui/projects/live']").await
+    })
+    .await;
+
+    let build = s.trigger(&s.token, "live");
+    b.c()
+        .goto(&format!("{}/ui/builds/{build}", s.addr))
+        .await
+        .unwrap();
+    // Lines arrive while the build runs: it cannot finish before the gate exists.
+    let seen = b
+        .until("tick lines in the page", || async {
+            let n = b.count("details.joblog[data-job=ticker] .ln").await;
+            (n >= 5).then_some(n)
+        })
+        .await;
+    assert!(seen >= 5);
+    assert_eq!(s.status(&s.token, &build), "running");
+    assert_eq!(
+        b.text("#L0-1 .t").await.as_deref(),
+        Some("tick 1"),
+        "lines are numbered from 1 in order"
+    );
+    // The green line, rendered from its ANSI escape.
+    b.until("the ANSI green line", || async {
+        b.text(".log span.f2").await.filter(|t| t == "green done")
+    })
+    .await;
+    assert_eq!(b.text("#L0-30 .t").await.as_deref(), Some("tick 30"));
+    std::fs::write(&gate, "go").unwrap();
+
+    // The build ends: the summary shows the final status and each line's exit code.
+    b.until("the build failed (summary refreshed)", || async {
+        b.c()
+            .find(Locator::Css("header.build[data-status=failed]"))
+            .await
+            .ok()
+    })
+    .await;
+    b.until("every line's exit code", || async {
+        let first = b.text("#line-0-0-0 .exit").await?;
+        let failing = b.text("#line-1-0-1 .exit").await?;
+        (first == "exit 0" && failing == "exit 3").then_some(())
+    })
+    .await;
+    assert_eq!(
+        b.text("#line-1-0-2 .exit").await.as_deref(),
+        Some("–"),
+        "the line after the failing one never ran"
+    );
+    assert_eq!(
+        b.text("#job-1 .jobfacts .exit").await.as_deref(),
+        Some("exit 3")
+    );
+    assert_eq!(b.text("#job-1 h2 .chip").await.as_deref(), Some("os=linux"));
+    // The log's command headers carry exit codes too, and the stream ended.
+    b.until("the failing command's header in the log", || async {
+        b.text("details.joblog[data-job='verdict[os=linux]'] .cmd .res.fail")
+            .await
+            .filter(|t| t.starts_with("exit 3 · "))
+    })
+    .await;
+    b.until("the stream's end", || async {
+        b.c()
+            .find(Locator::Css("#logs[data-status=failed]"))
+            .await
+            .ok()
+    })
+    .await;
+    // The DAG: two nodes, one edge, linking to the jobs.
+    assert_eq!(b.count("svg.dag a.node").await, 2);
+    assert_eq!(b.count("svg.dag path.edge").await, 1);
+    // Re-run failed is offered once the build failed; cancel no longer.
+    assert_eq!(b.count("#rerun").await, 1);
+    assert_eq!(b.count("#cancel").await, 0);
+
+    let shot = b.c().screenshot().await.unwrap();
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../test-artifacts");
+    std::fs::create_dir_all(&dir).unwrap();
+    std::fs::write(dir.join("build-page.png"), shot).unwrap();
+
+    // A link to a line highlights it once the replayed log reaches it.
+    b.c()
+        .goto(&format!("{}/ui/builds/{build}#L0-7", s.addr))
+        .await
+        .unwrap();
+    b.until("line 7 highlighted", || async {
+        b.text(".log .ln.hl .t").await.filter(|t| t == "tick 7")
+    })
+    .await;
+
+    // Re-run failed: a new build page of the same project.
+    b.click("#rerun").await;
+    let rerun = b
+        .until("the re-run's page", || async {
+            let url = b.c().current_url().await.ok()?;
+            let id = url.path().strip_prefix("/ui/builds/")?.to_owned();
+            (id != build).then_some(id)
+        })
+        .await;
+    let v: serde_json::Value =
+        serde_json::from_str(&s.ok(&s.token, &["get", &rerun, "--json"])).unwrap();
+    assert_eq!(v["project"], "live");
+    b.close().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_running_build_is_canceled_from_its_page() {
+    let s = start_server();
+    s.project(
+        &s.token,
+        "slow",
+        "jobs:\n  slow:\n    steps:\n      - run: for i in $(seq 1 1200); do echo \"waiting $i\"; sleep 0.1; done\n",
+    );
+    let b = Browser::start().await;
+    let build = s.trigger(&s.token, "slow");
+    b.sign_in(&format!("{}/ui/builds/{build}", s.addr), &s.token)
+        .await;
+    b.until("a log line", || async {
+        (b.count("details.joblog .ln").await > 0).then_some(())
+    })
+    .await;
+    b.click("#cancel").await;
+    b.until("the build canceled on the page", || async {
+        b.c()
+            .find(Locator::Css("header.build[data-status=canceled]"))
+            .await
+            .ok()
+    })
+    .await;
+    assert_eq!(s.status(&s.token, &build), "canceled");
+    assert_eq!(b.count("#cancel").await, 0);
+
+    // The builds list shows it, live: a new build appears without a reload.
+    b.c()
+        .goto(&format!("{}/ui/projects/slow", s.addr))
+        .await
+        .unwrap();
+    b.until("the canceled build in the list", || async {
+        b.c()
+            .find(Locator::Css(&format!(
+                "tr[data-build='{build}'][data-status=canceled]"
+            )))
+            .await
+            .ok()
+    })
+    .await;
+    let next = s.trigger(&s.token, "slow");
+    b.until("the new build appears in the list by itself", || async {
+        b.c()
+            .find(Locator::Css(&format!("tr[data-build='{next}']")))
+            .await
+            .ok()
+    })
+    .await;
+    s.ok(&s.token, &["cancel", &next]);
+    b.until(
+        "the new build turns canceled in the list by itself",
+        || async {
+            b.c()
+                .find(Locator::Css(&format!(
+                    "tr[data-build='{next}'][data-status=canceled]"
+                )))
+                .await
+                .ok()
+        },
+    )
+    .await;
+
+    // The agents page lists the two embedded agents.
+    b.c().goto(&format!("{}/ui/agents", s.addr)).await.unwrap();
+    b.until("two connected agents", || async {
+        (b.count("#agents tr[data-state=connected]").await == 2).then_some(())
+    })
+    .await;
+    b.close().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn another_tenant_cannot_see_a_build_or_its_log() {
+    let s = start_server();
+    let acme = s.tenant("acme");
+    let globex = s.tenant("globex");
+    s.project(
+        &acme,
+        "secret",
+        "jobs:\n  a:\n    steps:\n      - run: echo acme-only-output\n",
+    );
+    let out = s.ok(&acme, &["trigger", "secret", "--follow"]);
+    assert!(out.contains("acme-only-output"), "{out}");
+    let build = out.lines().next().unwrap().trim().to_owned();
+    let page = format!("/ui/builds/{build}");
+
+    // HTTP level: the owner reads the page, the log stream and the raw log.
+    let h = Http::new(&s.addr);
+    let own = h.get(&page, Some(&acme)).await;
+    assert_eq!(own.status, 200);
+    let stream = h.get(&format!("{page}/events"), Some(&acme)).await;
+    assert_eq!(stream.status, 200);
+    assert!(stream.body.contains("acme-only-output"), "{}", stream.body);
+    assert!(stream.body.contains("event: end"), "{}", stream.body);
+    let raw = h.get(&format!("{page}/log.txt"), Some(&acme)).await;
+    assert_eq!(raw.body, "acme-only-output\n");
+    // Another tenant gets "not found" for every view of it, and learns nothing from it.
+    for path in [
+        page.clone(),
+        format!("{page}/events"),
+        format!("{page}/summary"),
+        format!("{page}/log.txt?job=a"),
+    ] {
+        let r = h.get(&path, Some(&globex)).await;
+        assert_eq!(r.status, 404, "{path}");
+        assert!(!r.body.contains("acme-only-output"), "{path}");
+    }
+    let r = h
+        .send(
+            "GET",
+            &format!("{page}/events"),
+            None,
+            &[("authorization", &format!("Bearer {globex}"))],
+            "",
+        )
+        .await;
+    assert_eq!(r.status, 404, "bearer header, other tenant");
+    assert_eq!(
+        h.get("/ui/projects/secret", Some(&globex)).await.status,
+        404
+    );
+    assert!(!h.get("/ui/", Some(&globex)).await.body.contains("secret"));
+    // Without a session: pages redirect to the sign-in, streams are 401.
+    let anon = h.get(&page, None).await;
+    assert_eq!(anon.status, 303);
+    assert_eq!(
+        anon.headers["location"],
+        format!("/ui/login?next=/ui/builds/{build}")
+    );
+    assert_eq!(h.get(&format!("{page}/events"), None).await.status, 401);
+    assert_eq!(
+        h.get(&format!("{page}/events"), Some("trib_bogus"))
+            .await
+            .status,
+        401
+    );
+
+    // Cancel needs the session's CSRF token and a same-origin request.
+    let slow = s.root.join("gate-slow");
+    s.project(
+        &acme,
+        "waits",
+        &format!(
+            "jobs:\n  w:\n    steps:\n      - run: while [ ! -e {} ]; do sleep 0.1; done\n",
+            slow.display()
+        ),
+    );
+    let running = s.trigger(&acme, "waits");
+    let cancel = format!("/ui/builds/{running}/cancel");
+    let form = [("content-type", "application/x-www-form-urlencoded")];
+    let r = h.send("POST", &cancel, Some(&acme), &form, "csrf=").await;
+    assert_eq!(r.status, 403, "no CSRF token");
+    let page_html = h
+        .get(&format!("/ui/builds/{running}"), Some(&acme))
+        .await
+        .body;
+    let csrf = page_html
+        .split("name=\"csrf\" value=\"")
+        .nth(1)
+        .and_then(|rest| rest.split('"').next())
+        .unwrap()
+        .to_owned();
+    let globex_csrf_page = h.get("/ui/", Some(&globex)).await.body;
+    let globex_csrf = globex_csrf_page
+        .split("name=\"csrf\" value=\"")
+        .nth(1)
+        .and_then(|rest| rest.split('"').next())
+        .unwrap()
+        .to_owned();
+    let r = h
+        .send(
+            "POST",
+            &cancel,
+            Some(&acme),
+            &form,
+            &format!("csrf={globex_csrf}"),
+        )
+        .await;
+    assert_eq!(r.status, 403, "another session's CSRF token");
+    let cross = [
+        ("content-type", "application/x-www-form-urlencoded"),
+        ("origin", "http://evil.example"),
+    ];
+    let r = h
+        .send(
+            "POST",
+            &cancel,
+            Some(&acme),
+            &cross,
+            &format!("csrf={csrf}"),
+        )
+        .await;
+    assert_eq!(r.status, 403, "cross-site");
+    let r = h
+        .send(
+            "POST",
+            &cancel,
+            Some(&globex),
+            &form,
+            &format!("csrf={globex_csrf}"),
+        )
+        .await;
+    assert_eq!(r.status, 404, "another tenant cannot cancel it");
+    let st = s.status(&acme, &running);
+    assert!(
+        st == "queued" || st == "running",
+        "refused cancels changed nothing: {st}"
+    );
+    let r = h
+        .send("POST", &cancel, Some(&acme), &form, &format!("csrf={csrf}"))
+        .await;
+    assert_eq!(r.status, 303, "{}", r.body);
+    assert_eq!(r.headers["location"], format!("/ui/builds/{running}"));
+    std::fs::write(&slow, "go").unwrap();
+    let deadline = Instant::now() + WAIT;
+    while s.status(&acme, &running) != "canceled" {
+        assert!(
+            Instant::now() < deadline,
+            "the canceled build never finished"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+
+    // In the browser: globex signs in and cannot open acme's build page.
+    let b = Browser::start().await;
+    b.sign_in(&format!("{}{page}", s.addr), &globex).await;
+    b.until("not found", || async {
+        b.text("main h1").await.filter(|t| t == "Not found")
+    })
+    .await;
+    assert_eq!(b.count(".log .ln").await, 0);
+    let source = b.c().source().await.unwrap();
+    assert!(!source.contains("acme-only-output"));
+    // Cookies: HttpOnly, so the page's scripts cannot read the token.
+    let cookies: serde_json::Value = b
+        .c()
+        .execute("return document.cookie;", vec![])
+        .await
+        .unwrap();
+    assert_eq!(cookies, serde_json::json!(""));
+    b.close().await;
+}
