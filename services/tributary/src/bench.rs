@@ -96,6 +96,18 @@ pub async fn bench(cmd: BenchCommand) -> anyhow::Result<ExitCode> {
             })
             .await
         }
+        BenchCommand::Ui {
+            viewers,
+            lines,
+            interval_ms,
+        } => {
+            crate::bench_ui::bench_ui(crate::bench_ui::Options {
+                viewers,
+                lines,
+                interval_ms,
+            })
+            .await
+        }
     }
 }
 

@@ -657,16 +657,16 @@ async fn phases(
 }
 
 /// `tributary up` started by the benchmark; killed if dropped without [`Spawned::stop`].
-struct Spawned {
+pub(crate) struct Spawned {
     child: std::process::Child,
     /// Its stderr.
-    log_path: PathBuf,
+    pub(crate) log_path: PathBuf,
 }
 
 impl Spawned {
     /// Starts the current executable as `tributary up` under `root` on a free port; returns
     /// once it accepts connections, with its URL and the admin token.
-    async fn start(
+    pub(crate) async fn start(
         root: &Path,
         agents: usize,
         capacity: usize,
@@ -716,12 +716,12 @@ impl Spawned {
         }
     }
 
-    fn pid(&self) -> u32 {
+    pub(crate) fn pid(&self) -> u32 {
         self.child.id()
     }
 
     /// SIGTERM, then waits for the exit (SIGKILL after 30 s); returns how long it took.
-    async fn stop(mut self) -> anyhow::Result<Duration> {
+    pub(crate) async fn stop(mut self) -> anyhow::Result<Duration> {
         let start = Instant::now();
         let st = std::process::Command::new("kill")
             .args(["-TERM", &self.pid().to_string()])
@@ -767,7 +767,7 @@ fn strip_ansi(text: &str) -> String {
     out
 }
 
-fn last_lines(path: &Path) -> String {
+pub(crate) fn last_lines(path: &Path) -> String {
     let text = std::fs::read_to_string(path).unwrap_or_default();
     let lines: Vec<&str> = text.lines().collect();
     lines[lines.len().saturating_sub(20)..].join("\n")
@@ -816,7 +816,7 @@ fn make_repo(dir: &Path) -> anyhow::Result<String> {
     Ok(sha)
 }
 
-fn git(dir: &Path, args: &[&str]) -> anyhow::Result<()> {
+pub(crate) fn git(dir: &Path, args: &[&str]) -> anyhow::Result<()> {
     let out = std::process::Command::new("git")
         .args([
             "-c",
@@ -840,13 +840,13 @@ fn git(dir: &Path, args: &[&str]) -> anyhow::Result<()> {
     Ok(())
 }
 
-struct Memory {
-    rss_mib: f64,
-    peak_mib: f64,
+pub(crate) struct Memory {
+    pub(crate) rss_mib: f64,
+    pub(crate) peak_mib: f64,
 }
 
 /// VmRSS and VmHWM of a process, from /proc/<pid>/status.
-fn memory(pid: u32) -> Option<Memory> {
+pub(crate) fn memory(pid: u32) -> Option<Memory> {
     let status = std::fs::read_to_string(PathBuf::from(format!("/proc/{pid}/status"))).ok()?;
     let field = |name: &str| -> Option<f64> {
         let line = status.lines().find(|l| l.starts_with(name))?;
@@ -859,12 +859,12 @@ fn memory(pid: u32) -> Option<Memory> {
     })
 }
 
-fn ms(d: Duration) -> f64 {
+pub(crate) fn ms(d: Duration) -> f64 {
     d.as_secs_f64() * 1e3
 }
 
 /// The `p`th percentile (nearest rank) of `values`; NaN if there are none.
-fn pct(values: &[f64], p: f64) -> f64 {
+pub(crate) fn pct(values: &[f64], p: f64) -> f64 {
     if values.is_empty() {
         return f64::NAN;
     }

@@ -466,6 +466,25 @@ pub enum BenchCommand {
         #[arg(long, value_name = "DIR")]
         data: Option<PathBuf>,
     },
+    /// Open many live log viewers of the web UI on one build; prints log line -> viewer
+    /// latency (p50/p99) and the server's memory with them connected.
+    ///
+    /// Starts `tributary up` (this executable) on a temporary data directory and a free port,
+    /// triggers one build that waits until every viewer is connected to its Server-Sent
+    /// Events stream (`/ui/builds/<id>/events`, the one the build page reads), then prints
+    /// L lines, each the wall-clock time in µs when it was printed. Latency = time a viewer
+    /// parsed the line − printed time, over every line and viewer.
+    Ui {
+        /// Concurrent SSE viewers (HTTP clients, not browsers).
+        #[arg(long, value_name = "V", default_value_t = 200)]
+        viewers: usize,
+        /// Lines the build prints.
+        #[arg(long, value_name = "L", default_value_t = 200)]
+        lines: usize,
+        /// Pause between two lines, in milliseconds.
+        #[arg(long, value_name = "MS", default_value_t = 20)]
+        interval_ms: u64,
+    },
 }
 
 #[derive(Debug, Args)]

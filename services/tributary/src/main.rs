@@ -9,6 +9,7 @@ mod bench_autoscale;
 mod bench_metering;
 mod bench_exec;
 mod bench_server;
+mod bench_ui;
 mod cli;
 mod client;
 mod commands;
