@@ -11,6 +11,8 @@
 
   var MAX_LINES = 20000;      // log lines kept in the page per job
   var FRAME_BUDGET_MS = 12;   // rendering work per animation frame
+  var QUEUE_HIGH = 4000;      // events waiting to be rendered: stop reading the stream...
+  var QUEUE_LOW = 500;        // ...and resume from the next offset once under this
 
   // ---------------------------------------------------------------- ANSI SGR -> spans
   function Ansi() { this.reset(); this.partial = ''; }
@@ -217,6 +219,7 @@
     this.lastId = -1;
     this.es = null;
     this.paused = false;
+    this.throttled = false;
     this.ended = false;
     this.target = location.hash.slice(1);
     this.found = null;
@@ -249,8 +252,15 @@
     this.es = es;
     var push = function (kind) {
       return function (e) {
+        if (es !== self.es) return; // a stream closed for flow control
         self.lastId = parseInt(e.lastEventId, 10);
         self.queue.push([kind, JSON.parse(e.data), self.lastId]);
+        if (self.queue.length > QUEUE_HIGH && !self.throttled) {
+          // The page renders slower than the server sends (a long log): stop reading rather
+          // than buffer it all; reopen from the next offset when the queue has drained.
+          self.throttled = true;
+          es.close();
+        }
         self.schedule();
       };
     };
@@ -297,6 +307,10 @@
       }
     }
     this.queue.splice(0, i);
+    if (this.throttled && this.queue.length < QUEUE_LOW && !this.paused && !this.ended) {
+      this.throttled = false;
+      this.open(this.lastId + 1);
+    }
     for (var k in touched) touched[k].flush();
     if (this.found) { this.highlight(this.target); this.found = null; }
     if (moved >= 0) this.refreshSummary(moved);
@@ -312,6 +326,7 @@
       if (!j.follow && j.inPage > MAX_LINES) {
         this.paused = true;
         this.es.close();
+        this.es = null;
         this.bar('Paused at offset ' + this.lastId + ' to keep the page light. Scroll to the bottom or ', true);
         return;
       }
@@ -322,7 +337,8 @@
     this.paused = false;
     var b = this.logs.querySelector('.pausebar');
     if (b) b.remove();
-    this.open(this.lastId + 1);
+    if (!this.throttled) this.open(this.lastId + 1);
+    else this.schedule();
   };
   BuildPage.prototype.bar = function (text, resume) {
     var b = this.logs.querySelector('.pausebar') || el('div', 'pausebar');

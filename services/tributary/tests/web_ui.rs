@@ -514,6 +514,18 @@ async fn a_running_build_is_canceled_from_its_page() {
         (b.count("details.joblog .ln").await > 0).then_some(())
     })
     .await;
+    // The agents page shows the job the build runs, on the agent that runs it.
+    b.c().goto(&format!("{}/ui/agents", s.addr)).await.unwrap();
+    b.until("the running job on its agent", || async {
+        b.text(&format!("#agents a[href='/ui/builds/{build}']"))
+            .await
+            .filter(|t| t == "slow")
+    })
+    .await;
+    b.c()
+        .goto(&format!("{}/ui/builds/{build}", s.addr))
+        .await
+        .unwrap();
     b.click("#cancel").await;
     b.until("the build canceled on the page", || async {
         b.c()
@@ -561,6 +573,25 @@ async fn a_running_build_is_canceled_from_its_page() {
     )
     .await;
 
+    // A long log: the page keeps at most 20,000 of its 60,000 lines, numbered right.
+    s.project(
+        &s.token,
+        "long",
+        "jobs:\n  long:\n    steps:\n      - run: seq 1 60000\n",
+    );
+    let long = s.trigger(&s.token, "long");
+    b.c()
+        .goto(&format!("{}/ui/builds/{long}", s.addr))
+        .await
+        .unwrap();
+    b.until("line 60000, numbered 60000", || async {
+        b.text("#L0-60000 .t").await.filter(|t| t == "60000")
+    })
+    .await;
+    let kept = b.count("details.joblog .ln").await;
+    assert!((1000..=20_000).contains(&kept), "{kept} lines in the page");
+    assert!(b.text("details.joblog .notice").await.is_some());
+
     // The agents page lists the two embedded agents.
     b.c().goto(&format!("{}/ui/agents", s.addr)).await.unwrap();
     b.until("two connected agents", || async {
@@ -593,6 +624,34 @@ async fn another_tenant_cannot_see_a_build_or_its_log() {
     assert_eq!(stream.status, 200);
     assert!(stream.body.contains("acme-only-output"), "{}", stream.body);
     assert!(stream.body.contains("event: end"), "{}", stream.body);
+    // A reconnecting reader (Last-Event-ID) gets exactly the events after that one.
+    let ids: Vec<u64> = stream
+        .body
+        .lines()
+        .filter_map(|l| l.strip_prefix("id: "))
+        .map(|id| id.parse().unwrap())
+        .collect();
+    assert!(
+        ids.len() > 4 && ids.windows(2).all(|w| w[0] < w[1]),
+        "{ids:?}"
+    );
+    let mid = ids[ids.len() / 2];
+    let resumed = h
+        .send(
+            "GET",
+            &format!("{page}/events"),
+            Some(&acme),
+            &[("last-event-id", &mid.to_string())],
+            "",
+        )
+        .await;
+    let rest: Vec<u64> = resumed
+        .body
+        .lines()
+        .filter_map(|l| l.strip_prefix("id: "))
+        .map(|id| id.parse().unwrap())
+        .collect();
+    assert_eq!(rest, ids[ids.len() / 2 + 1..].to_vec());
     let raw = h.get(&format!("{page}/log.txt"), Some(&acme)).await;
     assert_eq!(raw.body, "acme-only-output\n");
     // Another tenant gets "not found" for every view of it, and learns nothing from it.
