@@ -473,6 +473,33 @@ async fn the_log_is_live_and_lines_show_exit_codes() {
     std::fs::create_dir_all(&dir).unwrap();
     std::fs::write(dir.join("build-page.png"), shot).unwrap();
 
+    // On a phone-sized window the page fits the width (the DAG and logs scroll inside
+    // their own boxes).
+    b.c().set_window_size(390, 1400).await.unwrap();
+    b.c().refresh().await.unwrap();
+    b.until("the log replayed at phone size", || async {
+        b.text("#L0-30 .t").await.filter(|t| t == "tick 30")
+    })
+    .await;
+    let overflow: serde_json::Value = b
+        .c()
+        .execute(
+            "return document.documentElement.scrollWidth - window.innerWidth;",
+            vec![],
+        )
+        .await
+        .unwrap();
+    assert!(
+        overflow.as_i64().unwrap() <= 0,
+        "the page is wider than a phone: {overflow}"
+    );
+    std::fs::write(
+        dir.join("build-page-phone.png"),
+        b.c().screenshot().await.unwrap(),
+    )
+    .unwrap();
+    b.c().set_window_size(1280, 1800).await.unwrap();
+
     // A link to a line highlights it once the replayed log reaches it.
     b.c()
         .goto(&format!("{}/ui/builds/{build}#L0-7", s.addr))
