@@ -13,6 +13,7 @@
   var FRAME_BUDGET_MS = 12;   // rendering work per animation frame
   var QUEUE_HIGH = 4000;      // events waiting to be rendered: stop reading the stream...
   var QUEUE_LOW = 500;        // ...and resume from the next offset once under this
+  var TAIL_BYTES = 1000000;   // a long log opens at its last ~1 MB ("load all" for the rest)
 
   // ---------------------------------------------------------------- ANSI SGR -> spans
   function Ansi() { this.reset(); this.partial = ''; }
@@ -199,10 +200,9 @@
         first = next;
       }
       if (!this.notice) {
-        this.notice = el('div', 'notice');
+        this.notice = el('div', 'notice', 'Earlier lines are not kept in the page; the raw log has them all.');
         this.box.insertBefore(this.notice, this.box.firstChild);
       }
-      this.notice.textContent = 'Earlier lines are not kept in the page; the raw log has them all.';
     }
     if (this.follow) this.box.scrollTop = this.box.scrollHeight;
   };
@@ -229,7 +229,8 @@
       self.jobs[d.getAttribute('data-job')] = new JobLog(d, d.getAttribute('data-index'), self);
     });
     window.addEventListener('hashchange', function () { self.highlight(location.hash.slice(1)); });
-    this.open(0);
+    var full = /[?&]full=1/.test(location.search) || /^L/.test(this.target);
+    this.open(0, full ? 0 : TAIL_BYTES);
   }
   BuildPage.prototype.job = function (id) {
     if (!this.jobs[id]) {
@@ -247,8 +248,8 @@
     }
     return this.jobs[id];
   };
-  BuildPage.prototype.open = function (from) {
-    var self = this, es = new EventSource(this.url + '?from=' + from);
+  BuildPage.prototype.open = function (from, tail) {
+    var self = this, es = new EventSource(this.url + '?from=' + from + (tail ? '&tail=' + tail : ''));
     this.es = es;
     var push = function (kind) {
       return function (e) {
@@ -268,11 +269,29 @@
       es.addEventListener(k, push(k));
     });
     es.addEventListener('end', function () { self.ended = true; es.close(); });
+    es.addEventListener('skip', function (e) { self.skipped(JSON.parse(e.data)); });
     es.addEventListener('error', function () {
       if (es.readyState === EventSource.CLOSED && !self.ended && !self.paused) {
         self.bar('The live log stopped (signed out or the server went away). Reload the page to retry.');
       }
     });
+  };
+  // The stream starts near the end of a long log: number lines from where it starts and say
+  // what is not loaded.
+  BuildPage.prototype.skipped = function (d) {
+    var mb = (d.bytes / 1048576).toFixed(1);
+    for (var id in d.lines) {
+      var j = this.job(id);
+      j.n = d.lines[id];
+      var note = el('div', 'notice', j.n + ' earlier lines (of ' + mb + ' MiB of log) are not loaded: ');
+      var raw = j.details.querySelector('a.raw');
+      if (raw) { var r = el('a', null, 'raw log'); r.href = raw.href; note.appendChild(r); note.appendChild(document.createTextNode(' · ')); }
+      var all = el('a', null, 'load all');
+      all.href = '?full=1';
+      note.appendChild(all);
+      j.box.insertBefore(note, j.box.firstChild);
+      j.notice = note;
+    }
   };
   BuildPage.prototype.schedule = function () {
     if (this.scheduled) return;

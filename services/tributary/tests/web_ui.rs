@@ -600,24 +600,33 @@ async fn a_running_build_is_canceled_from_its_page() {
     )
     .await;
 
-    // A long log: the page keeps at most 20,000 of its 60,000 lines, numbered right.
+    // A long log (1.2 MiB, 200,000 lines): the page loads only its last ~1 MB, keeps at most
+    // 20,000 lines, and numbers them as in the whole log.
     s.project(
         &s.token,
         "long",
-        "jobs:\n  long:\n    steps:\n      - run: seq 1 60000\n",
+        "jobs:\n  long:\n    steps:\n      - run: seq 1 200000\n",
     );
     let long = s.trigger(&s.token, "long");
+    s.ok(&s.token, &["logs", &long, "-f"]);
     b.c()
         .goto(&format!("{}/ui/builds/{long}", s.addr))
         .await
         .unwrap();
-    b.until("line 60000, numbered 60000", || async {
-        b.text("#L0-60000 .t").await.filter(|t| t == "60000")
+    b.until("line 200000, numbered 200000", || async {
+        b.text("#L0-200000 .t").await.filter(|t| t == "200000")
     })
     .await;
+    assert_eq!(b.text("#L0-199990 .t").await.as_deref(), Some("199990"));
     let kept = b.count("details.joblog .ln").await;
     assert!((1000..=20_000).contains(&kept), "{kept} lines in the page");
-    assert!(b.text("details.joblog .notice").await.is_some());
+    let notice = b.text("details.joblog .notice").await.unwrap();
+    assert!(notice.contains("earlier lines"), "{notice}");
+    assert_eq!(
+        b.count("#L0-1").await,
+        0,
+        "the head of the log was not loaded"
+    );
 
     // The agents page lists the two embedded agents.
     b.c().goto(&format!("{}/ui/agents", s.addr)).await.unwrap();

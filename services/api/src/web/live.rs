@@ -4,6 +4,8 @@
 //! (0, or the offset after the `Last-Event-ID` a reconnecting browser sends), then follows the
 //! log, through the same [`follow_build`] as the gRPC `TailLogs`: no gap, no duplicate. Every
 //! event carries its log offset as its SSE id, so a reader can resume exactly where it left.
+//! With `tail=BYTES` (and no resume) a long log starts near its end ([`super::tail`]): a first
+//! `skip` event says how many bytes and, per job, how many lines were left out.
 //!
 //! | event     | when                      | data (JSON)                                  |
 //! |-----------|---------------------------|----------------------------------------------|
@@ -14,6 +16,7 @@
 //! | `attempt` | `JobStarted`              | `j`, `a`                                      |
 //! | `changed` | any other event of the build | `{}`: re-fetch the summary `?after=<id>`  |
 //! | `end`     | `BuildFinished` (then the stream closes) | `status`                       |
+//! | `skip`    | first, with `tail=` on a long log | `bytes`, `lines` {job: count}         |
 //!
 //! [`project`]: a `changed` event whenever a build of the project moves (not for log lines).
 
@@ -35,6 +38,7 @@ use tributary_eventlog::Record;
 use tributary_proto::events::{envelope::Payload, Envelope};
 
 use super::format::utf8_chunk;
+use super::tail::{tail_start, Chunk};
 use super::{api_session, WebError};
 use crate::builds::build_of;
 use crate::follow::{follow_build, next_batch, Step};
@@ -46,6 +50,9 @@ const BUFFER: usize = 256;
 #[derive(Deserialize)]
 pub struct From {
     from: Option<u64>,
+    /// Start near the end: skip the oldest log chunks so about this many bytes remain
+    /// (ignored when resuming).
+    tail: Option<u64>,
 }
 
 /// Where a stream starts: after the `Last-Event-ID` of a reconnecting browser, else `from`.
@@ -135,16 +142,68 @@ pub async fn build(
 ) -> Result<Response, WebError> {
     let session = api_session(&state, &headers)?;
     build_of(&state, &session.who, &id).await?;
-    let from = start_offset(&headers, q.from);
+    let mut from = start_offset(&headers, q.from);
     let (tx, rx) = mpsc::channel(BUFFER);
     let log = state.log.clone();
     let guard = TailGuard::new(&state);
+    let tail = q.tail.filter(|&t| t > 0 && from == 0);
     tokio::spawn(async move {
         let _guard = guard;
+        if let Some(tail) = tail {
+            let skipped = match scan_chunks(log.as_ref(), &id).await {
+                Ok(chunks) => tail_start(&chunks, tail),
+                Err(e) => {
+                    let _ = tx.send(Err(e)).await;
+                    return;
+                }
+            };
+            if skipped.from > 0 {
+                from = skipped.from;
+                let event = Event::default()
+                    .event("skip")
+                    .data(json!({"bytes": skipped.bytes, "lines": skipped.lines}).to_string());
+                if tx.send(Ok(event)).await.is_err() {
+                    return;
+                }
+            }
+        }
         let mut events = BuildEvents::default();
         follow_build(log.as_ref(), &id, from, true, &tx, |r, e| events.map(r, e)).await;
     });
     Ok(([("x-accel-buffering", "no")], to_sse(rx)).into_response())
+}
+
+/// Every `LogChunk` of the build now on the log: offset, job, size and newlines.
+async fn scan_chunks(
+    log: &dyn tributary_eventlog::EventLog,
+    build_id: &str,
+) -> Result<Vec<Chunk>, Status> {
+    let mut chunks = Vec::new();
+    let mut next = 0;
+    loop {
+        let records = log
+            .read_key(build_id, next, 4096)
+            .await
+            .map_err(|e| Status::unavailable(e.to_string()))?;
+        let Some(last) = records.last() else {
+            return Ok(chunks);
+        };
+        next = last.offset + 1;
+        for record in &records {
+            if let Ok(Envelope {
+                payload: Some(Payload::LogChunk(c)),
+                ..
+            }) = record.decode()
+            {
+                chunks.push(Chunk {
+                    offset: record.offset,
+                    bytes: c.data.len() as u64,
+                    lines: c.data.iter().filter(|&&b| b == b'\n').count() as u64,
+                    job: c.job,
+                });
+            }
+        }
+    }
 }
 
 /// Whether an event moves a build in a way the builds table shows (not log lines).

@@ -25,6 +25,7 @@ pub mod live;
 pub mod login;
 pub mod projects;
 pub mod session;
+pub mod tail;
 
 use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Redirect, Response};
