@@ -264,6 +264,17 @@ impl Browser {
         .await;
     }
 
+    /// Runs `script` with `box` bound to the first job's log box; returns its value.
+    async fn log_js(&self, script: &str) -> serde_json::Value {
+        self.c()
+            .execute(
+                &format!("var box = document.querySelector('details.joblog .log'); {script}"),
+                vec![],
+            )
+            .await
+            .unwrap()
+    }
+
     /// Text of the first element matching `css`, if any.
     async fn text(&self, css: &str) -> Option<String> {
         let el = self.c().find(Locator::Css(css)).await.ok()?;
@@ -531,7 +542,7 @@ async fn a_running_build_is_canceled_from_its_page() {
     s.project(
         &s.token,
         "slow",
-        "jobs:\n  slow:\n    steps:\n      - run: for i in $(seq 1 1200); do echo \"waiting $i\"; sleep 0.1; done\n",
+        "jobs:\n  slow:\n    steps:\n      - run: seq 1 300; for i in $(seq 1 1200); do echo \"waiting $i\"; sleep 0.1; done\n",
     );
     let b = Browser::start().await;
     let build = s.trigger(&s.token, "slow");
@@ -539,6 +550,38 @@ async fn a_running_build_is_canceled_from_its_page() {
         .await;
     b.until("a log line", || async {
         (b.count("details.joblog .ln").await > 0).then_some(())
+    })
+    .await;
+    // Auto-scroll: the log follows its end until the reader scrolls up; then new lines do not
+    // move it, until "follow" is clicked.
+    b.until("the log overflows its box, scrolled to the end", || async {
+        let v = b.log_js("return box.scrollHeight > box.clientHeight + 100 && box.scrollTop + box.clientHeight >= box.scrollHeight - 8;").await;
+        (v == serde_json::json!(true)).then_some(())
+    })
+    .await;
+    b.log_js("box.scrollTop = 0; return 0;").await;
+    b.until("the follow button appears", || async {
+        b.c()
+            .find(Locator::Css("details.joblog button.follow:not([hidden])"))
+            .await
+            .ok()
+    })
+    .await;
+    let before = b.count("details.joblog .ln").await;
+    b.until("more lines while scrolled up", || async {
+        (b.count("details.joblog .ln").await > before + 3).then_some(())
+    })
+    .await;
+    assert_eq!(
+        b.log_js("return box.scrollTop;").await,
+        serde_json::json!(0)
+    );
+    b.click("details.joblog button.follow").await;
+    b.until("following the end again", || async {
+        let v = b
+            .log_js("return box.scrollTop + box.clientHeight >= box.scrollHeight - 8;")
+            .await;
+        (v == serde_json::json!(true)).then_some(())
     })
     .await;
     // The agents page shows the job the build runs, on the agent that runs it.
