@@ -128,8 +128,9 @@ pub fn set_cookie(token: Option<&str>, secure: bool) -> String {
     c.build().to_string()
 }
 
-/// A POST is same-origin: its `Origin` (when sent) names the host it was sent to, and
-/// `Sec-Fetch-Site` (when sent) does not say cross-site.
+/// A POST is same-origin: its `Origin` (when sent) names the host it was sent to (`Host`, or
+/// `X-Forwarded-Host` behind a proxy), and `Sec-Fetch-Site` (when sent) does not say
+/// cross-site.
 pub fn same_origin(headers: &HeaderMap) -> bool {
     let get = |name: &str| headers.get(name).and_then(|v| v.to_str().ok());
     if let Some(site) = get("sec-fetch-site") {
@@ -137,14 +138,18 @@ pub fn same_origin(headers: &HeaderMap) -> bool {
             return false;
         }
     }
-    match (get("origin"), get("host")) {
-        (Some("null"), _) => false,
-        (Some(origin), Some(host)) => {
+    // Behind a proxy that rewrites Host, X-Forwarded-Host names the host the browser used.
+    let hosts = [get("host"), get("x-forwarded-host")];
+    match get("origin") {
+        Some("null") => false,
+        Some(origin) => {
             let origin_host = origin.split_once("://").map_or(origin, |(_, rest)| rest);
-            origin_host.eq_ignore_ascii_case(host)
+            hosts
+                .iter()
+                .flatten()
+                .any(|h| origin_host.eq_ignore_ascii_case(h.trim()))
         }
-        (Some(_), None) => false,
-        (None, _) => true,
+        None => true,
     }
 }
 
@@ -248,6 +253,12 @@ mod tests {
             ("host", "ci:7700"),
             ("origin", "null")
         ])));
+        assert!(same_origin(&headers(&[
+            ("host", "127.0.0.1:7700"),
+            ("x-forwarded-host", "ci.example"),
+            ("origin", "https://ci.example")
+        ])));
+        assert!(!same_origin(&headers(&[("origin", "https://ci.example")])));
         assert!(!same_origin(&headers(&[
             ("host", "ci:7700"),
             ("sec-fetch-site", "cross-site")
