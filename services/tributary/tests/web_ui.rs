@@ -739,6 +739,8 @@ async fn another_tenant_cannot_see_a_build_or_its_log() {
         format!("{page}/events"),
         format!("{page}/summary"),
         format!("{page}/log.txt?job=a"),
+        "/ui/projects/secret/live".to_owned(),
+        "/ui/projects/secret/rows".to_owned(),
     ] {
         let r = h.get(&path, Some(&globex)).await;
         assert_eq!(r.status, 404, "{path}");
@@ -785,6 +787,17 @@ async fn another_tenant_cannot_see_a_build_or_its_log() {
         ),
     );
     let running = s.trigger(&acme, "waits");
+    let deadline = Instant::now() + WAIT;
+    while s.status(&acme, &running) != "running" {
+        assert!(Instant::now() < deadline, "the build never started");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    // The shared agents page: acme sees its running job; globex sees the agent busy, not whose.
+    let mine = h.get("/ui/agents", Some(&acme)).await.body;
+    assert!(mine.contains(&format!("/ui/builds/{running}")), "{mine}");
+    let theirs = h.get("/ui/agents", Some(&globex)).await.body;
+    assert!(!theirs.contains(&running), "{theirs}");
+    assert!(theirs.contains("of other tenants"), "{theirs}");
     let cancel = format!("/ui/builds/{running}/cancel");
     let form = [("content-type", "application/x-www-form-urlencoded")];
     let r = h.send("POST", &cancel, Some(&acme), &form, "csrf=").await;
