@@ -46,6 +46,10 @@ pub enum Command {
     ///
     /// On first start it creates the admin token in DIR/admin.token (mode 0600). Projects are
     /// git repositories (URL or local path); builds read `.tributary.yml` at the commit.
+    ///
+    /// The web UI is on the same address: open http://ADDR/ and sign in with an API token
+    /// (builds, live logs, cancel, re-run failed jobs, agents). Behind a TLS proxy, have it set
+    /// `X-Forwarded-Proto: https` so the session cookie is marked Secure.
     Up(UpArgs),
     /// Add or list projects on a server.
     #[command(subcommand)]

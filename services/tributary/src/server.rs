@@ -157,7 +157,7 @@ pub async fn up(args: UpArgs) -> anyhow::Result<ExitCode> {
     };
 
     println!(
-        "tributary is up: gRPC and HTTP on http://{addr}, data in {}",
+        "tributary is up: gRPC and HTTP on http://{addr} (web UI: http://{addr}/ui/), data in {}",
         data.path.display()
     );
     if first_start {

@@ -881,6 +881,11 @@ async fn another_tenant_cannot_see_a_build_or_its_log() {
     })
     .await;
     assert_eq!(b.count(".log .ln").await, 0);
+    assert_eq!(
+        b.text("header.top .who").await.as_deref(),
+        Some("globex"),
+        "signed in as globex, with the navigation"
+    );
     let source = b.c().source().await.unwrap();
     assert!(!source.contains("acme-only-output"));
     // Cookies: HttpOnly, so the page's scripts cannot read the token.

@@ -25,7 +25,9 @@ pub async fn page(
 ) -> Result<Markup, WebError> {
     let here = format!("/ui/builds/{}", urlencode(&id));
     let session = page_session(&state, &headers, &here)?;
-    let build = build_of(&state, &session.who, &id).await?;
+    let build = build_of(&state, &session.who, &id)
+        .await
+        .map_err(|e| WebError::from(e).in_page(&session))?;
     let now = tributary_proto::now_us();
     Ok(page_markup(&build, &session, now))
 }

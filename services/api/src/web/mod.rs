@@ -98,6 +98,15 @@ pub enum WebError {
     BadRequest(String),
     /// The log or a read model is not available now: 503.
     Unavailable(String),
+    /// An error on a page of a signed-in viewer: the page keeps its navigation.
+    InPage(Box<WebError>, Box<Session>),
+}
+
+impl WebError {
+    /// Shows this error inside the signed-in page shell.
+    pub fn in_page(self, session: &Session) -> WebError {
+        WebError::InPage(Box::new(self), Box::new(session.clone()))
+    }
 }
 
 impl From<tonic::Status> for WebError {
@@ -114,7 +123,11 @@ impl From<tonic::Status> for WebError {
 
 impl IntoResponse for WebError {
     fn into_response(self) -> Response {
-        let (status, title, text) = match self {
+        let (error, session) = match self {
+            WebError::InPage(error, session) => (*error, Some(session)),
+            other => (other, None),
+        };
+        let (status, title, text) = match error {
             WebError::SignIn { next } => {
                 let q = format!("/ui/login?next={}", urlencode(&next));
                 return Redirect::to(&q).into_response();
@@ -128,8 +141,9 @@ impl IntoResponse for WebError {
                 "Unavailable",
                 format!("{what} (retry in a moment)"),
             ),
+            WebError::InPage(inner, _) => return inner.into_response(),
         };
-        (status, layout::message(title, None, &text)).into_response()
+        (status, layout::message(title, session.as_deref(), &text)).into_response()
     }
 }
 

@@ -109,7 +109,9 @@ pub async fn builds(
 ) -> Result<Markup, WebError> {
     let here = format!("/ui/projects/{}", urlencode(&project));
     let session = page_session(&state, &headers, &here)?;
-    let builds = project_builds(&state, &session.who.tenant, &project, None).await?;
+    let builds = project_builds(&state, &session.who.tenant, &project, None)
+        .await
+        .map_err(|e| e.in_page(&session))?;
     let now = tributary_proto::now_us();
     Ok(page(
         &project,

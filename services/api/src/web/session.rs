@@ -26,6 +26,15 @@ pub struct Session {
     token: String,
 }
 
+impl std::fmt::Debug for Session {
+    /// Never prints the token.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Session")
+            .field("who", &self.who)
+            .finish_non_exhaustive()
+    }
+}
+
 /// Why a request is not signed in.
 #[derive(Debug, PartialEq, Eq, thiserror::Error)]
 pub enum Denied {
