@@ -703,6 +703,29 @@ async fn another_tenant_cannot_see_a_build_or_its_log() {
     assert_eq!(stream.status, 200);
     assert!(stream.body.contains("acme-only-output"), "{}", stream.body);
     assert!(stream.body.contains("event: end"), "{}", stream.body);
+    // The builds table's live stream starts where the page was read: a build triggered
+    // between loading the page and opening the stream is not missed. (An invalid pipeline:
+    // the build is triggered and fails in one append, so nothing follows to hide a gap.)
+    s.project(&acme, "broken", "jobs: {}\n");
+    let list = h.get("/ui/projects/broken", Some(&acme)).await.body;
+    let live = list
+        .split("data-live=\"")
+        .nth(1)
+        .and_then(|rest| rest.split('"').next())
+        .unwrap()
+        .replace("&amp;", "&");
+    let between = s.trigger(&acme, "broken");
+    assert_eq!(s.status(&acme, &between), "failed");
+    let changes = h.get(&live, Some(&acme)).await;
+    assert_eq!(changes.status, 200);
+    assert!(
+        changes.body.contains("event: changed"),
+        "{live}: {}",
+        changes.body
+    );
+    let rows = h.get("/ui/projects/broken/rows", Some(&acme)).await.body;
+    assert!(rows.contains(&between), "{rows}");
+
     // A reconnecting reader (Last-Event-ID) gets exactly the events after that one.
     let ids: Vec<u64> = stream
         .body

@@ -18,7 +18,8 @@
 //! | `end`     | `BuildFinished` (then the stream closes) | `status`                       |
 //! | `skip`    | first, with `tail=` on a long log | `bytes`, `lines` {job: count}         |
 //!
-//! [`project`]: a `changed` event whenever a build of the project moves (not for log lines).
+//! [`project`]: a `changed` event whenever a build of the project moves (not for log lines),
+//! from `from` (the offset the page's table was read at, so nothing in between is missed).
 
 use std::collections::HashMap;
 use std::convert::Infallible;
@@ -225,6 +226,7 @@ fn moves_build(env: &Envelope) -> bool {
 pub async fn project(
     State(state): State<ApiState>,
     Path(project): Path<String>,
+    Query(q): Query<From>,
     headers: HeaderMap,
 ) -> Result<Response, WebError> {
     let session = api_session(&state, &headers)?;
@@ -237,7 +239,10 @@ pub async fn project(
         .end_offset()
         .await
         .map_err(crate::state::internal)?;
-    let mut sub = state.log.subscribe(start_offset(&headers, Some(end)));
+    // From the offset the page was rendered at (nothing between is missed), never beyond the
+    // end; else from now.
+    let from = start_offset(&headers, Some(q.from.map_or(end, |f| f.min(end))));
+    let mut sub = state.log.subscribe(from);
     let (tx, rx) = mpsc::channel(BUFFER);
     let guard = TailGuard::new(&state);
     tokio::spawn(async move {

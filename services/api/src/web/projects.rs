@@ -83,23 +83,26 @@ pub fn build_rows(builds: &[Build], now_us: i64) -> Markup {
     }
 }
 
+/// The project's latest builds, read once the read model has folded the log up to the
+/// returned offset (exclusive).
 async fn project_builds(
     state: &ApiState,
     tenant: &str,
     project: &str,
     after: Option<u64>,
-) -> Result<Vec<Build>, WebError> {
+) -> Result<(Vec<Build>, u64), WebError> {
     let known = state.directory(|d| d.project(tenant, project).is_some())?;
     if !known {
         return Err(WebError::NotFound(format!("no project {project}")));
     }
     let end = after_end(state, after).await?;
     state.wait_builds(end).await?;
-    Ok(state
+    let builds = state
         .store
         .list_builds_for(tenant, Some(project), None, LIST_LIMIT)
         .await
-        .map_err(internal)?)
+        .map_err(internal)?;
+    Ok((builds, end))
 }
 
 pub async fn builds(
@@ -109,7 +112,7 @@ pub async fn builds(
 ) -> Result<Markup, WebError> {
     let here = format!("/ui/projects/{}", urlencode(&project));
     let session = page_session(&state, &headers, &here)?;
-    let builds = project_builds(&state, &session.who.tenant, &project, None)
+    let (builds, end) = project_builds(&state, &session.who.tenant, &project, None)
         .await
         .map_err(|e| e.in_page(&session))?;
     let now = tributary_proto::now_us();
@@ -119,7 +122,7 @@ pub async fn builds(
         html! {
             h1 { (project) " " small { "builds" } }
             p.hint { "Updates live. Trigger with " code { "tributary trigger " (project) } "." }
-            table.list #builds data-live={(here) "/live"} data-rows={(here) "/rows"} {
+            table.list #builds data-live={(here) "/live?from=" (end)} data-rows={(here) "/rows"} {
                 thead { tr {
                     th { "build" } th { "status" } th { "ref" } th { "commit" }
                     th.wide { "by" } th.wide { "triggered" } th { "duration" }
@@ -142,7 +145,7 @@ pub async fn rows(
     headers: HeaderMap,
 ) -> Result<Markup, WebError> {
     let session = api_session(&state, &headers)?;
-    let builds = project_builds(&state, &session.who.tenant, &project, q.after).await?;
+    let (builds, _) = project_builds(&state, &session.who.tenant, &project, q.after).await?;
     Ok(build_rows(&builds, tributary_proto::now_us()))
 }
 
