@@ -32,5 +32,6 @@ fi
 # Podman serving the Docker API on unix:///run/podman/podman.sock, image localhost/ci-busybox
 # (container executor tests).
 $( [ "$(id -u)" -eq 0 ] || echo sudo ) "$(dirname "$0")/setup-containers.sh"
+# Headless chromium and chromedriver for the web UI's browser tests.
+"$(dirname "$0")/setup-browser.sh"
 echo "setup: ready ($(cargo --version))"
-"$(dirname "$0")/setup-browser.sh"   # chromium + chromium-driver for the web UI's browser tests
