@@ -12,6 +12,9 @@ use std::time::{Duration, Instant};
 use fantoccini::{Client, ClientBuilder, Locator};
 use http_body_util::BodyExt;
 
+/// Lines every job log starts with: the commands to recreate the job locally (services/agent
+/// recreate.rs), before the job's own output.
+const PREAMBLE: usize = 3;
 const WAIT: Duration = Duration::from_secs(90);
 
 // ------------------------------------------------------------------ the server
@@ -422,7 +425,7 @@ async fn the_log_is_live_and_lines_show_exit_codes() {
     assert!(seen >= 5);
     assert_eq!(s.status(&s.token, &build), "running");
     assert_eq!(
-        b.text("#L0-1 .t").await.as_deref(),
+        b.text(&format!("#L0-{} .t", 1 + PREAMBLE)).await.as_deref(),
         Some("tick 1"),
         "lines are numbered from 1 in order"
     );
@@ -431,7 +434,12 @@ async fn the_log_is_live_and_lines_show_exit_codes() {
         b.text(".log span.f2").await.filter(|t| t == "green done")
     })
     .await;
-    assert_eq!(b.text("#L0-30 .t").await.as_deref(), Some("tick 30"));
+    assert_eq!(
+        b.text(&format!("#L0-{} .t", 30 + PREAMBLE))
+            .await
+            .as_deref(),
+        Some("tick 30")
+    );
     std::fs::write(&gate, "go").unwrap();
 
     // The build ends: the summary shows the final status and each line's exit code.
@@ -489,7 +497,9 @@ async fn the_log_is_live_and_lines_show_exit_codes() {
     b.c().set_window_size(390, 1400).await.unwrap();
     b.c().refresh().await.unwrap();
     b.until("the log replayed at phone size", || async {
-        b.text("#L0-30 .t").await.filter(|t| t == "tick 30")
+        b.text(&format!("#L0-{} .t", 30 + PREAMBLE))
+            .await
+            .filter(|t| t == "tick 30")
     })
     .await;
     let overflow: serde_json::Value = b
@@ -513,7 +523,7 @@ async fn the_log_is_live_and_lines_show_exit_codes() {
 
     // A link to a line highlights it once the replayed log reaches it.
     b.c()
-        .goto(&format!("{}/ui/builds/{build}#L0-7", s.addr))
+        .goto(&format!("{}/ui/builds/{build}#L0-{}", s.addr, 7 + PREAMBLE))
         .await
         .unwrap();
     b.until("line 7 highlighted", || async {
@@ -657,10 +667,17 @@ async fn a_running_build_is_canceled_from_its_page() {
         .await
         .unwrap();
     b.until("line 200000, numbered 200000", || async {
-        b.text("#L0-200000 .t").await.filter(|t| t == "200000")
+        b.text(&format!("#L0-{} .t", 200000 + PREAMBLE))
+            .await
+            .filter(|t| t == "200000")
     })
     .await;
-    assert_eq!(b.text("#L0-199990 .t").await.as_deref(), Some("199990"));
+    assert_eq!(
+        b.text(&format!("#L0-{} .t", 199990 + PREAMBLE))
+            .await
+            .as_deref(),
+        Some("199990")
+    );
     let kept = b.count("details.joblog .ln").await;
     assert!((1000..=20_000).contains(&kept), "{kept} lines in the page");
     let notice = b.text("details.joblog .notice").await.unwrap();
@@ -755,7 +772,13 @@ async fn another_tenant_cannot_see_a_build_or_its_log() {
         .collect();
     assert_eq!(rest, ids[ids.len() / 2 + 1..].to_vec());
     let raw = h.get(&format!("{page}/log.txt"), Some(&acme)).await;
-    assert_eq!(raw.body, "acme-only-output\n");
+    assert!(
+        raw.body
+            .starts_with("tributary: to recreate this job locally")
+            && raw.body.ends_with("\nacme-only-output\n"),
+        "{}",
+        raw.body
+    );
     // Another tenant gets "not found" for every view of it, and learns nothing from it.
     for path in [
         page.clone(),
