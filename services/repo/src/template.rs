@@ -61,7 +61,7 @@ pub(crate) async fn save(ws: PathBuf, template: PathBuf) -> io::Result<()> {
         name.push(format!(".tmp-{}-{nanos}", std::process::id()));
         let tmp = parent.join(name);
         std::fs::create_dir(&tmp)?;
-        let saved = copy_tree(&ws, &tmp, false).and_then(|()| std::fs::rename(&tmp, &template));
+        let saved = sync_tree(&ws, &tmp, false).and_then(|()| std::fs::rename(&tmp, &template));
         if saved.is_err() || tmp.exists() {
             let _ = std::fs::remove_dir_all(&tmp);
         }
@@ -83,32 +83,11 @@ async fn blocking<T: Send + 'static>(
         .map_err(|e| io::Error::other(format!("template task failed: {e}")))?
 }
 
-/// Copies the contents of `from` into the existing directory `to`. Files under `.git/objects`
-/// are hard-linked (git never changes an object file in place), other files copied with their
-/// permissions and modification time (so git's index still matches them), symbolic links recreated as they are (never followed).
-/// git's sample hooks and description are left out: nothing reads them.
-fn copy_tree(from: &Path, to: &Path, in_objects: bool) -> io::Result<()> {
-    for entry in std::fs::read_dir(from)? {
-        let entry = entry?;
-        let src = entry.path();
-        if is_git_clutter(from, &src) {
-            continue;
-        }
-        let dst = to.join(entry.file_name());
-        let kind = entry.file_type()?;
-        if kind.is_symlink() {
-            std::os::unix::fs::symlink(std::fs::read_link(&src)?, &dst)?;
-        } else if kind.is_dir() {
-            std::fs::create_dir(&dst)?;
-            copy_tree(&src, &dst, in_objects || is_objects_dir(from, &src))?;
-        } else {
-            copy_file(&src, &dst, in_objects)?;
-        }
-    }
-    Ok(())
-}
-
-/// Makes the existing directory `to` hold exactly what `from` holds (see [`restore`]).
+/// Makes the existing directory `to` hold exactly what `from` holds (see [`restore`]); into an
+/// empty `to` that is a copy. Files under `.git/objects` are hard-linked (git never changes an
+/// object file in place), other files copied with their permissions and modification time (so
+/// git's index still matches them), symbolic links recreated as they are (never followed); git's
+/// sample hooks and description are left out: nothing reads them.
 fn sync_tree(from: &Path, to: &Path, in_objects: bool) -> io::Result<()> {
     // First remove what `from` does not have, or has as another kind of entry.
     for entry in std::fs::read_dir(to)? {
