@@ -3,168 +3,69 @@
 //! agent, drain on SIGTERM (the running job finishes, exit 0), and a second signal stopping at
 //! once (exit 130).
 
+mod common;
+
 use std::io::{BufRead, BufReader};
 use std::path::PathBuf;
-use std::process::{Child, ChildStdout, Command, ExitStatus, Output, Stdio};
+use std::process::{ChildStdout, Command, ExitStatus, Stdio};
 use std::time::{Duration, Instant};
 
+use common::{bin, job, wait_secs as wait_until, Proc, Server};
 use serde_json::Value;
 
-struct Proc(Child);
-
-impl Drop for Proc {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
+/// `tributary up` without in-process agents.
+fn start() -> Server {
+    common::start_with(&["--agents", "0"])
 }
 
-fn bin() -> &'static str {
-    env!("CARGO_BIN_EXE_tributary")
+fn job_status(server: &Server, build: &str, id: &str) -> String {
+    job(&server.get(build), id)["status"]
+        .as_str()
+        .unwrap_or_default()
+        .to_owned()
 }
 
-fn wait_until(what: &str, secs: u64, mut f: impl FnMut() -> bool) {
-    let deadline = Instant::now() + Duration::from_secs(secs);
-    while !f() {
-        assert!(Instant::now() < deadline, "timed out waiting for {what}");
-        std::thread::sleep(Duration::from_millis(50));
-    }
+/// The agent's --workdir (relative to the server's root, where the agent runs).
+fn workdir(server: &Server) -> PathBuf {
+    server.root.join("agent")
 }
 
-struct Server {
-    _proc: Proc,
-    addr: String,
-    token: String,
-    dir: tempfile::TempDir,
-}
-
-impl Server {
-    fn start() -> Server {
-        let dir = tempfile::tempdir().unwrap();
-        let port = std::net::TcpListener::bind("127.0.0.1:0")
-            .unwrap()
-            .local_addr()
-            .unwrap()
-            .port();
-        let addr = format!("127.0.0.1:{port}");
-        let child = Command::new(bin())
-            .args(["up", "--agents", "0", "--listen", &addr, "--data"])
-            .arg(dir.path().join("data"))
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap();
-        let proc = Proc(child);
-        wait_until("the server", 30, || {
-            std::net::TcpStream::connect(&addr).is_ok()
-        });
-        let token = std::fs::read_to_string(dir.path().join("data/admin.token"))
-            .unwrap()
-            .trim()
-            .to_owned();
-        Server {
-            _proc: proc,
-            addr: format!("http://{addr}"),
-            token,
-            dir,
-        }
+/// `tributary agent` with `token` (None: without one, as on a restart).
+fn spawn_agent(server: &Server, token: Option<&str>) -> Agent {
+    let log = server
+        .root
+        .join(format!("agent-{}.log", tributary_proto::new_id()));
+    let mut cmd = Command::new(bin());
+    // A relative --workdir: jobs run in their own directories, so the agent must make it
+    // absolute.
+    cmd.args([
+        "agent",
+        "--server",
+        &server.addr,
+        "--name",
+        "box",
+        "--capacity",
+        "1",
+    ])
+    .args(["--workdir", "agent"])
+    .current_dir(&server.root)
+    .env_remove("TRIBUTARY_ENROLLMENT_TOKEN")
+    .env("TRIBUTARY_LOG", "info")
+    .stdout(Stdio::piped())
+    .stderr(std::fs::File::create(&log).unwrap());
+    if let Some(token) = token {
+        cmd.args(["--token", token]);
     }
-
-    fn cli(&self, args: &[&str]) -> Output {
-        Command::new(bin())
-            .args(args)
-            .env("TRIBUTARY_SERVER", &self.addr)
-            .env("TRIBUTARY_TOKEN", &self.token)
-            .output()
-            .unwrap()
-    }
-
-    fn ok(&self, args: &[&str]) -> String {
-        let out = self.cli(args);
-        assert!(
-            out.status.success(),
-            "{args:?}: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        String::from_utf8_lossy(&out.stdout).into_owned()
-    }
-
-    fn project(&self, name: &str, pipeline: &str) {
-        let repo = self.dir.path().join(name);
-        std::fs::create_dir_all(&repo).unwrap();
-        let git = |args: &[&str]| {
-            let ok = Command::new("git")
-                .args(["-c", "user.name=t", "-c", "user.email=t@t"])
-                .args(args)
-                .current_dir(&repo)
-                .status()
-                .unwrap()
-                .success();
-            assert!(ok, "git {args:?}");
-        };
-        git(&["init", "-q", "-b", "main"]);
-        std::fs::write(repo.join(".tributary.yml"), pipeline).unwrap();
-        git(&["add", "."]);
-        git(&["commit", "-qm", "init"]);
-        self.ok(&["project", "add", name, "--repo", repo.to_str().unwrap()]);
-    }
-
-    fn get(&self, build: &str) -> Value {
-        serde_json::from_str(&self.ok(&["get", build, "--json"])).unwrap()
-    }
-
-    fn job_status(&self, build: &str, job: &str) -> String {
-        self.get(build)["jobs"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .find(|j| j["id"] == job)
-            .map(|j| j["status"].as_str().unwrap_or_default().to_owned())
-            .unwrap_or_default()
-    }
-
-    fn workdir(&self) -> PathBuf {
-        self.dir.path().join("agent")
-    }
-
-    /// `tributary agent` with `token` (None: without one, as on a restart).
-    fn agent(&self, token: Option<&str>) -> Agent {
-        let log = self
-            .dir
-            .path()
-            .join(format!("agent-{}.log", tributary_proto::new_id()));
-        let mut cmd = Command::new(bin());
-        // A relative --workdir: jobs run in their own directories, so the agent must make it
-        // absolute.
-        cmd.args([
-            "agent",
-            "--server",
-            &self.addr,
-            "--name",
-            "box",
-            "--capacity",
-            "1",
-        ])
-        .args(["--workdir", "agent"])
-        .current_dir(self.dir.path())
-        .env_remove("TRIBUTARY_ENROLLMENT_TOKEN")
-        .env("TRIBUTARY_LOG", "info")
-        .stdout(Stdio::piped())
-        .stderr(std::fs::File::create(&log).unwrap());
-        if let Some(token) = token {
-            cmd.args(["--token", token]);
-        }
-        let mut child = cmd.spawn().unwrap();
-        let mut stdout = BufReader::new(child.stdout.take().unwrap());
-        let proc = Proc(child);
-        let mut line = String::new();
-        stdout.read_line(&mut line).unwrap();
-        Agent {
-            proc,
-            first_line: line,
-            stdout,
-            log,
-        }
+    let mut child = cmd.spawn().unwrap();
+    let mut stdout = BufReader::new(child.stdout.take().unwrap());
+    let proc = Proc(child);
+    let mut line = String::new();
+    stdout.read_line(&mut line).unwrap();
+    Agent {
+        proc,
+        first_line: line,
+        stdout,
+        log,
     }
 }
 
@@ -230,9 +131,9 @@ const PIPELINE: &str =
 
 #[test]
 fn an_enrolled_agent_runs_builds_keeps_its_identity_and_drains_on_sigterm() {
-    let server = Server::start();
+    let server = start();
     let enrollment = server
-        .ok(&[
+        .admin(&[
             "admin",
             "token-create",
             "--tenant",
@@ -244,7 +145,7 @@ fn an_enrolled_agent_runs_builds_keeps_its_identity_and_drains_on_sigterm() {
         .to_owned();
     server.project("app", PIPELINE);
 
-    let mut agent = server.agent(Some(&enrollment));
+    let mut agent = spawn_agent(&server, Some(&enrollment));
     let id = agent.id();
     assert!(
         agent.first_line.contains("(box)") && agent.first_line.contains(&server.addr),
@@ -252,21 +153,21 @@ fn an_enrolled_agent_runs_builds_keeps_its_identity_and_drains_on_sigterm() {
         agent.first_line
     );
     let identity: Value = serde_json::from_str(
-        &std::fs::read_to_string(server.workdir().join("agent.json")).unwrap(),
+        &std::fs::read_to_string(workdir(&server).join("agent.json")).unwrap(),
     )
     .unwrap();
     assert_eq!(identity["agent_id"], id.as_str());
     let mode = std::os::unix::fs::PermissionsExt::mode(
-        &std::fs::metadata(server.workdir().join("agent.json"))
+        &std::fs::metadata(workdir(&server).join("agent.json"))
             .unwrap()
             .permissions(),
     );
     assert_eq!(mode & 0o777, 0o600, "agent.json must be private");
 
     // A build runs on the agent; SIGTERM while it runs drains: the job still finishes.
-    let build = server.ok(&["trigger", "app"]).trim().to_owned();
+    let build = server.admin(&["trigger", "app"]).trim().to_owned();
     wait_until("the job to run", 30, || {
-        server.job_status(&build, "work") == "running"
+        job_status(&server, &build, "work") == "running"
     });
     agent.signal("TERM");
     let status = agent.wait_exit(30);
@@ -278,11 +179,11 @@ fn an_enrolled_agent_runs_builds_keeps_its_identity_and_drains_on_sigterm() {
     let b = server.get(&build);
     assert_eq!(b["status"], "succeeded", "{b}\nagent log:\n{}", agent.log());
     assert_eq!(b["jobs"][0]["agent_id"], id.as_str());
-    let logs = server.ok(&["logs", &build]);
+    let logs = server.admin(&["logs", &build]);
     assert!(logs.contains("done-by-agent"), "{logs}");
     // The attempt's workspace left its place (kept under .recycled for a later job); the
     // mirror is kept for the next build.
-    let work = server.workdir().join("work");
+    let work = workdir(&server).join("work");
     let left = || -> Vec<std::ffi::OsString> {
         std::fs::read_dir(&work)
             .map(|d| d.flatten().map(|e| e.file_name()).collect())
@@ -291,12 +192,12 @@ fn an_enrolled_agent_runs_builds_keeps_its_identity_and_drains_on_sigterm() {
     wait_until("the workspace to be recycled", 10, || {
         left() == [".recycled"]
     });
-    assert!(server.workdir().join("mirrors").is_dir());
+    assert!(workdir(&server).join("mirrors").is_dir());
 
     // A restart without a token is the same agent.
-    let again = server.agent(None);
+    let again = spawn_agent(&server, None);
     assert_eq!(again.id(), id);
-    let build = server.ok(&["trigger", "app"]).trim().to_owned();
+    let build = server.admin(&["trigger", "app"]).trim().to_owned();
     wait_until("the second build", 30, || {
         server.get(&build)["status"] == "succeeded"
     });
@@ -305,10 +206,10 @@ fn an_enrolled_agent_runs_builds_keeps_its_identity_and_drains_on_sigterm() {
 
 #[test]
 fn without_a_token_or_identity_the_agent_says_what_to_do() {
-    let server = Server::start();
+    let server = start();
     let out = Command::new(bin())
         .args(["agent", "--server", &server.addr, "--workdir"])
-        .arg(server.workdir())
+        .arg(workdir(&server))
         .env_remove("TRIBUTARY_ENROLLMENT_TOKEN")
         .output()
         .unwrap();
@@ -325,26 +226,26 @@ fn without_a_token_or_identity_the_agent_says_what_to_do() {
             "nope",
             "--workdir",
         ])
-        .arg(server.workdir())
+        .arg(workdir(&server))
         .output()
         .unwrap();
     assert_eq!(out.status.code(), Some(1));
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("refused to register"), "{err}");
-    assert!(!server.workdir().join("agent.json").exists());
+    assert!(!workdir(&server).join("agent.json").exists());
 }
 
 #[test]
 fn a_second_signal_stops_at_once() {
-    let server = Server::start();
+    let server = start();
     server.project(
         "slow",
         "jobs:\n  work:\n    steps:\n      - run: sleep 60\n",
     );
-    let mut agent = server.agent(Some(&server.token));
-    let build = server.ok(&["trigger", "slow"]).trim().to_owned();
+    let mut agent = spawn_agent(&server, Some(&server.token));
+    let build = server.admin(&["trigger", "slow"]).trim().to_owned();
     wait_until("the job to run", 30, || {
-        server.job_status(&build, "work") == "running"
+        job_status(&server, &build, "work") == "running"
     });
     agent.signal("TERM");
     std::thread::sleep(Duration::from_millis(300));

@@ -3,46 +3,16 @@
 //! drains; after the grace period the pool is back to zero; an agent is drained and released
 //! while another runs a long job, which finishes successfully.
 
-use std::path::Path;
-use std::process::{Child, Command, Output, Stdio};
-use std::time::{Duration, Instant};
+mod common;
 
+use std::path::Path;
+use std::process::{Command, Stdio};
+
+use common::{bin, of_type, wait_secs, Server};
 use serde_json::Value;
 
-struct Server {
-    child: Option<Child>,
-    addr: String,
-    token: String,
-    dir: tempfile::TempDir,
-}
-
-impl Drop for Server {
-    fn drop(&mut self) {
-        if let Some(mut child) = self.child.take() {
-            let _ = child.kill();
-            let _ = child.wait();
-        }
-    }
-}
-
-fn bin() -> &'static str {
-    env!("CARGO_BIN_EXE_tributary")
-}
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
-fn wait_until(what: &str, secs: u64, mut f: impl FnMut() -> bool) {
-    let deadline = Instant::now() + Duration::from_secs(secs);
-    while !f() {
-        assert!(Instant::now() < deadline, "timed out waiting for {what}");
-        std::thread::sleep(Duration::from_millis(200));
-    }
+fn wait_until(what: &str, secs: u64, f: impl FnMut() -> bool) {
+    wait_secs(what, secs, f)
 }
 
 /// Small, quick pool: agents billed by the second, a 3 s grace period.
@@ -64,160 +34,57 @@ billing = "second"
 max_agents = 4
 "#;
 
-impl Server {
-    /// `tributary up` with the autoscaler inside (local provider), or without one.
-    fn start() -> Server {
-        Self::start_with(true)
-    }
-
-    fn start_with(autoscaler: bool) -> Server {
-        let dir = tempfile::tempdir().unwrap();
-        let config = dir.path().join("pool.toml");
-        std::fs::write(&config, POOL).unwrap();
-        let addr = format!("127.0.0.1:{}", free_port());
-        let mut cmd = Command::new(bin());
-        cmd.args(["up", "--agents", "0", "--lease-ttl", "5", "--listen", &addr]);
-        if autoscaler {
-            cmd.arg("--autoscaler").arg(&config);
-        }
-        let child = cmd
-            .arg("--data")
-            .arg(dir.path().join("data"))
-            .env("TRIBUTARY_LOG", "info")
-            .stdout(Stdio::null())
-            .stderr(std::fs::File::create(dir.path().join("server.log")).unwrap())
-            .spawn()
-            .unwrap();
-        wait_until("server", 60, || std::net::TcpStream::connect(&addr).is_ok());
-        let token = std::fs::read_to_string(dir.path().join("data/admin.token"))
-            .unwrap()
-            .trim()
-            .to_owned();
-        Server {
-            child: Some(child),
-            addr: format!("http://{addr}"),
-            token,
-            dir,
-        }
-    }
-
-    fn cli(&self, args: &[&str]) -> Output {
-        Command::new(bin())
-            .args(args)
-            .env("TRIBUTARY_SERVER", &self.addr)
-            .env("TRIBUTARY_TOKEN", &self.token)
-            .output()
-            .unwrap()
-    }
-
-    fn ok(&self, args: &[&str]) -> String {
-        let out = self.cli(args);
-        assert!(
-            out.status.success(),
-            "{args:?}: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        String::from_utf8_lossy(&out.stdout).into_owned()
-    }
-
-    fn project(&self, name: &str, pipeline: &str) {
-        let repo = self.dir.path().join(name);
-        std::fs::create_dir_all(&repo).unwrap();
-        git(&repo, &["init", "-q", "-b", "main"]);
-        std::fs::write(repo.join(".tributary.yml"), pipeline).unwrap();
-        git(&repo, &["add", "."]);
-        git(
-            &repo,
-            &[
-                "-c",
-                "user.name=t",
-                "-c",
-                "user.email=t@t",
-                "commit",
-                "-qm",
-                "init",
-            ],
-        );
-        self.ok(&["project", "add", name, "--repo", repo.to_str().unwrap()]);
-    }
-
-    fn get(&self, build: &str) -> Value {
-        serde_json::from_str(&self.ok(&["get", build, "--json"])).unwrap()
-    }
-
-    /// Every event on the log.
-    fn events(&self) -> Vec<Value> {
-        let out = Command::new(bin())
-            .args(["events", "--json", "--data"])
-            .arg(self.dir.path().join("data"))
-            .output()
-            .unwrap();
-        assert!(out.status.success());
-        String::from_utf8_lossy(&out.stdout)
-            .lines()
-            .map(|l| serde_json::from_str(l).unwrap())
-            .collect()
-    }
-
-    fn of_type<'a>(events: &'a [Value], ty: &str) -> Vec<&'a Value> {
-        events.iter().filter(|e| e["type"] == ty).collect()
-    }
-
-    /// Waits until every agent the autoscaler requested is released and its process gone.
-    fn wait_for_empty_pool(&self, secs: u64) -> Vec<Value> {
-        let mut events = Vec::new();
-        wait_until("the pool to return to zero", secs, || {
-            events = self.events();
-            let requested = Self::of_type(&events, "agent_requested").len();
-            let released = Self::of_type(&events, "agent_released").len();
-            requested > 0 && requested == released && self.agent_processes() == 0
-        });
-        events
-    }
-
-    /// `tributary agent` processes started by this server's autoscaler.
-    fn agent_processes(&self) -> usize {
-        self.agent_processes_under(&self.dir.path().join("data/autoscaler"))
-    }
-
-    fn agent_processes_under(&self, root: &Path) -> usize {
-        let root = root.to_string_lossy();
-        std::fs::read_dir("/proc")
-            .unwrap()
-            .filter_map(|e| e.ok())
-            .filter_map(|e| std::fs::read(e.path().join("cmdline")).ok())
-            .filter(|cmd| {
-                let cmd = String::from_utf8_lossy(cmd);
-                cmd.contains("\0agent\0") && cmd.contains(root.as_ref())
-            })
-            .count()
-    }
-
-    /// SIGTERM, and wait for a clean exit.
-    fn stop(&mut self) {
-        let mut child = self.child.take().unwrap();
-        unsafe {
-            libc::kill(child.id() as libc::pid_t, libc::SIGTERM);
-        }
-        let deadline = Instant::now() + Duration::from_secs(60);
-        loop {
-            if let Some(status) = child.try_wait().unwrap() {
-                assert!(status.success(), "server exited with {status}");
-                return;
-            }
-            assert!(Instant::now() < deadline, "server did not stop");
-            std::thread::sleep(Duration::from_millis(100));
-        }
-    }
+/// `tributary up` with the autoscaler inside (local provider); the pool's configuration lives
+/// as long as the returned directory.
+fn start() -> (Server, tempfile::TempDir) {
+    let config = tempfile::tempdir().unwrap();
+    let path = config.path().join("pool.toml");
+    std::fs::write(&path, POOL).unwrap();
+    let s = common::start_with(&[
+        "--agents",
+        "0",
+        "--lease-ttl",
+        "5",
+        "--autoscaler",
+        path.to_str().unwrap(),
+    ]);
+    (s, config)
 }
 
-fn git(dir: &Path, args: &[&str]) {
-    assert!(Command::new("git")
-        .args(args)
-        .current_dir(dir)
-        .status()
+/// Waits until every agent the autoscaler requested is released and its process gone.
+fn wait_for_empty_pool(s: &Server, secs: u64) -> Vec<Value> {
+    let mut events = Vec::new();
+    wait_until("the pool to return to zero", secs, || {
+        events = s.events(None);
+        let requested = of_type(&events, "agent_requested").len();
+        let released = of_type(&events, "agent_released").len();
+        requested > 0 && requested == released && agent_processes(s) == 0
+    });
+    events
+}
+
+/// `tributary agent` processes started by this server's autoscaler.
+fn agent_processes(s: &Server) -> usize {
+    agent_processes_under(&s.data().join("autoscaler"))
+}
+
+fn agent_processes_under(root: &Path) -> usize {
+    let root = root.to_string_lossy();
+    std::fs::read_dir("/proc")
         .unwrap()
-        .success());
+        .filter_map(|e| e.ok())
+        .filter_map(|e| std::fs::read(e.path().join("cmdline")).ok())
+        .filter(|cmd| {
+            let cmd = String::from_utf8_lossy(cmd);
+            cmd.contains("\0agent\0") && cmd.contains(root.as_ref())
+        })
+        .count()
+}
+
+/// SIGTERM, and a clean exit.
+fn stop(s: &mut Server) {
+    let status = s.stop();
+    assert!(status.success(), "server exited with {status}");
 }
 
 fn time(e: &Value) -> i64 {
@@ -226,8 +93,8 @@ fn time(e: &Value) -> i64 {
 
 #[test]
 fn a_burst_scales_the_pool_up_it_drains_and_returns_to_zero_without_killing_a_job() {
-    let mut s = Server::start();
-    assert_eq!(s.agent_processes(), 0);
+    let (mut s, _pool) = start();
+    assert_eq!(agent_processes(&s), 0);
 
     // A burst of 40 short jobs.
     let mut pipeline = String::from("jobs:\n");
@@ -235,7 +102,7 @@ fn a_burst_scales_the_pool_up_it_drains_and_returns_to_zero_without_killing_a_jo
         pipeline.push_str(&format!("  j{i}:\n    steps:\n      - run: sleep 0.3\n"));
     }
     s.project("burst", &pipeline);
-    let build = s.ok(&["trigger", "burst"]).trim().to_owned();
+    let build = s.admin(&["trigger", "burst"]).trim().to_owned();
     wait_until("the burst to finish", 300, || {
         let b = s.get(&build);
         b["status"] != "running" && b["status"] != "queued"
@@ -243,8 +110,8 @@ fn a_burst_scales_the_pool_up_it_drains_and_returns_to_zero_without_killing_a_jo
     let b = s.get(&build);
     assert_eq!(b["status"], "succeeded", "{b:#}");
 
-    let events = s.wait_for_empty_pool(120);
-    let requested = Server::of_type(&events, "agent_requested");
+    let events = wait_for_empty_pool(&s, 120);
+    let requested = of_type(&events, "agent_requested");
     assert!(
         requested.len() >= 2,
         "the burst should need more than one agent: {requested:?}"
@@ -262,9 +129,9 @@ fn a_burst_scales_the_pool_up_it_drains_and_returns_to_zero_without_killing_a_jo
         .collect();
     assert!(agents_used.len() >= 2, "{agents_used:?}");
     // Every release came after a drain, with a cost; and after the grace period.
-    let finished = Server::of_type(&events, "build_finished");
+    let finished = of_type(&events, "build_finished");
     let burst_end = time(finished.last().unwrap());
-    for r in Server::of_type(&events, "agent_released") {
+    for r in of_type(&events, "agent_released") {
         let id = r["request_id"].as_str().unwrap();
         let drained = events
             .iter()
@@ -285,8 +152,8 @@ fn a_burst_scales_the_pool_up_it_drains_and_returns_to_zero_without_killing_a_jo
         "jobs:\n  quick-a:\n    steps:\n      - run: sleep 0.2\n  quick-b:\n    steps:\n      \
          - run: sleep 0.2\n  long:\n    steps:\n      - run: sleep 12 && echo survived\n",
     );
-    let before = s.events().len();
-    let build = s.ok(&["trigger", "long"]).trim().to_owned();
+    let before = s.events(None).len();
+    let build = s.admin(&["trigger", "long"]).trim().to_owned();
     wait_until("the long build to finish", 300, || {
         let b = s.get(&build);
         b["status"] != "running" && b["status"] != "queued"
@@ -302,10 +169,10 @@ fn a_burst_scales_the_pool_up_it_drains_and_returns_to_zero_without_killing_a_jo
     assert_eq!(long["status"], "succeeded");
     assert_eq!(long["attempt"], 1, "the long job was never interrupted");
     let long_agent = long["agent_id"].as_str().unwrap().to_owned();
-    let logs = s.ok(&["logs", &build, "--job", "long"]);
+    let logs = s.admin(&["logs", &build, "--job", "long"]);
     assert!(logs.contains("survived"), "{logs}");
 
-    let events = s.wait_for_empty_pool(120);
+    let events = wait_for_empty_pool(&s, 120);
     let new = &events[before..];
     let started = new
         .iter()
@@ -334,8 +201,8 @@ fn a_burst_scales_the_pool_up_it_drains_and_returns_to_zero_without_killing_a_jo
         .find(|e| e["type"] == "agent_draining" && e["agent_id"] == long_agent.as_str())
         .expect("the long job's agent is drained at last");
     assert!(time(drained) > time(ended));
-    assert_eq!(s.agent_processes(), 0);
-    s.stop();
+    assert_eq!(agent_processes(&s), 0);
+    stop(&mut s);
 }
 
 /// `tributary serve autoscaler --provider command` in its own process, next to a `tributary up`
@@ -343,8 +210,8 @@ fn a_burst_scales_the_pool_up_it_drains_and_returns_to_zero_without_killing_a_jo
 /// server tells drained agents to drain down their work stream.
 #[test]
 fn serve_autoscaler_with_the_command_provider_scales_up_and_back_to_zero() {
-    let s = Server::start_with(false);
-    let root = s.dir.path().join("machines");
+    let s = common::start_with(&["--agents", "0", "--lease-ttl", "5"]);
+    let root = s.root.join("machines");
     std::fs::create_dir_all(&root).unwrap();
     let acquire = format!(
         "TRIBUTARY_LOG=info nohup {bin} agent --server \"$TRIBUTARY_SERVER\" \
@@ -359,18 +226,18 @@ fn serve_autoscaler_with_the_command_provider_scales_up_and_back_to_zero() {
          echo \"$TRIBUTARY_REQUEST_ID $TRIBUTARY_AGENT_ID\" >> {}/released",
         root.display()
     );
-    let config = s.dir.path().join("command.toml");
+    let config = s.root.join("command.toml");
     std::fs::write(
         &config,
         format!("{POOL}\n[command]\nacquire = '''{acquire}'''\nrelease = '''{release}'''\n"),
     )
     .unwrap();
-    let log = std::fs::File::create(s.dir.path().join("autoscaler.log")).unwrap();
+    let log = std::fs::File::create(s.root.join("autoscaler.log")).unwrap();
     let mut autoscaler = Command::new(bin())
         .args(["serve", "autoscaler", "--provider", "command", "--config"])
         .arg(&config)
         .arg("--data")
-        .arg(s.dir.path().join("data"))
+        .arg(s.root.join("data"))
         .args(["--server", &s.addr])
         .env("TRIBUTARY_LOG", "info")
         .stdout(Stdio::null())
@@ -383,7 +250,7 @@ fn serve_autoscaler_with_the_command_provider_scales_up_and_back_to_zero() {
         pipeline.push_str(&format!("  j{i}:\n    steps:\n      - run: sleep 0.5\n"));
     }
     s.project("cmd", &pipeline);
-    let build = s.ok(&["trigger", "cmd"]).trim().to_owned();
+    let build = s.admin(&["trigger", "cmd"]).trim().to_owned();
     wait_until("the build to finish", 300, || {
         let b = s.get(&build);
         b["status"] != "running" && b["status"] != "queued"
@@ -392,16 +259,16 @@ fn serve_autoscaler_with_the_command_provider_scales_up_and_back_to_zero() {
 
     let mut events = Vec::new();
     wait_until("the pool to return to zero", 120, || {
-        events = s.events();
-        let requested = Server::of_type(&events, "agent_requested").len();
+        events = s.events(None);
+        let requested = of_type(&events, "agent_requested").len();
         requested > 0
-            && requested == Server::of_type(&events, "agent_released").len()
-            && s.agent_processes_under(&root) == 0
+            && requested == of_type(&events, "agent_released").len()
+            && agent_processes_under(&root) == 0
     });
-    let requested = Server::of_type(&events, "agent_requested");
+    let requested = of_type(&events, "agent_requested");
     assert!(requested.len() >= 2, "{requested:?}");
     assert!(requested.iter().all(|r| r["provider"] == "command"));
-    let provisioned = Server::of_type(&events, "agent_provisioned");
+    let provisioned = of_type(&events, "agent_provisioned");
     assert_eq!(provisioned.len(), requested.len());
     let released = std::fs::read_to_string(root.join("released")).unwrap();
     assert_eq!(released.lines().count(), requested.len(), "{released}");
@@ -425,17 +292,17 @@ fn serve_autoscaler_with_the_command_provider_scales_up_and_back_to_zero() {
 /// drain and stop, and each is recorded as released (with its cost) before the server exits.
 #[test]
 fn stopping_up_drains_the_autoscaled_agents_and_records_their_release() {
-    let mut s = Server::start();
+    let (mut s, _pool) = start();
     s.project(
         "stop",
         "jobs:\n  a:\n    steps:\n      - run: sleep 4 && echo done-a\n",
     );
-    let build = s.ok(&["trigger", "stop"]).trim().to_owned();
+    let build = s.admin(&["trigger", "stop"]).trim().to_owned();
     wait_until("the job to run", 120, || {
         s.get(&build)["jobs"][0]["status"] == "running"
     });
-    s.stop();
-    let events = s.events();
+    stop(&mut s);
+    let events = s.events(None);
     let finished: Vec<&Value> = events
         .iter()
         .filter(|e| e["type"] == "job_finished" && e["build_id"] == build.as_str())
@@ -445,13 +312,13 @@ fn stopping_up_drains_the_autoscaled_agents_and_records_their_release() {
         finished.iter().all(|e| e["status"] == "succeeded"),
         "{finished:?}"
     );
-    let requested = Server::of_type(&events, "agent_requested");
-    let released = Server::of_type(&events, "agent_released");
+    let requested = of_type(&events, "agent_requested");
+    let released = of_type(&events, "agent_released");
     assert!(!requested.is_empty());
     assert_eq!(released.len(), requested.len(), "{released:?}");
     assert!(released.iter().all(
         |r| r["reason"].as_str().unwrap().contains("autoscaler stopped")
             && r["cost_micros"].as_u64().unwrap() > 0
     ));
-    assert_eq!(s.agent_processes(), 0);
+    assert_eq!(agent_processes(&s), 0);
 }

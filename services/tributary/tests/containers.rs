@@ -4,11 +4,11 @@
 //! with a reason while there is none, and a restarted agent removes the containers its crash
 //! left behind.
 
-mod cluster;
+mod common;
 
 use std::process::Command;
 
-use cluster::{bin, events, job, wait_until, Cluster};
+use common::{bin, events_in, job, wait_secs as wait_until, Server};
 use serde_json::Value;
 use tributary_executor::container::{engine_from_env, Engine};
 
@@ -97,7 +97,7 @@ fn tributary_run_runs_image_jobs_in_containers() {
         .and_then(|l| l.split_whitespace().next())
         .expect("build id")
         .to_owned();
-    let events = events(&data, &build);
+    let events = events_in(&data, Some(&build));
     assert_eq!(executor_of(&events, "inside"), format!("container:{IMAGE}"));
     assert_eq!(executor_of(&events, "outside"), "host");
     let inside = line_output(&events, "inside", 0);
@@ -120,8 +120,8 @@ fn tributary_run_runs_image_jobs_in_containers() {
 fn image_jobs_wait_for_an_agent_with_an_engine_and_a_crashed_agent_cleans_up() {
     let rt = tokio::runtime::Runtime::new().unwrap();
     let engine = engine(&rt);
-    let c = Cluster::start();
-    let _plain = c.agent("plain", None);
+    let c = cluster();
+    let _plain = c.agent("plain", &[]);
     let plain = c.agent_id("plain");
     c.project(
         "boxes",
@@ -130,7 +130,7 @@ fn image_jobs_wait_for_an_agent_with_an_engine_and_a_crashed_agent_cleans_up() {
              host:\n    steps:\n      - hostname\n"
         ),
     );
-    let build = c.ok(&["trigger", "boxes"]).trim().to_owned();
+    let build = c.admin(&["trigger", "boxes"]).trim().to_owned();
     // Only an agent without an engine: the host job runs, the image job waits and says why.
     wait_until("the host job", 60, || {
         job(&c.get(&build), "host")["status"] == "succeeded"
@@ -144,12 +144,15 @@ fn image_jobs_wait_for_an_agent_with_an_engine_and_a_crashed_agent_cleans_up() {
 
     // An agent with an engine arrives: the image job runs there, in a container.
     let address = engine.address().to_owned();
-    let boxer_proc = c.agent("boxer", Some(&address));
+    let boxer_proc = c.agent(
+        "boxer",
+        &["--engine", &address, "--cpus", "1", "--memory", "128m"],
+    );
     let boxer = c.agent_id("boxer");
     wait_until("the build", 120, || c.get(&build)["status"] == "succeeded");
     let b = c.get(&build);
     assert_eq!(job(&b, "boxed")["agent_id"], boxer.as_str());
-    let events = c.events(&build);
+    let events = c.events(Some(&build));
     assert_eq!(executor_of(&events, "boxed"), format!("container:{IMAGE}"));
     assert_ne!(line_output(&events, "boxed", 0).trim(), host_name());
     assert!(owned(&rt, &engine, &boxer).is_empty(), "container removed");
@@ -159,9 +162,9 @@ fn image_jobs_wait_for_an_agent_with_an_engine_and_a_crashed_agent_cleans_up() {
         "sleepy",
         &format!("jobs:\n  nap:\n    image: {IMAGE}\n    steps:\n      - sleep 600\n"),
     );
-    let sleepy = c.ok(&["trigger", "sleepy"]).trim().to_owned();
+    let sleepy = c.admin(&["trigger", "sleepy"]).trim().to_owned();
     wait_until("the nap to start", 120, || {
-        c.events(&sleepy)
+        c.events(Some(&sleepy))
             .iter()
             .any(|e| e["type"] == "line_started")
     });
@@ -171,15 +174,23 @@ fn image_jobs_wait_for_an_agent_with_an_engine_and_a_crashed_agent_cleans_up() {
     let orphans = owned(&rt, &engine, &boxer);
     assert_eq!(orphans.len(), 1, "{orphans:?}");
     // ... until it starts again: then it removes it before taking work.
-    let _boxer_again = c.agent("boxer", Some(&address));
+    let _boxer_again = c.agent(
+        "boxer",
+        &["--engine", &address, "--cpus", "1", "--memory", "128m"],
+    );
     wait_until("the orphan to be removed", 120, || {
         !owned(&rt, &engine, &boxer).contains(&orphans[0])
     });
-    c.ok(&["cancel", &sleepy]);
+    c.admin(&["cancel", &sleepy]);
     wait_until("the canceled build", 120, || {
         c.get(&sleepy)["status"] == "canceled"
     });
     wait_until("no containers left", 60, || {
         owned(&rt, &engine, &boxer).is_empty()
     });
+}
+
+/// `tributary up` without in-process agents; leases lost after 3 s without a heartbeat.
+fn cluster() -> Server {
+    common::start_with(&["--agents", "0", "--lease-ttl", "3"])
 }

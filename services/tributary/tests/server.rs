@@ -1,127 +1,36 @@
 //! End to end against a real `tributary up` process and real git repositories: trigger →
 //! follow, failure, a tail that starts mid-build, cancel, tenant isolation, auth errors.
 
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Output, Stdio};
+mod common;
+
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-struct Server {
-    child: Child,
-    addr: String,
-    token: String,
-    _dir: tempfile::TempDir,
-    root: PathBuf,
-}
+use common::Server;
 
-impl Drop for Server {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
+/// `tributary up --agents 2`; its admin token file is private.
 fn start() -> Server {
-    let dir = tempfile::tempdir().unwrap();
-    let root = dir.path().to_path_buf();
-    let addr = format!("127.0.0.1:{}", free_port());
-    let child = Command::new(env!("CARGO_BIN_EXE_tributary"))
-        .args(["up", "--data"])
-        .arg(root.join("data"))
-        .args(["--listen", &addr, "--agents", "2"])
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
-    let token_file = root.join("data/admin.token");
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while std::net::TcpStream::connect(&addr).is_err() {
-        assert!(Instant::now() < deadline, "server did not start");
-        std::thread::sleep(Duration::from_millis(50));
-    }
-    let token = std::fs::read_to_string(&token_file)
-        .unwrap()
-        .trim()
-        .to_owned();
+    let s = common::start(2);
     let mode = std::os::unix::fs::PermissionsExt::mode(
-        &std::fs::metadata(&token_file).unwrap().permissions(),
+        &std::fs::metadata(s.data().join("admin.token"))
+            .unwrap()
+            .permissions(),
     );
     assert_eq!(mode & 0o777, 0o600, "admin.token must be private");
-    Server {
-        child,
-        addr: format!("http://{addr}"),
-        token,
-        _dir: dir,
-        root,
-    }
+    s
 }
 
-impl Server {
-    fn cli(&self, token: &str, args: &[&str]) -> Output {
-        Command::new(env!("CARGO_BIN_EXE_tributary"))
-            .args(args)
-            .env("TRIBUTARY_SERVER", &self.addr)
-            .env("TRIBUTARY_TOKEN", token)
-            .output()
-            .unwrap()
-    }
-
-    fn ok(&self, token: &str, args: &[&str]) -> String {
-        let out = self.cli(token, args);
-        assert!(
-            out.status.success(),
-            "{args:?}: {}{}",
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
-        );
-        String::from_utf8_lossy(&out.stdout).into_owned()
-    }
-
-    fn repo(&self, name: &str, pipeline: &str) -> PathBuf {
-        let repo = self.root.join(name);
-        std::fs::create_dir_all(&repo).unwrap();
-        git(&repo, &["init", "-q", "-b", "main"]);
-        std::fs::write(repo.join(".tributary.yml"), pipeline).unwrap();
-        std::fs::write(repo.join("payload.txt"), "from the repository\n").unwrap();
-        git(&repo, &["add", "."]);
-        git(
-            &repo,
-            &[
-                "-c",
-                "user.name=t",
-                "-c",
-                "user.email=t@t",
-                "commit",
-                "-qm",
-                "init",
-            ],
-        );
-        repo
-    }
-}
-
-fn git(dir: &Path, args: &[&str]) {
-    let st = Command::new("git")
-        .args(args)
-        .current_dir(dir)
-        .status()
-        .unwrap();
-    assert!(st.success(), "git {args:?}");
+/// A repository whose jobs can `cat payload.txt` from their checkout.
+fn repo(s: &Server, name: &str, pipeline: &str) -> std::path::PathBuf {
+    s.repo(name, pipeline, &[("payload.txt", "from the repository\n")])
 }
 
 #[test]
 fn trigger_follow_success_failure_and_isolation() {
     let s = start();
     let admin = s.token.clone();
-    let good = s.repo("good", "jobs:\n  a:\n    steps:\n      - script:\n          - cat payload.txt\n  b:\n    needs: a\n    steps:\n      - run: echo second\n");
-    let bad = s.repo("bad", "jobs:\n  a:\n    steps:\n      - script:\n          - echo before\n          - exit 4\n          - echo never\n");
+    let good = repo(&s, "good", "jobs:\n  a:\n    steps:\n      - script:\n          - cat payload.txt\n  b:\n    needs: a\n    steps:\n      - run: echo second\n");
+    let bad = repo(&s, "bad", "jobs:\n  a:\n    steps:\n      - script:\n          - echo before\n          - exit 4\n          - echo never\n");
     s.ok(
         &admin,
         &["project", "add", "good", "--repo", good.to_str().unwrap()],
@@ -169,7 +78,7 @@ fn trigger_follow_success_failure_and_isolation() {
     );
 
     // An invalid pipeline fails the build at once, with file:line:column in get and logs.
-    let broken = s.repo("broken", "jobs:\n  a:\n    stesp: []\n");
+    let broken = repo(&s, "broken", "jobs:\n  a:\n    stesp: []\n");
     s.ok(
         &admin,
         &[
@@ -232,7 +141,7 @@ fn trigger_follow_success_failure_and_isolation() {
 fn tail_started_mid_build_sees_every_line_once_and_cancel_stops_it() {
     let s = start();
     let admin = s.token.clone();
-    let repo = s.repo(
+    let repo = repo(&s,
         "slow",
         "jobs:\n  count:\n    steps:\n      - script:\n          - for i in $(seq 1 20); do echo line-$i; sleep 0.05; done\n  forever:\n    steps:\n      - run: sleep 60\n",
     );
@@ -293,7 +202,7 @@ fn rerun_failed_runs_only_the_jobs_that_did_not_succeed() {
         "jobs:\n  ok:\n    steps:\n      - run: echo fine\n  flaky:\n    steps:\n      - run: test -f {}\n  after:\n    needs: flaky\n    steps:\n      - run: echo after\n",
         flag.display()
     );
-    let repo = s.repo("rerun", &pipeline);
+    let repo = repo(&s, "rerun", &pipeline);
     s.ok(
         &admin,
         &["project", "add", "rerun", "--repo", repo.to_str().unwrap()],

@@ -2,13 +2,13 @@
 //! a failed job's workspace is kept for the configured time, its log says where, and it is
 //! deleted once that time is up.
 
-mod cluster;
+mod common;
 
 use std::path::Path;
 use std::process::Command;
 use std::time::Duration;
 
-use cluster::{bin, events, job, wait_until, Cluster};
+use common::{bin, events_in, job, wait_secs as wait_until, Server};
 use serde_json::Value;
 
 /// The system-stream text of a job's log, in order.
@@ -64,7 +64,7 @@ fn every_job_log_starts_with_a_recreate_command_that_works() {
         String::from_utf8_lossy(&out.stderr)
     );
     let build = build_id(&String::from_utf8_lossy(&out.stdout));
-    let all = events(&data, &build);
+    let all = events_in(&data, Some(&build));
     let first = first_chunk(&all, "test[os=bsd]");
     assert_eq!(first["stream"], "system");
     let text = first["data"].as_str().unwrap();
@@ -92,7 +92,7 @@ fn every_job_log_starts_with_a_recreate_command_that_works() {
         String::from_utf8_lossy(&out.stderr)
     );
     let again = build_id(&String::from_utf8_lossy(&out.stdout));
-    let ran: Vec<String> = events(&data, &again)
+    let ran: Vec<String> = events_in(&data, Some(&again))
         .iter()
         .filter(|e| e["type"] == "job_started")
         .map(|e| e["job"].as_str().unwrap().to_owned())
@@ -113,19 +113,19 @@ fn every_job_log_starts_with_a_recreate_command_that_works() {
 
 #[test]
 fn a_failed_jobs_workspace_is_kept_then_deleted_and_its_log_says_where() {
-    let c = Cluster::start();
+    let c = cluster();
     let keep = ["--keep-failed", "4s"];
-    let agent = c.agent_args("keeper", None, &keep);
+    let agent = c.agent("keeper", &keep);
     let agent_id = c.agent_id("keeper");
     c.project(
         "kept",
         "jobs:\n  broken:\n    steps:\n      - echo evidence > left-behind.txt\n      - exit 4\n  fine:\n    steps:\n      - echo ok > made.txt\n",
     );
-    let build = c.ok(&["trigger", "kept"]).trim().to_owned();
+    let build = c.admin(&["trigger", "kept"]).trim().to_owned();
     wait_until("the build", 120, || c.get(&build)["status"] == "failed");
     let b = c.get(&build);
     assert_eq!(job(&b, "fine")["status"], "succeeded");
-    let all = c.events(&build);
+    let all = c.events(Some(&build));
 
     // Server jobs' logs start with how to clone the exact commit and run the job.
     let first = first_chunk(&all, "fine")["data"]
@@ -157,7 +157,7 @@ fn a_failed_jobs_workspace_is_kept_then_deleted_and_its_log_says_where() {
         .and_then(|rest| rest.split(" for ").next())
         .expect("a path");
     let kept = Path::new(path);
-    assert!(kept.starts_with(c.workdir("keeper")), "{path}");
+    assert!(kept.starts_with(c.agent_workdir("keeper")), "{path}");
     assert_eq!(
         std::fs::read_to_string(kept.join("left-behind.txt")).unwrap(),
         "evidence\n"
@@ -171,6 +171,11 @@ fn a_failed_jobs_workspace_is_kept_then_deleted_and_its_log_says_where() {
     drop(agent);
     std::thread::sleep(Duration::from_secs(5));
     assert!(kept.exists(), "nothing deletes it while no agent runs");
-    let _agent = c.agent_args("keeper", None, &keep);
+    let _agent = c.agent("keeper", &keep);
     wait_until("the kept workspace to be deleted", 60, || !kept.exists());
+}
+
+/// `tributary up` without in-process agents; leases lost after 3 s without a heartbeat.
+fn cluster() -> Server {
+    common::start_with(&["--agents", "0", "--lease-ttl", "3"])
 }

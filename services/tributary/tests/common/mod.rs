@@ -1,24 +1,57 @@
-//! A real `tributary up` process, the CLI against it, and throwaway git repositories: the
-//! harness of the end-to-end tests that use it.
+//! The harness of the end-to-end tests: a real `tributary up` process, the CLI against it,
+//! real `tributary agent` processes, throwaway git repositories, and the log read back with
+//! `tributary events --json`. Every test binary that starts a server uses this module.
 #![allow(dead_code)]
 
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Output, Stdio};
+use std::process::{Child, Command, ExitStatus, Output, Stdio};
 use std::time::{Duration, Instant};
 
+use serde_json::Value;
+
+/// The binary under test.
+pub fn bin() -> &'static str {
+    env!("CARGO_BIN_EXE_tributary")
+}
+
+/// A child process killed (SIGKILL) when dropped.
+pub struct Proc(pub Child);
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+impl Proc {
+    /// Sends `signal` (e.g. `libc::SIGTERM`).
+    pub fn signal(&self, signal: libc::c_int) {
+        // SAFETY: kill(2) on our own child's pid.
+        unsafe {
+            libc::kill(self.0.id() as libc::pid_t, signal);
+        }
+    }
+
+    /// Waits for the exit, failing the test after `within`.
+    pub fn wait_exit(&mut self, within: Duration) -> ExitStatus {
+        let deadline = Instant::now() + within;
+        loop {
+            if let Some(status) = self.0.try_wait().unwrap() {
+                return status;
+            }
+            assert!(Instant::now() < deadline, "process did not exit");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+}
+
 pub struct Server {
-    child: Child,
+    proc: Option<Proc>,
     pub addr: String,
     pub token: String,
     _dir: tempfile::TempDir,
     pub root: PathBuf,
-}
-
-impl Drop for Server {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
 }
 
 pub fn free_port() -> u16 {
@@ -31,30 +64,37 @@ pub fn free_port() -> u16 {
 
 /// `tributary up --agents N` on a fresh data directory and a free port.
 pub fn start(agents: usize) -> Server {
+    start_with(&["--agents", &agents.to_string()])
+}
+
+/// `tributary up --data DIR --listen ADDR` plus `extra` flags. The server's stderr goes to
+/// `ROOT/server.log`.
+pub fn start_with(extra: &[&str]) -> Server {
     let dir = tempfile::tempdir().unwrap();
     let root = dir.path().to_path_buf();
     let addr = format!("127.0.0.1:{}", free_port());
     let log = std::fs::File::create(root.join("server.log")).unwrap();
-    let child = Command::new(env!("CARGO_BIN_EXE_tributary"))
+    let child = Command::new(bin())
         .args(["up", "--data"])
         .arg(root.join("data"))
-        .args(["--listen", &addr, "--agents", &agents.to_string()])
+        .args(["--listen", &addr])
+        .args(extra)
+        .env("TRIBUTARY_LOG", "info")
         .stdout(Stdio::null())
         .stderr(log)
         .spawn()
         .unwrap();
+    let proc = Proc(child);
     let token_file = root.join("data/admin.token");
-    let deadline = Instant::now() + Duration::from_secs(60);
-    while std::net::TcpStream::connect(&addr).is_err() || !token_file.exists() {
-        assert!(Instant::now() < deadline, "server did not start");
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    wait_until("the server to start", Duration::from_secs(60), || {
+        std::net::TcpStream::connect(&addr).is_ok() && token_file.exists()
+    });
     let token = std::fs::read_to_string(&token_file)
         .unwrap()
         .trim()
         .to_owned();
     Server {
-        child,
+        proc: Some(proc),
         addr: format!("http://{addr}"),
         token,
         _dir: dir,
@@ -67,15 +107,30 @@ impl Server {
         self.root.join("data")
     }
 
+    /// The server's stderr so far.
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.root.join("server.log")).unwrap_or_default()
+    }
+
+    /// SIGTERM, and the exit status once the server has drained and stopped.
+    pub fn stop(&mut self) -> ExitStatus {
+        let mut proc = self.proc.take().expect("the server is running");
+        proc.signal(libc::SIGTERM);
+        proc.wait_exit(Duration::from_secs(60))
+    }
+
+    /// The CLI against this server, as `token`.
     pub fn cli(&self, token: &str, args: &[&str]) -> Output {
-        Command::new(env!("CARGO_BIN_EXE_tributary"))
+        Command::new(bin())
             .args(args)
             .env("TRIBUTARY_SERVER", &self.addr)
             .env("TRIBUTARY_TOKEN", token)
+            .env_remove("TRIBUTARY_DATA")
             .output()
             .unwrap()
     }
 
+    /// [`Server::cli`], which must succeed; its stdout.
     pub fn ok(&self, token: &str, args: &[&str]) -> String {
         let out = self.cli(token, args);
         assert!(
@@ -87,58 +142,123 @@ impl Server {
         String::from_utf8_lossy(&out.stdout).into_owned()
     }
 
-    /// A git repository with `.tributary.yml` = `pipeline`, committed on `main`, added as
-    /// project `name`.
-    pub fn project(&self, name: &str, pipeline: &str) -> PathBuf {
+    /// [`Server::ok`] as the admin.
+    pub fn admin(&self, args: &[&str]) -> String {
+        self.ok(&self.token, args)
+    }
+
+    /// A git repository under the server's root with `.tributary.yml` = `pipeline` and
+    /// `files` (path, content), committed on `main`.
+    pub fn repo(&self, name: &str, pipeline: &str, files: &[(&str, &str)]) -> PathBuf {
         let repo = self.root.join(name);
         std::fs::create_dir_all(&repo).unwrap();
         git(&repo, &["init", "-q", "-b", "main"]);
         std::fs::write(repo.join(".tributary.yml"), pipeline).unwrap();
-        git(&repo, &["add", "."]);
-        git(
-            &repo,
-            &[
-                "-c",
-                "user.name=t",
-                "-c",
-                "user.email=t@t",
-                "commit",
-                "-qm",
-                "init",
-            ],
-        );
-        self.ok(
-            &self.token,
-            &["project", "add", name, "--repo", repo.to_str().unwrap()],
-        );
+        for (path, content) in files {
+            let path = repo.join(path);
+            std::fs::create_dir_all(path.parent().unwrap()).unwrap();
+            std::fs::write(path, content).unwrap();
+        }
+        commit_all(&repo, "init");
+        repo
+    }
+
+    /// A repository (see [`Server::repo`]) added as project `name`.
+    pub fn project(&self, name: &str, pipeline: &str) -> PathBuf {
+        self.project_with(name, pipeline, &[])
+    }
+
+    /// [`Server::project`] with more `project add` flags.
+    pub fn project_with(&self, name: &str, pipeline: &str, flags: &[&str]) -> PathBuf {
+        let repo = self.repo(name, pipeline, &[]);
+        let mut args = vec!["project", "add", name, "--repo", repo.to_str().unwrap()];
+        args.extend_from_slice(flags);
+        self.admin(&args);
         repo
     }
 
     /// Triggers a build of `project` and returns its id.
     pub fn trigger(&self, project: &str) -> String {
-        let out = self.ok(&self.token, &["trigger", project]);
+        let out = self.admin(&["trigger", project]);
         out.lines().next().unwrap().trim().to_owned()
     }
 
+    /// `get --json`.
+    pub fn get(&self, build: &str) -> Value {
+        serde_json::from_str(&self.admin(&["get", build, "--json"])).unwrap()
+    }
+
     /// `get --json` once the build has finished.
-    pub fn finished(&self, build: &str, within: Duration) -> serde_json::Value {
-        let deadline = Instant::now() + within;
-        loop {
-            let v: serde_json::Value =
-                serde_json::from_str(&self.ok(&self.token, &["get", build, "--json"])).unwrap();
-            if ["succeeded", "failed", "canceled"].contains(&v["status"].as_str().unwrap_or("")) {
-                return v;
-            }
-            assert!(
-                Instant::now() < deadline,
-                "build {build} did not finish: {v}"
-            );
-            std::thread::sleep(Duration::from_millis(100));
-        }
+    pub fn finished(&self, build: &str, within: Duration) -> Value {
+        let mut last = Value::Null;
+        wait_until(&format!("build {build} to finish"), within, || {
+            last = self.get(build);
+            ["succeeded", "failed", "canceled"].contains(&last["status"].as_str().unwrap_or(""))
+        });
+        last
+    }
+
+    /// The log's events (of `build`, or all), read from the data directory.
+    pub fn events(&self, build: Option<&str>) -> Vec<Value> {
+        events_in(&self.data(), build)
+    }
+
+    /// The working directory of the agent named `name`.
+    pub fn agent_workdir(&self, name: &str) -> PathBuf {
+        self.root.join("agents").join(name)
+    }
+
+    /// A `tributary agent` process named `name`, enrolled with the admin token, with `extra`
+    /// flags (e.g. `--labels gpu`, `--capacity 3`). Its stderr goes to `ROOT/agent-NAME.log`.
+    pub fn agent(&self, name: &str, extra: &[&str]) -> Proc {
+        let log = std::fs::File::create(self.root.join(format!("agent-{name}.log"))).unwrap();
+        let child = Command::new(bin())
+            .args(["agent", "--server", &self.addr, "--token", &self.token])
+            .args(["--name", name])
+            .arg("--workdir")
+            .arg(self.agent_workdir(name))
+            .args(extra)
+            .env("TRIBUTARY_LOG", "info")
+            .env_remove("TRIBUTARY_ENGINE")
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .unwrap();
+        Proc(child)
+    }
+
+    /// The id of agent `name` once it has registered.
+    pub fn agent_id(&self, name: &str) -> String {
+        let path = self.agent_workdir(name).join("agent.json");
+        wait_until("the agent to register", Duration::from_secs(30), || {
+            path.exists()
+        });
+        let v: Value = serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
+        v["agent_id"].as_str().unwrap().to_owned()
     }
 }
 
-pub fn job(build: &serde_json::Value, id: &str) -> serde_json::Value {
+/// `tributary events --json` of the data directory `data` (of `build`, or all).
+pub fn events_in(data: &Path, build: Option<&str>) -> Vec<Value> {
+    let mut cmd = Command::new(bin());
+    cmd.args(["events", "--json", "--data"]).arg(data);
+    if let Some(build) = build {
+        cmd.args(["--build", build]);
+    }
+    let out = cmd.output().unwrap();
+    assert!(
+        out.status.success(),
+        "events: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect()
+}
+
+/// Job `id` of a `get --json` build.
+pub fn job(build: &Value, id: &str) -> Value {
     build["jobs"]
         .as_array()
         .unwrap()
@@ -146,6 +266,11 @@ pub fn job(build: &serde_json::Value, id: &str) -> serde_json::Value {
         .find(|j| j["id"] == id)
         .unwrap_or_else(|| panic!("no job {id} in {build}"))
         .clone()
+}
+
+/// The events of type `ty` (`job_assigned`, ...).
+pub fn of_type<'a>(events: &'a [Value], ty: &str) -> Vec<&'a Value> {
+    events.iter().filter(|e| e["type"] == ty).collect()
 }
 
 pub fn git(dir: &Path, args: &[&str]) {
@@ -157,6 +282,23 @@ pub fn git(dir: &Path, args: &[&str]) {
     assert!(st.success(), "git {args:?}");
 }
 
+/// `git add . && git commit` with a throwaway identity.
+pub fn commit_all(dir: &Path, message: &str) {
+    git(dir, &["add", "."]);
+    git(
+        dir,
+        &[
+            "-c",
+            "user.name=t",
+            "-c",
+            "user.email=t@t",
+            "commit",
+            "-qm",
+            message,
+        ],
+    );
+}
+
 /// Waits until `what` holds.
 pub fn wait_until(what: &str, within: Duration, mut f: impl FnMut() -> bool) {
     let deadline = Instant::now() + within;
@@ -164,4 +306,9 @@ pub fn wait_until(what: &str, within: Duration, mut f: impl FnMut() -> bool) {
         assert!(Instant::now() < deadline, "timed out waiting for {what}");
         std::thread::sleep(Duration::from_millis(50));
     }
+}
+
+/// [`wait_until`] with a timeout in seconds.
+pub fn wait_secs(what: &str, secs: u64, f: impl FnMut() -> bool) {
+    wait_until(what, Duration::from_secs(secs), f)
 }
