@@ -96,6 +96,7 @@ pub async fn serve(args: AutoscalerArgs) -> anyhow::Result<ExitCode> {
         .await
         .with_context(|| format!("cannot open the event log in {}", data.display()))?;
     let log: Arc<dyn EventLog> = Arc::new(log);
+    let _health = crate::health::start(&args.health, "autoscaler").await?;
     let provider = provider(
         args.provider,
         &config,

@@ -109,8 +109,7 @@ pub enum Command {
     /// status: 0 when everything matches, 1 on any difference.
     Audit(AuditArgs),
     /// Measure performance: `bench log`, `bench run`, `bench server`, `bench autoscale`,
-    /// `bench metering`.
-    /// Measure performance: `bench log`, `bench run`, `bench server`, `bench autoscale`, `bench exec`.
+    /// `bench metering`, `bench exec`, `bench ui`.
     #[command(subcommand)]
     Bench(BenchCommand),
 }
@@ -121,6 +120,8 @@ pub struct ServeMeteringArgs {
     pub data: DataArgs,
     #[command(flatten)]
     pub metering: MeteringArgs,
+    #[command(flatten)]
+    pub health: crate::health::HealthArgs,
 }
 
 #[derive(Debug, Args)]
@@ -617,6 +618,8 @@ pub struct AutoscalerArgs {
         hide_env_values = true
     )]
     pub token: Option<String>,
+    #[command(flatten)]
+    pub health: crate::health::HealthArgs,
 }
 
 #[derive(Debug, Args, Clone)]

@@ -14,6 +14,7 @@ mod cli;
 mod client;
 mod commands;
 mod data_dir;
+mod health;
 mod local_run;
 mod metering;
 mod render;

@@ -47,6 +47,7 @@ pub async fn serve(args: ServeMeteringArgs) -> anyhow::Result<ExitCode> {
         {
             let config = service_config(&args.metering)?;
             let data = DataDir::open(&args.data.data).await?;
+            let _health = crate::health::start(&args.health, "metering").await?;
             let log: Arc<dyn EventLog> = data.log.clone();
             let stop = CancellationToken::new();
             let mut task = tokio::spawn(tributary_metering::service::run(

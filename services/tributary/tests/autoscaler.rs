@@ -233,17 +233,24 @@ fn serve_autoscaler_with_the_command_provider_scales_up_and_back_to_zero() {
     )
     .unwrap();
     let log = std::fs::File::create(s.root.join("autoscaler.log")).unwrap();
+    let health = format!("127.0.0.1:{}", common::free_port());
     let mut autoscaler = Command::new(bin())
         .args(["serve", "autoscaler", "--provider", "command", "--config"])
         .arg(&config)
         .arg("--data")
         .arg(s.root.join("data"))
-        .args(["--server", &s.addr])
+        .args(["--server", &s.addr, "--health-listen", &health])
         .env("TRIBUTARY_LOG", "info")
         .stdout(Stdio::null())
         .stderr(log)
         .spawn()
         .unwrap();
+
+    // Its liveness endpoint answers while it runs.
+    wait_until("the health endpoint", 60, || {
+        common::http_get(&health, "/healthz")
+            .is_some_and(|(status, body)| status == 200 && body == "ok\n")
+    });
 
     let mut pipeline = String::from("jobs:\n");
     for i in 0..8 {

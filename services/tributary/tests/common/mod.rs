@@ -257,6 +257,21 @@ pub fn events_in(data: &Path, build: Option<&str>) -> Vec<Value> {
         .collect()
 }
 
+/// `GET path` over plain HTTP/1.0: the status code and body, or None if nothing answers.
+pub fn http_get(addr: &str, path: &str) -> Option<(u16, String)> {
+    use std::io::{Read, Write};
+    let mut stream = std::net::TcpStream::connect(addr).ok()?;
+    stream
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .ok()?;
+    write!(stream, "GET {path} HTTP/1.0\r\nHost: {addr}\r\n\r\n").ok()?;
+    let mut response = String::new();
+    stream.read_to_string(&mut response).ok()?;
+    let status = response.split_whitespace().nth(1)?.parse().ok()?;
+    let body = response.split_once("\r\n\r\n").map_or("", |(_, b)| b);
+    Some((status, body.to_owned()))
+}
+
 /// Job `id` of a `get --json` build.
 pub fn job(build: &Value, id: &str) -> Value {
     build["jobs"]
