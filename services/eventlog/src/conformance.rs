@@ -30,6 +30,9 @@ use tributary_proto::events::{Envelope, JobQueued, LogChunk, Stream};
 
 use crate::{EventLog, Layout, LogError, Offset, Partition, Record, Subscription, Topic};
 
+pub mod groups;
+pub use groups::{group_member_commits_and_resumes, group_members_split_and_hand_over};
+
 /// How long any single wait for the log may take before a check fails as stalled.
 const STALL: Duration = Duration::from_secs(30);
 
@@ -53,6 +56,8 @@ where
     malformed_record_is_readable(make().await).await;
     single_partition_methods(make().await).await;
     subscription_closed_when_log_dropped(make().await).await;
+    group_member_commits_and_resumes(make().await).await;
+    group_members_split_and_hand_over(make().await).await;
 }
 
 /// A recognisable log chunk of build `key` whose byte offset field is `seq` (the logs topic).

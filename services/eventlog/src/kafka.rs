@@ -39,8 +39,9 @@
 //!
 //! Commits store offsets in Kafka's consumer-group offsets under the group id
 //! `<prefix>.<group>`, through a group-less "simple consumer" commit: this works while no member
-//! of that group uses Kafka's group membership (see `docs/ARCHITECTURE.md` for how group members
-//! will commit through their own consumer).
+//! of that group uses Kafka's group membership. Members of a group
+//! ([`EventLog::join_group`]: a consumer `subscribe()`d with the cooperative-sticky assignor, see
+//! `kafka/group.rs`) commit through their own consumer ([`GroupSubscription::commit`]).
 //!
 //! Dropping the [`KafkaLog`] ends its subscriptions with [`LogError::Closed`].
 
@@ -65,9 +66,12 @@ use tokio::sync::{mpsc, watch};
 use tributary_proto::events::Envelope;
 
 use crate::{
-    Capabilities, EventLog, FailedSubscription, Layout, LogError, Offset, Partition, Record,
-    Subscription, Topic,
+    Capabilities, EventLog, FailedSubscription, GroupSubscription, Layout, LogError, Offset,
+    Partition, Record, Subscription, Topic,
 };
+
+mod group;
+pub use group::KafkaGroupMember;
 
 /// How to reach the broker and how to lay out the topics.
 #[derive(Clone, Debug)]
@@ -93,6 +97,9 @@ pub struct KafkaOptions {
     pub subscription_batch: usize,
     /// Deadline of each broker request Tributary waits on (metadata, admin, a read, a commit).
     pub timeout: Duration,
+    /// `session.timeout.ms` of consumer-group members: how long after a member dies (without
+    /// leaving) the group hands its partitions to the others.
+    pub session_timeout: Duration,
 }
 
 impl KafkaOptions {
@@ -110,6 +117,7 @@ impl KafkaOptions {
             linger: Duration::from_millis(5),
             subscription_batch: 4096,
             timeout: Duration::from_secs(30),
+            session_timeout: Duration::from_secs(10),
         }
     }
 
@@ -545,6 +553,31 @@ impl EventLog for KafkaLog {
         })
         .await
         .map_err(join_error)?
+    }
+
+    async fn join_group(
+        &self,
+        group: &str,
+        topics: &[Topic],
+    ) -> Result<Box<dyn GroupSubscription>, LogError> {
+        let mut map = group::PartitionMap { topics: Vec::new() };
+        for topic in topics {
+            let range = self.layout.topic_partitions(*topic);
+            let name = match topic {
+                Topic::Logs if self.layout.logs > 0 => &self.logs_topic,
+                _ => &self.events_topic,
+            };
+            if !map.topics.iter().any(|(n, _, _)| n == name) {
+                map.topics
+                    .push((name.clone(), range.start, range.end - range.start));
+            }
+        }
+        if map.topics.is_empty() {
+            return Err(LogError::Invalid(
+                "a group member needs at least one topic".into(),
+            ));
+        }
+        Ok(Box::new(group::join(&self.options, group, map)?))
     }
 
     async fn append_raw(&self, key: &str, data: Vec<u8>) -> Result<Offset, LogError> {

@@ -45,10 +45,12 @@ use tributary_proto::events::Envelope;
 
 pub mod bench;
 pub mod conformance;
+pub mod group;
 pub mod kafka;
 pub mod layout;
 pub mod sqlite;
 
+pub use group::{GroupEvent, GroupSubscription};
 pub use layout::{Layout, Partition, Topic};
 
 /// Position of a record in (a partition of) the log.
@@ -191,6 +193,18 @@ pub trait EventLog: Send + Sync + 'static {
     async fn append_raw(&self, key: &str, data: Vec<u8>) -> Result<Offset, LogError> {
         let _ = (key, data);
         Err(LogError::Unsupported("append_raw"))
+    }
+
+    /// Joins consumer group `group` as a new member reading `topics`: the group's members split
+    /// the topics' partitions between them (see [`group`]). The default returns
+    /// [`LogError::Unsupported`].
+    async fn join_group(
+        &self,
+        group: &str,
+        topics: &[Topic],
+    ) -> Result<Box<dyn GroupSubscription>, LogError> {
+        let _ = (group, topics);
+        Err(LogError::Unsupported("join_group"))
     }
 
     // ---- Single-partition methods (see the crate docs) ----

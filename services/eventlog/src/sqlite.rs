@@ -85,9 +85,10 @@ use tributary_proto::events::Envelope;
 
 pub use sqlx::sqlite::SqliteSynchronous;
 
+use crate::group::{GroupSlots, SingleMemberGroup, SinglePartitionPort};
 use crate::{
-    Capabilities, EventLog, FailedSubscription, LogError, Offset, Partition, Record, Subscription,
-    Topic,
+    Capabilities, EventLog, FailedSubscription, GroupSubscription, LogError, Offset, Partition,
+    Record, Subscription, Topic,
 };
 
 mod raw;
@@ -188,6 +189,8 @@ pub struct SqliteLog {
     end: watch::Receiver<Offset>,
     reader: Reader,
     subscription_batch: usize,
+    /// The active member of each consumer group (see [`crate::group`]).
+    groups: GroupSlots,
 }
 
 impl std::fmt::Debug for SqliteLog {
@@ -294,6 +297,7 @@ impl SqliteLog {
             end: end_rx,
             reader: Reader { pool },
             subscription_batch: options.subscription_batch,
+            groups: GroupSlots::default(),
         })
     }
 
@@ -447,6 +451,20 @@ impl EventLog for SqliteLog {
         answer.await.map_err(|_| LogError::Closed)?
     }
 
+    async fn join_group(
+        &self,
+        group: &str,
+        _topics: &[Topic],
+    ) -> Result<Box<dyn GroupSubscription>, LogError> {
+        let port = SqlitePort {
+            writer: self.writer.downgrade(),
+            end: self.end.clone(),
+            reader: self.reader.clone(),
+            batch: self.subscription_batch,
+        };
+        Ok(Box::new(SingleMemberGroup::new(port, &self.groups, group)))
+    }
+
     async fn committed_partitions(
         &self,
         group: &str,
@@ -466,6 +484,50 @@ impl EventLog for SqliteLog {
 
     async fn append_raw(&self, key: &str, data: Vec<u8>) -> Result<Offset, LogError> {
         SqliteLog::append_raw(self, key, data).await
+    }
+}
+
+/// What a group member of a [`SqliteLog`] uses of it. It holds the writer weakly: a member does
+/// not keep a dropped log open.
+struct SqlitePort {
+    writer: mpsc::WeakSender<WriterMsg>,
+    end: watch::Receiver<Offset>,
+    reader: Reader,
+    batch: usize,
+}
+
+#[async_trait]
+impl SinglePartitionPort for SqlitePort {
+    fn subscribe(&self, from: Offset) -> Box<dyn Subscription> {
+        Box::new(SqliteSubscription {
+            reader: self.reader.clone(),
+            end: self.end.clone(),
+            position: from,
+            batch: self.batch,
+        })
+    }
+
+    async fn commit(&self, group: &str, next: Offset) -> Result<(), LogError> {
+        let writer = self.writer.upgrade().ok_or(LogError::Closed)?;
+        let (reply, answer) = oneshot::channel();
+        writer
+            .send(WriterMsg::Commit(CommitReq {
+                group: group.to_owned(),
+                next: to_sql(next)?,
+                reply,
+            }))
+            .await
+            .map_err(|_| LogError::Closed)?;
+        answer.await.map_err(|_| LogError::Closed)?
+    }
+
+    async fn committed(&self, group: &str) -> Result<Option<Offset>, LogError> {
+        let next: Option<i64> = sqlx::query_scalar(COMMITTED)
+            .bind(group)
+            .fetch_optional(&self.reader.pool)
+            .await
+            .map_err(storage)?;
+        next.map(from_sql).transpose()
     }
 }
 

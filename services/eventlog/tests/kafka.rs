@@ -103,6 +103,8 @@ conformance_tests!(
     malformed_record_is_readable,
     single_partition_methods,
     subscription_closed_when_log_dropped,
+    group_member_commits_and_resumes,
+    group_members_split_and_hand_over,
 );
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

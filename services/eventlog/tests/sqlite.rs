@@ -52,6 +52,8 @@ conformance_tests!(
     malformed_record_is_readable,
     single_partition_methods,
     subscription_closed_when_log_dropped,
+    group_member_commits_and_resumes,
+    group_members_split_and_hand_over,
 );
 
 /// `run_all` itself, as other backends will call it.
