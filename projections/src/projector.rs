@@ -1,83 +1,197 @@
 //! The projector: feeds log records to the builds fold and persists the result.
 //!
-//! Exactly-once effect: the rows a batch changes and the new consumer offset are committed in
-//! one transaction; on restart the projector resumes from the stored offset. A batch that fails
-//! to commit is forgotten (the cache is dropped) and re-applied from the log.
+//! Exactly-once effect: the rows a batch changes and the next offset of each partition it read
+//! are committed in one transaction; on restart (or when a partition is assigned to it) the
+//! projector resumes from the stored offsets. A batch that fails to commit is forgotten (the
+//! cache is dropped) and re-applied from the log.
+//!
+//! One code path for every log: the projector is a member of consumer group [`GROUP`]
+//! ([`BuildsProjector::run`]). On the embedded SQLite log it is the group's only member and owns
+//! partition 0; on Kafka the members split the events topic's partitions. Every event changes
+//! only its build, and a build's state events are in one partition, so partitions fold
+//! independently.
+//!
+//! Re-deliveries: Kafka may store a retried append twice. The projector skips an event whose id
+//! is among the last [`RECENT_IDS`] it applied to that build (kept with the build's rows, in the
+//! same transaction), so a duplicate is applied once.
+//!
+//! Log chunks in a separate logs topic are not read by the projector (their order relative to
+//! the build's state events is not kept, so folding them would make the read model depend on
+//! the interleaving); on a log without a logs topic (SQLite, or Kafka with `log_partitions` 0)
+//! chunks are in the build's partition and their byte counts are folded.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, VecDeque};
+use std::future::Future;
 
-use tributary_eventlog::{EventLog, Record};
+use tributary_eventlog::{EventLog, GroupEvent, Layout, Partition, Record, Topic};
 use tributary_proto::events::envelope::Payload;
 
 use crate::builds::{touches, BuildsState, Touch};
-use crate::store::BuildsStore;
+use crate::store::{BuildsStore, EventIds};
 use crate::ProjectionError;
+
+/// The consumer group of builds projectors.
+pub const GROUP: &str = "projector";
+
+/// Event ids remembered per build to skip re-deliveries.
+pub const RECENT_IDS: usize = 512;
 
 /// Projects the log into the builds read model.
 pub struct BuildsProjector {
     store: BuildsStore,
     /// Builds that may still change (not finished), as loaded or folded so far.
     cache: BuildsState,
-    next_offset: u64,
+    /// Recent event ids of the cached builds.
+    recent: EventIds,
+    /// Next offset to apply, per partition this projector reads.
+    positions: BTreeMap<Partition, u64>,
     /// Records that could not be decoded and were skipped.
     pub malformed: u64,
+    /// Re-delivered events (an event id already applied to its build) that were skipped.
+    pub duplicates: u64,
 }
 
 impl BuildsProjector {
     pub async fn open(store: BuildsStore) -> Result<Self, ProjectionError> {
-        let next_offset = store.next_offset().await?;
+        let positions = store.next_offsets().await?;
         Ok(BuildsProjector {
             store,
             cache: BuildsState::default(),
-            next_offset,
+            recent: EventIds::new(),
+            positions,
             malformed: 0,
+            duplicates: 0,
         })
     }
 
-    /// The next log offset this projector will apply.
+    /// The next offset of partition 0 this projector will apply (single-partition logs).
     pub fn next_offset(&self) -> u64 {
-        self.next_offset
+        self.positions.get(&0).copied().unwrap_or(0)
+    }
+
+    /// The next offset to apply of each partition the projector has read.
+    pub fn positions(&self) -> &BTreeMap<Partition, u64> {
+        &self.positions
     }
 
     pub fn store(&self) -> &BuildsStore {
         &self.store
     }
 
-    /// Applies every record up to the current end of the log, then returns the new position.
+    /// Applies every record up to the current end of the log (every events partition), then
+    /// returns the new position of partition 0.
     pub async fn catch_up(&mut self, log: &dyn EventLog) -> Result<u64, ProjectionError> {
-        loop {
-            let records = log.read(self.next_offset, 4096).await?;
-            if records.is_empty() {
-                return Ok(self.next_offset);
+        for partition in log.layout().topic_partitions(Topic::Events) {
+            loop {
+                let from = self.positions.get(&partition).copied().unwrap_or(0);
+                let records = log.read_partition(partition, from, 4096).await?;
+                if records.is_empty() {
+                    break;
+                }
+                self.apply_batch(&records).await?;
             }
-            self.apply_batch(&records).await?;
         }
+        Ok(self.next_offset())
     }
 
-    /// Follows the log forever (until the log closes or an error).
+    /// Follows the log as a member of group [`GROUP`] until the log closes or an error.
     pub async fn follow(&mut self, log: &dyn EventLog) -> Result<(), ProjectionError> {
-        let mut sub = log.subscribe(self.next_offset);
+        self.run(log, std::future::pending()).await
+    }
+
+    /// Runs as a member of group [`GROUP`] on the events topic until `shutdown` resolves (then
+    /// it commits and leaves the group, so its partitions go to the other members at once), the
+    /// log closes, or an error.
+    pub async fn run(
+        &mut self,
+        log: &dyn EventLog,
+        shutdown: impl Future<Output = ()>,
+    ) -> Result<(), ProjectionError> {
+        let layout = log.layout();
+        let mut member = log.join_group(GROUP, &[Topic::Events]).await?;
+        tokio::pin!(shutdown);
         loop {
-            let records = sub.next_batch().await?;
-            self.apply_batch(&records).await?;
+            let event = tokio::select! {
+                biased;
+                () = &mut shutdown => {
+                    let owned = member.assigned();
+                    member.commit(&self.positions_of(&owned)).await?;
+                    member.leave().await?;
+                    tracing::info!(partitions = ?owned, "projector left its group");
+                    return Ok(());
+                }
+                event = member.next() => event?,
+            };
+            match event {
+                GroupEvent::Assigned(partitions) => {
+                    // The database is the truth: reload the offsets stored with the rows.
+                    let stored = self.store.next_offsets().await?;
+                    let start: Vec<(Partition, u64)> = partitions
+                        .iter()
+                        .map(|p| (*p, stored.get(p).copied().unwrap_or(0)))
+                        .collect();
+                    self.positions.extend(start.iter().copied());
+                    member.start_at(&start);
+                    tracing::info!(?start, "projector: partitions assigned");
+                }
+                GroupEvent::Revoked(partitions) => {
+                    // Every applied batch is committed already; tell the group for lag metrics.
+                    member.commit(&self.positions_of(&partitions)).await?;
+                    self.forget(layout, &partitions);
+                    tracing::info!(?partitions, "projector: partitions revoked");
+                }
+                GroupEvent::Records(records) => self.apply_batch(&records).await?,
+            }
         }
     }
 
-    /// Folds `records` (which must start at [`Self::next_offset`]) and commits them.
+    fn positions_of(&self, partitions: &[Partition]) -> Vec<(Partition, u64)> {
+        partitions
+            .iter()
+            .filter_map(|p| self.positions.get(p).map(|o| (*p, *o)))
+            .collect()
+    }
+
+    /// Drops the cached builds and positions of `partitions` (another member owns them now).
+    fn forget(&mut self, layout: Layout, partitions: &[Partition]) {
+        let mine = |id: &String| !partitions.contains(&layout.partition_for(Topic::Events, id));
+        self.cache.builds.retain(|id, _| mine(id));
+        self.recent.retain(|id, _| mine(id));
+        for p in partitions {
+            self.positions.remove(p);
+        }
+    }
+
+    /// Folds `records` and commits them with the next offset of every partition they are of.
+    /// Records before a partition's position (re-deliveries) are skipped.
     pub async fn apply_batch(&mut self, records: &[Record]) -> Result<(), ProjectionError> {
         let touched = self.fold_batch(records).await?;
-        let Some(last) = records.last() else {
+        let mut next: BTreeMap<Partition, u64> = BTreeMap::new();
+        for record in records {
+            let position = self.positions.get(&record.partition).copied().unwrap_or(0);
+            if record.offset >= position {
+                next.insert(record.partition, record.offset + 1);
+            }
+        }
+        if next.is_empty() {
             return Ok(());
-        };
-        let next = last.offset + 1;
-        if let Err(e) = self.store.commit_batch(&self.cache, &touched, next).await {
+        }
+        let positions: Vec<(Partition, u64)> = next.iter().map(|(p, o)| (*p, *o)).collect();
+        if let Err(e) = self
+            .store
+            .commit_batch_at(&self.cache, &touched, &positions, &self.recent)
+            .await
+        {
             // The cache is ahead of the database now: forget it, it reloads from the store.
             self.cache.builds.clear();
+            self.recent.clear();
             return Err(e);
         }
-        self.next_offset = next;
+        self.positions.extend(next);
         // Finished builds rarely change again: keep the cache to the live ones.
         self.cache.builds.retain(|_, b| !b.phase.is_terminal());
+        let cache = &self.cache;
+        self.recent.retain(|id, _| cache.builds.contains_key(id));
         Ok(())
     }
 
@@ -98,14 +212,20 @@ impl BuildsProjector {
     ) -> Result<Vec<(String, Touch)>, ProjectionError> {
         let mut touched: BTreeMap<(String, Touch), ()> = BTreeMap::new();
         for record in records {
-            if record.offset < self.next_offset {
+            let position = self.positions.get(&record.partition).copied().unwrap_or(0);
+            if record.offset < position {
                 continue; // already applied (a re-delivery)
             }
             let env = match record.decode() {
                 Ok(env) => env,
                 Err(e) => {
                     self.malformed += 1;
-                    tracing::error!(offset = record.offset, error = %e, "skipping malformed event");
+                    tracing::error!(
+                        partition = record.partition,
+                        offset = record.offset,
+                        error = %e,
+                        "skipping malformed event"
+                    );
                     continue;
                 }
             };
@@ -113,15 +233,29 @@ impl BuildsProjector {
             if touch == Touch::Nothing {
                 continue;
             }
-            if !self.cache.builds.contains_key(&env.build_id)
-                && !matches!(env.payload, Some(Payload::BuildTriggered(_)))
-            {
+            if !self.cache.builds.contains_key(&env.build_id) {
                 match self.store.load_build(&env.build_id).await? {
                     Some(build) => {
                         self.cache.builds.insert(env.build_id.clone(), build);
+                        let ids = self.store.load_event_ids(&env.build_id).await?;
+                        self.recent.insert(env.build_id.clone(), ids);
                     }
+                    None if matches!(env.payload, Some(Payload::BuildTriggered(_))) => {}
                     None => continue, // an event for a build we never saw: nothing to change
                 }
+            }
+            let recent = self.recent.entry(env.build_id.clone()).or_default();
+            if !env.event_id.is_empty() {
+                if recent.contains(&env.event_id) {
+                    self.duplicates += 1;
+                    tracing::debug!(
+                        build_id = %env.build_id,
+                        event_id = %env.event_id,
+                        "skipping a re-delivered event"
+                    );
+                    continue;
+                }
+                remember(recent, &env.event_id);
             }
             self.cache.apply(record.offset, &env);
             touched.insert((env.build_id.clone(), touch), ());
@@ -137,4 +271,11 @@ impl BuildsProjector {
             .filter(|(b, t)| *t == Touch::WholeBuild || !whole.contains(b))
             .collect())
     }
+}
+
+fn remember(recent: &mut VecDeque<String>, id: &str) {
+    if recent.len() >= RECENT_IDS {
+        recent.pop_front();
+    }
+    recent.push_back(id.to_owned());
 }

@@ -1,34 +1,65 @@
 //! Replay: rebuild a read model from offset 0, and compare it with the stored one.
 
+use std::collections::HashSet;
+
 use serde_json::Value;
-use tributary_eventlog::EventLog;
+use tributary_eventlog::{EventLog, Partition, Topic};
 
 use crate::builds::{Build, BuildsState};
 use crate::store::BuildsStore;
 use crate::ProjectionError;
 
-/// Folds the log prefix `[0, end)` into a fresh state, in memory.
+/// Folds the log prefix `[0, end)` of a single-partition log into a fresh state, in memory.
+/// Returns the state and the number of malformed records skipped.
 pub async fn fold_log(log: &dyn EventLog, end: u64) -> Result<(BuildsState, u64), ProjectionError> {
+    fold_partitions(log, &[(0, end)]).await
+}
+
+/// Folds each `(partition, end)` prefix `[0, end)` into a fresh state, in memory, partition
+/// after partition (builds are independent and a build's state events are in one partition, so
+/// the order of partitions does not matter). An event id met again is skipped, as the projector
+/// skips re-deliveries. Returns the state and the number of malformed records skipped.
+pub async fn fold_partitions(
+    log: &dyn EventLog,
+    ends: &[(Partition, u64)],
+) -> Result<(BuildsState, u64), ProjectionError> {
     let mut state = BuildsState::default();
     let mut malformed = 0;
-    let mut next = 0;
-    while next < end {
-        let records = log.read(next, 8192).await?;
-        if records.is_empty() {
-            break;
-        }
-        for record in &records {
-            if record.offset >= end {
+    let mut seen: HashSet<String> = HashSet::new();
+    for (partition, end) in ends {
+        let mut next = 0;
+        while next < *end {
+            let records = log.read_partition(*partition, next, 8192).await?;
+            if records.is_empty() {
                 break;
             }
-            next = record.offset + 1;
-            match record.decode() {
-                Ok(env) => state.apply(record.offset, &env),
-                Err(_) => malformed += 1,
+            for record in &records {
+                if record.offset >= *end {
+                    break;
+                }
+                next = record.offset + 1;
+                match record.decode() {
+                    Ok(env) => {
+                        if env.event_id.is_empty() || seen.insert(env.event_id.clone()) {
+                            state.apply(record.offset, &env);
+                        }
+                    }
+                    Err(_) => malformed += 1,
+                }
             }
         }
     }
     Ok((state, malformed))
+}
+
+/// The end of each events partition of `log`: what a rebuild folds.
+pub async fn event_ends(log: &dyn EventLog) -> Result<Vec<(Partition, u64)>, ProjectionError> {
+    let ends = log.end_offsets().await?;
+    Ok(log
+        .layout()
+        .topic_partitions(Topic::Events)
+        .map(|p| (p, ends.get(p as usize).copied().unwrap_or(0)))
+        .collect())
 }
 
 /// The first difference between the stored and the replayed read model.
@@ -87,23 +118,32 @@ pub fn compare(stored: &BuildsState, replayed: &BuildsState) -> Option<Divergenc
     None
 }
 
-/// Replays `[0, stored offset)` and compares with what the store holds.
+/// Replays each events partition up to the offset the store holds for it, and compares with
+/// what the store holds.
 pub async fn check(
     log: &dyn EventLog,
     store: &BuildsStore,
 ) -> Result<Option<Divergence>, ProjectionError> {
-    let end = store.next_offset().await?;
+    let stored_offsets = store.next_offsets().await?;
     let stored = store.load_all().await?;
-    let (replayed, _) = fold_log(log, end).await?;
+    let ends: Vec<(Partition, u64)> = log
+        .layout()
+        .topic_partitions(Topic::Events)
+        .map(|p| (p, stored_offsets.get(&p).copied().unwrap_or(0)))
+        .collect();
+    let (replayed, _) = fold_partitions(log, &ends).await?;
     Ok(compare(&stored, &replayed))
 }
 
-/// Rebuilds the store from offset 0 up to the current end of the log.
+/// Rebuilds the store from offset 0 up to the current end of every events partition, then
+/// swaps it in: the fold runs in memory, and the old rows and offsets are replaced by the new
+/// ones in one transaction (readers see the old read model until it commits). Projectors must
+/// be stopped meanwhile. Returns the end offset of partition 0.
 pub async fn rebuild(log: &dyn EventLog, store: &BuildsStore) -> Result<u64, ProjectionError> {
-    let end = log.end_offset().await?;
-    let (state, _) = fold_log(log, end).await?;
-    store.replace_all(&state, end).await?;
-    Ok(end)
+    let ends = event_ends(log).await?;
+    let (state, _) = fold_partitions(log, &ends).await?;
+    store.replace_all_at(&state, &ends).await?;
+    Ok(ends.first().map_or(0, |(_, end)| *end))
 }
 
 fn to_value(b: &Build) -> Value {

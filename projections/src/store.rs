@@ -4,6 +4,7 @@
 //! in the same transaction ([`BuildsStore::commit_batch`]), so the stored read model is always
 //! exactly the fold of the log prefix `[0, next_offset)`.
 
+use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::path::Path;
 use std::time::Duration;
 
@@ -13,6 +14,9 @@ use sqlx::{AnyPool, Executor, Row};
 
 use crate::builds::{Build, BuildsState, Job, Line, Phase, Step, Touch};
 use crate::ProjectionError;
+
+/// Per build id, the ids of the events last applied to it (oldest first).
+pub type EventIds = HashMap<String, VecDeque<String>>;
 
 /// Name of the builds projection in the offsets table.
 pub const BUILDS_PROJECTION: &str = "builds";
@@ -115,6 +119,24 @@ impl BuildsStore {
         })
     }
 
+    /// The next offset to apply of every partition the projection has stored one for.
+    pub async fn next_offsets(&self) -> Result<BTreeMap<u32, u64>, ProjectionError> {
+        let rows = sqlx::query(
+            "SELECT partition, next_offset FROM projection_offsets WHERE projection = $1",
+        )
+        .bind(BUILDS_PROJECTION)
+        .fetch_all(&self.pool)
+        .await?;
+        let mut offsets = BTreeMap::new();
+        for row in rows {
+            let partition = u32::try_from(row.try_get::<i64, _>(0)?).map_err(|_| {
+                ProjectionError::Corrupt("a negative partition in projection_offsets".into())
+            })?;
+            offsets.insert(partition, to_u64(row.try_get::<i64, _>(1)?));
+        }
+        Ok(offsets)
+    }
+
     /// Writes what `touched` names of `state`, and the new offset, in one transaction.
     pub async fn commit_batch(
         &self,
@@ -122,16 +144,51 @@ impl BuildsStore {
         touched: &[(String, Touch)],
         next_offset: u64,
     ) -> Result<(), ProjectionError> {
+        self.commit_batch_at(state, touched, &[(0, next_offset)], &EventIds::new())
+            .await
+    }
+
+    /// Writes what `touched` names of `state`, the recent event ids of those builds (from
+    /// `event_ids`), and the next offset of each partition in `positions`, in one transaction.
+    pub async fn commit_batch_at(
+        &self,
+        state: &BuildsState,
+        touched: &[(String, Touch)],
+        positions: &[(u32, u64)],
+        event_ids: &EventIds,
+    ) -> Result<(), ProjectionError> {
         let mut tx = self.pool.begin().await?;
+        let mut ids_written = Vec::new();
         for (build_id, touch) in touched {
             let Some(build) = state.builds.get(build_id) else {
                 continue;
             };
             write_touch(&mut tx, build, touch).await?;
+            if let Some(ids) = event_ids.get(build_id) {
+                if !ids_written.contains(&build_id) {
+                    write_event_ids(&mut tx, build_id, ids).await?;
+                    ids_written.push(build_id);
+                }
+            }
         }
-        write_offset(&mut tx, next_offset).await?;
+        for (partition, next) in positions {
+            write_offset_of(&mut tx, *partition, *next).await?;
+        }
         tx.commit().await?;
         Ok(())
+    }
+
+    /// The ids of the events last applied to build `id` (oldest first), as stored.
+    pub async fn load_event_ids(&self, id: &str) -> Result<VecDeque<String>, ProjectionError> {
+        let ids: Option<String> =
+            sqlx::query_scalar("SELECT ids FROM build_event_ids WHERE build_id = $1")
+                .bind(id)
+                .fetch_optional(&self.pool)
+                .await?;
+        Ok(match ids {
+            Some(ids) => serde_json::from_str(&ids)?,
+            None => VecDeque::new(),
+        })
     }
 
     /// One build with its jobs, steps and lines.
@@ -196,16 +253,33 @@ impl BuildsStore {
         state: &BuildsState,
         next_offset: u64,
     ) -> Result<(), ProjectionError> {
+        self.replace_all_at(state, &[(0, next_offset)]).await
+    }
+
+    /// Replaces the whole stored read model with `state`, its stored offsets with `positions`
+    /// (one per partition), in one transaction. The recent event ids are cleared: a replay
+    /// dedupes by event id over the whole log.
+    pub async fn replace_all_at(
+        &self,
+        state: &BuildsState,
+        positions: &[(u32, u64)],
+    ) -> Result<(), ProjectionError> {
         let mut tx = self.pool.begin().await?;
-        for table in ["builds", "jobs", "steps", "lines"] {
+        for table in ["builds", "jobs", "steps", "lines", "build_event_ids"] {
             sqlx::query(&format!("DELETE FROM {table}"))
                 .execute(&mut *tx)
                 .await?;
         }
+        sqlx::query("DELETE FROM projection_offsets WHERE projection = $1")
+            .bind(BUILDS_PROJECTION)
+            .execute(&mut *tx)
+            .await?;
         for build in state.builds.values() {
             write_touch(&mut tx, build, &Touch::WholeBuild).await?;
         }
-        write_offset(&mut tx, next_offset).await?;
+        for (partition, next) in positions {
+            write_offset_of(&mut tx, *partition, *next).await?;
+        }
         tx.commit().await?;
         Ok(())
     }
@@ -218,14 +292,36 @@ impl BuildsStore {
 
 type Tx<'a> = sqlx::Transaction<'a, sqlx::Any>;
 
-/// Records the projection's next offset; always inside the transaction that wrote its rows.
-async fn write_offset(tx: &mut Tx<'_>, next_offset: u64) -> Result<(), ProjectionError> {
+/// Records the projection's next offset in `partition`; always inside the transaction that
+/// wrote its rows.
+async fn write_offset_of(
+    tx: &mut Tx<'_>,
+    partition: u32,
+    next_offset: u64,
+) -> Result<(), ProjectionError> {
     sqlx::query(
-        "INSERT INTO projection_offsets (projection, partition, next_offset) VALUES ($1, 0, $2) \
+        "INSERT INTO projection_offsets (projection, partition, next_offset) VALUES ($1, $2, $3) \
          ON CONFLICT (projection, partition) DO UPDATE SET next_offset = excluded.next_offset",
     )
     .bind(BUILDS_PROJECTION)
+    .bind(i64::from(partition))
     .bind(to_i64(next_offset))
+    .execute(&mut **tx)
+    .await?;
+    Ok(())
+}
+
+async fn write_event_ids(
+    tx: &mut Tx<'_>,
+    build_id: &str,
+    ids: &VecDeque<String>,
+) -> Result<(), ProjectionError> {
+    sqlx::query(
+        "INSERT INTO build_event_ids (build_id, ids) VALUES ($1, $2) \
+         ON CONFLICT (build_id) DO UPDATE SET ids = excluded.ids",
+    )
+    .bind(build_id)
+    .bind(serde_json::to_string(ids)?)
     .execute(&mut **tx)
     .await?;
     Ok(())

@@ -187,3 +187,60 @@ proptest! {
         });
     }
 }
+
+/// Kafka may store a retried append twice: the copy (same event id, a later offset, possibly in
+/// a later batch, possibly after a restart) is skipped, so log bytes are not counted twice.
+#[tokio::test]
+async fn a_redelivered_event_id_is_applied_once_even_after_a_restart() {
+    use prost::Message;
+    use tributary_eventlog::Record;
+    let dir = tempfile::tempdir().unwrap();
+    let (_log, store) = setup(dir.path()).await;
+    let events = common::build_history("b1", 1, false);
+    let record = |offset: u64, env: &tributary_proto::events::Envelope| Record {
+        partition: 0,
+        offset,
+        key: env.build_id.clone(),
+        data: env.encode_to_vec().into(),
+    };
+    // Up to the first log chunk, then that chunk again in the same batch.
+    let chunk = events
+        .iter()
+        .position(|e| {
+            matches!(
+                e.payload,
+                Some(tributary_proto::events::envelope::Payload::LogChunk(_))
+            )
+        })
+        .expect("a log chunk");
+    let mut records: Vec<Record> = events[..=chunk]
+        .iter()
+        .enumerate()
+        .map(|(i, e)| record(i as u64, e))
+        .collect();
+    records.push(record(records.len() as u64, &events[chunk]));
+    let mut p = BuildsProjector::open(store.clone()).await.unwrap();
+    p.apply_batch(&records).await.unwrap();
+    assert_eq!(p.duplicates, 1);
+    let bytes = |b: &tributary_projections::Build| b.jobs[0].log_bytes;
+    let once = bytes(&store.load_build("b1").await.unwrap().unwrap());
+    assert!(once > 0);
+
+    // A restarted projector (ids come from the database) gets the chunk once more.
+    let mut restarted = BuildsProjector::open(store.clone()).await.unwrap();
+    let next = records.len() as u64;
+    restarted
+        .apply_batch(&[record(next, &events[chunk])])
+        .await
+        .unwrap();
+    assert_eq!(
+        restarted.duplicates, 1,
+        "the stored event ids survive a restart"
+    );
+    assert_eq!(bytes(&store.load_build("b1").await.unwrap().unwrap()), once);
+    assert_eq!(
+        restarted.next_offset(),
+        next + 1,
+        "the offset still advances"
+    );
+}

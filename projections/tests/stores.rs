@@ -221,7 +221,7 @@ async fn replay_check_finds_a_tampered_row_and_rebuild_repairs_it_on_both_databa
                 .fetch_one(store.pool())
                 .await
                 .expect("migrations table");
-            assert_eq!(pg, 1, "one migration applied");
+            assert_eq!(pg, 2, "both migrations applied");
         }
         store.close().await;
     })
