@@ -344,12 +344,23 @@ pub struct BuildsArgs {
 }
 
 #[derive(Debug, Args)]
+#[command(after_help = "Examples:\n  \
+    tributary replay --check                         the embedded data directory (.tributary)\n  \
+    tributary replay --kafka 127.0.0.1:19092 --database postgres://u:p@db/tributary --check\n  \
+    tributary replay --config /etc/tributary.toml    rebuild (stop the projectors first)")]
 pub struct ReplayArgs {
     #[command(flatten)]
-    pub data: DataArgs,
-    /// Compare instead of rebuilding; exit status 1 on any difference.
+    pub backends: crate::backends::BackendArgs,
+    /// Compare instead of rebuilding: replays every events partition up to the offset the read
+    /// model stored for it and reports the first difference; exit status 1 on any difference.
     #[arg(long)]
     pub check: bool,
+}
+
+#[derive(Debug, Args)]
+pub struct ServeProjectorArgs {
+    #[command(flatten)]
+    pub backends: crate::backends::BackendArgs,
 }
 
 #[derive(Debug, Subcommand)]
@@ -578,6 +589,19 @@ pub enum ServeCommand {
     /// SIGINT/SIGTERM stops it; the local provider drains its agents first.
     #[command(verbatim_doc_comment)]
     Autoscaler(AutoscalerArgs),
+    /// The builds projector: folds the log into the builds read model (--database).
+    ///
+    /// Run as many replicas as you like: they are members of the consumer group `projector`
+    /// and split the events topic's partitions; each stores its next offset per partition in
+    /// the read-model database, in the transaction of the rows, so every event takes effect
+    /// once even though Kafka may deliver it again (re-deliveries are also skipped by event
+    /// id). When a replica dies, the others take over its partitions after the session timeout
+    /// (--kafka-session-timeout); SIGTERM/SIGINT leaves the group at once.
+    ///
+    /// Example: tributary serve projector --kafka 127.0.0.1:19092 \
+    ///            --database postgres://tributary:tributary@127.0.0.1:5432/tributary
+    #[command(verbatim_doc_comment)]
+    Projector(ServeProjectorArgs),
     /// The metering service: folds usage ticks into usage per tenant, project, machine class
     /// and day (DIR/metering.db), and issues each tenant's invoice when a month is over.
     /// `tributary up` runs it too; run it alone when the API runs elsewhere on the same log.

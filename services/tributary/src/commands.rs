@@ -38,6 +38,9 @@ pub async fn dispatch(command: Command) -> anyhow::Result<ExitCode> {
         Command::Admin(cmd) => crate::client::admin(cmd).await,
         Command::Agents(args) => crate::client::agents(args).await,
         Command::Agent(args) => crate::agent::command(args).await,
+        Command::Serve(crate::cli::ServeCommand::Projector(args)) => {
+            crate::projector::serve(args).await
+        }
         Command::Serve(crate::cli::ServeCommand::Metering(args)) => {
             crate::metering::serve(args).await
         }
@@ -347,12 +350,22 @@ async fn builds(args: BuildsArgs) -> anyhow::Result<ExitCode> {
 }
 
 async fn replay_cmd(args: ReplayArgs) -> anyhow::Result<ExitCode> {
-    let data = DataDir::open(&args.data.data).await?;
+    let backends = args.backends.resolve()?;
+    let log = backends.open_log().await?;
+    let store = backends.open_store().await?;
     if args.check {
-        return match replay::check(data.log.as_ref(), &data.store).await? {
+        return match replay::check(log.as_ref(), &store).await? {
             None => {
-                let at = data.store.next_offset().await?;
-                println!("read models match a replay of the log up to offset {at}");
+                let offsets = store.next_offsets().await?;
+                if log.layout().partitions() == 1 {
+                    let at = offsets.get(&0).copied().unwrap_or(0);
+                    println!("read models match a replay of the log up to offset {at}");
+                } else {
+                    println!(
+                        "read models match a replay of the log up to these offsets \
+                         (partition: next offset): {offsets:?}"
+                    );
+                }
                 Ok(ExitCode::SUCCESS)
             }
             Some(divergence) => {
@@ -361,9 +374,14 @@ async fn replay_cmd(args: ReplayArgs) -> anyhow::Result<ExitCode> {
             }
         };
     }
-    let end = replay::rebuild(data.log.as_ref(), &data.store)
+    let end = replay::rebuild(log.as_ref(), &store)
         .await
         .context("replay failed; the stored read models are unchanged")?;
-    println!("rebuilt the builds read model from offsets 0..{end}");
+    if log.layout().partitions() == 1 {
+        println!("rebuilt the builds read model from offsets 0..{end}");
+    } else {
+        let offsets = store.next_offsets().await?;
+        println!("rebuilt the builds read model from every events partition: {offsets:?}");
+    }
     Ok(ExitCode::SUCCESS)
 }

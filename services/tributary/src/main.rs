@@ -4,6 +4,7 @@
 mod agent;
 mod artifacts;
 mod autoscaler;
+mod backends;
 mod bench;
 mod bench_autoscale;
 mod bench_exec;
@@ -17,6 +18,7 @@ mod data_dir;
 mod health;
 mod local_run;
 mod metering;
+mod projector;
 mod render;
 mod server;
 

@@ -1,0 +1,266 @@
+//! Scale-out projectors: two `tributary serve projector` processes on a 4-partition Kafka
+//! events topic and a PostgreSQL read model, while this test appends the events of many builds
+//! through the log API (with duplicates and a garbage record). One projector is killed with
+//! SIGKILL mid-run; the other takes over its partitions. At the end the read model equals a
+//! fresh replay (`tributary replay --check`) and the fold of the histories without duplicates
+//! (every duplicate applied once), and SIGTERM makes the survivor leave its group and exit 0.
+//!
+//! Needs the broker and PostgreSQL of `scripts/setup-brokers.sh` (`TRIBUTARY_TEST_KAFKA`,
+//! `TRIBUTARY_TEST_DATABASE_URL` override them); fails with that message if they are absent.
+
+#[allow(dead_code)]
+#[path = "../../../projections/tests/common/mod.rs"]
+mod history;
+
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use sqlx::{AnyConnection, Connection, Executor};
+use tributary_eventlog::kafka::{KafkaLog, KafkaOptions};
+use tributary_eventlog::EventLog;
+use tributary_projections::{replay, BuildsState, BuildsStore};
+
+fn brokers() -> String {
+    let brokers =
+        std::env::var("TRIBUTARY_TEST_KAFKA").unwrap_or_else(|_| "127.0.0.1:19092".into());
+    let first = brokers.split(',').next().unwrap_or_default().to_owned();
+    let reachable = std::net::ToSocketAddrs::to_socket_addrs(&first)
+        .ok()
+        .and_then(|mut addrs| addrs.next())
+        .is_some_and(|addr| {
+            std::net::TcpStream::connect_timeout(&addr, Duration::from_secs(3)).is_ok()
+        });
+    assert!(
+        reachable,
+        "no Kafka broker at {brokers}: run scripts/setup-brokers.sh (it starts one on \
+         127.0.0.1:19092), or set TRIBUTARY_TEST_KAFKA to a reachable broker"
+    );
+    brokers
+}
+
+fn admin_url() -> String {
+    std::env::var("TRIBUTARY_TEST_DATABASE_URL")
+        .unwrap_or_else(|_| "postgres://tributary:tributary@127.0.0.1:5432/tributary_test".into())
+}
+
+/// A fresh PostgreSQL database: (url, name).
+async fn fresh_database() -> (String, String) {
+    sqlx::any::install_default_drivers();
+    let admin = admin_url();
+    let mut conn = AnyConnection::connect(&admin)
+        .await
+        .unwrap_or_else(|error| {
+            panic!(
+            "no PostgreSQL at {admin} ({error}): run scripts/setup-brokers.sh (it starts one on \
+             127.0.0.1:5432 with that database), or set TRIBUTARY_TEST_DATABASE_URL"
+        )
+        });
+    let name = format!("test_{}", tributary_proto::new_id().replace('-', ""));
+    conn.execute(format!("CREATE DATABASE {name}").as_str())
+        .await
+        .expect("create a test database (the role needs CREATEDB)");
+    conn.close().await.expect("close");
+    let base = admin
+        .rsplit_once('/')
+        .map_or(admin.as_str(), |(base, _)| base);
+    (format!("{base}/{name}"), name)
+}
+
+async fn drop_database(name: &str) {
+    let mut conn = AnyConnection::connect(&admin_url()).await.expect("connect");
+    let _ = conn
+        .execute(format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)").as_str())
+        .await;
+}
+
+fn backend_flags(brokers: &str, prefix: &str, database: &str) -> Vec<String> {
+    [
+        "--kafka",
+        brokers,
+        "--kafka-topic-prefix",
+        prefix,
+        "--database",
+        database,
+        "--kafka-session-timeout",
+        "6",
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect()
+}
+
+fn projector(flags: &[String], stderr: &Path) -> Child {
+    Command::new(env!("CARGO_BIN_EXE_tributary"))
+        .args(["serve", "projector"])
+        .args(flags)
+        .env("TRIBUTARY_LOG", "info")
+        .stdout(Stdio::null())
+        .stderr(std::fs::File::create(stderr).expect("stderr file"))
+        .spawn()
+        .expect("start tributary serve projector")
+}
+
+fn log_text(path: &Path) -> String {
+    std::fs::read_to_string(path).unwrap_or_default()
+}
+
+async fn wait_until<F, Fut>(what: &str, within: Duration, mut done: F)
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let deadline = Instant::now() + within;
+    while !done().await {
+        assert!(Instant::now() < deadline, "timed out waiting until {what}");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_projectors_one_killed_equal_a_fresh_replay_with_duplicates_applied_once() {
+    let brokers = brokers();
+    let prefix = format!("test-scale-{}", tributary_proto::new_id());
+    let (database, db_name) = fresh_database().await;
+    let mut options = KafkaOptions::new(brokers.clone());
+    options.topic_prefix = prefix.clone();
+    options.event_partitions = 4;
+    // Chunks in the events topic, in their build's partition: byte counts are folded too.
+    options.log_partitions = 0;
+    options.replication_factor = 1;
+    let log = KafkaLog::connect(options).await.expect("connect to Kafka");
+    assert_eq!(log.layout().partitions(), 4);
+
+    let dir = tempfile::tempdir().expect("tempdir");
+    let flags = backend_flags(&brokers, &prefix, &database);
+    let (err_a, err_b) = (dir.path().join("a.log"), dir.path().join("b.log"));
+    let mut a = projector(&flags, &err_a);
+    let mut b = projector(&flags, &err_b);
+
+    // Many builds, interleaved; the first half now, then the kill, then the rest.
+    let histories: Vec<_> = (0..40)
+        .map(|i| history::build_history(&tributary_proto::new_id(), 2, i % 3 == 0))
+        .collect();
+    let mut expected = BuildsState::default();
+    let events = history::interleave(histories);
+    for (offset, event) in events.iter().enumerate() {
+        expected.apply(offset as u64, event);
+    }
+    let half = events.len() / 2;
+    let mut appended = 0usize;
+    let mut append = |upto: usize| {
+        let slice = events[appended..upto].to_vec();
+        appended = upto;
+        slice
+    };
+    for chunk in append(half).chunks(50) {
+        log.append(chunk).await.expect("append");
+        // Duplicates: a producer retry stores an event twice.
+        log.append(&chunk[..3]).await.expect("append duplicates");
+    }
+    log.append_raw("garbage", vec![0xff, 0xff, 0xff, 0x01])
+        .await
+        .expect("append garbage");
+
+    wait_until(
+        "both projectors own partitions",
+        Duration::from_secs(120),
+        || async {
+            log_text(&err_a).contains("partitions assigned")
+                && log_text(&err_b).contains("partitions assigned")
+        },
+    )
+    .await;
+    let store = BuildsStore::connect(&database)
+        .await
+        .expect("open the store");
+    wait_until(
+        "the projectors wrote some builds",
+        Duration::from_secs(120),
+        || async { !store.list_builds(1).await.expect("list").is_empty() },
+    )
+    .await;
+    a.kill().expect("kill -9 projector a");
+    let _ = a.wait();
+
+    for chunk in append(events.len()).chunks(50) {
+        log.append(chunk).await.expect("append");
+        log.append(&chunk[chunk.len() - 2..])
+            .await
+            .expect("append duplicates");
+    }
+
+    let ends = log.end_offsets().await.expect("end offsets");
+    wait_until(
+        "the surviving projector caught up with every partition",
+        Duration::from_secs(180),
+        || async {
+            let stored = store.next_offsets().await.expect("offsets");
+            ends.iter()
+                .enumerate()
+                .all(|(p, end)| stored.get(&(p as u32)) == Some(end))
+        },
+    )
+    .await;
+
+    // Equal to a fresh replay, through the CLI ...
+    let check = Command::new(env!("CARGO_BIN_EXE_tributary"))
+        .arg("replay")
+        .args(&flags)
+        .arg("--check")
+        .output()
+        .expect("run tributary replay --check");
+    let stdout = String::from_utf8_lossy(&check.stdout);
+    assert!(
+        check.status.success(),
+        "replay --check found a difference: {stdout}{}",
+        String::from_utf8_lossy(&check.stderr)
+    );
+    assert!(stdout.contains("match"), "{stdout}");
+    // ... and to the histories folded without their duplicates: each applied once.
+    let stored = store.load_all().await.expect("load");
+    assert_eq!(stored.builds.len(), 40, "every build is in the read model");
+    // `last_offset` is an offset in the build's partition on the log, not in `events`.
+    let strip = |mut state: BuildsState| {
+        for build in state.builds.values_mut() {
+            build.last_offset = 0;
+        }
+        state
+    };
+    assert_eq!(
+        replay::compare(&strip(stored), &strip(expected)),
+        None,
+        "the read model is the fold of the builds' events, each applied once"
+    );
+    let logs = log_text(&err_a) + &log_text(&err_b);
+    assert!(
+        logs.contains("skipping malformed event"),
+        "the garbage record was skipped with an error log:\n{logs}"
+    );
+
+    // SIGTERM: the survivor leaves its group and exits 0.
+    let pid = libc::pid_t::try_from(b.id()).expect("pid");
+    // SAFETY: sending a signal to our own child process.
+    unsafe { libc::kill(pid, libc::SIGTERM) };
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let status = loop {
+        if let Some(status) = b.try_wait().expect("wait") {
+            break status;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "projector b did not exit on SIGTERM"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    assert!(
+        status.success(),
+        "projector b: {status}\n{}",
+        log_text(&err_b)
+    );
+    assert!(log_text(&err_b).contains("projector left its group"));
+
+    store.close().await;
+    let _ = log.delete_topics().await;
+    drop_database(&db_name).await;
+}
