@@ -13,13 +13,14 @@
 //! [`replay`] rebuilds a read model from offset 0 and compares it with the stored one.
 
 pub mod builds;
+pub mod chunks;
 pub mod directory;
 pub mod projector;
 pub mod replay;
 pub mod store;
 
 pub use builds::{apply, Build, BuildsState, Job, Line, Phase, Step, Touch};
-pub use projector::BuildsProjector;
+pub use projector::{BuildsProjector, ChunkCounter};
 pub use store::BuildsStore;
 
 #[derive(Debug, thiserror::Error)]

@@ -15,10 +15,12 @@
 //! is among the last [`RECENT_IDS`] it applied to that build (kept with the build's rows, in the
 //! same transaction), so a duplicate is applied once.
 //!
-//! Log chunks in a separate logs topic are not read by the projector (their order relative to
-//! the build's state events is not kept, so folding them would make the read model depend on
-//! the interleaving); on a log without a logs topic (SQLite, or Kafka with `log_partitions` 0)
-//! chunks are in the build's partition and their byte counts are folded.
+//! Log chunks in a separate logs topic (Kafka) are not folded into builds (their order relative
+//! to the build's state events is not kept): [`ChunkCounter`]s, members of group
+//! [`LOGS_GROUP`] on the logs topic, add their bytes to per-line counters
+//! ([`crate::chunks`]), which the store overlays on the build when it is read. On a log without
+//! a logs topic (SQLite, or Kafka with `log_partitions` 0) chunks are in the build's partition
+//! and the fold counts them itself.
 
 use std::collections::{BTreeMap, VecDeque};
 use std::future::Future;
@@ -27,11 +29,15 @@ use tributary_eventlog::{EventLog, GroupEvent, Layout, Partition, Record, Topic}
 use tributary_proto::events::envelope::Payload;
 
 use crate::builds::{touches, BuildsState, Touch};
+use crate::chunks::{self, ChunkCounts};
 use crate::store::{BuildsStore, EventIds};
 use crate::ProjectionError;
 
 /// The consumer group of builds projectors.
 pub const GROUP: &str = "projector";
+
+/// The consumer group of the chunk counters (the logs topic).
+pub const LOGS_GROUP: &str = "projector-logs";
 
 /// Event ids remembered per build to skip re-deliveries.
 pub const RECENT_IDS: usize = 512;
@@ -278,4 +284,146 @@ fn remember(recent: &mut VecDeque<String>, id: &str) {
         recent.pop_front();
     }
     recent.push_back(id.to_owned());
+}
+
+/// Counts the log bytes of the logs topic's chunks per (build, job, attempt, step, line); see
+/// the [module docs](self). Exactly once like the projector: counters, recent chunk ids and
+/// the logs partitions' next offsets are committed in one transaction.
+pub struct ChunkCounter {
+    store: BuildsStore,
+    recent: EventIds,
+    positions: BTreeMap<Partition, u64>,
+    /// Records that could not be decoded and were skipped.
+    pub malformed: u64,
+    /// Re-delivered chunks that were skipped.
+    pub duplicates: u64,
+}
+
+/// Builds whose recent chunk ids a counter keeps in memory at most; past it, it forgets them
+/// (they are reloaded from the database when needed).
+const RECENT_BUILDS: usize = 10_000;
+
+impl ChunkCounter {
+    pub fn new(store: BuildsStore) -> Self {
+        ChunkCounter {
+            store,
+            recent: EventIds::new(),
+            positions: BTreeMap::new(),
+            malformed: 0,
+            duplicates: 0,
+        }
+    }
+
+    /// Runs as a member of group [`LOGS_GROUP`] on the logs topic until `shutdown` resolves
+    /// (then commits and leaves), the log closes, or an error.
+    pub async fn run(
+        &mut self,
+        log: &dyn EventLog,
+        shutdown: impl Future<Output = ()>,
+    ) -> Result<(), ProjectionError> {
+        let layout = log.layout();
+        let mut member = log.join_group(LOGS_GROUP, &[Topic::Logs]).await?;
+        tokio::pin!(shutdown);
+        loop {
+            let event = tokio::select! {
+                biased;
+                () = &mut shutdown => {
+                    let owned = member.assigned();
+                    let positions: Vec<_> = owned
+                        .iter()
+                        .filter_map(|p| self.positions.get(p).map(|o| (*p, *o)))
+                        .collect();
+                    member.commit(&positions).await?;
+                    member.leave().await?;
+                    tracing::info!(partitions = ?owned, "chunk counter left its group");
+                    return Ok(());
+                }
+                event = member.next() => event?,
+            };
+            match event {
+                GroupEvent::Assigned(partitions) => {
+                    let stored = self.store.next_offsets().await?;
+                    let start: Vec<(Partition, u64)> = partitions
+                        .iter()
+                        .map(|p| (*p, stored.get(p).copied().unwrap_or(0)))
+                        .collect();
+                    self.positions.extend(start.iter().copied());
+                    member.start_at(&start);
+                    tracing::info!(?start, "chunk counter: partitions assigned");
+                }
+                GroupEvent::Revoked(partitions) => {
+                    let positions: Vec<_> = partitions
+                        .iter()
+                        .filter_map(|p| self.positions.get(p).map(|o| (*p, *o)))
+                        .collect();
+                    member.commit(&positions).await?;
+                    self.recent.retain(|id, _| {
+                        !partitions.contains(&layout.partition_for(Topic::Logs, id))
+                    });
+                    for p in &partitions {
+                        self.positions.remove(p);
+                    }
+                    tracing::info!(?partitions, "chunk counter: partitions revoked");
+                }
+                GroupEvent::Records(records) => self.apply_batch(&records).await?,
+            }
+        }
+    }
+
+    /// Counts `records` (skipping re-deliveries) and commits them with the next offsets.
+    pub async fn apply_batch(&mut self, records: &[Record]) -> Result<(), ProjectionError> {
+        let mut increments = ChunkCounts::new();
+        let mut next: BTreeMap<Partition, u64> = BTreeMap::new();
+        for record in records {
+            let position = self.positions.get(&record.partition).copied().unwrap_or(0);
+            if record.offset < position {
+                continue;
+            }
+            next.insert(record.partition, record.offset + 1);
+            let env = match record.decode() {
+                Ok(env) => env,
+                Err(e) => {
+                    self.malformed += 1;
+                    tracing::error!(
+                        partition = record.partition,
+                        offset = record.offset,
+                        error = %e,
+                        "skipping malformed log chunk"
+                    );
+                    continue;
+                }
+            };
+            if chunks::chunk_of(&env).is_none() {
+                continue;
+            }
+            if !self.recent.contains_key(&env.build_id) {
+                let ids = self.store.load_chunk_event_ids(&env.build_id).await?;
+                self.recent.insert(env.build_id.clone(), ids);
+            }
+            let recent = self.recent.entry(env.build_id.clone()).or_default();
+            if recent.contains(&env.event_id) {
+                self.duplicates += 1;
+                continue;
+            }
+            remember(recent, &env.event_id);
+            chunks::add(&mut increments, &env);
+        }
+        if next.is_empty() {
+            return Ok(());
+        }
+        let positions: Vec<(Partition, u64)> = next.iter().map(|(p, o)| (*p, *o)).collect();
+        if let Err(e) = self
+            .store
+            .commit_chunks(&increments, &self.recent, &positions)
+            .await
+        {
+            self.recent.clear();
+            return Err(e);
+        }
+        self.positions.extend(next);
+        if self.recent.len() > RECENT_BUILDS {
+            self.recent.clear();
+        }
+        Ok(())
+    }
 }

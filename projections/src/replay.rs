@@ -6,6 +6,7 @@ use serde_json::Value;
 use tributary_eventlog::{EventLog, Partition, Topic};
 
 use crate::builds::{Build, BuildsState};
+use crate::chunks::{self, ChunkCounts};
 use crate::store::BuildsStore;
 use crate::ProjectionError;
 
@@ -50,6 +51,54 @@ pub async fn fold_partitions(
         }
     }
     Ok((state, malformed))
+}
+
+/// Counts the log chunks of each logs-topic `(partition, end)` prefix (skipping event ids met
+/// before, as the chunk counters do), and overlays the counts on `state`'s builds.
+pub async fn count_chunks(
+    log: &dyn EventLog,
+    ends: &[(Partition, u64)],
+    state: &mut BuildsState,
+) -> Result<ChunkCounts, ProjectionError> {
+    let mut counts = ChunkCounts::new();
+    let mut seen: HashSet<String> = HashSet::new();
+    for (partition, end) in ends {
+        let mut next = 0;
+        while next < *end {
+            let records = log.read_partition(*partition, next, 8192).await?;
+            if records.is_empty() {
+                break;
+            }
+            for record in &records {
+                if record.offset >= *end {
+                    break;
+                }
+                next = record.offset + 1;
+                if let Ok(env) = record.decode() {
+                    if seen.insert(env.event_id.clone()) {
+                        chunks::add(&mut counts, &env);
+                    }
+                }
+            }
+        }
+    }
+    for build in state.builds.values_mut() {
+        chunks::overlay(build, &counts);
+    }
+    Ok(counts)
+}
+
+/// The ends of the logs topic's partitions (none on a log without one).
+async fn log_ends(log: &dyn EventLog) -> Result<Vec<(Partition, u64)>, ProjectionError> {
+    let layout = log.layout();
+    if layout.logs == 0 {
+        return Ok(Vec::new());
+    }
+    let ends = log.end_offsets().await?;
+    Ok(layout
+        .topic_partitions(Topic::Logs)
+        .map(|p| (p, ends.get(p as usize).copied().unwrap_or(0)))
+        .collect())
 }
 
 /// The end of each events partition of `log`: what a rebuild folds.
@@ -131,7 +180,15 @@ pub async fn check(
         .topic_partitions(Topic::Events)
         .map(|p| (p, stored_offsets.get(&p).copied().unwrap_or(0)))
         .collect();
-    let (replayed, _) = fold_partitions(log, &ends).await?;
+    let (mut replayed, _) = fold_partitions(log, &ends).await?;
+    let layout = log.layout();
+    if layout.logs > 0 {
+        let log_ends: Vec<(Partition, u64)> = layout
+            .topic_partitions(Topic::Logs)
+            .map(|p| (p, stored_offsets.get(&p).copied().unwrap_or(0)))
+            .collect();
+        count_chunks(log, &log_ends, &mut replayed).await?;
+    }
     Ok(compare(&stored, &replayed))
 }
 
@@ -141,8 +198,11 @@ pub async fn check(
 /// be stopped meanwhile. Returns the end offset of partition 0.
 pub async fn rebuild(log: &dyn EventLog, store: &BuildsStore) -> Result<u64, ProjectionError> {
     let ends = event_ends(log).await?;
-    let (state, _) = fold_partitions(log, &ends).await?;
-    store.replace_all_at(&state, &ends).await?;
+    let (mut state, _) = fold_partitions(log, &ends).await?;
+    let log_ends = log_ends(log).await?;
+    let counts = count_chunks(log, &log_ends, &mut state).await?;
+    let positions: Vec<(Partition, u64)> = ends.iter().chain(&log_ends).copied().collect();
+    store.replace_all_at(&state, &counts, &positions).await?;
     Ok(ends.first().map_or(0, |(_, end)| *end))
 }
 

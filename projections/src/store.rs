@@ -13,6 +13,7 @@ use sqlx::migrate::Migrator;
 use sqlx::{AnyPool, Executor, Row};
 
 use crate::builds::{Build, BuildsState, Job, Line, Phase, Step, Touch};
+use crate::chunks::{overlay, ChunkCounts, ChunkKey};
 use crate::ProjectionError;
 
 /// Per build id, the ids of the events last applied to it (oldest first).
@@ -200,7 +201,78 @@ impl BuildsStore {
         let Some(row) = row else { return Ok(None) };
         let mut build = build_from_row(&row)?;
         load_children(&self.pool, &mut build).await?;
+        let counts = self.load_chunk_counts(id).await?;
+        overlay(&mut build, &counts);
         Ok(Some(build))
+    }
+
+    /// The log byte counters of build `id` (from a separate logs topic; see [`crate::chunks`]).
+    pub async fn load_chunk_counts(&self, id: &str) -> Result<ChunkCounts, ProjectionError> {
+        let rows = sqlx::query(
+            "SELECT job, attempt, step, line, bytes FROM chunk_bytes WHERE build_id = $1",
+        )
+        .bind(id)
+        .fetch_all(&self.pool)
+        .await?;
+        let mut counts = ChunkCounts::new();
+        for row in rows {
+            let key = ChunkKey {
+                build_id: id.to_owned(),
+                job: row.try_get("job")?,
+                attempt: to_u32(row.try_get("attempt")?),
+                step: to_u32(row.try_get("step")?),
+                line: to_u32(row.try_get("line")?),
+            };
+            counts.insert(key, to_u64(row.try_get("bytes")?));
+        }
+        Ok(counts)
+    }
+
+    /// The ids of the chunks last counted for build `id` (oldest first).
+    pub async fn load_chunk_event_ids(
+        &self,
+        id: &str,
+    ) -> Result<VecDeque<String>, ProjectionError> {
+        let ids: Option<String> =
+            sqlx::query_scalar("SELECT ids FROM chunk_event_ids WHERE build_id = $1")
+                .bind(id)
+                .fetch_optional(&self.pool)
+                .await?;
+        Ok(match ids {
+            Some(ids) => serde_json::from_str(&ids)?,
+            None => VecDeque::new(),
+        })
+    }
+
+    /// Adds `increments` to the chunk counters, stores the recent chunk ids of those builds
+    /// and the next offset of each logs partition in `positions`, in one transaction.
+    pub async fn commit_chunks(
+        &self,
+        increments: &ChunkCounts,
+        event_ids: &EventIds,
+        positions: &[(u32, u64)],
+    ) -> Result<(), ProjectionError> {
+        let mut tx = self.pool.begin().await?;
+        add_chunk_bytes(&mut tx, increments, true).await?;
+        let builds: std::collections::BTreeSet<&String> =
+            increments.keys().map(|k| &k.build_id).collect();
+        for build_id in builds {
+            if let Some(ids) = event_ids.get(build_id) {
+                sqlx::query(
+                    "INSERT INTO chunk_event_ids (build_id, ids) VALUES ($1, $2) \
+                     ON CONFLICT (build_id) DO UPDATE SET ids = excluded.ids",
+                )
+                .bind(build_id)
+                .bind(serde_json::to_string(ids)?)
+                .execute(&mut *tx)
+                .await?;
+            }
+        }
+        for (partition, next) in positions {
+            write_offset_of(&mut tx, *partition, *next).await?;
+        }
+        tx.commit().await?;
+        Ok(())
     }
 
     /// Builds (without jobs), newest first.
@@ -253,7 +325,8 @@ impl BuildsStore {
         state: &BuildsState,
         next_offset: u64,
     ) -> Result<(), ProjectionError> {
-        self.replace_all_at(state, &[(0, next_offset)]).await
+        self.replace_all_at(state, &ChunkCounts::new(), &[(0, next_offset)])
+            .await
     }
 
     /// Replaces the whole stored read model with `state`, its stored offsets with `positions`
@@ -262,10 +335,19 @@ impl BuildsStore {
     pub async fn replace_all_at(
         &self,
         state: &BuildsState,
+        counts: &ChunkCounts,
         positions: &[(u32, u64)],
     ) -> Result<(), ProjectionError> {
         let mut tx = self.pool.begin().await?;
-        for table in ["builds", "jobs", "steps", "lines", "build_event_ids"] {
+        for table in [
+            "builds",
+            "jobs",
+            "steps",
+            "lines",
+            "build_event_ids",
+            "chunk_bytes",
+            "chunk_event_ids",
+        ] {
             sqlx::query(&format!("DELETE FROM {table}"))
                 .execute(&mut *tx)
                 .await?;
@@ -277,6 +359,7 @@ impl BuildsStore {
         for build in state.builds.values() {
             write_touch(&mut tx, build, &Touch::WholeBuild).await?;
         }
+        add_chunk_bytes(&mut tx, counts, false).await?;
         for (partition, next) in positions {
             write_offset_of(&mut tx, *partition, *next).await?;
         }
@@ -308,6 +391,35 @@ async fn write_offset_of(
     .bind(to_i64(next_offset))
     .execute(&mut **tx)
     .await?;
+    Ok(())
+}
+
+/// Adds `counts` to the counters (`add`), or writes them as they are.
+async fn add_chunk_bytes(
+    tx: &mut Tx<'_>,
+    counts: &ChunkCounts,
+    add: bool,
+) -> Result<(), ProjectionError> {
+    let sql = if add {
+        "INSERT INTO chunk_bytes (build_id, job, attempt, step, line, bytes) VALUES \
+         ($1, $2, $3, $4, $5, $6) ON CONFLICT (build_id, job, attempt, step, line) \
+         DO UPDATE SET bytes = chunk_bytes.bytes + excluded.bytes"
+    } else {
+        "INSERT INTO chunk_bytes (build_id, job, attempt, step, line, bytes) VALUES \
+         ($1, $2, $3, $4, $5, $6) ON CONFLICT (build_id, job, attempt, step, line) \
+         DO UPDATE SET bytes = excluded.bytes"
+    };
+    for (key, bytes) in counts {
+        sqlx::query(sql)
+            .bind(&key.build_id)
+            .bind(&key.job)
+            .bind(i64::from(key.attempt))
+            .bind(i64::from(key.step))
+            .bind(i64::from(key.line))
+            .bind(to_i64(*bytes))
+            .execute(&mut **tx)
+            .await?;
+    }
     Ok(())
 }
 
@@ -620,6 +732,10 @@ fn phase(s: &str) -> Result<Phase, ProjectionError> {
 
 fn to_i64(v: u64) -> i64 {
     i64::try_from(v).unwrap_or(i64::MAX)
+}
+
+fn to_u32(v: i64) -> u32 {
+    u32::try_from(v).unwrap_or(0)
 }
 
 fn to_u64(v: i64) -> u64 {

@@ -595,8 +595,9 @@ pub enum ServeCommand {
     /// and split the events topic's partitions; each stores its next offset per partition in
     /// the read-model database, in the transaction of the rows, so every event takes effect
     /// once even though Kafka may deliver it again (re-deliveries are also skipped by event
-    /// id). When a replica dies, the others take over its partitions after the session timeout
-    /// (--kafka-session-timeout); SIGTERM/SIGINT leaves the group at once.
+    /// id). With a logs topic each replica is also a member of `projector-logs`, counting log
+    /// bytes per line. When a replica dies, the others take over its partitions after the
+    /// session timeout (--kafka-session-timeout); SIGTERM/SIGINT leaves the groups at once.
     ///
     /// Example: tributary serve projector --kafka 127.0.0.1:19092 \
     ///            --database postgres://tributary:tributary@127.0.0.1:5432/tributary

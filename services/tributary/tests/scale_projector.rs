@@ -1,5 +1,5 @@
 //! Scale-out projectors: two `tributary serve projector` processes on a 4-partition Kafka
-//! events topic and a PostgreSQL read model, while this test appends the events of many builds
+//! events topic (with and without a logs topic) and a PostgreSQL read model, while this test appends the events of many builds
 //! through the log API (with duplicates and a garbage record). One projector is killed with
 //! SIGKILL mid-run; the other takes over its partitions. At the end the read model equals a
 //! fresh replay (`tributary replay --check`) and the fold of the histories without duplicates
@@ -117,19 +117,30 @@ where
     }
 }
 
+/// Log chunks in the events topic, in their build's partition: the fold counts their bytes.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn two_projectors_one_killed_equal_a_fresh_replay_with_duplicates_applied_once() {
+    scenario(0).await;
+}
+
+/// Log chunks in a logs topic of their own (the default layout): chunk counters, members of
+/// `projector-logs`, count their bytes whatever the interleaving with the state events.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_a_logs_topic_byte_counts_come_from_the_chunk_counters() {
+    scenario(2).await;
+}
+
+async fn scenario(log_partitions: u32) {
     let brokers = brokers();
     let prefix = format!("test-scale-{}", tributary_proto::new_id());
     let (database, db_name) = fresh_database().await;
     let mut options = KafkaOptions::new(brokers.clone());
     options.topic_prefix = prefix.clone();
     options.event_partitions = 4;
-    // Chunks in the events topic, in their build's partition: byte counts are folded too.
-    options.log_partitions = 0;
+    options.log_partitions = log_partitions;
     options.replication_factor = 1;
     let log = KafkaLog::connect(options).await.expect("connect to Kafka");
-    assert_eq!(log.layout().partitions(), 4);
+    assert_eq!(log.layout().partitions(), 4 + log_partitions);
 
     let dir = tempfile::tempdir().expect("tempdir");
     let flags = backend_flags(&brokers, &prefix, &database);
@@ -198,7 +209,7 @@ async fn two_projectors_one_killed_equal_a_fresh_replay_with_duplicates_applied_
             let stored = store.next_offsets().await.expect("offsets");
             ends.iter()
                 .enumerate()
-                .all(|(p, end)| stored.get(&(p as u32)) == Some(end))
+                .all(|(p, end)| stored.get(&(p as u32)).copied().unwrap_or(0) == *end)
         },
     )
     .await;
