@@ -206,6 +206,88 @@ pub async fn rebuild(log: &dyn EventLog, store: &BuildsStore) -> Result<u64, Pro
     Ok(ends.first().map_or(0, |(_, end)| *end))
 }
 
+/// The tables of the builds read model, as the migrations create them.
+const TABLES: [&str; 8] = [
+    "builds",
+    "jobs",
+    "steps",
+    "lines",
+    "projection_offsets",
+    "build_event_ids",
+    "chunk_bytes",
+    "chunk_event_ids",
+];
+
+/// Rebuilds the PostgreSQL read model at `url` (the database of `live`) into fresh tables, then
+/// swaps them in: the tables are created by the migrations in a new schema `replay_<id>`, filled
+/// by a projector and a chunk counter reading every partition from offset 0 (streaming: memory
+/// stays bounded by the builds in flight), and moved into the live schema in one transaction
+/// that drops the old ones. Readers see the old read model until that commits. Stop the
+/// projectors first. Returns the offsets rebuilt to (partition, next offset).
+pub async fn rebuild_fresh(
+    log: &dyn EventLog,
+    url: &str,
+    live: &BuildsStore,
+) -> Result<Vec<(Partition, u64)>, ProjectionError> {
+    let schema = format!("replay_{}", tributary_proto::new_id().replace('-', ""));
+    let live_schema: String = sqlx::query_scalar("SELECT current_schema()::text")
+        .fetch_one(live.pool())
+        .await?;
+    sqlx::query(&format!("CREATE SCHEMA {schema}"))
+        .execute(live.pool())
+        .await?;
+    let result = fill_and_swap(log, url, live, &schema, &live_schema).await;
+    if let Err(error) = sqlx::query(&format!("DROP SCHEMA IF EXISTS {schema} CASCADE"))
+        .execute(live.pool())
+        .await
+    {
+        tracing::warn!(%error, schema, "could not drop the replay schema");
+    }
+    result
+}
+
+async fn fill_and_swap(
+    log: &dyn EventLog,
+    url: &str,
+    live: &BuildsStore,
+    schema: &str,
+    live_schema: &str,
+) -> Result<Vec<(Partition, u64)>, ProjectionError> {
+    let separator = if url.contains('?') { '&' } else { '?' };
+    let fresh_url = format!("{url}{separator}options[search_path]={schema}");
+    let fresh = BuildsStore::connect(&fresh_url).await?;
+    let mut projector = crate::BuildsProjector::open(fresh.clone()).await?;
+    projector.catch_up(log).await?;
+    let mut counter = crate::ChunkCounter::new(fresh.clone());
+    let layout = log.layout();
+    if layout.logs > 0 {
+        for partition in layout.topic_partitions(Topic::Logs) {
+            let mut next = 0;
+            loop {
+                let records = log.read_partition(partition, next, 4096).await?;
+                let Some(last) = records.last() else { break };
+                next = last.offset + 1;
+                counter.apply_batch(&records).await?;
+            }
+        }
+    }
+    let offsets = fresh.next_offsets().await?;
+    fresh.close().await;
+    let mut tx = live.pool().begin().await?;
+    for table in TABLES {
+        sqlx::query(&format!("DROP TABLE IF EXISTS {live_schema}.{table}"))
+            .execute(&mut *tx)
+            .await?;
+        sqlx::query(&format!(
+            "ALTER TABLE {schema}.{table} SET SCHEMA {live_schema}"
+        ))
+        .execute(&mut *tx)
+        .await?;
+    }
+    tx.commit().await?;
+    Ok(offsets.into_iter().collect())
+}
+
 fn to_value(b: &Build) -> Value {
     serde_json::to_value(b).unwrap_or(Value::Null)
 }

@@ -374,6 +374,18 @@ async fn replay_cmd(args: ReplayArgs) -> anyhow::Result<ExitCode> {
             }
         };
     }
+    if let (Some(url), tributary_projections::store::Engine::Postgres) =
+        (&backends.database, store.engine())
+    {
+        let offsets = replay::rebuild_fresh(log.as_ref(), url, &store)
+            .await
+            .context("replay failed; the stored read models are unchanged")?;
+        println!(
+            "rebuilt the builds read model into fresh tables and swapped them in \
+             (partition: next offset): {offsets:?}"
+        );
+        return Ok(ExitCode::SUCCESS);
+    }
     let end = replay::rebuild(log.as_ref(), &store)
         .await
         .context("replay failed; the stored read models are unchanged")?;

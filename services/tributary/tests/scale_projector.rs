@@ -101,6 +101,21 @@ fn projector(flags: &[String], stderr: &Path) -> Child {
         .expect("start tributary serve projector")
 }
 
+fn replay_cli(flags: &[String], check: bool) -> std::process::Output {
+    let mut command = Command::new(env!("CARGO_BIN_EXE_tributary"));
+    command.arg("replay").args(flags);
+    if check {
+        command.arg("--check");
+    }
+    command.output().expect("run tributary replay")
+}
+
+async fn stored_ids_first(store: &BuildsStore) -> (String, usize) {
+    let all = store.load_all().await.expect("load");
+    let first = all.builds.keys().next().expect("a build").clone();
+    (first, all.builds.len())
+}
+
 fn log_text(path: &Path) -> String {
     std::fs::read_to_string(path).unwrap_or_default()
 }
@@ -270,6 +285,41 @@ async fn scenario(log_partitions: u32) {
         log_text(&err_b)
     );
     assert!(log_text(&err_b).contains("projector left its group"));
+
+    // Replay at scale: a damaged row is found by --check, and a rebuild (into fresh tables,
+    // then swapped in) repairs it.
+    let (first_id, _) = stored_ids_first(&store).await;
+    sqlx::query("UPDATE builds SET reason = 'tampered' WHERE id = $1")
+        .bind(&first_id)
+        .execute(store.pool())
+        .await
+        .expect("tamper");
+    let check = replay_cli(&flags, true);
+    assert_eq!(
+        check.status.code(),
+        Some(1),
+        "--check must notice the damaged row"
+    );
+    let out = String::from_utf8_lossy(&check.stdout);
+    assert!(out.contains(&first_id) && out.contains("reason"), "{out}");
+    let rebuild = replay_cli(&flags, false);
+    assert!(
+        rebuild.status.success(),
+        "replay: {}{}",
+        String::from_utf8_lossy(&rebuild.stdout),
+        String::from_utf8_lossy(&rebuild.stderr)
+    );
+    assert!(String::from_utf8_lossy(&rebuild.stdout).contains("fresh tables"));
+    let check = replay_cli(&flags, true);
+    assert!(
+        check.status.success(),
+        "after the rebuild: {}",
+        String::from_utf8_lossy(&check.stdout)
+    );
+    let store = BuildsStore::connect(&database)
+        .await
+        .expect("reopen the store");
+    assert_eq!(store.load_all().await.expect("load").builds.len(), 40);
 
     store.close().await;
     let _ = log.delete_topics().await;
