@@ -35,4 +35,10 @@ pub enum ProjectionError {
     Json(#[from] serde_json::Error),
     #[error("read-model database is corrupt: {0}")]
     Corrupt(String),
+    /// Another projector advanced this partition since this one read its offset.
+    #[error(
+        "partition {partition}: the stored offset is no longer {expected}; another projector \
+         wrote it (this one reloads and carries on)"
+    )]
+    Fenced { partition: u32, expected: u64 },
 }

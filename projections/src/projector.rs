@@ -30,7 +30,7 @@ use tributary_proto::events::envelope::Payload;
 
 use crate::builds::{touches, BuildsState, Touch};
 use crate::chunks::{self, ChunkCounts};
-use crate::store::{BuildsStore, EventIds};
+use crate::store::{Advance, BuildsStore, EventIds};
 use crate::ProjectionError;
 
 /// The consumer group of builds projectors.
@@ -169,23 +169,54 @@ impl BuildsProjector {
     }
 
     /// Folds `records` and commits them with the next offset of every partition they are of.
-    /// Records before a partition's position (re-deliveries) are skipped.
+    /// Records before a partition's position (re-deliveries) are skipped. If another projector
+    /// advanced one of the partitions meanwhile (fenced), it reloads the stored offsets and the
+    /// builds, and applies what is left of the batch.
     pub async fn apply_batch(&mut self, records: &[Record]) -> Result<(), ProjectionError> {
-        let touched = self.fold_batch(records).await?;
-        let mut next: BTreeMap<Partition, u64> = BTreeMap::new();
-        for record in records {
-            let position = self.positions.get(&record.partition).copied().unwrap_or(0);
-            if record.offset >= position {
-                next.insert(record.partition, record.offset + 1);
+        loop {
+            match self.try_apply_batch(records).await {
+                Err(ProjectionError::Fenced {
+                    partition,
+                    expected,
+                }) => {
+                    tracing::warn!(
+                        partition,
+                        expected,
+                        "projector fenced: another projector wrote this partition; reloading"
+                    );
+                    let stored = self.store.next_offsets().await?;
+                    for (p, position) in self.positions.iter_mut() {
+                        *position = stored.get(p).copied().unwrap_or(0);
+                    }
+                }
+                other => return other,
             }
         }
-        if next.is_empty() {
+    }
+
+    async fn try_apply_batch(&mut self, records: &[Record]) -> Result<(), ProjectionError> {
+        let touched = self.fold_batch(records).await?;
+        let mut advances: BTreeMap<Partition, Advance> = BTreeMap::new();
+        for record in records {
+            let from = self.positions.get(&record.partition).copied().unwrap_or(0);
+            if record.offset >= from {
+                advances
+                    .entry(record.partition)
+                    .or_insert(Advance {
+                        partition: record.partition,
+                        from,
+                        to: from,
+                    })
+                    .to = record.offset + 1;
+            }
+        }
+        if advances.is_empty() {
             return Ok(());
         }
-        let positions: Vec<(Partition, u64)> = next.iter().map(|(p, o)| (*p, *o)).collect();
+        let advances: Vec<Advance> = advances.into_values().collect();
         if let Err(e) = self
             .store
-            .commit_batch_at(&self.cache, &touched, &positions, &self.recent)
+            .commit_batch_at(&self.cache, &touched, &advances, &self.recent)
             .await
         {
             // The cache is ahead of the database now: forget it, it reloads from the store.
@@ -193,7 +224,8 @@ impl BuildsProjector {
             self.recent.clear();
             return Err(e);
         }
-        self.positions.extend(next);
+        self.positions
+            .extend(advances.iter().map(|a| (a.partition, a.to)));
         // Finished builds rarely change again: keep the cache to the live ones.
         self.cache.builds.retain(|_, b| !b.phase.is_terminal());
         let cache = &self.cache;
@@ -370,16 +402,46 @@ impl ChunkCounter {
         }
     }
 
-    /// Counts `records` (skipping re-deliveries) and commits them with the next offsets.
+    /// Counts `records` (skipping re-deliveries) and commits them with the next offsets;
+    /// fenced like [`BuildsProjector::apply_batch`].
     pub async fn apply_batch(&mut self, records: &[Record]) -> Result<(), ProjectionError> {
+        loop {
+            match self.try_apply_batch(records).await {
+                Err(ProjectionError::Fenced {
+                    partition,
+                    expected,
+                }) => {
+                    tracing::warn!(
+                        partition,
+                        expected,
+                        "chunk counter fenced: another one wrote this partition; reloading"
+                    );
+                    let stored = self.store.next_offsets().await?;
+                    for (p, position) in self.positions.iter_mut() {
+                        *position = stored.get(p).copied().unwrap_or(0);
+                    }
+                }
+                other => return other,
+            }
+        }
+    }
+
+    async fn try_apply_batch(&mut self, records: &[Record]) -> Result<(), ProjectionError> {
         let mut increments = ChunkCounts::new();
-        let mut next: BTreeMap<Partition, u64> = BTreeMap::new();
+        let mut advances: BTreeMap<Partition, Advance> = BTreeMap::new();
         for record in records {
-            let position = self.positions.get(&record.partition).copied().unwrap_or(0);
-            if record.offset < position {
+            let from = self.positions.get(&record.partition).copied().unwrap_or(0);
+            if record.offset < from {
                 continue;
             }
-            next.insert(record.partition, record.offset + 1);
+            advances
+                .entry(record.partition)
+                .or_insert(Advance {
+                    partition: record.partition,
+                    from,
+                    to: from,
+                })
+                .to = record.offset + 1;
             let env = match record.decode() {
                 Ok(env) => env,
                 Err(e) => {
@@ -408,19 +470,20 @@ impl ChunkCounter {
             remember(recent, &env.event_id);
             chunks::add(&mut increments, &env);
         }
-        if next.is_empty() {
+        if advances.is_empty() {
             return Ok(());
         }
-        let positions: Vec<(Partition, u64)> = next.iter().map(|(p, o)| (*p, *o)).collect();
+        let advances: Vec<Advance> = advances.into_values().collect();
         if let Err(e) = self
             .store
-            .commit_chunks(&increments, &self.recent, &positions)
+            .commit_chunks(&increments, &self.recent, &advances)
             .await
         {
             self.recent.clear();
             return Err(e);
         }
-        self.positions.extend(next);
+        self.positions
+            .extend(advances.iter().map(|a| (a.partition, a.to)));
         if self.recent.len() > RECENT_BUILDS {
             self.recent.clear();
         }

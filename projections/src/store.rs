@@ -16,6 +16,15 @@ use crate::builds::{Build, BuildsState, Job, Line, Phase, Step, Touch};
 use crate::chunks::{overlay, ChunkCounts, ChunkKey};
 use crate::ProjectionError;
 
+/// A partition's stored next offset moving from `from` to `to` (see
+/// [`BuildsStore::commit_batch_at`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Advance {
+    pub partition: u32,
+    pub from: u64,
+    pub to: u64,
+}
+
 /// Per build id, the ids of the events last applied to it (oldest first).
 pub type EventIds = HashMap<String, VecDeque<String>>;
 
@@ -145,17 +154,29 @@ impl BuildsStore {
         touched: &[(String, Touch)],
         next_offset: u64,
     ) -> Result<(), ProjectionError> {
-        self.commit_batch_at(state, touched, &[(0, next_offset)], &EventIds::new())
-            .await
+        let mut tx = self.pool.begin().await?;
+        for (build_id, touch) in touched {
+            if let Some(build) = state.builds.get(build_id) {
+                write_touch(&mut tx, build, touch).await?;
+            }
+        }
+        write_offset_of(&mut tx, 0, next_offset).await?;
+        tx.commit().await?;
+        Ok(())
     }
 
     /// Writes what `touched` names of `state`, the recent event ids of those builds (from
-    /// `event_ids`), and the next offset of each partition in `positions`, in one transaction.
+    /// `event_ids`), and advances each partition's offset in `advances`, in one transaction.
+    ///
+    /// Fenced: each [`Advance`] applies only if the stored offset is still its `from` (else
+    /// another projector, e.g. one that took the partition over while this one stalled, has
+    /// written since): then nothing is written and [`ProjectionError::Fenced`] says which
+    /// partition; the caller reloads its offsets and state and retries.
     pub async fn commit_batch_at(
         &self,
         state: &BuildsState,
         touched: &[(String, Touch)],
-        positions: &[(u32, u64)],
+        advances: &[Advance],
         event_ids: &EventIds,
     ) -> Result<(), ProjectionError> {
         let mut tx = self.pool.begin().await?;
@@ -172,8 +193,8 @@ impl BuildsStore {
                 }
             }
         }
-        for (partition, next) in positions {
-            write_offset_of(&mut tx, *partition, *next).await?;
+        for advance in advances {
+            advance_offset(&mut tx, advance).await?;
         }
         tx.commit().await?;
         Ok(())
@@ -245,12 +266,13 @@ impl BuildsStore {
     }
 
     /// Adds `increments` to the chunk counters, stores the recent chunk ids of those builds
-    /// and the next offset of each logs partition in `positions`, in one transaction.
+    /// and advances each logs partition in `advances`, in one transaction, fenced like
+    /// [`Self::commit_batch_at`].
     pub async fn commit_chunks(
         &self,
         increments: &ChunkCounts,
         event_ids: &EventIds,
-        positions: &[(u32, u64)],
+        advances: &[Advance],
     ) -> Result<(), ProjectionError> {
         let mut tx = self.pool.begin().await?;
         add_chunk_bytes(&mut tx, increments, true).await?;
@@ -268,8 +290,8 @@ impl BuildsStore {
                 .await?;
             }
         }
-        for (partition, next) in positions {
-            write_offset_of(&mut tx, *partition, *next).await?;
+        for advance in advances {
+            advance_offset(&mut tx, advance).await?;
         }
         tx.commit().await?;
         Ok(())
@@ -374,6 +396,44 @@ impl BuildsStore {
 }
 
 type Tx<'a> = sqlx::Transaction<'a, sqlx::Any>;
+
+/// Moves a partition's stored offset from `from` to `to`, only if it is still `from` (a
+/// partition never stored counts as 0).
+async fn advance_offset(tx: &mut Tx<'_>, advance: &Advance) -> Result<(), ProjectionError> {
+    let updated = sqlx::query(
+        "UPDATE projection_offsets SET next_offset = $4 \
+         WHERE projection = $1 AND partition = $2 AND next_offset = $3",
+    )
+    .bind(BUILDS_PROJECTION)
+    .bind(i64::from(advance.partition))
+    .bind(to_i64(advance.from))
+    .bind(to_i64(advance.to))
+    .execute(&mut **tx)
+    .await?
+    .rows_affected();
+    if updated == 1 {
+        return Ok(());
+    }
+    if advance.from == 0 {
+        let inserted = sqlx::query(
+            "INSERT INTO projection_offsets (projection, partition, next_offset) \
+             VALUES ($1, $2, $3) ON CONFLICT (projection, partition) DO NOTHING",
+        )
+        .bind(BUILDS_PROJECTION)
+        .bind(i64::from(advance.partition))
+        .bind(to_i64(advance.to))
+        .execute(&mut **tx)
+        .await?
+        .rows_affected();
+        if inserted == 1 {
+            return Ok(());
+        }
+    }
+    Err(ProjectionError::Fenced {
+        partition: advance.partition,
+        expected: advance.from,
+    })
+}
 
 /// Records the projection's next offset in `partition`; always inside the transaction that
 /// wrote its rows.

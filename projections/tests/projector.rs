@@ -244,3 +244,34 @@ async fn a_redelivered_event_id_is_applied_once_even_after_a_restart() {
         "the offset still advances"
     );
 }
+
+/// Two projectors writing the same partition (one took it over while the other stalled): the
+/// stored offset fences the late one, which reloads and applies only what is left, so nothing
+/// is applied twice.
+#[tokio::test]
+async fn a_projector_that_lost_its_partition_is_fenced_and_applies_nothing_twice() {
+    let dir = tempfile::tempdir().unwrap();
+    let (log, store) = setup(dir.path()).await;
+    let events = common::build_history("b1", 2, false);
+    append_all(&log, &events).await;
+    let records = log.read(0, usize::MAX).await.unwrap();
+    let half = records.len() / 2;
+
+    let mut stalled = BuildsProjector::open(store.clone()).await.unwrap();
+    stalled.apply_batch(&records[..half]).await.unwrap();
+    // Another projector takes over at the stored offset and applies everything.
+    let mut owner = BuildsProjector::open(store.clone()).await.unwrap();
+    assert_eq!(owner.next_offset(), half as u64);
+    owner.apply_batch(&records[half..]).await.unwrap();
+    let done = store.load_build("b1").await.unwrap().unwrap();
+
+    // The stalled one wakes up with the second half in hand: fenced, it reloads, skips it all.
+    stalled.apply_batch(&records[half..]).await.unwrap();
+    assert_eq!(stalled.next_offset(), records.len() as u64);
+    assert_eq!(store.load_build("b1").await.unwrap().unwrap(), done);
+    assert_eq!(
+        replay::check(log.as_ref(), &store).await.unwrap(),
+        None,
+        "applied once"
+    );
+}
