@@ -361,6 +361,8 @@ pub struct ReplayArgs {
 pub struct ServeProjectorArgs {
     #[command(flatten)]
     pub backends: crate::backends::BackendArgs,
+    #[command(flatten)]
+    pub health: crate::health::HealthArgs,
 }
 
 #[derive(Debug, Subcommand)]
@@ -603,6 +605,11 @@ pub enum ServeCommand {
     ///            --database postgres://tributary:tributary@127.0.0.1:5432/tributary
     #[command(verbatim_doc_comment)]
     Projector(ServeProjectorArgs),
+    /// The API as its own process: gRPC, webhooks, the web UI and the agents' work streams on
+    /// one port, over the backends below (run `serve projector` and `serve scheduler` beside
+    /// it). Stateless: run as many replicas as you like behind one address; give each the same
+    /// --admin-token-file and --server-key-file.
+    Api(crate::serve::ServeApiArgs),
     /// The metering service: folds usage ticks into usage per tenant, project, machine class
     /// and day (DIR/metering.db), and issues each tenant's invoice when a month is over.
     /// `tributary up` runs it too; run it alone when the API runs elsewhere on the same log.

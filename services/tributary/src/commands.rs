@@ -41,6 +41,7 @@ pub async fn dispatch(command: Command) -> anyhow::Result<ExitCode> {
         Command::Serve(crate::cli::ServeCommand::Projector(args)) => {
             crate::projector::serve(args).await
         }
+        Command::Serve(crate::cli::ServeCommand::Api(args)) => crate::serve::api(args).await,
         Command::Serve(crate::cli::ServeCommand::Metering(args)) => {
             crate::metering::serve(args).await
         }

@@ -20,6 +20,7 @@ mod local_run;
 mod metering;
 mod projector;
 mod render;
+mod serve;
 mod server;
 
 use std::process::ExitCode;

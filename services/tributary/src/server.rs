@@ -218,7 +218,9 @@ pub async fn wait_for_signal() {
 }
 
 /// The key that seals secrets at rest: 32 random bytes in `path` (0600), made on first start.
-fn load_or_create_key(path: &std::path::Path) -> anyhow::Result<tributary_api::seal::ServerKey> {
+pub(crate) fn load_or_create_key(
+    path: &std::path::Path,
+) -> anyhow::Result<tributary_api::seal::ServerKey> {
     if let Ok(bytes) = std::fs::read(path) {
         let key: [u8; 32] = bytes.try_into().map_err(|_| {
             anyhow::anyhow!(
