@@ -33,6 +33,10 @@
 //!     image: localhost/ci-busybox
 //!     retry: 2              # re-runs after a failure, 0..=10
 //!     artifacts: [dist/*.tar, "reports/${{ matrix.os }}"]  # kept when the job succeeds
+//!     cache:                # one {key, paths} mapping, or a list of them
+//!       key: "cargo-${{ hashFiles('Cargo.lock') }}"
+//!       paths: [target]
+//!     reuse: commit         # reuse a successful run of this job at the same commit
 //!     steps:
 //!       - script: ["cargo test --target ${{ matrix.os }}"]
 //! ```
@@ -41,6 +45,7 @@
 //!
 //! * **Keys.** Top level: `env`, `jobs`. Job: `steps`, `needs`, `matrix`, `env`, `timeout`,
 //!   `runs-on`, `image`, `retry`, `artifacts`, `network`, `submodules` (both `true`/`false`;
+//!   `cache`, `reuse`;
 //!   `network: true` only with an `image`). Step: `name`, `script`, `run`. Any other key is an
 //!   error at
 //!   the key, with a "did you mean" suggestion when it is close to a valid one (or a well-known
@@ -77,6 +82,11 @@
 //!   globs relative to the workspace where `*` does not cross `/` and `**` does, a directory
 //!   keeps everything under it (see [`artifacts`]). Absolute patterns, `..` and backslashes are
 //!   errors at the pattern; `${{ matrix.NAME }}` is substituted.
+//! * **Cache**: a mapping with exactly `key` (a non-empty string) and `paths` (a pattern or a
+//!   list, checked like artifact patterns), or a list of up to 8 such mappings with distinct
+//!   keys. The key may use `${{ matrix.NAME }}` (substituted) and `${{ hashFiles('PATTERN',
+//!   ...) }}` (kept in the plan, evaluated by the agent after checkout: see [`cache`]).
+//!   **Reuse**: only `reuse: commit`.
 //! * **File.** One YAML document whose top level is a mapping; an empty file, a second
 //!   document, anchors/aliases and tags are errors. YAML syntax errors carry the parser's
 //!   line and column.
@@ -115,6 +125,7 @@
 use tributary_proto::events::Plan;
 
 pub mod artifacts;
+pub mod cache;
 mod parse;
 mod plan;
 mod suggest;

@@ -22,6 +22,8 @@ pub(crate) const JOB_KEYS: &[&str] = &[
     "artifacts",
     "network",
     "submodules",
+    "cache",
+    "reuse",
 ];
 pub(crate) const STEP_KEYS: &[&str] = &["name", "script", "run"];
 
@@ -49,6 +51,9 @@ const JOB_ALIASES: &[(&str, &str)] = &[
     ("tags", "runs-on"),
     ("artifact", "artifacts"),
     ("upload", "artifacts"),
+    ("caches", "cache"),
+    ("reuse-commit", "reuse"),
+    ("build-once", "reuse"),
     ("labels", "runs-on"),
     ("script", "steps"),
     ("run", "steps"),
@@ -110,6 +115,16 @@ pub(crate) struct Job {
     pub steps: Vec<Step>,
     /// `artifacts`: glob patterns of files to keep after the job.
     pub artifacts: Vec<Text>,
+    /// `cache`: one entry, or a list of them.
+    pub cache: Vec<CacheEntry>,
+    /// `reuse: commit`.
+    pub reuse: bool,
+}
+
+/// One `cache:` entry: its key (may hold `${{ hashFiles(...) }}`) and path patterns.
+pub(crate) struct CacheEntry {
+    pub key: Text,
+    pub paths: Vec<Text>,
 }
 
 pub(crate) enum StepName {
@@ -360,6 +375,8 @@ impl Parser<'_, '_> {
             submodules: false,
             steps: Vec::new(),
             artifacts: Vec::new(),
+            cache: Vec::new(),
+            reuse: false,
         };
         let mut network_key = None;
         let mut has_steps = false;
@@ -389,6 +406,8 @@ impl Parser<'_, '_> {
                 }
                 "retry" => job.retry = self.retry(name, k, v)?,
                 "artifacts" => job.artifacts = self.artifacts(name, k, v)?,
+                "cache" => job.cache = self.cache(name, k, v)?,
+                "reuse" => job.reuse = self.reuse(name, k, v)?,
                 "network" => {
                     let what = format!("`network` of job {name:?}");
                     job.network = self.boolean(k, v, &what)?;
@@ -918,6 +937,179 @@ impl Parser<'_, '_> {
             patterns.push(text);
         }
         Ok(patterns)
+    }
+}
+
+/// Most `cache` entries one job may have.
+const MAX_CACHES: usize = 8;
+
+impl Parser<'_, '_> {
+    /// `cache: {key: K, paths: [...]}` or a list of such mappings (GitLab's spelling).
+    fn cache(&self, job: &str, key: &MarkedScalarNode, value: &Node) -> Result<Vec<CacheEntry>> {
+        let what = format!("`cache` of job {job:?}");
+        let example = "write e.g. `cache: {key: \"cargo-${{ hashFiles('Cargo.lock') }}\", \
+                       paths: [target]}`";
+        let entries: Vec<(&Node, Owner<'_>)> = match value {
+            Node::Sequence(list) => list
+                .iter()
+                .enumerate()
+                .map(|(i, n)| (n, Owner::Entry(list, i)))
+                .collect(),
+            Node::Mapping(_) => vec![(value, Owner::Key(key))],
+            Node::Scalar(_) => {
+                return Err(self.wrong_type(
+                    value,
+                    Owner::Key(key),
+                    "a mapping with `key` and `paths`, or a list of them",
+                    &what,
+                ))
+            }
+        };
+        if entries.is_empty() {
+            return Err(self.err(
+                self.src.loc(value, Owner::Key(key)),
+                format!("{what} is an empty list; {example}, or remove `cache`"),
+            ));
+        }
+        if entries.len() > MAX_CACHES {
+            return Err(self.err(
+                self.src.loc(value, Owner::Key(key)),
+                format!(
+                    "{what} has {} entries, more than {MAX_CACHES}; merge their paths under \
+                     fewer keys",
+                    entries.len()
+                ),
+            ));
+        }
+        let mut out: Vec<CacheEntry> = Vec::with_capacity(entries.len());
+        for (n, (node, owner)) in entries.into_iter().enumerate() {
+            let entry_what = if n == 0 && out.is_empty() && !matches!(value, Node::Sequence(_)) {
+                what.clone()
+            } else {
+                format!("entry {} of {what}", n + 1)
+            };
+            let Some(map) = node.as_mapping() else {
+                return Err(self.wrong_type(
+                    node,
+                    owner,
+                    "a mapping with `key` and `paths`",
+                    &entry_what,
+                ));
+            };
+            let mut cache_key = None;
+            let mut paths = None;
+            for (k, v) in map.iter() {
+                match k.as_str() {
+                    "key" => {
+                        cache_key = Some(self.non_empty_string(
+                            v,
+                            Owner::Key(k),
+                            &format!("`key` of {entry_what}"),
+                            example,
+                        )?)
+                    }
+                    "paths" => paths = Some(self.cache_paths(&entry_what, k, v)?),
+                    other => {
+                        let hint = match other {
+                            "path" => "did you mean `paths`? ",
+                            "policy" | "when" | "untracked" | "restore-keys" => {
+                                "it is not supported: a cache is restored before the job and \
+                                 saved after it succeeded when its key was missed. "
+                            }
+                            _ => "",
+                        };
+                        return Err(self.err(
+                            self.src.key_loc(k),
+                            format!(
+                                "unknown key {other:?} in {entry_what}; {hint}Valid keys: key, \
+                                 paths"
+                            ),
+                        ));
+                    }
+                }
+            }
+            let loc = self.src.loc(node, owner);
+            let Some(cache_key) = cache_key else {
+                return Err(self.err(loc, format!("{entry_what} has no `key`; {example}")));
+            };
+            let Some(paths) = paths else {
+                return Err(self.err(loc, format!("{entry_what} has no `paths`; {example}")));
+            };
+            if let Some(first) = out.iter().find(|e| e.key.value == cache_key.value) {
+                return Err(self.err(
+                    cache_key.loc,
+                    format!(
+                        "{entry_what} has the same key {:?} as the entry at line {}; give each \
+                         cache its own key",
+                        cache_key.value, first.key.loc.line
+                    ),
+                ));
+            }
+            out.push(CacheEntry {
+                key: cache_key,
+                paths,
+            });
+        }
+        Ok(out)
+    }
+
+    fn cache_paths(&self, what: &str, key: &MarkedScalarNode, value: &Node) -> Result<Vec<Text>> {
+        let entries: Vec<(&Node, Owner<'_>)> = match value {
+            Node::Sequence(list) => list
+                .iter()
+                .enumerate()
+                .map(|(i, n)| (n, Owner::Entry(list, i)))
+                .collect(),
+            Node::Scalar(_) => vec![(value, Owner::Key(key))],
+            Node::Mapping(_) => {
+                return Err(self.wrong_type(
+                    value,
+                    Owner::Key(key),
+                    "a path pattern or a list of them",
+                    &format!("`paths` of {what}"),
+                ))
+            }
+        };
+        if entries.is_empty() {
+            return Err(self.err(
+                self.src.loc(value, Owner::Key(key)),
+                format!("`paths` of {what} is an empty list; add a path, e.g. `paths: [target]`"),
+            ));
+        }
+        let mut paths = Vec::with_capacity(entries.len());
+        for (node, owner) in entries {
+            let text = self.non_empty_string(
+                node,
+                owner,
+                &format!("a path in `paths` of {what}"),
+                "give a path relative to the workspace, e.g. `target`",
+            )?;
+            if let Some(problem) = crate::artifacts::pattern_problem(&text.value) {
+                return Err(self.err(
+                    text.loc,
+                    format!("path {:?} in `paths` of {what} {problem}", text.value),
+                ));
+            }
+            paths.push(text);
+        }
+        Ok(paths)
+    }
+
+    /// `reuse: commit`.
+    fn reuse(&self, job: &str, key: &MarkedScalarNode, value: &Node) -> Result<bool> {
+        let what = format!("`reuse` of job {job:?}");
+        let text = self.string(value, Owner::Key(key), &what)?;
+        if text.value != "commit" {
+            return Err(self.err(
+                text.loc,
+                format!(
+                    "{what} is {:?}; the only value is `commit` (reuse a successful run of this \
+                     same job at the same commit instead of running it again), or remove `reuse`",
+                    text.value
+                ),
+            ));
+        }
+        Ok(true)
     }
 }
 

@@ -3,7 +3,7 @@
 
 use std::collections::BTreeMap;
 
-use tributary_proto::events::{EnvVar, JobPlan, MatrixValue, Plan, StepPlan};
+use tributary_proto::events::{CacheSpec, EnvVar, JobPlan, MatrixValue, Plan, StepPlan};
 
 use crate::parse::{Job, Pipeline, StepName};
 use crate::template::Template;
@@ -29,6 +29,8 @@ struct CompiledJob {
     runs_on: Vec<Template>,
     image: Option<Template>,
     artifacts: Vec<Template>,
+    /// (key, paths) of each `cache` entry.
+    cache: Vec<(Template, Vec<Template>)>,
 }
 
 pub(crate) fn build(src: &Source<'_>, pipeline: &Pipeline) -> Result<Plan, PipelineError> {
@@ -111,6 +113,19 @@ pub(crate) fn build(src: &Source<'_>, pipeline: &Pipeline) -> Result<Plan, Pipel
                     .collect(),
                 network: job.network,
                 submodules: job.submodules,
+                cache: compiled
+                    .cache
+                    .iter()
+                    .map(|(key, paths)| CacheSpec {
+                        key: key.render(values),
+                        paths: paths.iter().map(|p| p.render(values)).collect(),
+                    })
+                    .collect(),
+                reuse: if job.reuse {
+                    "commit".to_owned()
+                } else {
+                    String::new()
+                },
             });
         }
     }
@@ -170,12 +185,29 @@ fn compile(src: &Source<'_>, pipeline: &Pipeline, job: &Job) -> Result<CompiledJ
         .iter()
         .map(|p| tpl(p, format!("`artifacts` of job {key:?}")))
         .collect::<Result<_, _>>()?;
+    let mut cache = Vec::with_capacity(job.cache.len());
+    for (i, entry) in job.cache.iter().enumerate() {
+        let what = format!("`key` of cache entry {} of job {key:?}", i + 1);
+        let k = Template::compile_cache_key(src, &entry.key, axes, key, &what)?;
+        let paths = entry
+            .paths
+            .iter()
+            .map(|p| {
+                tpl(
+                    p,
+                    format!("`paths` of cache entry {} of job {key:?}", i + 1),
+                )
+            })
+            .collect::<Result<_, _>>()?;
+        cache.push((k, paths));
+    }
     Ok(CompiledJob {
         steps,
         env,
         runs_on,
         image,
         artifacts,
+        cache,
     })
 }
 

@@ -29,6 +29,29 @@ impl Template {
         job: &str,
         what: &str,
     ) -> Result<Template, PipelineError> {
+        Template::compile_with(src, text, axes, job, what, false)
+    }
+
+    /// As [`Template::compile`], also accepting `${{ hashFiles('PATTERN', ...) }}`, which is
+    /// kept as written (the agent evaluates it in the workspace): cache keys.
+    pub fn compile_cache_key(
+        src: &Source<'_>,
+        text: &Text,
+        axes: &[Axis],
+        job: &str,
+        what: &str,
+    ) -> Result<Template, PipelineError> {
+        Template::compile_with(src, text, axes, job, what, true)
+    }
+
+    fn compile_with(
+        src: &Source<'_>,
+        text: &Text,
+        axes: &[Axis],
+        job: &str,
+        what: &str,
+        hash_files: bool,
+    ) -> Result<Template, PipelineError> {
         let mut pieces = Vec::new();
         let mut rest = text.value.as_str();
         while let Some(start) = rest.find("${{") {
@@ -45,6 +68,13 @@ impl Template {
             };
             let expr = after[..end].trim();
             let whole = &rest[start..start + 3 + end + 2];
+            if hash_files && expr.starts_with("hashFiles") {
+                crate::cache::hash_files_args(expr)
+                    .map_err(|e| src.error(text.loc, format!("{whole:?} in {what}: {e}")))?;
+                pieces.push(Piece::Literal(whole.to_owned()));
+                rest = &after[end + 2..];
+                continue;
+            }
             let axis = expr
                 .strip_prefix("matrix.")
                 .filter(|name| {
@@ -58,8 +88,13 @@ impl Template {
                         text.loc,
                         format!(
                             "unsupported expression {whole:?} in {what}; only \
-                             `${{{{ matrix.<axis> }}}}` is supported (for shell variables write \
-                             `$NAME` or `${{NAME}}`)"
+                             `${{{{ matrix.<axis> }}}}` is supported{} (for shell variables \
+                             write `$NAME` or `${{NAME}}`)",
+                            if hash_files {
+                                " besides `${{ hashFiles('PATTERN') }}`"
+                            } else {
+                                ""
+                            }
                         ),
                     )
                 })?;

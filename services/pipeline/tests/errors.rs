@@ -36,7 +36,7 @@ fn display_is_file_line_column_message() {
         err.to_string(),
         ".tributary.yml:3:5: unknown key \"stesp\" in job \"b\"; did you mean \"steps\"? \
          Valid keys: steps, needs, matrix, env, timeout, runs-on, image, retry, artifacts, \
-         network, submodules"
+         network, submodules, cache, reuse"
     );
 }
 
@@ -281,7 +281,7 @@ fn unknown_job_key_without_suggestion() {
         &[
             "unknown key \"colour\" in job \"build\"; remove or rename it",
             "Valid keys: steps, needs, matrix, env, timeout, runs-on, image, retry, artifacts, \
-             network, submodules",
+             network, submodules, cache, reuse",
         ],
     );
 }

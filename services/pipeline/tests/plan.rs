@@ -92,6 +92,8 @@ fn full_example() {
             artifacts: vec![],
             network: false,
             submodules: false,
+            cache: Vec::new(),
+            reuse: String::new(),
         }
     );
     assert_eq!(
@@ -120,6 +122,8 @@ fn full_example() {
             artifacts: vec![],
             network: false,
             submodules: false,
+            cache: Vec::new(),
+            reuse: String::new(),
         }
     );
 }
