@@ -432,6 +432,7 @@ impl ClusterState {
                 if !current || self.fenced(build_id, &e.job, e.attempt) {
                     return;
                 }
+                self.builds.apply(offset, env); // the reuse index keeps them too
                 let info = self
                     .build_info
                     .get_mut(build_id)
@@ -440,6 +441,21 @@ impl ClusterState {
                     info.artifacts
                         .retain(|a| a.attempt == e.attempt && a.path != e.path);
                     info.artifacts.push(e.clone());
+                }
+            }
+            Payload::JobReused(e) => {
+                let before = self.job(build_id, &e.job).map(|j| j.phase);
+                self.builds.apply(offset, env);
+                let after = self.job(build_id, &e.job).map(|j| j.phase);
+                if before == Some(JobPhase::Waiting) && after != before {
+                    // Jobs that need it get the artifacts of the run it reuses.
+                    let info = self
+                        .build_info
+                        .get_mut(build_id)
+                        .and_then(|b| b.jobs.get_mut(&e.job));
+                    if let Some(info) = info {
+                        info.artifacts = e.artifacts.clone();
+                    }
                 }
             }
             Payload::JobRequeued(e) => {
@@ -497,6 +513,14 @@ impl ClusterState {
     /// The plan of a job of an unfinished build.
     pub fn job_plan(&self, build: &str, job: &str) -> Option<&JobPlan> {
         Some(&self.build_info.get(build)?.jobs.get(job)?.plan)
+    }
+
+    /// The cache index of the build's project (what a lease carries).
+    pub fn cache_entries(&self, build: &str) -> Vec<tributary_proto::api::CacheEntry> {
+        match self.builds.builds.get(build) {
+            Some(run) => self.builds.caches.entries(&run.tenant, &run.project),
+            None => Vec::new(),
+        }
     }
 
     /// The artifacts of the jobs `job` needs (their current attempts'), in `needs` order.
@@ -645,6 +669,15 @@ pub enum ClusterDecision {
         lease_id: String,
         reason: String,
     },
+    /// The job (`reuse: commit`) already succeeded at this commit in this project: JobReused
+    /// instead of JobQueued.
+    Reuse {
+        build: String,
+        job: String,
+        attempt: u32,
+        definition: String,
+        from: crate::ReusedFrom,
+    },
     /// Server-side backstop: the started attempt ran past its timeout + grace and its agent did
     /// not end it: JobFinished(TIMED_OUT).
     TimeOut {
@@ -667,6 +700,7 @@ impl ClusterDecision {
             | ClusterDecision::Assign { build, .. }
             | ClusterDecision::Requeue { build, .. }
             | ClusterDecision::FailJob { build, .. }
+            | ClusterDecision::Reuse { build, .. }
             | ClusterDecision::TimeOut { build, .. } => build,
         }
     }
@@ -679,6 +713,7 @@ impl ClusterDecision {
             | ClusterDecision::Assign { job, .. }
             | ClusterDecision::Requeue { job, .. }
             | ClusterDecision::FailJob { job, .. }
+            | ClusterDecision::Reuse { job, .. }
             | ClusterDecision::TimeOut { job, .. } => Some(job),
             ClusterDecision::FinishBuild { .. } => None,
         }
@@ -756,6 +791,13 @@ impl ClusterDecision {
                 reason,
                 ..
             } => finished(job, *attempt, Status::TimedOut, *duration_us, reason),
+            ClusterDecision::Reuse {
+                job,
+                attempt,
+                definition,
+                from,
+                ..
+            } => crate::reused_payload(job, *attempt, definition, from),
         }
     }
 }
@@ -883,6 +925,7 @@ fn plan_round(state: &ClusterState, now_us: i64, config: &ClusterConfig) -> Roun
             }
             Decision::Queue { build, job, .. }
             | Decision::Finish { build, job, .. }
+            | Decision::Reuse { build, job, .. }
             | Decision::Assign { build, job, .. } => {
                 let key = state
                     .builds
@@ -982,6 +1025,19 @@ fn plan_round(state: &ClusterState, now_us: i64, config: &ClusterConfig) -> Roun
                             }
                         }
                     }
+                    Decision::Reuse {
+                        build,
+                        job,
+                        attempt,
+                        definition,
+                        from,
+                    } => round.decisions.push(ClusterDecision::Reuse {
+                        build,
+                        job,
+                        attempt,
+                        definition,
+                        from,
+                    }),
                     Decision::FinishBuild { .. } => {}
                 }
             }

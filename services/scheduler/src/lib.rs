@@ -13,8 +13,11 @@
 use std::collections::BTreeMap;
 
 use tributary_proto::events::{
-    envelope::Payload, BuildFinished, Envelope, JobFinished, JobPlan, JobQueued, Status,
+    envelope::Payload, BuildFinished, Envelope, JobFinished, JobPlan, JobQueued, JobReused, Status,
 };
+
+pub use caches::{evict, CacheIndex};
+pub use reuse::{definition_hash, ReuseIndex, ReusedFrom};
 
 /// Where a job is in its life, as far as the scheduler cares.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -38,6 +41,8 @@ pub struct JobState {
     /// Current attempt (0 before the first queueing).
     pub attempt: u32,
     pub reason: String,
+    /// `reuse: commit`: the job's definition hash, looked up before it is queued.
+    pub reuse: Option<String>,
 }
 
 impl JobState {
@@ -70,29 +75,38 @@ pub struct BuildRun {
     pub project: String,
     /// Log offset of BuildTriggered: builds are served first come, first served.
     pub triggered_offset: u64,
+    /// The commit the build runs (empty: unknown, e.g. a local run outside git).
+    pub commit: String,
     pub jobs: Vec<JobState>,
     pub planned: bool,
     pub canceled: bool,
     pub finished: bool,
 }
 
-/// The scheduler's read model: every unfinished build.
+/// The scheduler's read model: every unfinished build, plus what earlier builds left that
+/// later ones use (successful runs to reuse, each project's caches).
 #[derive(Clone, Debug, Default, PartialEq)]
 pub struct SchedulerState {
     pub builds: BTreeMap<String, BuildRun>,
+    /// Successful runs of `reuse: commit` jobs.
+    pub reuse: ReuseIndex,
+    /// Each project's cache archives.
+    pub caches: CacheIndex,
 }
 
 impl SchedulerState {
     /// Folds one event. Pure; events for unknown builds or stale attempts change nothing.
     pub fn apply(&mut self, offset: u64, env: &Envelope) {
+        self.apply_history(env);
         let Some(payload) = &env.payload else { return };
-        if let Payload::BuildTriggered(_) = payload {
+        if let Payload::BuildTriggered(t) = payload {
             self.builds
                 .entry(env.build_id.clone())
                 .or_insert_with(|| BuildRun {
                     tenant: env.tenant.clone(),
                     project: env.project.clone(),
                     triggered_offset: offset,
+                    commit: t.commit.clone(),
                     ..BuildRun::default()
                 });
             return;
@@ -134,6 +148,15 @@ impl SchedulerState {
                     }
                 }
             }
+            Payload::JobReused(e) => {
+                if let Some(job) = job_mut(build, &e.job) {
+                    if job.phase == JobPhase::Waiting && e.attempt > job.attempt {
+                        job.attempt = e.attempt;
+                        job.phase = JobPhase::Done(Status::Succeeded);
+                        job.reason = reused_reason(e);
+                    }
+                }
+            }
             Payload::JobFinished(e) => {
                 if let Some(job) = job_mut(build, &e.job) {
                     let status = Status::try_from(e.status).unwrap_or(Status::Failed);
@@ -149,6 +172,13 @@ impl SchedulerState {
             }
             _ => {}
         }
+    }
+
+    /// Folds only what later builds use of an event (reuse and cache indexes): for a driver
+    /// that schedules one build but must know the history (`tributary run`).
+    pub fn apply_history(&mut self, env: &Envelope) {
+        self.reuse.apply(env);
+        self.caches.apply(env);
     }
 
     /// Jobs currently holding capacity (assigned or running), across all builds.
@@ -173,7 +203,22 @@ fn job_state(plan: &JobPlan) -> JobState {
         },
         attempt: 0,
         reason: String::new(),
+        reuse: (plan.reuse == "commit" && plan.kept_from_build.is_empty())
+            .then(|| definition_hash(plan)),
     }
+}
+
+/// `reused from build 12 (ID), job build attempt 1`.
+pub fn reused_reason(e: &JobReused) -> String {
+    let number = if e.from_number > 0 {
+        format!("{} ({})", e.from_number, e.from_build)
+    } else {
+        e.from_build.clone()
+    };
+    format!(
+        "reused from build {number}, job {} attempt {}",
+        e.from_job, e.from_attempt
+    )
 }
 
 fn job_mut<'a>(build: &'a mut BuildRun, id: &str) -> Option<&'a mut JobState> {
@@ -210,6 +255,15 @@ pub enum Decision {
         status: Status,
         reason: String,
     },
+    /// The job (`reuse: commit`) already succeeded at this commit: append JobReused instead
+    /// of queueing it.
+    Reuse {
+        build: String,
+        job: String,
+        attempt: u32,
+        definition: String,
+        from: ReusedFrom,
+    },
 }
 
 impl Decision {
@@ -218,6 +272,7 @@ impl Decision {
             Decision::Queue { build, .. }
             | Decision::Finish { build, .. }
             | Decision::Assign { build, .. }
+            | Decision::Reuse { build, .. }
             | Decision::FinishBuild { build, .. } => build,
         }
     }
@@ -249,9 +304,30 @@ impl Decision {
                 duration_us: 0,
                 reason: reason.clone(),
             }),
+            Decision::Reuse {
+                job,
+                attempt,
+                definition,
+                from,
+                ..
+            } => reused_payload(job, *attempt, definition, from),
             Decision::Assign { .. } => return None,
         })
     }
+}
+
+/// The JobReused event for a reuse decision.
+pub fn reused_payload(job: &str, attempt: u32, definition: &str, from: &ReusedFrom) -> Payload {
+    Payload::JobReused(JobReused {
+        job: job.to_owned(),
+        attempt,
+        from_build: from.build.clone(),
+        from_job: from.job.clone(),
+        from_attempt: from.attempt,
+        from_number: from.number,
+        definition: definition.to_owned(),
+        artifacts: from.artifacts.clone(),
+    })
 }
 
 /// Decides what to do next. `free_slots` is how many more jobs may be assigned now.
@@ -297,10 +373,28 @@ pub fn decide(state: &SchedulerState, mut free_slots: usize) -> Vec<Decision> {
                         by_id.get(n.as_str()).and_then(|j| j.final_status())
                             == Some(Status::Succeeded)
                     }) {
-                        decisions.push(Decision::Queue {
-                            build: build_id,
-                            job: job.id.clone(),
-                            attempt: 1,
+                        let reusable = job.reuse.as_ref().and_then(|definition| {
+                            let from = state.reuse.lookup(
+                                &build.tenant,
+                                &build.project,
+                                &build.commit,
+                                definition,
+                            )?;
+                            (from.build != *id).then(|| (definition.clone(), from.clone()))
+                        });
+                        decisions.push(match reusable {
+                            Some((definition, from)) => Decision::Reuse {
+                                build: build_id,
+                                job: job.id.clone(),
+                                attempt: 1,
+                                definition,
+                                from,
+                            },
+                            None => Decision::Queue {
+                                build: build_id,
+                                job: job.id.clone(),
+                                attempt: 1,
+                            },
                         });
                     }
                 }
@@ -378,7 +472,9 @@ fn build_outcome(build: &BuildRun) -> (Status, String) {
     }
 }
 
+pub mod caches;
 pub mod cluster;
+pub mod reuse;
 pub mod service;
 #[cfg(test)]
 mod tests;
