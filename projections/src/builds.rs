@@ -187,6 +187,7 @@ pub fn touches(env: &Envelope) -> Touch {
         Payload::JobStarted(e) => Touch::Job(e.job.clone()),
         Payload::JobFinished(e) => Touch::Job(e.job.clone()),
         Payload::JobRequeued(e) => Touch::Job(e.job.clone()),
+        Payload::JobReused(e) => Touch::Job(e.job.clone()),
         Payload::StepStarted(e) => Touch::Job(e.job.clone()),
         Payload::StepFinished(e) => Touch::Job(e.job.clone()),
         Payload::LineStarted(e) => Touch::Line {
@@ -449,6 +450,30 @@ fn apply_to_build(build: &mut Build, time_us: i64, payload: &Payload) -> bool {
             job.finished_us = Some(time_us);
             job.exit_code = Some(e.exit_code);
             job.reason = e.reason.clone();
+            true
+        }
+        Payload::JobReused(e) => {
+            let Some(job) = job_mut(build, &e.job) else {
+                return false;
+            };
+            if job.phase.is_terminal() || e.attempt <= job.attempt {
+                return false;
+            }
+            // Not run: it counts as succeeded, from the earlier run it reuses.
+            job.attempt = e.attempt;
+            job.phase = Phase::Succeeded;
+            job.queued_us = Some(time_us);
+            job.finished_us = Some(time_us);
+            job.exit_code = Some(0);
+            let number = if e.from_number > 0 {
+                format!("{} ({})", e.from_number, e.from_build)
+            } else {
+                e.from_build.clone()
+            };
+            job.reason = format!(
+                "reused from build {number}, job {} attempt {}",
+                e.from_job, e.from_attempt
+            );
             true
         }
         Payload::JobRequeued(e) => {

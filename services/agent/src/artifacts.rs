@@ -62,7 +62,7 @@ pub(crate) async fn upload(
 ) -> Result<Vec<ArtifactUploaded>, String> {
     let matcher = tributary_pipeline::artifacts::matcher(patterns)?;
     let root = workdir.to_path_buf();
-    let files = tokio::task::spawn_blocking(move || collect(&root, &matcher))
+    let files = tokio::task::spawn_blocking(move || collect(&root, &matcher, MAX_FILES))
         .await
         .map_err(|e| format!("listing the artifacts failed: {e}"))??;
     let mut uploaded = Vec::with_capacity(files.len());
@@ -89,7 +89,11 @@ pub(crate) async fn upload(
 /// The files under `root` (not `.git`) that `matcher` matches, as (artifact path, file to read),
 /// sorted by path. Symbolic links are not followed while walking; a matched link is uploaded as
 /// the file it points to if that is inside the workspace, and refused otherwise.
-fn collect(root: &Path, matcher: &Matcher) -> Result<Vec<(ArtifactPath, PathBuf)>, String> {
+pub(crate) fn collect(
+    root: &Path,
+    matcher: &Matcher,
+    max_files: usize,
+) -> Result<Vec<(ArtifactPath, PathBuf)>, String> {
     let real_root = root
         .canonicalize()
         .map_err(|e| format!("cannot open the workspace {}: {e}", root.display()))?;
@@ -139,10 +143,10 @@ fn collect(root: &Path, matcher: &Matcher) -> Result<Vec<(ArtifactPath, PathBuf)
             } else if kind.is_file() {
                 found.push((path, full));
             }
-            if found.len() > MAX_FILES {
+            if found.len() > max_files {
                 return Err(format!(
-                    "the artifact patterns match more than {MAX_FILES} files; narrow them or \
-                     archive the files into one (e.g. tar czf out.tar.gz out/)"
+                    "the patterns match more than {max_files} files; narrow them or archive \
+                     the files into one (e.g. tar czf out.tar.gz out/)"
                 ));
             }
         }
@@ -152,7 +156,7 @@ fn collect(root: &Path, matcher: &Matcher) -> Result<Vec<(ArtifactPath, PathBuf)
 }
 
 /// The first directory between `root` and `dest` (exclusive) that is a symbolic link.
-fn symlink_on_the_way(root: &Path, dest: &Path) -> Option<PathBuf> {
+pub(crate) fn symlink_on_the_way(root: &Path, dest: &Path) -> Option<PathBuf> {
     let rel = dest.strip_prefix(root).ok()?;
     let mut at = root.to_path_buf();
     let parts: Vec<Component<'_>> = rel.components().collect();
@@ -188,7 +192,7 @@ mod tests {
         std::fs::write(ws.join(".git/x.tar"), "git").unwrap();
         std::fs::write(ws.join("src.rs"), "s").unwrap();
         std::os::unix::fs::symlink("a.tar", ws.join("dist/link.tar")).unwrap();
-        let got: Vec<String> = collect(&ws, &matcher(&["dist"]))
+        let got: Vec<String> = collect(&ws, &matcher(&["dist"]), MAX_FILES)
             .unwrap()
             .into_iter()
             .map(|(p, _)| p.to_string())
@@ -197,7 +201,7 @@ mod tests {
 
         std::fs::write(tmp.path().join("secret"), "s3cret").unwrap();
         std::os::unix::fs::symlink(tmp.path().join("secret"), ws.join("dist/leak.tar")).unwrap();
-        let e = collect(&ws, &matcher(&["dist/*.tar"])).unwrap_err();
+        let e = collect(&ws, &matcher(&["dist/*.tar"]), MAX_FILES).unwrap_err();
         assert!(
             e.contains("dist/leak.tar") && e.contains("outside the workspace"),
             "{e}"

@@ -22,6 +22,7 @@ use tributary_proto::events::{
 };
 
 use crate::backoff::{Backoff, BackoffPolicy};
+use crate::caches;
 use crate::sink::{EventSink, SinkError};
 
 /// Largest number of events the pump takes off the queue for one batch.
@@ -165,6 +166,10 @@ pub struct Lease {
     pub lease_id: String,
     /// Artifacts of the jobs this one needs, downloaded before it runs.
     pub inputs: Vec<ArtifactUploaded>,
+    /// The project's cache index (folded from the log): what a restore trusts.
+    pub caches: Vec<tributary_proto::api::CacheEntry>,
+    /// The project's cache size limit in bytes (0 = none): eviction after a save.
+    pub cache_limit: u64,
 }
 
 /// Usage metering: UsageTick events while the attempt runs.
@@ -400,11 +405,41 @@ async fn produce(
         sanitize(&job_id),
         attempt
     ));
+    let cache_scratch = scratch_dir.join(format!(
+        "{}-{}-{}.caches",
+        sanitize(&build.build_id),
+        sanitize(&job_id),
+        attempt
+    ));
+    let mut preamble = preamble;
+    let restored = if lease.job.cache.is_empty() {
+        caches::Restored::default()
+    } else {
+        caches::restore(
+            options.objects.as_ref(),
+            &lease.caches,
+            &lease.job.cache,
+            &job_id,
+            attempt,
+            &workdir,
+            &cache_scratch,
+        )
+        .await
+    };
+    for event in restored.events {
+        let _ = tx.send(event).await;
+    }
+    for line in &restored.log {
+        preamble.push_str(line);
+        preamble.push('\n');
+    }
     if let Err(e) = std::fs::create_dir_all(&scratch) {
         tracing::error!(error = %e, dir = %scratch.display(), "cannot create scratch directory");
     }
     let ctx_dir = workdir.clone();
     let ctx_workdir = workdir.clone();
+    let lease_caches = lease.caches;
+    let lease_cache_limit = lease.cache_limit;
     let ctx = JobContext {
         build_id: build.build_id.clone(),
         job: lease.job,
@@ -468,6 +503,24 @@ async fn produce(
             }
         }
     }
+    if let (Status::Succeeded, Some(objects)) = (outcome.status, &options.objects) {
+        let events = caches::save(
+            objects,
+            build,
+            &lease_caches,
+            lease_cache_limit,
+            &restored.caches,
+            &job_id,
+            attempt,
+            &ctx_dir,
+            &cache_scratch,
+        )
+        .await;
+        for event in events {
+            let _ = tx.send(event).await;
+        }
+    }
+    let _ = std::fs::remove_dir_all(&cache_scratch);
     if let (Some(d), Status::Failed | Status::TimedOut) = (keep_for, outcome.status) {
         let dir = &ctx_workdir;
         match crate::kept::keep(dir, std::time::SystemTime::now(), d) {

@@ -20,6 +20,7 @@
 mod artifacts;
 mod attempt;
 mod backoff;
+mod caches;
 mod client;
 mod identity;
 pub mod kept;

@@ -623,6 +623,8 @@ impl Runtime {
             agent_id: self.identity.agent_id.clone(),
             lease_id: lease.lease_id.clone(),
             inputs: lease.artifacts,
+            caches: lease.caches,
+            cache_limit: lease.cache_limit_bytes,
         };
         let scratch = self.config.workdir.join("scratch");
         let lease_id = lease.lease_id;

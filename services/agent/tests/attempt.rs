@@ -90,6 +90,8 @@ fn lease(lines: &[&str]) -> Lease {
             ..Default::default()
         },
         inputs: Vec::new(),
+        caches: Vec::new(),
+        cache_limit: 0,
         attempt: 2,
         agent_id: "agent-7".into(),
         lease_id: "lease-9".into(),

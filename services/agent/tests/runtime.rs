@@ -318,6 +318,8 @@ fn lease(id: &str, lines: &[&str], source: Option<(&str, &str)>) -> Lease {
         commit: source.map(|s| s.1.to_owned()).unwrap_or_default(),
         cancel: false,
         artifacts: Vec::new(),
+        caches: Vec::new(),
+        cache_limit_bytes: 0,
         drain: false,
     }
 }

@@ -99,10 +99,11 @@ async fn lease_message(
     let Some(Payload::BuildTriggered(t)) = &env.payload else {
         return Ok(None);
     };
-    let (plan, artifacts) = state.cluster.read(|c| {
+    let (plan, artifacts, caches) = state.cluster.read(|c| {
         (
             c.job_plan(build_id, job).cloned(),
             c.needed_artifacts(build_id, job),
+            c.cache_entries(build_id),
         )
     })?;
     Ok(plan.map(|plan| Lease {
@@ -116,6 +117,8 @@ async fn lease_message(
         commit: t.commit.clone(),
         cancel: false,
         artifacts,
+        caches,
+        cache_limit_bytes: state.cache_limit_bytes,
         drain: false,
     }))
 }
@@ -159,6 +162,9 @@ fn job_attempt(payload: &Payload) -> Option<(&str, u32)> {
         Payload::ArtifactUploaded(e) => (&e.job, e.attempt),
         Payload::JobFinished(e) => (&e.job, e.attempt),
         Payload::UsageTick(e) => (&e.job, e.attempt),
+        Payload::CacheRestored(e) => (&e.job, e.attempt),
+        Payload::CacheSaved(e) => (&e.job, e.attempt),
+        Payload::CacheEvicted(e) => (&e.job, e.attempt),
         _ => return None,
     })
 }

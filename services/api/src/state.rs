@@ -98,6 +98,8 @@ pub struct ApiState {
     pub tail_subscribers: Arc<std::sync::atomic::AtomicUsize>,
     /// Where artifacts are (None: artifact downloads are refused).
     pub objects: Option<tributary_objects::Objects>,
+    /// Each project's cache size limit in bytes (0 = none), handed to agents in leases.
+    pub cache_limit_bytes: u64,
 }
 
 /// Counts one open tail while alive.
@@ -140,6 +142,7 @@ impl ApiState {
             server_key,
             tail_subscribers: Arc::default(),
             objects: None,
+            cache_limit_bytes: 0,
         };
         let end = state.log.end_offset().await?;
         let _ = state.directory.wait(end).await;
@@ -150,6 +153,12 @@ impl ApiState {
     /// The same state serving artifacts from `objects`.
     pub fn with_objects(mut self, objects: tributary_objects::Objects) -> Self {
         self.objects = Some(objects);
+        self
+    }
+
+    /// The same state with a per-project cache size limit (bytes, 0 = none).
+    pub fn with_cache_limit(mut self, bytes: u64) -> Self {
+        self.cache_limit_bytes = bytes;
         self
     }
 

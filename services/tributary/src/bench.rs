@@ -190,6 +190,7 @@ async fn bench_run(jobs: usize, parallel: usize) -> anyhow::Result<ExitCode> {
         objects: None,
         container: None,
         pipeline_file: None,
+        cache_limit: 0,
     };
     let (status, reason) = local_run::drive(cfg, from, CancellationToken::new()).await?;
     let elapsed = start.elapsed();

@@ -210,6 +210,10 @@ pub struct RunArgs {
     pub job: Option<String>,
     #[command(flatten)]
     pub containers: ContainerArgs,
+    /// Size limit of this project's caches in the data directory (`cache:` in the pipeline),
+    /// e.g. 512m, 10g; 0 = no limit: least recently used caches are deleted beyond it.
+    #[arg(long, value_name = "SIZE", default_value = "10g", value_parser = parse_size)]
+    pub cache_limit: u64,
 }
 
 /// How long a failed job's workspace is kept.
@@ -549,6 +553,11 @@ pub struct UpArgs {
     /// The in-process agents run `image:` jobs with --engine (and these limits).
     #[command(flatten)]
     pub containers: ContainerArgs,
+    /// Size limit of each project's caches (`cache:` in the pipeline), e.g. 512m, 10g; 0 = no
+    /// limit. After a job saves a cache that takes its project over it, the least recently
+    /// used caches are deleted (CacheEvicted on the log).
+    #[arg(long, value_name = "SIZE", default_value = "10g", value_parser = parse_size)]
+    pub cache_limit: u64,
 }
 
 #[derive(Debug, Subcommand)]

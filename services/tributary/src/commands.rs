@@ -127,6 +127,7 @@ async fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
                 .display()
                 .to_string(),
         ),
+        cache_limit: args.cache_limit,
     };
     let (status, _reason) = local_run::drive(cfg, from, cancel).await?;
     ctrl_c.abort();

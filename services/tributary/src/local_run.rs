@@ -115,15 +115,18 @@ pub struct DriveConfig {
     pub container: Option<tributary_agent::ContainerRuntime>,
     /// The pipeline file, as the recreate commands at the top of each job log name it.
     pub pipeline_file: Option<String>,
+    /// The project's cache size limit in bytes (0 = none).
+    pub cache_limit: u64,
 }
 
-/// Drives one build to its end: from `from` (at or before its trigger), folds the log,
-/// decides, appends the decisions, runs assigned jobs with the in-process agent, and returns
-/// the build's status and reason once BuildFinished is on the log. `cancel` (Ctrl-C) appends
-/// BuildCanceled. The server drives builds with the scheduler service and agents instead.
+/// Drives one build to its end: folds the log (other builds only for what they left: runs
+/// to reuse, caches), decides, appends the decisions, runs assigned jobs with the in-process
+/// agent, and returns the build's status and reason once BuildFinished is on the log.
+/// `cancel` (Ctrl-C) appends BuildCanceled. The server drives builds with the scheduler
+/// service and agents instead; both decide with the same [`decide`].
 pub async fn drive(
     cfg: DriveConfig,
-    from: u64,
+    _from: u64,
     cancel: CancellationToken,
 ) -> anyhow::Result<(Status, String)> {
     let log = cfg.log.clone();
@@ -131,7 +134,12 @@ pub async fn drive(
     let workspaces = Workspaces::Fixed(cfg.workdir.clone());
     let mut state = SchedulerState::default();
     let mut plans: HashMap<String, JobPlan> = HashMap::new();
-    let mut sub = log.subscribe(from);
+    // Artifacts of jobs reused from earlier builds: jobs that need them download them (the
+    // others' files are in the shared directory already).
+    let mut reused: HashMap<String, Vec<tributary_proto::events::ArtifactUploaded>> =
+        HashMap::new();
+    // From 0: earlier builds in this data directory may have runs to reuse and caches.
+    let mut sub = log.subscribe(0);
     let mut awaiting: Option<u64> = None;
     let mut running: HashMap<(String, u32), CancellationToken> = HashMap::new();
     let mut tasks = tokio::task::JoinSet::new();
@@ -155,10 +163,14 @@ pub async fn drive(
                 continue;
             };
             if env.build_id != build.build_id {
+                state.apply_history(&env);
                 continue;
             }
             state.apply(record.offset, &env);
             match &env.payload {
+                Some(Payload::JobReused(r)) => {
+                    reused.insert(r.job.clone(), r.artifacts.clone());
+                }
                 Some(Payload::BuildQueued(q)) => {
                     let jobs = q.plan.iter().flat_map(|p| &p.jobs);
                     plans = jobs.map(|j| (j.id.clone(), j.clone())).collect();
@@ -223,8 +235,16 @@ pub async fn drive(
                 agent_id: LOCAL_AGENT.into(),
                 lease_id,
                 // Every job of a local run shares the pipeline's directory: what a needed job
-                // produced is already there.
-                inputs: Vec::new(),
+                // produced is already there, unless it was reused from an earlier build.
+                inputs: plan
+                    .needs
+                    .iter()
+                    .filter_map(|n| reused.get(n))
+                    .flatten()
+                    .cloned()
+                    .collect(),
+                caches: state.caches.entries(&build.tenant, &build.project),
+                cache_limit: cfg.cache_limit,
             };
             let workspace = workspaces.for_job(None, &build.build_id, &job, attempt);
             tasks.spawn(agent::run_attempt(

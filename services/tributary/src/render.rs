@@ -153,6 +153,28 @@ impl Renderer {
                 let msg = if self.tty { colour(status, msg) } else { msg };
                 self.print(format!("{} {msg}", self.prefix(&e.job)));
             }
+            Payload::JobReused(e) => {
+                let msg = format!(
+                    "{} reused: {}",
+                    mark(Status::Succeeded),
+                    tributary_scheduler::reused_reason(e)
+                );
+                let msg = if self.tty {
+                    colour(Status::Succeeded, msg)
+                } else {
+                    msg
+                };
+                self.print(format!("{} {msg}", self.prefix(&e.job)));
+            }
+            Payload::CacheSaved(e) => {
+                self.print(format!(
+                    "{} cache {:?} saved ({} files, {} bytes)",
+                    self.prefix(&e.job),
+                    e.key,
+                    e.files,
+                    e.size
+                ));
+            }
             Payload::BuildCanceled(e) => {
                 self.print(format!("build canceled by {}", e.who));
             }

@@ -62,7 +62,8 @@ pub async fn up(args: UpArgs) -> anyhow::Result<ExitCode> {
         Some(server_key),
     )
     .await?
-    .with_objects(objects.clone());
+    .with_objects(objects.clone())
+    .with_cache_limit(args.cache_limit);
 
     // Scheduler service: folds the log, assigns leases to connected agents, requeues lost ones.
     let ttl_us = (args.lease_ttl * 1e6) as i64;
