@@ -327,3 +327,13 @@ pub fn wait_until(what: &str, within: Duration, mut f: impl FnMut() -> bool) {
 pub fn wait_secs(what: &str, secs: u64, f: impl FnMut() -> bool) {
     wait_until(what, Duration::from_secs(secs), f)
 }
+
+impl Server {
+    /// Writes `files` into the repository `repo` and commits them.
+    pub fn commit(&self, repo: &Path, files: &[(&str, &str)]) {
+        for (path, content) in files {
+            std::fs::write(repo.join(path), content).unwrap();
+        }
+        commit_all(repo, "change");
+    }
+}
