@@ -92,7 +92,10 @@ fn a_cache_is_missed_then_hit_a_new_lock_misses_and_a_corrupt_one_is_a_warned_mi
     // Healed: the next build hits again.
     let b5 = s.trigger("app");
     assert_eq!(s.finished(&b5, BUILD)["status"], "succeeded");
-    assert_eq!(of_type(&s.events(Some(&b5)), "cache_restored")[0]["hit"], true);
+    assert_eq!(
+        of_type(&s.events(Some(&b5)), "cache_restored")[0]["hit"],
+        true
+    );
 }
 
 #[test]
