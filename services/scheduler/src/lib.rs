@@ -474,7 +474,9 @@ fn build_outcome(build: &BuildRun) -> (Status, String) {
 
 pub mod caches;
 pub mod cluster;
+pub mod ownership;
 pub mod reuse;
+pub mod seen;
 pub mod service;
 #[cfg(test)]
 mod tests;

@@ -1,49 +1,140 @@
 //! The scheduler service: the thin shell that drives [`decide_cluster`] with real I/O.
 //!
-//! It folds the log from offset 0 into a [`ClusterState`], and whenever it has folded its own
-//! last appends (and at least every `tick`, so leases expire on time) asks
-//! [`decide_cluster`] what to do at the current time and appends the decisions. Decisions are
-//! events, so a restarted scheduler — or another replica — picks up exactly where the log is.
+//! It folds every events partition of the log from offset 0 into one [`ClusterState`] (agents
+//! and leases are shared by all builds, and agent events are spread over all partitions), and
+//! whenever it has folded its own last appends (and at least every `tick`, so leases expire on
+//! time) asks [`decide_cluster`] what to do at the current time and appends the decisions —
+//! only those for builds in the partitions it owns ([`Partitions`]). Decisions are events, so a
+//! restarted scheduler — or another replica — picks up exactly where the log is.
+//!
+//! Ownership: a partition gained is caught up first (folded to the end it had when gained, so
+//! every `JobAssigned` of the previous owner is seen); a partition lost is dropped before the
+//! next decision, and [`Partitions::deciding`] says so once no append of its decisions is in
+//! flight. Two schedulers whose deciding sets are disjoint never decide for the same build.
+//! Re-delivered events (Kafka is at least once) are skipped by event id ([`SeenIds`]).
 
+use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
 use std::time::Duration;
 
+use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
-use tributary_eventlog::{EventLog, LogError};
+use tributary_eventlog::{EventLog, Layout, LogError, Offset, Partition, Topic};
 use tributary_proto::events::{envelope::Payload, Envelope};
 
 use crate::cluster::{decide_cluster, ClusterConfig, ClusterDecision, ClusterState};
+use crate::ownership::Ownership;
+use crate::seen::SeenIds;
+
+/// Which partitions a scheduler service owns, in and out.
+pub struct Partitions {
+    /// The partitions to own, as the consumer group assigns them (changes at a rebalance).
+    pub assigned: watch::Receiver<BTreeSet<Partition>>,
+    /// What the service decides for now: a gained partition appears once caught up; a lost one
+    /// disappears as soon as no append of its decisions is in flight (a revoke can wait on it).
+    pub deciding: watch::Sender<BTreeSet<Partition>>,
+}
+
+impl Partitions {
+    /// Owns `assigned`; the receiver of what it decides for is returned beside it.
+    pub fn new(
+        assigned: watch::Receiver<BTreeSet<Partition>>,
+    ) -> (Partitions, watch::Receiver<BTreeSet<Partition>>) {
+        let (deciding, deciding_rx) = watch::channel(BTreeSet::new());
+        (Partitions { assigned, deciding }, deciding_rx)
+    }
+
+    /// Every events partition of `layout`, forever: the only scheduler of a log (`tributary up`:
+    /// `{0}`).
+    pub fn every(layout: Layout) -> Partitions {
+        let (_tx, assigned) = watch::channel(layout.topic_partitions(Topic::Events).collect());
+        Partitions::new(assigned).0
+    }
+}
 
 /// Runs until `stop` is cancelled or the log closes.
 pub async fn run(
     log: Arc<dyn EventLog>,
     config: ClusterConfig,
     tick: Duration,
+    mut partitions: Partitions,
     stop: CancellationToken,
 ) -> Result<(), LogError> {
+    let layout = log.layout();
     let mut state = ClusterState::new();
-    let mut sub = log.subscribe(0);
-    let mut awaiting: Option<u64> = None;
+    let start: Vec<(Partition, Offset)> = layout
+        .topic_partitions(Topic::Events)
+        .map(|p| (p, 0))
+        .collect();
+    let mut sub = log.subscribe_partitions(&start);
+    let mut folded: BTreeMap<Partition, Offset> = start.into_iter().collect();
+    let mut seen = SeenIds::default();
+    // Order of folding: what the fold takes as an event's position (first come, first served).
+    let mut sequence = 0u64;
+    let mut ownership = Ownership::new();
+    let mut assignment_open = true;
+    let mut reassigned = true;
+    // Per partition, the offset of our last append there not folded yet.
+    let mut awaiting: BTreeMap<Partition, Offset> = BTreeMap::new();
     let mut ticker = tokio::time::interval(tick);
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         tokio::select! {
             batch = sub.next_batch() => {
                 for record in batch? {
+                    folded.insert(record.partition, record.offset + 1);
                     match record.decode() {
-                        Ok(env) => state.apply(record.offset, &env),
-                        Err(e) => tracing::error!(offset = record.offset, error = %e, "skipping malformed event"),
+                        Ok(env) if seen.first_time(&env.event_id) => {
+                            state.apply(sequence, &env);
+                            sequence += 1;
+                        }
+                        Ok(env) => tracing::debug!(event_id = %env.event_id, "skipping a re-delivered event"),
+                        Err(e) => tracing::error!(partition = record.partition, offset = record.offset, error = %e, "skipping malformed event"),
                     }
+                }
+            }
+            changed = partitions.assigned.changed(), if assignment_open => {
+                match changed {
+                    Ok(()) => reassigned = true,
+                    Err(_) => assignment_open = false, // no more changes: keep the last set
                 }
             }
             _ = ticker.tick() => {}
             _ = stop.cancelled() => return Ok(()),
         }
-        if awaiting.is_some_and(|a| sub.position() <= a) {
+        if reassigned || partitions.assigned.has_changed().unwrap_or(false) {
+            reassigned = false;
+            let wanted = partitions.assigned.borrow_and_update().clone();
+            let gained = ownership.want(&wanted);
+            if !gained.is_empty() {
+                let ends = log.end_offsets().await?;
+                for p in gained {
+                    let end = ends.get(p as usize).copied().unwrap_or(0);
+                    tracing::info!(partition = p, catch_up_to = end, "partition gained");
+                    ownership.caught_up_at(p, end);
+                }
+            }
+        }
+        let positions: Vec<(Partition, Offset)> = folded.iter().map(|(p, o)| (*p, *o)).collect();
+        for p in ownership.folded(&positions) {
+            tracing::info!(partition = p, "caught up: deciding for the partition");
+        }
+        partitions.deciding.send_if_modified(|d| {
+            let changed = d != ownership.deciding();
+            if changed {
+                *d = ownership.deciding().clone();
+            }
+            changed
+        });
+        awaiting.retain(|p, offset| folded.get(p).is_none_or(|at| at <= offset));
+        if !awaiting.is_empty() {
             continue; // our last decisions are not folded yet
         }
         let now = tributary_proto::now_us();
-        let decisions = decide_cluster(&state, now, &config);
+        let decisions: Vec<ClusterDecision> = decide_cluster(&state, now, &config)
+            .into_iter()
+            .filter(|d| ownership.decides(layout.partition_for(Topic::Events, d.build_id())))
+            .collect();
         if decisions.is_empty() {
             continue;
         }
@@ -58,7 +149,11 @@ pub async fn run(
             tracing::debug!(build_id = %d.build_id(), job_id = ?d.job_id(), decision = ?d, "decided");
         }
         let offsets = log.append(&events).await?;
-        awaiting = offsets.last().copied();
+        for (event, offset) in events.iter().zip(offsets) {
+            let p = layout.partition_of(event);
+            let entry = awaiting.entry(p).or_insert(offset);
+            *entry = (*entry).max(offset);
+        }
     }
 }
 

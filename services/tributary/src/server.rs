@@ -77,6 +77,7 @@ pub async fn up(args: UpArgs) -> anyhow::Result<ExitCode> {
         log.clone(),
         config,
         Duration::from_millis(250),
+        tributary_scheduler::service::Partitions::every(log.layout()),
         scheduler_stop.clone(),
     ));
 
