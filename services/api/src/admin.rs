@@ -45,15 +45,13 @@ impl Admin for AdminApi {
                 "tenant {name} already exists"
             )));
         }
-        let offsets = self
-            .state
-            .append(&[directory_event(
-                &name,
-                Payload::TenantCreated(TenantCreated { name: name.clone() }),
-            )])
-            .await?;
+        let events = [directory_event(
+            &name,
+            Payload::TenantCreated(TenantCreated { name: name.clone() }),
+        )];
+        let offsets = self.state.append(&events).await?;
         self.state
-            .wait_directory(offsets.last().map_or(0, |o| o + 1))
+            .wait_directory(&self.state.mark_after(&events, &offsets))
             .await?;
         Ok(Response::new(Tenant { name }))
     }
@@ -93,12 +91,10 @@ impl Admin for AdminApi {
             },
             sha256,
         };
-        let offsets = self
-            .state
-            .append(&[directory_event(&req.tenant, Payload::TokenIssued(issued))])
-            .await?;
+        let events = [directory_event(&req.tenant, Payload::TokenIssued(issued))];
+        let offsets = self.state.append(&events).await?;
         self.state
-            .wait_directory(offsets.last().map_or(0, |o| o + 1))
+            .wait_directory(&self.state.mark_after(&events, &offsets))
             .await?;
         Ok(Response::new(CreateTokenResponse { token, token_id }))
     }
@@ -110,13 +106,8 @@ impl Admin for AdminApi {
         self.state
             .directory(|d| authenticate(d, &request))??
             .require_admin()?;
-        let end = self
-            .state
-            .log
-            .end_offset()
-            .await
-            .map_err(crate::state::internal)?;
-        self.state.cluster.wait(end).await?;
+        let end = self.state.log_end().await?;
+        self.state.cluster.wait(&end).await?;
         let agents = self.state.cluster.read(|c| {
             c.agents
                 .iter()
@@ -155,12 +146,10 @@ impl Admin for AdminApi {
             return Err(Status::not_found(format!("no agent {agent_id}")));
         };
         let revoked = Payload::AgentRevoked(AgentRevoked { agent_id });
-        let offsets = self
-            .state
-            .append(&[directory_event(&tenant, revoked)])
-            .await?;
+        let events = [directory_event(&tenant, revoked)];
+        let offsets = self.state.append(&events).await?;
         self.state
-            .wait_directory(offsets.last().map_or(0, |o| o + 1))
+            .wait_directory(&self.state.mark_after(&events, &offsets))
             .await?;
         Ok(Response::new(RevokeAgentResponse {}))
     }

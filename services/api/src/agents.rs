@@ -29,7 +29,8 @@ use tributary_proto::events::{
 use tributary_scheduler::cluster::leases_to_cancel;
 
 use crate::auth::{authenticate, new_token, sha256_hex, Principal};
-use crate::state::{internal, ApiState};
+use crate::state::{internal, ApiState, Mark};
+use tributary_eventlog::Topic;
 
 pub struct AgentsApi {
     state: ApiState,
@@ -227,16 +228,14 @@ impl Agents for AgentsApi {
             name: agent_id.clone(),
             sha256,
         });
-        let offsets = self
-            .state
-            .append(&[
-                Envelope::new(&tenant, "", "", registered),
-                Envelope::new(&tenant, "", "", issued),
-            ])
-            .await?;
-        let end = offsets.last().map_or(0, |o| o + 1);
-        self.state.wait_directory(end).await?;
-        self.state.cluster.wait(end).await?;
+        let events = [
+            Envelope::new(&tenant, "", "", registered),
+            Envelope::new(&tenant, "", "", issued),
+        ];
+        let offsets = self.state.append(&events).await?;
+        let end = self.state.mark_after(&events, &offsets);
+        self.state.wait_directory(&end).await?;
+        self.state.cluster.wait(&end).await?;
         tracing::info!(agent_id = %agent_id, tenant = %tenant, "agent registered");
         Ok(Response::new(RegisterAgentResponse {
             agent_id,
@@ -266,12 +265,22 @@ impl Agents for AgentsApi {
             containers: caps.containers,
             engine: caps.engine,
         });
-        let offsets = self
-            .state
-            .append(&[Envelope::new(&who.tenant, "", "", connected)])
+        let events = [Envelope::new(&who.tenant, "", "", connected)];
+        let offsets = self.state.append(&events).await?;
+        self.state
+            .cluster
+            .wait(&self.state.mark_after(&events, &offsets))
             .await?;
-        let from = offsets.last().map_or(0, |o| o + 1);
-        self.state.cluster.wait(from).await?;
+        // Everything before `from` is in the cluster fold (pending leases below); everything
+        // from it on comes through the subscription.
+        let from = self.state.log_end().await?;
+        self.state.cluster.wait(&from).await?;
+        let layout = self.state.log.layout();
+        let from: Vec<(u32, u64)> = from
+            .0
+            .into_iter()
+            .filter(|(p, _)| layout.topic_partitions(Topic::Events).contains(p))
+            .collect();
         // Leases already assigned (and not started) as of `from`, then every new assignment.
         let pending: Vec<(String, String, u32, String)> = self.state.cluster.read(|c| {
             c.agent_leases(&agent_id)
@@ -292,7 +301,7 @@ impl Agents for AgentsApi {
         let sessions = self.sessions.clone();
         let tenant = who.tenant.clone();
         tokio::spawn(async move {
-            let mut sub = state.log.subscribe(from);
+            let mut sub = state.log.subscribe_partitions(&from);
             let mut send = pending;
             loop {
                 for (build, job, attempt, lease_id) in send.drain(..) {
@@ -317,7 +326,7 @@ impl Agents for AgentsApi {
                     let Ok(env) = record.decode() else { continue };
                     if let Some(Payload::BuildCanceled(_)) = &env.payload {
                         // Tell the agent at once (heartbeats would take up to their interval).
-                        let _ = state.cluster.wait(record.offset + 1).await;
+                        let _ = state.cluster.wait(&Mark::after(record)).await;
                         let leases: Vec<String> = state
                             .cluster
                             .read(|c| {
@@ -346,7 +355,7 @@ impl Agents for AgentsApi {
                     if let Some(Payload::JobAssigned(a)) = &env.payload {
                         if a.agent_id == agent_id {
                             // The lease must be in the cluster fold before the agent uses it.
-                            let _ = state.cluster.wait(record.offset + 1).await;
+                            let _ = state.cluster.wait(&Mark::after(record)).await;
                             send.push((
                                 env.build_id.clone(),
                                 a.job.clone(),
@@ -393,14 +402,12 @@ impl Agents for AgentsApi {
             draining: req.draining,
             session_id: self.session(&agent_id),
         });
-        let offsets = self
-            .state
-            .append(&[Envelope::new(&who.tenant, "", "", beat)])
-            .await?;
+        let events = [Envelope::new(&who.tenant, "", "", beat)];
+        let offsets = self.state.append(&events).await?;
         // Answer from a state that includes this heartbeat.
         self.state
             .cluster
-            .wait(offsets.last().map_or(0, |o| o + 1))
+            .wait(&self.state.mark_after(&events, &offsets))
             .await?;
         let cancel_lease_ids = self
             .state
@@ -415,8 +422,8 @@ impl Agents for AgentsApi {
     ) -> Result<Response<SendEventsResponse>, Status> {
         let who = self.agent_principal(&request)?;
         let req = request.into_inner();
-        let end = self.state.log.end_offset().await.map_err(internal)?;
-        self.state.cluster.wait(end).await?;
+        let end = self.state.log_end().await?;
+        self.state.cluster.wait(&end).await?;
         let lease = self.state.cluster.read(|c| {
             c.lease(&req.lease_id).map(|((build, job), l)| {
                 let tenant = c
@@ -475,9 +482,36 @@ impl Agents for AgentsApi {
             env.build_id = build.clone();
             events.push(env);
         }
-        let offsets = self.state.append(&events).await?;
+        let offsets = append_chunks_first(&self.state, &events).await?;
         Ok(Response::new(SendEventsResponse { offsets }))
     }
+}
+
+/// Appends an agent's batch. Where log chunks have partitions of their own, the chunks go
+/// first and the state events after them, so every chunk of an attempt is on the log before
+/// the attempt's `JobFinished` (and so before its build's `BuildFinished`): what lets a tail
+/// end knowing it has every chunk ([`crate::follow`]). Returns the offsets in `events`' order.
+async fn append_chunks_first(state: &ApiState, events: &[Envelope]) -> Result<Vec<u64>, Status> {
+    if state.log.layout().logs == 0 {
+        return state.append(events).await;
+    }
+    type Indexed<'a> = Vec<(usize, &'a Envelope)>;
+    let (chunks, rest): (Indexed, Indexed) = events
+        .iter()
+        .enumerate()
+        .partition(|(_, e)| Topic::of(e) == Topic::Logs);
+    let mut offsets = vec![0; events.len()];
+    for part in [chunks, rest] {
+        if part.is_empty() {
+            continue;
+        }
+        let batch: Vec<Envelope> = part.iter().map(|(_, e)| (*e).clone()).collect();
+        let got = state.append(&batch).await?;
+        for ((i, _), offset) in part.iter().zip(got) {
+            offsets[*i] = offset;
+        }
+    }
+    Ok(offsets)
 }
 
 fn uuid_v7(id: &str) -> Option<()> {

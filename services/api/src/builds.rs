@@ -17,7 +17,7 @@ use tributary_proto::api::{builds_server::Builds, *};
 use tributary_proto::events::{envelope::Payload, BuildCanceled, BuildTriggered, Envelope};
 
 use crate::auth::{authenticate, Principal};
-use crate::follow::{follow_build, next_batch, Step as Next};
+use crate::follow::{follow_build, next_batch, BuildPartitions, Cursor, Step as Next};
 use crate::state::{internal, ApiState};
 
 /// The pipeline file read from the repository at the build's commit.
@@ -42,10 +42,28 @@ impl BuildsApi {
 /// The build, if it exists in the caller's tenant, once the read model has folded everything
 /// on the log now. Another tenant's build is NOT_FOUND, so its existence is not revealed.
 pub async fn build_of(state: &ApiState, who: &Principal, id: &str) -> Result<ReadBuild, Status> {
-    let end = state.log.end_offset().await.map_err(internal)?;
-    state.wait_builds(end).await?;
+    let end = state.log_end().await?;
+    state.wait_builds(&end).await?;
     match state.store.load_build(id).await.map_err(internal)? {
         Some(b) if b.tenant == who.tenant => Ok(b),
+        _ => Err(Status::not_found(format!("no build {id}"))),
+    }
+}
+
+/// Checks, from the log itself (no read model), that build `id` exists in the caller's tenant:
+/// its first state event says whose it is. Another tenant's build is NOT_FOUND.
+pub async fn authorize_on_log(state: &ApiState, who: &Principal, id: &str) -> Result<(), Status> {
+    let first = state
+        .log
+        .read_key_in(tributary_eventlog::Topic::Events, id, 0, 1)
+        .await
+        .map_err(internal)?;
+    let tenant = first
+        .first()
+        .and_then(|r| r.decode().ok())
+        .map(|e| e.tenant);
+    match tenant {
+        Some(t) if !id.is_empty() && t == who.tenant => Ok(()),
         _ => Err(Status::not_found(format!("no build {id}"))),
     }
 }
@@ -139,11 +157,17 @@ pub async fn rerun_failed(
         .into_iter()
         .map(|p| Envelope::new(&original.tenant, &original.project, &new_id, p))
         .collect();
+    let from = state
+        .log
+        .end_offsets()
+        .await
+        .map_err(|e| Status::unavailable(format!("cannot read the log's end: {e}")))?;
     let offsets = state.append(&events).await?;
     tracing::info!(build_id = %new_id, rerun_of = %original.id, "failed jobs re-run");
     Ok(TriggerBuildResponse {
         build_id: new_id,
         offset: offsets.first().copied().unwrap_or(0),
+        from: positions(&from),
     })
 }
 
@@ -180,6 +204,12 @@ pub async fn trigger(
         Err(e) => return Err(Status::failed_precondition(e.to_string())),
     };
     let build_id = tributary_proto::new_id();
+    // Before the build's first event: where to watch from to see all of it.
+    let from = state
+        .log
+        .end_offsets()
+        .await
+        .map_err(|e| Status::unavailable(format!("cannot read the log's end: {e}")))?;
     let triggered = BuildTriggered {
         who: who.to_owned(),
         source: source.to_owned(),
@@ -200,7 +230,19 @@ pub async fn trigger(
     Ok(TriggerBuildResponse {
         build_id,
         offset: offsets.first().copied().unwrap_or(0),
+        from: positions(&from),
     })
+}
+
+/// End offsets (indexed by partition) as API positions.
+fn positions(ends: &[u64]) -> Vec<Position> {
+    ends.iter()
+        .enumerate()
+        .map(|(p, o)| Position {
+            partition: p as u32,
+            offset: *o,
+        })
+        .collect()
 }
 
 type BoxStream<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send>>;
@@ -239,8 +281,8 @@ impl Builds for BuildsApi {
         let build = build_of(&self.state, &who, &request.get_ref().build_id).await?;
         let mut api = to_api(&build);
         // Why queued jobs are not running, from the same routing rules the scheduler uses.
-        let end = self.state.log.end_offset().await.map_err(internal)?;
-        self.state.cluster.wait(end).await?;
+        let end = self.state.log_end().await?;
+        self.state.cluster.wait(&end).await?;
         let config = tributary_scheduler::cluster::ClusterConfig::default();
         let reasons = self.state.cluster.read(|c| {
             tributary_scheduler::cluster::waiting_reasons(
@@ -271,8 +313,8 @@ impl Builds for BuildsApi {
                 req.status
             )));
         }
-        let end = self.state.log.end_offset().await.map_err(internal)?;
-        self.state.wait_builds(end).await?;
+        let end = self.state.log_end().await?;
+        self.state.wait_builds(&end).await?;
         let limit = if req.limit == 0 {
             50
         } else {
@@ -318,17 +360,18 @@ impl Builds for BuildsApi {
     ) -> Result<Response<Self::TailLogsStream>, Status> {
         let who = self.who(&request)?;
         let req = request.into_inner();
-        build_of(&self.state, &who, &req.build_id).await?;
+        authorize_on_log(&self.state, &who, &req.build_id).await?;
         let (tx, rx) = mpsc::channel(256);
         let log = self.state.log.clone();
         let guard = crate::state::TailGuard::new(&self.state);
         tokio::spawn(async move {
             let _guard = guard;
-            let map = |record: &Record, env: &Envelope| -> Next<LogLine> {
+            let map = |record: &Record, env: &Envelope, _: &Cursor| -> Next<LogLine> {
                 match &env.payload {
                     Some(Payload::LogChunk(c)) if req.job.is_empty() || c.job == req.job => {
                         Next::Send(LogLine {
                             offset: record.offset,
+                            partition: record.partition,
                             job: c.job.clone(),
                             attempt: c.attempt,
                             step: c.step,
@@ -342,6 +385,7 @@ impl Builds for BuildsApi {
                     Some(Payload::PipelineRejected(r)) if req.job.is_empty() => {
                         Next::Send(LogLine {
                             offset: record.offset,
+                            partition: record.partition,
                             stream: tributary_proto::events::Stream::System as i32,
                             data: format!("{}:{}:{}: {}\n", r.file, r.line, r.column, r.message)
                                 .into_bytes(),
@@ -350,6 +394,7 @@ impl Builds for BuildsApi {
                     }
                     Some(Payload::BuildFinished(f)) => Next::Last(LogLine {
                         offset: record.offset,
+                        partition: record.partition,
                         build_status: tributary_proto::events::Status::try_from(f.status)
                             .map_or("unknown", |s| s.name())
                             .to_owned(),
@@ -358,7 +403,15 @@ impl Builds for BuildsApi {
                     _ => Next::Skip,
                 }
             };
-            follow_build(log.as_ref(), &req.build_id, 0, req.follow, &tx, map).await;
+            follow_build(
+                log.as_ref(),
+                &req.build_id,
+                Cursor::at(0),
+                req.follow,
+                &tx,
+                map,
+            )
+            .await;
         });
         Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
     }
@@ -371,11 +424,14 @@ impl Builds for BuildsApi {
     ) -> Result<Response<Self::WatchEventsStream>, Status> {
         let who = self.who(&request)?;
         let req = request.into_inner();
+        let layout = self.state.log.layout();
+        let start = watch_start(layout, &req)?;
         let (tx, rx) = mpsc::channel(256);
-        let mut sub = self.state.log.subscribe(req.from_offset);
+        let mut sub = self.state.log.subscribe_partitions(&start);
         let guard = crate::state::TailGuard::new(&self.state);
         tokio::spawn(async move {
             let _guard = guard;
+            let mut seen = tributary_scheduler::seen::SeenIds::default();
             loop {
                 let Some(records) = next_batch(sub.as_mut(), &tx).await else {
                     return;
@@ -387,9 +443,11 @@ impl Builds for BuildsApi {
                         && (req.project.is_empty() || env.project == req.project)
                         && (req.types.is_empty() || req.types.iter().any(|t| t == env.type_name()));
                     if visible
+                        && seen.first_time(&env.event_id)
                         && tx
                             .send(Ok(WatchedEvent {
                                 offset: record.offset,
+                                partition: record.partition,
                                 event: Some(env),
                             }))
                             .await
@@ -402,6 +460,50 @@ impl Builds for BuildsApi {
         });
         Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
     }
+}
+
+/// Where a watch starts, per partition: the positions the request lists, and `from_offset`
+/// for the others (only 0 on a partitioned log: offsets of different partitions are
+/// unrelated). A watch of one build reads only the build's partitions.
+pub fn watch_start(
+    layout: tributary_eventlog::Layout,
+    req: &WatchEventsRequest,
+) -> Result<Vec<(u32, u64)>, Status> {
+    if layout.partitions() > 1 && req.from_offset > 0 {
+        return Err(Status::invalid_argument(format!(
+            "this log has {} partitions: give start positions per partition (`from`), not              from_offset {}",
+            layout.partitions(),
+            req.from_offset
+        )));
+    }
+    if let Some(bad) = req.from.iter().find(|p| p.partition >= layout.partitions()) {
+        return Err(Status::invalid_argument(format!(
+            "no partition {} (the log has {})",
+            bad.partition,
+            layout.partitions()
+        )));
+    }
+    let partitions: Vec<u32> = if req.build_id.is_empty() {
+        layout.all().collect()
+    } else {
+        let parts = BuildPartitions::of(layout, &req.build_id);
+        let mut ps = vec![parts.events];
+        if !parts.shared() {
+            ps.push(parts.logs);
+        }
+        ps
+    };
+    Ok(partitions
+        .into_iter()
+        .map(|p| {
+            let at = req
+                .from
+                .iter()
+                .find(|pos| pos.partition == p)
+                .map_or(req.from_offset, |pos| pos.offset);
+            (p, at)
+        })
+        .collect())
 }
 
 fn to_api(b: &ReadBuild) -> Build {

@@ -220,7 +220,12 @@ async fn github(
 }
 
 async fn metrics(State(state): State<ApiState>) -> Response {
-    let events = state.log.end_offset().await.unwrap_or(0);
+    // Events on the log: the sum over its partitions.
+    let events: u64 = state
+        .log
+        .end_offsets()
+        .await
+        .map_or(0, |ends| ends.iter().sum());
     let (queued, running, agents, requeues) = state
         .cluster
         .read(|c| {

@@ -76,15 +76,13 @@ impl Projects for ProjectsApi {
             sealed_webhook_secret,
             max_concurrent_jobs: req.max_concurrent_jobs,
         };
-        let offsets = self
-            .state
-            .append(&[directory_event(
-                &who.tenant,
-                Payload::ProjectCreated(created),
-            )])
-            .await?;
+        let events = [directory_event(
+            &who.tenant,
+            Payload::ProjectCreated(created),
+        )];
+        let offsets = self.state.append(&events).await?;
         self.state
-            .wait_directory(offsets.last().map_or(0, |o| o + 1))
+            .wait_directory(&self.state.mark_after(&events, &offsets))
             .await?;
         let project = self
             .state

@@ -4,22 +4,57 @@
 //! waits until that read model has folded past N ([`ApiState::wait_directory`],
 //! [`ApiState::wait_builds`]).
 
+use std::collections::BTreeMap;
 use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
 use tokio::sync::watch;
 use tonic::Status;
-use tributary_eventlog::EventLog;
+use tributary_eventlog::{EventLog, Layout, Offset, Partition, Record, Topic};
 use tributary_projections::directory::Directory;
 use tributary_projections::BuildsStore;
 use tributary_proto::events::{envelope::Payload, Envelope};
 use tributary_scheduler::cluster::ClusterState;
+use tributary_scheduler::seen::SeenIds;
 
-/// A read model folded in memory from offset 0 and kept following the log by a task.
+/// How far the log goes, or how far a reader must have read: for some partitions, the offset
+/// just past the last record that matters. A reader "has folded past" a mark when its next
+/// offset in each listed partition is at least the mark's. On a one-partition log it is one
+/// offset, as before partitions existed.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Mark(pub Vec<(Partition, Offset)>);
+
+impl Mark {
+    /// Just past `offsets` (one per event of `events`, as [`EventLog::append`] returns them).
+    pub fn after_append(layout: Layout, events: &[Envelope], offsets: &[Offset]) -> Mark {
+        let mut ends: BTreeMap<Partition, Offset> = BTreeMap::new();
+        for (event, offset) in events.iter().zip(offsets) {
+            let end = ends.entry(layout.partition_of(event)).or_default();
+            *end = (*end).max(offset + 1);
+        }
+        Mark(ends.into_iter().collect())
+    }
+
+    /// Just past `record`.
+    pub fn after(record: &Record) -> Mark {
+        Mark(vec![(record.partition, record.offset + 1)])
+    }
+
+    /// Whether `positions` (next offset per partition) are at or past this mark in every
+    /// partition of the mark that `positions` follows.
+    pub fn reached_by(&self, positions: &BTreeMap<Partition, Offset>) -> bool {
+        self.0
+            .iter()
+            .all(|(p, end)| positions.get(p).is_none_or(|at| at >= end))
+    }
+}
+
+/// A read model folded in memory from offset 0 of every events partition and kept following
+/// the log by a task. Re-delivered events (same event id) are folded once.
 pub struct Folded<S> {
     state: Arc<RwLock<S>>,
-    /// Next offset the fold will apply.
-    at: watch::Receiver<u64>,
+    /// Next offset the fold will apply, per events partition.
+    at: watch::Receiver<BTreeMap<Partition, Offset>>,
 }
 
 impl<S> Clone for Folded<S> {
@@ -32,13 +67,21 @@ impl<S> Clone for Folded<S> {
 }
 
 impl<S: Default + Send + Sync + 'static> Folded<S> {
-    /// Starts folding `log` into a fresh `S` with `apply`.
+    /// Starts folding `log` into a fresh `S` with `apply`, which gets each event with its place
+    /// in the fold's order (0, 1, 2...: the log offset on a one-partition log).
     pub fn start(log: &Arc<dyn EventLog>, apply: fn(&mut S, u64, &Envelope)) -> Self {
         let state = Arc::new(RwLock::new(S::default()));
-        let (tx, rx) = watch::channel(0u64);
-        let mut sub = log.subscribe(0);
+        let start: Vec<(Partition, Offset)> = log
+            .layout()
+            .topic_partitions(Topic::Events)
+            .map(|p| (p, 0))
+            .collect();
+        let (tx, rx) = watch::channel(start.iter().copied().collect::<BTreeMap<_, _>>());
+        let mut sub = log.subscribe_partitions(&start);
         let shared = state.clone();
         tokio::spawn(async move {
+            let mut seen = SeenIds::default();
+            let mut sequence = 0u64;
             loop {
                 let records = match sub.next_batch().await {
                     Ok(records) => records,
@@ -49,12 +92,22 @@ impl<S: Default + Send + Sync + 'static> Folded<S> {
                 };
                 if let Ok(mut s) = shared.write() {
                     for record in &records {
-                        if let Ok(env) = record.decode() {
-                            apply(&mut s, record.offset, &env);
+                        match record.decode() {
+                            Ok(env) if seen.first_time(&env.event_id) => {
+                                apply(&mut s, sequence, &env);
+                                sequence += 1;
+                            }
+                            Ok(_) => {}
+                            Err(e) => tracing::error!(
+                                partition = record.partition,
+                                offset = record.offset,
+                                error = %e,
+                                "skipping malformed event"
+                            ),
                         }
                     }
                 }
-                let _ = tx.send(sub.position());
+                let _ = tx.send(sub.positions().into_iter().collect());
             }
         });
         Folded { state, at: rx }
@@ -69,12 +122,16 @@ impl<S: Default + Send + Sync + 'static> Folded<S> {
         Ok(f(&s))
     }
 
-    /// Waits until every offset below `end` is folded.
-    pub async fn wait(&self, end: u64) -> Result<(), Status> {
+    /// Waits until the fold has passed `mark` (partitions it does not follow, such as the logs
+    /// topic's, are ignored).
+    pub async fn wait(&self, mark: &Mark) -> Result<(), Status> {
         let mut rx = self.at.clone();
-        let ok = tokio::time::timeout(Duration::from_secs(5), rx.wait_for(|at| *at >= end))
-            .await
-            .is_ok_and(|r| r.is_ok());
+        let ok = tokio::time::timeout(
+            Duration::from_secs(5),
+            rx.wait_for(|at| mark.reached_by(at)),
+        )
+        .await
+        .is_ok_and(|r| r.is_ok());
         if ok {
             Ok(())
         } else {
@@ -144,9 +201,18 @@ impl ApiState {
             objects: None,
             cache_limit_bytes: 0,
         };
-        let end = state.log.end_offset().await?;
-        let _ = state.directory.wait(end).await;
-        let _ = state.cluster.wait(end).await;
+        let end = Mark(
+            state
+                .log
+                .end_offsets()
+                .await?
+                .into_iter()
+                .enumerate()
+                .map(|(p, o)| (p as Partition, o))
+                .collect(),
+        );
+        let _ = state.directory.wait(&end).await;
+        let _ = state.cluster.wait(&end).await;
         Ok(state)
     }
 
@@ -167,13 +233,36 @@ impl ApiState {
         self.directory.read(f)
     }
 
-    /// Waits until the directory has folded every offset below `end`.
-    pub async fn wait_directory(&self, end: u64) -> Result<(), Status> {
-        self.directory.wait(end).await
+    /// Waits until the directory has folded past `mark`.
+    pub async fn wait_directory(&self, mark: &Mark) -> Result<(), Status> {
+        self.directory.wait(mark).await
     }
 
-    /// Waits (bounded) until the builds read model has folded every offset below `end`.
-    pub async fn wait_builds(&self, end: u64) -> Result<(), Status> {
+    /// The end of every partition of the log now: a mark past everything appended so far.
+    pub async fn log_end(&self) -> Result<Mark, Status> {
+        let ends = self.log.end_offsets().await.map_err(internal)?;
+        Ok(Mark(
+            ends.into_iter()
+                .enumerate()
+                .map(|(p, o)| (p as Partition, o))
+                .collect(),
+        ))
+    }
+
+    /// Just past `events`, appended at `offsets`.
+    pub fn mark_after(&self, events: &[Envelope], offsets: &[Offset]) -> Mark {
+        Mark::after_append(self.log.layout(), events, offsets)
+    }
+
+    /// Waits (bounded) until the builds read model has folded past `mark`.
+    ///
+    /// The builds store keeps one consumer offset, that of partition 0: on a partitioned log
+    /// (whose projector keeps one per partition, in its own branch of work) this does not wait.
+    pub async fn wait_builds(&self, mark: &Mark) -> Result<(), Status> {
+        if self.log.layout().partitions() > 1 {
+            return Ok(());
+        }
+        let end = mark.0.iter().find(|(p, _)| *p == 0).map_or(0, |(_, o)| *o);
         let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
         loop {
             let at = self.store.next_offset().await.map_err(internal)?;

@@ -248,14 +248,19 @@
     }
     return this.jobs[id];
   };
+  // Where to reopen the stream after the event with SSE id `id`.
+  function resumeFrom(id) {
+    return /\./.test(String(id)) ? id : parseInt(id, 10) + 1;
+  }
   BuildPage.prototype.open = function (from, tail) {
     var self = this, es = new EventSource(this.url + '?from=' + from + (tail ? '&tail=' + tail : ''));
     this.es = es;
     var push = function (kind) {
       return function (e) {
         if (es !== self.es) return; // a stream closed for flow control
-        self.lastId = parseInt(e.lastEventId, 10);
-        self.queue.push([kind, JSON.parse(e.data), self.lastId]);
+        // An offset, or `E.L` (the resume position) on a partitioned log.
+        self.lastId = e.lastEventId;
+        self.queue.push([kind, JSON.parse(e.data), parseInt(e.lastEventId, 10)]);
         if (self.queue.length > QUEUE_HIGH && !self.throttled) {
           // The page renders slower than the server sends (a long log): stop reading rather
           // than buffer it all; reopen from the next offset when the queue has drained.
@@ -328,7 +333,7 @@
     this.queue.splice(0, i);
     if (this.throttled && this.queue.length < QUEUE_LOW && !this.paused && !this.ended) {
       this.throttled = false;
-      this.open(this.lastId + 1);
+      this.open(resumeFrom(this.lastId));
     }
     for (var k in touched) touched[k].flush();
     if (this.found) { this.highlight(this.target); this.found = null; }
@@ -356,7 +361,7 @@
     this.paused = false;
     var b = this.logs.querySelector('.pausebar');
     if (b) b.remove();
-    if (!this.throttled) this.open(this.lastId + 1);
+    if (!this.throttled) this.open(resumeFrom(this.lastId));
     else this.schedule();
   };
   BuildPage.prototype.bar = function (text, resume) {

@@ -125,7 +125,9 @@ pub async fn trigger(args: TriggerArgs) -> anyhow::Result<ExitCode> {
     }
     let mut stream = client
         .watch_events(api::WatchEventsRequest {
-            from_offset: resp.offset,
+            // Per partition (any log); an older server ignores `from` and uses from_offset.
+            from_offset: if resp.from.len() > 1 { 0 } else { resp.offset },
+            from: resp.from.clone(),
             build_id: resp.build_id.clone(),
             ..Default::default()
         })

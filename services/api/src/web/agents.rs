@@ -11,7 +11,7 @@ use tributary_scheduler::cluster::AgentState;
 use super::format::{ago, utc};
 use super::layout;
 use super::{page_session, urlencode, WebError};
-use crate::state::{internal, ApiState};
+use crate::state::ApiState;
 
 /// One agent as the page shows it.
 #[derive(Debug, PartialEq)]
@@ -48,8 +48,8 @@ pub fn visible(a: &AgentState, tenant: &str, admin: bool) -> bool {
 
 pub async fn page(State(state): State<ApiState>, headers: HeaderMap) -> Result<Markup, WebError> {
     let session = page_session(&state, &headers, "/ui/agents")?;
-    let end = state.log.end_offset().await.map_err(internal)?;
-    state.cluster.wait(end).await?;
+    let end = state.log_end().await?;
+    state.cluster.wait(&end).await?;
     let tenant = session.who.tenant.clone();
     let admin = session.who.kind == TokenKind::Admin;
     let rows: Vec<(AgentRow, Vec<String>)> = state.cluster.read(|c| {

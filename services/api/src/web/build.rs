@@ -150,7 +150,7 @@ pub async fn summary(
 ) -> Result<Markup, WebError> {
     let session = api_session(&state, &headers)?;
     let end = super::projects::after_end(&state, q.after).await?;
-    state.wait_builds(end).await?;
+    state.wait_builds(&end).await?;
     match state.store.load_build(&id).await.map_err(internal)? {
         Some(b) if b.tenant == session.who.tenant => {
             Ok(summary_markup(&b, &session, tributary_proto::now_us()))

@@ -41,8 +41,8 @@ use tributary_proto::events::{envelope::Payload, Envelope};
 use super::format::utf8_chunk;
 use super::tail::{tail_start, Chunk};
 use super::{api_session, WebError};
-use crate::builds::build_of;
-use crate::follow::{follow_build, next_batch, Step};
+use crate::builds::authorize_on_log;
+use crate::follow::{follow_build, next_batch, BuildPartitions, Cursor, Step};
 use crate::state::{ApiState, TailGuard};
 
 /// Events buffered per viewer before the stream task waits for the client to read.
@@ -50,7 +50,9 @@ const BUFFER: usize = 256;
 
 #[derive(Deserialize)]
 pub struct From {
-    from: Option<u64>,
+    /// An offset (a one-partition log), or a resume token `E.L` (an SSE id on a partitioned
+    /// log: the next offsets of the build's events and logs partitions).
+    from: Option<String>,
     /// Start near the end: skip the oldest log chunks so about this many bytes remain
     /// (ignored when resuming).
     tail: Option<u64>,
@@ -63,6 +65,23 @@ pub fn start_offset(headers: &HeaderMap, from: Option<u64>) -> u64 {
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.trim().parse::<u64>().ok())
         .map_or(from.unwrap_or(0), |last| last + 1)
+}
+
+/// Where a build's stream starts: after the `Last-Event-ID` of a reconnecting browser (an SSE
+/// id, see [`Cursor::token`]), else at `from` (an offset, or a token `E.L`), else at 0.
+pub fn start_cursor(headers: &HeaderMap, from: Option<&str>) -> Cursor {
+    if let Some(cursor) = headers
+        .get("last-event-id")
+        .and_then(|v| v.to_str().ok())
+        .and_then(Cursor::resume_after)
+    {
+        return cursor;
+    }
+    match from.map(str::trim) {
+        Some(f) if f.contains('.') => Cursor::resume_after(f).unwrap_or_default(),
+        Some(f) => Cursor::at(f.parse().unwrap_or(0)),
+        None => Cursor::default(),
+    }
 }
 
 fn to_sse(
@@ -81,10 +100,12 @@ pub struct BuildEvents {
 }
 
 impl BuildEvents {
-    pub fn map(&mut self, record: &Record, env: &Envelope) -> Step<Event> {
+    /// `record` mapped; `id` is the SSE id (the resume token just past it).
+    pub fn map(&mut self, record: &Record, env: &Envelope, id: String) -> Step<Event> {
+        let _ = record;
         let event = |name: &str, data: serde_json::Value| {
             Event::default()
-                .id(record.offset.to_string())
+                .id(id.clone())
                 .event(name)
                 .data(data.to_string())
         };
@@ -142,12 +163,13 @@ pub async fn build(
     headers: HeaderMap,
 ) -> Result<Response, WebError> {
     let session = api_session(&state, &headers)?;
-    build_of(&state, &session.who, &id).await?;
-    let mut from = start_offset(&headers, q.from);
+    authorize_on_log(&state, &session.who, &id).await?;
+    let mut from = start_cursor(&headers, q.from.as_deref());
     let (tx, rx) = mpsc::channel(BUFFER);
     let log = state.log.clone();
+    let parts = BuildPartitions::of(log.layout(), &id);
     let guard = TailGuard::new(&state);
-    let tail = q.tail.filter(|&t| t > 0 && from == 0);
+    let tail = q.tail.filter(|&t| t > 0 && from == Cursor::default());
     tokio::spawn(async move {
         let _guard = guard;
         if let Some(tail) = tail {
@@ -159,7 +181,12 @@ pub async fn build(
                 }
             };
             if skipped.from > 0 {
-                from = skipped.from;
+                // Skipped chunks are in the logs partition; on a shared partition the state
+                // events before them are skipped too.
+                from.logs = skipped.from;
+                if parts.shared() {
+                    from.events = skipped.from;
+                }
                 let event = Event::default()
                     .event("skip")
                     .data(json!({"bytes": skipped.bytes, "lines": skipped.lines}).to_string());
@@ -169,7 +196,10 @@ pub async fn build(
             }
         }
         let mut events = BuildEvents::default();
-        follow_build(log.as_ref(), &id, from, true, &tx, |r, e| events.map(r, e)).await;
+        follow_build(log.as_ref(), &id, from, true, &tx, |r, e, c| {
+            events.map(r, e, c.token(parts))
+        })
+        .await;
     });
     Ok(([("x-accel-buffering", "no")], to_sse(rx)).into_response())
 }
@@ -183,7 +213,7 @@ async fn scan_chunks(
     let mut next = 0;
     loop {
         let records = log
-            .read_key(build_id, next, 4096)
+            .read_key_in(tributary_eventlog::Topic::Logs, build_id, next, 4096)
             .await
             .map_err(|e| Status::unavailable(e.to_string()))?;
         let Some(last) = records.last() else {
@@ -234,15 +264,24 @@ pub async fn project(
     if !state.directory(|d| d.project(&tenant, &project).is_some())? {
         return Err(WebError::NotFound(format!("no project {project}")));
     }
-    let end = state
-        .log
-        .end_offset()
-        .await
-        .map_err(crate::state::internal)?;
-    // From the offset the page was rendered at (nothing between is missed), never beyond the
-    // end; else from now.
-    let from = start_offset(&headers, Some(q.from.map_or(end, |f| f.min(end))));
-    let mut sub = state.log.subscribe(from);
+    // Every events partition from its end now; on a one-partition log from the offset the page
+    // was rendered at (nothing between is missed), never beyond the end.
+    let end = state.log_end().await?;
+    let layout = state.log.layout();
+    let mut start: Vec<(u32, u64)> = end
+        .0
+        .into_iter()
+        .filter(|(p, _)| {
+            layout
+                .topic_partitions(tributary_eventlog::Topic::Events)
+                .contains(p)
+        })
+        .collect();
+    if let [(0, end)] = start.as_mut_slice() {
+        let rendered = q.from.as_deref().and_then(|f| f.trim().parse::<u64>().ok());
+        *end = start_offset(&headers, Some(rendered.map_or(*end, |f| f.min(*end))));
+    }
+    let mut sub = state.log.subscribe_partitions(&start);
     let (tx, rx) = mpsc::channel(BUFFER);
     let guard = TailGuard::new(&state);
     tokio::spawn(async move {
@@ -285,18 +324,23 @@ pub async fn log_txt(
     headers: HeaderMap,
 ) -> Result<Response, WebError> {
     let session = api_session(&state, &headers)?;
-    build_of(&state, &session.who, &id).await?;
+    authorize_on_log(&state, &session.who, &id).await?;
     let (tx, rx) = mpsc::channel::<Result<Bytes, Status>>(BUFFER);
     let log = state.log.clone();
     tokio::spawn(async move {
-        follow_build(log.as_ref(), &id, 0, false, &tx, |_, env| {
-            match &env.payload {
+        follow_build(
+            log.as_ref(),
+            &id,
+            Cursor::at(0),
+            false,
+            &tx,
+            |_, env, _| match &env.payload {
                 Some(Payload::LogChunk(c)) if q.job.is_empty() || c.job == q.job => {
                     Step::Send(Bytes::from(c.data.clone()))
                 }
                 _ => Step::Skip,
-            }
-        })
+            },
+        )
         .await;
     });
     let body = Body::from_stream(ReceiverStream::new(rx));

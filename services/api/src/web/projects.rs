@@ -9,14 +9,14 @@ use tributary_projections::Build;
 use super::format::{build_label, elapsed, short_commit, utc};
 use super::layout::{badge, page};
 use super::{api_session, page_session, urlencode, WebError};
-use crate::state::{internal, ApiState};
+use crate::state::{internal, ApiState, Mark};
 
 const LIST_LIMIT: u32 = 100;
 
 pub async fn home(State(state): State<ApiState>, headers: HeaderMap) -> Result<Markup, WebError> {
     let session = page_session(&state, &headers, "/ui/")?;
-    let end = state.log.end_offset().await.map_err(internal)?;
-    state.wait_directory(end).await?;
+    let end = state.log_end().await?;
+    state.wait_directory(&end).await?;
     let projects: Vec<(String, String)> = state.directory(|d| {
         d.projects_of(&session.who.tenant)
             .map(|p| (p.name.clone(), p.repository.clone()))
@@ -96,13 +96,15 @@ async fn project_builds(
         return Err(WebError::NotFound(format!("no project {project}")));
     }
     let end = after_end(state, after).await?;
-    state.wait_builds(end).await?;
+    state.wait_builds(&end).await?;
     let builds = state
         .store
         .list_builds_for(tenant, Some(project), None, LIST_LIMIT)
         .await
         .map_err(internal)?;
-    Ok((builds, end))
+    // The page's live stream starts there (a one-partition log's offset; a partitioned log's
+    // stream starts at its ends anyway).
+    Ok((builds, end.0.first().map_or(0, |(_, o)| *o)))
 }
 
 pub async fn builds(
@@ -151,7 +153,15 @@ pub async fn rows(
 
 /// How far the builds read model must have folded before answering: up to and including
 /// `after` (an offset the viewer saw on a live stream, never beyond the log), else the end.
-pub async fn after_end(state: &ApiState, after: Option<u64>) -> Result<u64, WebError> {
-    let end = state.log.end_offset().await.map_err(internal)?;
-    Ok(after.map_or(end, |offset| (offset + 1).min(end)))
+/// On a partitioned log `after` (an offset of one partition) is not used: the end is.
+pub async fn after_end(state: &ApiState, after: Option<u64>) -> Result<Mark, WebError> {
+    let end = state.log_end().await?;
+    if state.log.layout().partitions() > 1 {
+        return Ok(end);
+    }
+    let end0 = end.0.first().map_or(0, |(_, o)| *o);
+    Ok(Mark(vec![(
+        0,
+        after.map_or(end0, |offset| (offset + 1).min(end0)),
+    )]))
 }
