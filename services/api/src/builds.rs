@@ -567,3 +567,67 @@ fn to_api(b: &ReadBuild) -> Build {
             .collect(),
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tributary_eventlog::Layout;
+
+    fn pos(partition: u32, offset: u64) -> Position {
+        Position { partition, offset }
+    }
+
+    #[test]
+    fn a_watch_starts_at_the_listed_positions_and_from_offset_elsewhere() {
+        let req = WatchEventsRequest {
+            from: vec![pos(2, 40)],
+            ..Default::default()
+        };
+        let layout = Layout { events: 3, logs: 1 };
+        assert_eq!(
+            watch_start(layout, &req).unwrap(),
+            vec![(0, 0), (1, 0), (2, 40), (3, 0)]
+        );
+        // One partition: from_offset as always.
+        let old = WatchEventsRequest {
+            from_offset: 17,
+            ..Default::default()
+        };
+        assert_eq!(watch_start(Layout::SINGLE, &old).unwrap(), vec![(0, 17)]);
+    }
+
+    #[test]
+    fn a_watch_of_one_build_reads_only_its_two_partitions() {
+        let layout = Layout { events: 4, logs: 2 };
+        let build = tributary_proto::new_id();
+        let req = WatchEventsRequest {
+            build_id: build.clone(),
+            ..Default::default()
+        };
+        let parts = BuildPartitions::of(layout, &build);
+        assert_eq!(
+            watch_start(layout, &req).unwrap(),
+            vec![(parts.events, 0), (parts.logs, 0)]
+        );
+    }
+
+    #[test]
+    fn a_single_offset_or_an_unknown_partition_is_refused_on_a_partitioned_log() {
+        let layout = Layout { events: 4, logs: 2 };
+        let offset = WatchEventsRequest {
+            from_offset: 5,
+            ..Default::default()
+        };
+        let err = watch_start(layout, &offset).unwrap_err();
+        assert_eq!(err.code(), tonic::Code::InvalidArgument);
+        assert!(err.message().contains("6 partitions"), "{}", err.message());
+        let unknown = WatchEventsRequest {
+            from: vec![pos(6, 0)],
+            ..Default::default()
+        };
+        assert_eq!(
+            watch_start(layout, &unknown).unwrap_err().code(),
+            tonic::Code::InvalidArgument
+        );
+    }
+}

@@ -295,3 +295,48 @@ pub fn internal(e: impl std::fmt::Display) -> Status {
 pub fn directory_event(tenant: &str, payload: Payload) -> Envelope {
     Envelope::new(tenant, "", "", payload)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tributary_proto::events::{JobQueued, LogChunk};
+
+    #[test]
+    fn a_mark_after_an_append_is_one_past_the_last_offset_of_each_partition() {
+        let layout = Layout { events: 4, logs: 2 };
+        let build = tributary_proto::new_id();
+        let queued = |job: &str| {
+            Envelope::new(
+                "t",
+                "p",
+                &build,
+                Payload::JobQueued(JobQueued {
+                    job: job.into(),
+                    attempt: 1,
+                }),
+            )
+        };
+        let chunk = Envelope::new("t", "p", &build, Payload::LogChunk(LogChunk::default()));
+        let events = [queued("a"), chunk, queued("b")];
+        let mark = Mark::after_append(layout, &events, &[7, 3, 9]);
+        let e = layout.partition_for(Topic::Events, &build);
+        let l = layout.partition_for(Topic::Logs, &build);
+        assert_ne!(e, l);
+        let mut want = vec![(e, 10), (l, 4)];
+        want.sort();
+        assert_eq!(mark, Mark(want));
+        // On one partition: one offset past the last.
+        let single = Mark::after_append(Layout::SINGLE, &events, &[7, 8, 9]);
+        assert_eq!(single, Mark(vec![(0, 10)]));
+    }
+
+    #[test]
+    fn a_mark_is_reached_in_every_followed_partition_and_ignores_the_others() {
+        let mark = Mark(vec![(0, 5), (1, 2), (4, 100)]);
+        let at = |ps: &[(Partition, Offset)]| ps.iter().copied().collect::<BTreeMap<_, _>>();
+        assert!(mark.reached_by(&at(&[(0, 5), (1, 2)])));
+        assert!(!mark.reached_by(&at(&[(0, 4), (1, 2)])));
+        assert!(!mark.reached_by(&at(&[(0, 5), (1, 1)])));
+        assert!(Mark::default().reached_by(&at(&[(0, 0)])));
+    }
+}
