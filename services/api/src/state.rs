@@ -254,19 +254,18 @@ impl ApiState {
         Mark::after_append(self.log.layout(), events, offsets)
     }
 
-    /// Waits (bounded) until the builds read model has folded past `mark`.
-    ///
-    /// The builds store keeps one consumer offset, that of partition 0: on a partitioned log
-    /// (whose projector keeps one per partition, in its own branch of work) this does not wait.
+    /// Waits (bounded) until the builds read model has folded past `mark` in every events
+    /// partition (a partition the projector has stored no offset for is at 0).
     pub async fn wait_builds(&self, mark: &Mark) -> Result<(), Status> {
-        if self.log.layout().partitions() > 1 {
-            return Ok(());
-        }
-        let end = mark.0.iter().find(|(p, _)| *p == 0).map_or(0, |(_, o)| *o);
+        let events = self.log.layout().topic_partitions(Topic::Events);
         let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
         loop {
-            let at = self.store.next_offset().await.map_err(internal)?;
-            if at >= end {
+            let stored = self.store.next_offsets().await.map_err(internal)?;
+            let at: BTreeMap<Partition, Offset> = events
+                .clone()
+                .map(|p| (p, stored.get(&p).copied().unwrap_or(0)))
+                .collect();
+            if mark.reached_by(&at) {
                 return Ok(());
             }
             if tokio::time::Instant::now() > deadline {
