@@ -32,6 +32,9 @@ fi
 # Podman serving the Docker API on unix:///run/podman/podman.sock, image localhost/ci-busybox
 # (container executor tests).
 $( [ "$(id -u)" -eq 0 ] || echo sudo ) "$(dirname "$0")/setup-containers.sh"
+# etcd + kube-apiserver (built once from the Go module proxy) on https://127.0.0.1:16443 for the
+# autoscaler's kubernetes provider tests.
+$( [ "$(id -u)" -eq 0 ] || echo sudo ) "$(dirname "$0")/setup-kube.sh"
 # Headless chromium and chromedriver for the web UI's browser tests.
 "$(dirname "$0")/setup-browser.sh"
 echo "setup: ready ($(cargo --version))"

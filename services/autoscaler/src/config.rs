@@ -69,6 +69,8 @@ pub struct Config {
     pub queue_delay_us: i64,
     /// The `command` provider's scripts.
     pub command: Option<CommandConfig>,
+    /// The `kubernetes` provider's cluster, namespace and Pod template.
+    pub kubernetes: Option<KubernetesConfig>,
 }
 
 /// Scripts of the `command` provider, run with `sh -c` (see `provider::command`).
@@ -81,6 +83,33 @@ pub struct CommandConfig {
     pub release: String,
     /// Optional: tells the agent to drain (e.g. `ssh $MACHINE systemctl stop tributary-agent`).
     pub drain: Option<String>,
+}
+
+/// The `kubernetes` provider's `[kubernetes]` table (see `provider::kubernetes`).
+#[derive(Clone, Debug, Default, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct KubernetesConfig {
+    /// The agent Pod template (YAML, `kind: Pod`); a relative path is relative to the
+    /// configuration file.
+    pub template: std::path::PathBuf,
+    /// Namespace of the agent Pods (default: the kubeconfig context's, else `default`; in a
+    /// Pod: its own namespace).
+    pub namespace: Option<String>,
+    /// Kubeconfig file (default: `KUBECONFIG`, `~/.kube/config`, else the in-cluster
+    /// service account when running in a Pod).
+    pub kubeconfig: Option<std::path::PathBuf>,
+    /// Kubeconfig context (default: its current context).
+    pub context: Option<String>,
+    /// The Pods' terminationGracePeriodSeconds: how long a released agent has to drain after
+    /// SIGTERM before it is killed (default: the template's, else 60).
+    pub termination_grace_secs: Option<i64>,
+    /// The server URL the agents in the Pods dial (TRIBUTARY_SERVER; default: the server the
+    /// autoscaler is given, which must then be reachable from the Pods).
+    pub server: Option<String>,
+    /// Value of the `tributary.dev/owner` label on every Pod this autoscaler creates: at start
+    /// it deletes the Pods with its owner label that its log does not know (default
+    /// `tributary`; give each installation sharing a namespace its own).
+    pub owner: Option<String>,
 }
 
 impl Default for Config {
@@ -97,6 +126,7 @@ impl Default for Config {
             tick_us: SECOND_US,
             queue_delay_us: SECOND_US,
             command: None,
+            kubernetes: None,
         }
     }
 }
@@ -115,6 +145,7 @@ struct File {
     tick_secs: Option<f64>,
     queue_delay_secs: Option<f64>,
     command: Option<CommandConfig>,
+    kubernetes: Option<KubernetesConfig>,
     #[serde(rename = "kind")]
     kinds: Vec<KindFile>,
 }
@@ -254,6 +285,7 @@ impl Config {
             tick_us: secs(file.tick_secs, d.tick_us, "tick_secs")?.max(10_000),
             queue_delay_us: secs(file.queue_delay_secs, d.queue_delay_us, "queue_delay_secs")?,
             command: file.command,
+            kubernetes: file.kubernetes,
         })
     }
 

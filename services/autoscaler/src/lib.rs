@@ -8,7 +8,8 @@
 //! * [`events`]: decisions as events (`AgentRequested`, `AgentDraining`, `AgentReleased`).
 //! * [`sim`]: a simulated cluster on a simulated clock, for the benchmark and property tests;
 //!   [`trace`]: job-arrival traces (a synthetic day generator, a CSV format).
-//! * [`provider`]: the interpreters of decisions (`local` processes, `command` scripts);
+//! * [`provider`]: the interpreters of decisions (`local` processes, `command` scripts,
+//!   `kubernetes` Pods);
 //!   [`service`]: the async shell that folds, decides, appends and calls the provider.
 
 pub mod config;

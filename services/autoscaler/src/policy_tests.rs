@@ -34,6 +34,7 @@ fn config() -> Config {
         tick_us: S,
         queue_delay_us: 0,
         command: None,
+        kubernetes: None,
     }
 }
 
@@ -311,6 +312,7 @@ fn arb_config() -> impl Strategy<Value = Config> {
             tick_us: S,
             queue_delay_us: 0,
             command: None,
+            kubernetes: None,
         })
 }
 
@@ -501,6 +503,7 @@ proptest! {
             tick_us: 5 * S,
             queue_delay_us: 0,
             command: None,
+            kubernetes: None,
         };
         let options = SimOptions { tick_us: 5 * S, step_us: S, until_us: 0, horizon_us: 48 * 3600 * S };
         let r = simulate(&trace, &config, &Mode::Policy, &options);

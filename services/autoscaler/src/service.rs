@@ -4,10 +4,13 @@
 //! appends (and at least every tick) it asks the policy what to do now, appends the decisions
 //! as events, and hands each to the provider: acquire (then `AgentProvisioned`, or
 //! `AgentReleased` with the provider's error), drain, release. Decisions are events first, so
-//! a restarted autoscaler picks up where the log is, and nothing is decided twice. When it
+//! a restarted autoscaler picks up where the log is, and nothing is decided twice; at start the
+//! provider adopts the machines the log still has and stops the others it owns
+//! ([`Provider::recover`](crate::provider::Provider::recover)). When it
 //! stops, the agents its provider stopped (the local provider's processes, drained first) are
 //! recorded as released.
 
+use std::collections::BTreeSet;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -32,18 +35,7 @@ pub async fn run(
     let result = drive(log.clone(), &config, provider.clone(), stop, &mut state).await;
     let stopped = provider.shutdown().await;
     // Catch up, so that the releases below see every request and what it cost.
-    loop {
-        let records = log.read(state.next_offset, 10_000).await?;
-        if records.is_empty() {
-            break;
-        }
-        for record in records {
-            match record.decode() {
-                Ok(env) => state.apply(record.offset, &env),
-                Err(_) => state.next_offset = state.next_offset.max(record.offset + 1),
-            }
-        }
-    }
+    catch_up(log.as_ref(), &mut state).await?;
     let now = tributary_proto::now_us();
     let releases: Vec<Envelope> = state
         .pool()
@@ -68,6 +60,68 @@ pub async fn run(
     result
 }
 
+/// Folds the log up to its end.
+async fn catch_up(log: &dyn EventLog, state: &mut PoolState) -> Result<(), LogError> {
+    loop {
+        let records = log.read(state.next_offset, 10_000).await?;
+        if records.is_empty() {
+            return Ok(());
+        }
+        for record in records {
+            match record.decode() {
+                Ok(env) => state.apply(record.offset, &env),
+                Err(_) => state.next_offset = state.next_offset.max(record.offset + 1),
+            }
+        }
+    }
+}
+
+/// At start: the provider adopts the machines of the requests the log still has and stops
+/// the ones it owns that the log does not know. An adopted machine whose AgentProvisioned
+/// never made it to the log (a crash right after the provider's call) gets it now.
+async fn recover(
+    log: &dyn EventLog,
+    provider: &dyn Provider,
+    state: &mut PoolState,
+) -> Result<(), LogError> {
+    catch_up(log, state).await?;
+    let live: BTreeSet<String> = state.requests.keys().cloned().collect();
+    let recovery = match provider.recover(&live).await {
+        Ok(r) => r,
+        Err(e) => {
+            tracing::error!(provider = provider.name(), error = %e, "cannot look for machines left by an earlier run");
+            return Ok(());
+        }
+    };
+    let provisioned: Vec<Envelope> = recovery
+        .adopted
+        .iter()
+        .filter(|(id, _)| state.requests.get(id).is_some_and(|r| r.machine.is_empty()))
+        .map(|(id, machine)| {
+            Envelope::new(
+                POOL_TENANT,
+                "",
+                "",
+                Payload::AgentProvisioned(AgentProvisioned {
+                    request_id: id.clone(),
+                    machine: machine.clone(),
+                }),
+            )
+        })
+        .collect();
+    if !provisioned.is_empty() {
+        log.append(&provisioned).await?;
+    }
+    if !recovery.adopted.is_empty() || !recovery.deleted.is_empty() {
+        tracing::info!(
+            adopted = recovery.adopted.len(),
+            deleted = recovery.deleted.len(),
+            "machines left by an earlier run: adopted those the log knows, stopped the others"
+        );
+    }
+    Ok(())
+}
+
 async fn drive(
     log: Arc<dyn EventLog>,
     config: &Config,
@@ -75,7 +129,8 @@ async fn drive(
     stop: CancellationToken,
     state: &mut PoolState,
 ) -> Result<(), LogError> {
-    let mut sub = log.subscribe(0);
+    recover(log.as_ref(), provider.as_ref(), state).await?;
+    let mut sub = log.subscribe(state.next_offset);
     let mut awaiting: Option<u64> = None;
     let tick = Duration::from_micros(config.tick_us.max(10_000) as u64);
     let mut ticker = tokio::time::interval(tick);

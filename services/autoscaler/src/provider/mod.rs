@@ -3,6 +3,8 @@
 //! * [`local::LocalProvider`]: `tributary agent` processes on this machine (SIGTERM drains).
 //! * [`command::CommandProvider`]: user scripts that acquire and release a machine (any cloud
 //!   CLI).
+//! * [`kubernetes::KubernetesProvider`]: agent Pods made from a template (kube-rs); at start it
+//!   deletes the Pods labelled as its own that the log does not know ([`Provider::recover`]).
 //!
 //! Whatever the provider, the agent it starts registers with the request id as its name
 //! (`tributary agent --name <id>`): that ties the server's agent to the autoscaler's request.
@@ -10,7 +12,10 @@
 //! once `AgentDraining` is on the log.
 
 pub mod command;
+pub mod kubernetes;
 pub mod local;
+
+use std::collections::BTreeSet;
 
 use async_trait::async_trait;
 
@@ -44,11 +49,31 @@ pub enum ProviderError {
         what: String,
         source: std::io::Error,
     },
+    #[error("{what}: {message}")]
+    Kubernetes {
+        what: String,
+        message: String,
+        #[source]
+        source: kube::Error,
+    },
+    #[error(transparent)]
+    Template(#[from] kubernetes::pod::TemplateError),
+}
+
+/// What [`Provider::recover`] did at start with the machines it found.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Recovery {
+    /// Machines the log knows as live: kept. (request id, machine)
+    pub adopted: Vec<(String, String)>,
+    /// Machines labelled as this autoscaler's that the log does not know (a crash between the
+    /// release decision and the provider's call, or a log that was reset): stopped.
+    /// (request id, machine)
+    pub deleted: Vec<(String, String)>,
 }
 
 #[async_trait]
 pub trait Provider: Send + Sync {
-    /// `local`, `command`: recorded in AgentRequested.
+    /// `local`, `command`, `kubernetes`: recorded in AgentRequested.
     fn name(&self) -> &'static str;
     /// Starts a machine whose agent registers with `request.id` as its name; returns the
     /// machine's handle (recorded in AgentProvisioned).
@@ -63,5 +88,11 @@ pub trait Provider: Send + Sync {
     /// log by the next start.
     async fn shutdown(&self) -> Vec<String> {
         Vec::new()
+    }
+    /// At start, once the log is folded: `live` holds the requests the log has not released.
+    /// A provider that can list its machines keeps (adopts) those and stops the others it
+    /// owns. The default knows no machines.
+    async fn recover(&self, _live: &BTreeSet<String>) -> Result<Recovery, ProviderError> {
+        Ok(Recovery::default())
     }
 }
