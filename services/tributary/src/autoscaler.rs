@@ -8,6 +8,7 @@ use std::sync::Arc;
 use anyhow::Context;
 use tokio_util::sync::CancellationToken;
 use tributary_autoscaler::provider::command::CommandProvider;
+use tributary_autoscaler::provider::kubernetes::KubernetesProvider;
 use tributary_autoscaler::provider::local::LocalProvider;
 use tributary_autoscaler::provider::Provider;
 use tributary_autoscaler::Config;
@@ -17,7 +18,7 @@ use crate::cli::{AutoscalerArgs, ProviderKind};
 
 /// The provider that interprets the decisions. `server` and `token` are what the agents it
 /// starts connect and enroll with; `root` holds the local agents' directories and logs.
-pub fn provider(
+pub async fn provider(
     kind: ProviderKind,
     config: &Config,
     config_path: &Path,
@@ -44,6 +45,27 @@ pub fn provider(
                 server,
                 token,
             })
+        }
+        ProviderKind::Kubernetes => {
+            let Some(kubernetes) = &config.kubernetes else {
+                anyhow::bail!(
+                    "{}: the kubernetes provider needs a [kubernetes] section with `template` \
+                     (a YAML Pod whose container runs `tributary agent`) and optionally \
+                     `namespace`, `kubeconfig`, `context`, `server`, `termination_grace_secs`, \
+                     `owner`",
+                    config_path.display()
+                );
+            };
+            let dir = config_path.parent().unwrap_or(Path::new("."));
+            let provider = KubernetesProvider::connect(kubernetes, dir, server, token)
+                .await
+                .with_context(|| {
+                    format!(
+                        "{}: cannot start the kubernetes provider",
+                        config_path.display()
+                    )
+                })?;
+            Arc::new(provider)
         }
     })
 }
@@ -104,7 +126,8 @@ pub async fn serve(args: AutoscalerArgs) -> anyhow::Result<ExitCode> {
         args.server.clone(),
         token,
         data.join("autoscaler"),
-    )?;
+    )
+    .await?;
     println!(
         "tributary autoscaler: provider {}, {} kind(s), budget {}/h, agents join {}",
         provider.name(),

@@ -534,7 +534,9 @@ pub struct UpArgs {
     /// serve autoscaler --help`); its agents enroll with the admin token.
     #[arg(long, value_name = "FILE")]
     pub autoscaler: Option<PathBuf>,
-    /// Who starts and stops the autoscaler's agents.
+    /// Who starts and stops the autoscaler's agents: `local` processes, `command` scripts, or
+    /// `kubernetes` Pods (the configuration's [kubernetes] table; the Pods' agents dial its
+    /// `server`, which must reach this server from the cluster).
     #[arg(long, value_enum, default_value = "local", requires = "autoscaler")]
     pub autoscaler_provider: ProviderKind,
     /// Machine class the in-process agents report in UsageTick events. Default: this host's
@@ -591,13 +593,29 @@ pub enum ServeCommand {
     ///   [command]                       # --provider command only
     ///   acquire = "./scripts/vm-create.sh"   # prints the machine id on its last line
     ///   release = "./scripts/vm-delete.sh"   # gets TRIBUTARY_MACHINE
+    ///   [kubernetes]                    # --provider kubernetes only
+    ///   template = "agent-pod.yaml"     # a YAML Pod running `tributary agent` (relative to this file)
+    ///   namespace = "ci"                # default: the kubeconfig context's (in a Pod: its own)
+    ///   kubeconfig = "/etc/tributary/kubeconfig"  # default: KUBECONFIG, ~/.kube/config, in-cluster
+    ///   context = "prod"                # default: the kubeconfig's current context
+    ///   server = "http://tributary.ci.svc:7700"   # what agents in Pods dial (default: --server)
+    ///   termination_grace_secs = 600    # after SIGTERM, how long a released agent may drain
+    ///   owner = "tributary"             # owner label; at start its Pods the log does not know are deleted
     ///
     /// Providers: `local` starts `tributary agent` processes on this machine (SIGTERM drains
     /// them); `command` runs your scripts with TRIBUTARY_REQUEST_ID (start the agent with
     /// `--name $TRIBUTARY_REQUEST_ID`), TRIBUTARY_AGENT_LABELS, TRIBUTARY_AGENT_CAPACITY,
-    /// TRIBUTARY_SERVER, TRIBUTARY_ENROLLMENT_TOKEN and, for release, TRIBUTARY_MACHINE.
+    /// TRIBUTARY_SERVER, TRIBUTARY_ENROLLMENT_TOKEN and, for release, TRIBUTARY_MACHINE;
+    /// `kubernetes` creates one Pod per agent from the template: named <owner>-<request id>,
+    /// labelled tributary.dev/owner, tributary.dev/request-id and tributary.dev/agent-kind,
+    /// its agent container (named `agent`, else the first) given `--name <request id>
+    /// --capacity N --labels ...` after the template's args, and TRIBUTARY_SERVER and
+    /// TRIBUTARY_ENROLLMENT_TOKEN unless the template sets them (reference a Secret there:
+    /// valueFrom.secretKeyRef); release deletes the Pod (SIGTERM: the agent drains). At start
+    /// it deletes the Pods with its owner label that the log does not know and adopts the rest.
     ///
-    /// SIGINT/SIGTERM stops it; the local provider drains its agents first.
+    /// SIGINT/SIGTERM stops it; the local provider drains its agents first (Kubernetes Pods
+    /// keep running and are adopted by the next start).
     #[command(verbatim_doc_comment)]
     Autoscaler(AutoscalerArgs),
     /// The builds projector: folds the log into the builds read model (--database).
@@ -631,6 +649,8 @@ pub enum ProviderKind {
     Local,
     /// Your scripts acquire and release machines.
     Command,
+    /// Agent Pods from a template, in a Kubernetes cluster (the [kubernetes] table).
+    Kubernetes,
 }
 
 #[derive(Debug, Args)]

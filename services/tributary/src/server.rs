@@ -147,7 +147,8 @@ pub async fn up(args: UpArgs) -> anyhow::Result<ExitCode> {
                 format!("http://{addr}"),
                 admin_token.trim().to_owned(),
                 data.path.join("autoscaler"),
-            )?;
+            )
+            .await?;
             Some(crate::autoscaler::spawn(
                 log.clone(),
                 config,

@@ -485,6 +485,25 @@ spec:
     }
 
     #[test]
+    fn the_shipped_example_template_and_pool_parse() {
+        let t = Template::parse(
+            include_str!("../../../../../deploy/kubernetes/autoscaler/agent-pod.yaml"),
+            "deploy/kubernetes/autoscaler/agent-pod.yaml",
+        )
+        .unwrap();
+        assert_eq!(t.agent_container(), "agent");
+        assert!(template_sets_token(&t));
+        let c = crate::Config::from_toml(
+            include_str!("../../../../../deploy/kubernetes/autoscaler/autoscaler.toml"),
+            "deploy/kubernetes/autoscaler/autoscaler.toml",
+        )
+        .unwrap();
+        let k = c.kubernetes.unwrap();
+        assert_eq!(k.template, std::path::Path::new("agent-pod.yaml"));
+        assert_eq!(k.namespace.as_deref(), Some("tributary"));
+    }
+
+    #[test]
     fn names_and_label_values_are_valid_and_distinct() {
         assert_eq!(pod_name("tributary", "as-small-3"), "tributary-as-small-3");
         let a = pod_name("tributary", "as-A-1");
