@@ -4,19 +4,16 @@
 //! from the template and labelled with the request id; no kubelet runs them, so they never
 //! connect: after startup_timeout_secs they are released and their Pods deleted.
 
+mod common;
+
 use std::collections::BTreeMap;
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
+use common::of_type;
 use k8s_openapi::api::core::v1::{Namespace, Pod};
 use kube::api::{ListParams, PostParams};
 use kube::{Api, Client};
-use serde_json::Value;
-
-fn bin() -> &'static str {
-    env!("CARGO_BIN_EXE_tributary")
-}
 
 fn kubeconfig() -> PathBuf {
     let path = std::env::var_os("TRIBUTARY_TEST_KUBECONFIG")
@@ -48,63 +45,6 @@ async fn client() -> Client {
         );
     }
     client
-}
-
-struct Up {
-    child: Child,
-    addr: String,
-    token: String,
-    data: PathBuf,
-}
-
-impl Drop for Up {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-impl Up {
-    fn cli(&self, args: &[&str]) -> String {
-        let out = Command::new(bin())
-            .args(args)
-            .env("TRIBUTARY_SERVER", &self.addr)
-            .env("TRIBUTARY_TOKEN", &self.token)
-            .output()
-            .unwrap();
-        assert!(
-            out.status.success(),
-            "{args:?}: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        String::from_utf8_lossy(&out.stdout).into_owned()
-    }
-
-    fn events(&self) -> Vec<Value> {
-        let out = Command::new(bin())
-            .args(["events", "--json", "--data"])
-            .arg(&self.data)
-            .output()
-            .unwrap();
-        assert!(out.status.success());
-        String::from_utf8_lossy(&out.stdout)
-            .lines()
-            .map(|l| serde_json::from_str(l).unwrap())
-            .collect()
-    }
-}
-
-fn of_type<'a>(events: &'a [Value], ty: &str) -> Vec<&'a Value> {
-    events.iter().filter(|e| e["type"] == ty).collect()
-}
-
-fn git(dir: &Path, args: &[&str]) {
-    assert!(Command::new("git")
-        .args(args)
-        .current_dir(dir)
-        .status()
-        .unwrap()
-        .success());
 }
 
 async fn wait_until<F, Fut>(what: &str, secs: u64, mut f: F)
@@ -195,70 +135,29 @@ owner = "e2e"
     )
     .unwrap();
 
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
-    let addr = format!("127.0.0.1:{port}");
-    let data = dir.path().join("data");
-    let child = Command::new(bin())
-        .args(["up", "--agents", "0", "--listen", &addr, "--autoscaler"])
-        .arg(dir.path().join("pool.toml"))
-        .args(["--autoscaler-provider", "kubernetes", "--data"])
-        .arg(&data)
-        .env("TRIBUTARY_LOG", "info")
-        .stdout(Stdio::null())
-        .stderr(std::fs::File::create(dir.path().join("server.log")).unwrap())
-        .spawn()
-        .unwrap();
-    let mut up = Up {
-        child,
-        addr: format!("http://{addr}"),
-        token: String::new(),
-        data: data.clone(),
-    };
-    let server_log = dir.path().join("server.log");
-    wait_until("the server", 60, || {
-        let ok = std::net::TcpStream::connect(&addr).is_ok();
-        async move { ok }
-    })
-    .await;
-    up.token = std::fs::read_to_string(data.join("admin.token"))
-        .unwrap()
-        .trim()
-        .to_owned();
+    let pool = dir.path().join("pool.toml");
+    let s = common::start_with(&[
+        "--agents",
+        "0",
+        "--autoscaler",
+        pool.to_str().unwrap(),
+        "--autoscaler-provider",
+        "kubernetes",
+    ]);
 
     // A burst of 6 jobs.
-    let repo = dir.path().join("burst");
-    std::fs::create_dir_all(&repo).unwrap();
-    git(&repo, &["init", "-q", "-b", "main"]);
     let mut pipeline = String::from("jobs:\n");
     for i in 0..6 {
         pipeline.push_str(&format!("  j{i}:\n    steps:\n      - run: echo {i}\n"));
     }
-    std::fs::write(repo.join(".tributary.yml"), pipeline).unwrap();
-    git(&repo, &["add", "."]);
-    git(
-        &repo,
-        &[
-            "-c",
-            "user.name=t",
-            "-c",
-            "user.email=t@t",
-            "commit",
-            "-qm",
-            "init",
-        ],
-    );
-    up.cli(&["project", "add", "burst", "--repo", repo.to_str().unwrap()]);
-    let build = up.cli(&["trigger", "burst"]).trim().to_owned();
+    s.project("burst", &pipeline);
+    let build = s.trigger("burst");
 
     // Agents are requested and each gets its Pod, with the request id as the agent's name.
     let mut seen: BTreeMap<String, (String, Pod)> = BTreeMap::new();
     let deadline = Instant::now() + Duration::from_secs(120);
     loop {
-        let events = up.events();
+        let events = s.events(None);
         for (id, pod) in pods(&api).await {
             seen.entry(id).or_insert(pod);
         }
@@ -277,7 +176,7 @@ owner = "e2e"
         );
         tokio::time::sleep(Duration::from_millis(250)).await;
     }
-    let events = up.events();
+    let events = s.events(None);
     let requested = of_type(&events, "agent_requested");
     assert!(requested.len() <= 3, "max_agents is 3: {requested:?}");
     for r in &requested {
@@ -304,11 +203,11 @@ owner = "e2e"
             env["TRIBUTARY_SERVER"],
             Some("http://tributary.example:7700")
         );
-        assert_eq!(env["TRIBUTARY_ENROLLMENT_TOKEN"], Some(up.token.as_str()));
+        assert_eq!(env["TRIBUTARY_ENROLLMENT_TOKEN"], Some(s.token.as_str()));
     }
     // AgentProvisioned names each Pod.
     wait_until("AgentProvisioned for every request", 60, || {
-        let events = up.events();
+        let events = s.events(None);
         let ok = of_type(&events, "agent_requested").iter().all(|r| {
             of_type(&events, "agent_provisioned").iter().any(|p| {
                 p["request_id"] == r["request_id"]
@@ -323,7 +222,7 @@ owner = "e2e"
     // No kubelet: the agents never connect; after startup_timeout_secs they are released and
     // their Pods deleted.
     wait_until("a release for a Pod that never connected", 120, || {
-        let events = up.events();
+        let events = s.events(None);
         let ok = of_type(&events, "agent_released").iter().any(|e| {
             e["reason"]
                 .as_str()
@@ -335,12 +234,12 @@ owner = "e2e"
     .await;
     // Jobs still wait, so the autoscaler would try again: cancel the build, then the pool
     // returns to zero and every Pod is gone.
-    up.cli(&["cancel", &build]);
+    s.admin(&["cancel", &build]);
     wait_until(
         "every requested agent released and its Pod deleted",
         120,
         || {
-            let events = up.events();
+            let events = s.events(None);
             let api = api.clone();
             async move {
                 let requested = of_type(&events, "agent_requested").len();
@@ -350,7 +249,7 @@ owner = "e2e"
         },
     )
     .await;
-    let log = std::fs::read_to_string(&server_log).unwrap_or_default();
+    let log = s.log();
     assert!(
         !log.contains("could not release"),
         "a release failed: {log}"
