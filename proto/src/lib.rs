@@ -143,6 +143,8 @@ impl Payload {
             Payload::AgentDraining(_) => "agent_draining",
             Payload::AgentReleased(_) => "agent_released",
             Payload::AgentProvisioned(_) => "agent_provisioned",
+            Payload::SecretSet(_) => "secret_set",
+            Payload::SecretDeleted(_) => "secret_deleted",
         }
     }
 }

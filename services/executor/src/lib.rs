@@ -26,6 +26,7 @@ use tributary_proto::events::{JobPlan, Status};
 
 pub mod container;
 pub mod marker;
+pub mod mask;
 mod process;
 mod script;
 mod sink;
@@ -55,6 +56,9 @@ pub struct JobContext {
     /// Printed (STREAM_SYSTEM) at the end of the log when the job failed or timed out: e.g.
     /// where its workspace is kept. Empty = nothing.
     pub failure_note: String,
+    /// Values masked as `***` in every `LogChunk` and in the outcome's reason (the job's
+    /// secrets; see [`mask`]). Empty = nothing masked.
+    pub secrets: std::sync::Arc<mask::Secrets>,
 }
 
 /// How output is batched into `LogChunk`s and how much of it a job may produce.
@@ -128,7 +132,13 @@ async fn run_job_inner(
     };
     let nonce = format!("{:032x}", rand::random::<u128>());
     let env = job_env(&ctx);
-    let mut sink = sink::Sink::new(events, ctx.job.id.clone(), ctx.attempt, ctx.limits);
+    let mut sink = sink::Sink::new(
+        events,
+        ctx.job.id.clone(),
+        ctx.attempt,
+        ctx.limits,
+        ctx.secrets.clone(),
+    );
     if !ctx.preamble.is_empty() {
         sink.system_text(0, &ctx.preamble).await;
     }
@@ -143,7 +153,7 @@ async fn run_job_inner(
             return JobOutcome {
                 status: Status::Failed,
                 exit_code: -1,
-                reason,
+                reason: ctx.secrets.mask_str(&reason),
                 duration: started.elapsed(),
             };
         }
@@ -161,7 +171,8 @@ async fn run_job_inner(
         deadline,
         cancel: &cancel,
     };
-    let outcome = run_steps(&ctx, &mut sink, &step_env, &cancel, started).await;
+    let mut outcome = run_steps(&ctx, &mut sink, &step_env, &cancel, started).await;
+    outcome.reason = ctx.secrets.mask_str(&outcome.reason);
     if !ctx.failure_note.is_empty() && matches!(outcome.status, Status::Failed | Status::TimedOut) {
         sink.system_text(sink.last_line, &ctx.failure_note).await;
     }

@@ -1,11 +1,14 @@
 //! Where a job's events go: batching of output into `LogChunk`s, per-stream offsets and the job's
 //! log byte limit.
 
+use std::sync::Arc;
+
 use tokio::sync::mpsc;
 use tokio::time::Instant;
 use tributary_proto::events::envelope::Payload;
 use tributary_proto::events::{LogChunk, Stream};
 
+use crate::mask::{Masker, Secrets};
 use crate::LogLimits;
 
 /// Index of a job output stream in the per-stream arrays.
@@ -44,6 +47,10 @@ pub(crate) struct Sink {
     last_flush: Option<Instant>,
     /// Line of the last chunk sent (with `step`: where a closing note belongs).
     pub(crate) last_line: u32,
+    /// Secrets masked in every chunk: streaming per output stream (a secret split across two
+    /// flushes is still masked), whole for system messages.
+    secrets: Arc<Secrets>,
+    maskers: [Masker; 2],
 }
 
 impl Sink {
@@ -52,8 +59,11 @@ impl Sink {
         job: String,
         attempt: u32,
         limits: LogLimits,
+        secrets: Arc<Secrets>,
     ) -> Self {
         Sink {
+            maskers: [Masker::new(secrets.clone()), Masker::new(secrets.clone())],
+            secrets,
             tx,
             job,
             attempt,
@@ -109,7 +119,7 @@ impl Sink {
         }
         self.forwarded += take as u64;
         if take < data.len() {
-            self.flush(line).await;
+            self.end_line(line).await;
             self.truncated = true;
             let msg = format!(
                 "tributary: log truncated: this job's output exceeded {} bytes; the rest is not \
@@ -135,7 +145,23 @@ impl Sink {
             return;
         }
         let data = std::mem::take(&mut self.buf[stream]);
-        self.send_chunk(line, stream, data, false).await;
+        // What may be the start of a secret waits for the next output of the line.
+        let data = self.maskers[stream].push(&data);
+        if !data.is_empty() {
+            self.send_chunk(line, stream, data, false).await;
+        }
+    }
+
+    /// The end of `line`'s output: everything buffered or held back by the maskers is sent as
+    /// the line's (a secret cannot continue into another line's output).
+    pub(crate) async fn end_line(&mut self, line: u32) {
+        self.flush(line).await;
+        for stream in [STDOUT, STDERR] {
+            let rest = self.maskers[stream].finish();
+            if !rest.is_empty() {
+                self.send_chunk(line, stream, rest, false).await;
+            }
+        }
     }
 
     /// Text from Tributary itself, on STREAM_SYSTEM, as given (a newline added if missing).
@@ -157,6 +183,7 @@ impl Sink {
     }
 
     async fn system_chunk(&mut self, line: u32, data: Vec<u8>, truncated: bool) {
+        let data = self.secrets.mask(&data);
         self.send_chunk(line, SYSTEM, data, truncated).await;
     }
 

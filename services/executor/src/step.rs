@@ -473,8 +473,9 @@ async fn supervise<P: StepProcess>(
     }
     // Background processes do not outlive their step.
     child.end();
-    // Output no line claimed (the shell failed before the first marker).
-    co.flush(sink).await;
+    // Output no line claimed (the shell failed before the first marker), and whatever the
+    // secret maskers still hold: the step's shell is gone.
+    sink.end_line(co.current_line()).await;
 
     let shell_code = exit_code.unwrap_or(-1);
     if let Some(why) = kill {
@@ -739,7 +740,7 @@ impl<'a> Coordinator<'a> {
     async fn close_line(&mut self, sink: &mut Sink, shell_exit: Option<i32>) {
         let Some(open) = self.open.take() else { return };
         self.force_close = false;
-        sink.flush(open.line).await;
+        sink.end_line(open.line).await;
         let code = open.code.or(shell_exit).unwrap_or(-1);
         let ended = open.exited_at.unwrap_or_else(Instant::now);
         tracing::debug!(line = open.line, code, "line exited");

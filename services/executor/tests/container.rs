@@ -74,6 +74,7 @@ async fn fixture(steps: &[&[&str]]) -> Fixture {
         }),
         preamble: String::new(),
         failure_note: String::new(),
+        secrets: Default::default(),
     };
     Fixture {
         ctx,
@@ -389,6 +390,7 @@ async fn an_image_job_without_an_engine_fails_with_a_reason() {
         container: None,
         preamble: String::new(),
         failure_note: String::new(),
+        secrets: Default::default(),
     };
     let (outcome, events) = run(ctx).await;
     assert_eq!(outcome.status, Status::Failed);

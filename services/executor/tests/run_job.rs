@@ -40,6 +40,7 @@ fn fixture(steps: &[(&str, &[&str])]) -> Fixture {
         container: None,
         preamble: String::new(),
         failure_note: String::new(),
+        secrets: Default::default(),
     };
     Fixture {
         ctx,
@@ -794,4 +795,74 @@ async fn preamble_first_and_failure_note_last_on_the_system_stream() {
     let (outcome, events) = run(ok.ctx.clone()).await;
     assert_eq!(outcome.status, Status::Succeeded);
     assert!(!events.iter().any(|e| matches!(e, Payload::LogChunk(_))));
+}
+
+const SECRET: &str = "s3cr3t-VALUE-42";
+
+fn with_secret(mut f: Fixture) -> Fixture {
+    f.ctx.secrets = std::sync::Arc::new(tributary_executor::mask::Secrets::new([SECRET]));
+    f.ctx.extra_env.push(("TOKEN".into(), SECRET.into()));
+    f
+}
+
+fn no_chunk_holds_the_secret(events: &[Payload]) {
+    for c in chunks(events) {
+        let text = String::from_utf8_lossy(&c.data);
+        assert!(!text.contains(SECRET), "a chunk holds the secret: {c:?}");
+        // Not even its first or second half travels alone.
+        assert!(!text.contains("s3cr3t-"), "a chunk holds half the secret: {c:?}");
+    }
+}
+
+#[tokio::test]
+async fn secrets_are_masked_on_stdout_stderr_and_system() {
+    let f = with_secret(fixture(&[(
+        "print",
+        &[
+            "echo \"token=$TOKEN.\"",
+            "echo \"$TOKEN\" >&2; echo \"two $TOKEN $TOKEN\"",
+            "printf '%s' \"$TOKEN\"",
+        ],
+    )]));
+    let mut f = f;
+    f.ctx.preamble = format!("preamble {SECRET}");
+    let (outcome, events) = run(f.ctx).await;
+    assert_eq!(outcome.status, Status::Succeeded, "{outcome:?}");
+    assert_eq!(out(&events, 0, 0), "token=***.\n");
+    assert_eq!(err(&events, 0, 1), "***\n");
+    assert_eq!(out(&events, 0, 1), "two *** ***\n");
+    // Output without a newline at the end of a line is held back, then sent at the line's end.
+    assert_eq!(out(&events, 0, 2), "***");
+    assert!(system(&events).contains("preamble ***"), "{}", system(&events));
+    no_chunk_holds_the_secret(&events);
+}
+
+#[tokio::test]
+async fn a_secret_split_across_flushes_is_masked() {
+    let line = "printf 's3cr3t-'; sleep 0.6; printf 'VALUE-42 done\\n'";
+    // Without the secret, the two halves are two chunks: the pause is longer than the flush
+    // interval, so the sink sends the first half on its own.
+    let plain = fixture(&[("slow", &[line])]);
+    let (_, events) = run(plain.ctx).await;
+    let halves: Vec<String> = chunks(&events)
+        .filter(|c| c.stream == Stream::Stdout as i32)
+        .map(|c| String::from_utf8_lossy(&c.data).into_owned())
+        .collect();
+    assert_eq!(halves, ["s3cr3t-", "VALUE-42 done\n"], "the halves are separate flushes");
+
+    let masked = with_secret(fixture(&[("slow", &[line])]));
+    let (outcome, events) = run(masked.ctx).await;
+    assert_eq!(outcome.status, Status::Succeeded, "{outcome:?}");
+    assert_eq!(out(&events, 0, 0), "*** done\n");
+    no_chunk_holds_the_secret(&events);
+    // Offsets stay gap-free over the masked bytes (check_order ran in `run`).
+}
+
+#[tokio::test]
+async fn failure_reasons_are_masked() {
+    let f = with_secret(fixture(&[("fail", &["false s3cr3t-VALUE-42"])]));
+    let (outcome, _) = run(f.ctx).await;
+    assert_eq!(outcome.status, Status::Failed);
+    assert!(!outcome.reason.contains(SECRET), "{}", outcome.reason);
+    assert!(outcome.reason.contains("false ***"), "{}", outcome.reason);
 }

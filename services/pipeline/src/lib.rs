@@ -37,6 +37,7 @@
 //!       key: "cargo-${{ hashFiles('Cargo.lock') }}"
 //!       paths: [target]
 //!     reuse: commit         # reuse a successful run of this job at the same commit
+//!     secrets: [DEPLOY_TOKEN]  # project secrets given to this job as environment variables
 //!     steps:
 //!       - script: ["cargo test --target ${{ matrix.os }}"]
 //! ```
@@ -44,9 +45,8 @@
 //! # Rules
 //!
 //! * **Keys.** Top level: `env`, `jobs`. Job: `steps`, `needs`, `matrix`, `env`, `timeout`,
-//!   `runs-on`, `image`, `retry`, `artifacts`, `network`, `submodules` (both `true`/`false`;
-//!   `cache`, `reuse`;
-//!   `network: true` only with an `image`). Step: `name`, `script`, `run`. Any other key is an
+//!   `runs-on`, `image`, `retry`, `artifacts`, `secrets`, `network`, `submodules` (both
+//!   `true`/`false`; `network: true` only with an `image`), `cache`, `reuse`. Step: `name`, `script`, `run`. Any other key is an
 //!   error at
 //!   the key, with a "did you mean" suggestion when it is close to a valid one (or a well-known
 //!   synonym such as `depends_on` for `needs`). Duplicate keys are errors.
@@ -87,6 +87,11 @@
 //!   keys. The key may use `${{ matrix.NAME }}` (substituted) and `${{ hashFiles('PATTERN',
 //!   ...) }}` (kept in the plan, evaluated by the agent after checkout: see [`cache`]).
 //!   **Reuse**: only `reuse: commit`.
+//! * **Secrets**: a name or a list of names of the project's secrets (`tributary secret set`),
+//!   each a valid environment variable name, each once. Only the names are in the plan: the
+//!   server puts the values into the job's lease, the agent sets them as environment variables
+//!   and masks them in the log. A job without `secrets` gets none. Whether each named secret
+//!   exists is checked when the job is leased (the pipeline does not know the project).
 //! * **File.** One YAML document whose top level is a mapping; an empty file, a second
 //!   document, anchors/aliases and tags are errors. YAML syntax errors carry the parser's
 //!   line and column.
@@ -123,6 +128,15 @@
 //! ```
 
 use tributary_proto::events::Plan;
+
+/// An environment variable name (also what a secret may be called): `[A-Za-z_][A-Za-z0-9_]*`.
+pub fn valid_env_name(name: &str) -> bool {
+    let mut chars = name.chars();
+    chars
+        .next()
+        .is_some_and(|c| c.is_ascii_alphabetic() || c == '_')
+        && chars.all(|c| c.is_ascii_alphanumeric() || c == '_')
+}
 
 pub mod artifacts;
 pub mod cache;

@@ -24,6 +24,7 @@ pub(crate) const JOB_KEYS: &[&str] = &[
     "submodules",
     "cache",
     "reuse",
+    "secrets",
 ];
 pub(crate) const STEP_KEYS: &[&str] = &["name", "script", "run"];
 
@@ -55,6 +56,8 @@ const JOB_ALIASES: &[(&str, &str)] = &[
     ("reuse-commit", "reuse"),
     ("build-once", "reuse"),
     ("labels", "runs-on"),
+    ("secret", "secrets"),
+    ("credentials", "secrets"),
     ("script", "steps"),
     ("run", "steps"),
 ];
@@ -119,6 +122,8 @@ pub(crate) struct Job {
     pub cache: Vec<CacheEntry>,
     /// `reuse: commit`.
     pub reuse: bool,
+    /// `secrets`: names of the project's secrets the job gets as environment variables.
+    pub secrets: Vec<String>,
 }
 
 /// One `cache:` entry: its key (may hold `${{ hashFiles(...) }}`) and path patterns.
@@ -377,6 +382,7 @@ impl Parser<'_, '_> {
             artifacts: Vec::new(),
             cache: Vec::new(),
             reuse: false,
+            secrets: Vec::new(),
         };
         let mut network_key = None;
         let mut has_steps = false;
@@ -408,6 +414,7 @@ impl Parser<'_, '_> {
                 "artifacts" => job.artifacts = self.artifacts(name, k, v)?,
                 "cache" => job.cache = self.cache(name, k, v)?,
                 "reuse" => job.reuse = self.reuse(name, k, v)?,
+                "secrets" => job.secrets = self.secrets(name, k, v)?,
                 "network" => {
                     let what = format!("`network` of job {name:?}");
                     job.network = self.boolean(k, v, &what)?;
@@ -730,12 +737,7 @@ impl Parser<'_, '_> {
         let mut env = Vec::with_capacity(map.len());
         for (k, v) in map.iter() {
             let name = k.as_str();
-            let mut chars = name.chars();
-            let valid = chars
-                .next()
-                .is_some_and(|c| c.is_ascii_alphabetic() || c == '_')
-                && chars.all(|c| c.is_ascii_alphanumeric() || c == '_');
-            if !valid {
+            if !crate::valid_env_name(name) {
                 return Err(self.err(
                     self.src.key_loc(k),
                     format!(
@@ -867,6 +869,61 @@ impl Parser<'_, '_> {
 }
 
 impl Parser<'_, '_> {
+    /// `secrets: NAME` or `secrets: [NAMES]`: environment variable names, each once.
+    fn secrets(&self, job: &str, key: &MarkedScalarNode, value: &Node) -> Result<Vec<String>> {
+        let what = format!("`secrets` of job {job:?}");
+        let entries: Vec<(&Node, Owner<'_>)> = match value {
+            Node::Sequence(list) => list
+                .iter()
+                .enumerate()
+                .map(|(i, n)| (n, Owner::Entry(list, i)))
+                .collect(),
+            Node::Scalar(_) => vec![(value, Owner::Key(key))],
+            Node::Mapping(_) => {
+                return Err(self.wrong_type(
+                    value,
+                    Owner::Key(key),
+                    "a secret name or a list of secret names",
+                    &what,
+                ))
+            }
+        };
+        if entries.is_empty() {
+            return Err(self.err(
+                self.src.loc(value, Owner::Key(key)),
+                format!("{what} is an empty list; name a secret, or remove `secrets`"),
+            ));
+        }
+        let mut names: Vec<String> = Vec::with_capacity(entries.len());
+        for (node, owner) in entries {
+            let text = self.non_empty_string(
+                node,
+                owner,
+                &format!("a name in {what}"),
+                "give the name of a secret set with `tributary secret set PROJECT NAME`",
+            )?;
+            if !crate::valid_env_name(&text.value) {
+                return Err(self.err(
+                    text.loc,
+                    format!(
+                        "invalid secret name {:?} in {what}: a secret is an environment variable, \
+                         so its name starts with a letter or `_` and has only letters, digits \
+                         and `_`",
+                        text.value
+                    ),
+                ));
+            }
+            if names.contains(&text.value) {
+                return Err(self.err(
+                    text.loc,
+                    format!("secret {:?} is listed twice in {what}; remove one", text.value),
+                ));
+            }
+            names.push(text.value);
+        }
+        Ok(names)
+    }
+
     /// `artifacts: PATTERN`, `artifacts: [PATTERNS]` or GitLab's `artifacts: {paths: [...]}`.
     fn artifacts(&self, job: &str, key: &MarkedScalarNode, value: &Node) -> Result<Vec<Text>> {
         let what = format!("`artifacts` of job {job:?}");

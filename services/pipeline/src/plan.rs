@@ -126,6 +126,7 @@ pub(crate) fn build(src: &Source<'_>, pipeline: &Pipeline) -> Result<Plan, Pipel
                 } else {
                     String::new()
                 },
+                secrets: job.secrets.clone(),
             });
         }
     }

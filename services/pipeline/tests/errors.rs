@@ -36,7 +36,7 @@ fn display_is_file_line_column_message() {
         err.to_string(),
         ".tributary.yml:3:5: unknown key \"stesp\" in job \"b\"; did you mean \"steps\"? \
          Valid keys: steps, needs, matrix, env, timeout, runs-on, image, retry, artifacts, \
-         network, submodules, cache, reuse"
+         network, submodules, cache, reuse, secrets"
     );
 }
 
@@ -281,7 +281,7 @@ fn unknown_job_key_without_suggestion() {
         &[
             "unknown key \"colour\" in job \"build\"; remove or rename it",
             "Valid keys: steps, needs, matrix, env, timeout, runs-on, image, retry, artifacts, \
-             network, submodules, cache, reuse",
+             network, submodules, cache, reuse, secrets",
         ],
     );
 }
@@ -971,4 +971,20 @@ fn network_without_an_image_is_rejected() {
         5,
         &["only applies to container jobs", "add an `image`"],
     );
+}
+
+// ---- secrets -----------------------------------------------------------------------------------
+
+#[test]
+fn secrets_are_environment_variable_names() {
+    let text = "jobs:\n  b:\n    steps: [make]\n    secrets: []\n";
+    rejects(text, 4, 14, &["empty list", "remove `secrets`"]);
+    let text = "jobs:\n  b:\n    steps: [make]\n    secrets: [GOOD, 1BAD]\n";
+    rejects(text, 4, 21, &["invalid secret name \"1BAD\"", "environment variable"]);
+    let text = "jobs:\n  b:\n    steps: [make]\n    secrets: [A_B, A_B]\n";
+    rejects(text, 4, 20, &["listed twice"]);
+    let text = "jobs:\n  b:\n    steps: [make]\n    secrets: {A: b}\n";
+    rejects(text, 4, 15, &["a secret name or a list of secret names"]);
+    let text = "jobs:\n  b:\n    steps: [make]\n    secret: [A]\n";
+    rejects(text, 4, 5, &["did you mean \"secrets\""]);
 }

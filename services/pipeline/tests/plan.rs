@@ -94,6 +94,7 @@ fn full_example() {
             submodules: false,
             cache: Vec::new(),
             reuse: String::new(),
+            secrets: vec![],
         }
     );
     assert_eq!(
@@ -124,6 +125,7 @@ fn full_example() {
             submodules: false,
             cache: Vec::new(),
             reuse: String::new(),
+            secrets: vec![],
         }
     );
 }
@@ -430,4 +432,15 @@ fn network_and_submodules() {
     assert!(plan.jobs[0].submodules);
     assert!(!plan.jobs[1].network);
     assert!(!plan.jobs[1].submodules);
+}
+
+#[test]
+fn secrets_are_names_in_the_plan() {
+    let plan = plan(
+        "jobs:\n  a:\n    secrets: [DEPLOY_TOKEN, _X]\n    matrix: {os: [l, b]}\n    steps: [make]\n  b:\n    secrets: ONE\n    steps: [make]\n  c:\n    steps: [make]\n",
+    );
+    assert_eq!(plan.jobs[0].secrets, ["DEPLOY_TOKEN", "_X"]);
+    assert_eq!(plan.jobs[1].secrets, ["DEPLOY_TOKEN", "_X"], "every matrix instance");
+    assert_eq!(plan.jobs[2].secrets, ["ONE"]);
+    assert!(plan.jobs[3].secrets.is_empty());
 }

@@ -130,6 +130,7 @@ async fn run_once(
         container: container.cloned(),
         preamble: String::new(),
         failure_note: String::new(),
+        secrets: Default::default(),
     };
     let (tx, mut rx) = mpsc::channel(64);
     let started = Instant::now();
