@@ -60,6 +60,15 @@ pub struct Project {
     pub max_concurrent_jobs: u32,
 }
 
+/// A project's secret: only its sealed value (the server key opens it).
+#[derive(Clone, Debug, PartialEq)]
+pub struct Secret {
+    pub sealed_value: Vec<u8>,
+    /// When it was last set (the event's time) and by whom.
+    pub set_us: i64,
+    pub who: String,
+}
+
 #[derive(Clone, Debug, Default, PartialEq)]
 pub struct Directory {
     pub tenants: BTreeMap<String, ()>,
@@ -67,6 +76,8 @@ pub struct Directory {
     pub tokens: BTreeMap<String, Token>,
     /// By (tenant, name).
     pub projects: BTreeMap<(String, String), Project>,
+    /// By (tenant, project, name).
+    pub secrets: BTreeMap<(String, String, String), Secret>,
 }
 
 impl Directory {
@@ -108,6 +119,20 @@ impl Directory {
                         max_concurrent_jobs: e.max_concurrent_jobs,
                     });
             }
+            Payload::SecretSet(e) => {
+                self.secrets.insert(
+                    (e.tenant.clone(), e.project.clone(), e.name.clone()),
+                    Secret {
+                        sealed_value: e.sealed_value.clone(),
+                        set_us: env.time_us,
+                        who: e.who.clone(),
+                    },
+                );
+            }
+            Payload::SecretDeleted(e) => {
+                self.secrets
+                    .remove(&(e.tenant.clone(), e.project.clone(), e.name.clone()));
+            }
             Payload::AgentRevoked(e) => {
                 // An agent's token dies with the agent (its name is the agent id).
                 for token in self
@@ -129,6 +154,23 @@ impl Directory {
 
     pub fn project(&self, tenant: &str, name: &str) -> Option<&Project> {
         self.projects.get(&(tenant.to_owned(), name.to_owned()))
+    }
+
+    /// The secrets of a project, by name.
+    pub fn secrets_of<'a>(
+        &'a self,
+        tenant: &'a str,
+        project: &'a str,
+    ) -> impl Iterator<Item = (&'a str, &'a Secret)> + 'a {
+        self.secrets
+            .iter()
+            .filter(move |((t, p, _), _)| t == tenant && p == project)
+            .map(|((_, _, name), s)| (name.as_str(), s))
+    }
+
+    pub fn secret(&self, tenant: &str, project: &str, name: &str) -> Option<&Secret> {
+        self.secrets
+            .get(&(tenant.to_owned(), project.to_owned(), name.to_owned()))
     }
 
     pub fn projects_of<'a>(&'a self, tenant: &'a str) -> impl Iterator<Item = &'a Project> + 'a {
@@ -182,5 +224,38 @@ mod tests {
             token_id: "t1".into(),
         })));
         assert!(d.token("aa").is_none());
+    }
+
+    #[test]
+    fn secrets_are_set_replaced_and_deleted_per_tenant_and_project() {
+        let mut d = Directory::default();
+        let set = |tenant: &str, value: &[u8], time_us| Envelope {
+            time_us,
+            ..env(envelope::Payload::SecretSet(SecretSet {
+                tenant: tenant.into(),
+                project: "web".into(),
+                name: "TOKEN".into(),
+                sealed_value: value.to_vec(),
+                who: "ci".into(),
+            }))
+        };
+        d.apply(&set("acme", b"v1", 1));
+        d.apply(&set("other", b"o1", 2));
+        d.apply(&set("acme", b"v2", 3));
+        let s = d.secret("acme", "web", "TOKEN").cloned();
+        assert_eq!(
+            s.map(|s| (s.sealed_value, s.set_us)),
+            Some((b"v2".to_vec(), 3))
+        );
+        assert_eq!(d.secrets_of("acme", "web").count(), 1);
+        assert_eq!(d.secrets_of("acme", "api").count(), 0);
+        d.apply(&env(envelope::Payload::SecretDeleted(SecretDeleted {
+            tenant: "acme".into(),
+            project: "web".into(),
+            name: "TOKEN".into(),
+            who: "ci".into(),
+        })));
+        assert!(d.secret("acme", "web", "TOKEN").is_none());
+        assert!(d.secret("other", "web", "TOKEN").is_some());
     }
 }

@@ -15,6 +15,7 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 use tributary_executor::container::ContainerRuntime;
+use tributary_executor::mask::Secrets;
 use tributary_executor::{JobContext, LogLimits};
 use tributary_proto::events::{
     envelope::Payload, ArtifactUploaded, Envelope, JobFinished, JobPlan, JobStarted, Status,
@@ -170,6 +171,40 @@ pub struct Lease {
     pub caches: Vec<tributary_proto::api::CacheEntry>,
     /// The project's cache size limit in bytes (0 = none): eviction after a save.
     pub cache_limit: u64,
+    /// The secrets the job names (`secrets:`), opened by the server.
+    pub secrets: JobSecrets,
+}
+
+/// The secrets of one job attempt: set as environment variables, masked in every event.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct JobSecrets {
+    /// (name, value) of each secret the job names and its project has.
+    pub values: Vec<(String, String)>,
+    /// Names the job asks for that its project does not have: the job fails, naming them.
+    pub missing: Vec<String>,
+}
+
+impl JobSecrets {
+    /// Why the job cannot run (`None`: every named secret is there).
+    pub fn missing_reason(&self, build: &BuildRef, job: &str) -> Option<String> {
+        if self.missing.is_empty() {
+            return None;
+        }
+        let names = self.missing.join(", ");
+        let first = &self.missing[0];
+        let project = &build.project;
+        Some(format!(
+            "job {job} needs the secret{s} {names}, which project {project} does not have: set \
+             {it} with `tributary secret set {project} {first}` (the value on standard input), \
+             or remove {it} from the job's `secrets:`",
+            s = if self.missing.len() == 1 { "" } else { "s" },
+            it = if self.missing.len() == 1 {
+                "it"
+            } else {
+                "them"
+            },
+        ))
+    }
 }
 
 /// Usage metering: UsageTick events while the attempt runs.
@@ -332,6 +367,9 @@ async fn produce(
         tracing::error!("event pump stopped before the job started");
         return None;
     }
+    // Every secret value is masked wherever this attempt reports text: log chunks (the
+    // executor) and the failure reason of JobFinished (here).
+    let masks = Arc::new(Secrets::new(lease.secrets.values.iter().map(|(_, v)| v)));
     let finished = |status: Status, exit_code: i32, reason: String, duration: Duration| {
         Payload::JobFinished(JobFinished {
             job: job_id.clone(),
@@ -339,9 +377,16 @@ async fn produce(
             status: status as i32,
             exit_code,
             duration_us: u64::try_from(duration.as_micros()).unwrap_or(u64::MAX),
-            reason,
+            reason: masks.mask_str(&reason),
         })
     };
+    if let Some(reason) = lease.secrets.missing_reason(build, &job_id) {
+        tracing::error!(%reason, "the job names secrets its project does not have");
+        let _ = tx
+            .send(finished(Status::Failed, -1, reason, started.elapsed()))
+            .await;
+        return Some(Status::Failed);
+    }
     let mut meter = options
         .usage
         .clone()
@@ -446,7 +491,12 @@ async fn produce(
         attempt,
         workdir,
         scratch_dir: scratch.clone(),
-        extra_env: options.extra_env.clone(),
+        extra_env: options
+            .extra_env
+            .iter()
+            .chain(&lease.secrets.values)
+            .cloned()
+            .collect(),
         limits: options.limits,
         container: options.container.clone(),
         preamble,
@@ -461,6 +511,7 @@ async fn produce(
                 crate::kept::format_time(std::time::SystemTime::now() + d)
             )
         }),
+        secrets: masks.clone(),
     };
     let job = tributary_executor::run_job(ctx, tx.clone(), cancel.clone());
     let outcome = match meter.as_mut() {

@@ -29,8 +29,8 @@ mod runtime;
 mod sink;
 
 pub use attempt::{
-    run_attempt, sanitize, AttemptOptions, AttemptReport, BuildRef, JobWorkspace, Lease, Source,
-    UsageMeter, Workspaces,
+    run_attempt, sanitize, AttemptOptions, AttemptReport, BuildRef, JobSecrets, JobWorkspace,
+    Lease, Source, UsageMeter, Workspaces,
 };
 pub use backoff::{Backoff, BackoffPolicy};
 pub use client::{agents, channel, AgentsApi, BearerAuth};

@@ -625,6 +625,14 @@ impl Runtime {
             inputs: lease.artifacts,
             caches: lease.caches,
             cache_limit: lease.cache_limit_bytes,
+            secrets: crate::JobSecrets {
+                values: lease
+                    .secrets
+                    .into_iter()
+                    .map(|v| (v.name, v.value))
+                    .collect(),
+                missing: lease.missing_secrets,
+            },
         };
         let scratch = self.config.workdir.join("scratch");
         let lease_id = lease.lease_id;

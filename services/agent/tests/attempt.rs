@@ -92,6 +92,7 @@ fn lease(lines: &[&str]) -> Lease {
         inputs: Vec::new(),
         caches: Vec::new(),
         cache_limit: 0,
+        secrets: Default::default(),
         attempt: 2,
         agent_id: "agent-7".into(),
         lease_id: "lease-9".into(),

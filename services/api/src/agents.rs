@@ -107,7 +107,22 @@ async fn lease_message(
             c.cache_entries(build_id),
         )
     })?;
+    // The job's secrets, opened for this lease only (the stream is the agent's own).
+    let (secrets, missing_secrets) = match &plan {
+        Some(p) if !p.secrets.is_empty() => state.directory(|d| {
+            crate::secrets::for_job(
+                d,
+                state.server_key.as_ref(),
+                &env.tenant,
+                &env.project,
+                &p.secrets,
+            )
+        })?,
+        _ => (Vec::new(), Vec::new()),
+    };
     Ok(plan.map(|plan| Lease {
+        secrets,
+        missing_secrets,
         lease_id: lease_id.to_owned(),
         tenant: env.tenant.clone(),
         project: env.project.clone(),

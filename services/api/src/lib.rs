@@ -10,6 +10,7 @@
 //!   cancel, tail logs, watch events.
 //! * [`agents`]: agents register, pull leases, heartbeat and send their events (fenced).
 //! * [`admin`]: tenants and tokens.
+//! * [`secrets`]: per-project secrets (sealed on the log, opened only into leases).
 //! * [`metering`]: invoices (issued or live) and per-build usage from the metering read model.
 //! * [`web`]: the web UI under `/ui/` (same port), from the same read models and log.
 
@@ -23,6 +24,7 @@ pub mod http;
 pub mod metering;
 pub mod projects;
 pub mod seal;
+pub mod secrets;
 pub mod state;
 pub mod web;
 
@@ -31,6 +33,7 @@ use std::net::SocketAddr;
 use tributary_proto::api::{
     admin_server::AdminServer, agents_server::AgentsServer, artifacts_server::ArtifactsServer,
     builds_server::BuildsServer, metering_server::MeteringServer, projects_server::ProjectsServer,
+    secrets_server::SecretsServer,
 };
 
 pub use state::ApiState;
@@ -66,7 +69,8 @@ pub async fn serve_with_metering(
         .add_service(AdminServer::new(admin::AdminApi::new(state.clone())))
         .add_service(ArtifactsServer::new(artifacts::ArtifactsApi::new(
             state.clone(),
-        )));
+        )))
+        .add_service(SecretsServer::new(secrets::SecretsApi::new(state.clone())));
     if let Some(metering) = metering {
         routes = routes.add_service(MeteringServer::new(metering));
     }

@@ -810,7 +810,10 @@ fn no_chunk_holds_the_secret(events: &[Payload]) {
         let text = String::from_utf8_lossy(&c.data);
         assert!(!text.contains(SECRET), "a chunk holds the secret: {c:?}");
         // Not even its first or second half travels alone.
-        assert!(!text.contains("s3cr3t-"), "a chunk holds half the secret: {c:?}");
+        assert!(
+            !text.contains("s3cr3t-"),
+            "a chunk holds half the secret: {c:?}"
+        );
     }
 }
 
@@ -833,7 +836,11 @@ async fn secrets_are_masked_on_stdout_stderr_and_system() {
     assert_eq!(out(&events, 0, 1), "two *** ***\n");
     // Output without a newline at the end of a line is held back, then sent at the line's end.
     assert_eq!(out(&events, 0, 2), "***");
-    assert!(system(&events).contains("preamble ***"), "{}", system(&events));
+    assert!(
+        system(&events).contains("preamble ***"),
+        "{}",
+        system(&events)
+    );
     no_chunk_holds_the_secret(&events);
 }
 
@@ -848,7 +855,11 @@ async fn a_secret_split_across_flushes_is_masked() {
         .filter(|c| c.stream == Stream::Stdout as i32)
         .map(|c| String::from_utf8_lossy(&c.data).into_owned())
         .collect();
-    assert_eq!(halves, ["s3cr3t-", "VALUE-42 done\n"], "the halves are separate flushes");
+    assert_eq!(
+        halves,
+        ["s3cr3t-", "VALUE-42 done\n"],
+        "the halves are separate flushes"
+    );
 
     let masked = with_secret(fixture(&[("slow", &[line])]));
     let (outcome, events) = run(masked.ctx).await;

@@ -916,7 +916,10 @@ impl Parser<'_, '_> {
             if names.contains(&text.value) {
                 return Err(self.err(
                     text.loc,
-                    format!("secret {:?} is listed twice in {what}; remove one", text.value),
+                    format!(
+                        "secret {:?} is listed twice in {what}; remove one",
+                        text.value
+                    ),
                 ));
             }
             names.push(text.value);

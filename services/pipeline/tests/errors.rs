@@ -980,7 +980,12 @@ fn secrets_are_environment_variable_names() {
     let text = "jobs:\n  b:\n    steps: [make]\n    secrets: []\n";
     rejects(text, 4, 14, &["empty list", "remove `secrets`"]);
     let text = "jobs:\n  b:\n    steps: [make]\n    secrets: [GOOD, 1BAD]\n";
-    rejects(text, 4, 21, &["invalid secret name \"1BAD\"", "environment variable"]);
+    rejects(
+        text,
+        4,
+        21,
+        &["invalid secret name \"1BAD\"", "environment variable"],
+    );
     let text = "jobs:\n  b:\n    steps: [make]\n    secrets: [A_B, A_B]\n";
     rejects(text, 4, 20, &["listed twice"]);
     let text = "jobs:\n  b:\n    steps: [make]\n    secrets: {A: b}\n";

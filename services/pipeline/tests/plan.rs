@@ -440,7 +440,11 @@ fn secrets_are_names_in_the_plan() {
         "jobs:\n  a:\n    secrets: [DEPLOY_TOKEN, _X]\n    matrix: {os: [l, b]}\n    steps: [make]\n  b:\n    secrets: ONE\n    steps: [make]\n  c:\n    steps: [make]\n",
     );
     assert_eq!(plan.jobs[0].secrets, ["DEPLOY_TOKEN", "_X"]);
-    assert_eq!(plan.jobs[1].secrets, ["DEPLOY_TOKEN", "_X"], "every matrix instance");
+    assert_eq!(
+        plan.jobs[1].secrets,
+        ["DEPLOY_TOKEN", "_X"],
+        "every matrix instance"
+    );
     assert_eq!(plan.jobs[2].secrets, ["ONE"]);
     assert!(plan.jobs[3].secrets.is_empty());
 }

@@ -71,6 +71,14 @@ pub enum Command {
     /// before the file appears).
     #[command(subcommand)]
     Artifacts(ArtifactsCommand),
+    /// A project's secrets: set (value from standard input), list (names and when they were
+    /// set, never values), delete.
+    ///
+    /// A job gets the secrets it names in the pipeline (`secrets: [DEPLOY_TOKEN]`) as
+    /// environment variables, and every occurrence of a value in its log (and failure reason)
+    /// is replaced by `***`. Values are sealed with the server's key: the log never holds one.
+    #[command(subcommand)]
+    Secret(SecretCommand),
     /// Admin: list agents (connected, labels, running jobs) or revoke one.
     Agents(AgentsArgs),
     /// Admin: create a tenant, or a token for one.
@@ -766,6 +774,40 @@ pub struct GetArgs {
     pub json: bool,
     #[command(flatten)]
     pub server: ServerArgs,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum SecretCommand {
+    /// Set (or replace) a secret; the value is read from standard input, so it stays out of
+    /// the shell history and the process list: `printf %s "$TOKEN" | tributary secret set web
+    /// DEPLOY_TOKEN`. One trailing newline is dropped (so `echo VALUE |` works too).
+    ///
+    /// The value must be at least 4 bytes long (shorter values would mask every short word
+    /// of every log); each line of a multi-line value is masked on its own as well, lines
+    /// shorter than 4 bytes excepted.
+    Set {
+        project: String,
+        /// An environment variable name: letters, digits and `_`, not starting with a digit.
+        name: String,
+        #[command(flatten)]
+        server: ServerArgs,
+    },
+    /// List a project's secrets: names, when and by whom they were set. Never values.
+    List {
+        project: String,
+        /// One JSON object per secret and line.
+        #[arg(long)]
+        json: bool,
+        #[command(flatten)]
+        server: ServerArgs,
+    },
+    /// Delete a secret: jobs that name it fail until it is set again.
+    Delete {
+        project: String,
+        name: String,
+        #[command(flatten)]
+        server: ServerArgs,
+    },
 }
 
 #[derive(Debug, Subcommand)]

@@ -19,7 +19,7 @@ use crate::cli::{
 use crate::render::Renderer;
 
 pub(crate) type Auth = Box<dyn FnMut(Request<()>) -> Result<Request<()>, Status> + Send>;
-type Svc = InterceptedService<Channel, Auth>;
+pub(crate) type Svc = InterceptedService<Channel, Auth>;
 
 pub(crate) async fn channel(server: &ServerArgs) -> anyhow::Result<(Channel, Auth)> {
     let token = server.token.clone().context(

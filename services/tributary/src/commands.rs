@@ -35,6 +35,7 @@ pub async fn dispatch(command: Command) -> anyhow::Result<ExitCode> {
         Command::Rerun(args) => crate::client::rerun(args).await,
         Command::Watch(args) => crate::client::watch(args).await,
         Command::Artifacts(cmd) => crate::artifacts::command(cmd).await,
+        Command::Secret(cmd) => crate::secrets::command(cmd).await,
         Command::Admin(cmd) => crate::client::admin(cmd).await,
         Command::Agents(args) => crate::client::agents(args).await,
         Command::Agent(args) => crate::agent::command(args).await,

@@ -245,6 +245,9 @@ pub async fn drive(
                     .collect(),
                 caches: state.caches.entries(&build.tenant, &build.project),
                 cache_limit: cfg.cache_limit,
+                // A local run has no secret store: a job's secrets come from this process's
+                // environment (masked all the same).
+                secrets: local_secrets(&plan.secrets),
             };
             let workspace = workspaces.for_job(None, &build.build_id, &job, attempt);
             tasks.spawn(agent::run_attempt(
@@ -287,4 +290,16 @@ pub fn read_pipeline(file: &Path) -> anyhow::Result<String> {
             file.display()
         )
     })
+}
+
+/// A local run's secrets: each name the job lists, from the environment of `tributary run`.
+fn local_secrets(names: &[String]) -> tributary_agent::JobSecrets {
+    let mut secrets = tributary_agent::JobSecrets::default();
+    for name in names {
+        match std::env::var(name) {
+            Ok(value) => secrets.values.push((name.clone(), value)),
+            Err(_) => secrets.missing.push(name.clone()),
+        }
+    }
+    secrets
 }

@@ -20,6 +20,7 @@ mod local_run;
 mod metering;
 mod projector;
 mod render;
+mod secrets;
 mod serve;
 mod server;
 
