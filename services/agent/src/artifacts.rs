@@ -7,11 +7,28 @@
 
 use std::path::{Component, Path, PathBuf};
 
+use sha2::{Digest, Sha256};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tributary_objects::{keys, ArtifactPath, Objects, Stored};
 use tributary_pipeline::artifacts::Matcher;
+use tributary_proto::api::{FetchArtifactRequest, UploadArtifactChunk};
 use tributary_proto::events::ArtifactUploaded;
 
 use crate::attempt::BuildRef;
+use crate::client::ServerArtifacts;
+
+/// Where an attempt's artifacts go and come from: the object storage the agent shares with the
+/// server, or the server itself (an agent without `--objects`).
+pub(crate) enum Store<'a> {
+    Objects(&'a Objects),
+    Server {
+        client: &'a ServerArtifacts,
+        lease_id: &'a str,
+    },
+}
+
+/// Bytes per upload message.
+const CHUNK: usize = 256 * 1024;
 
 /// Most files one job may upload.
 const MAX_FILES: usize = 10_000;
@@ -19,7 +36,7 @@ const MAX_FILES: usize = 10_000;
 /// Downloads `inputs` into `workdir`, each verified against its recorded size and sha256.
 /// Returns how many bytes were written.
 pub(crate) async fn download(
-    objects: &Objects,
+    store: &Store<'_>,
     inputs: &[ArtifactUploaded],
     workdir: &Path,
 ) -> Result<u64, String> {
@@ -40,10 +57,16 @@ pub(crate) async fn download(
             size: a.size,
             sha256: a.sha256.clone(),
         };
-        objects
-            .get_verified(&a.object_key, &expected, &dest)
-            .await
-            .map_err(|e| format!("artifact {path} of job {:?}: {e}", a.job))?;
+        match store {
+            Store::Objects(objects) => objects
+                .get_verified(&a.object_key, &expected, &dest)
+                .await
+                .map_err(|e| e.to_string()),
+            Store::Server { client, lease_id } => {
+                fetch(client, lease_id, &a.object_key, &expected, &dest).await
+            }
+        }
+        .map_err(|e| format!("artifact {path} of job {:?}: {e}", a.job))?;
         tracing::debug!(path = %path, job = %a.job, size = a.size, "artifact downloaded");
         bytes += a.size;
     }
@@ -53,7 +76,7 @@ pub(crate) async fn download(
 /// Uploads the files of `workdir` that `patterns` match. Refuses (and uploads nothing) when a
 /// matched symbolic link leads outside the workspace.
 pub(crate) async fn upload(
-    objects: &Objects,
+    store: &Store<'_>,
     build: &BuildRef,
     job: &str,
     attempt: u32,
@@ -67,12 +90,28 @@ pub(crate) async fn upload(
         .map_err(|e| format!("listing the artifacts failed: {e}"))??;
     let mut uploaded = Vec::with_capacity(files.len());
     for (path, file) in files {
-        let key = keys::artifact(&build.tenant, &build.project, &build.build_id, job, &path)
-            .map_err(|e| e.to_string())?;
-        let stored = objects
-            .put_file(&key, &file)
-            .await
-            .map_err(|e| format!("cannot upload artifact {path}: {e}"))?;
+        let (key, stored) = match store {
+            Store::Objects(objects) => {
+                let key =
+                    keys::artifact(&build.tenant, &build.project, &build.build_id, job, &path)
+                        .map_err(|e| e.to_string())?;
+                let stored = objects
+                    .put_file(&key, &file)
+                    .await
+                    .map_err(|e| format!("cannot upload artifact {path}: {e}"))?;
+                (key, stored)
+            }
+            Store::Server { client, lease_id } => {
+                let got = send(client, lease_id, &path, &file)
+                    .await
+                    .map_err(|e| format!("cannot upload artifact {path} to the server: {e}"))?;
+                let stored = Stored {
+                    size: got.size,
+                    sha256: got.sha256,
+                };
+                (got.object_key, stored)
+            }
+        };
         tracing::debug!(path = %path, size = stored.size, "artifact uploaded");
         uploaded.push(ArtifactUploaded {
             job: job.to_owned(),
@@ -84,6 +123,131 @@ pub(crate) async fn upload(
         });
     }
     Ok(uploaded)
+}
+
+/// Sends `file` to the server as artifact `path` of the lease's job, hashing it while it is
+/// read; the server hashes what it receives and refuses a difference.
+async fn send(
+    client: &ServerArtifacts,
+    lease_id: &str,
+    path: &ArtifactPath,
+    file: &Path,
+) -> Result<ArtifactUploaded, String> {
+    let mut f = tokio::fs::File::open(file)
+        .await
+        .map_err(|e| format!("cannot read {}: {e}", file.display()))?;
+    let (tx, rx) = tokio::sync::mpsc::channel(4);
+    let first = UploadArtifactChunk {
+        lease_id: lease_id.to_owned(),
+        path: path.to_string(),
+        ..UploadArtifactChunk::default()
+    };
+    let display = file.display().to_string();
+    let reader = tokio::spawn(async move {
+        let mut hasher = Sha256::new();
+        let mut size = 0u64;
+        let mut msg = first;
+        loop {
+            let mut buf = vec![0u8; CHUNK];
+            let n = f
+                .read(&mut buf)
+                .await
+                .map_err(|e| format!("cannot read {display}: {e}"))?;
+            buf.truncate(n);
+            hasher.update(&buf);
+            size += n as u64;
+            msg.data = buf;
+            if n == 0 {
+                msg.last = true;
+                msg.size = size;
+                msg.sha256 = hex::encode(hasher.finalize_reset());
+                let sha = msg.sha256.clone();
+                let _ = tx.send(msg).await;
+                return Ok::<_, String>((size, sha));
+            }
+            if tx.send(msg).await.is_err() {
+                return Err("the server stopped the upload".to_owned());
+            }
+            msg = UploadArtifactChunk::default();
+        }
+    });
+    let answer = client
+        .clone()
+        .upload_artifact(tokio_stream::wrappers::ReceiverStream::new(rx))
+        .await;
+    let (size, sha256) = reader
+        .await
+        .map_err(|e| format!("reading the file failed: {e}"))??;
+    let got = answer.map_err(|s| s.message().to_owned())?.into_inner();
+    if got.size != size || got.sha256 != sha256 {
+        return Err(format!(
+            "the server stored {} bytes with sha256 {}, the agent sent {size} bytes with sha256 \
+             {sha256}",
+            got.size, got.sha256
+        ));
+    }
+    Ok(got)
+}
+
+/// Fetches `object_key` from the server into `dest`: written beside it, renamed into place only
+/// when size and sha256 are `expected`'s.
+async fn fetch(
+    client: &ServerArtifacts,
+    lease_id: &str,
+    object_key: &str,
+    expected: &Stored,
+    dest: &Path,
+) -> Result<(), String> {
+    if let Some(dir) = dest.parent() {
+        tokio::fs::create_dir_all(dir)
+            .await
+            .map_err(|e| format!("cannot create {}: {e}", dir.display()))?;
+    }
+    let mut name = dest.file_name().unwrap_or_default().to_os_string();
+    name.push(format!(".tributary-{:016x}", rand::random::<u64>()));
+    let tmp = dest.with_file_name(name);
+    let result = async {
+        let mut stream = client
+            .clone()
+            .fetch_artifact(FetchArtifactRequest {
+                lease_id: lease_id.to_owned(),
+                object_key: object_key.to_owned(),
+            })
+            .await
+            .map_err(|s| s.message().to_owned())?
+            .into_inner();
+        let mut out = tokio::fs::File::create(&tmp)
+            .await
+            .map_err(|e| format!("cannot create {}: {e}", tmp.display()))?;
+        let mut hasher = Sha256::new();
+        let mut size = 0u64;
+        while let Some(chunk) = stream.message().await.map_err(|s| s.message().to_owned())? {
+            hasher.update(&chunk.data);
+            size += chunk.data.len() as u64;
+            out.write_all(&chunk.data)
+                .await
+                .map_err(|e| format!("cannot write {}: {e}", tmp.display()))?;
+        }
+        out.flush()
+            .await
+            .map_err(|e| format!("cannot write {}: {e}", tmp.display()))?;
+        let sha256 = hex::encode(hasher.finalize());
+        if size != expected.size || sha256 != expected.sha256 {
+            return Err(format!(
+                "received {size} bytes with sha256 {sha256} from the server, but {} bytes with \
+                 sha256 {} were recorded: refusing to use it",
+                expected.size, expected.sha256
+            ));
+        }
+        tokio::fs::rename(&tmp, dest)
+            .await
+            .map_err(|e| format!("cannot move into {}: {e}", dest.display()))
+    }
+    .await;
+    if result.is_err() {
+        let _ = tokio::fs::remove_file(&tmp).await;
+    }
+    result
 }
 
 /// The files under `root` (not `.git`) that `matcher` matches, as (artifact path, file to read),

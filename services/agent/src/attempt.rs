@@ -230,6 +230,9 @@ pub struct AttemptOptions {
     pub extra_env: Vec<(String, String)>,
     /// Where artifacts go (and come from); without it a job with artifacts fails, saying so.
     pub objects: Option<tributary_objects::Objects>,
+    /// Without `objects`: artifacts go through the server (an agent that does not share the
+    /// server's object storage).
+    pub server_artifacts: Option<crate::client::ServerArtifacts>,
     /// How to run jobs with an `image`; `None`: this agent cannot (such a job fails, saying so).
     pub container: Option<ContainerRuntime>,
     /// The pipeline file the recreate commands at the top of the log name (a local run's own
@@ -249,6 +252,7 @@ impl Default for AttemptOptions {
             limits: LogLimits::default(),
             extra_env: Vec::new(),
             objects: None,
+            server_artifacts: None,
             container: None,
             pipeline_file: None,
             keep_failed_for: None,
@@ -355,6 +359,7 @@ async fn produce(
 ) -> Option<Status> {
     let started = Instant::now();
     let job_id = lease.job.id.clone();
+    let lease_id = lease.lease_id.clone();
     let attempt = lease.attempt;
     let job_started = Payload::JobStarted(JobStarted {
         job: job_id.clone(),
@@ -427,9 +432,9 @@ async fn produce(
     }
 
     if !lease.inputs.is_empty() {
-        let downloaded = match &options.objects {
+        let downloaded = match artifact_store(options, &lease.lease_id) {
             None => Err(NO_OBJECTS.to_owned()),
-            Some(objects) => crate::artifacts::download(objects, &lease.inputs, &workdir).await,
+            Some(store) => crate::artifacts::download(&store, &lease.inputs, &workdir).await,
         };
         if let Err(reason) = downloaded {
             tracing::error!(%reason, "cannot get the artifacts this job needs");
@@ -533,11 +538,10 @@ async fn produce(
     let _ = std::fs::remove_dir_all(&scratch);
     let mut outcome = outcome;
     if outcome.status == Status::Succeeded && !patterns.is_empty() {
-        let uploaded = match &options.objects {
+        let uploaded = match artifact_store(options, &lease_id) {
             None => Err(NO_OBJECTS.to_owned()),
-            Some(objects) => {
-                crate::artifacts::upload(objects, build, &job_id, attempt, &patterns, &ctx_dir)
-                    .await
+            Some(store) => {
+                crate::artifacts::upload(&store, build, &job_id, attempt, &patterns, &ctx_dir).await
             }
         };
         match uploaded {
@@ -600,8 +604,21 @@ async fn produce(
     Some(status)
 }
 
-const NO_OBJECTS: &str = "this job has artifacts, but this agent has no object storage: start \
-     it with --objects URL (a directory or s3://BUCKET/PREFIX shared with the server)";
+const NO_OBJECTS: &str = "this job has artifacts, but this agent has no object storage and no \
+     server to send them through: start it with --objects URL (a directory or \
+     s3://BUCKET/PREFIX shared with the server)";
+
+/// Where this attempt's artifacts go: the shared object storage, else the server.
+fn artifact_store<'a>(
+    options: &'a AttemptOptions,
+    lease_id: &'a str,
+) -> Option<crate::artifacts::Store<'a>> {
+    match (&options.objects, &options.server_artifacts) {
+        (Some(objects), _) => Some(crate::artifacts::Store::Objects(objects)),
+        (None, Some(client)) => Some(crate::artifacts::Store::Server { client, lease_id }),
+        (None, None) => None,
+    }
+}
 /// `JobStarted.executor`: `host`, or `container:<image>`.
 fn executor_name(job: &JobPlan) -> String {
     match job.image.trim() {

@@ -8,6 +8,7 @@ use tonic::service::interceptor::InterceptedService;
 use tonic::service::Interceptor;
 use tonic::transport::{Channel, Endpoint};
 use tributary_proto::api::agents_client::AgentsClient;
+use tributary_proto::api::artifacts_client::ArtifactsClient;
 
 use crate::AgentError;
 
@@ -62,4 +63,13 @@ pub fn channel(server: &str) -> Result<Channel, AgentError> {
 /// An Agents client on `channel` that sends `auth` with every call.
 pub fn agents(channel: Channel, auth: BearerAuth) -> AgentsApi {
     AgentsClient::with_interceptor(channel, auth)
+}
+
+/// The Artifacts client of an agent without object storage of its own: its artifacts go
+/// through the server (`UploadArtifact`, `FetchArtifact`), fenced by the lease.
+pub type ServerArtifacts = ArtifactsClient<InterceptedService<Channel, BearerAuth>>;
+
+/// A [`ServerArtifacts`] client on `channel` that sends `auth` with every call.
+pub fn server_artifacts(channel: Channel, auth: BearerAuth) -> ServerArtifacts {
+    ArtifactsClient::with_interceptor(channel, auth)
 }

@@ -73,7 +73,7 @@ pub struct AgentConfig {
     /// Clear each attempt's workspace when it ends (kept for reuse by a later job, or deleted).
     pub clean_workspaces: bool,
     /// Where artifacts are uploaded and downloaded: the server's object storage (a shared
-    /// directory or S3). Without it, jobs with artifacts fail with a message saying so.
+    /// directory or S3). Without it, artifacts go through the server (hashed on both ends).
     pub objects: Option<tributary_objects::Objects>,
     /// Keep the workspace of a failed job this long (its log says where); 0 = delete at once.
     /// Expired ones are deleted when the agent starts and then every 10 minutes.
@@ -335,6 +335,8 @@ struct Runtime {
     config: AgentConfig,
     identity: Identity,
     client: AgentsApi,
+    /// Artifacts through the server, for a config without `objects`.
+    server_artifacts: crate::client::ServerArtifacts,
     workspaces: Workspaces,
     slots: Arc<Mutex<Slots>>,
     /// Cancelled on a hard stop: pumps stop re-sending.
@@ -362,10 +364,10 @@ impl Runtime {
                 e,
             )
         })?;
-        let client = agents(
-            channel(&config.server)?,
-            BearerAuth::new(&identity.agent_token)?,
-        );
+        let ch = channel(&config.server)?;
+        let auth = BearerAuth::new(&identity.agent_token)?;
+        let client = agents(ch.clone(), auth.clone());
+        let server_artifacts = crate::client::server_artifacts(ch, auth);
         let workspaces = Workspaces::Checkout {
             root: config.workdir.join("work"),
             mirrors: tributary_repo::Mirrors::new(config.workdir.join("mirrors")),
@@ -375,6 +377,7 @@ impl Runtime {
             config,
             identity,
             client,
+            server_artifacts,
             workspaces,
             slots,
             abandon: CancellationToken::new(),
@@ -609,6 +612,7 @@ impl Runtime {
                     interval: self.config.usage_interval,
                 }),
             objects: self.config.objects.clone(),
+            server_artifacts: Some(self.server_artifacts.clone()),
             keep_failed_for: Some(self.config.keep_failed_for),
             container: self.config.containers.as_ref().map(|c| ContainerRuntime {
                 engine: c.engine.clone(),

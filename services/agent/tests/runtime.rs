@@ -321,6 +321,7 @@ fn lease(id: &str, lines: &[&str], source: Option<(&str, &str)>) -> Lease {
         caches: Vec::new(),
         cache_limit_bytes: 0,
         drain: false,
+        ..Lease::default()
     }
 }
 

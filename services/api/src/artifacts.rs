@@ -10,8 +10,8 @@ use tokio::io::AsyncReadExt;
 use tonic::{Request, Response, Status};
 use tributary_objects::{ObjectsError, Stored};
 use tributary_proto::api::{
-    artifacts_server::Artifacts, ArtifactChunk, DownloadArtifactRequest, ListArtifactsRequest,
-    ListArtifactsResponse,
+    artifacts_server::Artifacts, ArtifactChunk, DownloadArtifactRequest, FetchArtifactRequest,
+    ListArtifactsRequest, ListArtifactsResponse, UploadArtifactChunk,
 };
 use tributary_proto::events::{envelope::Payload, ArtifactUploaded};
 
@@ -200,6 +200,29 @@ impl Artifacts for ArtifactsApi {
     }
 
     type DownloadArtifactStream = ChunkStream;
+    type FetchArtifactStream = ChunkStream;
+
+    async fn upload_artifact(
+        &self,
+        request: Request<tonic::Streaming<UploadArtifactChunk>>,
+    ) -> Result<Response<ArtifactUploaded>, Status> {
+        let who = crate::agent_artifacts::agent(&self.state, &request)?;
+        let uploaded =
+            crate::agent_artifacts::upload(&self.state, &who, request.into_inner()).await?;
+        Ok(Response::new(uploaded))
+    }
+
+    async fn fetch_artifact(
+        &self,
+        request: Request<FetchArtifactRequest>,
+    ) -> Result<Response<ChunkStream>, Status> {
+        let who = crate::agent_artifacts::agent(&self.state, &request)?;
+        let req = request.into_inner();
+        let artifact =
+            crate::agent_artifacts::needed(&self.state, &who, &req.lease_id, &req.object_key)?;
+        let (tmp, file) = fetch_verified(&self.state, &artifact).await?;
+        Ok(Response::new(Box::pin(chunk_messages(tmp, file))))
+    }
 
     async fn download_artifact(
         &self,
@@ -209,13 +232,20 @@ impl Artifacts for ArtifactsApi {
         let req = request.into_inner();
         let artifact = find(&self.state, &who, &req.build_id, &req.job, &req.path).await?;
         let (tmp, file) = fetch_verified(&self.state, &artifact).await?;
-        let stream = futures::StreamExt::map(chunks(tmp, file), |chunk| {
-            chunk
-                .map(|data| ArtifactChunk {
-                    data: data.to_vec(),
-                })
-                .map_err(|e| Status::internal(format!("reading the artifact: {e}")))
-        });
-        Ok(Response::new(Box::pin(stream)))
+        Ok(Response::new(Box::pin(chunk_messages(tmp, file))))
     }
+}
+
+/// [`chunks`] as gRPC messages.
+fn chunk_messages(
+    tmp: tempfile::TempPath,
+    file: tokio::fs::File,
+) -> impl Stream<Item = Result<ArtifactChunk, Status>> + Send {
+    futures::StreamExt::map(chunks(tmp, file), |chunk| {
+        chunk
+            .map(|data| ArtifactChunk {
+                data: data.to_vec(),
+            })
+            .map_err(|e| Status::internal(format!("reading the artifact: {e}")))
+    })
 }

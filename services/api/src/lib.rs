@@ -15,6 +15,7 @@
 //! * [`web`]: the web UI under `/ui/` (same port), from the same read models and log.
 
 pub mod admin;
+pub mod agent_artifacts;
 pub mod agents;
 pub mod artifacts;
 pub mod auth;

@@ -434,9 +434,12 @@ pub enum BenchCommand {
         #[arg(long, default_value_t = 1)]
         seed: u64,
     },
-    /// Container overhead: a one-line job run N times on the host and N times in a container
-    /// (alternating); prints start -> first line and whole-job times (p50/p90/max) of both and
-    /// the difference. Needs a container engine (`scripts/setup-containers.sh`).
+    /// Artifact throughput, then container overhead. First: upload and download MB/s (sha256
+    /// taken on upload, checked on download) of one 64 MiB file and of 1000 files of 4 KiB
+    /// through a local object store. Then: a one-line job run N times on the host and N times
+    /// in a container (alternating); prints start -> first line and whole-job times
+    /// (p50/p90/max) of both and the difference. Needs a container engine
+    /// (`scripts/setup-containers.sh`).
     Exec {
         /// Runs of each kind.
         #[arg(long, value_name = "N", default_value_t = 20)]
@@ -914,8 +917,10 @@ pub struct AgentArgs {
     pub machine_class: Option<String>,
     /// Object storage for artifacts, shared with the server: a directory (e.g. the server's
     /// `DATA/objects` on the same machine) or `s3://BUCKET/PREFIX` (AWS_* variables configure
-    /// credentials and AWS_ENDPOINT an S3-compatible server). Without it, jobs with
-    /// `artifacts` or needing another job's artifacts fail, saying so.
+    /// credentials and AWS_ENDPOINT an S3-compatible server). Without it, artifacts go
+    /// through the server (uploaded and fetched over the agent's authenticated connection,
+    /// sha256 checked by the server and by the agent): simpler, but every byte crosses the
+    /// server.
     #[arg(long, value_name = "URL", env = "TRIBUTARY_OBJECTS")]
     pub objects: Option<String>,
     /// Seconds between two UsageTick events of a running job (a last, partial tick is always

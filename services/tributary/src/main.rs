@@ -6,6 +6,7 @@ mod artifacts;
 mod autoscaler;
 mod backends;
 mod bench;
+mod bench_artifacts;
 mod bench_autoscale;
 mod bench_exec;
 mod bench_metering;
