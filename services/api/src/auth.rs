@@ -30,6 +30,15 @@ pub fn sha256_hex(token: &str) -> String {
     hex::encode(Sha256::digest(token.as_bytes()))
 }
 
+/// The token of an `Authorization` header value `Bearer <token>`: the one parser of bearer
+/// headers, for gRPC calls ([`authenticate`]) and HTTP requests (`web::session::token_in`).
+pub fn bearer(value: &str) -> Option<&str> {
+    value
+        .strip_prefix("Bearer ")
+        .map(str::trim)
+        .filter(|t| !t.is_empty())
+}
+
 /// Authenticates a call: `authorization: Bearer <token>` must name a live token.
 pub fn authenticate<T>(directory: &Directory, request: &Request<T>) -> Result<Principal, Status> {
     let header = request.metadata().get("authorization").ok_or_else(|| {
@@ -41,10 +50,13 @@ pub fn authenticate<T>(directory: &Directory, request: &Request<T>) -> Result<Pr
     let value = header
         .to_str()
         .map_err(|_| Status::unauthenticated("the authorization header is not valid text"))?;
-    let token = value
-        .strip_prefix("Bearer ")
-        .ok_or_else(|| Status::unauthenticated("authorization must be `Bearer <token>`"))?
-        .trim();
+    let token = bearer(value)
+        .ok_or_else(|| Status::unauthenticated("authorization must be `Bearer <token>`"))?;
+    principal_of(directory, token)
+}
+
+/// The principal of a live token (a token presented by any means: header or cookie).
+pub fn principal_of(directory: &Directory, token: &str) -> Result<Principal, Status> {
     let found = directory
         .token(&sha256_hex(token))
         .ok_or_else(|| Status::unauthenticated("unknown or revoked token"))?;
@@ -87,5 +99,14 @@ mod tests {
         assert_ne!(a, b);
         assert!(a.starts_with("trib_") && a.len() == 5 + 64);
         assert_eq!(sha256_hex(&a), sha_a);
+    }
+
+    #[test]
+    fn bearer_headers_name_a_token() {
+        assert_eq!(bearer("Bearer trib_x"), Some("trib_x"));
+        assert_eq!(bearer("Bearer  trib_x "), Some("trib_x"));
+        assert_eq!(bearer("Bearer "), None);
+        assert_eq!(bearer("Basic dXNlcg=="), None);
+        assert_eq!(bearer("trib_x"), None);
     }
 }

@@ -4,7 +4,8 @@
 //!   verified with the project's secret through `X-Hub-Signature-256` (HMAC-SHA256, compared
 //!   in constant time). A missing or bad signature is 401 and triggers nothing.
 //! * `GET /api/builds/{build}/artifacts/{job}/{*path}`: download an artifact, with
-//!   `Authorization: Bearer <token>` (a build of another tenant is 404). The bytes were checked
+//!   `Authorization: Bearer <token>` or the web UI's session cookie (a build of another tenant
+//!   is 404; the build page links here). The bytes were checked
 //!   against the recorded sha256 first (a corrupt object is 500 and sends nothing); the sha256
 //!   is in the `X-Tributary-Sha256` header for the client to check again.
 //! * `GET /metrics`: Prometheus text format.
@@ -41,7 +42,7 @@ async fn download_artifact(
     Path((build, job, path)): Path<(String, String, String)>,
     headers: HeaderMap,
 ) -> Response {
-    let who = match bearer_principal(&state, &headers) {
+    let who = match http_principal(&state, &headers) {
         Ok(who) => who,
         Err(status) => return grpc_to_http(&status),
     };
@@ -75,23 +76,24 @@ async fn download_artifact(
         .into_response()
 }
 
-/// The caller of an HTTP route, from `Authorization: Bearer <token>`.
-fn bearer_principal(
+/// The caller of an HTTP route: the token of `Authorization: Bearer <token>` or of the web
+/// UI's session cookie, read by the UI's own parser (`web::session::token_in`) and checked
+/// like the UI's sessions (user and admin tokens only).
+fn http_principal(
     state: &ApiState,
     headers: &HeaderMap,
 ) -> Result<crate::auth::Principal, tonic::Status> {
-    let mut request = tonic::Request::new(());
-    if let Some(value) = headers.get("authorization") {
-        let value = value
-            .to_str()
-            .ok()
-            .and_then(|v| v.parse().ok())
-            .ok_or_else(|| tonic::Status::unauthenticated("bad authorization header"))?;
-        request.metadata_mut().insert("authorization", value);
+    use crate::web::session::{Denied, Session};
+    match state.directory(|d| Session::from_headers(d, headers))? {
+        Ok(session) => Ok(session.who),
+        Err(Denied::Missing) => Err(tonic::Status::unauthenticated(
+            "missing token: send `Authorization: Bearer <token>` or sign in to the web UI",
+        )),
+        Err(denied @ Denied::Unknown) => Err(tonic::Status::unauthenticated(denied.to_string())),
+        Err(denied @ Denied::WrongKind(_)) => {
+            Err(tonic::Status::permission_denied(denied.to_string()))
+        }
     }
-    let who = state.directory(|d| crate::auth::authenticate(d, &request))??;
-    who.require_user()?;
-    Ok(who)
 }
 
 fn grpc_to_http(status: &tonic::Status) -> Response {

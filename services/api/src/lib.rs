@@ -50,7 +50,8 @@ pub async fn serve(
     serve_with_metering(state, None, listener, shutdown).await
 }
 
-/// [`serve`], plus the `Metering` service (invoices, usage) when `metering` is given.
+/// [`serve`], plus the `Metering` service (invoices, usage) and the web UI's usage page when
+/// `metering` is given.
 pub async fn serve_with_metering(
     state: ApiState,
     metering: Option<metering::MeteringApi>,
@@ -72,6 +73,7 @@ pub async fn serve_with_metering(
             state.clone(),
         )))
         .add_service(SecretsServer::new(secrets::SecretsApi::new(state.clone())));
+    let reader = metering.as_ref().map(|m| m.reader().clone());
     if let Some(metering) = metering {
         routes = routes.add_service(MeteringServer::new(metering));
     }
@@ -85,7 +87,7 @@ pub async fn serve_with_metering(
         .prepare()
         .into_axum_router()
         .merge(http::router(state.clone()))
-        .merge(web::router(state));
+        .merge(web::router(state, reader));
     axum::serve(listener, app)
         .with_graceful_shutdown(shutdown)
         .await

@@ -6,85 +6,159 @@
 use std::time::Duration;
 
 use tonic::{Request, Response, Status};
-use tributary_metering::{price, MeteringStore, Period, PricePlan};
+use tributary_eventlog::EventLog;
+use tributary_metering::fold::IssuedInvoice;
+use tributary_metering::{price, Day, MeteringState, MeteringStore, Period, PricePlan};
 use tributary_projections::directory::TokenKind;
 use tributary_proto::api::{metering_server::Metering, *};
 
 use crate::auth::{authenticate, Principal};
 use crate::state::{internal, ApiState};
 
-/// How long a read waits for the metering projection to reach the end of the log.
+/// How long a gRPC read waits for the metering projection to reach the end of the log.
 const CATCH_UP: Duration = Duration::from_secs(10);
 
-pub struct MeteringApi {
-    state: ApiState,
-    store: MeteringStore,
-    plan: PricePlan,
+/// Reads of the metering read model shared by the gRPC `Metering` service and the web UI's
+/// usage page: one set of queries, one tenant at a time.
+#[derive(Clone)]
+pub struct MeteringReader {
+    pub store: MeteringStore,
+    /// Prices live invoices (issued ones carry their own).
+    pub plan: PricePlan,
 }
 
-impl MeteringApi {
-    /// `plan` prices live invoices (issued ones carry their own).
-    pub fn new(state: ApiState, store: MeteringStore, plan: PricePlan) -> Self {
-        MeteringApi { state, store, plan }
+/// How far the metering read model is behind the log, when it is.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Behind {
+    pub at: u64,
+    pub end: u64,
+}
+
+impl std::fmt::Display for Behind {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "metering is behind the log (at offset {} of {}); is the metering service running \
+             (`tributary up` or `tributary serve metering`)?",
+            self.at, self.end
+        )
+    }
+}
+
+/// What a tenant's usage page shows: one consistent read of the metering read model.
+pub struct TenantUsage {
+    /// Usage records of `period`: (project, machine class, day, millis), ordered by day.
+    pub days: Vec<(String, String, Day, u64)>,
+    /// The period's invoice: issued if it was, else live (priced with the server's plan).
+    pub current: Invoice,
+    /// Every issued invoice of the tenant, newest period first.
+    pub issued: Vec<Invoice>,
+}
+
+impl MeteringReader {
+    pub fn new(store: MeteringStore, plan: PricePlan) -> Self {
+        MeteringReader { store, plan }
     }
 
-    fn who<T>(&self, request: &Request<T>) -> Result<Principal, Status> {
-        let who = self.state.directory(|d| authenticate(d, request))??;
-        who.require_user()?;
-        Ok(who)
-    }
-
-    /// Waits until the metering read model has folded the whole log as of now.
-    async fn caught_up(&self) -> Result<(), Status> {
+    /// Waits (at most `within`) until the read model has folded the whole log as of now.
+    pub async fn caught_up(&self, log: &dyn EventLog, within: Duration) -> Result<(), Status> {
         // The metering store keeps one consumer offset, that of a one-partition log; on a
         // partitioned log (no partition-aware metering service yet) this does not wait.
-        let layout = self.state.log.layout();
-        if layout.partitions() > 1 {
+        if log.layout().partitions() > 1 {
             return Ok(());
         }
-        let end = self.state.log_end().await?.0.first().map_or(0, |(_, o)| *o);
-        let deadline = tokio::time::Instant::now() + CATCH_UP;
+        let end = log.end_offset().await.map_err(internal)?;
+        let deadline = tokio::time::Instant::now() + within;
         loop {
             let at = self.store.next_offset().await.map_err(internal)?;
             if at >= end {
                 return Ok(());
             }
             if tokio::time::Instant::now() >= deadline {
-                return Err(Status::unavailable(format!(
-                    "metering is behind the log (at offset {at} of {end}); is the metering \
-                     service running (`tributary up` or `tributary serve metering`)?"
-                )));
+                return Err(Status::unavailable(Behind { at, end }.to_string()));
             }
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
     }
+
+    /// How far behind the log the read model is now (None: caught up).
+    pub async fn behind(&self, log: &dyn EventLog) -> Result<Option<Behind>, Status> {
+        if log.layout().partitions() > 1 {
+            return Ok(None); // see `caught_up`
+        }
+        let end = log.end_offset().await.map_err(internal)?;
+        let at = self.store.next_offset().await.map_err(internal)?;
+        Ok((at < end).then_some(Behind { at, end }))
+    }
+
+    /// `tenant`'s invoice for `period`: the issued one, else the live one.
+    pub async fn invoice(&self, tenant: &str, period: Period) -> Result<Invoice, Status> {
+        if let Some(issued) = self.store.issued(tenant, period).await.map_err(internal)? {
+            return Ok(issued_invoice(issued));
+        }
+        let state = self.store.load_tenant(tenant).await.map_err(internal)?;
+        live_invoice(&state, &self.plan, tenant, period)
+    }
+
+    /// `tenant`'s usage of `period` by project, machine class and day, its invoice and its
+    /// issued invoices.
+    pub async fn tenant_usage(&self, tenant: &str, period: Period) -> Result<TenantUsage, Status> {
+        let days = self
+            .store
+            .usage_records(tenant)
+            .await
+            .map_err(internal)?
+            .into_iter()
+            .filter(|(k, _)| k.day.period() == period)
+            .map(|(k, millis)| (k.project, k.machine_class, k.day, millis))
+            .collect();
+        let state = self.store.load_tenant(tenant).await.map_err(internal)?;
+        let mut issued: Vec<Invoice> = state
+            .issued
+            .iter()
+            .filter(|((t, _), _)| t == tenant)
+            .rev()
+            .map(|(_, i)| issued_invoice(i.clone()))
+            .collect();
+        let current = match issued.iter().position(|i| i.period == period.to_string()) {
+            Some(i) => issued[i].clone(),
+            None => live_invoice(&state, &self.plan, tenant, period)?,
+        };
+        issued.retain(|i| i.period != current.period || current.status != "issued");
+        Ok(TenantUsage {
+            days,
+            current,
+            issued,
+        })
+    }
 }
 
-/// An invoice for the API: the issued one, else the live one priced with `plan`.
-pub async fn invoice(
-    store: &MeteringStore,
+/// An issued invoice for the API.
+fn issued_invoice(issued: IssuedInvoice) -> Invoice {
+    let inv = issued.invoice;
+    Invoice {
+        free_millis_used: inv.free_millis_used(),
+        tenant: inv.tenant,
+        period: inv.period,
+        status: "issued".into(),
+        plan_version: inv.plan_version,
+        currency: inv.currency,
+        lines: inv.lines,
+        total_micros: inv.total_micros,
+        issued_offset: issued.offset,
+        issued_us: issued.time_us,
+        free_millis: 0,
+    }
+}
+
+/// The live invoice of `tenant`'s `period`, priced from `state` with `plan`.
+fn live_invoice(
+    state: &MeteringState,
     plan: &PricePlan,
     tenant: &str,
     period: Period,
 ) -> Result<Invoice, Status> {
-    if let Some(issued) = store.issued(tenant, period).await.map_err(internal)? {
-        let inv = issued.invoice;
-        return Ok(Invoice {
-            free_millis_used: inv.free_millis_used(),
-            tenant: inv.tenant,
-            period: inv.period,
-            status: "issued".into(),
-            plan_version: inv.plan_version,
-            currency: inv.currency,
-            lines: inv.lines,
-            total_micros: inv.total_micros,
-            issued_offset: issued.offset,
-            issued_us: issued.time_us,
-            free_millis: 0,
-        });
-    }
-    let state = store.load_tenant(tenant).await.map_err(internal)?;
-    let priced = price(&state, tenant, period, plan)
+    let priced = price(state, tenant, period, plan)
         .map_err(|e| Status::failed_precondition(e.to_string()))?;
     let inv = priced.invoice;
     Ok(Invoice {
@@ -100,6 +174,35 @@ pub async fn invoice(
         issued_us: 0,
         free_millis: plan.free_millis(),
     })
+}
+
+pub struct MeteringApi {
+    state: ApiState,
+    reader: MeteringReader,
+}
+
+impl MeteringApi {
+    pub fn new(state: ApiState, reader: MeteringReader) -> Self {
+        MeteringApi { state, reader }
+    }
+
+    /// The reader this service answers from (the web UI's usage page shares it).
+    pub fn reader(&self) -> &MeteringReader {
+        &self.reader
+    }
+
+    fn who<T>(&self, request: &Request<T>) -> Result<Principal, Status> {
+        let who = self.state.directory(|d| authenticate(d, request))??;
+        who.require_user()?;
+        Ok(who)
+    }
+
+    /// Waits until the metering read model has folded the whole log as of now.
+    async fn caught_up(&self) -> Result<(), Status> {
+        self.reader
+            .caught_up(self.state.log.as_ref(), CATCH_UP)
+            .await
+    }
 }
 
 #[tonic::async_trait]
@@ -124,9 +227,7 @@ impl Metering for MeteringApi {
         }
         let period = Period::parse(&req.period).map_err(Status::invalid_argument)?;
         self.caught_up().await?;
-        Ok(Response::new(
-            invoice(&self.store, &self.plan, &tenant, period).await?,
-        ))
+        Ok(Response::new(self.reader.invoice(&tenant, period).await?))
     }
 
     async fn get_build_usage(
@@ -142,7 +243,7 @@ impl Metering for MeteringApi {
             _ => return Err(Status::not_found(format!("no build {id}"))),
         }
         self.caught_up().await?;
-        let attempts = self.store.build_usage(&id).await.map_err(internal)?;
+        let attempts = self.reader.store.build_usage(&id).await.map_err(internal)?;
         let jobs: Vec<JobUsage> = attempts
             .into_iter()
             .map(|(k, a)| JobUsage {

@@ -113,7 +113,8 @@ pub async fn invoice(args: InvoiceArgs) -> anyhow::Result<ExitCode> {
                 tributary_metering::MeteringProjector::open(data.metering.clone()).await?;
             projector.catch_up(data.log.as_ref()).await?;
             let tenant = args.tenant.clone().unwrap_or_else(|| "local".into());
-            tributary_api::metering::invoice(&data.metering, &plan, &tenant, period)
+            tributary_api::metering::MeteringReader::new(data.metering.clone(), plan)
+                .invoice(&tenant, period)
                 .await
                 .map_err(crate::client::status)?
         }

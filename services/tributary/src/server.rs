@@ -91,8 +91,10 @@ pub async fn up(args: UpArgs) -> anyhow::Result<ExitCode> {
     ));
     let metering_api = tributary_api::metering::MeteringApi::new(
         state.clone(),
-        data.metering.clone(),
-        metering_config.plan.clone(),
+        tributary_api::metering::MeteringReader::new(
+            data.metering.clone(),
+            metering_config.plan.clone(),
+        ),
     );
 
     // The API (gRPC + HTTP on one port).

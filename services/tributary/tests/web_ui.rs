@@ -5,9 +5,13 @@
 //!
 //! Needs `chromium` and `chromedriver` on the PATH: `scripts/setup-browser.sh` installs them.
 
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Output, Stdio};
+mod common;
+
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
+
+use common::{free_port, start, wait_for_port};
 
 use fantoccini::{Client, ClientBuilder, Locator};
 use http_body_util::BodyExt;
@@ -16,147 +20,6 @@ use http_body_util::BodyExt;
 /// recreate.rs), before the job's own output.
 const PREAMBLE: usize = 3;
 const WAIT: Duration = Duration::from_secs(90);
-
-// ------------------------------------------------------------------ the server
-
-struct Server {
-    child: Child,
-    addr: String,
-    token: String,
-    _dir: tempfile::TempDir,
-    root: PathBuf,
-}
-
-impl Drop for Server {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
-fn wait_for_port(addr: &str, what: &str) {
-    let deadline = Instant::now() + Duration::from_secs(60);
-    while std::net::TcpStream::connect(addr).is_err() {
-        assert!(Instant::now() < deadline, "{what} did not start on {addr}");
-        std::thread::sleep(Duration::from_millis(50));
-    }
-}
-
-fn start_server() -> Server {
-    let dir = tempfile::tempdir().unwrap();
-    let root = dir.path().to_path_buf();
-    let addr = format!("127.0.0.1:{}", free_port());
-    let child = Command::new(env!("CARGO_BIN_EXE_tributary"))
-        .args(["up", "--data"])
-        .arg(root.join("data"))
-        .args(["--listen", &addr, "--agents", "2"])
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
-    wait_for_port(&addr, "tributary up");
-    let token = std::fs::read_to_string(root.join("data/admin.token"))
-        .unwrap()
-        .trim()
-        .to_owned();
-    Server {
-        child,
-        addr: format!("http://{addr}"),
-        token,
-        _dir: dir,
-        root,
-    }
-}
-
-impl Server {
-    fn cli(&self, token: &str, args: &[&str]) -> Output {
-        Command::new(env!("CARGO_BIN_EXE_tributary"))
-            .args(args)
-            .env("TRIBUTARY_SERVER", &self.addr)
-            .env("TRIBUTARY_TOKEN", token)
-            .output()
-            .unwrap()
-    }
-
-    fn ok(&self, token: &str, args: &[&str]) -> String {
-        let out = self.cli(token, args);
-        assert!(
-            out.status.success(),
-            "{args:?}: {}{}",
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
-        );
-        String::from_utf8_lossy(&out.stdout).into_owned()
-    }
-
-    fn status(&self, token: &str, build: &str) -> String {
-        let v: serde_json::Value =
-            serde_json::from_str(&self.ok(token, &["get", build, "--json"])).unwrap();
-        v["status"].as_str().unwrap().to_owned()
-    }
-
-    /// A git repository with `pipeline` as its `.tributary.yml`, added as `name`.
-    fn project(&self, token: &str, name: &str, pipeline: &str) {
-        let repo = self.root.join(name);
-        std::fs::create_dir_all(&repo).unwrap();
-        git(&repo, &["init", "-q", "-b", "main"]);
-        std::fs::write(repo.join(".tributary.yml"), pipeline).unwrap();
-        git(&repo, &["add", "."]);
-        git(
-            &repo,
-            &[
-                "-c",
-                "user.name=t",
-                "-c",
-                "user.email=t@t",
-                "commit",
-                "-qm",
-                "init",
-            ],
-        );
-        self.ok(
-            token,
-            &["project", "add", name, "--repo", repo.to_str().unwrap()],
-        );
-    }
-
-    fn trigger(&self, token: &str, project: &str) -> String {
-        self.ok(token, &["trigger", project])
-            .lines()
-            .next()
-            .unwrap()
-            .trim()
-            .to_owned()
-    }
-
-    /// A user token of a new tenant.
-    fn tenant(&self, name: &str) -> String {
-        self.ok(&self.token, &["admin", "tenant-add", name]);
-        self.ok(
-            &self.token,
-            &["admin", "token-create", "--tenant", name, "--kind", "user"],
-        )
-        .trim()
-        .to_owned()
-    }
-}
-
-fn git(dir: &Path, args: &[&str]) {
-    let st = Command::new("git")
-        .args(args)
-        .current_dir(dir)
-        .status()
-        .unwrap();
-    assert!(st.success(), "git {args:?}");
-}
 
 // ------------------------------------------------------------------ the browser
 
@@ -399,9 +262,9 @@ fn ticker_pipeline(gate: &Path) -> String {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_log_is_live_and_lines_show_exit_codes() {
-    let s = start_server();
+    let s = start(2);
     let gate = s.root.join("gate");
-    s.project(&s.token, "live", &ticker_pipeline(&gate));
+    s.project_as(&s.token, "live", &ticker_pipeline(&gate));
     let b = Browser::start().await;
     b.sign_in(&format!("{}/ui/", s.addr), &s.token).await;
     // The project list links to the project.
@@ -410,7 +273,7 @@ async fn the_log_is_live_and_lines_show_exit_codes() {
     })
     .await;
 
-    let build = s.trigger(&s.token, "live");
+    let build = s.trigger_as(&s.token, "live");
     b.c()
         .goto(&format!("{}/ui/builds/{build}", s.addr))
         .await
@@ -548,14 +411,14 @@ async fn the_log_is_live_and_lines_show_exit_codes() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_running_build_is_canceled_from_its_page() {
-    let s = start_server();
-    s.project(
+    let s = start(2);
+    s.project_as(
         &s.token,
         "slow",
         "jobs:\n  slow:\n    steps:\n      - run: seq 1 300; for i in $(seq 1 1200); do echo \"waiting $i\"; sleep 0.1; done\n",
     );
     let b = Browser::start().await;
-    let build = s.trigger(&s.token, "slow");
+    let build = s.trigger_as(&s.token, "slow");
     b.sign_in(&format!("{}/ui/builds/{build}", s.addr), &s.token)
         .await;
     b.until("a log line", || async {
@@ -631,7 +494,7 @@ async fn a_running_build_is_canceled_from_its_page() {
             .ok()
     })
     .await;
-    let next = s.trigger(&s.token, "slow");
+    let next = s.trigger_as(&s.token, "slow");
     b.until("the new build appears in the list by itself", || async {
         b.c()
             .find(Locator::Css(&format!("tr[data-build='{next}']")))
@@ -655,12 +518,12 @@ async fn a_running_build_is_canceled_from_its_page() {
 
     // A long log (1.2 MiB, 200,000 lines): the page loads only its last ~1 MB, keeps at most
     // 20,000 lines, and numbers them as in the whole log.
-    s.project(
+    s.project_as(
         &s.token,
         "long",
         "jobs:\n  long:\n    steps:\n      - run: seq 1 200000\n",
     );
-    let long = s.trigger(&s.token, "long");
+    let long = s.trigger_as(&s.token, "long");
     s.ok(&s.token, &["logs", &long, "-f"]);
     b.c()
         .goto(&format!("{}/ui/builds/{long}", s.addr))
@@ -699,10 +562,10 @@ async fn a_running_build_is_canceled_from_its_page() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn another_tenant_cannot_see_a_build_or_its_log() {
-    let s = start_server();
+    let s = start(2);
     let acme = s.tenant("acme");
     let globex = s.tenant("globex");
-    s.project(
+    s.project_as(
         &acme,
         "secret",
         "jobs:\n  a:\n    steps:\n      - run: echo acme-only-output\n",
@@ -723,7 +586,7 @@ async fn another_tenant_cannot_see_a_build_or_its_log() {
     // The builds table's live stream starts where the page was read: a build triggered
     // between loading the page and opening the stream is not missed. (An invalid pipeline:
     // the build is triggered and fails in one append, so nothing follows to hide a gap.)
-    s.project(&acme, "broken", "jobs: {}\n");
+    s.project_as(&acme, "broken", "jobs: {}\n");
     let list = h.get("/ui/projects/broken", Some(&acme)).await.body;
     let live = list
         .split("data-live=\"")
@@ -731,7 +594,7 @@ async fn another_tenant_cannot_see_a_build_or_its_log() {
         .and_then(|rest| rest.split('"').next())
         .unwrap()
         .replace("&amp;", "&");
-    let between = s.trigger(&acme, "broken");
+    let between = s.trigger_as(&acme, "broken");
     assert_eq!(s.status(&acme, &between), "failed");
     let changes = h.get(&live, Some(&acme)).await;
     assert_eq!(changes.status, 200);
@@ -824,7 +687,7 @@ async fn another_tenant_cannot_see_a_build_or_its_log() {
 
     // Cancel needs the session's CSRF token and a same-origin request.
     let slow = s.root.join("gate-slow");
-    s.project(
+    s.project_as(
         &acme,
         "waits",
         &format!(
@@ -832,7 +695,7 @@ async fn another_tenant_cannot_see_a_build_or_its_log() {
             slow.display()
         ),
     );
-    let running = s.trigger(&acme, "waits");
+    let running = s.trigger_as(&acme, "waits");
     let deadline = Instant::now() + WAIT;
     while s.status(&acme, &running) != "running" {
         assert!(Instant::now() < deadline, "the build never started");
@@ -942,4 +805,152 @@ async fn another_tenant_cannot_see_a_build_or_its_log() {
         .unwrap();
     assert_eq!(cookies, serde_json::json!(""));
     b.close().await;
+}
+
+/// The artifacts of a build are listed on its page with working download links (the session
+/// cookie authenticates the download), and the usage page shows the tenant's metered minutes
+/// and live invoice: tenant A's, never tenant B's.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn artifacts_download_and_usage_show_only_the_tenants_own() {
+    let s = start(2);
+    let acme = s.tenant("acme");
+    let globex = s.tenant("globex");
+    s.project_as(
+        &acme,
+        "shipit",
+        "jobs:\n  build:\n    steps:\n      - run: mkdir -p dist && printf 'acme artifact bytes\\n' > dist/app.txt && sleep 1\n    artifacts: [dist]\n",
+    );
+    let out = s.ok(&acme, &["trigger", "shipit", "--follow"]);
+    let build = out.lines().next().unwrap().trim().to_owned();
+    assert_eq!(s.status(&acme, &build), "succeeded", "{out}");
+    let listed = s.ok(&acme, &["artifacts", "list", &build]);
+    let sha = listed
+        .split_whitespace()
+        .find(|w| w.len() == 64 && w.chars().all(|c| c.is_ascii_hexdigit()))
+        .unwrap_or_else(|| panic!("a sha256 in {listed}"))
+        .to_owned();
+    let download = format!("/api/builds/{build}/artifacts/build/dist/app.txt");
+
+    // HTTP: the owner's session cookie downloads the exact bytes; another tenant's cookie
+    // gets 404, no credentials 401; the bearer header still works.
+    let h = Http::new(&s.addr);
+    let own = h.get(&download, Some(&acme)).await;
+    assert_eq!(own.status, 200, "{}", own.body);
+    assert_eq!(own.body, "acme artifact bytes\n");
+    assert_eq!(own.headers["x-tributary-sha256"], sha.as_str());
+    let other = h.get(&download, Some(&globex)).await;
+    assert_eq!(other.status, 404, "{}", other.body);
+    assert!(!other.body.contains("acme artifact"));
+    assert_eq!(h.get(&download, None).await.status, 401);
+    assert_eq!(h.get(&download, Some("trib_bogus")).await.status, 401);
+    let bearer = h
+        .send(
+            "GET",
+            &download,
+            None,
+            &[("authorization", &format!("Bearer {acme}"))],
+            "",
+        )
+        .await;
+    assert_eq!(bearer.status, 200);
+    assert_eq!(bearer.body, "acme artifact bytes\n");
+
+    // In the browser: the build page lists the artifact; its link downloads the right bytes
+    // with the browser's own (HttpOnly) session cookie.
+    let b = Browser::start().await;
+    b.sign_in(&format!("{}/ui/builds/{build}", s.addr), &acme)
+        .await;
+    let link = b
+        .until("the artifact's row", || async {
+            b.c()
+                .find(Locator::Css(
+                    "#artifacts tr[data-job=build][data-path='dist/app.txt'] a.download",
+                ))
+                .await
+                .ok()
+        })
+        .await;
+    assert_eq!(
+        link.attr("href").await.unwrap().as_deref(),
+        Some(download.as_str())
+    );
+    assert_eq!(
+        b.text("#artifacts tr[data-path='dist/app.txt'] td.num")
+            .await
+            .as_deref(),
+        Some("20 B")
+    );
+    assert_eq!(
+        b.text("#artifacts tr[data-path='dist/app.txt'] td[title]")
+            .await
+            .as_deref(),
+        Some(&sha[..10])
+    );
+    let fetched = b
+        .c()
+        .execute_async(
+            "var done = arguments[arguments.length - 1];
+             var a = document.querySelector('#artifacts a.download');
+             fetch(a.href).then(function (r) {
+               return r.text().then(function (t) { done([r.status, t]); });
+             }, function (e) { done([0, String(e)]); });",
+            vec![],
+        )
+        .await
+        .unwrap();
+    assert_eq!(
+        fetched,
+        serde_json::json!([200, "acme artifact bytes\n"]),
+        "the page's link downloads the artifact with the session cookie"
+    );
+
+    // The usage page: acme's minutes for the build's project, and a live invoice line.
+    b.c().goto(&format!("{}/ui/usage", s.addr)).await.unwrap();
+    let millis = b
+        .until("acme's usage row", || async {
+            let row = b
+                .c()
+                .find(Locator::Css("#usage tr[data-project=shipit]"))
+                .await
+                .ok()?;
+            row.attr("data-millis")
+                .await
+                .ok()??
+                .parse::<u64>()
+                .ok()
+                .filter(|m| *m >= 1000)
+        })
+        .await;
+    let ticks: u64 = s
+        .ok(
+            &s.token,
+            &[
+                "events",
+                "--data",
+                s.data().to_str().unwrap(),
+                "--build",
+                &build,
+                "--json",
+            ],
+        )
+        .lines()
+        .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap())
+        .filter(|e| e["type"] == "usage_tick")
+        .map(|e| e["millis"].as_u64().unwrap())
+        .sum();
+    assert_eq!(millis, ticks, "the page shows exactly the metered time");
+    let line = b
+        .text("#current table.invoice[data-status=live] tr[data-kind=usage][data-project=shipit]")
+        .await
+        .expect("a live invoice line for the project");
+    assert!(line.contains("shipit"), "{line}");
+    assert_eq!(b.text("#current h2 .badge").await.as_deref(), Some("live"));
+    b.close().await;
+
+    // Tenant B's usage page shows none of it.
+    let theirs = h.get("/ui/usage", Some(&globex)).await;
+    assert_eq!(theirs.status, 200);
+    assert!(theirs.body.contains("id=\"no-usage\""), "{}", theirs.body);
+    assert!(!theirs.body.contains("shipit"), "{}", theirs.body);
+    assert_eq!(h.get("/ui/usage", None).await.status, 303);
 }

@@ -1,6 +1,6 @@
-//! A build's page: header, cancel / re-run buttons, the jobs as a DAG, each job's steps and
-//! lines with exit codes and durations, and one live log per job (filled by the script from
-//! [`super::live::build`]).
+//! A build's page: header, cancel / re-run buttons, the jobs as a DAG, the artifacts with
+//! download links, each job's steps and lines with exit codes and durations, and one live log
+//! per job (filled by the script from [`super::live::build`]).
 
 use axum::extract::{Path, Query, State};
 use axum::http::HeaderMap;
@@ -9,8 +9,9 @@ use axum::Form;
 use maud::{html, Markup};
 use serde::Deserialize;
 use tributary_projections::{Build, Phase};
+use tributary_proto::events::ArtifactUploaded;
 
-use super::format::{build_label, duration_us, elapsed, short_commit, utc};
+use super::format::{build_label, bytes, duration_us, elapsed, short_commit, utc};
 use super::layout::{self, badge, exit_code};
 use super::login::Csrf;
 use super::session::Session;
@@ -28,18 +29,73 @@ pub async fn page(
     let build = build_of(&state, &session.who, &id)
         .await
         .map_err(|e| WebError::from(e).in_page(&session))?;
+    let artifacts = artifacts_of(&state, &session, &build)
+        .await
+        .map_err(|e| e.in_page(&session))?;
     let now = tributary_proto::now_us();
-    Ok(page_markup(&build, &session, now))
+    Ok(page_markup(&build, &artifacts, &session, now))
 }
 
-fn page_markup(b: &Build, session: &Session, now_us: i64) -> Markup {
+/// The build's artifacts (read from the log), once a job has succeeded (only succeeded
+/// attempts upload): a running build's page does not re-read its log on every refresh.
+async fn artifacts_of(
+    state: &ApiState,
+    session: &Session,
+    b: &Build,
+) -> Result<Vec<ArtifactUploaded>, WebError> {
+    if !b.jobs.iter().any(|j| j.phase == Phase::Succeeded) {
+        return Ok(Vec::new());
+    }
+    Ok(crate::artifacts::list(state, &session.who, &b.id).await?)
+}
+
+/// Where the browser downloads an artifact: the HTTP API's route, which takes the session
+/// cookie as well as a bearer token.
+pub fn artifact_href(build_id: &str, a: &ArtifactUploaded) -> String {
+    format!(
+        "/api/builds/{}/artifacts/{}/{}",
+        urlencode(build_id),
+        urlencode(&a.job).replace('/', "%2F"),
+        urlencode(&a.path)
+    )
+}
+
+fn artifacts_markup(build_id: &str, artifacts: &[ArtifactUploaded]) -> Markup {
+    html! {
+        @if !artifacts.is_empty() {
+            section.artifacts {
+                h2 { "Artifacts" }
+                table.list #artifacts {
+                    thead { tr { th { "job" } th { "path" } th.num { "size" } th { "sha256" } } }
+                    tbody {
+                        @for a in artifacts {
+                            tr data-job=(a.job) data-path=(a.path) {
+                                td { (a.job) }
+                                td.mono { a.download href=(artifact_href(build_id, a)) download { (a.path) } }
+                                td.num { (bytes(a.size)) }
+                                td.mono title=(a.sha256) { (short_commit(&a.sha256)) }
+                            }
+                        }
+                    }
+                }
+            }
+        }
+    }
+}
+
+fn page_markup(
+    b: &Build,
+    artifacts: &[ArtifactUploaded],
+    session: &Session,
+    now_us: i64,
+) -> Markup {
     let base = format!("/ui/builds/{}", urlencode(&b.id));
     let title = format!("{} {}", b.project, build_label(b.number, &b.id));
     layout::page(
         &title,
         Some(session),
         html! {
-            div #summary data-summary={(base) "/summary"} { (summary_markup(b, session, now_us)) }
+            div #summary data-summary={(base) "/summary"} { (summary_markup(b, artifacts, session, now_us)) }
             section.logs #logs data-events={(base) "/events"} data-status=(b.phase.name()) {
                 h2 { "Logs" }
                 @for (i, job) in b.jobs.iter().enumerate() {
@@ -61,7 +117,12 @@ fn page_markup(b: &Build, session: &Session, now_us: i64) -> Markup {
 }
 
 /// Everything on the page that comes from the read model (re-fetched as the build moves).
-fn summary_markup(b: &Build, session: &Session, now_us: i64) -> Markup {
+fn summary_markup(
+    b: &Build,
+    artifacts: &[ArtifactUploaded],
+    session: &Session,
+    now_us: i64,
+) -> Markup {
     let base = format!("/ui/builds/{}", urlencode(&b.id));
     html! {
         header.build data-status=(b.phase.name()) {
@@ -95,6 +156,7 @@ fn summary_markup(b: &Build, session: &Session, now_us: i64) -> Markup {
         @if !b.jobs.is_empty() {
             div.dagbox { (super::dag::svg(&b.jobs)) }
         }
+        (artifacts_markup(&b.id, artifacts))
         section.jobs {
             @for (i, job) in b.jobs.iter().enumerate() {
                 article.job #{"job-" (i)} data-job=(job.id) data-status=(job.phase.name()) {
@@ -153,7 +215,13 @@ pub async fn summary(
     state.wait_builds(&end).await?;
     match state.store.load_build(&id).await.map_err(internal)? {
         Some(b) if b.tenant == session.who.tenant => {
-            Ok(summary_markup(&b, &session, tributary_proto::now_us()))
+            let artifacts = artifacts_of(&state, &session, &b).await?;
+            Ok(summary_markup(
+                &b,
+                &artifacts,
+                &session,
+                tributary_proto::now_us(),
+            ))
         }
         _ => Err(WebError::NotFound(format!("no build {id}"))),
     }

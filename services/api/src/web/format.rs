@@ -15,6 +15,28 @@ pub fn duration_us(us: u64) -> String {
     }
 }
 
+/// `812 B`, `15.0 KiB`, `3.4 MiB`, `1.2 GiB`.
+pub fn bytes(n: u64) -> String {
+    const UNITS: [&str; 4] = ["B", "KiB", "MiB", "GiB"];
+    if n < 1024 {
+        return format!("{n} B");
+    }
+    let mut v = n as f64;
+    let mut unit = 0;
+    while v >= 1024.0 && unit < UNITS.len() - 1 {
+        v /= 1024.0;
+        unit += 1;
+    }
+    format!("{v:.1} {}", UNITS[unit])
+}
+
+/// Machine time as minutes with one decimal: `0.5 min`, `125.0 min` (truncated, never rounded
+/// up: billing rounds, this only shows).
+pub fn minutes(millis: u64) -> String {
+    let tenths = millis / 6_000;
+    format!("{}.{} min", tenths / 10, tenths % 10)
+}
+
 /// How long something ran: finished - started, or now - started while it runs.
 pub fn elapsed(started_us: Option<i64>, finished_us: Option<i64>, now_us: i64) -> Option<String> {
     let start = started_us?;
@@ -119,6 +141,18 @@ mod tests {
         assert_eq!(duration_us(7_380_000_000), "2 h 03 m");
         assert_eq!(elapsed(Some(1_000_000), None, 3_000_000).unwrap(), "2.0 s");
         assert_eq!(elapsed(None, None, 3), None);
+    }
+
+    #[test]
+    fn sizes_and_minutes_read_naturally() {
+        assert_eq!(bytes(812), "812 B");
+        assert_eq!(bytes(15 * 1024), "15.0 KiB");
+        assert_eq!(bytes(3_565_158), "3.4 MiB");
+        assert_eq!(bytes(5 << 40), "5120.0 GiB");
+        assert_eq!(minutes(0), "0.0 min");
+        assert_eq!(minutes(30_000), "0.5 min");
+        assert_eq!(minutes(59_999), "0.9 min");
+        assert_eq!(minutes(7_500_000), "125.0 min");
     }
 
     #[test]

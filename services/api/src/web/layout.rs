@@ -25,6 +25,7 @@ pub fn page(title: &str, session: Option<&Session>, body: Markup) -> Markup {
                         nav {
                             a href="/ui/" { "Projects" }
                             a href="/ui/agents" { "Agents" }
+                            a href="/ui/usage" { "Usage" }
                         }
                         span.who title={"token " (s.who.name)} { (s.who.tenant) }
                         form.inline method="post" action="/ui/logout" {

@@ -11,6 +11,7 @@
 //! * [`live`]: Server-Sent Events: a build's log and status (replay, then follow; resumable
 //!   by offset), a project's changes; the raw log download.
 //! * [`agents`]: agents the tenant can use, their labels, current jobs and last heartbeat.
+//! * [`usage`]: the tenant's metered machine time and invoices (metering read model).
 //!
 //! Every handler resolves the session first and shows only its tenant's data; another
 //! tenant's build is "not found", exactly like the gRPC API.
@@ -26,6 +27,7 @@ pub mod login;
 pub mod projects;
 pub mod session;
 pub mod tail;
+pub mod usage;
 
 use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Redirect, Response};
@@ -35,8 +37,15 @@ use axum::Router;
 use crate::state::ApiState;
 use session::{Denied, Session};
 
-/// The UI's routes (to merge into the API's router).
-pub fn router(state: ApiState) -> Router {
+/// The UI's routes (to merge into the API's router); `metering` feeds the usage page (None:
+/// the page says metering is not running).
+pub fn router(state: ApiState, metering: Option<crate::metering::MeteringReader>) -> Router {
+    let usage = Router::new()
+        .route("/ui/usage", get(usage::page))
+        .with_state(usage::UsageState {
+            api: state.clone(),
+            metering,
+        });
     Router::new()
         .route("/", get(|| async { Redirect::to("/ui/") }))
         .route("/ui", get(|| async { Redirect::to("/ui/") }))
@@ -55,8 +64,9 @@ pub fn router(state: ApiState) -> Router {
         .route("/ui/agents", get(agents::page))
         .route(assets::CSS_PATH, get(assets::css))
         .route(assets::JS_PATH, get(assets::js))
-        .layer(axum::middleware::map_response(security_headers))
         .with_state(state)
+        .merge(usage)
+        .layer(axum::middleware::map_response(security_headers))
 }
 
 /// Headers on every UI response: a strict content security policy (our own script and

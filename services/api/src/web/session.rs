@@ -1,5 +1,7 @@
 //! Who is looking: the API token in the session cookie (or an `Authorization: Bearer` header,
 //! for scripts and the benchmark), checked exactly like the gRPC API's bearer tokens.
+//! [`token_in`] is the one place an HTTP request's token is read: the UI's pages and streams
+//! and the `/api/` routes (`http.rs`: artifact downloads) all use it.
 //!
 //! The cookie holds the token itself, HttpOnly (no script reads it), SameSite=Lax (no
 //! cross-site POST carries it) and Secure when the page came over TLS. Nothing is stored on
@@ -14,7 +16,7 @@ use hmac::{Hmac, Mac};
 use sha2::Sha256;
 use tributary_projections::directory::{Directory, TokenKind};
 
-use crate::auth::{sha256_hex, Principal};
+use crate::auth::{principal_of, Principal};
 
 /// The session cookie's name.
 pub const COOKIE: &str = "tributary_session";
@@ -53,16 +55,12 @@ impl Session {
         if token.is_empty() {
             return Err(Denied::Missing);
         }
-        let found = directory.token(&sha256_hex(token)).ok_or(Denied::Unknown)?;
-        if !matches!(found.kind, TokenKind::User | TokenKind::Admin) {
-            return Err(Denied::WrongKind(found.kind.name()));
+        let who = principal_of(directory, token).map_err(|_| Denied::Unknown)?;
+        if !matches!(who.kind, TokenKind::User | TokenKind::Admin) {
+            return Err(Denied::WrongKind(who.kind.name()));
         }
         Ok(Session {
-            who: Principal {
-                tenant: found.tenant.clone(),
-                kind: found.kind,
-                name: found.name.clone(),
-            },
+            who,
             token: token.to_owned(),
         })
     }
@@ -111,8 +109,8 @@ pub fn token_in(headers: &HeaderMap) -> Option<String> {
     headers
         .get(header::AUTHORIZATION)
         .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.strip_prefix("Bearer "))
-        .map(|t| t.trim().to_owned())
+        .and_then(crate::auth::bearer)
+        .map(str::to_owned)
 }
 
 /// Whether the request reached us over TLS (directly or through a proxy that says so).
@@ -125,8 +123,9 @@ pub fn over_tls(headers: &HeaderMap) -> bool {
 
 /// The `Set-Cookie` value that signs `token` in (`token` = None: signs out).
 pub fn set_cookie(token: Option<&str>, secure: bool) -> String {
+    // Path `/`: the UI's pages and the `/api/` routes (artifact downloads) both read it.
     let mut c = cookie::Cookie::build((COOKIE, token.unwrap_or("").to_owned()))
-        .path("/ui")
+        .path("/")
         .http_only(true)
         .same_site(cookie::SameSite::Lax)
         .secure(secure);
@@ -175,6 +174,7 @@ pub fn safe_next(next: &str) -> &str {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::auth::sha256_hex;
     use axum::http::HeaderValue;
     use tributary_proto::events::{envelope::Payload, Envelope, TokenIssued};
 
@@ -278,7 +278,7 @@ mod tests {
     fn cookies_are_http_only_lax_and_secure_over_tls() {
         let c = set_cookie(Some("trib_a"), true);
         assert!(c.contains("HttpOnly") && c.contains("SameSite=Lax") && c.contains("Secure"));
-        assert!(c.contains("Path=/ui"));
+        assert_eq!(cookie::Cookie::parse(c.as_str()).unwrap().path(), Some("/"));
         assert!(!set_cookie(Some("trib_a"), false).contains("Secure"));
         assert!(set_cookie(None, false).contains("Max-Age=0"));
     }

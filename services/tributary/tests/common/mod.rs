@@ -183,6 +183,37 @@ impl Server {
         out.lines().next().unwrap().trim().to_owned()
     }
 
+    /// A repository (see [`Server::repo`]) added as project `name` with `token` (to its
+    /// tenant).
+    pub fn project_as(&self, token: &str, name: &str, pipeline: &str) -> PathBuf {
+        let repo = self.repo(name, pipeline, &[]);
+        self.ok(
+            token,
+            &["project", "add", name, "--repo", repo.to_str().unwrap()],
+        );
+        repo
+    }
+
+    /// [`Server::trigger`] with `token`.
+    pub fn trigger_as(&self, token: &str, project: &str) -> String {
+        let out = self.ok(token, &["trigger", project]);
+        out.lines().next().unwrap().trim().to_owned()
+    }
+
+    /// A build's status (`get --json`), read with `token`.
+    pub fn status(&self, token: &str, build: &str) -> String {
+        let v: Value = serde_json::from_str(&self.ok(token, &["get", build, "--json"])).unwrap();
+        v["status"].as_str().unwrap().to_owned()
+    }
+
+    /// A new tenant `name` and a user token of it.
+    pub fn tenant(&self, name: &str) -> String {
+        self.admin(&["admin", "tenant-add", name]);
+        self.admin(&["admin", "token-create", "--tenant", name, "--kind", "user"])
+            .trim()
+            .to_owned()
+    }
+
     /// `get --json`.
     pub fn get(&self, build: &str) -> Value {
         serde_json::from_str(&self.admin(&["get", build, "--json"])).unwrap()
@@ -312,6 +343,31 @@ pub fn commit_all(dir: &Path, message: &str) {
             message,
         ],
     );
+}
+
+/// Waits until something listens on `addr` (a process we started).
+pub fn wait_for_port(addr: &str, what: &str) {
+    wait_until(
+        &format!("{what} to listen on {addr}"),
+        Duration::from_secs(60),
+        || std::net::TcpStream::connect(addr).is_ok(),
+    );
+}
+
+/// Runs one SQL statement on a SQLite file (tampering with a read model, to prove a check
+/// notices) and asserts it changed a row.
+pub fn sql(path: &Path, statement: &str) {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    rt.block_on(async {
+        let opts = sqlx::sqlite::SqliteConnectOptions::new().filename(path);
+        let pool = sqlx::SqlitePool::connect_with(opts).await.unwrap();
+        let done = sqlx::query(statement).execute(&pool).await.unwrap();
+        assert!(done.rows_affected() > 0, "{statement} changed nothing");
+        pool.close().await;
+    });
 }
 
 /// Waits until `what` holds.
