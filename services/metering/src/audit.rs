@@ -10,6 +10,7 @@ use tributary_eventlog::{EventLog, Record};
 use tributary_proto::events::Envelope;
 
 use crate::fold::MeteringState;
+use crate::store::MeteringStore;
 use crate::MeteringError;
 
 /// Reads `[0, end)` and calls `f` for every decodable event, in offset order. Three stages
@@ -90,6 +91,26 @@ pub async fn replay(log: Arc<dyn EventLog>, end: u64) -> Result<MeteringState, M
     })
     .await?;
     Ok(state)
+}
+
+/// Rebuilds `store` from a replay of the whole log as of now (`tributary replay`); returns the
+/// offset it reached. The store changes in one transaction, or not at all.
+pub async fn rebuild(log: Arc<dyn EventLog>, store: &MeteringStore) -> Result<u64, MeteringError> {
+    let end = log.end_offset().await?;
+    let state = replay(log, end).await?;
+    store.replace_all(&state, end).await?;
+    Ok(end)
+}
+
+/// Compares `store` with a replay of the log up to the offset it reached (`tributary replay
+/// --check`): every difference, earliest first, and that offset.
+pub async fn check(
+    log: Arc<dyn EventLog>,
+    store: &MeteringStore,
+) -> Result<(Vec<Divergence>, u64), MeteringError> {
+    let (stored, end) = store.load_all().await?;
+    let replayed = replay(log, end).await?;
+    Ok((compare(&stored, &replayed, None), end))
 }
 
 /// A difference between the stored and the replayed metering model.

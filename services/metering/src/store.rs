@@ -147,16 +147,37 @@ impl MeteringStore {
                 write_invoice(&mut tx, i).await?;
             }
         }
-        sqlx::query(
-            "INSERT INTO projection_offsets (projection, next_offset, rejected) VALUES (?, ?, ?) \
-             ON CONFLICT (projection) DO UPDATE SET next_offset = excluded.next_offset, \
-             rejected = excluded.rejected",
-        )
-        .bind(PROJECTION)
-        .bind(to_i64(next_offset))
-        .bind(to_i64(state.rejected))
-        .execute(&mut *tx)
-        .await?;
+        write_offset(&mut tx, state, next_offset).await?;
+        tx.commit().await?;
+        Ok(())
+    }
+
+    /// Replaces the whole stored model with `state` (the fold of `[0, next_offset)`), in one
+    /// transaction: `tributary replay` rebuilding metering.db from the log.
+    pub async fn replace_all(
+        &self,
+        state: &MeteringState,
+        next_offset: u64,
+    ) -> Result<(), MeteringError> {
+        let mut tx = self.pool.begin().await?;
+        for table in ["usage_daily", "job_parts", "attempts", "invoices"] {
+            sqlx::query(&format!("DELETE FROM {table}"))
+                .execute(&mut *tx)
+                .await?;
+        }
+        for (key, u) in &state.usage {
+            write_usage(&mut tx, key, u).await?;
+        }
+        for (key, p) in &state.parts {
+            write_part(&mut tx, key, p).await?;
+        }
+        for (key, a) in &state.attempts {
+            write_attempt(&mut tx, key, a).await?;
+        }
+        for i in state.issued.values() {
+            write_invoice(&mut tx, i).await?;
+        }
+        write_offset(&mut tx, state, next_offset).await?;
         tx.commit().await?;
         Ok(())
     }
@@ -369,6 +390,24 @@ fn attempt_from_row(
             last_offset: to_u64(row.try_get("last_offset")?),
         },
     ))
+}
+
+async fn write_offset(
+    tx: &mut Tx<'_>,
+    state: &MeteringState,
+    next_offset: u64,
+) -> Result<(), MeteringError> {
+    sqlx::query(
+        "INSERT INTO projection_offsets (projection, next_offset, rejected) VALUES (?, ?, ?) \
+         ON CONFLICT (projection) DO UPDATE SET next_offset = excluded.next_offset, \
+         rejected = excluded.rejected",
+    )
+    .bind(PROJECTION)
+    .bind(to_i64(next_offset))
+    .bind(to_i64(state.rejected))
+    .execute(&mut **tx)
+    .await?;
+    Ok(())
 }
 
 async fn write_usage(tx: &mut Tx<'_>, k: &UsageKey, u: &Usage) -> Result<(), MeteringError> {

@@ -45,6 +45,16 @@ pub async fn run_attempt(
     .await;
 }
 
+/// The machine class of `--machine-class`: the host's by default, none (no usage ticks) when
+/// empty.
+pub fn machine_class(flag: Option<String>) -> Option<String> {
+    match flag {
+        None => Some(tributary_agent::default_machine_class()),
+        Some(c) if c.trim().is_empty() => None,
+        Some(c) => Some(c.trim().to_owned()),
+    }
+}
+
 /// The container limits the flags ask for.
 pub fn container_limits(args: &ContainerArgs) -> anyhow::Result<ContainerLimits> {
     if !(args.cpus >= 0.0 && args.cpus.is_finite()) {
@@ -94,11 +104,7 @@ pub async fn command(args: AgentArgs) -> anyhow::Result<ExitCode> {
         .filter(|l| !l.is_empty())
         .collect();
     config.capacity = args.capacity;
-    config.machine_class = match args.machine_class {
-        None => Some(tributary_agent::default_machine_class()),
-        Some(c) if c.trim().is_empty() => None,
-        Some(c) => Some(c.trim().to_owned()),
-    };
+    config.machine_class = machine_class(args.machine_class);
     config.usage_interval = secs(args.usage_interval, "--usage-interval")?;
     if let Some(url) = args.objects.as_deref().filter(|u| !u.is_empty()) {
         config.objects = Some(tributary_objects::Objects::open(url)?);

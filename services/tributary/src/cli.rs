@@ -35,10 +35,13 @@ pub enum Command {
     Events(EventsArgs),
     /// Show the builds read model as a table.
     Builds(BuildsArgs),
-    /// Rebuild every read model from offset 0 of the log.
+    /// Rebuild every read model from offset 0 of the log: the builds (readmodels.db) and
+    /// metering (metering.db: usage, job attempts, issued invoices).
     ///
-    /// With --check, nothing is written: the rebuilt state is compared with the stored one
-    /// and the first difference is reported (exit status 1).
+    /// Stop `tributary up` first (it folds into the same files). With --check, nothing is
+    /// written: each rebuilt state is compared with the stored one and the first difference of
+    /// each is reported (exit status 1). `tributary audit` does the same in one pass and also
+    /// names the offset where a divergence starts.
     Replay(ReplayArgs),
     /// Start the server on the embedded default: API, scheduler, projector and in-process
     /// agents in one process, with the log and read models in --data. Remote agents
@@ -216,6 +219,15 @@ pub struct RunArgs {
     /// recreates that job this way.
     #[arg(long, value_name = "JOB")]
     pub job: Option<String>,
+    /// Machine class the run's jobs report in UsageTick events, as an agent does (so
+    /// `tributary invoice` and `tributary audit` work on the data directory; tenant `local`).
+    /// Default: this host's `<os>-<cpus>cpu-<memory>gb`. An empty value reports no usage.
+    #[arg(long, value_name = "CLASS")]
+    pub machine_class: Option<String>,
+    /// Seconds between two UsageTick events of a running job (a last, partial tick is always
+    /// appended when the job ends).
+    #[arg(long, value_name = "SECS", default_value_t = 10.0)]
+    pub usage_interval: f64,
     #[command(flatten)]
     pub containers: ContainerArgs,
     /// Size limit of this project's caches in the data directory (`cache:` in the pipeline),

@@ -53,6 +53,13 @@ pub async fn dispatch(command: Command) -> anyhow::Result<ExitCode> {
 
 async fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
     let text = local_run::read_pipeline(&args.file)?;
+    let usage = match crate::agent::machine_class(args.machine_class.clone()) {
+        Some(machine_class) => Some(tributary_agent::UsageMeter {
+            machine_class,
+            interval: crate::agent::secs(args.usage_interval, "--usage-interval")?,
+        }),
+        None => None,
+    };
     let workdir = args
         .file
         .canonicalize()
@@ -129,6 +136,7 @@ async fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
                 .to_string(),
         ),
         cache_limit: args.cache_limit,
+        usage,
     };
     let (status, _reason) = local_run::drive(cfg, from, cancel).await?;
     ctrl_c.abort();
@@ -356,26 +364,65 @@ async fn replay_cmd(args: ReplayArgs) -> anyhow::Result<ExitCode> {
     let backends = args.backends.resolve()?;
     let log = backends.open_log().await?;
     let store = backends.open_store().await?;
+    // Metering replays a one-partition log (the embedded one, or Kafka with one partition).
+    let metering = if log.layout().partitions() == 1 {
+        let path = backends.data.join("metering.db");
+        Some(
+            tributary_metering::MeteringStore::open(&path)
+                .await
+                .with_context(|| {
+                    format!("cannot open the metering read model {}", path.display())
+                })?,
+        )
+    } else {
+        println!(
+            "metering: not replayed (it replays a one-partition log; this one has {} partitions)",
+            log.layout().partitions()
+        );
+        None
+    };
     if args.check {
-        return match replay::check(log.as_ref(), &store).await? {
+        let mut same = true;
+        match replay::check(log.as_ref(), &store).await? {
             None => {
                 let offsets = store.next_offsets().await?;
                 if log.layout().partitions() == 1 {
                     let at = offsets.get(&0).copied().unwrap_or(0);
-                    println!("read models match a replay of the log up to offset {at}");
+                    println!("builds read model matches a replay of the log up to offset {at}");
                 } else {
                     println!(
-                        "read models match a replay of the log up to these offsets \
+                        "builds read model matches a replay of the log up to these offsets \
                          (partition: next offset): {offsets:?}"
                     );
                 }
-                Ok(ExitCode::SUCCESS)
             }
             Some(divergence) => {
-                println!("MISMATCH: {divergence}");
-                Ok(ExitCode::from(1))
+                println!("MISMATCH in the builds read model: {divergence}");
+                same = false;
             }
-        };
+        }
+        if let Some(metering) = &metering {
+            let (diffs, at) = tributary_metering::audit::check(log.clone(), metering)
+                .await
+                .context("cannot replay the log into a metering state")?;
+            match diffs.first() {
+                None => {
+                    println!("metering read model matches a replay of the log up to offset {at}")
+                }
+                Some(first) => {
+                    println!(
+                        "MISMATCH in the metering read model ({} rows differ), the first: {first}",
+                        diffs.len()
+                    );
+                    same = false;
+                }
+            }
+        }
+        return Ok(if same {
+            ExitCode::SUCCESS
+        } else {
+            ExitCode::from(1)
+        });
     }
     if let (Some(url), tributary_projections::store::Engine::Postgres) =
         (&backends.database, store.engine())
@@ -387,16 +434,22 @@ async fn replay_cmd(args: ReplayArgs) -> anyhow::Result<ExitCode> {
             "rebuilt the builds read model into fresh tables and swapped them in \
              (partition: next offset): {offsets:?}"
         );
-        return Ok(ExitCode::SUCCESS);
-    }
-    let end = replay::rebuild(log.as_ref(), &store)
-        .await
-        .context("replay failed; the stored read models are unchanged")?;
-    if log.layout().partitions() == 1 {
-        println!("rebuilt the builds read model from offsets 0..{end}");
     } else {
-        let offsets = store.next_offsets().await?;
-        println!("rebuilt the builds read model from every events partition: {offsets:?}");
+        let end = replay::rebuild(log.as_ref(), &store)
+            .await
+            .context("replay failed; the stored read models are unchanged")?;
+        if log.layout().partitions() == 1 {
+            println!("rebuilt the builds read model from offsets 0..{end}");
+        } else {
+            let offsets = store.next_offsets().await?;
+            println!("rebuilt the builds read model from every events partition: {offsets:?}");
+        }
+    }
+    if let Some(metering) = &metering {
+        let end = tributary_metering::audit::rebuild(log.clone(), metering)
+            .await
+            .context("replaying metering failed; metering.db is unchanged")?;
+        println!("rebuilt the metering read model (metering.db) from offsets 0..{end}");
     }
     Ok(ExitCode::SUCCESS)
 }

@@ -1,6 +1,10 @@
 //! `tributary run`: the local simulator. The same scheduler decisions, executor and events as
 //! the server, with the log in the local data directory and one in-process agent.
 //!
+//! Its in-process agent meters jobs exactly like `tributary agent` (UsageTick events from the
+//! agent crate's attempt runner), so metering, `invoice` and `audit` work on a local data
+//! directory too.
+//!
 //! The driver never keeps state on the side: it folds the log into a [`SchedulerState`],
 //! asks [`decide`] what to do, appends the decisions, and waits until it has folded its own
 //! appends back from the log before deciding again.
@@ -117,6 +121,8 @@ pub struct DriveConfig {
     pub pipeline_file: Option<String>,
     /// The project's cache size limit in bytes (0 = none).
     pub cache_limit: u64,
+    /// UsageTick events while jobs run (the agents' own meter); `None`: no usage.
+    pub usage: Option<tributary_agent::UsageMeter>,
 }
 
 /// Drives one build to its end: folds the log (other builds only for what they left: runs
@@ -261,6 +267,7 @@ pub async fn drive(
                     objects: cfg.objects.clone(),
                     container: cfg.container.clone(),
                     pipeline_file: cfg.pipeline_file.clone(),
+                    usage: cfg.usage.clone(),
                     ..agent::AttemptOptions::default()
                 },
             ));

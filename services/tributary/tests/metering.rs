@@ -44,18 +44,7 @@ fn audit(s: &Server, extra: &[&str]) -> (bool, String) {
 }
 
 fn sql(s: &Server, db: &str, statement: &str) {
-    let path = s.data().join(db);
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .unwrap();
-    rt.block_on(async {
-        let opts = sqlx::sqlite::SqliteConnectOptions::new().filename(&path);
-        let pool = sqlx::SqlitePool::connect_with(opts).await.unwrap();
-        let done = sqlx::query(statement).execute(&pool).await.unwrap();
-        assert!(done.rows_affected() > 0, "{statement} changed nothing");
-        pool.close().await;
-    });
+    common::sql(&s.data().join(db), statement);
 }
 
 fn millis(v: &Value) -> u64 {

@@ -1,8 +1,12 @@
 //! End to end: the real `tributary` binary runs real pipelines with real `sh` processes on
 //! the embedded SQLite log; we check exit codes, the events on the log and the read model.
 
+mod common;
+
 use std::path::Path;
 use std::process::{Command, Output};
+
+use common::sql;
 
 use serde_json::Value;
 
@@ -253,4 +257,134 @@ fn missing_pipeline_file_says_what_to_do() {
         "{stderr}"
     );
     assert!(stderr.contains("-f FILE"), "{stderr}");
+}
+
+/// A local run meters its jobs like an agent (UsageTick events, tenant `local`), so `invoice`
+/// and `audit` work on its data directory; `replay` rebuilds metering.db too and `replay
+/// --check` compares it.
+#[test]
+fn a_local_run_is_metered_and_replay_rebuilds_metering() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(
+        dir.path().join("ci.yml"),
+        "jobs:\n  slow:\n    steps:\n      - run: sleep 1.5\n  quick:\n    steps:\n      - run: echo hi\n",
+    )
+    .unwrap();
+    let out = tributary(
+        dir.path(),
+        &[
+            "run",
+            "-f",
+            "ci.yml",
+            "--data",
+            "state",
+            "--plain",
+            "--machine-class",
+            "laptop-1cpu",
+            "--usage-interval",
+            "0.5",
+        ],
+    );
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let all = tributary(dir.path(), &["events", "--data", "state", "--json"]);
+    let all: Vec<Value> = String::from_utf8_lossy(&all.stdout)
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    let ticks = of_type(&all, "usage_tick");
+    for job in ["slow", "quick"] {
+        let mine: Vec<&&Value> = ticks.iter().filter(|t| t["job"] == job).collect();
+        assert!(
+            mine.last().is_some_and(|t| t["last"] == true),
+            "{job} ends with a last tick: {mine:?}"
+        );
+        assert!(mine.iter().all(|t| t["machine_class"] == "laptop-1cpu"
+            && t["tenant"] == "local"
+            && t["agent_id"] == "local"));
+        assert!(
+            offset_of(&all, "job_finished", job) > mine.last().unwrap()["offset"].as_u64().unwrap()
+        );
+    }
+    let slow: Vec<&&Value> = ticks.iter().filter(|t| t["job"] == "slow").collect();
+    assert!(
+        slow.len() >= 3,
+        "a tick every 0.5 s of a 1.5 s job: {slow:?}"
+    );
+    let total: u64 = ticks.iter().map(|t| t["millis"].as_u64().unwrap()).sum();
+    assert!(total >= 1500, "{total} ms");
+
+    // The invoice of the local data directory bills exactly the ticks.
+    let period = String::from_utf8_lossy(
+        &Command::new("date")
+            .args(["-u", "+%Y-%m"])
+            .output()
+            .unwrap()
+            .stdout,
+    )
+    .trim()
+    .to_owned();
+    let invoice = |dir: &Path| -> Value {
+        let out = tributary(
+            dir,
+            &[
+                "invoice", "--data", "state", "--period", &period, "--format", "json",
+            ],
+        );
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        serde_json::from_slice(&out.stdout).unwrap()
+    };
+    let inv = invoice(dir.path());
+    let billed: u64 = inv["lines"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|l| l["machine_class"] == "laptop-1cpu")
+        .map(|l| l["millis"].as_u64().unwrap_or(0))
+        .sum();
+    assert_eq!(billed, total, "{inv}");
+    let audit = tributary(dir.path(), &["audit", "--data", "state"]);
+    let text = String::from_utf8_lossy(&audit.stdout);
+    assert!(
+        audit.status.success() && text.contains("audit: OK"),
+        "{text}"
+    );
+
+    // replay --check compares metering.db too: a tampered row is found, `replay` repairs it.
+    let check = |dir: &Path| {
+        let out = tributary(dir, &["replay", "--data", "state", "--check"]);
+        (
+            out.status.success(),
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+        )
+    };
+    let (ok, text) = check(dir.path());
+    assert!(ok && text.contains("metering read model matches"), "{text}");
+    sql(
+        &dir.path().join("state/metering.db"),
+        "UPDATE usage_daily SET millis = millis + 60000",
+    );
+    let (ok, text) = check(dir.path());
+    assert!(!ok, "{text}");
+    assert!(
+        text.contains("MISMATCH in the metering read model") && text.contains("usage local/"),
+        "{text}"
+    );
+    let rebuilt = tributary(dir.path(), &["replay", "--data", "state"]);
+    let text = String::from_utf8_lossy(&rebuilt.stdout);
+    assert!(
+        rebuilt.status.success() && text.contains("rebuilt the metering read model"),
+        "{text}"
+    );
+    let (ok, text) = check(dir.path());
+    assert!(ok, "{text}");
+    assert_eq!(invoice(dir.path()), inv, "the rebuilt model bills the same");
 }
