@@ -11,6 +11,7 @@ use tributary_proto::events::Envelope;
 
 use crate::fold::MeteringState;
 use crate::store::MeteringStore;
+use crate::view::view;
 use crate::MeteringError;
 
 /// Reads `[0, end)` and calls `f` for every decodable event, in offset order. Three stages
@@ -83,13 +84,41 @@ pub async fn replay_log(
     Ok(malformed)
 }
 
-/// A fresh metering state from `[0, end)`.
+/// A fresh metering state from `[0, end)`: two stages overlap, the log's reader and this
+/// task, which reads each record through [`view`] (usage ticks borrowed from the record's
+/// bytes, events metering does not fold never decoded) and folds it.
 pub async fn replay(log: Arc<dyn EventLog>, end: u64) -> Result<MeteringState, MeteringError> {
+    const BATCH: usize = 16_384;
+    let (tx, mut rx) = tokio::sync::mpsc::channel::<Result<Vec<Record>, MeteringError>>(4);
+    let reader = tokio::spawn(async move {
+        let mut next = 0;
+        while next < end {
+            let records = log.read(next, BATCH).await.map_err(MeteringError::from);
+            if let Ok(records) = &records {
+                match records.last() {
+                    Some(last) => next = last.offset + 1,
+                    None => break,
+                }
+            }
+            let failed = records.is_err();
+            if tx.send(records).await.is_err() || failed {
+                break;
+            }
+        }
+    });
     let mut state = MeteringState::default();
-    replay_log(log, end, |offset, env| {
-        state.apply(offset, env);
-    })
-    .await?;
+    while let Some(batch) = rx.recv().await {
+        for record in &batch? {
+            if record.offset >= end {
+                break;
+            }
+            // A malformed record is skipped, as every fold skips it.
+            if let Ok(event) = view(&record.data) {
+                state.apply_view(record.offset, &event);
+            }
+        }
+    }
+    let _ = reader.await;
     Ok(state)
 }
 

@@ -25,6 +25,7 @@ use tributary_proto::events::{envelope::Payload, Envelope, InvoiceIssued, UsageT
 use crate::calendar::{for_each_day, Day, Period};
 use crate::invoice::{price, Invoice};
 use crate::plan::PricePlan;
+use crate::view::{Tick, View};
 
 /// One job attempt of one build.
 #[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -245,11 +246,21 @@ impl MeteringState {
     /// Applies the event at `offset`.
     pub fn apply(&mut self, offset: u64, env: &Envelope) -> Effect {
         match &env.payload {
-            Some(Payload::UsageTick(t)) => self.apply_tick(offset, env, t),
+            Some(Payload::UsageTick(t)) => self.apply_tick(offset, &Tick::of(env, t)),
             Some(Payload::JobFinished(e)) => self.end_attempt(&env.build_id, &e.job, e.attempt),
             Some(Payload::JobRequeued(e)) => self.end_attempt(&env.build_id, &e.job, e.attempt),
             Some(Payload::InvoiceIssued(inv)) => self.apply_invoice(offset, env, inv),
             _ => Effect::Nothing,
+        }
+    }
+
+    /// Applies the event at `offset` as [`crate::view::view`] read it: the same effect as
+    /// [`MeteringState::apply`] on the decoded event.
+    pub fn apply_view(&mut self, offset: u64, event: &View<'_>) -> Effect {
+        match event {
+            View::Tick(t) => self.apply_tick(offset, t),
+            View::Decoded(env) => self.apply(offset, env),
+            View::Skip => Effect::Nothing,
         }
     }
 
@@ -271,10 +282,10 @@ impl MeteringState {
         }
     }
 
-    fn apply_tick(&mut self, offset: u64, env: &Envelope, t: &UsageTick) -> Effect {
+    fn apply_tick(&mut self, offset: u64, t: &Tick<'_>) -> Effect {
         let sc = &mut self.scratch;
-        set(&mut sc.attempt.build_id, &env.build_id);
-        set(&mut sc.attempt.job, &t.job);
+        set(&mut sc.attempt.build_id, t.build_id);
+        set(&mut sc.attempt.job, t.job);
         sc.attempt.attempt = t.attempt;
         let a = match self.attempts.get_mut(&sc.attempt) {
             Some(a) => a,
@@ -282,13 +293,13 @@ impl MeteringState {
                 .attempts
                 .entry(sc.attempt.clone())
                 .or_insert_with(|| AttemptUsage {
-                    tenant: env.tenant.clone(),
-                    project: env.project.clone(),
-                    machine_class: t.machine_class.clone(),
+                    tenant: t.tenant.to_owned(),
+                    project: t.project.to_owned(),
+                    machine_class: t.machine_class.to_owned(),
                     ..AttemptUsage::default()
                 }),
         };
-        if !a.seqs.insert(t.seq, &env.event_id) {
+        if !a.seqs.insert(t.seq, t.event_id) {
             return Effect::Duplicate;
         }
         a.millis = a.millis.saturating_add(t.millis);
@@ -298,15 +309,15 @@ impl MeteringState {
         if self.track && !self.dirty.attempts.contains(&sc.attempt) {
             self.dirty.attempts.insert(sc.attempt.clone());
         }
-        let (start, end) = interval(env, t);
-        set(&mut sc.usage.tenant, &env.tenant);
-        set(&mut sc.usage.project, &env.project);
-        set(&mut sc.usage.machine_class, &t.machine_class);
-        set(&mut sc.part.tenant, &env.tenant);
-        set(&mut sc.part.build_id, &env.build_id);
-        set(&mut sc.part.job, &t.job);
+        let (start, end) = tick_interval(t);
+        set(&mut sc.usage.tenant, t.tenant);
+        set(&mut sc.usage.project, t.project);
+        set(&mut sc.usage.machine_class, t.machine_class);
+        set(&mut sc.part.tenant, t.tenant);
+        set(&mut sc.part.build_id, t.build_id);
+        set(&mut sc.part.job, t.job);
         sc.part.attempt = t.attempt;
-        set(&mut sc.part.machine_class, &t.machine_class);
+        set(&mut sc.part.machine_class, t.machine_class);
         let (usage, parts, part_keys, dirty, track) = (
             &mut self.usage,
             &mut self.parts,
@@ -328,7 +339,7 @@ impl MeteringState {
                 None => {
                     part_keys.insert(sc.part.clone());
                     parts.entry(sc.part.clone()).or_insert_with(|| Part {
-                        project: env.project.clone(),
+                        project: t.project.to_owned(),
                         ..Part::default()
                     })
                 }
@@ -431,10 +442,14 @@ impl MeteringState {
 /// The wall-clock interval a tick covers: its own, or (older agents) the `millis` before the
 /// envelope's time.
 pub fn interval(env: &Envelope, t: &UsageTick) -> (i64, i64) {
+    tick_interval(&Tick::of(env, t))
+}
+
+fn tick_interval(t: &Tick<'_>) -> (i64, i64) {
     if t.end_us > 0 && t.end_us >= t.start_us {
         (t.start_us, t.end_us)
     } else {
         let len = i64::try_from(t.millis.saturating_mul(1000)).unwrap_or(i64::MAX);
-        (env.time_us.saturating_sub(len), env.time_us)
+        (t.time_us.saturating_sub(len), t.time_us)
     }
 }

@@ -9,7 +9,10 @@
 //! * [`store`] + [`projector`]: the read model in SQLite with its consumer offset, written in
 //!   one transaction per batch.
 //! * [`service`]: the shell: follows the log, appends InvoiceIssued when a month is over.
-//! * [`audit`]: replays the log into a fresh state and compares it with the stored one.
+//! * [`audit`]: replays the log into a fresh state and compares it with the stored one;
+//!   rebuilds `metering.db` (`tributary replay`).
+//! * [`view`]: reads what metering needs of an encoded event without decoding all of it
+//!   (borrowed usage ticks: the replay's hot path).
 
 pub mod audit;
 pub mod calendar;
@@ -19,6 +22,7 @@ pub mod plan;
 pub mod projector;
 pub mod service;
 pub mod store;
+pub mod view;
 
 pub use calendar::{Day, Period};
 pub use fold::{Effect, MeteringState};

@@ -7,6 +7,7 @@ use tributary_eventlog::{EventLog, Record};
 
 use crate::fold::{Effect, MeteringState};
 use crate::store::MeteringStore;
+use crate::view::view;
 use crate::MeteringError;
 
 pub struct MeteringProjector {
@@ -59,13 +60,13 @@ impl MeteringProjector {
             if record.offset < self.next_offset {
                 continue;
             }
-            match record.decode() {
-                Ok(env) => {
-                    let effect = self.state.apply(record.offset, &env);
+            match view(&record.data) {
+                Ok(event) => {
+                    let effect = self.state.apply_view(record.offset, &event);
                     match &effect {
                         Effect::Nothing | Effect::Counted | Effect::Ended => {}
                         Effect::Duplicate => {
-                            tracing::debug!(offset = record.offset, build_id = %env.build_id, "duplicate usage tick ignored")
+                            tracing::debug!(offset = record.offset, build_id = %record.key, "duplicate usage tick ignored")
                         }
                         Effect::Accepted { tenant, period } => {
                             tracing::info!(offset = record.offset, %tenant, %period, "invoice issued")
