@@ -78,17 +78,7 @@ pub async fn page(
         Some(p) => Period::parse(p).map_err(|e| WebError::BadRequest(e).in_page(&session))?,
     };
     let Some(metering) = &state.metering else {
-        return Ok(shell(
-            &session,
-            period,
-            html! {
-                p.notice #no-metering {
-                    "Metering is not running on this server, so there is no usage to show. "
-                    "It runs inside " code { "tributary up" } ", or on its own with "
-                    code { "tributary serve metering --data DIR" } "."
-                }
-            },
-        ));
+        return Ok(shell(&session, period, no_metering()));
     };
     let tenant = session.who.tenant.clone();
     let log = state.api.log.as_ref();
@@ -110,6 +100,17 @@ pub async fn page(
         period,
         body(period, &rows, &usage, &metering.plan, behind),
     ))
+}
+
+/// What the page says on a server that does not run metering.
+fn no_metering() -> Markup {
+    html! {
+        p.notice #no-metering {
+            "Metering is not running on this server, so there is no usage to show. "
+            "It runs inside " code { "tributary up" } ", or on its own with "
+            code { "tributary serve metering --data DIR" } "."
+        }
+    }
 }
 
 fn shell(session: &Session, period: Period, content: Markup) -> Markup {
@@ -282,5 +283,34 @@ mod tests {
             prev(Period::parse("2026-01").unwrap()).to_string(),
             "2025-12"
         );
+    }
+
+    #[test]
+    fn missing_or_lagging_metering_is_said_plainly() {
+        assert!(no_metering()
+            .into_string()
+            .contains("Metering is not running on this server"));
+        let plan = PricePlan::builtin();
+        let usage = TenantUsage {
+            days: Vec::new(),
+            current: Invoice {
+                period: "2026-11".into(),
+                status: "live".into(),
+                ..Invoice::default()
+            },
+            issued: Vec::new(),
+        };
+        let period = Period::parse("2026-11").unwrap();
+        let html = body(period, &[], &usage, &plan, Some(Behind { at: 10, end: 42 })).into_string();
+        assert!(
+            html.contains("metering is behind the log (at offset 10 of 42)"),
+            "{html}"
+        );
+        assert!(
+            html.contains("No machine time metered in 2026-11"),
+            "{html}"
+        );
+        let html = body(period, &[], &usage, &plan, None).into_string();
+        assert!(!html.contains("behind"), "{html}");
     }
 }
