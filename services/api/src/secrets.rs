@@ -150,12 +150,10 @@ impl Secrets for SecretsApi {
             sealed_value: key.seal(&req.value),
             who,
         };
-        let offsets = self
-            .state
-            .append(&[directory_event(&tenant, Payload::SecretSet(set))])
-            .await?;
+        let events = [directory_event(&tenant, Payload::SecretSet(set))];
+        let offsets = self.state.append(&events).await?;
         self.state
-            .wait_directory(offsets.last().map_or(0, |o| o + 1))
+            .wait_directory(&self.state.mark_after(&events, &offsets))
             .await?;
         tracing::info!(tenant = %tenant, project = %req.project, name = %req.name, "secret set");
         let stored = self.state.directory(|d| {
@@ -202,12 +200,10 @@ impl Secrets for SecretsApi {
             name: req.name.clone(),
             who,
         };
-        let offsets = self
-            .state
-            .append(&[directory_event(&tenant, Payload::SecretDeleted(deleted))])
-            .await?;
+        let events = [directory_event(&tenant, Payload::SecretDeleted(deleted))];
+        let offsets = self.state.append(&events).await?;
         self.state
-            .wait_directory(offsets.last().map_or(0, |o| o + 1))
+            .wait_directory(&self.state.mark_after(&events, &offsets))
             .await?;
         tracing::info!(tenant = %tenant, project = %req.project, name = %req.name, "secret deleted");
         Ok(Response::new(DeleteSecretResponse {}))

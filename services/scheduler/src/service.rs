@@ -180,3 +180,42 @@ fn envelope(
         payload,
     ))
 }
+
+/// Ownership from a consumer group: joins `group` on the events topic and keeps
+/// `assigned` equal to the member's partitions. On a revoke it waits until the scheduler no
+/// longer decides for the revoked partitions (`deciding`) before acknowledging, so the next
+/// owner never decides beside this one. Records the member receives are not needed (the
+/// scheduler reads every partition itself) and are dropped. Leaves the group when `stop` fires.
+pub async fn own_by_group(
+    log: Arc<dyn EventLog>,
+    group: &str,
+    assigned: watch::Sender<BTreeSet<Partition>>,
+    mut deciding: watch::Receiver<BTreeSet<Partition>>,
+    stop: CancellationToken,
+) -> Result<(), LogError> {
+    let mut member = log.join_group(group, &[Topic::Events]).await?;
+    loop {
+        let event = tokio::select! {
+            event = member.next() => event?,
+            () = stop.cancelled() => break,
+        };
+        match event {
+            tributary_eventlog::GroupEvent::Assigned(gained) => {
+                tracing::info!(?gained, "scheduler: partitions assigned");
+                assigned.send_modify(|a| a.extend(gained.iter().copied()));
+            }
+            tributary_eventlog::GroupEvent::Revoked(lost) => {
+                tracing::info!(?lost, "scheduler: partitions revoked");
+                assigned.send_modify(|a| a.retain(|p| !lost.contains(p)));
+                let released = deciding.wait_for(|d| lost.iter().all(|p| !d.contains(p)));
+                tokio::select! {
+                    r = released => { r.map_err(|_| LogError::Closed)?; }
+                    () = stop.cancelled() => break,
+                }
+            }
+            tributary_eventlog::GroupEvent::Records(_) => {}
+        }
+    }
+    assigned.send_modify(BTreeSet::clear);
+    member.leave().await
+}

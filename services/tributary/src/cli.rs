@@ -660,6 +660,11 @@ pub enum ServeCommand {
     /// it). Stateless: run as many replicas as you like behind one address; give each the same
     /// --admin-token-file and --server-key-file.
     Api(crate::serve::ServeApiArgs),
+    /// The scheduler as its own process: queues, leases, requeues, timeouts and retries, as
+    /// appended decisions. Replicas split the events partitions through Kafka consumer group
+    /// `scheduler` (a rebalance hands a partition over only once its old owner stopped deciding
+    /// for it); each folds every partition, since agents and leases span them all.
+    Scheduler(crate::serve::ServeSchedulerArgs),
     /// The metering service: folds usage ticks into usage per tenant, project, machine class
     /// and day (DIR/metering.db), and issues each tenant's invoice when a month is over.
     /// `tributary up` runs it too; run it alone when the API runs elsewhere on the same log.

@@ -43,6 +43,9 @@ pub async fn dispatch(command: Command) -> anyhow::Result<ExitCode> {
             crate::projector::serve(args).await
         }
         Command::Serve(crate::cli::ServeCommand::Api(args)) => crate::serve::api(args).await,
+        Command::Serve(crate::cli::ServeCommand::Scheduler(args)) => {
+            crate::serve::scheduler(args).await
+        }
         Command::Serve(crate::cli::ServeCommand::Metering(args)) => {
             crate::metering::serve(args).await
         }

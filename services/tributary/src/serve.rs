@@ -165,3 +165,81 @@ async fn register_admin_token(
     log.append(&events).await?;
     Ok(())
 }
+
+#[derive(Debug, Args)]
+pub struct ServeSchedulerArgs {
+    #[command(flatten)]
+    pub backends: crate::backends::BackendArgs,
+    /// Seconds without a heartbeat after which an agent is lost and its jobs are requeued.
+    #[arg(long, value_name = "SECS", default_value_t = 10.0)]
+    pub lease_ttl: f64,
+    #[command(flatten)]
+    pub health: crate::health::HealthArgs,
+}
+
+/// `tributary serve scheduler`: a member of consumer group `scheduler` on the events topic;
+/// it folds every partition and decides for the builds of the partitions the group gives it.
+pub async fn scheduler(args: ServeSchedulerArgs) -> anyhow::Result<ExitCode> {
+    use std::collections::BTreeSet;
+    use tributary_scheduler::service;
+
+    let backends = args.backends.resolve()?;
+    let log = backends.open_log().await?;
+    let _health = crate::health::start(&args.health, "scheduler").await?;
+    if !(args.lease_ttl.is_finite() && args.lease_ttl > 0.0) {
+        anyhow::bail!("--lease-ttl must be a positive number of seconds");
+    }
+    let ttl_us = (args.lease_ttl * 1e6) as i64;
+    let config = tributary_scheduler::cluster::ClusterConfig {
+        lease_ttl_us: ttl_us,
+        agent_ttl_us: ttl_us,
+        ..Default::default()
+    };
+    let stop = CancellationToken::new();
+    let (assigned_tx, assigned_rx) = tokio::sync::watch::channel(BTreeSet::new());
+    let (partitions, deciding_rx) = service::Partitions::new(assigned_rx);
+    let mut owner = tokio::spawn(service::own_by_group(
+        log.clone(),
+        "scheduler",
+        assigned_tx,
+        deciding_rx,
+        stop.clone(),
+    ));
+    let mut decider = tokio::spawn(service::run(
+        log.clone(),
+        config,
+        std::time::Duration::from_millis(250),
+        partitions,
+        stop.clone(),
+    ));
+    println!(
+        "tributary scheduler: log {}, member of consumer group `scheduler`",
+        backends.log_location()
+    );
+    let _ = std::io::stdout().flush();
+    let first = tokio::select! {
+        () = crate::server::wait_for_signal() => None,
+        r = &mut owner => Some(("group membership", r)),
+        r = &mut decider => Some(("scheduling", r)),
+    };
+    stop.cancel();
+    let failed = match first {
+        Some((what, Ok(Err(e)))) => Some(format!("{what} stopped: {e}")),
+        Some((what, Err(e))) => Some(format!("{what} panicked: {e}")),
+        Some((_, Ok(Ok(())))) | None => None,
+    };
+    if let Some(failed) = failed {
+        anyhow::bail!("the scheduler stopped: {failed}");
+    }
+    for (what, task) in [("group membership", owner), ("scheduling", decider)] {
+        if task.is_finished() {
+            continue;
+        }
+        match task.await {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => tracing::error!(error = %e, "{what} stopped with an error"),
+            Err(e) => tracing::error!(error = %e, "{what} panicked"),
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}
