@@ -42,7 +42,7 @@ stop() {
             local pid
             pid=$(cat "$run/$name.pid")
             # Only our own binary: a stale pid file may name someone else's process by now.
-            if tr '\0' ' ' <"/proc/$pid/cmdline" 2>/dev/null | grep -q "^$bin/$name "; then
+            if { tr '\0' ' ' <"/proc/$pid/cmdline"; } 2>/dev/null | grep -q "^$bin/$name "; then
                 kill "$pid" 2>/dev/null || true
                 for _ in $(seq 1 50); do kill -0 "$pid" 2>/dev/null || break; sleep 0.1; done
             fi
