@@ -192,7 +192,9 @@ if [ "$WITH_SERVICE" = 1 ]; then
     mkdir -p "$(dirname "$SOCK")"
     rm -f "$SOCK"
     # setsid: own session, survives the caller; stdio detached so $(...) callers do not hang
-    setsid podman system service --time=0 "unix://$SOCK" > "$LOGFILE" 2>&1 < /dev/null &
+    # From /: conmon inherits the service's working directory and fails ("Failed to get working
+    # directory") for every container once that directory is deleted (a removed checkout).
+    (cd / && exec setsid podman system service --time=0 "unix://$SOCK") > "$LOGFILE" 2>&1 < /dev/null &
     echo $! > "$PIDFILE"
     for _ in $(seq 100); do ping_ok && break; sleep 0.1; done
     ping_ok || { tail -n 20 "$LOGFILE" >&2 || true; fail "podman system service did not answer on unix://$SOCK within 10 s"; }
