@@ -56,6 +56,9 @@ fn kubeconfig() -> PathBuf {
 }
 
 async fn client() -> Client {
+    // In a workspace build ring and aws-lc-rs are both compiled in (object_store brings
+    // aws-lc-rs): kube's TLS needs one chosen, as the provider's own `connect` does.
+    let _ = rustls::crypto::ring::default_provider().install_default();
     let path = kubeconfig();
     let kc = kube::config::Kubeconfig::read_from(&path).unwrap();
     let config = kube::Config::from_custom_kubeconfig(kc, &Default::default())
