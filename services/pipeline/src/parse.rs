@@ -958,45 +958,17 @@ impl Parser<'_, '_> {
             }
             _ => (key, value),
         };
-        let entries: Vec<(&Node, Owner<'_>)> = match value {
-            Node::Sequence(list) => list
-                .iter()
-                .enumerate()
-                .map(|(i, n)| (n, Owner::Entry(list, i)))
-                .collect(),
-            Node::Scalar(_) => vec![(value, Owner::Key(list_owner_key))],
-            Node::Mapping(_) => {
-                return Err(self.wrong_type(
-                    value,
-                    Owner::Key(list_owner_key),
-                    "a file pattern or a list of file patterns",
-                    &what,
-                ))
-            }
-        };
-        if entries.is_empty() {
-            return Err(self.err(
-                self.src.loc(value, Owner::Key(list_owner_key)),
-                format!("{what} is an empty list; add a file pattern, or remove `artifacts`"),
-            ));
-        }
-        let mut patterns = Vec::with_capacity(entries.len());
-        for (node, owner) in entries {
-            let text = self.non_empty_string(
-                node,
-                owner,
-                &format!("a pattern in {what}"),
-                "give a file pattern relative to the workspace, e.g. `dist/*.tar.gz`",
-            )?;
-            if let Some(problem) = crate::artifacts::pattern_problem(&text.value) {
-                return Err(self.err(
-                    text.loc,
-                    format!("pattern {:?} in {what} {problem}", text.value),
-                ));
-            }
-            patterns.push(text);
-        }
-        Ok(patterns)
+        self.patterns(
+            value,
+            list_owner_key,
+            &Patterns {
+                list: &what,
+                noun: "pattern",
+                expected: "a file pattern or a list of file patterns",
+                add: "add a file pattern, or remove `artifacts`",
+                hint: "give a file pattern relative to the workspace, e.g. `dist/*.tar.gz`",
+            },
+        )
     }
 }
 
@@ -1114,6 +1086,34 @@ impl Parser<'_, '_> {
     }
 
     fn cache_paths(&self, what: &str, key: &MarkedScalarNode, value: &Node) -> Result<Vec<Text>> {
+        self.patterns(
+            value,
+            key,
+            &Patterns {
+                list: &format!("`paths` of {what}"),
+                noun: "path",
+                expected: "a path pattern or a list of them",
+                add: "add a path, e.g. `paths: [target]`",
+                hint: "give a path relative to the workspace, e.g. `target`",
+            },
+        )
+    }
+
+    /// A pattern or a non-empty list of patterns relative to the workspace (`artifacts`, a
+    /// cache's `paths`), each checked by [`crate::artifacts::pattern_problem`].
+    fn patterns(
+        &self,
+        value: &Node,
+        key: &MarkedScalarNode,
+        words: &Patterns<'_>,
+    ) -> Result<Vec<Text>> {
+        let Patterns {
+            list,
+            noun,
+            expected,
+            add,
+            hint,
+        } = words;
         let entries: Vec<(&Node, Owner<'_>)> = match value {
             Node::Sequence(list) => list
                 .iter()
@@ -1122,37 +1122,27 @@ impl Parser<'_, '_> {
                 .collect(),
             Node::Scalar(_) => vec![(value, Owner::Key(key))],
             Node::Mapping(_) => {
-                return Err(self.wrong_type(
-                    value,
-                    Owner::Key(key),
-                    "a path pattern or a list of them",
-                    &format!("`paths` of {what}"),
-                ))
+                return Err(self.wrong_type(value, Owner::Key(key), expected, list))
             }
         };
         if entries.is_empty() {
             return Err(self.err(
                 self.src.loc(value, Owner::Key(key)),
-                format!("`paths` of {what} is an empty list; add a path, e.g. `paths: [target]`"),
+                format!("{list} is an empty list; {add}"),
             ));
         }
-        let mut paths = Vec::with_capacity(entries.len());
+        let mut patterns = Vec::with_capacity(entries.len());
         for (node, owner) in entries {
-            let text = self.non_empty_string(
-                node,
-                owner,
-                &format!("a path in `paths` of {what}"),
-                "give a path relative to the workspace, e.g. `target`",
-            )?;
+            let text = self.non_empty_string(node, owner, &format!("a {noun} in {list}"), hint)?;
             if let Some(problem) = crate::artifacts::pattern_problem(&text.value) {
                 return Err(self.err(
                     text.loc,
-                    format!("path {:?} in `paths` of {what} {problem}", text.value),
+                    format!("{noun} {:?} in {list} {problem}", text.value),
                 ));
             }
-            paths.push(text);
+            patterns.push(text);
         }
-        Ok(paths)
+        Ok(patterns)
     }
 
     /// `reuse: commit`.
@@ -1270,4 +1260,18 @@ mod tests {
             Err(DurationError::TooLarge)
         );
     }
+}
+
+/// How errors name a list of patterns ([`Parser::patterns`]).
+struct Patterns<'a> {
+    /// The list, e.g. "`artifacts` of job \"build\"".
+    list: &'a str,
+    /// One entry: "pattern" or "path".
+    noun: &'a str,
+    /// The expected type, for a wrong one.
+    expected: &'a str,
+    /// What to do about an empty list.
+    add: &'a str,
+    /// What to do about an empty entry.
+    hint: &'a str,
 }
