@@ -1232,6 +1232,20 @@ pub(crate) fn parse_duration(text: &str) -> std::result::Result<u64, DurationErr
     Ok(total)
 }
 
+/// How errors name a list of patterns ([`Parser::patterns`]).
+struct Patterns<'a> {
+    /// The list, e.g. "`artifacts` of job \"build\"".
+    list: &'a str,
+    /// One entry: "pattern" or "path".
+    noun: &'a str,
+    /// The expected type, for a wrong one.
+    expected: &'a str,
+    /// What to do about an empty list.
+    add: &'a str,
+    /// What to do about an empty entry.
+    hint: &'a str,
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -1260,18 +1274,4 @@ mod tests {
             Err(DurationError::TooLarge)
         );
     }
-}
-
-/// How errors name a list of patterns ([`Parser::patterns`]).
-struct Patterns<'a> {
-    /// The list, e.g. "`artifacts` of job \"build\"".
-    list: &'a str,
-    /// One entry: "pattern" or "path".
-    noun: &'a str,
-    /// The expected type, for a wrong one.
-    expected: &'a str,
-    /// What to do about an empty list.
-    add: &'a str,
-    /// What to do about an empty entry.
-    hint: &'a str,
 }
