@@ -134,7 +134,7 @@ fn read_or_create_token(path: &Path) -> anyhow::Result<String> {
 }
 
 /// Puts the admin token's sha256 (and, first, the default tenant) on the log.
-async fn register_admin_token(
+pub(crate) async fn register_admin_token(
     log: &dyn EventLog,
     sha256: &str,
     with_tenant: bool,

@@ -13,7 +13,6 @@ use anyhow::Context;
 use tokio_util::sync::CancellationToken;
 use tributary_agent::AgentConfig;
 use tributary_eventlog::EventLog;
-use tributary_proto::events::{envelope::Payload, Envelope, TenantCreated, TokenIssued};
 use tributary_scheduler::cluster::ClusterConfig;
 
 use crate::cli::UpArgs;
@@ -257,27 +256,7 @@ async fn create_admin_token(log: &dyn EventLog, path: &std::path::Path) -> anyho
         .mode(0o600)
         .open(path)
         .with_context(|| format!("cannot create {}", path.display()))?;
-    let tenant = Envelope::new(
-        DEFAULT_TENANT,
-        "",
-        "",
-        Payload::TenantCreated(TenantCreated {
-            name: DEFAULT_TENANT.into(),
-        }),
-    );
-    let issued = Envelope::new(
-        DEFAULT_TENANT,
-        "",
-        "",
-        Payload::TokenIssued(TokenIssued {
-            token_id: tributary_proto::new_id(),
-            tenant: DEFAULT_TENANT.into(),
-            kind: "admin".into(),
-            name: "admin".into(),
-            sha256,
-        }),
-    );
-    log.append(&[tenant, issued]).await?;
+    crate::serve::register_admin_token(log, &sha256, true).await?;
     writeln!(file, "{token}")?;
     file.sync_all()?;
     Ok(())
