@@ -58,7 +58,8 @@ impl<'a> Tick<'a> {
 #[derive(Debug, PartialEq)]
 pub enum View<'a> {
     Tick(Tick<'a>),
-    /// JobFinished, JobRequeued or InvoiceIssued: decoded in full.
+    /// JobFinished, JobRequeued or InvoiceIssued decoded in full; also a usage tick the walker
+    /// left to prost (an unexpected field shape somewhere in the record).
     Decoded(Box<Envelope>),
     /// Nothing metering folds (other payloads, unknown ones, none).
     Skip,
@@ -78,7 +79,8 @@ pub fn view(data: &[u8]) -> Result<View<'_>, prost::DecodeError> {
         Some(Walked::Decode) | None => {
             let env = Envelope::decode(data)?;
             Ok(match env.payload {
-                Some(Payload::JobFinished(_))
+                Some(Payload::UsageTick(_))
+                | Some(Payload::JobFinished(_))
                 | Some(Payload::JobRequeued(_))
                 | Some(Payload::InvoiceIssued(_)) => View::Decoded(Box::new(env)),
                 _ => View::Skip,
@@ -276,6 +278,12 @@ mod tests {
         };
         assert_eq!(view(&none.encode_to_vec()).unwrap(), View::Skip);
         assert!(view(b"\xff\xff\xff").is_err());
+        // A tick followed by a payload-range field with a fixed32 wire type: the walker leaves
+        // it to prost, and metering still folds the tick.
+        let tick = tick_env(UsageTick::default(), "acme", "b1");
+        let mut odd = tick.encode_to_vec();
+        odd.extend_from_slice(&[229, 2, 0, 0, 0, 0]);
+        assert_eq!(view(&odd).unwrap(), View::Decoded(Box::new(tick)));
         let mut bad_utf8 = tick_env(UsageTick::default(), "acme", "b1").encode_to_vec();
         let at = bad_utf8.windows(4).position(|w| w == b"acme").unwrap();
         bad_utf8[at] = 0xff;
