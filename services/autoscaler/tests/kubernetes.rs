@@ -15,7 +15,7 @@ use tributary_autoscaler::config::KubernetesConfig;
 use tributary_autoscaler::provider::kubernetes::pod::{
     KIND_LABEL, MANAGED_BY, MANAGED_BY_LABEL, OWNER_LABEL, REQUEST_ANNOTATION, REQUEST_LABEL,
 };
-use tributary_autoscaler::provider::kubernetes::KubernetesProvider;
+use tributary_autoscaler::provider::kubernetes::{cluster_client, KubernetesProvider};
 use tributary_autoscaler::provider::{AgentHandle, AgentRequest, Provider};
 use tributary_autoscaler::{Config, Decision};
 use tributary_eventlog::EventLog;
@@ -56,15 +56,12 @@ fn kubeconfig() -> PathBuf {
 }
 
 async fn client() -> Client {
-    // In a workspace build ring and aws-lc-rs are both compiled in (object_store brings
-    // aws-lc-rs): kube's TLS needs one chosen, as the provider's own `connect` does.
-    let _ = rustls::crypto::ring::default_provider().install_default();
     let path = kubeconfig();
-    let kc = kube::config::Kubeconfig::read_from(&path).unwrap();
-    let config = kube::Config::from_custom_kubeconfig(kc, &Default::default())
-        .await
-        .unwrap();
-    let client = Client::try_from(config).unwrap();
+    let config = KubernetesConfig {
+        kubeconfig: Some(path.clone()),
+        ..KubernetesConfig::default()
+    };
+    let (client, _) = cluster_client(&config).await.unwrap();
     if let Err(e) = client.apiserver_version().await {
         panic!(
             "the Kubernetes API server of {} does not answer ({e}): run scripts/setup-kube.sh",

@@ -14,6 +14,8 @@ use common::of_type;
 use k8s_openapi::api::core::v1::{Namespace, Pod};
 use kube::api::{ListParams, PostParams};
 use kube::{Api, Client};
+use tributary_autoscaler::config::KubernetesConfig;
+use tributary_autoscaler::provider::kubernetes::cluster_client;
 
 fn kubeconfig() -> PathBuf {
     let path = std::env::var_os("TRIBUTARY_TEST_KUBECONFIG")
@@ -30,14 +32,12 @@ fn kubeconfig() -> PathBuf {
 }
 
 async fn client() -> Client {
-    // ring and aws-lc-rs are both compiled into this test: kube's TLS needs one chosen.
-    let _ = rustls::crypto::ring::default_provider().install_default();
     let path = kubeconfig();
-    let kc = kube::config::Kubeconfig::read_from(&path).unwrap();
-    let config = kube::Config::from_custom_kubeconfig(kc, &Default::default())
-        .await
-        .unwrap();
-    let client = Client::try_from(config).unwrap();
+    let config = KubernetesConfig {
+        kubeconfig: Some(path.clone()),
+        ..KubernetesConfig::default()
+    };
+    let (client, _) = cluster_client(&config).await.unwrap();
     if let Err(e) = client.apiserver_version().await {
         panic!(
             "the Kubernetes API server of {} does not answer ({e}): run scripts/setup-kube.sh",

@@ -92,18 +92,8 @@ impl KubernetesProvider {
                 )));
             }
         }
-        // kube's TLS asks rustls for the process's crypto provider; with both ring and
-        // aws-lc-rs compiled in (object_store brings the latter) there is none until one is
-        // chosen. Already chosen elsewhere is fine.
-        let _ = rustls::crypto::ring::default_provider().install_default();
-        let kube_config = kube_config(config).await?;
-        let namespace = config
-            .namespace
-            .clone()
-            .unwrap_or_else(|| kube_config.default_namespace.clone());
-        let cluster = kube_config.cluster_url.to_string();
-        let client = Client::try_from(kube_config)
-            .map_err(|e| kube_error(format!("cannot make a Kubernetes client for {cluster}"), e))?;
+        let (client, default_namespace) = cluster_client(config).await?;
+        let namespace = config.namespace.clone().unwrap_or(default_namespace);
         if !pod::template_sets_token(&template) {
             tracing::warn!(
                 template = %template_path.display(),
@@ -112,7 +102,7 @@ impl KubernetesProvider {
                  (env: valueFrom.secretKeyRef)"
             );
         }
-        tracing::info!(%cluster, %namespace, %owner, template = %template_path.display(), "kubernetes provider ready");
+        tracing::info!(%namespace, %owner, template = %template_path.display(), "kubernetes provider ready");
         Ok(KubernetesProvider {
             pods: Api::namespaced(client, &namespace),
             template,
@@ -175,6 +165,22 @@ impl KubernetesProvider {
             )),
         }
     }
+}
+
+/// A client of the cluster `config`'s kubeconfig/context names (see the module docs), and the
+/// namespace its context defaults to. Connects lazily: nothing is sent yet.
+pub async fn cluster_client(config: &KubernetesConfig) -> Result<(Client, String), ProviderError> {
+    // kube's TLS asks rustls for the process's crypto provider; with both ring and
+    // aws-lc-rs compiled in (object_store brings the latter) there is none until one is
+    // chosen. Already chosen elsewhere is fine.
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    let kube_config = kube_config(config).await?;
+    let namespace = kube_config.default_namespace.clone();
+    let cluster = kube_config.cluster_url.to_string();
+    let client = Client::try_from(kube_config)
+        .map_err(|e| kube_error(format!("cannot make a Kubernetes client for {cluster}"), e))?;
+    tracing::info!(%cluster, default_namespace = %namespace, "kubernetes client");
+    Ok((client, namespace))
 }
 
 async fn kube_config(config: &KubernetesConfig) -> Result<kube::Config, ProviderError> {
