@@ -113,49 +113,7 @@ impl BuildsProjector {
         log: &dyn EventLog,
         shutdown: impl Future<Output = ()>,
     ) -> Result<(), ProjectionError> {
-        let layout = log.layout();
-        let mut member = log.join_group(GROUP, &[Topic::Events]).await?;
-        tokio::pin!(shutdown);
-        loop {
-            let event = tokio::select! {
-                biased;
-                () = &mut shutdown => {
-                    let owned = member.assigned();
-                    member.commit(&self.positions_of(&owned)).await?;
-                    member.leave().await?;
-                    tracing::info!(partitions = ?owned, "projector left its group");
-                    return Ok(());
-                }
-                event = member.next() => event?,
-            };
-            match event {
-                GroupEvent::Assigned(partitions) => {
-                    // The database is the truth: reload the offsets stored with the rows.
-                    let stored = self.store.next_offsets().await?;
-                    let start: Vec<(Partition, u64)> = partitions
-                        .iter()
-                        .map(|p| (*p, stored.get(p).copied().unwrap_or(0)))
-                        .collect();
-                    self.positions.extend(start.iter().copied());
-                    member.start_at(&start);
-                    tracing::info!(?start, "projector: partitions assigned");
-                }
-                GroupEvent::Revoked(partitions) => {
-                    // Every applied batch is committed already; tell the group for lag metrics.
-                    member.commit(&self.positions_of(&partitions)).await?;
-                    self.forget(layout, &partitions);
-                    tracing::info!(?partitions, "projector: partitions revoked");
-                }
-                GroupEvent::Records(records) => self.apply_batch(&records).await?,
-            }
-        }
-    }
-
-    fn positions_of(&self, partitions: &[Partition]) -> Vec<(Partition, u64)> {
-        partitions
-            .iter()
-            .filter_map(|p| self.positions.get(p).map(|o| (*p, *o)))
-            .collect()
+        run_member(self, log, shutdown).await
     }
 
     /// Drops the cached builds and positions of `partitions` (another member owns them now).
@@ -170,28 +128,10 @@ impl BuildsProjector {
 
     /// Folds `records` and commits them with the next offset of every partition they are of.
     /// Records before a partition's position (re-deliveries) are skipped. If another projector
-    /// advanced one of the partitions meanwhile (fenced), it reloads the stored offsets and the
-    /// builds, and applies what is left of the batch.
+    /// advanced one of the partitions meanwhile (fenced), it reloads the stored offsets and
+    /// applies what is left of the batch.
     pub async fn apply_batch(&mut self, records: &[Record]) -> Result<(), ProjectionError> {
-        loop {
-            match self.try_apply_batch(records).await {
-                Err(ProjectionError::Fenced {
-                    partition,
-                    expected,
-                }) => {
-                    tracing::warn!(
-                        partition,
-                        expected,
-                        "projector fenced: another projector wrote this partition; reloading"
-                    );
-                    let stored = self.store.next_offsets().await?;
-                    for (p, position) in self.positions.iter_mut() {
-                        *position = stored.get(p).copied().unwrap_or(0);
-                    }
-                }
-                other => return other,
-            }
-        }
+        apply_fenced(self, records).await
     }
 
     async fn try_apply_batch(&mut self, records: &[Record]) -> Result<(), ProjectionError> {
@@ -353,77 +293,13 @@ impl ChunkCounter {
         log: &dyn EventLog,
         shutdown: impl Future<Output = ()>,
     ) -> Result<(), ProjectionError> {
-        let layout = log.layout();
-        let mut member = log.join_group(LOGS_GROUP, &[Topic::Logs]).await?;
-        tokio::pin!(shutdown);
-        loop {
-            let event = tokio::select! {
-                biased;
-                () = &mut shutdown => {
-                    let owned = member.assigned();
-                    let positions: Vec<_> = owned
-                        .iter()
-                        .filter_map(|p| self.positions.get(p).map(|o| (*p, *o)))
-                        .collect();
-                    member.commit(&positions).await?;
-                    member.leave().await?;
-                    tracing::info!(partitions = ?owned, "chunk counter left its group");
-                    return Ok(());
-                }
-                event = member.next() => event?,
-            };
-            match event {
-                GroupEvent::Assigned(partitions) => {
-                    let stored = self.store.next_offsets().await?;
-                    let start: Vec<(Partition, u64)> = partitions
-                        .iter()
-                        .map(|p| (*p, stored.get(p).copied().unwrap_or(0)))
-                        .collect();
-                    self.positions.extend(start.iter().copied());
-                    member.start_at(&start);
-                    tracing::info!(?start, "chunk counter: partitions assigned");
-                }
-                GroupEvent::Revoked(partitions) => {
-                    let positions: Vec<_> = partitions
-                        .iter()
-                        .filter_map(|p| self.positions.get(p).map(|o| (*p, *o)))
-                        .collect();
-                    member.commit(&positions).await?;
-                    self.recent.retain(|id, _| {
-                        !partitions.contains(&layout.partition_for(Topic::Logs, id))
-                    });
-                    for p in &partitions {
-                        self.positions.remove(p);
-                    }
-                    tracing::info!(?partitions, "chunk counter: partitions revoked");
-                }
-                GroupEvent::Records(records) => self.apply_batch(&records).await?,
-            }
-        }
+        run_member(self, log, shutdown).await
     }
 
     /// Counts `records` (skipping re-deliveries) and commits them with the next offsets;
     /// fenced like [`BuildsProjector::apply_batch`].
     pub async fn apply_batch(&mut self, records: &[Record]) -> Result<(), ProjectionError> {
-        loop {
-            match self.try_apply_batch(records).await {
-                Err(ProjectionError::Fenced {
-                    partition,
-                    expected,
-                }) => {
-                    tracing::warn!(
-                        partition,
-                        expected,
-                        "chunk counter fenced: another one wrote this partition; reloading"
-                    );
-                    let stored = self.store.next_offsets().await?;
-                    for (p, position) in self.positions.iter_mut() {
-                        *position = stored.get(p).copied().unwrap_or(0);
-                    }
-                }
-                other => return other,
-            }
-        }
+        apply_fenced(self, records).await
     }
 
     async fn try_apply_batch(&mut self, records: &[Record]) -> Result<(), ProjectionError> {
@@ -488,5 +364,141 @@ impl ChunkCounter {
             self.recent.clear();
         }
         Ok(())
+    }
+}
+
+/// A consumer-group member of the projections: the builds projector or a chunk counter.
+/// [`run_member`] drives either through the group's assignments; [`apply_fenced`] retries a
+/// batch after another member advanced a partition.
+trait Member {
+    /// The group it joins and the topic it reads.
+    const GROUP: &'static str;
+    const TOPIC: Topic;
+    /// Its name in logs.
+    const NAME: &'static str;
+    fn store(&self) -> &BuildsStore;
+    /// Next offset to apply, per owned partition.
+    fn positions(&mut self) -> &mut BTreeMap<Partition, u64>;
+    /// Drops what it keeps of `partitions` (another member owns them now), positions included.
+    fn forget(&mut self, layout: Layout, partitions: &[Partition]);
+    /// Applies `records` and commits them with the partitions' next offsets, in one
+    /// transaction; [`ProjectionError::Fenced`] if a partition's stored offset moved.
+    async fn try_apply_batch(&mut self, records: &[Record]) -> Result<(), ProjectionError>;
+}
+
+impl Member for BuildsProjector {
+    const GROUP: &'static str = GROUP;
+    const TOPIC: Topic = Topic::Events;
+    const NAME: &'static str = "projector";
+    fn store(&self) -> &BuildsStore {
+        &self.store
+    }
+    fn positions(&mut self) -> &mut BTreeMap<Partition, u64> {
+        &mut self.positions
+    }
+    fn forget(&mut self, layout: Layout, partitions: &[Partition]) {
+        BuildsProjector::forget(self, layout, partitions)
+    }
+    async fn try_apply_batch(&mut self, records: &[Record]) -> Result<(), ProjectionError> {
+        BuildsProjector::try_apply_batch(self, records).await
+    }
+}
+
+impl Member for ChunkCounter {
+    const GROUP: &'static str = LOGS_GROUP;
+    const TOPIC: Topic = Topic::Logs;
+    const NAME: &'static str = "chunk counter";
+    fn store(&self) -> &BuildsStore {
+        &self.store
+    }
+    fn positions(&mut self) -> &mut BTreeMap<Partition, u64> {
+        &mut self.positions
+    }
+    fn forget(&mut self, layout: Layout, partitions: &[Partition]) {
+        self.recent
+            .retain(|id, _| !partitions.contains(&layout.partition_for(Topic::Logs, id)));
+        for p in partitions {
+            self.positions.remove(p);
+        }
+    }
+    async fn try_apply_batch(&mut self, records: &[Record]) -> Result<(), ProjectionError> {
+        ChunkCounter::try_apply_batch(self, records).await
+    }
+}
+
+/// Runs `m` as a member of its group until `shutdown` resolves (then it commits and leaves the
+/// group, so its partitions go to the other members at once), the log closes, or an error.
+async fn run_member<M: Member>(
+    m: &mut M,
+    log: &dyn EventLog,
+    shutdown: impl Future<Output = ()>,
+) -> Result<(), ProjectionError> {
+    let layout = log.layout();
+    let mut member = log.join_group(M::GROUP, &[M::TOPIC]).await?;
+    let positions_of = |m: &mut M, partitions: &[Partition]| -> Vec<(Partition, u64)> {
+        let positions = m.positions();
+        partitions
+            .iter()
+            .filter_map(|p| positions.get(p).map(|o| (*p, *o)))
+            .collect()
+    };
+    tokio::pin!(shutdown);
+    loop {
+        let event = tokio::select! {
+            biased;
+            () = &mut shutdown => {
+                let owned = member.assigned();
+                member.commit(&positions_of(m, &owned)).await?;
+                member.leave().await?;
+                tracing::info!(partitions = ?owned, "{} left its group", M::NAME);
+                return Ok(());
+            }
+            event = member.next() => event?,
+        };
+        match event {
+            GroupEvent::Assigned(partitions) => {
+                // The database is the truth: reload the offsets stored with the rows.
+                let stored = m.store().next_offsets().await?;
+                let start: Vec<(Partition, u64)> = partitions
+                    .iter()
+                    .map(|p| (*p, stored.get(p).copied().unwrap_or(0)))
+                    .collect();
+                m.positions().extend(start.iter().copied());
+                member.start_at(&start);
+                tracing::info!(?start, "{}: partitions assigned", M::NAME);
+            }
+            GroupEvent::Revoked(partitions) => {
+                // Every applied batch is committed already; tell the group for lag metrics.
+                member.commit(&positions_of(m, &partitions)).await?;
+                m.forget(layout, &partitions);
+                tracing::info!(?partitions, "{}: partitions revoked", M::NAME);
+            }
+            GroupEvent::Records(records) => apply_fenced(m, &records).await?,
+        }
+    }
+}
+
+/// Applies `records`; when fenced (another member wrote one of the partitions), reloads the
+/// stored offsets and applies what is left of the batch.
+async fn apply_fenced<M: Member>(m: &mut M, records: &[Record]) -> Result<(), ProjectionError> {
+    loop {
+        match m.try_apply_batch(records).await {
+            Err(ProjectionError::Fenced {
+                partition,
+                expected,
+            }) => {
+                tracing::warn!(
+                    partition,
+                    expected,
+                    "{} fenced: another member wrote this partition; reloading",
+                    M::NAME
+                );
+                let stored = m.store().next_offsets().await?;
+                for (p, position) in m.positions().iter_mut() {
+                    *position = stored.get(p).copied().unwrap_or(0);
+                }
+            }
+            other => return other,
+        }
     }
 }
