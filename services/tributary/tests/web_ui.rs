@@ -142,9 +142,17 @@ impl Browser {
     }
 
     /// Text of the first element matching `css`, if any.
+    /// The text of the first element matching `css`, None if there is none. The live page
+    /// replaces parts of itself (the summary) at any time: an element found and replaced before
+    /// its text is read (stale) is looked up again.
     async fn text(&self, css: &str) -> Option<String> {
-        let el = self.c().find(Locator::Css(css)).await.ok()?;
-        el.text().await.ok()
+        for _ in 0..5 {
+            let el = self.c().find(Locator::Css(css)).await.ok()?;
+            if let Ok(text) = el.text().await {
+                return Some(text);
+            }
+        }
+        None
     }
 
     async fn count(&self, css: &str) -> usize {
