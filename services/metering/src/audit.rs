@@ -1,15 +1,18 @@
-//! Audit by replay: fold the log from offset 0 into a fresh metering state and compare it,
-//! row by row, with the stored read model and with every issued invoice. The first
-//! divergence (lowest offset) is reported with the offset of the event where the row's
-//! replayed value was last set — the stored row should equal the replay from there on.
+//! Audit by replay: fold the log from offset 0 of every events partition into a fresh
+//! metering state and compare it, row by row, with the stored read model and with every
+//! issued invoice. The first divergence (lowest offset) is reported with the position of the
+//! event where the row's replayed value was last set — the stored row should equal the replay
+//! from there on.
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
 
+use tributary_eventlog::Partition;
+
 use tributary_eventlog::{EventLog, Record};
 use tributary_proto::events::Envelope;
 
-use crate::fold::MeteringState;
+use crate::fold::{MeteringState, Pos};
 use crate::store::MeteringStore;
 use crate::view::view;
 use crate::MeteringError;
@@ -113,8 +116,12 @@ pub async fn replay(log: Arc<dyn EventLog>, end: u64) -> Result<MeteringState, M
                 break;
             }
             // A malformed record is skipped, as every fold skips it.
-            if let Ok(event) = view(&record.data) {
-                state.apply_view(record.offset, &event);
+            let at = Pos::at(record.offset);
+            match view(&record.data) {
+                Ok(event) => {
+                    state.apply_view(at, &event);
+                }
+                Err(_) => state.skip(at),
             }
         }
     }
@@ -122,24 +129,107 @@ pub async fn replay(log: Arc<dyn EventLog>, end: u64) -> Result<MeteringState, M
     Ok(state)
 }
 
-/// Rebuilds `store` from a replay of the whole log as of now (`tributary replay`); returns the
-/// offset it reached. The store changes in one transaction, or not at all.
-pub async fn rebuild(log: Arc<dyn EventLog>, store: &MeteringStore) -> Result<u64, MeteringError> {
-    let end = log.end_offset().await?;
-    let state = replay(log, end).await?;
-    store.replace_all(&state, end).await?;
-    Ok(end)
+/// A fresh metering state from every partition of `ends` (partition -> end offset), read
+/// in turn a batch at a time from offset 0: the replay of a partitioned log. The fold's
+/// decisions do not depend on how partitions interleave (invoices wait for their cut).
+pub async fn replay_partitions(
+    log: Arc<dyn EventLog>,
+    ends: &BTreeMap<Partition, u64>,
+) -> Result<MeteringState, MeteringError> {
+    if ends.len() == 1 && ends.contains_key(&0) && log.layout().partitions() == 1 {
+        return replay(log, ends[&0]).await;
+    }
+    let mut state = MeteringState::default();
+    let mut barriers =
+        crate::projector::Barriers::start(log.as_ref(), &mut state, ends.clone()).await?;
+    while let Some(records) = barriers.next(log.as_ref(), &state).await? {
+        for record in &records {
+            let at = Pos::new(record.partition, record.offset);
+            match view(&record.data) {
+                Ok(event) => {
+                    state.apply_view(at, &event);
+                }
+                Err(_) => state.skip(at),
+            }
+        }
+    }
+    state.take_decided();
+    Ok(state)
 }
 
-/// Compares `store` with a replay of the log up to the offset it reached (`tributary replay
-/// --check`): every difference, earliest first, and that offset.
+/// The end offset of every events partition of `log`, now.
+pub async fn events_ends(log: &dyn EventLog) -> Result<BTreeMap<Partition, u64>, MeteringError> {
+    let ends = log.end_offsets().await?;
+    Ok(crate::projector::partitions(log)
+        .map(|p| (p, ends.get(p as usize).copied().unwrap_or(0)))
+        .collect())
+}
+
+/// Rebuilds `store` from a replay of the whole log as of now (`tributary replay`); returns the
+/// end offsets it reached. The store changes in one transaction, or not at all.
+pub async fn rebuild(
+    log: Arc<dyn EventLog>,
+    store: &MeteringStore,
+) -> Result<BTreeMap<Partition, u64>, MeteringError> {
+    let ends = events_ends(log.as_ref()).await?;
+    let state = replay_partitions(log, &ends).await?;
+    store.replace_all(&state).await?;
+    Ok(ends)
+}
+
+/// On PostgreSQL: replays the whole log as of now into a fresh schema
+/// (`metering_replay_<id>`, migrated), then in one transaction drops the live schema and
+/// renames the fresh one in its place: readers see the old model until it commits. Stop the
+/// metering service first. Returns the end offsets replayed.
+pub async fn rebuild_fresh(
+    log: Arc<dyn EventLog>,
+    url: &str,
+    live: &MeteringStore,
+) -> Result<BTreeMap<Partition, u64>, MeteringError> {
+    use sqlx::Executor;
+    let schema = format!(
+        "metering_replay_{}",
+        tributary_proto::new_id().replace('-', "")
+    );
+    let fresh = MeteringStore::connect_schema(url, &schema).await?;
+    let ends = events_ends(log.as_ref()).await?;
+    let result = async {
+        let state = replay_partitions(log, &ends).await?;
+        fresh.replace_all(&state).await?;
+        fresh.close().await;
+        let mut tx = live.pool().begin().await?;
+        tx.execute(format!("DROP SCHEMA IF EXISTS {} CASCADE", live.schema()).as_str())
+            .await?;
+        tx.execute(format!("ALTER SCHEMA {schema} RENAME TO {}", live.schema()).as_str())
+            .await?;
+        tx.commit().await?;
+        Ok::<_, MeteringError>(())
+    }
+    .await;
+    if let Err(e) = result {
+        if let Ok(mut conn) = live.pool().acquire().await {
+            let _ = conn
+                .execute(format!("DROP SCHEMA IF EXISTS {schema} CASCADE").as_str())
+                .await;
+        }
+        return Err(e);
+    }
+    Ok(ends)
+}
+
+/// Compares `store` with a replay of the log up to the offsets it stored (`tributary replay
+/// --check`, `tributary audit`): every difference, earliest first, and those offsets.
 pub async fn check(
     log: Arc<dyn EventLog>,
     store: &MeteringStore,
-) -> Result<(Vec<Divergence>, u64), MeteringError> {
-    let (stored, end) = store.load_all().await?;
-    let replayed = replay(log, end).await?;
-    Ok((compare(&stored, &replayed, None), end))
+    tenant: Option<&str>,
+) -> Result<(Vec<Divergence>, BTreeMap<Partition, u64>, MeteringState), MeteringError> {
+    let stored = store.load_all().await?;
+    let ends: BTreeMap<Partition, u64> = crate::projector::partitions(log.as_ref())
+        .map(|p| (p, stored.position(p)))
+        .collect();
+    let replayed = replay_partitions(log, &ends).await?;
+    Ok((compare(&stored, &replayed, tenant), ends, replayed))
 }
 
 /// A difference between the stored and the replayed metering model.
@@ -150,15 +240,15 @@ pub struct Divergence {
     pub stored: String,
     pub replayed: String,
     /// The event where the divergence starts.
-    pub offset: u64,
+    pub at: Pos,
 }
 
 impl std::fmt::Display for Divergence {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         write!(
             f,
-            "{}: stored {} but replay gives {} (from the event at offset {})",
-            self.row, self.stored, self.replayed, self.offset
+            "{}: stored {} but replay gives {} (from the event at {})",
+            self.row, self.stored, self.replayed, self.at
         )
     }
 }
@@ -171,13 +261,13 @@ pub fn compare(
 ) -> Vec<Divergence> {
     let mine = |t: &str| tenant.is_none_or(|x| x == t);
     let mut out = Vec::new();
-    let mut diff = |row: String, a: Option<String>, b: Option<String>, offset: u64| {
+    let mut diff = |row: String, a: Option<String>, b: Option<String>, at: Pos| {
         if a != b {
             out.push(Divergence {
                 row,
                 stored: a.unwrap_or_else(|| "nothing".into()),
                 replayed: b.unwrap_or_else(|| "nothing".into()),
-                offset,
+                at,
             });
         }
     };
@@ -198,7 +288,7 @@ pub fn compare(
             ),
             a.map(|u| format!("{} ms", u.millis)),
             b.map(|u| format!("{} ms", u.millis)),
-            b.or(a).map_or(0, |u| u.last_offset),
+            b.or(a).map_or(Pos::default(), |u| u.last),
         );
     }
     let parts: BTreeMap<_, _> = stored
@@ -224,7 +314,7 @@ pub fn compare(
             ),
             a.map(show),
             b.map(show),
-            b.or(a).map_or(0, |p| p.last_offset),
+            b.or(a).map_or(Pos::default(), |p| p.last),
         );
     }
     let attempts: BTreeMap<_, _> = stored
@@ -250,7 +340,7 @@ pub fn compare(
             ),
             a.map(show),
             b.map(show),
-            b.or(a).map_or(0, |u| u.last_offset),
+            b.or(a).map_or(Pos::default(), |u| u.last),
         );
     }
     let invoices: BTreeMap<_, _> = stored
@@ -265,15 +355,40 @@ pub fn compare(
         let b = replayed.issued.get(k);
         let show = |i: &crate::fold::IssuedInvoice| {
             serde_json::to_string(&i.invoice).unwrap_or_else(|_| "?".into())
-                + &format!(" at offset {}", i.offset)
+                + &format!(" at {}", i.at)
         };
         diff(
             format!("issued invoice {} {}", k.0, k.1),
             a.map(show),
             b.map(show),
-            b.or(a).map_or(0, |i| i.offset),
+            b.or(a).map_or(Pos::default(), |i| i.at),
         );
     }
-    out.sort_by_key(|d| d.offset);
+    let tenants: BTreeMap<_, _> = stored
+        .pending
+        .keys()
+        .chain(replayed.pending.keys())
+        .filter(|t| mine(t))
+        .map(|t| (t, ()))
+        .collect();
+    for t in tenants.keys() {
+        let show = |q: &std::collections::VecDeque<crate::fold::PendingInvoice>| {
+            q.iter()
+                .map(|p| format!("{} at {}", p.event.period, p.at))
+                .collect::<Vec<_>>()
+                .join(", ")
+        };
+        let a = stored.pending.get(*t);
+        let b = replayed.pending.get(*t);
+        diff(
+            format!("pending invoices of {t}"),
+            a.map(show),
+            b.map(show),
+            b.or(a)
+                .and_then(|q| q.front())
+                .map_or(Pos::default(), |p| p.at),
+        );
+    }
+    out.sort_by_key(|d| (d.at.offset, d.at.partition));
     out
 }

@@ -11,16 +11,62 @@
 //!   a tick of a month folded after that month's invoice is late and is billed as an
 //!   adjustment on the tenant's next invoice.
 //! * **Invoices are validated, then frozen**: an InvoiceIssued is accepted only if pricing
-//!   this state at its offset with its own plan gives exactly its lines and total (see
-//!   [`crate::invoice`]); accepted invoices never change.
+//!   this state with its own plan gives exactly its lines and total (see
+//!   [`crate::invoice`]); accepted invoices never change. It is decided once the fold has
+//!   folded every partition up to the invoice's `cut` (the issuer's positions when it priced
+//!   it): until then it waits in [`MeteringState::pending`], so on a partitioned log the
+//!   decision does not depend on how the partitions interleave. Invoices of one tenant are
+//!   decided in log order (they share the tenant's partition).
+//! * **Positions**: every row remembers the [`Pos`] (partition, offset) of the event that
+//!   last changed it; the fold keeps the next offset of every partition it has read.
 
-use std::collections::{BTreeMap, BTreeSet, HashSet};
+use std::collections::{BTreeMap, BTreeSet, HashSet, VecDeque};
 
 /// Hash maps with a fixed, fast hasher: the fold is deterministic and hot (one lookup per
 /// tick), SipHash's DoS resistance buys nothing for keys taken from our own log.
 pub type HashMap<K, V> = std::collections::HashMap<K, V, foldhash::fast::FixedState>;
 
 use tributary_proto::events::{envelope::Payload, Envelope, InvoiceIssued, UsageTick};
+
+/// Where an event is on the log: its partition and its offset in it. On the single-partition
+/// SQLite log the partition is always 0.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct Pos {
+    pub partition: u32,
+    pub offset: u64,
+}
+
+impl Pos {
+    /// An offset of partition 0 (the single-partition log).
+    pub const fn at(offset: u64) -> Pos {
+        Pos {
+            partition: 0,
+            offset,
+        }
+    }
+
+    pub const fn new(partition: u32, offset: u64) -> Pos {
+        Pos { partition, offset }
+    }
+}
+
+/// An offset of partition 0: the single-partition log's positions.
+impl From<u64> for Pos {
+    fn from(offset: u64) -> Pos {
+        Pos::at(offset)
+    }
+}
+
+/// `offset 12` on partition 0, `offset 12 of partition 3` elsewhere.
+impl std::fmt::Display for Pos {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        if self.partition == 0 {
+            write!(f, "offset {}", self.offset)
+        } else {
+            write!(f, "offset {} of partition {}", self.offset, self.partition)
+        }
+    }
+}
 
 use crate::calendar::{for_each_day, Day, Period};
 use crate::invoice::{price, Invoice};
@@ -48,7 +94,7 @@ pub struct AttemptUsage {
     /// The attempt ended on the log (JobFinished or JobRequeued).
     pub ended: bool,
     pub seqs: SeqSet,
-    pub last_offset: u64,
+    pub last: Pos,
 }
 
 /// The tick sequence numbers seen: `1..=contiguous` plus the ones beyond a gap.
@@ -100,7 +146,7 @@ pub struct Part {
     pub millis: u64,
     /// Billed time as of the last accepted invoice that billed this part (None: never billed).
     pub billed_millis: Option<u64>,
-    pub last_offset: u64,
+    pub last: Pos,
 }
 
 /// A usage record: machine time per tenant, project, machine class and day.
@@ -115,14 +161,24 @@ pub struct UsageKey {
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct Usage {
     pub millis: u64,
-    pub last_offset: u64,
+    pub last: Pos,
 }
 
 /// An accepted InvoiceIssued.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct IssuedInvoice {
     pub invoice: Invoice,
-    pub offset: u64,
+    pub at: Pos,
+    pub time_us: i64,
+    pub event_id: String,
+}
+
+/// An InvoiceIssued read but not yet decided: the fold has not reached its cut.
+#[derive(Clone, Debug, PartialEq)]
+pub struct PendingInvoice {
+    /// The event as appended (with its plan and cut).
+    pub event: InvoiceIssued,
+    pub at: Pos,
     pub time_us: i64,
     pub event_id: String,
 }
@@ -133,8 +189,11 @@ pub enum Effect {
     Nothing,
     /// A tick counted.
     Counted,
-    /// A tick seen before (same attempt and seq, or same event id).
+    /// A tick seen before (same attempt and seq, or same event id), or an invoice event
+    /// seen before (same event id).
     Duplicate,
+    /// An InvoiceIssued waiting until the fold reaches its cut.
+    Pending,
     /// An attempt was marked ended.
     Ended,
     Accepted {
@@ -156,6 +215,8 @@ pub struct Dirty {
     pub parts: HashSet<PartKey>,
     pub usage: HashSet<UsageKey>,
     pub invoices: HashSet<(String, Period)>,
+    /// Tenants whose queue of pending invoices changed.
+    pub pending: HashSet<String>,
 }
 
 impl Dirty {
@@ -164,6 +225,7 @@ impl Dirty {
             && self.parts.is_empty()
             && self.usage.is_empty()
             && self.invoices.is_empty()
+            && self.pending.is_empty()
     }
 }
 
@@ -177,6 +239,12 @@ pub struct MeteringState {
     pub issued: BTreeMap<(String, Period), IssuedInvoice>,
     /// InvoiceIssued events that were not accepted.
     pub rejected: u64,
+    /// Per tenant, the invoices read but not decided yet, in log order.
+    pub pending: BTreeMap<String, VecDeque<PendingInvoice>>,
+    /// The next offset to read of each partition (index), as far as the fold has read it.
+    pub positions: Vec<u64>,
+    /// Decisions on pending invoices taken since the last [`MeteringState::take_decided`].
+    decided: Vec<(Pos, Effect)>,
     track: bool,
     dirty: Dirty,
     /// Reused lookup keys: a tick allocates nothing unless it creates a row.
@@ -227,6 +295,7 @@ impl PartialEq for MeteringState {
             && self.parts == other.parts
             && self.usage == other.usage
             && self.issued == other.issued
+            && self.pending == other.pending
     }
 }
 
@@ -243,24 +312,161 @@ impl MeteringState {
         std::mem::take(&mut self.dirty)
     }
 
-    /// Applies the event at `offset`.
-    pub fn apply(&mut self, offset: u64, env: &Envelope) -> Effect {
+    /// Decisions taken on pending invoices (accepted or rejected, with the invoice's
+    /// position) since the last call: for logs.
+    pub fn take_decided(&mut self) -> Vec<(Pos, Effect)> {
+        std::mem::take(&mut self.decided)
+    }
+
+    /// Applies the event at `at`.
+    pub fn apply(&mut self, at: impl Into<Pos>, env: &Envelope) -> Effect {
+        let at = at.into();
+        self.advance(at);
+        let effect = self.apply_decoded(at, env);
+        self.decide_pending();
+        effect
+    }
+
+    fn apply_decoded(&mut self, at: Pos, env: &Envelope) -> Effect {
         match &env.payload {
-            Some(Payload::UsageTick(t)) => self.apply_tick(offset, &Tick::of(env, t)),
+            Some(Payload::UsageTick(t)) => self.apply_tick(at, &Tick::of(env, t)),
             Some(Payload::JobFinished(e)) => self.end_attempt(&env.build_id, &e.job, e.attempt),
             Some(Payload::JobRequeued(e)) => self.end_attempt(&env.build_id, &e.job, e.attempt),
-            Some(Payload::InvoiceIssued(inv)) => self.apply_invoice(offset, env, inv),
+            Some(Payload::InvoiceIssued(inv)) => self.receive_invoice(at, env, inv),
             _ => Effect::Nothing,
         }
     }
 
-    /// Applies the event at `offset` as [`crate::view::view`] read it: the same effect as
+    /// Applies the event at `at` as [`crate::view::view`] read it: the same effect as
     /// [`MeteringState::apply`] on the decoded event.
-    pub fn apply_view(&mut self, offset: u64, event: &View<'_>) -> Effect {
-        match event {
-            View::Tick(t) => self.apply_tick(offset, t),
-            View::Decoded(env) => self.apply(offset, env),
+    pub fn apply_view(&mut self, at: impl Into<Pos>, event: &View<'_>) -> Effect {
+        let at = at.into();
+        self.advance(at);
+        let effect = match event {
+            View::Tick(t) => self.apply_tick(at, t),
+            View::Decoded(env) => self.apply_decoded(at, env),
             View::Skip => Effect::Nothing,
+        };
+        self.decide_pending();
+        effect
+    }
+
+    /// A record at `at` that is skipped (malformed): the fold has read past it.
+    pub fn skip(&mut self, at: Pos) {
+        self.advance(at);
+        self.decide_pending();
+    }
+
+    /// The next offset the fold reads in `partition`.
+    pub fn position(&self, partition: u32) -> u64 {
+        self.positions.get(partition as usize).copied().unwrap_or(0)
+    }
+
+    /// Sets where the fold is in `partition` (a stored model loaded with its offsets).
+    pub fn set_position(&mut self, partition: u32, next_offset: u64) {
+        let i = partition as usize;
+        if self.positions.len() <= i {
+            self.positions.resize(i + 1, 0);
+        }
+        self.positions[i] = next_offset;
+    }
+
+    fn advance(&mut self, at: Pos) {
+        let i = at.partition as usize;
+        match self.positions.get_mut(i) {
+            Some(p) => *p = (*p).max(at.offset + 1),
+            None => self.set_position(at.partition, at.offset + 1),
+        }
+    }
+
+    fn reached(&self, cut: &[tributary_proto::events::LogPosition]) -> bool {
+        cut.iter()
+            .all(|c| self.position(c.partition) >= c.next_offset)
+    }
+
+    /// An InvoiceIssued at `at` known before the fold reads it: by the issuer that just
+    /// appended it, or found by a reader scanning ahead ([`crate::projector::Barriers`]).
+    /// Queued (or decided, if the fold is at its cut) without moving the fold's position; when
+    /// the record itself is read later it is a [`Effect::Duplicate`].
+    pub fn expect_invoice(&mut self, at: Pos, env: &Envelope) -> Effect {
+        let effect = match &env.payload {
+            Some(Payload::InvoiceIssued(inv)) => self.receive_invoice(at, env, inv),
+            _ => Effect::Nothing,
+        };
+        self.decide_pending();
+        effect
+    }
+
+    /// For each partition, the offset the fold must not read past before the invoices waiting
+    /// at the head of a tenant's queue are decided: their cuts.
+    pub fn barriers(&self) -> BTreeMap<u32, u64> {
+        let mut out: BTreeMap<u32, u64> = BTreeMap::new();
+        for head in self.pending.values().filter_map(|q| q.front()) {
+            for c in &head.event.cut {
+                if self.position(c.partition) <= c.next_offset {
+                    let b = out.entry(c.partition).or_insert(c.next_offset);
+                    *b = (*b).min(c.next_offset);
+                }
+            }
+        }
+        out
+    }
+
+    /// An InvoiceIssued read at `at`: decided now if the fold reached its cut and no earlier
+    /// invoice of the tenant waits, else queued.
+    fn receive_invoice(&mut self, at: Pos, env: &Envelope, inv: &InvoiceIssued) -> Effect {
+        let seen = self
+            .issued
+            .values()
+            .any(|i| i.event_id == env.event_id && i.invoice.tenant == inv.tenant)
+            || self
+                .pending
+                .get(&inv.tenant)
+                .is_some_and(|q| q.iter().any(|p| p.event_id == env.event_id));
+        if seen && !env.event_id.is_empty() {
+            return Effect::Duplicate;
+        }
+        if !self.pending.contains_key(&inv.tenant) && self.reached(&inv.cut) {
+            return self.apply_invoice(at, env.time_us, &env.event_id, inv);
+        }
+        self.pending
+            .entry(inv.tenant.clone())
+            .or_default()
+            .push_back(PendingInvoice {
+                event: inv.clone(),
+                at,
+                time_us: env.time_us,
+                event_id: env.event_id.clone(),
+            });
+        if self.track {
+            self.dirty.pending.insert(inv.tenant.clone());
+        }
+        Effect::Pending
+    }
+
+    /// Decides the pending invoices whose cut the fold has reached, each tenant's in order.
+    fn decide_pending(&mut self) {
+        if self.pending.is_empty() {
+            return;
+        }
+        let tenants: Vec<String> = self.pending.keys().cloned().collect();
+        for tenant in tenants {
+            while let Some(head) = self.pending.get(&tenant).and_then(|q| q.front()) {
+                if !self.reached(&head.event.cut) {
+                    break;
+                }
+                let Some(p) = self.pending.get_mut(&tenant).and_then(|q| q.pop_front()) else {
+                    break;
+                };
+                if self.pending.get(&tenant).is_some_and(|q| q.is_empty()) {
+                    self.pending.remove(&tenant);
+                }
+                if self.track {
+                    self.dirty.pending.insert(tenant.clone());
+                }
+                let effect = self.apply_invoice(p.at, p.time_us, &p.event_id, &p.event);
+                self.decided.push((p.at, effect));
+            }
         }
     }
 
@@ -282,7 +488,7 @@ impl MeteringState {
         }
     }
 
-    fn apply_tick(&mut self, offset: u64, t: &Tick<'_>) -> Effect {
+    fn apply_tick(&mut self, at: Pos, t: &Tick<'_>) -> Effect {
         let sc = &mut self.scratch;
         set(&mut sc.attempt.build_id, t.build_id);
         set(&mut sc.attempt.job, t.job);
@@ -305,7 +511,7 @@ impl MeteringState {
         a.millis = a.millis.saturating_add(t.millis);
         a.ticks += 1;
         a.complete |= t.last;
-        a.last_offset = offset;
+        a.last = at;
         if self.track && !self.dirty.attempts.contains(&sc.attempt) {
             self.dirty.attempts.insert(sc.attempt.clone());
         }
@@ -332,7 +538,7 @@ impl MeteringState {
                 None => usage.entry(sc.usage.clone()).or_default(),
             };
             u.millis = u.millis.saturating_add(ms);
-            u.last_offset = offset;
+            u.last = at;
             sc.part.period = day.period();
             let p = match parts.get_mut(&sc.part) {
                 Some(p) => p,
@@ -345,7 +551,7 @@ impl MeteringState {
                 }
             };
             p.millis = p.millis.saturating_add(ms);
-            p.last_offset = offset;
+            p.last = at;
             if track && !dirty.usage.contains(&sc.usage) {
                 dirty.usage.insert(sc.usage.clone());
             }
@@ -356,7 +562,13 @@ impl MeteringState {
         Effect::Counted
     }
 
-    fn apply_invoice(&mut self, offset: u64, env: &Envelope, inv: &InvoiceIssued) -> Effect {
+    fn apply_invoice(
+        &mut self,
+        at: Pos,
+        time_us: i64,
+        event_id: &str,
+        inv: &InvoiceIssued,
+    ) -> Effect {
         let rejected = |reason: String| Effect::Rejected {
             tenant: inv.tenant.clone(),
             period: inv.period.clone(),
@@ -408,9 +620,9 @@ impl MeteringState {
             k.clone(),
             IssuedInvoice {
                 invoice: claimed,
-                offset,
-                time_us: env.time_us,
-                event_id: env.event_id.clone(),
+                at,
+                time_us,
+                event_id: event_id.to_owned(),
             },
         );
         if self.track {
@@ -425,6 +637,14 @@ impl MeteringState {
     /// Whether `tenant`'s invoice of `period` was issued.
     pub fn is_issued(&self, tenant: &str, period: Period) -> bool {
         self.issued.contains_key(&(tenant.to_owned(), period))
+    }
+
+    /// Whether an invoice of `tenant` for `period` waits to be decided.
+    pub fn is_pending(&self, tenant: &str, period: Period) -> bool {
+        let text = period.to_string();
+        self.pending
+            .get(tenant)
+            .is_some_and(|q| q.iter().any(|p| p.event.period == text))
     }
 
     /// The build's usage per job attempt, in job order.

@@ -11,7 +11,7 @@
 
 use std::collections::BTreeMap;
 
-use tributary_proto::events::{InvoiceIssued, InvoiceLine};
+use tributary_proto::events::{InvoiceIssued, InvoiceLine, LogPosition};
 
 use crate::calendar::Period;
 use crate::fold::{MeteringState, PartKey};
@@ -50,8 +50,10 @@ impl Invoice {
         }
     }
 
-    pub fn to_event(&self, plan: &PricePlan) -> InvoiceIssued {
+    /// The event to append; `cut` is where the issuer's fold was when it priced it.
+    pub fn to_event(&self, plan: &PricePlan, cut: Vec<LogPosition>) -> InvoiceIssued {
         InvoiceIssued {
+            cut,
             tenant: self.tenant.clone(),
             period: self.period.clone(),
             plan_version: self.plan_version.clone(),
@@ -202,6 +204,9 @@ pub fn due(
             continue;
         };
         if !is_due(key.period) {
+            continue;
+        }
+        if state.is_pending(&key.tenant, key.period) {
             continue;
         }
         if !state.is_issued(&key.tenant, key.period) {

@@ -6,7 +6,8 @@
 //!   class and day, machine time per job attempt and month, issued invoices. Pure.
 //! * [`invoice`]: pricing (per-job rounding, free minutes, adjustments for late usage) and
 //!   which invoices are due. Pure.
-//! * [`store`] + [`projector`]: the read model in SQLite with its consumer offset, written in
+//! * [`store`] + [`projector`]: the read model in SQLite or PostgreSQL with its consumer offsets
+//!   (one per events partition), written in
 //!   one transaction per batch.
 //! * [`service`]: the shell: follows the log, appends InvoiceIssued when a month is over.
 //! * [`audit`]: replays the log into a fresh state and compares it with the stored one;
@@ -25,7 +26,7 @@ pub mod store;
 pub mod view;
 
 pub use calendar::{Day, Period};
-pub use fold::{Effect, MeteringState};
+pub use fold::{Effect, MeteringState, Pos};
 pub use invoice::{price, Invoice};
 pub use plan::PricePlan;
 pub use projector::MeteringProjector;
@@ -35,6 +36,8 @@ pub use store::MeteringStore;
 pub enum MeteringError {
     #[error("metering database error: {0}")]
     Db(#[from] sqlx::Error),
+    #[error("metering database migration failed: {0}")]
+    Migrate(#[from] sqlx::migrate::MigrateError),
     #[error("event log error: {0}")]
     Log(#[from] tributary_eventlog::LogError),
     #[error("metering row is not valid JSON: {0}")]
