@@ -1,4 +1,5 @@
-//! Metering: invoices and per-build usage from the metering read model (`metering.db`).
+//! Metering: invoices and per-build usage from the metering read model (`metering.db`, or
+//! the `metering` schema of the `--database` PostgreSQL that `serve metering` writes).
 //!
 //! Tenant isolation: a user token sees its own tenant only; the admin token may name any
 //! tenant. Another tenant's build is NOT_FOUND, so its existence is not revealed.
@@ -27,20 +28,56 @@ pub struct MeteringReader {
     pub plan: PricePlan,
 }
 
-/// How far the metering read model is behind the log, when it is.
+/// How far the metering read model is behind the log, when it is: summed over the events
+/// partitions that are behind (on the single-partition log, an offset of the log).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Behind {
+    /// Events folded (the offset reached, on one partition).
     pub at: u64,
+    /// Events on the log.
     pub end: u64,
+    /// How many events partitions are behind (0 or 1 on the single-partition log).
+    pub partitions: u32,
+}
+
+impl Behind {
+    /// Where the read model is against `ends` (per events partition): None when caught up.
+    pub fn of(positions: &std::collections::BTreeMap<u32, u64>, ends: &[u64]) -> Option<Behind> {
+        let (mut at, mut end, mut partitions) = (0, 0, 0);
+        for (p, &e) in ends.iter().enumerate() {
+            let a = positions.get(&(p as u32)).copied().unwrap_or(0).min(e);
+            at += a;
+            end += e;
+            if a < e {
+                partitions += 1;
+            }
+        }
+        (partitions > 0).then_some(Behind {
+            at,
+            end,
+            partitions: if ends.len() > 1 { partitions } else { 0 },
+        })
+    }
 }
 
 impl std::fmt::Display for Behind {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        if self.partitions == 0 {
+            write!(
+                f,
+                "metering is behind the log (at offset {} of {})",
+                self.at, self.end
+            )?;
+        } else {
+            write!(
+                f,
+                "metering is behind the log ({} of {} events folded; {} partitions behind)",
+                self.at, self.end, self.partitions
+            )?;
+        }
         write!(
             f,
-            "metering is behind the log (at offset {} of {}); is the metering service running \
-             (`tributary up` or `tributary serve metering`)?",
-            self.at, self.end
+            "; is the metering service running (`tributary up` or `tributary serve metering`)?"
         )
     }
 }
@@ -62,20 +99,15 @@ impl MeteringReader {
 
     /// Waits (at most `within`) until the read model has folded the whole log as of now.
     pub async fn caught_up(&self, log: &dyn EventLog, within: Duration) -> Result<(), Status> {
-        // The metering store keeps one consumer offset, that of a one-partition log; on a
-        // partitioned log (no partition-aware metering service yet) this does not wait.
-        if log.layout().partitions() > 1 {
-            return Ok(());
-        }
-        let end = log.end_offset().await.map_err(internal)?;
+        let ends = events_ends(log).await?;
         let deadline = tokio::time::Instant::now() + within;
         loop {
-            let at = self.store.next_offset().await.map_err(internal)?;
-            if at >= end {
+            let positions = self.store.positions().await.map_err(internal)?;
+            let Some(behind) = Behind::of(&positions, &ends) else {
                 return Ok(());
-            }
+            };
             if tokio::time::Instant::now() >= deadline {
-                return Err(Status::unavailable(Behind { at, end }.to_string()));
+                return Err(Status::unavailable(behind.to_string()));
             }
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
@@ -83,12 +115,9 @@ impl MeteringReader {
 
     /// How far behind the log the read model is now (None: caught up).
     pub async fn behind(&self, log: &dyn EventLog) -> Result<Option<Behind>, Status> {
-        if log.layout().partitions() > 1 {
-            return Ok(None); // see `caught_up`
-        }
-        let end = log.end_offset().await.map_err(internal)?;
-        let at = self.store.next_offset().await.map_err(internal)?;
-        Ok((at < end).then_some(Behind { at, end }))
+        let ends = events_ends(log).await?;
+        let positions = self.store.positions().await.map_err(internal)?;
+        Ok(Behind::of(&positions, &ends))
     }
 
     /// `tenant`'s invoice for `period`: the issued one, else the live one.
@@ -133,6 +162,13 @@ impl MeteringReader {
     }
 }
 
+/// The end offset of every events partition (metering does not read the logs topic).
+async fn events_ends(log: &dyn EventLog) -> Result<Vec<u64>, Status> {
+    let mut ends = log.end_offsets().await.map_err(internal)?;
+    ends.truncate(tributary_metering::projector::partitions(log).len());
+    Ok(ends)
+}
+
 /// An issued invoice for the API.
 fn issued_invoice(issued: IssuedInvoice) -> Invoice {
     let inv = issued.invoice;
@@ -145,7 +181,8 @@ fn issued_invoice(issued: IssuedInvoice) -> Invoice {
         currency: inv.currency,
         lines: inv.lines,
         total_micros: inv.total_micros,
-        issued_offset: issued.offset,
+        issued_offset: issued.at.offset,
+        issued_partition: issued.at.partition,
         issued_us: issued.time_us,
         free_millis: 0,
     }
@@ -171,6 +208,7 @@ fn live_invoice(
         lines: inv.lines,
         total_micros: inv.total_micros,
         issued_offset: 0,
+        issued_partition: 0,
         issued_us: 0,
         free_millis: plan.free_millis(),
     })

@@ -244,6 +244,37 @@ impl Backends {
         }
     }
 
+    /// Opens the metering read model: the `metering` schema of a PostgreSQL `--database`, or
+    /// DIR/metering.db (also when `--database` is a SQLite file: metering keeps its own).
+    pub async fn open_metering(&self) -> anyhow::Result<tributary_metering::MeteringStore> {
+        match &self.database {
+            Some(url) if !url.starts_with("sqlite:") => {
+                tributary_metering::MeteringStore::connect(url)
+                    .await
+                    .with_context(|| format!("cannot open the metering tables in {}", redact(url)))
+            }
+            _ => {
+                self.ensure_data()?;
+                let path = self.data.join("metering.db");
+                tributary_metering::MeteringStore::open(&path)
+                    .await
+                    .with_context(|| {
+                        format!("cannot open the metering database {}", path.display())
+                    })
+            }
+        }
+    }
+
+    /// Where the metering read model is, for messages.
+    pub fn metering_location(&self) -> String {
+        match &self.database {
+            Some(url) if !url.starts_with("sqlite:") => {
+                format!("schema metering of {}", redact(url))
+            }
+            _ => self.data.join("metering.db").display().to_string(),
+        }
+    }
+
     /// Opens the object storage: `--objects` or DIR/objects.
     // For `serve api` and the agents' uploads (next steps); tested below.
     #[allow(dead_code)]

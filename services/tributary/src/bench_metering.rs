@@ -165,7 +165,7 @@ pub async fn bench(
         metering.apply(offset, env);
     })
     .await?;
-    let (stored, _) = store.load_all().await?;
+    let stored = store.load_all().await?;
     let diffs = tributary_metering::audit::compare(&stored, &metering, None);
     println!(
         "  full audit (both folds + load + compare): {}, {} differences",

@@ -116,8 +116,10 @@ pub enum Command {
     /// Replay the whole log into fresh read models (builds and metering) and compare them
     /// with the stored ones and with every issued invoice.
     ///
-    /// Reports the first divergence with the offset of the event where it starts. Exit
-    /// status: 0 when everything matches, 1 on any difference.
+    /// Reports the first divergence with the offset of the event where it starts (and its
+    /// partition on a partitioned log). Exit status: 0 when everything matches, 1 on any
+    /// difference. With --kafka and --database it replays every events partition up to the
+    /// offsets the stored read models reached and compares them with the live tables.
     Audit(AuditArgs),
     /// Measure performance: `bench log`, `bench run`, `bench server`, `bench autoscale`,
     /// `bench metering`, `bench exec`, `bench ui`.
@@ -128,7 +130,7 @@ pub enum Command {
 #[derive(Debug, Args)]
 pub struct ServeMeteringArgs {
     #[command(flatten)]
-    pub data: DataArgs,
+    pub backends: crate::backends::BackendArgs,
     #[command(flatten)]
     pub metering: MeteringArgs,
     #[command(flatten)]
@@ -178,7 +180,7 @@ pub enum InvoiceFormat {
 #[derive(Debug, Args)]
 pub struct AuditArgs {
     #[command(flatten)]
-    pub data: DataArgs,
+    pub backends: crate::backends::BackendArgs,
     /// Only compare this tenant's builds, usage and invoices (the whole log is replayed).
     #[arg(long, value_name = "T")]
     pub tenant: Option<String>,
@@ -666,8 +668,23 @@ pub enum ServeCommand {
     /// for it); each folds every partition, since agents and leases span them all.
     Scheduler(crate::serve::ServeSchedulerArgs),
     /// The metering service: folds usage ticks into usage per tenant, project, machine class
-    /// and day (DIR/metering.db), and issues each tenant's invoice when a month is over.
-    /// `tributary up` runs it too; run it alone when the API runs elsewhere on the same log.
+    /// and day, and issues each tenant's invoice when a month is over.
+    ///
+    /// Embedded (--data DIR): the SQLite log DIR/events.db into DIR/metering.db; `tributary
+    /// up` runs it too. Scale-out (--kafka, --database postgres://...): every partition of the
+    /// events topic into the `metering` schema of the database (`serve api` on the same
+    /// database answers invoices and usage from it), one next offset per partition stored in
+    /// the transaction of the rows; re-delivered events are skipped by position and event id.
+    ///
+    /// Run two replicas for availability: exactly one is active (it holds a PostgreSQL
+    /// advisory lock on the connection it writes through, so a replica that lost it cannot
+    /// commit); the others stand by and take over when it dies. Invoices are issued once the
+    /// fold has caught up with every partition; a duplicate from a dying replica is rejected
+    /// by every fold.
+    ///
+    /// Example: tributary serve metering --kafka 127.0.0.1:19092 \
+    ///            --database postgres://tributary:tributary@127.0.0.1:5432/tributary
+    #[command(verbatim_doc_comment)]
     Metering(ServeMeteringArgs),
 }
 

@@ -367,23 +367,9 @@ async fn replay_cmd(args: ReplayArgs) -> anyhow::Result<ExitCode> {
     let backends = args.backends.resolve()?;
     let log = backends.open_log().await?;
     let store = backends.open_store().await?;
-    // Metering replays a one-partition log (the embedded one, or Kafka with one partition).
-    let metering = if log.layout().partitions() == 1 {
-        let path = backends.data.join("metering.db");
-        Some(
-            tributary_metering::MeteringStore::open(&path)
-                .await
-                .with_context(|| {
-                    format!("cannot open the metering read model {}", path.display())
-                })?,
-        )
-    } else {
-        println!(
-            "metering: not replayed (it replays a one-partition log; this one has {} partitions)",
-            log.layout().partitions()
-        );
-        None
-    };
+    // Metering: every events partition, into DIR/metering.db or the database's `metering`
+    // schema.
+    let metering = Some(backends.open_metering().await?);
     if args.check {
         let mut same = true;
         match replay::check(log.as_ref(), &store).await? {
@@ -405,12 +391,22 @@ async fn replay_cmd(args: ReplayArgs) -> anyhow::Result<ExitCode> {
             }
         }
         if let Some(metering) = &metering {
-            let (diffs, at) = tributary_metering::audit::check(log.clone(), metering)
+            let (diffs, at, _) = tributary_metering::audit::check(log.clone(), metering, None)
                 .await
                 .context("cannot replay the log into a metering state")?;
             match diffs.first() {
                 None => {
-                    println!("metering read model matches a replay of the log up to offset {at}")
+                    if log.layout().partitions() == 1 {
+                        let at = at.get(&0).copied().unwrap_or(0);
+                        println!(
+                            "metering read model matches a replay of the log up to offset {at}"
+                        )
+                    } else {
+                        println!(
+                            "metering read model matches a replay of the log up to these \
+                             offsets (partition: next offset): {at:?}"
+                        )
+                    }
                 }
                 Some(first) => {
                     println!(
@@ -449,10 +445,25 @@ async fn replay_cmd(args: ReplayArgs) -> anyhow::Result<ExitCode> {
         }
     }
     if let Some(metering) = &metering {
-        let end = tributary_metering::audit::rebuild(log.clone(), metering)
-            .await
-            .context("replaying metering failed; metering.db is unchanged")?;
-        println!("rebuilt the metering read model (metering.db) from offsets 0..{end}");
+        let ends = match (&backends.database, metering.engine()) {
+            (Some(url), tributary_metering::store::Engine::Postgres) => {
+                tributary_metering::audit::rebuild_fresh(log.clone(), url, metering)
+                    .await
+                    .context("replaying metering failed; the metering tables are unchanged")?
+            }
+            _ => tributary_metering::audit::rebuild(log.clone(), metering)
+                .await
+                .context("replaying metering failed; metering.db is unchanged")?,
+        };
+        if log.layout().partitions() == 1 {
+            let end = ends.get(&0).copied().unwrap_or(0);
+            println!("rebuilt the metering read model (metering.db) from offsets 0..{end}");
+        } else {
+            println!(
+                "rebuilt the metering read model ({}) from every events partition: {ends:?}",
+                backends.metering_location()
+            );
+        }
     }
     Ok(ExitCode::SUCCESS)
 }

@@ -3,12 +3,10 @@
 use std::collections::BTreeMap;
 use std::io::Write;
 use std::process::ExitCode;
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
 use tokio_util::sync::CancellationToken;
-use tributary_eventlog::EventLog;
 use tributary_metering::plan::format_money;
 use tributary_metering::service::ServiceConfig;
 use tributary_metering::{audit as maudit, MeteringState, Period, PricePlan};
@@ -41,44 +39,42 @@ pub fn service_config(args: &MeteringArgs) -> anyhow::Result<ServiceConfig> {
     })
 }
 
-/// `tributary serve metering`.
+/// `tributary serve metering`: the embedded data directory or the scale-out backends.
 pub async fn serve(args: ServeMeteringArgs) -> anyhow::Result<ExitCode> {
-    {
-        {
-            let config = service_config(&args.metering)?;
-            let data = DataDir::open(&args.data.data).await?;
-            let _health = crate::health::start(&args.health, "metering").await?;
-            let log: Arc<dyn EventLog> = data.log.clone();
-            let stop = CancellationToken::new();
-            let mut task = tokio::spawn(tributary_metering::service::run(
-                log,
-                data.metering.clone(),
-                config.clone(),
-                stop.clone(),
-            ));
-            println!(
-                "metering: following the log in {} (plan {}, invoices {:.1} h after each month)",
-                data.path.display(),
-                config.plan.version,
-                config.close_after.as_secs_f64() / 3600.0
-            );
-            let _ = std::io::stdout().flush();
-            let result = tokio::select! {
-                _ = crate::server::wait_for_signal() => {
-                    stop.cancel();
-                    task.await
-                }
-                r = &mut task => r,
-            };
-            match result {
-                Ok(Ok(())) => {}
-                Ok(Err(e)) => return Err(e).context("the metering service stopped"),
-                Err(e) => anyhow::bail!("the metering service panicked: {e}"),
-            }
-            data.log.close().await;
-            Ok(ExitCode::SUCCESS)
+    let config = service_config(&args.metering)?;
+    let backends = args.backends.resolve()?;
+    let log = backends.open_log().await?;
+    let store = backends.open_metering().await?;
+    let _health = crate::health::start(&args.health, "metering").await?;
+    let stop = CancellationToken::new();
+    let mut task = tokio::spawn(tributary_metering::service::run(
+        log.clone(),
+        store.clone(),
+        config.clone(),
+        stop.clone(),
+    ));
+    println!(
+        "metering: following {} into {} (plan {}, invoices {:.1} h after each month)",
+        backends.log_location(),
+        backends.metering_location(),
+        config.plan.version,
+        config.close_after.as_secs_f64() / 3600.0
+    );
+    let _ = std::io::stdout().flush();
+    let result = tokio::select! {
+        _ = crate::server::wait_for_signal() => {
+            stop.cancel();
+            task.await
         }
+        r = &mut task => r,
+    };
+    store.close().await;
+    match result {
+        Ok(Ok(())) => {}
+        Ok(Err(e)) => return Err(e).context("the metering service stopped"),
+        Err(e) => anyhow::bail!("the metering service panicked: {e}"),
     }
+    Ok(ExitCode::SUCCESS)
 }
 
 pub async fn invoice(args: InvoiceArgs) -> anyhow::Result<ExitCode> {
@@ -232,11 +228,16 @@ fn csv(s: &str) -> String {
 /// `tributary audit`: one replay of the log feeds a fresh builds fold and a fresh metering
 /// fold, each up to the offset its stored read model reached; then both are compared.
 pub async fn audit(args: AuditArgs) -> anyhow::Result<ExitCode> {
-    let data = DataDir::open(&args.data.data).await?;
+    let backends = args.backends.resolve()?;
+    if backends.kafka.is_some() || backends.database.is_some() {
+        return audit_backends(&backends, args.tenant.as_deref()).await;
+    }
+    let data = DataDir::open(&backends.data).await?;
     let tenant = args.tenant.as_deref();
     let builds_end = data.store.next_offset().await?;
     let mut stored_builds = data.store.load_all().await?;
-    let (stored_metering, metering_end) = data.metering.load_all().await?;
+    let stored_metering = data.metering.load_all().await?;
+    let metering_end = stored_metering.position(0);
     let end = builds_end.max(metering_end);
     let started = Instant::now();
     let mut builds = BuildsState::default();
@@ -295,7 +296,7 @@ pub async fn audit(args: AuditArgs) -> anyhow::Result<ExitCode> {
     } else {
         println!("  metering: {} DIFFERENT rows; the first:", diffs.len());
         println!("    {}", diffs[0]);
-        first.insert(diffs[0].offset, format!("metering: {}", diffs[0]));
+        first.insert(diffs[0].at.offset, format!("metering: {}", diffs[0]));
     }
     match first.into_iter().next() {
         None => {
@@ -306,5 +307,70 @@ pub async fn audit(args: AuditArgs) -> anyhow::Result<ExitCode> {
             println!("audit: FAILED: the first divergence starts at offset {offset}: {what}");
             Ok(ExitCode::from(1))
         }
+    }
+}
+
+/// `tributary audit --kafka … --database …`: the builds read model through the projections'
+/// replay check, and a fresh metering state from every events partition up to the offsets the
+/// live metering tables reached, compared row by row with them and every issued invoice.
+async fn audit_backends(
+    backends: &crate::backends::Backends,
+    tenant: Option<&str>,
+) -> anyhow::Result<ExitCode> {
+    let log = backends.open_log().await?;
+    let store = backends.open_store().await?;
+    let metering = backends.open_metering().await?;
+    let started = Instant::now();
+    let mut failed = false;
+    println!(
+        "audit: replaying {} (builds read model and {}){}",
+        backends.log_location(),
+        backends.metering_location(),
+        tenant.map_or(String::new(), |t| format!(", comparing tenant {t}"))
+    );
+    match replay::check(log.as_ref(), &store).await? {
+        None => println!("  builds:   match the replay up to the stored offsets"),
+        Some(d) => {
+            println!("  builds:   DIFFERENT: {d}");
+            failed = true;
+        }
+    }
+    let (diffs, ends, replayed) = maudit::check(log.clone(), &metering, tenant)
+        .await
+        .context("cannot replay the log into a metering state")?;
+    let ends: Vec<String> = ends.iter().map(|(p, o)| format!("{p}:{o}")).collect();
+    if diffs.is_empty() {
+        let issued = replayed
+            .issued
+            .keys()
+            .filter(|(t, _)| tenant.is_none_or(|x| x == t))
+            .count();
+        println!(
+            "  metering: {} usage records, {} job attempts and {issued} issued invoices match \
+             the replay up to offsets (partition:next) {}",
+            replayed
+                .usage
+                .keys()
+                .filter(|k| tenant.is_none_or(|t| t == k.tenant))
+                .count(),
+            replayed
+                .attempts
+                .values()
+                .filter(|a| tenant.is_none_or(|t| t == a.tenant))
+                .count(),
+            ends.join(" ")
+        );
+    } else {
+        println!("  metering: {} DIFFERENT rows; the first:", diffs.len());
+        println!("    {}", diffs[0]);
+        failed = true;
+    }
+    println!("audit: replayed in {:.3}s", started.elapsed().as_secs_f64());
+    if failed {
+        println!("audit: FAILED");
+        Ok(ExitCode::from(1))
+    } else {
+        println!("audit: OK");
+        Ok(ExitCode::SUCCESS)
     }
 }

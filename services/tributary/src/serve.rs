@@ -38,6 +38,10 @@ pub struct ServeApiArgs {
     /// key (created if missing: back it up). Default: DIR/server.key.
     #[arg(long, value_name = "FILE", env = "TRIBUTARY_SERVER_KEY_FILE")]
     pub server_key_file: Option<PathBuf>,
+    /// The price plan live invoices are priced with (give `serve metering` the same file;
+    /// issued invoices carry their own). Default: the built-in plan.
+    #[arg(long, value_name = "FILE", env = "TRIBUTARY_PRICE_PLAN")]
+    pub price_plan: Option<PathBuf>,
 }
 
 pub async fn api(args: ServeApiArgs) -> anyhow::Result<ExitCode> {
@@ -83,12 +87,20 @@ pub async fn api(args: ServeApiArgs) -> anyhow::Result<ExitCode> {
         tracing::info!(file = %token_path.display(), "admin token registered on the log");
     }
 
+    // Metering: invoices, usage and the web UI's usage page from the tables `serve metering`
+    // writes (the `metering` schema of --database, or DIR/metering.db).
+    let plan = crate::metering::load_plan(args.price_plan.as_deref())?;
+    let metering_store = backends.open_metering().await?;
+    let metering = tributary_api::metering::MeteringApi::new(
+        state.clone(),
+        tributary_api::metering::MeteringReader::new(metering_store, plan),
+    );
     let stop = CancellationToken::new();
     let mut server = {
         let stop = stop.clone();
         tokio::spawn(tributary_api::serve_with_metering(
             state,
-            None,
+            Some(metering),
             listener,
             async move { stop.cancelled().await },
         ))

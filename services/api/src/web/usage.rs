@@ -108,7 +108,8 @@ fn no_metering() -> Markup {
         p.notice #no-metering {
             "Metering is not running on this server, so there is no usage to show. "
             "It runs inside " code { "tributary up" } ", or on its own with "
-            code { "tributary serve metering --data DIR" } "."
+            code { "tributary serve metering --data DIR" } " (or, on the scale-out backends, "
+            code { "tributary serve metering --kafka BROKERS --database URL" } ")."
         }
     }
 }
@@ -301,7 +302,18 @@ mod tests {
             issued: Vec::new(),
         };
         let period = Period::parse("2026-11").unwrap();
-        let html = body(period, &[], &usage, &plan, Some(Behind { at: 10, end: 42 })).into_string();
+        let html = body(
+            period,
+            &[],
+            &usage,
+            &plan,
+            Some(Behind {
+                at: 10,
+                end: 42,
+                partitions: 0,
+            }),
+        )
+        .into_string();
         assert!(
             html.contains("metering is behind the log (at offset 10 of 42)"),
             "{html}"
@@ -312,5 +324,25 @@ mod tests {
         );
         let html = body(period, &[], &usage, &plan, None).into_string();
         assert!(!html.contains("behind"), "{html}");
+        let behind = Behind::of(
+            &[(0, 5), (1, 7), (3, 9)].into_iter().collect(),
+            &[5, 8, 2, 9],
+        );
+        assert_eq!(
+            behind,
+            Some(Behind {
+                at: 21,
+                end: 24,
+                partitions: 2
+            })
+        );
+        let html = body(period, &[], &usage, &plan, behind).into_string();
+        assert!(
+            html.contains(
+                "metering is behind the log (21 of 24 events folded; 2 partitions behind)"
+            ),
+            "{html}"
+        );
+        assert_eq!(Behind::of(&[(0, 5)].into_iter().collect(), &[5]), None);
     }
 }
