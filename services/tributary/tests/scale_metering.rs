@@ -178,7 +178,7 @@ async fn active_and_standby_metering_on_kafka_and_postgres_equal_a_fresh_replay(
     // 16 builds of two tenants over the 4 partitions: ticks 1..3 (60 s of October each).
     let builds: Vec<(String, String)> = (0..16)
         .map(|i| {
-            let tenant = if i % 2 == 0 { "acme" } else { "globex" };
+            let tenant = if i % 2 == 0 { "default" } else { "globex" };
             (tenant.to_owned(), tributary_proto::new_id())
         })
         .collect();
@@ -299,7 +299,7 @@ async fn active_and_standby_metering_on_kafka_and_postgres_equal_a_fresh_replay(
     }
 
     // Every tick once: 8 builds x 6 ticks x 20 s per tenant.
-    for tenant in ["acme", "globex"] {
+    for tenant in ["default", "globex"] {
         let total: i64 = sqlx::query_scalar(
             "SELECT CAST(SUM(millis) AS BIGINT) FROM metering.usage_daily WHERE tenant = $1",
         )
@@ -322,8 +322,8 @@ async fn active_and_standby_metering_on_kafka_and_postgres_equal_a_fresh_replay(
     assert_eq!(
         periods,
         vec![
-            ("acme", "2025-10"),
-            ("acme", "2025-11"),
+            ("default", "2025-10"),
+            ("default", "2025-11"),
             ("globex", "2025-10"),
             ("globex", "2025-11")
         ]
@@ -412,7 +412,7 @@ async fn active_and_standby_metering_on_kafka_and_postgres_equal_a_fresh_replay(
     let invoice = |period: &str| {
         Command::new(env!("CARGO_BIN_EXE_tributary"))
             .args([
-                "invoice", "--server", &server, "--tenant", "acme", "--period", period,
+                "invoice", "--server", &server, "--tenant", "default", "--period", period,
             ])
             .args(["--format", "json"])
             .env("TRIBUTARY_TOKEN", text(&token_file).trim())
@@ -439,6 +439,20 @@ async fn active_and_standby_metering_on_kafka_and_postgres_equal_a_fresh_replay(
     assert_eq!(json["lines"][0]["jobs"], 8, "{shown}");
     assert_eq!(json["lines"][0]["billed_millis"], 8 * 60_000, "{shown}");
 
+    // The web UI's usage page (the admin token's tenant is `default`) from the same tables.
+    let page = http_get(
+        &listen,
+        "/ui/usage?period=2025-10",
+        text(&token_file).trim(),
+    );
+    assert!(page.starts_with("HTTP/1.1 200"), "{page}");
+    assert!(!page.contains("behind the log"), "{page}");
+    assert!(!page.contains("Metering is not running"), "{page}");
+    assert!(
+        page.contains("2025-11"),
+        "the issued invoices are listed: {page}"
+    );
+
     let _ = api.kill();
     let _ = api.wait();
     // SIGTERM stops the active replica cleanly.
@@ -450,6 +464,52 @@ async fn active_and_standby_metering_on_kafka_and_postgres_equal_a_fresh_replay(
         "replica b exits 0 on SIGTERM: {}",
         text(&err_b)
     );
+
+    // `tributary replay` rebuilds the metering tables into a fresh schema and swaps it in;
+    // the result still equals a fresh replay.
+    let before = issued(&database).await;
+    let replay = Command::new(env!("CARGO_BIN_EXE_tributary"))
+        .arg("replay")
+        .args(&flags)
+        .output()
+        .expect("run tributary replay");
+    let out = String::from_utf8_lossy(&replay.stdout).to_string();
+    assert!(
+        replay.status.success(),
+        "{out}{}",
+        String::from_utf8_lossy(&replay.stderr)
+    );
+    assert!(out.contains("rebuilt the metering read model"), "{out}");
+    assert_eq!(
+        issued(&database).await,
+        before,
+        "the same invoices after the rebuild"
+    );
+    let audit = Command::new(env!("CARGO_BIN_EXE_tributary"))
+        .arg("audit")
+        .args(&flags)
+        .output()
+        .expect("run tributary audit");
+    let out = String::from_utf8_lossy(&audit.stdout).to_string();
+    assert!(audit.status.success(), "{out}");
     drop(conn);
     drop_database(&db_name).await;
+}
+
+/// A plain HTTP/1.1 GET with a bearer token: the whole response as text.
+fn http_get(addr: &str, path: &str, token: &str) -> String {
+    use std::io::{Read, Write};
+    let mut stream = std::net::TcpStream::connect(addr).expect("connect to the API");
+    stream
+        .set_read_timeout(Some(Duration::from_secs(60)))
+        .expect("timeout");
+    write!(
+        stream,
+        "GET {path} HTTP/1.1\r\nHost: {addr}\r\nAuthorization: Bearer {token}\r\n\
+         Connection: close\r\n\r\n"
+    )
+    .expect("send");
+    let mut out = String::new();
+    let _ = stream.read_to_string(&mut out);
+    out
 }
