@@ -113,6 +113,11 @@ impl MeteringReader {
         }
     }
 
+    /// Whether a metering service ever wrote these tables (a position of some partition).
+    pub async fn has_run(&self) -> Result<bool, Status> {
+        Ok(!self.store.positions().await.map_err(internal)?.is_empty())
+    }
+
     /// How far behind the log the read model is now (None: caught up).
     pub async fn behind(&self, log: &dyn EventLog) -> Result<Option<Behind>, Status> {
         let ends = events_ends(log).await?;

@@ -4,7 +4,9 @@
 //! active replica issues October's invoices and is killed with SIGKILL; the standby takes
 //! over, folds the rest (late October ticks) and issues November's adjustments. At the end
 //! the tables equal a fresh replay (`tributary audit --kafka --database`), every tick counted
-//! once, each invoice was appended once, and `serve api` on the same database shows them.
+//! once, each invoice was appended once, and `serve api` on the same database shows them
+//! (`tributary invoice --server`, the web UI's usage page, which said "not running" before any
+//! replica ran). `tributary replay` then rebuilds the metering schema, still equal to a replay.
 //!
 //! Needs the broker and PostgreSQL of `scripts/setup-brokers.sh` (`TRIBUTARY_TEST_KAFKA`,
 //! `TRIBUTARY_TEST_DATABASE_URL` override them); fails with that message if they are absent.
@@ -214,6 +216,46 @@ async fn active_and_standby_metering_on_kafka_and_postgres_equal_a_fresh_replay(
         .await
         .expect("append garbage");
 
+    // `serve api` on the same database: before any metering replica ran, its usage page says
+    // metering is not running.
+    let token_file = dir.path().join("admin.token");
+    let port = {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").expect("port");
+        l.local_addr().expect("addr").port()
+    };
+    let listen = format!("127.0.0.1:{port}");
+    let mut api = Command::new(env!("CARGO_BIN_EXE_tributary"))
+        .args(["serve", "api", "--listen", &listen, "--data"])
+        .arg(dir.path().join("api"))
+        .arg("--admin-token-file")
+        .arg(&token_file)
+        .args(&flags)
+        .stdout(Stdio::null())
+        .stderr(std::fs::File::create(dir.path().join("api.log")).expect("api log"))
+        .spawn()
+        .expect("start tributary serve api");
+    let token_wait = Instant::now() + Duration::from_secs(120);
+    while text(&token_file).trim().is_empty() {
+        assert!(
+            Instant::now() < token_wait,
+            "serve api never wrote its admin token"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let page = loop {
+        let page = http_get_retry(
+            &listen,
+            "/ui/usage?period=2025-10",
+            text(&token_file).trim(),
+        );
+        if page.starts_with("HTTP/1.1 200") {
+            break page;
+        }
+        assert!(Instant::now() < token_wait, "the usage page failed: {page}");
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    };
+    assert!(page.contains("Metering is not running"), "{page}");
+
     let (err_a, err_b) = (dir.path().join("a.log"), dir.path().join("b.log"));
     let mut a = metering(&flags, &err_a);
     wait_until("replica a is active", Duration::from_secs(120), || async {
@@ -391,23 +433,6 @@ async fn active_and_standby_metering_on_kafka_and_postgres_equal_a_fresh_replay(
         .await
         .expect("restore");
 
-    // The API on the same database shows the issued invoice.
-    let token_file = dir.path().join("admin.token");
-    let port = {
-        let l = std::net::TcpListener::bind("127.0.0.1:0").expect("port");
-        l.local_addr().expect("addr").port()
-    };
-    let listen = format!("127.0.0.1:{port}");
-    let mut api = Command::new(env!("CARGO_BIN_EXE_tributary"))
-        .args(["serve", "api", "--listen", &listen, "--data"])
-        .arg(dir.path().join("api"))
-        .arg("--admin-token-file")
-        .arg(&token_file)
-        .args(&flags)
-        .stdout(Stdio::null())
-        .stderr(std::fs::File::create(dir.path().join("api.log")).expect("api log"))
-        .spawn()
-        .expect("start tributary serve api");
     let server = format!("http://{listen}");
     let invoice = |period: &str| {
         Command::new(env!("CARGO_BIN_EXE_tributary"))
@@ -512,4 +537,12 @@ fn http_get(addr: &str, path: &str, token: &str) -> String {
     let mut out = String::new();
     let _ = stream.read_to_string(&mut out);
     out
+}
+
+/// [`http_get`], or the error as text when the API does not listen yet.
+fn http_get_retry(addr: &str, path: &str, token: &str) -> String {
+    match std::net::TcpStream::connect(addr) {
+        Ok(_) => http_get(addr, path, token),
+        Err(e) => format!("not listening: {e}"),
+    }
 }

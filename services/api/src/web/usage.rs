@@ -85,10 +85,20 @@ pub async fn page(
     // Show what metering has folded so far, saying how far behind it is.
     let behind = match metering.caught_up(log, CATCH_UP).await {
         Ok(()) => None,
-        Err(_) => metering
-            .behind(log)
-            .await
-            .map_err(|e| WebError::from(e).in_page(&session))?,
+        Err(_) => {
+            if !metering
+                .has_run()
+                .await
+                .map_err(|e| WebError::from(e).in_page(&session))?
+            {
+                // Behind and never wrote a position: no metering service folds this log.
+                return Ok(shell(&session, period, no_metering()));
+            }
+            metering
+                .behind(log)
+                .await
+                .map_err(|e| WebError::from(e).in_page(&session))?
+        }
     };
     let usage = metering
         .tenant_usage(&tenant, period)
@@ -102,7 +112,8 @@ pub async fn page(
     ))
 }
 
-/// What the page says on a server that does not run metering.
+/// What the page says on a server that does not run metering (or whose metering tables were
+/// never written while the log has events).
 fn no_metering() -> Markup {
     html! {
         p.notice #no-metering {
