@@ -194,18 +194,9 @@ impl BuildsProjector {
             if record.offset < position {
                 continue; // already applied (a re-delivery)
             }
-            let env = match record.decode() {
-                Ok(env) => env,
-                Err(e) => {
-                    self.malformed += 1;
-                    tracing::error!(
-                        partition = record.partition,
-                        offset = record.offset,
-                        error = %e,
-                        "skipping malformed event"
-                    );
-                    continue;
-                }
+            let Some(env) = record.envelope_for("projector") else {
+                self.malformed += 1; // logged and counted per process
+                continue;
             };
             let touch = touches(&env);
             if touch == Touch::Nothing {
@@ -318,18 +309,9 @@ impl ChunkCounter {
                     to: from,
                 })
                 .to = record.offset + 1;
-            let env = match record.decode() {
-                Ok(env) => env,
-                Err(e) => {
-                    self.malformed += 1;
-                    tracing::error!(
-                        partition = record.partition,
-                        offset = record.offset,
-                        error = %e,
-                        "skipping malformed log chunk"
-                    );
-                    continue;
-                }
+            let Some(env) = record.envelope_for("projector-logs") else {
+                self.malformed += 1; // logged and counted per process
+                continue;
             };
             if chunks::chunk_of(&env).is_none() {
                 continue;

@@ -10,6 +10,7 @@
 //!   is in the `X-Tributary-Sha256` header for the client to check again.
 //! * `GET /metrics`: Prometheus text format.
 //! * `GET /healthz`: liveness.
+//! * `GET /readyz`: 503 while the event log does not answer (a Kafka outage).
 
 use std::sync::atomic::Ordering;
 
@@ -33,6 +34,7 @@ pub fn router(state: ApiState) -> Router {
         )
         .route("/metrics", get(metrics))
         .route("/healthz", get(|| async { "ok\n" }))
+        .route("/readyz", get(readyz))
         .with_state(state)
 }
 
@@ -221,6 +223,18 @@ async fn github(
     }
 }
 
+/// 200 when the event log answers within 2 s; 503 saying why not (the API keeps running).
+async fn readyz(State(state): State<ApiState>) -> Response {
+    match state.log.probe(std::time::Duration::from_secs(2)).await {
+        Ok(()) => "ok\n".into_response(),
+        Err(e) => (
+            StatusCode::SERVICE_UNAVAILABLE,
+            format!("the event log does not answer: {e}\n"),
+        )
+            .into_response(),
+    }
+}
+
 async fn metrics(State(state): State<ApiState>) -> Response {
     // Events on the log: the sum over its partitions.
     let events: u64 = state
@@ -270,7 +284,8 @@ async fn metrics(State(state): State<ApiState>) -> Response {
          tributary_lease_requeues_total {requeues}\n\
          # HELP tributary_tail_subscribers Open log tails and event watches.\n\
          # TYPE tributary_tail_subscribers gauge\n\
-         tributary_tail_subscribers {tails}\n"
+         tributary_tail_subscribers {tails}\n{}",
+        tributary_eventlog::skipped::prometheus()
     );
     ([("content-type", "text/plain; version=0.0.4")], body).into_response()
 }

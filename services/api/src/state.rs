@@ -69,7 +69,13 @@ impl<S> Clone for Folded<S> {
 impl<S: Default + Send + Sync + 'static> Folded<S> {
     /// Starts folding `log` into a fresh `S` with `apply`, which gets each event with its place
     /// in the fold's order (0, 1, 2...: the log offset on a one-partition log).
-    pub fn start(log: &Arc<dyn EventLog>, apply: fn(&mut S, u64, &Envelope)) -> Self {
+    /// Records that do not decode or carry an unknown payload are skipped, logged and counted
+    /// as `consumer`'s ([`tributary_eventlog::skipped`]).
+    pub fn start(
+        log: &Arc<dyn EventLog>,
+        consumer: &'static str,
+        apply: fn(&mut S, u64, &Envelope),
+    ) -> Self {
         let state = Arc::new(RwLock::new(S::default()));
         let start: Vec<(Partition, Offset)> = log
             .layout()
@@ -92,18 +98,12 @@ impl<S: Default + Send + Sync + 'static> Folded<S> {
                 };
                 if let Ok(mut s) = shared.write() {
                     for record in &records {
-                        match record.decode() {
-                            Ok(env) if seen.first_time(&env.event_id) => {
+                        match record.envelope_for(consumer) {
+                            Some(env) if seen.first_time(&env.event_id) => {
                                 apply(&mut s, sequence, &env);
                                 sequence += 1;
                             }
-                            Ok(_) => {}
-                            Err(e) => tracing::error!(
-                                partition = record.partition,
-                                offset = record.offset,
-                                error = %e,
-                                "skipping malformed event"
-                            ),
+                            Some(_) | None => {}
                         }
                     }
                 }
@@ -186,8 +186,10 @@ impl ApiState {
         mirrors: tributary_repo::Mirrors,
         server_key: Option<crate::seal::ServerKey>,
     ) -> Result<ApiState, tributary_eventlog::LogError> {
-        let directory = Folded::start(&log, |d: &mut Directory, _, env| d.apply(env));
-        let cluster = Folded::start(&log, |c: &mut ClusterState, offset, env| {
+        let directory = Folded::start(&log, "api-directory", |d: &mut Directory, _, env| {
+            d.apply(env)
+        });
+        let cluster = Folded::start(&log, "api-cluster", |c: &mut ClusterState, offset, env| {
             c.apply(offset, env)
         });
         let state = ApiState {

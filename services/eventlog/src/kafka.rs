@@ -484,6 +484,18 @@ impl EventLog for KafkaLog {
         .await
     }
 
+    async fn probe(&self, within: Duration) -> Result<(), LogError> {
+        let topic = self.events_topic.clone();
+        let brokers = self.options.brokers.clone();
+        self.with_reader(move |reader| {
+            reader
+                .fetch_metadata(Some(&topic), within)
+                .map(|_| ())
+                .map_err(|e| kafka(&format!("Kafka brokers {brokers} unreachable"), e))
+        })
+        .await
+    }
+
     fn subscribe_partitions(&self, from: &[(Partition, Offset)]) -> Box<dyn Subscription> {
         match self.start_subscription(from) {
             Ok(subscription) => Box::new(subscription),

@@ -48,6 +48,7 @@ pub mod conformance;
 pub mod group;
 pub mod kafka;
 pub mod layout;
+pub mod skipped;
 pub mod sqlite;
 
 pub use group::{GroupEvent, GroupSubscription};
@@ -193,6 +194,14 @@ pub trait EventLog: Send + Sync + 'static {
     async fn append_raw(&self, key: &str, data: Vec<u8>) -> Result<Offset, LogError> {
         let _ = (key, data);
         Err(LogError::Unsupported("append_raw"))
+    }
+
+    /// Whether the log's storage answers now, within `within`: for health endpoints, which
+    /// report an outage (a Kafka broker down) while services wait for it to come back. The
+    /// default (an embedded log) is always reachable.
+    async fn probe(&self, within: std::time::Duration) -> Result<(), LogError> {
+        let _ = within;
+        Ok(())
     }
 
     /// Joins consumer group `group` as a new member reading `topics`: the group's members split

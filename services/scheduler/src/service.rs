@@ -83,13 +83,13 @@ pub async fn run(
             batch = sub.next_batch() => {
                 for record in batch? {
                     folded.insert(record.partition, record.offset + 1);
-                    match record.decode() {
-                        Ok(env) if seen.first_time(&env.event_id) => {
+                    match record.envelope_for("scheduler") {
+                        Some(env) if seen.first_time(&env.event_id) => {
                             state.apply(sequence, &env);
                             sequence += 1;
                         }
-                        Ok(env) => tracing::debug!(event_id = %env.event_id, "skipping a re-delivered event"),
-                        Err(e) => tracing::error!(partition = record.partition, offset = record.offset, error = %e, "skipping malformed event"),
+                        Some(env) => tracing::debug!(event_id = %env.event_id, "skipping a re-delivered event"),
+                        None => {} // logged and counted
                     }
                 }
             }
@@ -107,7 +107,12 @@ pub async fn run(
             let wanted = partitions.assigned.borrow_and_update().clone();
             let gained = ownership.want(&wanted);
             if !gained.is_empty() {
-                let ends = log.end_offsets().await?;
+                let Some(ends) =
+                    retry_transient(&stop, "reading the log's end offsets", || log.end_offsets())
+                        .await?
+                else {
+                    return Ok(());
+                };
                 for p in gained {
                     let end = ends.get(p as usize).copied().unwrap_or(0);
                     tracing::info!(partition = p, catch_up_to = end, "partition gained");
@@ -148,13 +153,58 @@ pub async fn run(
         for d in &decisions {
             tracing::debug!(build_id = %d.build_id(), job_id = ?d.job_id(), decision = ?d, "decided");
         }
-        let offsets = log.append(&events).await?;
+        // The same events (same ids) until they are stored: a retried append may store some
+        // twice, which every consumer skips by event id; deciding again would not be the same.
+        let Some(offsets) =
+            retry_transient(&stop, "appending decisions", || log.append(&events)).await?
+        else {
+            return Ok(());
+        };
         for (event, offset) in events.iter().zip(offsets) {
             let p = layout.partition_of(event);
             let entry = awaiting.entry(p).or_insert(offset);
             *entry = (*entry).max(offset);
         }
     }
+}
+
+/// Runs `op` until it succeeds, retrying (1 s apart, with a warning) while the log's backend
+/// is unreachable (a Kafka broker restarting): the scheduler waits for it rather than exiting.
+/// Other errors are returned; `None` if `stop` fires while waiting.
+async fn retry_transient<T, F, Fut>(
+    stop: &CancellationToken,
+    what: &str,
+    mut op: F,
+) -> Result<Option<T>, LogError>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Result<T, LogError>>,
+{
+    let mut failures = 0u32;
+    loop {
+        match op().await {
+            Ok(value) => {
+                if failures > 0 {
+                    tracing::info!(failures, "{what}: the log answers again");
+                }
+                return Ok(Some(value));
+            }
+            Err(e) if is_transient(&e) => {
+                failures += 1;
+                tracing::warn!(error = %e, failures, "{what} failed; retrying in 1 s");
+                tokio::select! {
+                    () = tokio::time::sleep(Duration::from_secs(1)) => {}
+                    () = stop.cancelled() => return Ok(None),
+                }
+            }
+            Err(e) => return Err(e),
+        }
+    }
+}
+
+/// Errors of an unreachable backend, which pass when it is back.
+fn is_transient(error: &LogError) -> bool {
+    matches!(error, LogError::Kafka(_) | LogError::Io(_))
 }
 
 /// The event recording `decision`, in its build's tenant and project. Assignments get a fresh
@@ -218,4 +268,40 @@ pub async fn own_by_group(
     }
     assigned.send_modify(BTreeSet::clear);
     member.leave().await
+}
+
+#[cfg(test)]
+mod retry_tests {
+    use super::*;
+    use std::sync::atomic::{AtomicU32, Ordering};
+
+    #[tokio::test]
+    async fn an_unreachable_log_is_retried_until_it_answers_other_errors_end_the_service() {
+        let stop = CancellationToken::new();
+        let calls = AtomicU32::new(0);
+        let got = retry_transient(&stop, "test", || async {
+            match calls.fetch_add(1, Ordering::SeqCst) {
+                0 => Err(LogError::Kafka("broker down".into())),
+                _ => Ok(7),
+            }
+        })
+        .await
+        .expect("retried");
+        assert_eq!(got, Some(7));
+        assert_eq!(calls.load(Ordering::SeqCst), 2);
+
+        let fatal: Result<Option<()>, _> = retry_transient(&stop, "test", || async {
+            Err(LogError::Invalid("bad".into()))
+        })
+        .await;
+        assert!(fatal.is_err(), "not a transient error");
+
+        stop.cancel();
+        let stopped: Option<()> = retry_transient(&stop, "test", || async {
+            Err(LogError::Kafka("still down".into()))
+        })
+        .await
+        .expect("no error");
+        assert_eq!(stopped, None, "stop ends the wait");
+    }
 }

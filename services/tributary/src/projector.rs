@@ -22,7 +22,7 @@ pub async fn serve(args: ServeProjectorArgs) -> anyhow::Result<ExitCode> {
     let backends = args.backends.resolve()?;
     let log = backends.open_log().await?;
     let store = backends.open_store().await?;
-    let _health = crate::health::start(&args.health, "projector").await?;
+    let _health = crate::health::start_with_log(&args.health, "projector", log.clone()).await?;
     let mut projector = BuildsProjector::open(store.clone()).await?;
     let layout = log.layout();
     tracing::info!(

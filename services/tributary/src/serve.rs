@@ -197,7 +197,7 @@ pub async fn scheduler(args: ServeSchedulerArgs) -> anyhow::Result<ExitCode> {
 
     let backends = args.backends.resolve()?;
     let log = backends.open_log().await?;
-    let _health = crate::health::start(&args.health, "scheduler").await?;
+    let _health = crate::health::start_with_log(&args.health, "scheduler", log.clone()).await?;
     if !(args.lease_ttl.is_finite() && args.lease_ttl > 0.0) {
         anyhow::bail!("--lease-ttl must be a positive number of seconds");
     }
