@@ -195,7 +195,7 @@ async fn run(
         .into_inner();
     let mut stream = builds
         .watch_events(api::WatchEventsRequest {
-            from_offset: warm.offset,
+            from: warm.from.clone(),
             build_id: warm.build_id.clone(),
             types: vec!["build_finished".into()],
             ..Default::default()
@@ -218,7 +218,16 @@ async fn run(
             warm.build_id
         );
     }
-    let from = ev.offset + 1;
+    // Positions per partition (any log: embedded or Kafka): where the warm-up build was
+    // triggered, and right after its BuildFinished in its own partition.
+    let mut from = warm.from.clone();
+    match from.iter_mut().find(|p| p.partition == ev.partition) {
+        Some(position) => position.offset = ev.offset + 1,
+        None => from.push(api::Position {
+            partition: ev.partition,
+            offset: ev.offset + 1,
+        }),
+    }
 
     let by = if opts.by_branch {
         "by branch"
@@ -229,10 +238,10 @@ async fn run(
         "bench server: {} builds of one `echo` job triggered {by}, {} concurrent triggerers; {what}",
         opts.builds, concurrency
     );
-    let measured = measure_builds(&builds, &project, at, opts.builds, concurrency, from).await?;
+    let measured = measure_builds(&builds, &project, at, opts.builds, concurrency, &from).await?;
     let tail = measure_tail(&mut builds, &project).await?;
     let rss_after = spawned.and_then(|s| memory(s.pid()));
-    let phases = phases(&mut builds, &project, from, &measured).await;
+    let phases = phases(&mut builds, &project, &from, &measured).await;
 
     // The report.
     let first: Vec<f64> = measured.latencies(|b| b.first_line);
@@ -401,13 +410,13 @@ async fn measure_builds(
     at: &str,
     n: usize,
     concurrency: usize,
-    from: u64,
+    from: &[api::Position],
 ) -> anyhow::Result<BuildsRun> {
     // One stream for every build, open before the first trigger.
     let mut stream = client
         .clone()
         .watch_events(api::WatchEventsRequest {
-            from_offset: from,
+            from: from.to_vec(),
             project: project.to_owned(),
             types: vec!["line_started".into(), "build_finished".into()],
             ..Default::default()
@@ -575,7 +584,7 @@ async fn measure_tail(client: &mut BuildsClient<Svc>, project: &str) -> anyhow::
 async fn phases(
     client: &mut BuildsClient<Svc>,
     project: &str,
-    from: u64,
+    from: &[api::Position],
     run: &BuildsRun,
 ) -> Option<Vec<(&'static str, Vec<f64>)>> {
     #[derive(Default)]
@@ -587,7 +596,7 @@ async fn phases(
     }
     let mut stream = client
         .watch_events(api::WatchEventsRequest {
-            from_offset: from,
+            from: from.to_vec(),
             project: project.to_owned(),
             types: [
                 "build_triggered",

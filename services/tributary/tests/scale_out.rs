@@ -8,7 +8,8 @@
 //! both API replicas; the log has exactly one `JobAssigned` per (build, job, attempt) and one
 //! per queued attempt (the killed agent's attempts were requeued as new attempts); every
 //! service skipped the two bad records with an error log and counted them; the projectors'
-//! PostgreSQL read models equal a fresh replay (`tributary replay --check`).
+//! PostgreSQL read models equal a fresh replay (`tributary replay --check`). Last, `tributary
+//! bench server --server` runs against the processes.
 //!
 //! Needs `scripts/setup-brokers.sh` (Kafka on 127.0.0.1:19092, PostgreSQL on 127.0.0.1:5432).
 
@@ -219,6 +220,11 @@ fn fifty_builds_survive_kill_9_of_an_agent_a_scheduler_and_a_projector() {
     out.wait_events("some builds to finish", PATIENCE, |events| {
         scale::finished_of(events).len() >= 5
     });
+    let decided = out.schedulers[0].log_text();
+    assert!(
+        decided.contains("job assigned") && decided.contains("deciding for the partition"),
+        "scheduler-0 decides for partitions of its own before it is killed:\n{decided}"
+    );
     out.schedulers[0].kill();
 
     // kill -9 of projector-0 once it wrote some builds; projector-1 takes over every partition.
@@ -226,6 +232,11 @@ fn fifty_builds_survive_kill_9_of_an_agent_a_scheduler_and_a_projector() {
     out.wait_events("more builds to finish", PATIENCE, |events| {
         scale::finished_of(events).len() >= 15
     });
+    let projected = out.projectors[0].log_text();
+    assert!(
+        projected.contains("partitions assigned"),
+        "projector-0 owns partitions before it is killed:\n{projected}"
+    );
     out.projectors[0].kill();
     out.wait_projected(PATIENCE);
 
@@ -358,5 +369,27 @@ fn fifty_builds_survive_kill_9_of_an_agent_a_scheduler_and_a_projector() {
         "replay --check: {}{}",
         String::from_utf8_lossy(&check.stdout),
         String::from_utf8_lossy(&check.stderr)
+    );
+
+    // `bench server` runs against these processes (figures are not judged here).
+    let bench = std::process::Command::new(common::bin())
+        .args([
+            "bench",
+            "server",
+            "--builds",
+            "4",
+            "--concurrency",
+            "2",
+            "--server",
+        ])
+        .arg(out.apis[1].url())
+        .args(["--token", &out.token])
+        .output()
+        .expect("run tributary bench server");
+    let printed = String::from_utf8_lossy(&bench.stdout);
+    assert!(
+        bench.status.success() && printed.contains("sustained"),
+        "bench server --server: {printed}{}",
+        String::from_utf8_lossy(&bench.stderr)
     );
 }
