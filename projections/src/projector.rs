@@ -51,7 +51,8 @@ pub struct BuildsProjector {
     recent: EventIds,
     /// Next offset to apply, per partition this projector reads.
     positions: BTreeMap<Partition, u64>,
-    /// Records that could not be decoded and were skipped.
+    /// Records skipped: undecodable, or of an unknown event type (also counted per process in
+    /// `tributary_eventlog::skipped`).
     pub malformed: u64,
     /// Re-delivered events (an event id already applied to its build) that were skipped.
     pub duplicates: u64,
@@ -256,7 +257,8 @@ pub struct ChunkCounter {
     store: BuildsStore,
     recent: EventIds,
     positions: BTreeMap<Partition, u64>,
-    /// Records that could not be decoded and were skipped.
+    /// Records skipped: undecodable, or of an unknown event type (also counted per process in
+    /// `tributary_eventlog::skipped`).
     pub malformed: u64,
     /// Re-delivered chunks that were skipped.
     pub duplicates: u64,
