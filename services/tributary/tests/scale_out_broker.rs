@@ -130,6 +130,21 @@ fn services_reconnect_after_the_broker_restarts_and_every_build_finishes() {
     let assigned = assignments(&events);
     let twice: Vec<_> = assigned.iter().filter(|(_, ids)| ids.len() > 1).collect();
     assert!(twice.is_empty(), "attempts assigned twice: {twice:?}");
+    let requeued = events
+        .iter()
+        .filter(|e| matches!(&e.env.payload, Some(Payload::JobRequeued(_))))
+        .count();
+    let waited = out
+        .schedulers
+        .iter()
+        .filter(|s| s.log_text().contains("failed; retrying in 1 s"))
+        .count();
+    eprintln!(
+        "{} events, {} attempts assigned, {requeued} requeued; {waited} scheduler(s) retried \
+         an append during the outage",
+        events.len(),
+        assigned.len()
+    );
 
     out.wait_projected(PATIENCE);
     for id in &builds {
