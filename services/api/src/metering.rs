@@ -19,6 +19,11 @@ use crate::state::{internal, ApiState};
 /// How long a gRPC read waits for the metering projection to reach the end of the log.
 const CATCH_UP: Duration = Duration::from_secs(10);
 
+/// Why there is no usage when no metering service ever ran on this log.
+pub const NOT_RUNNING: &str = "metering is not running: no metering service has written its \
+     tables yet (start `tributary serve metering` with the same --kafka/--database, or use \
+     `tributary up`)";
+
 /// Reads of the metering read model shared by the gRPC `Metering` service and the web UI's
 /// usage page: one set of queries, one tenant at a time.
 #[derive(Clone)]
@@ -103,6 +108,10 @@ impl MeteringReader {
         let deadline = tokio::time::Instant::now() + within;
         loop {
             let positions = self.store.positions().await.map_err(internal)?;
+            if positions.is_empty() {
+                // Nothing to wait for: no metering service ever wrote these tables.
+                return Err(Status::unavailable(NOT_RUNNING));
+            }
             let Some(behind) = Behind::of(&positions, &ends) else {
                 return Ok(());
             };

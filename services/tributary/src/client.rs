@@ -184,14 +184,19 @@ pub async fn logs(args: LogsArgs) -> anyhow::Result<ExitCode> {
 
 pub async fn get(args: GetArgs) -> anyhow::Result<ExitCode> {
     let mut client = builds(&args.server).await?;
-    let usage = build_usage(&args.server, &args.build).await;
-    let b = client
-        .get_build(api::GetBuildRequest {
-            build_id: args.build,
-        })
-        .await
-        .map_err(status)?
-        .into_inner();
+    let request = api::GetBuildRequest {
+        build_id: args.build.clone(),
+    };
+    // The usage (printed, not in --json) is asked for alongside the build.
+    let usage = async {
+        if args.json {
+            None
+        } else {
+            build_usage(&args.server, &args.build).await
+        }
+    };
+    let (b, usage) = tokio::join!(client.get_build(request), usage);
+    let b = b.map_err(status)?.into_inner();
     if args.json {
         println!("{}", serde_json::to_string_pretty(&b)?);
         return Ok(ExitCode::SUCCESS);
