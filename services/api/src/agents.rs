@@ -29,7 +29,7 @@ use tributary_proto::events::{
 use tributary_scheduler::cluster::leases_to_cancel;
 
 use crate::auth::{authenticate, new_token, sha256_hex, Principal};
-use crate::state::{internal, ApiState, Mark};
+use crate::state::{ApiState, Mark};
 use tributary_eventlog::Topic;
 
 pub struct AgentsApi {
@@ -93,11 +93,8 @@ async fn lease_message(
     attempt: u32,
     lease_id: &str,
 ) -> Result<Option<Lease>, Status> {
-    let first = state.log.read_key(build_id, 0, 1).await.map_err(internal)?;
-    let Some(env) = first.first().and_then(|r| r.decode().ok()) else {
-        return Ok(None);
-    };
-    let Some(Payload::BuildTriggered(t)) = &env.payload else {
+    // Read at the build's start (the API's index), not from the partition's beginning.
+    let Some((env, t)) = crate::builds::triggered_of(state, build_id).await? else {
         return Ok(None);
     };
     let (plan, artifacts, caches) = state.cluster.read(|c| {

@@ -30,7 +30,11 @@ pub async fn list(
     build_id: &str,
 ) -> Result<Vec<ArtifactUploaded>, Status> {
     let not_found = || Status::not_found(format!("no build {build_id}"));
-    let mut from = 0;
+    // From the build's first record (the API's index), not the partition's beginning.
+    let Some(start) = state.build_start(build_id).await? else {
+        return Err(not_found());
+    };
+    let mut from = start.events;
     let mut tenant_checked = false;
     let mut latest: BTreeMap<String, (u32, BTreeMap<String, ArtifactUploaded>)> = BTreeMap::new();
     loop {

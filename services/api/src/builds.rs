@@ -18,6 +18,7 @@ use tributary_proto::events::{envelope::Payload, BuildCanceled, BuildTriggered, 
 
 use crate::auth::{authenticate, Principal};
 use crate::follow::{follow_build, next_batch, BuildPartitions, Cursor, Step as Next};
+use crate::starts::Start;
 use crate::state::{internal, ApiState};
 
 /// The pipeline file read from the repository at the build's commit.
@@ -50,21 +51,44 @@ pub async fn build_of(state: &ApiState, who: &Principal, id: &str) -> Result<Rea
     }
 }
 
-/// Checks, from the log itself (no read model), that build `id` exists in the caller's tenant:
-/// its first state event says whose it is. Another tenant's build is NOT_FOUND.
-pub async fn authorize_on_log(state: &ApiState, who: &Principal, id: &str) -> Result<(), Status> {
+/// Checks, from the log itself (no read model: the API's index of where builds start, folded
+/// from the log), that build `id` exists in the caller's tenant: its first state event says
+/// whose it is. Another tenant's build is NOT_FOUND. Returns where the build starts, where
+/// readers of the build begin.
+pub async fn authorize_on_log(
+    state: &ApiState,
+    who: &Principal,
+    id: &str,
+) -> Result<Start, Status> {
+    match state.build_start(id).await? {
+        Some(start) if start.tenant == who.tenant => Ok(start),
+        _ => Err(Status::not_found(format!("no build {id}"))),
+    }
+}
+
+/// The build's `BuildTriggered`, read at the build's start (not from the partition's
+/// beginning); None if the build is not on the log.
+pub async fn triggered_of(
+    state: &ApiState,
+    build_id: &str,
+) -> Result<Option<(Envelope, BuildTriggered)>, Status> {
+    let Some(start) = state.build_start(build_id).await? else {
+        return Ok(None);
+    };
     let first = state
         .log
-        .read_key_in(tributary_eventlog::Topic::Events, id, 0, 1)
+        .read_key(build_id, start.events, 1)
         .await
         .map_err(internal)?;
-    let tenant = first
-        .first()
-        .and_then(|r| r.decode().ok())
-        .map(|e| e.tenant);
-    match tenant {
-        Some(t) if !id.is_empty() && t == who.tenant => Ok(()),
-        _ => Err(Status::not_found(format!("no build {id}"))),
+    let Some(env) = first.into_iter().next().and_then(|r| r.decode().ok()) else {
+        return Ok(None);
+    };
+    match &env.payload {
+        Some(Payload::BuildTriggered(t)) => {
+            let t = t.clone();
+            Ok(Some((env, t)))
+        }
+        _ => Ok(None),
     }
 }
 
@@ -121,16 +145,7 @@ pub async fn rerun_failed(
         )));
     }
     // The original trigger, from the log: same commit, same pipeline text, same plan.
-    let first = state
-        .log
-        .read_key(&original.id, 0, 1)
-        .await
-        .map_err(internal)?;
-    let Some(Payload::BuildTriggered(mut triggered)) = first
-        .first()
-        .and_then(|r| r.decode().ok())
-        .and_then(|e| e.payload)
-    else {
+    let Some((_, mut triggered)) = triggered_of(state, &original.id).await? else {
         return Err(Status::internal(
             "the build's trigger is missing from the log",
         ));
@@ -138,6 +153,13 @@ pub async fn rerun_failed(
     triggered.who = who.name.clone();
     triggered.source = format!("rerun:{}", original.id);
     let new_id = tributary_proto::new_id();
+    // Before the build's first event: where to watch from, and where its chunks start.
+    let from = state
+        .log
+        .end_offsets()
+        .await
+        .map_err(|e| Status::unavailable(format!("cannot read the log's end: {e}")))?;
+    triggered.logs_from = logs_from(state, &new_id, &from);
     let (mut payloads, _) = tributary_pipeline::start_build(triggered);
     // Jobs that succeeded keep their result: marked in the plan, they are not run again.
     for payload in &mut payloads {
@@ -157,11 +179,6 @@ pub async fn rerun_failed(
         .into_iter()
         .map(|p| Envelope::new(&original.tenant, &original.project, &new_id, p))
         .collect();
-    let from = state
-        .log
-        .end_offsets()
-        .await
-        .map_err(|e| Status::unavailable(format!("cannot read the log's end: {e}")))?;
     let offsets = state.append(&events).await?;
     tracing::info!(build_id = %new_id, rerun_of = %original.id, "failed jobs re-run");
     Ok(TriggerBuildResponse {
@@ -219,6 +236,7 @@ pub async fn trigger(
         pipeline_path: PIPELINE_PATH.into(),
         pipeline_text,
         number: 0,
+        logs_from: logs_from(state, &build_id, &from),
     };
     let (payloads, _) = tributary_pipeline::start_build(triggered);
     let events: Vec<Envelope> = payloads
@@ -232,6 +250,16 @@ pub async fn trigger(
         offset: offsets.first().copied().unwrap_or(0),
         from: positions(&from),
     })
+}
+
+/// Where build `build_id`'s chunks start at the earliest: its logs partition's end in `ends`
+/// (the log's ends just before the build's first event).
+fn logs_from(state: &ApiState, build_id: &str, ends: &[u64]) -> u64 {
+    let partition = state
+        .log
+        .layout()
+        .partition_for(tributary_eventlog::Topic::Logs, build_id);
+    ends.get(partition as usize).copied().unwrap_or(0)
 }
 
 /// End offsets (indexed by partition) as API positions.
@@ -360,9 +388,10 @@ impl Builds for BuildsApi {
     ) -> Result<Response<Self::TailLogsStream>, Status> {
         let who = self.who(&request)?;
         let req = request.into_inner();
-        authorize_on_log(&self.state, &who, &req.build_id).await?;
+        let start = authorize_on_log(&self.state, &who, &req.build_id).await?;
         let (tx, rx) = mpsc::channel(256);
         let log = self.state.log.clone();
+        let from = start.cursor(BuildPartitions::of(log.layout(), &req.build_id));
         let guard = crate::state::TailGuard::new(&self.state);
         tokio::spawn(async move {
             let _guard = guard;
@@ -403,15 +432,7 @@ impl Builds for BuildsApi {
                     _ => Next::Skip,
                 }
             };
-            follow_build(
-                log.as_ref(),
-                &req.build_id,
-                Cursor::at(0),
-                req.follow,
-                &tx,
-                map,
-            )
-            .await;
+            follow_build(log.as_ref(), &req.build_id, from, req.follow, &tx, map).await;
         });
         Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
     }

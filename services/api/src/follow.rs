@@ -79,6 +79,15 @@ impl Cursor {
         }
     }
 
+    /// Each partition's offset, at least `floor`'s (a resume position never before the
+    /// build's start).
+    pub fn at_least(self, floor: Cursor) -> Cursor {
+        Cursor {
+            events: self.events.max(floor.events),
+            logs: self.logs.max(floor.logs),
+        }
+    }
+
     /// Past `record` of its partition.
     fn advance(&mut self, parts: BuildPartitions, record: &Record) {
         if record.partition == parts.events {

@@ -12,6 +12,7 @@
 //! * [`admin`]: tenants and tokens.
 //! * [`secrets`]: per-project secrets (sealed on the log, opened only into leases).
 //! * [`metering`]: invoices (issued or live) and per-build usage from the metering read model.
+//! * [`starts`]: where each build starts on the log (readers of one build start there).
 //! * [`web`]: the web UI under `/ui/` (same port), from the same read models and log.
 
 pub mod admin;
@@ -26,6 +27,7 @@ pub mod metering;
 pub mod projects;
 pub mod seal;
 pub mod secrets;
+pub mod starts;
 pub mod state;
 pub mod web;
 

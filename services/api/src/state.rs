@@ -149,6 +149,8 @@ pub struct ApiState {
     pub mirrors: tributary_repo::Mirrors,
     pub directory: Folded<Directory>,
     pub cluster: Folded<ClusterState>,
+    /// Where each build starts on the log (readers of one build start there).
+    pub starts: crate::starts::Starts,
     /// Seals secrets at rest (webhook secrets); None = secrets refused.
     pub server_key: Option<crate::seal::ServerKey>,
     /// Open log tails and event watches (a metric).
@@ -192,12 +194,14 @@ impl ApiState {
         let cluster = Folded::start(&log, "api-cluster", |c: &mut ClusterState, offset, env| {
             c.apply(offset, env)
         });
+        let starts = crate::starts::Starts::start(&log);
         let state = ApiState {
             log,
             store,
             mirrors,
             directory,
             cluster,
+            starts,
             server_key,
             tail_subscribers: Arc::default(),
             objects: None,
@@ -215,7 +219,22 @@ impl ApiState {
         );
         let _ = state.directory.wait(&end).await;
         let _ = state.cluster.wait(&end).await;
+        let _ = state.starts.wait(&end).await;
         Ok(state)
+    }
+
+    /// Where build `id` starts on the log, if it is there (see [`crate::starts`]).
+    pub async fn build_start(&self, id: &str) -> Result<Option<crate::starts::Start>, Status> {
+        if id.is_empty() {
+            return Ok(None);
+        }
+        if let Some(start) = self.starts.lookup(id)? {
+            return Ok(Some(start));
+        }
+        // Maybe appended but not folded yet: wait for the index to reach the log's end now.
+        let end = self.log_end().await?;
+        self.starts.wait(&end).await?;
+        self.starts.lookup(id)
     }
 
     /// The same state serving artifacts from `objects`.

@@ -190,6 +190,9 @@ pub struct KafkaLog {
     groups: Mutex<HashMap<String, Arc<BaseConsumer>>>,
     /// Dropped with the log: subscriptions see it and end.
     closed: watch::Sender<()>,
+    /// Records handed out by reads (`read_partition`, `read_key_in`'s scans); see
+    /// [`KafkaLog::records_read`].
+    records_read: std::sync::atomic::AtomicU64,
 }
 
 impl std::fmt::Debug for KafkaLog {
@@ -204,6 +207,9 @@ impl std::fmt::Debug for KafkaLog {
 
 /// Readers kept for reuse.
 const READER_POOL: usize = 4;
+
+/// The largest page `read_key_in` reads at once.
+const KEY_SCAN_PAGE: usize = 4096;
 
 impl KafkaLog {
     /// Connects to the brokers, creates or reconfigures the topics (idempotent: every replica
@@ -273,7 +279,15 @@ impl KafkaLog {
             readers,
             groups: Mutex::new(HashMap::new()),
             closed,
+            records_read: std::sync::atomic::AtomicU64::new(0),
         })
+    }
+
+    /// How many records reads have fetched so far (`read_partition`, and the pages
+    /// `read_key_in` scans, other keys' records included; not subscriptions). A measure of
+    /// what reading a key costs on a log without an index by key, for tests and benchmarks.
+    pub fn records_read(&self) -> u64 {
+        self.records_read.load(std::sync::atomic::Ordering::Relaxed)
     }
 
     /// The options the log was opened with.
@@ -433,10 +447,14 @@ impl EventLog for KafkaLog {
         }
         let topic = topic.to_owned();
         let timeout = self.options.timeout;
-        self.with_reader(move |reader| {
-            read_blocking(reader, &topic, index, partition, from, max, timeout)
-        })
-        .await
+        let records = self
+            .with_reader(move |reader| {
+                read_blocking(reader, &topic, index, partition, from, max, timeout)
+            })
+            .await?;
+        self.records_read
+            .fetch_add(records.len() as u64, std::sync::atomic::Ordering::Relaxed);
+        Ok(records)
     }
 
     async fn read_key_in(
@@ -446,15 +464,19 @@ impl EventLog for KafkaLog {
         from: Offset,
         max: usize,
     ) -> Result<Vec<Record>, LogError> {
-        // Kafka has no index by key: scan the key's partition.
+        // Kafka has no index by key: scan the key's partition from `from` (callers start at
+        // the key's first record they know of). Pages grow from `max` records, so a read of
+        // one record at its offset fetches one, and a long scan pages by 4096.
         let partition = self.layout.partition_for(topic, key);
         let mut found = Vec::new();
         let mut next = from;
+        let mut page_size = max.clamp(1, KEY_SCAN_PAGE);
         while found.len() < max {
-            let page = self.read_partition(partition, next, 4096).await?;
+            let page = self.read_partition(partition, next, page_size).await?;
             let Some(last) = page.last() else { break };
             next = last.offset + 1;
             found.extend(page.into_iter().filter(|r| r.key == key));
+            page_size = (page_size * 2).min(KEY_SCAN_PAGE);
         }
         found.truncate(max);
         Ok(found)

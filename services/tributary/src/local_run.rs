@@ -55,6 +55,8 @@ pub async fn trigger(
         pipeline_path: file.clone(),
         pipeline_text: run.pipeline_text.clone(),
         number: 0,
+        // The SQLite log finds a build's records through its key index.
+        logs_from: 0,
     };
     let (mut payloads, loaded) = tributary_pipeline::start_build(triggered);
     let loaded = match (loaded, &run.only_job) {

@@ -163,17 +163,19 @@ pub async fn build(
     headers: HeaderMap,
 ) -> Result<Response, WebError> {
     let session = api_session(&state, &headers)?;
-    authorize_on_log(&state, &session.who, &id).await?;
-    let mut from = start_cursor(&headers, q.from.as_deref());
+    let start = authorize_on_log(&state, &session.who, &id).await?;
+    let resume = start_cursor(&headers, q.from.as_deref());
     let (tx, rx) = mpsc::channel(BUFFER);
     let log = state.log.clone();
     let parts = BuildPartitions::of(log.layout(), &id);
     let guard = TailGuard::new(&state);
-    let tail = q.tail.filter(|&t| t > 0 && from == Cursor::default());
+    let tail = q.tail.filter(|&t| t > 0 && resume == Cursor::default());
+    // Never before the build's first records: the log before them holds none of its events.
+    let mut from = resume.at_least(start.cursor(parts));
     tokio::spawn(async move {
         let _guard = guard;
         if let Some(tail) = tail {
-            let skipped = match scan_chunks(log.as_ref(), &id).await {
+            let skipped = match scan_chunks(log.as_ref(), &id, from.logs).await {
                 Ok(chunks) => tail_start(&chunks, tail),
                 Err(e) => {
                     let _ = tx.send(Err(e)).await;
@@ -204,13 +206,15 @@ pub async fn build(
     Ok(([("x-accel-buffering", "no")], to_sse(rx)).into_response())
 }
 
-/// Every `LogChunk` of the build now on the log: offset, job, size and newlines.
+/// Every `LogChunk` of the build now on the log from `from` (where its chunks start at the
+/// earliest): offset, job, size and newlines.
 async fn scan_chunks(
     log: &dyn tributary_eventlog::EventLog,
     build_id: &str,
+    from: u64,
 ) -> Result<Vec<Chunk>, Status> {
     let mut chunks = Vec::new();
-    let mut next = 0;
+    let mut next = from;
     loop {
         let records = log
             .read_key_in(tributary_eventlog::Topic::Logs, build_id, next, 4096)
@@ -324,14 +328,15 @@ pub async fn log_txt(
     headers: HeaderMap,
 ) -> Result<Response, WebError> {
     let session = api_session(&state, &headers)?;
-    authorize_on_log(&state, &session.who, &id).await?;
+    let start = authorize_on_log(&state, &session.who, &id).await?;
     let (tx, rx) = mpsc::channel::<Result<Bytes, Status>>(BUFFER);
     let log = state.log.clone();
+    let from = start.cursor(BuildPartitions::of(log.layout(), &id));
     tokio::spawn(async move {
         follow_build(
             log.as_ref(),
             &id,
-            Cursor::at(0),
+            from,
             false,
             &tx,
             |_, env, _| match &env.payload {

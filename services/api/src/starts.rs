@@ -1,0 +1,241 @@
+//! Where each build starts on the log, so that readers of one build (tails, the web UI's live
+//! log, `authorize_on_log`, leases, artifact lists) read from there and not from a partition's
+//! beginning: Kafka has no index by key, and a scan from offset 0 costs the whole partition.
+//!
+//! [`BuildStarts`] is a pure fold of the events partitions' records: per build, the offset of
+//! its first record in its events partition (its `BuildTriggered`), its tenant, and where its
+//! chunks start in its logs partition at the earliest (`BuildTriggered.logs_from`, the logs
+//! partition's end when the build was triggered). Only a key's first record is decoded, so the
+//! fold costs a hash lookup per record. [`Starts`] keeps it following the log.
+//!
+//! Memory: one entry per build ever triggered (its id, tenant and two offsets), and one per
+//! other partition key seen first (agent ids, the directory's keys).
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::sync::{Arc, RwLock};
+use std::time::Duration;
+
+use tokio::sync::watch;
+use tonic::Status;
+use tributary_eventlog::{EventLog, Offset, Partition, Record, Topic};
+use tributary_proto::events::envelope::Payload;
+
+use crate::follow::{BuildPartitions, Cursor};
+use crate::state::Mark;
+
+/// Where one build starts.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Start {
+    pub tenant: String,
+    /// Offset of the build's first record (`BuildTriggered`) in its events partition.
+    pub events: Offset,
+    /// No chunk of the build is before this offset of its logs partition.
+    pub logs: Offset,
+}
+
+impl Start {
+    /// The cursor a reader of the whole build starts at. On a shared partition (SQLite) it is
+    /// the first record's offset: chunks come after the build's trigger there.
+    pub fn cursor(&self, parts: BuildPartitions) -> Cursor {
+        if parts.shared() {
+            Cursor::at(self.events)
+        } else {
+            Cursor {
+                events: self.events,
+                logs: self.logs,
+            }
+        }
+    }
+}
+
+/// The fold: builds by id, and the other keys met first (never a build's).
+#[derive(Debug, Default)]
+pub struct BuildStarts {
+    builds: HashMap<String, Start>,
+    others: HashSet<String>,
+}
+
+impl BuildStarts {
+    /// Folds one record of an events partition. A key's first well-formed record decides: a
+    /// build's (its key is its build id) is its start, anything else is remembered as not a
+    /// build. Malformed records are skipped (the key's next record counts).
+    pub fn apply(&mut self, record: &Record) {
+        if self.builds.contains_key(&record.key) || self.others.contains(&record.key) {
+            return;
+        }
+        let Ok(env) = record.decode() else { return };
+        if env.build_id.is_empty() || env.build_id != record.key {
+            self.others.insert(record.key.clone());
+            return;
+        }
+        let logs = match &env.payload {
+            Some(Payload::BuildTriggered(t)) => t.logs_from,
+            _ => 0,
+        };
+        self.builds.insert(
+            record.key.clone(),
+            Start {
+                tenant: env.tenant,
+                events: record.offset,
+                logs,
+            },
+        );
+    }
+
+    pub fn get(&self, build_id: &str) -> Option<&Start> {
+        self.builds.get(build_id)
+    }
+}
+
+/// [`BuildStarts`] following every events partition of the log from offset 0.
+#[derive(Clone)]
+pub struct Starts {
+    state: Arc<RwLock<BuildStarts>>,
+    at: watch::Receiver<BTreeMap<Partition, Offset>>,
+}
+
+impl Starts {
+    pub fn start(log: &Arc<dyn EventLog>) -> Starts {
+        let start: Vec<(Partition, Offset)> = log
+            .layout()
+            .topic_partitions(Topic::Events)
+            .map(|p| (p, 0))
+            .collect();
+        let (tx, rx) = watch::channel(start.iter().copied().collect::<BTreeMap<_, _>>());
+        let state = Arc::new(RwLock::new(BuildStarts::default()));
+        let shared = state.clone();
+        let mut sub = log.subscribe_partitions(&start);
+        tokio::spawn(async move {
+            loop {
+                let records = match sub.next_batch().await {
+                    Ok(records) => records,
+                    Err(e) => {
+                        tracing::info!(error = %e, "build starts index stopped");
+                        return;
+                    }
+                };
+                if let Ok(mut s) = shared.write() {
+                    for record in &records {
+                        s.apply(record);
+                    }
+                }
+                let _ = tx.send(sub.positions().into_iter().collect());
+            }
+        });
+        Starts { state, at: rx }
+    }
+
+    /// Where `build_id` starts, as far as the index has folded.
+    pub fn lookup(&self, build_id: &str) -> Result<Option<Start>, Status> {
+        let s = self
+            .state
+            .read()
+            .map_err(|_| Status::internal("build index lock poisoned"))?;
+        Ok(s.get(build_id).cloned())
+    }
+
+    /// Waits (bounded) until the index has folded past `mark`.
+    pub async fn wait(&self, mark: &Mark) -> Result<(), Status> {
+        let mut rx = self.at.clone();
+        let ok = tokio::time::timeout(
+            Duration::from_secs(5),
+            rx.wait_for(|at| mark.reached_by(at)),
+        )
+        .await
+        .is_ok_and(|r| r.is_ok());
+        if ok {
+            Ok(())
+        } else {
+            Err(Status::unavailable(
+                "the build index is lagging behind the log; retry",
+            ))
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use prost::Message;
+    use tributary_proto::events::{BuildTriggered, Envelope, JobQueued, TenantCreated};
+
+    fn record(offset: Offset, env: &Envelope) -> Record {
+        Record {
+            partition: 0,
+            offset,
+            key: env.partition_key(),
+            data: env.encode_to_vec().into(),
+        }
+    }
+
+    #[test]
+    fn a_build_starts_at_its_first_record_with_its_triggers_logs_position() {
+        let build = tributary_proto::new_id();
+        let triggered = Envelope::new(
+            "acme",
+            "p",
+            &build,
+            Payload::BuildTriggered(BuildTriggered {
+                logs_from: 42,
+                ..BuildTriggered::default()
+            }),
+        );
+        let queued = Envelope::new(
+            "acme",
+            "p",
+            &build,
+            Payload::JobQueued(JobQueued {
+                job: "j".into(),
+                attempt: 1,
+            }),
+        );
+        let tenant = Envelope::new(
+            "acme",
+            "",
+            "",
+            Payload::TenantCreated(TenantCreated {
+                name: "acme".into(),
+            }),
+        );
+        let mut starts = BuildStarts::default();
+        starts.apply(&record(3, &tenant));
+        starts.apply(&Record {
+            partition: 0,
+            offset: 4,
+            key: build.clone(),
+            data: vec![0xff, 0xff].into(),
+        });
+        starts.apply(&record(7, &triggered));
+        starts.apply(&record(9, &queued));
+        assert_eq!(
+            starts.get(&build),
+            Some(&Start {
+                tenant: "acme".into(),
+                events: 7,
+                logs: 42
+            })
+        );
+        assert_eq!(starts.get(""), None);
+        assert_eq!(starts.get(&tenant.partition_key()), None);
+    }
+
+    #[test]
+    fn the_start_cursor_is_the_first_record_on_a_shared_partition() {
+        let start = Start {
+            tenant: "t".into(),
+            events: 10,
+            logs: 4,
+        };
+        assert_eq!(
+            start.cursor(BuildPartitions { events: 0, logs: 0 }),
+            Cursor::at(10)
+        );
+        assert_eq!(
+            start.cursor(BuildPartitions { events: 1, logs: 5 }),
+            Cursor {
+                events: 10,
+                logs: 4
+            }
+        );
+    }
+}
