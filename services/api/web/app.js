@@ -4,7 +4,9 @@
 //   fills one log per job, incrementally (batches per animation frame, at most MAX_LINES lines
 //   per job in the page), renders ANSI colours, numbers every line (#L<job>-<n> links to it),
 //   follows the bottom until the reader scrolls up, and re-fetches the summary (statuses,
-//   exit codes, durations) when the build moves.
+//   exit codes, durations) when the build moves. Output is placed by the line it belongs to
+//   (its attempt, step and line: one section per line, in that order), never "under the last
+//   line shown": on a partitioned log chunks and line events arrive in no fixed relative order.
 // * Project page: re-fetches the builds table when the project's event stream says so.
 (function () {
   'use strict';
@@ -116,11 +118,15 @@
     this.page = page;
     this.n = 0;             // lines numbered so far
     this.inPage = 0;        // line elements in the page
-    this.cur = null;        // the open (unterminated) line's text element
+    this.cur = null;        // the open (unterminated) line's text element...
+    this.curSec = null;     // ...in this section
     this.ansi = new Ansi();
     this.follow = true;
-    this.frag = document.createDocumentFragment();
+    this.dirty = false;     // rendered since the last flush
+    this.secs = [];         // sections in page order: {k: [attempt, step, line], el, lines, res}
+    this.byKey = {};        // "a-s-l" -> section
     this.cmds = {};         // "a-s-l" -> result element of a command header
+    this.chunked = {};      // attempts whose first chunk was seen
     this.notice = null;
     var self = this;
     this.box.addEventListener('scroll', function () {
@@ -137,7 +143,23 @@
       page.resumeIfPaused();
     });
   }
-  JobLog.prototype.newLine = function (stream) {
+  function before(x, y) { return x[0] - y[0] || x[1] - y[1] || x[2] - y[2]; }
+  // The section of attempt a, step s, line l (step -1: the attempt's own markers; line -1:
+  // the step's name), created in (a, s, l) order among the others.
+  JobLog.prototype.section = function (a, s, l) {
+    var id = a + '-' + s + '-' + l, sec = this.byKey[id];
+    if (sec) return sec;
+    sec = { k: [a, s, l], el: el('div', 'seg'), lines: 0, res: null };
+    sec.el.setAttribute('data-line', id);
+    var i = this.secs.length;
+    while (i > 0 && before(this.secs[i - 1].k, sec.k) > 0) i--;
+    this.box.insertBefore(sec.el, i < this.secs.length ? this.secs[i].el : null);
+    this.secs.splice(i, 0, sec);
+    this.byKey[id] = sec;
+    this.dirty = true;
+    return sec;
+  };
+  JobLog.prototype.newLine = function (stream, sec) {
     this.n += 1;
     var row = el('div', stream === 2 ? 'ln err' : stream === 3 ? 'ln sys' : 'ln');
     row.id = 'L' + this.index + '-' + this.n;
@@ -146,58 +168,81 @@
     row.appendChild(a);
     var t = el('span', 't');
     row.appendChild(t);
-    this.frag.appendChild(row);
+    sec.el.appendChild(row);
+    sec.lines += 1;
     this.inPage += 1;
+    this.dirty = true;
     if (this.page.target === row.id) this.page.found = row;
     return t;
   };
-  // Appends output: a newline closes the open line; text opens one when none is open.
-  JobLog.prototype.text = function (text, stream) {
-    var parts = text.split('\n');
+  // Appends output of line d.l of step d.s of attempt d.a to that line's section: a newline
+  // closes the open line; text opens one when none is open.
+  JobLog.prototype.text = function (d) {
+    // An attempt's first chunk, when the system's, is its preamble (the commands that recreate
+    // the job): it goes before the attempt's first step, not under step 0's first line.
+    var preamble = !this.chunked[d.a] && d.e === 3;
+    this.chunked[d.a] = true;
+    var sec = preamble ? this.section(d.a, -1, 0) : this.section(d.a, d.s, d.l), stream = d.e;
+    if (this.curSec !== sec) { this.cur = null; this.curSec = sec; }
+    var parts = d.t.split('\n');
     for (var i = 0; i < parts.length; i++) {
       if (i > 0) {
-        if (!this.cur) this.newLine(stream); // an empty line
+        if (!this.cur) this.newLine(stream, sec); // an empty line
         this.cur = null;
       }
       if (parts[i] === '') continue;
-      if (!this.cur) this.cur = this.newLine(stream);
+      if (!this.cur) this.cur = this.newLine(stream, sec);
       this.ansi.render(parts[i], this.cur);
     }
   };
+  // The line's command heads its section, whether its output came first or not.
   JobLog.prototype.cmd = function (d) {
-    this.cur = null;
+    var sec = this.section(d.a, d.s, d.l);
+    if (sec.res) return;
     var row = el('div', 'cmd');
     row.appendChild(el('span', 'c', '$ ' + d.t));
     var res = el('span', 'res', 'running…');
     row.appendChild(res);
+    sec.res = res;
     this.cmds[d.a + '-' + d.s + '-' + d.l] = res;
-    this.frag.appendChild(row);
+    sec.el.insertBefore(row, sec.el.firstChild);
+    this.dirty = true;
   };
   JobLog.prototype.exit = function (d) {
-    this.cur = null;
     var key = d.a + '-' + d.s + '-' + d.l, res = this.cmds[key];
     if (!res) return;
     delete this.cmds[key];
     res.textContent = 'exit ' + d.c + ' · ' + duration(d.d);
     res.className = 'res ' + (d.c === 0 ? 'ok' : 'fail');
   };
-  JobLog.prototype.marker = function (cls, text) {
-    this.cur = null;
-    this.frag.appendChild(el('div', cls, text));
+  // A marker heading section (a, s, l) (a step's name: line -1; an attempt: step -1).
+  JobLog.prototype.marker = function (cls, text, a, s, l) {
+    var sec = this.section(a, s, l);
+    if (sec.marked) return;
+    sec.marked = true;
+    sec.el.insertBefore(el('div', cls, text), sec.el.firstChild);
+    this.dirty = true;
   };
-  // Moves what was rendered into the page; keeps at most MAX_LINES lines while following.
+  // After a frame's rendering: keeps at most MAX_LINES lines while following (the oldest
+  // sections go first), and follows the bottom.
   JobLog.prototype.flush = function () {
-    if (!this.frag.firstChild) return;
-    this.box.appendChild(this.frag);
-    this.frag = document.createDocumentFragment();
+    if (!this.dirty) return;
+    this.dirty = false;
     if (this.inPage > MAX_LINES && this.follow) {
       var drop = this.inPage - Math.floor(MAX_LINES * 0.9);
-      var first = this.notice ? this.notice.nextSibling : this.box.firstChild;
-      while (drop > 0 && first) {
-        var next = first.nextSibling;
-        if (first.classList.contains('ln')) { drop -= 1; this.inPage -= 1; }
-        this.box.removeChild(first);
-        first = next;
+      while (drop > 0 && this.secs.length) {
+        var sec = this.secs[0];
+        if (sec.lines <= drop) {
+          drop -= sec.lines; this.inPage -= sec.lines;
+          this.box.removeChild(sec.el);
+          this.secs.shift();
+          delete this.byKey[sec.k.join('-')];
+          if (this.curSec === sec) { this.cur = null; this.curSec = null; }
+          continue;
+        }
+        var rows = sec.el.querySelectorAll('.ln');
+        for (var r = 0; r < drop; r++) sec.el.removeChild(rows[r]);
+        sec.lines -= drop; this.inPage -= drop; drop = 0;
       }
       if (!this.notice) {
         this.notice = el('div', 'notice', 'Earlier lines are not kept in the page; the raw log has them all.');
@@ -312,16 +357,16 @@
       var kind = this.queue[i][0], d = this.queue[i][1], id = this.queue[i][2];
       if (kind === 'log') {
         var j = this.job(d.j);
-        j.text(d.t, d.e); touched[d.j] = j;
+        j.text(d); touched[d.j] = j;
       } else if (kind === 'cmd') {
         j = this.job(d.j); j.cmd(d); touched[d.j] = j; moved = id;
       } else if (kind === 'exit') {
         j = this.job(d.j); j.exit(d); touched[d.j] = j; moved = id;
       } else if (kind === 'step') {
-        j = this.job(d.j); j.marker('stepname', '▸ ' + d.n); touched[d.j] = j;
+        j = this.job(d.j); j.marker('stepname', '▸ ' + d.n, d.a, d.s, -1); touched[d.j] = j;
       } else if (kind === 'attempt') {
         j = this.job(d.j);
-        if (d.a > 1) { j.marker('attempt', '— attempt ' + d.a + ' —'); touched[d.j] = j; }
+        if (d.a > 1) { j.marker('attempt', '— attempt ' + d.a + ' —', d.a, -1, -1); touched[d.j] = j; }
         moved = id;
       } else if (kind === 'end') {
         this.logs.setAttribute('data-status', d.status);
@@ -412,7 +457,7 @@
   // ---------------------------------------------------------------- project page
   function BuildsTable(table) {
     var tbody = table.querySelector('tbody'), rowsUrl = table.getAttribute('data-rows');
-    var want = -1, busy = false, timer = null;
+    var want = '', busy = false, timer = null; // the last id seen (a resume token)
     function refresh() {
       if (busy || timer) return;
       timer = setTimeout(function () {
@@ -422,12 +467,14 @@
           .then(function (r) { return r.ok ? r.text() : null; })
           .then(function (html) { if (html !== null) tbody.innerHTML = html; })
           .catch(function () {})
-          .then(function () { busy = false; if (want > at) refresh(); });
+          .then(function () { busy = false; if (want !== at) refresh(); });
       }, 200);
     }
     var es = new EventSource(table.getAttribute('data-live'));
     es.addEventListener('changed', function (e) {
-      want = Math.max(want, parseInt(e.lastEventId, 10));
+      // Ids only grow along a stream: the last one covers the others (on a partitioned log it
+      // is a position per partition, `after` takes it as it is).
+      want = e.lastEventId;
       refresh();
     });
   }

@@ -962,3 +962,454 @@ async fn artifacts_download_and_usage_show_only_the_tenants_own() {
     assert!(!theirs.body.contains("shipit"), "{}", theirs.body);
     assert_eq!(h.get("/ui/usage", None).await.status, 303);
 }
+
+// ------------------------------------------------------------------ on a partitioned Kafka log
+//
+// The API in-process on a real Apache Kafka log with 4 events partitions and 2 logs
+// partitions (a build's chunks and its line events in different partitions, so they reach a
+// reader in no fixed relative order), with a builds projector; the test appends the builds'
+// events itself, in the orders it wants to show. The broker comes from
+// `scripts/setup-brokers.sh` (127.0.0.1:19092); `TRIBUTARY_TEST_KAFKA` names another.
+
+use std::sync::Arc;
+
+use tributary_eventlog::kafka::{KafkaLog, KafkaOptions};
+use tributary_eventlog::{EventLog, Topic};
+use tributary_proto::events::{
+    envelope::Payload, BuildQueued, BuildTriggered, Envelope, JobPlan, JobStarted, LineExited,
+    LineStarted, LogChunk, Plan, ProjectCreated, StepPlan, StepStarted, TenantCreated, TokenIssued,
+};
+
+fn kafka_brokers() -> String {
+    let brokers =
+        std::env::var("TRIBUTARY_TEST_KAFKA").unwrap_or_else(|_| "127.0.0.1:19092".into());
+    let first = brokers.split(',').next().unwrap_or_default().to_owned();
+    let reachable = std::net::ToSocketAddrs::to_socket_addrs(&first)
+        .ok()
+        .and_then(|mut addrs| addrs.next())
+        .is_some_and(|addr| {
+            std::net::TcpStream::connect_timeout(&addr, Duration::from_secs(3)).is_ok()
+        });
+    assert!(
+        reachable,
+        "no Kafka broker at {brokers}: run scripts/setup-brokers.sh (it starts one on \
+         127.0.0.1:19092), or set TRIBUTARY_TEST_KAFKA to a reachable broker"
+    );
+    brokers
+}
+
+/// The API and a builds projector on fresh Kafka topics (deleted by `stop`).
+struct KafkaUi {
+    kafka: Arc<KafkaLog>,
+    log: Arc<dyn EventLog>,
+    store: tributary_projections::BuildsStore,
+    addr: String,
+    token: String,
+    stop: tokio_util::sync::CancellationToken,
+    tasks: Vec<tokio::task::JoinHandle<()>>,
+    _dir: tempfile::TempDir,
+}
+
+impl KafkaUi {
+    async fn start() -> KafkaUi {
+        let mut options = KafkaOptions::new(kafka_brokers());
+        options.topic_prefix = format!("test-webui-{}", tributary_proto::new_id());
+        options.event_partitions = 4;
+        options.log_partitions = 2;
+        options.replication_factor = 1;
+        let kafka = Arc::new(KafkaLog::connect(options).await.expect("connect to Kafka"));
+        let log: Arc<dyn EventLog> = kafka.clone();
+        let (token, sha256) = tributary_api::auth::new_token();
+        let d = |p| Envelope::new("default", "", "", p);
+        log.append(&[
+            d(Payload::TenantCreated(TenantCreated {
+                name: "default".into(),
+            })),
+            d(Payload::TokenIssued(TokenIssued {
+                token_id: tributary_proto::new_id(),
+                tenant: "default".into(),
+                kind: "admin".into(),
+                name: "admin".into(),
+                sha256,
+            })),
+            d(Payload::ProjectCreated(ProjectCreated {
+                tenant: "default".into(),
+                name: "web".into(),
+                repository: "/nowhere".into(),
+                ..ProjectCreated::default()
+            })),
+        ])
+        .await
+        .expect("append the tenant");
+        let dir = tempfile::tempdir().expect("temp dir");
+        let store = tributary_projections::BuildsStore::open(&dir.path().join("readmodels.db"))
+            .await
+            .expect("builds store");
+        let projector = {
+            let (log, store) = (log.clone(), store.clone());
+            tokio::spawn(async move {
+                let mut p = tributary_projections::BuildsProjector::open(store)
+                    .await
+                    .expect("projector");
+                if let Err(e) = p.follow(log.as_ref()).await {
+                    eprintln!("projector stopped: {e}");
+                }
+            })
+        };
+        let mirrors = tributary_repo::Mirrors::new(dir.path().join("mirrors"));
+        let state = tributary_api::ApiState::start(log.clone(), store.clone(), mirrors, None)
+            .await
+            .expect("API state");
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let addr = format!("http://{}", listener.local_addr().expect("addr"));
+        let stop = tokio_util::sync::CancellationToken::new();
+        let api = {
+            let stop = stop.clone();
+            tokio::spawn(async move {
+                let _ =
+                    tributary_api::serve(state, listener, async move { stop.cancelled().await })
+                        .await;
+            })
+        };
+        KafkaUi {
+            kafka,
+            log,
+            store,
+            addr,
+            token,
+            stop,
+            tasks: vec![projector, api],
+            _dir: dir,
+        }
+    }
+
+    /// Appends a build of project `web` with `jobs` (each one step `s` of `lines` lines
+    /// `echo <job><n>`), as the API's trigger does; returns its id once the read model has it.
+    async fn build(&self, jobs: &[&str], lines: u32) -> String {
+        let id = tributary_proto::new_id();
+        let logs = self.log.layout().partition_for(Topic::Logs, &id);
+        let ends = self.log.end_offsets().await.expect("ends");
+        let plan = Plan {
+            jobs: jobs
+                .iter()
+                .map(|j| JobPlan {
+                    id: (*j).into(),
+                    name: (*j).into(),
+                    steps: vec![StepPlan {
+                        name: "s".into(),
+                        lines: (0..lines).map(|n| format!("echo {j}{n}")).collect(),
+                    }],
+                    ..JobPlan::default()
+                })
+                .collect(),
+        };
+        self.append(vec![
+            ev(
+                &id,
+                Payload::BuildTriggered(BuildTriggered {
+                    who: "admin".into(),
+                    logs_from: ends[logs as usize],
+                    ..BuildTriggered::default()
+                }),
+            ),
+            ev(&id, Payload::BuildQueued(BuildQueued { plan: Some(plan) })),
+        ])
+        .await;
+        let deadline = Instant::now() + WAIT;
+        while self.store.load_build(&id).await.expect("store").is_none() {
+            assert!(Instant::now() < deadline, "the projector never folded {id}");
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        id
+    }
+
+    async fn append(&self, events: Vec<Envelope>) {
+        self.log.append(&events).await.expect("append");
+    }
+
+    async fn stop(self) {
+        self.stop.cancel();
+        for task in self.tasks {
+            task.abort();
+        }
+        self.kafka
+            .delete_topics()
+            .await
+            .expect("delete the test topics");
+    }
+}
+
+fn ev(build: &str, payload: Payload) -> Envelope {
+    Envelope::new("default", "web", build, payload)
+}
+
+fn job_started(build: &str, job: &str) -> Vec<Envelope> {
+    vec![
+        ev(
+            build,
+            Payload::JobStarted(JobStarted {
+                job: job.into(),
+                attempt: 1,
+                ..JobStarted::default()
+            }),
+        ),
+        ev(
+            build,
+            Payload::StepStarted(StepStarted {
+                job: job.into(),
+                attempt: 1,
+                step: 0,
+                name: "s".into(),
+            }),
+        ),
+    ]
+}
+
+fn line_started(build: &str, job: &str, line: u32) -> Envelope {
+    ev(
+        build,
+        Payload::LineStarted(LineStarted {
+            job: job.into(),
+            attempt: 1,
+            step: 0,
+            line,
+            text: format!("echo {job}{line}"),
+        }),
+    )
+}
+
+fn line_exited(build: &str, job: &str, line: u32) -> Envelope {
+    ev(
+        build,
+        Payload::LineExited(LineExited {
+            job: job.into(),
+            attempt: 1,
+            step: 0,
+            line,
+            exit_code: 0,
+            duration_us: 1000,
+        }),
+    )
+}
+
+/// Output `text` of `job`'s line `line` (stream 1 stdout, 3 system).
+fn output(build: &str, job: &str, line: u32, stream: i32, text: &str) -> Envelope {
+    ev(
+        build,
+        Payload::LogChunk(LogChunk {
+            job: job.into(),
+            attempt: 1,
+            step: 0,
+            line,
+            stream,
+            data: text.as_bytes().to_vec(),
+            ..LogChunk::default()
+        }),
+    )
+}
+
+/// Each section of `job`'s log in page order: its `data-line` (attempt-step-line), its
+/// command, and its output lines.
+async fn sections(b: &Browser, job: &str) -> Vec<(String, String, Vec<String>)> {
+    let value = b
+        .c()
+        .execute(
+            "var out = [];
+             document.querySelectorAll('details.joblog[data-job=\"' + arguments[0] + '\"] .seg')
+               .forEach(function (s) {
+                 var c = s.querySelector('.cmd .c');
+                 out.push([s.getAttribute('data-line'), c ? c.textContent : '',
+                           Array.from(s.querySelectorAll('.ln .t')).map(function (t) { return t.textContent; })]);
+               });
+             return out;",
+            vec![serde_json::json!(job)],
+        )
+        .await
+        .expect("read the log sections");
+    serde_json::from_value(value).expect("sections")
+}
+
+/// `job`'s sections as they must be once lines 0..3 ran and printed `<job>-out-<n>`.
+fn expected_sections(job: &str, preamble: bool) -> Vec<(String, String, Vec<String>)> {
+    let mut want = Vec::new();
+    if preamble {
+        want.push(("1--1-0".into(), String::new(), vec!["recreate me".into()]));
+    }
+    want.push(("1-0--1".into(), String::new(), vec![]));
+    for n in 0..3 {
+        want.push((
+            format!("1-0-{n}"),
+            format!("$ echo {job}{n}"),
+            vec![format!("{job}-out-{n}")],
+        ));
+    }
+    want
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn output_is_placed_by_its_line_on_a_partitioned_log() {
+    let ui = KafkaUi::start().await;
+    let b = Browser::start().await;
+    let build = ui.build(&["a", "b"], 3).await;
+    // Job a ran before anyone looked: its line events, then its output. A replay reads the
+    // build's events partition before its logs partition, so the page gets every command of
+    // a before any of its output.
+    let mut events = job_started(&build, "a");
+    for n in 0..3 {
+        events.push(line_started(&build, "a", n));
+        events.push(line_exited(&build, "a", n));
+    }
+    ui.append(events).await;
+    let mut chunks = vec![output(&build, "a", 0, 3, "recreate me\n")];
+    chunks.extend((0..3).map(|n| output(&build, "a", n, 1, &format!("a-out-{n}\n"))));
+    ui.append(chunks).await;
+
+    b.sign_in(&format!("{}/ui/builds/{build}", ui.addr), &ui.token)
+        .await;
+    let want_a = expected_sections("a", true);
+    let got = b
+        .until("job a's output under its own lines", || async {
+            let got = sections(&b, "a").await;
+            (got == want_a).then_some(got)
+        })
+        .await;
+    assert_eq!(got, want_a);
+
+    // Job b runs while the page is open: output of lines 0 and 1 reaches the log before their
+    // commands do, then line 2's command before its output, with a's late output in between.
+    ui.append(job_started(&build, "b")).await;
+    ui.append(vec![
+        output(&build, "b", 0, 1, "b-out-0\n"),
+        output(&build, "b", 1, 1, "b-out-"),
+    ])
+    .await;
+    ui.append(vec![
+        line_started(&build, "b", 0),
+        line_exited(&build, "b", 0),
+        line_started(&build, "b", 1),
+    ])
+    .await;
+    ui.append(vec![output(&build, "b", 1, 1, "1\n")]).await;
+    ui.append(vec![
+        line_exited(&build, "b", 1),
+        line_started(&build, "b", 2),
+    ])
+    .await;
+    ui.append(vec![output(&build, "b", 2, 1, "b-out-2\n")])
+        .await;
+    ui.append(vec![line_exited(&build, "b", 2)]).await;
+    let want_b = expected_sections("b", false);
+    let got = b
+        .until("job b's output under its own lines", || async {
+            let got = sections(&b, "b").await;
+            (got == want_b).then_some(got)
+        })
+        .await;
+    assert_eq!(got, want_b);
+    assert_eq!(sections(&b, "a").await, want_a, "job a is unchanged");
+    // Every command finished with its exit code, and lines are numbered in order.
+    assert_eq!(b.count(".log .cmd .res.ok").await, 6);
+    let numbers = b
+        .log_js(
+            "return Array.from(document.querySelectorAll('details.joblog[data-job=\"b\"] .ln .n'))
+               .map(function (n) { return n.textContent; });",
+        )
+        .await;
+    assert_eq!(numbers, serde_json::json!(["1", "2", "3"]));
+    b.close().await;
+    ui.stop().await;
+}
+
+/// The `changed` events of a live stream's reply: their SSE ids.
+fn changed_ids(body: &str) -> Vec<String> {
+    body.split("\n\n")
+        .filter(|e| e.lines().any(|l| l == "event: changed"))
+        .filter_map(|e| {
+            e.lines()
+                .find_map(|l| l.strip_prefix("id: ").or_else(|| l.strip_prefix("id:")))
+                .map(|id| id.trim().to_owned())
+        })
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_project_stream_resumes_per_partition_with_no_gap_and_no_duplicate() {
+    let ui = KafkaUi::start().await;
+    let http = Http::new(&ui.addr);
+    let token = ui.token.clone();
+    // The page says where its live stream starts: every events partition's position.
+    let page = http.get("/ui/projects/web", Some(&token)).await;
+    assert_eq!(page.status, 200, "{}", page.body);
+    let live = page
+        .body
+        .split("data-live=\"")
+        .nth(1)
+        .and_then(|rest| rest.split('"').next())
+        .expect("the table's live stream")
+        .replace("&amp;", "&");
+    let from = live.split("from=").nth(1).expect("a start position");
+    assert_eq!(
+        from.split('.').count(),
+        4,
+        "a position per events partition: {live}"
+    );
+
+    // A build triggered after the page was rendered but before its stream connected is not
+    // missed (no gap).
+    ui.build(&["a"], 1).await;
+    let first = http.get(&live, Some(&token)).await;
+    let ids = changed_ids(&first.body);
+    assert!(
+        !ids.is_empty(),
+        "the stream reports the build: {}",
+        first.body
+    );
+    let last = ids.last().expect("an id").clone();
+    assert_eq!(
+        last.split('.').count(),
+        4,
+        "a resume token per partition: {last}"
+    );
+
+    // A browser reconnecting after that id gets nothing it had (no duplicate)...
+    let again = http
+        .send("GET", &live, Some(&token), &[("last-event-id", &last)], "")
+        .await;
+    assert_eq!(
+        changed_ids(&again.body),
+        Vec::<String>::new(),
+        "{}",
+        again.body
+    );
+    // ...and what came after it, wherever its partition (no gap).
+    for _ in 0..3 {
+        ui.build(&["a"], 1).await;
+    }
+    let later = http
+        .send("GET", &live, Some(&token), &[("last-event-id", &last)], "")
+        .await;
+    let ids = changed_ids(&later.body);
+    assert!(!ids.is_empty(), "the later builds: {}", later.body);
+    let resumed = ids.last().expect("an id");
+    let before: Vec<u64> = last.split('.').map(|o| o.parse().unwrap()).collect();
+    let after: Vec<u64> = resumed.split('.').map(|o| o.parse().unwrap()).collect();
+    let ends = ui.log.end_offsets().await.expect("ends");
+    assert_eq!(
+        after,
+        ends[..4].to_vec(),
+        "the stream reached every partition's end"
+    );
+    assert!(after.iter().zip(&before).all(|(a, b)| a >= b));
+    // The table's rows, read once the read model has what that id covers: all four builds.
+    let rows = http
+        .get(
+            &format!("/ui/projects/web/rows?after={resumed}"),
+            Some(&token),
+        )
+        .await;
+    assert_eq!(rows.status, 200, "{}", rows.body);
+    assert_eq!(rows.body.matches("data-build=").count(), 4, "{}", rows.body);
+    ui.stop().await;
+}

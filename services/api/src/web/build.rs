@@ -200,7 +200,7 @@ fn summary_markup(
 
 #[derive(Deserialize)]
 pub struct After {
-    after: Option<u64>,
+    after: Option<String>,
 }
 
 /// The summary fragment, once the read model has folded the offset the viewer saw (`after`).
@@ -211,7 +211,7 @@ pub async fn summary(
     headers: HeaderMap,
 ) -> Result<Markup, WebError> {
     let session = api_session(&state, &headers)?;
-    let end = super::projects::after_end(&state, q.after).await?;
+    let end = super::projects::after_end(&state, q.after.as_deref()).await?;
     state.wait_builds(&end).await?;
     match state.store.load_build(&id).await.map_err(internal)? {
         Some(b) if b.tenant == session.who.tenant => {

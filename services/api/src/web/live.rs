@@ -19,7 +19,13 @@
 //! | `skip`    | first, with `tail=` on a long log | `bytes`, `lines` {job: count}         |
 //!
 //! [`project`]: a `changed` event whenever a build of the project moves (not for log lines),
-//! from `from` (the offset the page's table was read at, so nothing in between is missed).
+//! from `from` (the position the page's table was read at, so nothing in between is missed),
+//! or right after the `Last-Event-ID` of a reconnecting browser; on a partitioned log both
+//! are positions in every events partition ([`super::resume`]).
+//!
+//! Output chunks name the attempt, step and line they belong to (`a`, `s`, `l`): the page
+//! places them by that, since on a partitioned log chunks and line events arrive in no fixed
+//! relative order.
 
 use std::collections::HashMap;
 use std::convert::Infallible;
@@ -56,15 +62,6 @@ pub struct From {
     /// Start near the end: skip the oldest log chunks so about this many bytes remain
     /// (ignored when resuming).
     tail: Option<u64>,
-}
-
-/// Where a stream starts: after the `Last-Event-ID` of a reconnecting browser, else `from`.
-pub fn start_offset(headers: &HeaderMap, from: Option<u64>) -> u64 {
-    headers
-        .get("last-event-id")
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.trim().parse::<u64>().ok())
-        .map_or(from.unwrap_or(0), |last| last + 1)
 }
 
 /// Where a build's stream starts: after the `Last-Event-ID` of a reconnecting browser (an SSE
@@ -131,8 +128,12 @@ impl BuildEvents {
                 json!({"j": l.job, "a": l.attempt, "s": l.step, "l": l.line, "t": l.text}),
             ),
             Payload::LineExited(l) => {
-                self.carry.retain(|k, _| {
-                    !(k.0 == l.job && k.1 == l.attempt && k.2 == l.step && k.3 == l.line)
+                // A line's last chunks may still come after its exit (another partition):
+                // keep a held partial character.
+                self.carry.retain(|k, held| {
+                    let this_line =
+                        k.0 == l.job && k.1 == l.attempt && k.2 == l.step && k.3 == l.line;
+                    !(this_line && held.is_empty())
                 });
                 event(
                     "exit",
@@ -268,23 +269,11 @@ pub async fn project(
     if !state.directory(|d| d.project(&tenant, &project).is_some())? {
         return Err(WebError::NotFound(format!("no project {project}")));
     }
-    // Every events partition from its end now; on a one-partition log from the offset the page
-    // was rendered at (nothing between is missed), never beyond the end.
-    let end = state.log_end().await?;
-    let layout = state.log.layout();
-    let mut start: Vec<(u32, u64)> = end
-        .0
-        .into_iter()
-        .filter(|(p, _)| {
-            layout
-                .topic_partitions(tributary_eventlog::Topic::Events)
-                .contains(p)
-        })
-        .collect();
-    if let [(0, end)] = start.as_mut_slice() {
-        let rendered = q.from.as_deref().and_then(|f| f.trim().parse::<u64>().ok());
-        *end = start_offset(&headers, Some(rendered.map_or(*end, |f| f.min(*end))));
-    }
+    // Every events partition from where the browser left (Last-Event-ID), else from where the
+    // page was rendered (nothing between is missed), else from its end now; never beyond it.
+    let ends = events_ends(&state).await?;
+    let last_event_id = headers.get("last-event-id").and_then(|v| v.to_str().ok());
+    let start = super::resume::start(&ends, q.from.as_deref(), last_event_id);
     let mut sub = state.log.subscribe_partitions(&start);
     let (tx, rx) = mpsc::channel(BUFFER);
     let guard = TailGuard::new(&state);
@@ -294,14 +283,15 @@ pub async fn project(
             let Some(records) = next_batch(sub.as_mut(), &tx).await else {
                 return;
             };
-            let last = records.iter().rev().find(|r| {
+            let moved = records.iter().any(|r| {
                 r.decode().is_ok_and(|env| {
                     env.tenant == tenant && env.project == project && moves_build(&env)
                 })
             });
-            if let Some(r) = last {
+            if moved {
+                // The id resumes after the whole batch: its other records move nothing.
                 let event = Event::default()
-                    .id(r.offset.to_string())
+                    .id(super::resume::token(&sub.positions()))
                     .event("changed")
                     .data("{}");
                 if tx.send(Ok(event)).await.is_err() {
@@ -311,6 +301,21 @@ pub async fn project(
         }
     });
     Ok(([("x-accel-buffering", "no")], to_sse(rx)).into_response())
+}
+
+/// The end now of every events partition, in partition order.
+pub async fn events_ends(state: &ApiState) -> Result<Vec<(u32, u64)>, Status> {
+    let events = state
+        .log
+        .layout()
+        .topic_partitions(tributary_eventlog::Topic::Events);
+    Ok(state
+        .log_end()
+        .await?
+        .0
+        .into_iter()
+        .filter(|(p, _)| events.contains(p))
+        .collect())
 }
 
 #[derive(Deserialize)]

@@ -25,6 +25,7 @@ pub mod layout;
 pub mod live;
 pub mod login;
 pub mod projects;
+pub mod resume;
 pub mod session;
 pub mod tail;
 pub mod usage;

@@ -84,13 +84,13 @@ pub fn build_rows(builds: &[Build], now_us: i64) -> Markup {
 }
 
 /// The project's latest builds, read once the read model has folded the log up to the
-/// returned offset (exclusive).
+/// returned position (a start token of the project's live stream, [`super::resume`]).
 async fn project_builds(
     state: &ApiState,
     tenant: &str,
     project: &str,
-    after: Option<u64>,
-) -> Result<(Vec<Build>, u64), WebError> {
+    after: Option<&str>,
+) -> Result<(Vec<Build>, String), WebError> {
     let known = state.directory(|d| d.project(tenant, project).is_some())?;
     if !known {
         return Err(WebError::NotFound(format!("no project {project}")));
@@ -102,9 +102,17 @@ async fn project_builds(
         .list_builds_for(tenant, Some(project), None, LIST_LIMIT)
         .await
         .map_err(internal)?;
-    // The page's live stream starts there (a one-partition log's offset; a partitioned log's
-    // stream starts at its ends anyway).
-    Ok((builds, end.0.first().map_or(0, |(_, o)| *o)))
+    // The page's live stream starts there, in every events partition.
+    let events = state
+        .log
+        .layout()
+        .topic_partitions(tributary_eventlog::Topic::Events);
+    let from: Vec<(u32, u64)> = end
+        .0
+        .into_iter()
+        .filter(|(p, _)| events.contains(p))
+        .collect();
+    Ok((builds, super::resume::from_token(&from)))
 }
 
 pub async fn builds(
@@ -137,7 +145,7 @@ pub async fn builds(
 
 #[derive(Deserialize)]
 pub struct After {
-    after: Option<u64>,
+    after: Option<String>,
 }
 
 pub async fn rows(
@@ -147,21 +155,16 @@ pub async fn rows(
     headers: HeaderMap,
 ) -> Result<Markup, WebError> {
     let session = api_session(&state, &headers)?;
-    let (builds, _) = project_builds(&state, &session.who.tenant, &project, q.after).await?;
+    let (builds, _) =
+        project_builds(&state, &session.who.tenant, &project, q.after.as_deref()).await?;
     Ok(build_rows(&builds, tributary_proto::now_us()))
 }
 
 /// How far the builds read model must have folded before answering: up to and including
-/// `after` (an offset the viewer saw on a live stream, never beyond the log), else the end.
-/// On a partitioned log `after` (an offset of one partition) is not used: the end is.
-pub async fn after_end(state: &ApiState, after: Option<u64>) -> Result<Mark, WebError> {
-    let end = state.log_end().await?;
-    if state.log.layout().partitions() > 1 {
-        return Ok(end);
-    }
-    let end0 = end.0.first().map_or(0, |(_, o)| *o);
-    Ok(Mark(vec![(
-        0,
-        after.map_or(end0, |offset| (offset + 1).min(end0)),
-    )]))
+/// `after` (the id of an event the viewer saw on the project's live stream: an offset on one
+/// partition, a position per events partition on several, [`super::resume`]; never beyond
+/// the log), else the end.
+pub async fn after_end(state: &ApiState, after: Option<&str>) -> Result<Mark, WebError> {
+    let ends = super::live::events_ends(state).await?;
+    Ok(Mark(super::resume::start(&ends, None, after)))
 }
