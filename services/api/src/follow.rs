@@ -22,6 +22,10 @@
 //!   `BuildFinished` after folding every `JobFinished`, so these are all of the build's chunks.
 //!   The tail waits for its logs partition to reach the end it had when `BuildFinished` was
 //!   seen (on a shared partition: `BuildFinished`'s own offset).
+//! * Resumable after any item: the cursor handed to the mapper with each item (the web UI's
+//!   SSE id) is where to start again to get exactly the items after it, the end included.
+//!   While the end is held for chunks still to come, the cursor's events position stays at
+//!   `BuildFinished`, so a resume after one of those chunks reads it again.
 
 use tokio::sync::mpsc;
 use tonic::Status;
@@ -141,6 +145,7 @@ pub async fn follow_build<T: Send + 'static>(
         seen: SeenIds::new(16_384),
         last: None,
         logs_target: None,
+        held_at: None,
     };
     let topics: &[Topic] = if parts.shared() {
         &[Topic::Events]
@@ -209,6 +214,10 @@ struct Tail<T> {
     last: Option<T>,
     /// The logs partition's offset to reach before sending `last`.
     logs_target: Option<Offset>,
+    /// While `last` is held on a build with two partitions: the offset of its event. The
+    /// positions handed to the mapper stay there in the events partition, so a reader resuming
+    /// after a chunk delivered meanwhile reads that event again and still gets its end.
+    held_at: Option<Offset>,
 }
 
 impl<T> Tail<T> {
@@ -232,7 +241,11 @@ impl<T> Tail<T> {
         if !self.seen.first_time(&env.event_id) {
             return true;
         }
-        match map(record, &env, &self.cursor) {
+        let mut cursor = self.cursor;
+        if let Some(at) = self.held_at {
+            cursor.events = cursor.events.min(at);
+        }
+        match map(record, &env, &cursor) {
             Step::Skip => true,
             Step::Send(item) => tx.send(Ok(item)).await.is_ok(),
             Step::Last(item) => {
@@ -252,6 +265,9 @@ impl<T> Tail<T> {
                 };
                 self.last = Some(item);
                 self.logs_target = Some(target);
+                if !self.parts.shared() {
+                    self.held_at = Some(record.offset);
+                }
                 true
             }
         }

@@ -1413,3 +1413,93 @@ async fn the_project_stream_resumes_per_partition_with_no_gap_and_no_duplicate()
     assert_eq!(rows.body.matches("data-build=").count(), 4, "{}", rows.body);
     ui.stop().await;
 }
+
+/// The events of a live stream's reply: (id, event, data), in order.
+fn sse_events(body: &str) -> Vec<(String, String, String)> {
+    body.split("\n\n")
+        .filter_map(|block| {
+            let field = |name: &str| {
+                block.lines().find_map(|l| {
+                    l.strip_prefix(name)
+                        .and_then(|rest| rest.strip_prefix(':'))
+                        .map(|v| v.trim_start().to_owned())
+                })
+            };
+            Some((
+                field("id")?,
+                field("event")?,
+                field("data").unwrap_or_default(),
+            ))
+        })
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_build_stream_resumes_after_any_event_with_no_gap_and_no_duplicate() {
+    let ui = KafkaUi::start().await;
+    let http = Http::new(&ui.addr);
+    let build = ui.build(&["a"], 3).await;
+    let mut events = job_started(&build, "a");
+    for n in 0..3 {
+        events.push(line_started(&build, "a", n));
+        events.push(line_exited(&build, "a", n));
+    }
+    ui.append(events).await;
+    ui.append(
+        (0..3)
+            .flat_map(|n| (0..4).map(move |k| (n, k)))
+            .map(|(n, k)| output(&build, "a", n, 1, &format!("a-out-{n}-{k}\n")))
+            .collect(),
+    )
+    .await;
+    ui.append(vec![ev(
+        &build,
+        Payload::BuildFinished(tributary_proto::events::BuildFinished {
+            status: tributary_proto::events::Status::Succeeded as i32,
+            ..Default::default()
+        }),
+    )])
+    .await;
+    let path = format!("/ui/builds/{build}/events");
+    let whole = sse_events(&http.get(&path, Some(&ui.token)).await.body);
+    assert_eq!(
+        whole.iter().filter(|e| e.1 == "log").count(),
+        12,
+        "every chunk once: {whole:?}"
+    );
+    assert_eq!(whole.last().map(|e| e.1.as_str()), Some("end"));
+    // Ids are positions in the build's two partitions.
+    assert!(
+        whole.iter().all(|e| e.0.split('.').count() == 2),
+        "{whole:?}"
+    );
+    // Resuming after any event gives exactly the events after it.
+    for k in [0, 3, whole.len() / 2, whole.len() - 3, whole.len() - 2] {
+        let resumed = http
+            .send(
+                "GET",
+                &path,
+                Some(&ui.token),
+                &[("last-event-id", &whole[k].0)],
+                "",
+            )
+            .await;
+        let mut got: Vec<(String, String)> = sse_events(&resumed.body)
+            .into_iter()
+            .map(|e| (e.1, e.2))
+            .collect();
+        let mut want: Vec<(String, String)> = whole[k + 1..]
+            .iter()
+            .map(|e| (e.1.clone(), e.2.clone()))
+            .collect();
+        assert_eq!(
+            got.last(),
+            want.last(),
+            "the resumed stream ends with the build"
+        );
+        got.sort();
+        want.sort();
+        assert_eq!(got, want, "resumed after event {k} ({})", whole[k].0);
+    }
+    ui.stop().await;
+}
