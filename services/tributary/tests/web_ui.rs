@@ -1411,6 +1411,27 @@ async fn the_project_stream_resumes_per_partition_with_no_gap_and_no_duplicate()
         .await;
     assert_eq!(rows.status, 200, "{}", rows.body);
     assert_eq!(rows.body.matches("data-build=").count(), 4, "{}", rows.body);
+
+    // In a browser: the table follows new builds, whichever partition they are in.
+    let b = Browser::start().await;
+    b.sign_in(&format!("{}/ui/projects/web", ui.addr), &token)
+        .await;
+    b.until("the table with the four builds", || async {
+        (b.count("tr[data-build]").await == 4).then_some(())
+    })
+    .await;
+    let mut new = Vec::new();
+    for _ in 0..4 {
+        new.push(ui.build(&["a"], 1).await);
+    }
+    for id in &new {
+        b.until(&format!("build {id} in the table"), || async {
+            (b.count(&format!("tr[data-build='{id}']")).await == 1).then_some(())
+        })
+        .await;
+    }
+    assert_eq!(b.count("tr[data-build]").await, 8);
+    b.close().await;
     ui.stop().await;
 }
 
