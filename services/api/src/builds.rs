@@ -446,7 +446,13 @@ impl Builds for BuildsApi {
         let who = self.who(&request)?;
         let req = request.into_inner();
         let layout = self.state.log.layout();
-        let start = watch_start(layout, &req)?;
+        // A watch of one build reads its partitions from the build's start at the earliest.
+        let begins = if req.build_id.is_empty() {
+            None
+        } else {
+            self.state.build_start(&req.build_id).await?
+        };
+        let start = watch_start(layout, &req, begins.as_ref())?;
         let (tx, rx) = mpsc::channel(256);
         let mut sub = self.state.log.subscribe_partitions(&start);
         let guard = crate::state::TailGuard::new(&self.state);
@@ -485,10 +491,12 @@ impl Builds for BuildsApi {
 
 /// Where a watch starts, per partition: the positions the request lists, and `from_offset`
 /// for the others (only 0 on a partitioned log: offsets of different partitions are
-/// unrelated). A watch of one build reads only the build's partitions.
+/// unrelated). A watch of one build reads only the build's partitions, and not before
+/// `begins` (where the build starts, when it is on the log): nothing of it is before.
 pub fn watch_start(
     layout: tributary_eventlog::Layout,
     req: &WatchEventsRequest,
+    begins: Option<&Start>,
 ) -> Result<Vec<(u32, u64)>, Status> {
     if layout.partitions() > 1 && req.from_offset > 0 {
         return Err(Status::invalid_argument(format!(
@@ -504,16 +512,21 @@ pub fn watch_start(
             layout.partitions()
         )));
     }
+    let mut floor = Cursor::default();
     let partitions: Vec<u32> = if req.build_id.is_empty() {
         layout.all().collect()
     } else {
         let parts = BuildPartitions::of(layout, &req.build_id);
+        if let Some(begins) = begins {
+            floor = begins.cursor(parts);
+        }
         let mut ps = vec![parts.events];
         if !parts.shared() {
             ps.push(parts.logs);
         }
         ps
     };
+    let parts = BuildPartitions::of(layout, &req.build_id);
     Ok(partitions
         .into_iter()
         .map(|p| {
@@ -522,7 +535,14 @@ pub fn watch_start(
                 .iter()
                 .find(|pos| pos.partition == p)
                 .map_or(req.from_offset, |pos| pos.offset);
-            (p, at)
+            let floor = if req.build_id.is_empty() {
+                0
+            } else if p == parts.events {
+                floor.events
+            } else {
+                floor.logs
+            };
+            (p, at.max(floor))
         })
         .collect())
 }
@@ -606,7 +626,7 @@ mod tests {
         };
         let layout = Layout { events: 3, logs: 1 };
         assert_eq!(
-            watch_start(layout, &req).unwrap(),
+            watch_start(layout, &req, None).unwrap(),
             vec![(0, 0), (1, 0), (2, 40), (3, 0)]
         );
         // One partition: from_offset as always.
@@ -614,7 +634,10 @@ mod tests {
             from_offset: 17,
             ..Default::default()
         };
-        assert_eq!(watch_start(Layout::SINGLE, &old).unwrap(), vec![(0, 17)]);
+        assert_eq!(
+            watch_start(Layout::SINGLE, &old, None).unwrap(),
+            vec![(0, 17)]
+        );
     }
 
     #[test]
@@ -627,8 +650,43 @@ mod tests {
         };
         let parts = BuildPartitions::of(layout, &build);
         assert_eq!(
-            watch_start(layout, &req).unwrap(),
+            watch_start(layout, &req, None).unwrap(),
             vec![(parts.events, 0), (parts.logs, 0)]
+        );
+    }
+
+    #[test]
+    fn a_watch_of_one_build_starts_where_the_build_does() {
+        let layout = Layout { events: 4, logs: 2 };
+        let build = tributary_proto::new_id();
+        let parts = BuildPartitions::of(layout, &build);
+        let begins = Start {
+            tenant: "t".into(),
+            events: 700,
+            logs: 90,
+        };
+        let mut req = WatchEventsRequest {
+            build_id: build.clone(),
+            ..Default::default()
+        };
+        assert_eq!(
+            watch_start(layout, &req, Some(&begins)).unwrap(),
+            vec![(parts.events, 700), (parts.logs, 90)]
+        );
+        // Positions past the start are kept.
+        req.from = vec![pos(parts.logs, 120)];
+        assert_eq!(
+            watch_start(layout, &req, Some(&begins)).unwrap(),
+            vec![(parts.events, 700), (parts.logs, 120)]
+        );
+        // One partition: the build's first record.
+        let single = WatchEventsRequest {
+            build_id: build,
+            ..Default::default()
+        };
+        assert_eq!(
+            watch_start(Layout::SINGLE, &single, Some(&begins)).unwrap(),
+            vec![(0, 700)]
         );
     }
 
@@ -639,7 +697,7 @@ mod tests {
             from_offset: 5,
             ..Default::default()
         };
-        let err = watch_start(layout, &offset).unwrap_err();
+        let err = watch_start(layout, &offset, None).unwrap_err();
         assert_eq!(err.code(), tonic::Code::InvalidArgument);
         assert!(err.message().contains("6 partitions"), "{}", err.message());
         let unknown = WatchEventsRequest {
@@ -647,7 +705,7 @@ mod tests {
             ..Default::default()
         };
         assert_eq!(
-            watch_start(layout, &unknown).unwrap_err().code(),
+            watch_start(layout, &unknown, None).unwrap_err().code(),
             tonic::Code::InvalidArgument
         );
     }
