@@ -124,6 +124,13 @@ impl MeteringProjector {
                 }
                 Err(e) => {
                     self.malformed += 1;
+                    // Served on /metrics like every consumer's skipped records. (Events of an
+                    // unknown type are skipped undecoded by `view`, as metering folds only
+                    // ticks, job ends and invoices: not counted.)
+                    tributary_eventlog::skipped::count(
+                        "metering",
+                        tributary_eventlog::skipped::Skip::Undecodable,
+                    );
                     self.state.skip(at);
                     tracing::error!(
                         partition = record.partition,

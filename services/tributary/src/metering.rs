@@ -45,7 +45,7 @@ pub async fn serve(args: ServeMeteringArgs) -> anyhow::Result<ExitCode> {
     let backends = args.backends.resolve()?;
     let log = backends.open_log().await?;
     let store = backends.open_metering().await?;
-    let _health = crate::health::start(&args.health, "metering").await?;
+    let _health = crate::health::start_with_log(&args.health, "metering", log.clone()).await?;
     let stop = CancellationToken::new();
     let mut task = tokio::spawn(tributary_metering::service::run(
         log.clone(),
