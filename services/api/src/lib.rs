@@ -90,6 +90,13 @@ pub async fn serve_with_metering(
         .into_axum_router()
         .merge(http::router(state.clone()))
         .merge(web::router(state, reader));
+    // No Nagle: leases on PullWork and events on WatchEvents/TailLogs are small writes on
+    // long-lived streams; with Nagle each waits for the peer's delayed ACK (≈ 40 ms on Linux).
+    let listener = axum::serve::ListenerExt::tap_io(listener, |tcp| {
+        if let Err(e) = tcp.set_nodelay(true) {
+            tracing::debug!(error = %e, "cannot set TCP_NODELAY on a connection");
+        }
+    });
     axum::serve(listener, app)
         .with_graceful_shutdown(shutdown)
         .await
