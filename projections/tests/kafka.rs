@@ -7,33 +7,13 @@
 #[allow(dead_code)] // shared helpers, not all used here
 mod common;
 
-use std::time::Duration;
-
 use tributary_eventlog::kafka::{KafkaLog, KafkaOptions};
 use tributary_eventlog::{EventLog, Layout};
 use tributary_projections::{replay, BuildsProjector, BuildsStore, Phase};
 
-fn brokers() -> String {
-    let brokers =
-        std::env::var("TRIBUTARY_TEST_KAFKA").unwrap_or_else(|_| "127.0.0.1:19092".into());
-    let first = brokers.split(',').next().unwrap_or_default().to_owned();
-    let reachable = std::net::ToSocketAddrs::to_socket_addrs(&first)
-        .ok()
-        .and_then(|mut addrs| addrs.next())
-        .is_some_and(|addr| {
-            std::net::TcpStream::connect_timeout(&addr, Duration::from_secs(3)).is_ok()
-        });
-    assert!(
-        reachable,
-        "no Kafka broker at {brokers}: run scripts/setup-brokers.sh (it starts one on \
-         127.0.0.1:19092), or set TRIBUTARY_TEST_KAFKA to a reachable broker"
-    );
-    brokers
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn garbage_on_the_topic_is_skipped_and_counted() {
-    let mut options = KafkaOptions::new(brokers());
+    let mut options = KafkaOptions::new(tributary_testkit::kafka_brokers());
     options.topic_prefix = format!("test-projector-{}", tributary_proto::new_id());
     options.event_partitions = 1;
     options.log_partitions = 0;

@@ -10,45 +10,9 @@ mod common;
 use std::future::Future;
 use std::sync::Arc;
 
-use sqlx::{AnyConnection, Connection, Executor};
 use tributary_eventlog::{sqlite::SqliteLog, EventLog};
 use tributary_projections::store::Engine;
 use tributary_projections::{replay, BuildsProjector, BuildsStore, Phase};
-
-fn admin_url() -> String {
-    std::env::var("TRIBUTARY_TEST_DATABASE_URL")
-        .unwrap_or_else(|_| "postgres://tributary:tributary@127.0.0.1:5432/tributary_test".into())
-}
-
-/// A fresh PostgreSQL database; dropped by [`drop_database`].
-async fn fresh_database() -> (String, String) {
-    sqlx::any::install_default_drivers();
-    let admin = admin_url();
-    let mut conn = AnyConnection::connect(&admin)
-        .await
-        .unwrap_or_else(|error| {
-            panic!(
-            "no PostgreSQL at {admin} ({error}): run scripts/setup-brokers.sh (it starts one on \
-             127.0.0.1:5432 with that database), or set TRIBUTARY_TEST_DATABASE_URL"
-        )
-        });
-    let name = format!("test_{}", tributary_proto::new_id().replace('-', ""));
-    conn.execute(format!("CREATE DATABASE {name}").as_str())
-        .await
-        .expect("create a test database (the role needs CREATEDB)");
-    conn.close().await.expect("close");
-    let base = admin
-        .rsplit_once('/')
-        .map_or(admin.as_str(), |(base, _)| base);
-    (format!("{base}/{name}"), name)
-}
-
-async fn drop_database(name: &str) {
-    let mut conn = AnyConnection::connect(&admin_url()).await.expect("connect");
-    conn.execute(format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)").as_str())
-        .await
-        .expect("drop the test database");
-}
 
 /// Runs `scenario` with a fresh SQLite log and a store URL of each engine.
 async fn on_both<F, Fut>(scenario: F)
@@ -71,9 +35,9 @@ where
             .await
             .expect("open log"),
     );
-    let (url, name) = fresh_database().await;
+    let (url, name) = tributary_testkit::fresh_database().await;
     scenario(log, url).await;
-    drop_database(&name).await;
+    tributary_testkit::drop_database(&name).await;
 }
 
 async fn append_all(log: &SqliteLog, events: &[tributary_proto::events::Envelope]) {

@@ -22,24 +22,6 @@ use tributary_proto::events::{
     envelope::Payload, BuildFinished, BuildTriggered, Envelope, LogChunk, Status,
 };
 
-fn brokers() -> String {
-    let brokers =
-        std::env::var("TRIBUTARY_TEST_KAFKA").unwrap_or_else(|_| "127.0.0.1:19092".into());
-    let first = brokers.split(',').next().unwrap_or_default().to_owned();
-    let reachable = std::net::ToSocketAddrs::to_socket_addrs(&first)
-        .ok()
-        .and_then(|mut addrs| addrs.next())
-        .is_some_and(|addr| {
-            std::net::TcpStream::connect_timeout(&addr, Duration::from_secs(3)).is_ok()
-        });
-    assert!(
-        reachable,
-        "no Kafka broker at {brokers}: run scripts/setup-brokers.sh (it starts one on \
-         127.0.0.1:19092), or set TRIBUTARY_TEST_KAFKA to a reachable broker"
-    );
-    brokers
-}
-
 fn event(build: &str, payload: Payload) -> Envelope {
     Envelope::new("t", "p", build, payload)
 }
@@ -191,7 +173,7 @@ fn expected(n: usize) -> Vec<String> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_tail_ends_after_every_chunk_appended_before_build_finished_exactly_once() {
-    let mut options = KafkaOptions::new(brokers());
+    let mut options = KafkaOptions::new(tributary_testkit::kafka_brokers());
     options.topic_prefix = format!("test-follow-{}", tributary_proto::new_id());
     options.event_partitions = 4;
     options.log_partitions = 2;

@@ -27,24 +27,6 @@ use tributary_proto::events::{
     TokenIssued,
 };
 
-fn brokers() -> String {
-    let brokers =
-        std::env::var("TRIBUTARY_TEST_KAFKA").unwrap_or_else(|_| "127.0.0.1:19092".into());
-    let first = brokers.split(',').next().unwrap_or_default().to_owned();
-    let reachable = std::net::ToSocketAddrs::to_socket_addrs(&first)
-        .ok()
-        .and_then(|mut addrs| addrs.next())
-        .is_some_and(|addr| {
-            std::net::TcpStream::connect_timeout(&addr, Duration::from_secs(3)).is_ok()
-        });
-    assert!(
-        reachable,
-        "no Kafka broker at {brokers}: run scripts/setup-brokers.sh (it starts one on \
-         127.0.0.1:19092), or set TRIBUTARY_TEST_KAFKA to a reachable broker"
-    );
-    brokers
-}
-
 /// A build's events as the API and agents append them: trigger (with where its chunks start),
 /// `chunks` chunks, finish.
 fn build_events(tenant: &str, build: &str, logs_from: u64, chunks: usize) -> Vec<Envelope> {
@@ -71,7 +53,7 @@ fn build_events(tenant: &str, build: &str, logs_from: u64, chunks: usize) -> Vec
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn reading_a_late_build_reads_only_its_own_records() {
-    let mut options = KafkaOptions::new(brokers());
+    let mut options = KafkaOptions::new(tributary_testkit::kafka_brokers());
     options.topic_prefix = format!("test-tailcost-{}", tributary_proto::new_id());
     options.event_partitions = 1;
     options.log_partitions = 1;

@@ -48,40 +48,11 @@ enum Engine {
     Postgres,
 }
 
-fn admin_url() -> String {
-    std::env::var("TRIBUTARY_TEST_DATABASE_URL")
-        .unwrap_or_else(|_| "postgres://tributary:tributary@127.0.0.1:5432/tributary_test".into())
-}
-
-/// A fresh PostgreSQL database's URL.
-async fn fresh_database() -> String {
-    use sqlx::{AnyConnection, Connection, Executor};
-    sqlx::any::install_default_drivers();
-    let admin = admin_url();
-    let mut conn = AnyConnection::connect(&admin)
-        .await
-        .unwrap_or_else(|error| {
-            panic!(
-                "no PostgreSQL at {admin} ({error}): run scripts/setup-brokers.sh (it starts one \
-                 on 127.0.0.1:5432 with that database), or set TRIBUTARY_TEST_DATABASE_URL"
-            )
-        });
-    let name = format!("test_{}", tributary_proto::new_id().replace('-', ""));
-    conn.execute(format!("CREATE DATABASE {name}").as_str())
-        .await
-        .expect("create a test database (the role needs CREATEDB)");
-    conn.close().await.expect("close");
-    let base = admin
-        .rsplit_once('/')
-        .map_or(admin.as_str(), |(base, _)| base);
-    format!("{base}/{name}")
-}
-
 async fn setup(dir: &std::path::Path, engine: Engine) -> (Arc<SqliteLog>, MeteringStore) {
     let log = SqliteLog::open(&dir.join("events.db")).await.unwrap();
     let store = match engine {
         Engine::Sqlite => MeteringStore::open(&dir.join("metering.db")).await.unwrap(),
-        Engine::Postgres => MeteringStore::connect(&fresh_database().await)
+        Engine::Postgres => MeteringStore::connect(&tributary_testkit::fresh_database().await.0)
             .await
             .unwrap(),
     };

@@ -32,27 +32,8 @@ use tributary_scheduler::service::{self, Partitions};
 /// Generous bound for anything that waits on builds (the machine may be loaded).
 const PATIENCE: Duration = Duration::from_secs(300);
 
-/// The broker's address; panics, naming the script that starts one, if nothing listens there.
-fn brokers() -> String {
-    let brokers =
-        std::env::var("TRIBUTARY_TEST_KAFKA").unwrap_or_else(|_| "127.0.0.1:19092".into());
-    let first = brokers.split(',').next().unwrap_or_default().to_owned();
-    let reachable = std::net::ToSocketAddrs::to_socket_addrs(&first)
-        .ok()
-        .and_then(|mut addrs| addrs.next())
-        .is_some_and(|addr| {
-            std::net::TcpStream::connect_timeout(&addr, Duration::from_secs(3)).is_ok()
-        });
-    assert!(
-        reachable,
-        "no Kafka broker at {brokers}: run scripts/setup-brokers.sh (it starts one on \
-         127.0.0.1:19092), or set TRIBUTARY_TEST_KAFKA to a reachable broker"
-    );
-    brokers
-}
-
 async fn kafka_log() -> Arc<KafkaLog> {
-    let mut options = KafkaOptions::new(brokers());
+    let mut options = KafkaOptions::new(tributary_testkit::kafka_brokers());
     options.topic_prefix = format!("test-svc-{}", uuid_simple());
     options.event_partitions = 4;
     options.log_partitions = 2;

@@ -17,63 +17,10 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use prost::Message;
-use sqlx::{AnyConnection, Connection, Executor, Row};
+use sqlx::{AnyConnection, Connection, Row};
 use tributary_eventlog::kafka::{KafkaLog, KafkaOptions};
 use tributary_eventlog::EventLog;
 use tributary_proto::events::{envelope::Payload, Envelope, JobFinished, UsageTick};
-
-fn brokers() -> String {
-    let brokers =
-        std::env::var("TRIBUTARY_TEST_KAFKA").unwrap_or_else(|_| "127.0.0.1:19092".into());
-    let first = brokers.split(',').next().unwrap_or_default().to_owned();
-    let reachable = std::net::ToSocketAddrs::to_socket_addrs(&first)
-        .ok()
-        .and_then(|mut addrs| addrs.next())
-        .is_some_and(|addr| {
-            std::net::TcpStream::connect_timeout(&addr, Duration::from_secs(3)).is_ok()
-        });
-    assert!(
-        reachable,
-        "no Kafka broker at {brokers}: run scripts/setup-brokers.sh (it starts one on \
-         127.0.0.1:19092), or set TRIBUTARY_TEST_KAFKA to a reachable broker"
-    );
-    brokers
-}
-
-fn admin_url() -> String {
-    std::env::var("TRIBUTARY_TEST_DATABASE_URL")
-        .unwrap_or_else(|_| "postgres://tributary:tributary@127.0.0.1:5432/tributary_test".into())
-}
-
-/// A fresh PostgreSQL database: (url, name).
-async fn fresh_database() -> (String, String) {
-    sqlx::any::install_default_drivers();
-    let admin = admin_url();
-    let mut conn = AnyConnection::connect(&admin)
-        .await
-        .unwrap_or_else(|error| {
-            panic!(
-                "no PostgreSQL at {admin} ({error}): run scripts/setup-brokers.sh (it starts one \
-                 on 127.0.0.1:5432 with that database), or set TRIBUTARY_TEST_DATABASE_URL"
-            )
-        });
-    let name = format!("test_{}", tributary_proto::new_id().replace('-', ""));
-    conn.execute(format!("CREATE DATABASE {name}").as_str())
-        .await
-        .expect("create a test database (the role needs CREATEDB)");
-    conn.close().await.expect("close");
-    let base = admin
-        .rsplit_once('/')
-        .map_or(admin.as_str(), |(base, _)| base);
-    (format!("{base}/{name}"), name)
-}
-
-async fn drop_database(name: &str) {
-    let mut conn = AnyConnection::connect(&admin_url()).await.expect("connect");
-    let _ = conn
-        .execute(format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)").as_str())
-        .await;
-}
 
 fn flags(brokers: &str, prefix: &str, database: &str) -> Vec<String> {
     [
@@ -164,9 +111,9 @@ async fn issued(db: &str) -> Vec<(String, String, i64)> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn active_and_standby_metering_on_kafka_and_postgres_equal_a_fresh_replay() {
-    let brokers = brokers();
+    let brokers = tributary_testkit::kafka_brokers();
     let prefix = format!("test-metering-{}", tributary_proto::new_id());
-    let (database, db_name) = fresh_database().await;
+    let (database, db_name) = tributary_testkit::fresh_database().await;
     let mut options = KafkaOptions::new(brokers.clone());
     options.topic_prefix = prefix.clone();
     options.event_partitions = 4;
@@ -518,7 +465,7 @@ async fn active_and_standby_metering_on_kafka_and_postgres_equal_a_fresh_replay(
     let out = String::from_utf8_lossy(&audit.stdout).to_string();
     assert!(audit.status.success(), "{out}");
     drop(conn);
-    drop_database(&db_name).await;
+    tributary_testkit::drop_database(&db_name).await;
 }
 
 /// A plain HTTP/1.1 GET with a bearer token: the whole response as text.

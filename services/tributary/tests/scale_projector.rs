@@ -16,63 +16,9 @@ use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use sqlx::{AnyConnection, Connection, Executor};
 use tributary_eventlog::kafka::{KafkaLog, KafkaOptions};
 use tributary_eventlog::EventLog;
 use tributary_projections::{replay, BuildsState, BuildsStore};
-
-fn brokers() -> String {
-    let brokers =
-        std::env::var("TRIBUTARY_TEST_KAFKA").unwrap_or_else(|_| "127.0.0.1:19092".into());
-    let first = brokers.split(',').next().unwrap_or_default().to_owned();
-    let reachable = std::net::ToSocketAddrs::to_socket_addrs(&first)
-        .ok()
-        .and_then(|mut addrs| addrs.next())
-        .is_some_and(|addr| {
-            std::net::TcpStream::connect_timeout(&addr, Duration::from_secs(3)).is_ok()
-        });
-    assert!(
-        reachable,
-        "no Kafka broker at {brokers}: run scripts/setup-brokers.sh (it starts one on \
-         127.0.0.1:19092), or set TRIBUTARY_TEST_KAFKA to a reachable broker"
-    );
-    brokers
-}
-
-fn admin_url() -> String {
-    std::env::var("TRIBUTARY_TEST_DATABASE_URL")
-        .unwrap_or_else(|_| "postgres://tributary:tributary@127.0.0.1:5432/tributary_test".into())
-}
-
-/// A fresh PostgreSQL database: (url, name).
-async fn fresh_database() -> (String, String) {
-    sqlx::any::install_default_drivers();
-    let admin = admin_url();
-    let mut conn = AnyConnection::connect(&admin)
-        .await
-        .unwrap_or_else(|error| {
-            panic!(
-            "no PostgreSQL at {admin} ({error}): run scripts/setup-brokers.sh (it starts one on \
-             127.0.0.1:5432 with that database), or set TRIBUTARY_TEST_DATABASE_URL"
-        )
-        });
-    let name = format!("test_{}", tributary_proto::new_id().replace('-', ""));
-    conn.execute(format!("CREATE DATABASE {name}").as_str())
-        .await
-        .expect("create a test database (the role needs CREATEDB)");
-    conn.close().await.expect("close");
-    let base = admin
-        .rsplit_once('/')
-        .map_or(admin.as_str(), |(base, _)| base);
-    (format!("{base}/{name}"), name)
-}
-
-async fn drop_database(name: &str) {
-    let mut conn = AnyConnection::connect(&admin_url()).await.expect("connect");
-    let _ = conn
-        .execute(format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)").as_str())
-        .await;
-}
 
 fn backend_flags(brokers: &str, prefix: &str, database: &str) -> Vec<String> {
     [
@@ -146,9 +92,9 @@ async fn with_a_logs_topic_byte_counts_come_from_the_chunk_counters() {
 }
 
 async fn scenario(log_partitions: u32) {
-    let brokers = brokers();
+    let brokers = tributary_testkit::kafka_brokers();
     let prefix = format!("test-scale-{}", tributary_proto::new_id());
-    let (database, db_name) = fresh_database().await;
+    let (database, db_name) = tributary_testkit::fresh_database().await;
     let mut options = KafkaOptions::new(brokers.clone());
     options.topic_prefix = prefix.clone();
     options.event_partitions = 4;
@@ -323,5 +269,5 @@ async fn scenario(log_partitions: u32) {
 
     store.close().await;
     let _ = log.delete_topics().await;
-    drop_database(&db_name).await;
+    tributary_testkit::drop_database(&db_name).await;
 }

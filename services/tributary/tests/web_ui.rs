@@ -980,24 +980,6 @@ use tributary_proto::events::{
     LineStarted, LogChunk, Plan, ProjectCreated, StepPlan, StepStarted, TenantCreated, TokenIssued,
 };
 
-fn kafka_brokers() -> String {
-    let brokers =
-        std::env::var("TRIBUTARY_TEST_KAFKA").unwrap_or_else(|_| "127.0.0.1:19092".into());
-    let first = brokers.split(',').next().unwrap_or_default().to_owned();
-    let reachable = std::net::ToSocketAddrs::to_socket_addrs(&first)
-        .ok()
-        .and_then(|mut addrs| addrs.next())
-        .is_some_and(|addr| {
-            std::net::TcpStream::connect_timeout(&addr, Duration::from_secs(3)).is_ok()
-        });
-    assert!(
-        reachable,
-        "no Kafka broker at {brokers}: run scripts/setup-brokers.sh (it starts one on \
-         127.0.0.1:19092), or set TRIBUTARY_TEST_KAFKA to a reachable broker"
-    );
-    brokers
-}
-
 /// The API and a builds projector on fresh Kafka topics (deleted by `stop`).
 struct KafkaUi {
     kafka: Arc<KafkaLog>,
@@ -1012,7 +994,7 @@ struct KafkaUi {
 
 impl KafkaUi {
     async fn start() -> KafkaUi {
-        let mut options = KafkaOptions::new(kafka_brokers());
+        let mut options = KafkaOptions::new(tributary_testkit::kafka_brokers());
         options.topic_prefix = format!("test-webui-{}", tributary_proto::new_id());
         options.event_partitions = 4;
         options.log_partitions = 2;

@@ -26,7 +26,6 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use serde_json::Value;
-use sqlx::{AnyConnection, Connection, Executor};
 use tributary_eventlog::kafka::{KafkaLog, KafkaOptions};
 use tributary_eventlog::{EventLog, Offset, Partition, Topic};
 use tributary_proto::events::Envelope;
@@ -60,30 +59,6 @@ impl Default for Options {
             brokers: None,
         }
     }
-}
-
-/// The shared broker's address; panics naming the script that starts one if nothing listens.
-pub fn shared_brokers() -> String {
-    let brokers =
-        std::env::var("TRIBUTARY_TEST_KAFKA").unwrap_or_else(|_| "127.0.0.1:19092".into());
-    let first = brokers.split(',').next().unwrap_or_default().to_owned();
-    let reachable = std::net::ToSocketAddrs::to_socket_addrs(&first)
-        .ok()
-        .and_then(|mut addrs| addrs.next())
-        .is_some_and(|addr| {
-            std::net::TcpStream::connect_timeout(&addr, Duration::from_secs(3)).is_ok()
-        });
-    assert!(
-        reachable,
-        "no Kafka broker at {brokers}: run scripts/setup-brokers.sh (it starts one on \
-         127.0.0.1:19092), or set TRIBUTARY_TEST_KAFKA to a reachable broker"
-    );
-    brokers
-}
-
-fn admin_database_url() -> String {
-    std::env::var("TRIBUTARY_TEST_DATABASE_URL")
-        .unwrap_or_else(|_| "postgres://tributary:tributary@127.0.0.1:5432/tributary_test".into())
 }
 
 /// One process of the deployment: how it was started (to restart it alike), and its stderr.
@@ -228,7 +203,10 @@ impl ScaleOut {
             .enable_all()
             .build()
             .expect("runtime");
-        let brokers = options.brokers.clone().unwrap_or_else(shared_brokers);
+        let brokers = options
+            .brokers
+            .clone()
+            .unwrap_or_else(tributary_testkit::kafka_brokers);
         let id = tributary_proto::new_id().replace('-', "");
         let prefix = format!("test-out-{id}");
         let mut kafka = KafkaOptions::new(brokers.clone());
@@ -239,7 +217,7 @@ impl ScaleOut {
         let log = rt
             .block_on(KafkaLog::connect(kafka))
             .expect("connect to Kafka and create the topics");
-        let (database, db_name) = rt.block_on(fresh_database(&id));
+        let (database, db_name) = rt.block_on(tributary_testkit::fresh_database());
         let dir = tempfile::tempdir().expect("tempdir");
         let root = dir.path().to_path_buf();
         std::fs::create_dir_all(root.join("objects")).expect("objects dir");
@@ -650,7 +628,11 @@ impl Drop for ScaleOut {
         let db = self.db_name.clone();
         self.rt.block_on(async move {
             let _ = tokio::time::timeout(Duration::from_secs(30), log.delete_topics()).await;
-            let _ = tokio::time::timeout(Duration::from_secs(30), drop_database(&db)).await;
+            let _ = tokio::time::timeout(
+                Duration::from_secs(30),
+                tributary_testkit::drop_database(&db),
+            )
+            .await;
         });
     }
 }
@@ -675,37 +657,6 @@ pub fn finished_of(events: &[Ev]) -> BTreeMap<String, String> {
 fn tail_of(text: &str, lines: usize) -> String {
     let all: Vec<&str> = text.lines().collect();
     all[all.len().saturating_sub(lines)..].join("\n")
-}
-
-/// A fresh PostgreSQL database: (url, name).
-async fn fresh_database(id: &str) -> (String, String) {
-    sqlx::any::install_default_drivers();
-    let admin = admin_database_url();
-    let mut conn = AnyConnection::connect(&admin)
-        .await
-        .unwrap_or_else(|error| {
-            panic!(
-                "no PostgreSQL at {admin} ({error}): run scripts/setup-brokers.sh (it starts one \
-                 on 127.0.0.1:5432 with that database), or set TRIBUTARY_TEST_DATABASE_URL"
-            )
-        });
-    let name = format!("test_out_{id}");
-    conn.execute(format!("CREATE DATABASE {name}").as_str())
-        .await
-        .expect("create a test database (the role needs CREATEDB)");
-    conn.close().await.expect("close");
-    let base = admin
-        .rsplit_once('/')
-        .map_or(admin.as_str(), |(base, _)| base);
-    (format!("{base}/{name}"), name)
-}
-
-async fn drop_database(name: &str) {
-    if let Ok(mut conn) = AnyConnection::connect(&admin_database_url()).await {
-        let _ = conn
-            .execute(format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)").as_str())
-            .await;
-    }
 }
 
 /// A single-node Apache Kafka broker (KRaft, broker and controller in one JVM) of a test's own,

@@ -1,0 +1,76 @@
+//! Fixtures the integration tests share: the real engines `scripts/setup-brokers.sh` starts.
+//!
+//! * [`kafka_brokers`]: the test broker's address (`TRIBUTARY_TEST_KAFKA`, default
+//!   127.0.0.1:19092), checked to answer.
+//! * [`fresh_database`] / [`drop_database`]: a PostgreSQL database of a test's own, made through
+//!   `TRIBUTARY_TEST_DATABASE_URL` (default the `tributary_test` database on 127.0.0.1:5432).
+//!
+//! A missing engine fails the test with a message naming the script that starts it: tests never
+//! skip silently. A dev-dependency only.
+
+use std::time::Duration;
+
+use sqlx::{AnyConnection, Connection, Executor};
+
+/// The test broker's bootstrap servers; panics naming the script that starts one if nothing
+/// listens there.
+pub fn kafka_brokers() -> String {
+    let brokers =
+        std::env::var("TRIBUTARY_TEST_KAFKA").unwrap_or_else(|_| "127.0.0.1:19092".into());
+    let first = brokers.split(',').next().unwrap_or_default().to_owned();
+    let reachable = std::net::ToSocketAddrs::to_socket_addrs(&first)
+        .ok()
+        .and_then(|mut addrs| addrs.next())
+        .is_some_and(|addr| {
+            std::net::TcpStream::connect_timeout(&addr, Duration::from_secs(3)).is_ok()
+        });
+    assert!(
+        reachable,
+        "no Kafka broker at {brokers}: run scripts/setup-brokers.sh (it starts one on \
+         127.0.0.1:19092), or set TRIBUTARY_TEST_KAFKA to a reachable broker"
+    );
+    brokers
+}
+
+/// The URL of the database test databases are made from (its role needs CREATEDB).
+pub fn postgres_admin_url() -> String {
+    std::env::var("TRIBUTARY_TEST_DATABASE_URL")
+        .unwrap_or_else(|_| "postgres://tributary:tributary@127.0.0.1:5432/tributary_test".into())
+}
+
+/// A fresh PostgreSQL database: `(url, name)`. Drop it with [`drop_database`].
+pub async fn fresh_database() -> (String, String) {
+    sqlx::any::install_default_drivers();
+    let admin = postgres_admin_url();
+    let mut conn = AnyConnection::connect(&admin)
+        .await
+        .unwrap_or_else(|error| {
+            panic!(
+                "no PostgreSQL at {admin} ({error}): run scripts/setup-brokers.sh (it starts one \
+                 on 127.0.0.1:5432 with that database), or set TRIBUTARY_TEST_DATABASE_URL"
+            )
+        });
+    let name = format!("test_{}", tributary_proto::new_id().replace('-', ""));
+    conn.execute(format!("CREATE DATABASE {name}").as_str())
+        .await
+        .expect("create a test database (the role needs CREATEDB)");
+    let _ = conn.close().await;
+    let base = admin
+        .rsplit_once('/')
+        .map_or(admin.as_str(), |(base, _)| base);
+    (format!("{base}/{name}"), name)
+}
+
+/// Drops a database made by [`fresh_database`], closing its connections. Cleanup only: a
+/// failure is printed, not a test failure.
+pub async fn drop_database(name: &str) {
+    let dropped = async {
+        let mut conn = AnyConnection::connect(&postgres_admin_url()).await?;
+        conn.execute(format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)").as_str())
+            .await?;
+        conn.close().await
+    };
+    if let Err(e) = dropped.await {
+        eprintln!("warning: cannot drop the test database {name}: {e}");
+    }
+}
