@@ -11,17 +11,15 @@
 //! Memory: one entry per build ever triggered (its id, tenant and two offsets), and one per
 //! other partition key seen first (agent ids, the directory's keys).
 
-use std::collections::{BTreeMap, HashMap, HashSet};
-use std::sync::{Arc, RwLock};
-use std::time::Duration;
+use std::collections::{HashMap, HashSet};
+use std::sync::Arc;
 
-use tokio::sync::watch;
 use tonic::Status;
-use tributary_eventlog::{EventLog, Offset, Partition, Record, Topic};
+use tributary_eventlog::{EventLog, Offset, Record};
 use tributary_proto::events::envelope::Payload;
 
 use crate::follow::{BuildPartitions, Cursor};
-use crate::state::Mark;
+use crate::state::{Folded, Mark};
 
 /// Where one build starts.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -89,67 +87,21 @@ impl BuildStarts {
 
 /// [`BuildStarts`] following every events partition of the log from offset 0.
 #[derive(Clone)]
-pub struct Starts {
-    state: Arc<RwLock<BuildStarts>>,
-    at: watch::Receiver<BTreeMap<Partition, Offset>>,
-}
+pub struct Starts(Folded<BuildStarts>);
 
 impl Starts {
     pub fn start(log: &Arc<dyn EventLog>) -> Starts {
-        let start: Vec<(Partition, Offset)> = log
-            .layout()
-            .topic_partitions(Topic::Events)
-            .map(|p| (p, 0))
-            .collect();
-        let (tx, rx) = watch::channel(start.iter().copied().collect::<BTreeMap<_, _>>());
-        let state = Arc::new(RwLock::new(BuildStarts::default()));
-        let shared = state.clone();
-        let mut sub = log.subscribe_partitions(&start);
-        tokio::spawn(async move {
-            loop {
-                let records = match sub.next_batch().await {
-                    Ok(records) => records,
-                    Err(e) => {
-                        tracing::info!(error = %e, "build starts index stopped");
-                        return;
-                    }
-                };
-                if let Ok(mut s) = shared.write() {
-                    for record in &records {
-                        s.apply(record);
-                    }
-                }
-                let _ = tx.send(sub.positions().into_iter().collect());
-            }
-        });
-        Starts { state, at: rx }
+        Starts(Folded::start_records(log, BuildStarts::apply))
     }
 
     /// Where `build_id` starts, as far as the index has folded.
     pub fn lookup(&self, build_id: &str) -> Result<Option<Start>, Status> {
-        let s = self
-            .state
-            .read()
-            .map_err(|_| Status::internal("build index lock poisoned"))?;
-        Ok(s.get(build_id).cloned())
+        self.0.read(|s| s.get(build_id).cloned())
     }
 
     /// Waits (bounded) until the index has folded past `mark`.
     pub async fn wait(&self, mark: &Mark) -> Result<(), Status> {
-        let mut rx = self.at.clone();
-        let ok = tokio::time::timeout(
-            Duration::from_secs(5),
-            rx.wait_for(|at| mark.reached_by(at)),
-        )
-        .await
-        .is_ok_and(|r| r.is_ok());
-        if ok {
-            Ok(())
-        } else {
-            Err(Status::unavailable(
-                "the build index is lagging behind the log; retry",
-            ))
-        }
+        self.0.wait(mark).await
     }
 }
 

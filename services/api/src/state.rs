@@ -76,6 +76,25 @@ impl<S: Default + Send + Sync + 'static> Folded<S> {
         consumer: &'static str,
         apply: fn(&mut S, u64, &Envelope),
     ) -> Self {
+        let mut seen = SeenIds::default();
+        let mut sequence = 0u64;
+        Self::start_records(log, move |s: &mut S, record: &Record| {
+            match record.envelope_for(consumer) {
+                Some(env) if seen.first_time(&env.event_id) => {
+                    apply(s, sequence, &env);
+                    sequence += 1;
+                }
+                Some(_) | None => {}
+            }
+        })
+    }
+
+    /// Starts folding every record of every events partition of `log`, from offset 0, into a
+    /// fresh `S` with `apply` (which decodes what it needs of each record).
+    pub fn start_records(
+        log: &Arc<dyn EventLog>,
+        mut apply: impl FnMut(&mut S, &Record) + Send + 'static,
+    ) -> Self {
         let state = Arc::new(RwLock::new(S::default()));
         let start: Vec<(Partition, Offset)> = log
             .layout()
@@ -86,8 +105,6 @@ impl<S: Default + Send + Sync + 'static> Folded<S> {
         let mut sub = log.subscribe_partitions(&start);
         let shared = state.clone();
         tokio::spawn(async move {
-            let mut seen = SeenIds::default();
-            let mut sequence = 0u64;
             loop {
                 let records = match sub.next_batch().await {
                     Ok(records) => records,
@@ -98,13 +115,7 @@ impl<S: Default + Send + Sync + 'static> Folded<S> {
                 };
                 if let Ok(mut s) = shared.write() {
                     for record in &records {
-                        match record.envelope_for(consumer) {
-                            Some(env) if seen.first_time(&env.event_id) => {
-                                apply(&mut s, sequence, &env);
-                                sequence += 1;
-                            }
-                            Some(_) | None => {}
-                        }
+                        apply(&mut s, record);
                     }
                 }
                 let _ = tx.send(sub.positions().into_iter().collect());
