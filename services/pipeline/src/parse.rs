@@ -207,6 +207,30 @@ impl Parser<'_, '_> {
     }
 
     /// "expected X for WHAT, found Y; FIX" at `node`.
+    /// The entries of a value written as one item or a list of items (`needs: build` or
+    /// `needs: [build, lint]`), each with who holds it. A single item is a scalar, or a mapping
+    /// when `mapping_item`; the other kind is a [`Parser::wrong_type`] error saying `expected`.
+    /// An empty list is returned as such (each caller says what to write instead).
+    fn one_or_list<'n>(
+        &self,
+        key: &'n MarkedScalarNode,
+        value: &'n Node,
+        mapping_item: bool,
+        expected: &str,
+        what: &str,
+    ) -> Result<Vec<(&'n Node, Owner<'n>)>> {
+        match value {
+            Node::Sequence(list) => Ok(list
+                .iter()
+                .enumerate()
+                .map(|(i, n)| (n, Owner::Entry(list, i)))
+                .collect()),
+            Node::Mapping(_) if mapping_item => Ok(vec![(value, Owner::Key(key))]),
+            Node::Scalar(_) if !mapping_item => Ok(vec![(value, Owner::Key(key))]),
+            _ => Err(self.wrong_type(value, Owner::Key(key), expected, what)),
+        }
+    }
+
     fn wrong_type(
         &self,
         node: &Node,
@@ -583,22 +607,13 @@ impl Parser<'_, '_> {
         value: &Node,
     ) -> Result<Vec<Need>> {
         let what = format!("`needs` of job {job:?}");
-        let entries: Vec<(&Node, Owner<'_>)> = match value {
-            Node::Sequence(list) => list
-                .iter()
-                .enumerate()
-                .map(|(i, n)| (n, Owner::Entry(list, i)))
-                .collect(),
-            Node::Scalar(_) => vec![(value, Owner::Key(key))],
-            Node::Mapping(_) => {
-                return Err(self.wrong_type(
-                    value,
-                    Owner::Key(key),
-                    "a job name or a list of job names",
-                    &what,
-                ))
-            }
-        };
+        let entries = self.one_or_list(
+            key,
+            value,
+            false,
+            "a job name or a list of job names",
+            &what,
+        )?;
         let mut needs: Vec<Need> = Vec::with_capacity(entries.len());
         for (node, owner) in entries {
             let entry = self.string(node, owner, &what)?;
@@ -830,22 +845,7 @@ impl Parser<'_, '_> {
 
     fn runs_on(&self, job: &str, key: &MarkedScalarNode, value: &Node) -> Result<Vec<Text>> {
         let what = format!("`runs-on` of job {job:?}");
-        let entries: Vec<(&Node, Owner<'_>)> = match value {
-            Node::Sequence(list) => list
-                .iter()
-                .enumerate()
-                .map(|(i, n)| (n, Owner::Entry(list, i)))
-                .collect(),
-            Node::Scalar(_) => vec![(value, Owner::Key(key))],
-            Node::Mapping(_) => {
-                return Err(self.wrong_type(
-                    value,
-                    Owner::Key(key),
-                    "a label or a list of labels",
-                    &what,
-                ))
-            }
-        };
+        let entries = self.one_or_list(key, value, false, "a label or a list of labels", &what)?;
         if entries.is_empty() {
             return Err(self.err(
                 self.src.loc(value, Owner::Key(key)),
@@ -872,22 +872,13 @@ impl Parser<'_, '_> {
     /// `secrets: NAME` or `secrets: [NAMES]`: environment variable names, each once.
     fn secrets(&self, job: &str, key: &MarkedScalarNode, value: &Node) -> Result<Vec<String>> {
         let what = format!("`secrets` of job {job:?}");
-        let entries: Vec<(&Node, Owner<'_>)> = match value {
-            Node::Sequence(list) => list
-                .iter()
-                .enumerate()
-                .map(|(i, n)| (n, Owner::Entry(list, i)))
-                .collect(),
-            Node::Scalar(_) => vec![(value, Owner::Key(key))],
-            Node::Mapping(_) => {
-                return Err(self.wrong_type(
-                    value,
-                    Owner::Key(key),
-                    "a secret name or a list of secret names",
-                    &what,
-                ))
-            }
-        };
+        let entries = self.one_or_list(
+            key,
+            value,
+            false,
+            "a secret name or a list of secret names",
+            &what,
+        )?;
         if entries.is_empty() {
             return Err(self.err(
                 self.src.loc(value, Owner::Key(key)),
@@ -981,22 +972,13 @@ impl Parser<'_, '_> {
         let what = format!("`cache` of job {job:?}");
         let example = "write e.g. `cache: {key: \"cargo-${{ hashFiles('Cargo.lock') }}\", \
                        paths: [target]}`";
-        let entries: Vec<(&Node, Owner<'_>)> = match value {
-            Node::Sequence(list) => list
-                .iter()
-                .enumerate()
-                .map(|(i, n)| (n, Owner::Entry(list, i)))
-                .collect(),
-            Node::Mapping(_) => vec![(value, Owner::Key(key))],
-            Node::Scalar(_) => {
-                return Err(self.wrong_type(
-                    value,
-                    Owner::Key(key),
-                    "a mapping with `key` and `paths`, or a list of them",
-                    &what,
-                ))
-            }
-        };
+        let entries = self.one_or_list(
+            key,
+            value,
+            true,
+            "a mapping with `key` and `paths`, or a list of them",
+            &what,
+        )?;
         if entries.is_empty() {
             return Err(self.err(
                 self.src.loc(value, Owner::Key(key)),
@@ -1114,17 +1096,7 @@ impl Parser<'_, '_> {
             add,
             hint,
         } = words;
-        let entries: Vec<(&Node, Owner<'_>)> = match value {
-            Node::Sequence(list) => list
-                .iter()
-                .enumerate()
-                .map(|(i, n)| (n, Owner::Entry(list, i)))
-                .collect(),
-            Node::Scalar(_) => vec![(value, Owner::Key(key))],
-            Node::Mapping(_) => {
-                return Err(self.wrong_type(value, Owner::Key(key), expected, list))
-            }
-        };
+        let entries = self.one_or_list(key, value, false, expected, list)?;
         if entries.is_empty() {
             return Err(self.err(
                 self.src.loc(value, Owner::Key(key)),
