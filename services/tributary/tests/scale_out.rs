@@ -21,15 +21,16 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::time::Duration;
 
 use prost::Message as _;
-use scale::{Ev, Options, ScaleOut};
+use scale::{assignments, Attempt, Ev, Options, ScaleOut};
 use tributary_proto::events::envelope::Payload;
 use tributary_proto::events::Envelope;
 
 /// Generous bound for waits on a loaded 2-core machine.
 const PATIENCE: Duration = Duration::from_secs(600);
 
-/// A DAG with a matrix: compile[n=1], compile[n=2] → test → package ← lint.
-const GREEN: &str = r#"
+/// A DAG with a matrix: compile[n=1], compile[n=2] → test → package ← lint. Each compile runs
+/// `CHECK` last: see [`pipeline`].
+const DAG: &str = r#"
 jobs:
   compile:
     matrix:
@@ -38,6 +39,7 @@ jobs:
       - script:
           - echo compile-${{ matrix.n }}
           - sleep 0.5
+          - CHECK
   lint:
     steps:
       - echo lint
@@ -52,30 +54,16 @@ jobs:
       - echo package
 "#;
 
-/// The same DAG whose compile[n=2] fails: test and package are skipped, lint succeeds.
-const RED: &str = r#"
-jobs:
-  compile:
-    matrix:
-      n: ["1", "2"]
-    steps:
-      - script:
-          - echo compile-${{ matrix.n }}
-          - sleep 0.5
-          - test ${{ matrix.n }} = 1
-  lint:
-    steps:
-      - echo lint
-  test:
-    needs: compile
-    steps:
-      - script:
-          - echo test
-  package:
-    needs: [test, lint]
-    steps:
-      - echo package
-"#;
+/// The pipeline of project `green` (every job succeeds) or `red` (compile[n=2] fails, so test
+/// and package are skipped; lint succeeds).
+fn pipeline(project: &str) -> String {
+    let check = if project == "green" {
+        "test ${{ matrix.n }} -ge 1"
+    } else {
+        "test ${{ matrix.n }} = 1"
+    };
+    DAG.replace("CHECK", check)
+}
 
 const JOBS: [&str; 5] = ["compile[n=1]", "compile[n=2]", "lint", "test", "package"];
 
@@ -100,22 +88,6 @@ fn expected(project: &str) -> (&'static str, BTreeMap<&'static str, &'static str
             .collect(),
         )
     }
-}
-
-type Attempt = (String, String, u32);
-
-/// Per (build, job, attempt): the distinct `JobAssigned` event ids (a retried append may store
-/// one event twice; it is still one assignment).
-fn assignments(events: &[Ev]) -> BTreeMap<Attempt, BTreeSet<String>> {
-    let mut out: BTreeMap<Attempt, BTreeSet<String>> = BTreeMap::new();
-    for e in events {
-        if let Some(Payload::JobAssigned(a)) = &e.env.payload {
-            out.entry((e.env.build_id.clone(), a.job.clone(), a.attempt))
-                .or_default()
-                .insert(e.env.event_id.clone());
-        }
-    }
-    out
 }
 
 /// The (build, job, attempt) of every `JobQueued`.
@@ -188,8 +160,8 @@ fn skipped_total(metrics: &BTreeMap<String, f64>, consumer: &str, kind: &str) ->
 #[test]
 fn fifty_builds_survive_kill_9_of_an_agent_a_scheduler_and_a_projector() {
     let mut out = ScaleOut::start(Options::default());
-    out.project("green", GREEN);
-    out.project("red", RED);
+    out.project("green", &pipeline("green"));
+    out.project("red", &pipeline("red"));
     let agent0 = out.agent_id(0);
     out.agent_id(1);
     for s in out.schedulers.iter().chain(&out.projectors) {

@@ -12,10 +12,9 @@ mod common;
 #[path = "common/scale.rs"]
 mod scale;
 
-use std::collections::{BTreeMap, BTreeSet};
 use std::time::{Duration, Instant};
 
-use scale::{Broker, Ev, Options, ScaleOut};
+use scale::{assignments, Broker, Options, ScaleOut};
 use tributary_proto::events::envelope::Payload;
 
 const PATIENCE: Duration = Duration::from_secs(600);
@@ -34,20 +33,6 @@ jobs:
     steps:
       - echo test
 "#;
-
-type Attempt = (String, String, u32);
-
-fn assignments(events: &[Ev]) -> BTreeMap<Attempt, BTreeSet<String>> {
-    let mut out: BTreeMap<Attempt, BTreeSet<String>> = BTreeMap::new();
-    for e in events {
-        if let Some(Payload::JobAssigned(a)) = &e.env.payload {
-            out.entry((e.env.build_id.clone(), a.job.clone(), a.attempt))
-                .or_default()
-                .insert(e.env.event_id.clone());
-        }
-    }
-    out
-}
 
 /// Triggers through API `api`, retrying while the API is still reconnecting to the broker.
 fn trigger(out: &ScaleOut, api: usize) -> String {

@@ -18,7 +18,7 @@
 
 #![allow(dead_code)]
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::ffi::OsString;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
@@ -28,6 +28,7 @@ use std::time::{Duration, Instant};
 use serde_json::Value;
 use tributary_eventlog::kafka::{KafkaLog, KafkaOptions};
 use tributary_eventlog::{EventLog, Offset, Partition, Topic};
+use tributary_proto::events::envelope::Payload;
 use tributary_proto::events::Envelope;
 
 use crate::common::{bin, commit_all, free_port, git, http_get, wait_for_port, Proc};
@@ -635,6 +636,23 @@ impl Drop for ScaleOut {
             .await;
         });
     }
+}
+
+/// A job attempt: (build id, job id, attempt).
+pub type Attempt = (String, String, u32);
+
+/// Per (build, job, attempt): the distinct `JobAssigned` event ids (a retried append may store
+/// one event twice; it is still one assignment).
+pub fn assignments(events: &[Ev]) -> BTreeMap<Attempt, BTreeSet<String>> {
+    let mut out: BTreeMap<Attempt, BTreeSet<String>> = BTreeMap::new();
+    for e in events {
+        if let Some(Payload::JobAssigned(a)) = &e.env.payload {
+            out.entry((e.env.build_id.clone(), a.job.clone(), a.attempt))
+                .or_default()
+                .insert(e.env.event_id.clone());
+        }
+    }
+    out
 }
 
 /// Build id → status of every `BuildFinished` in `events`.
