@@ -3,7 +3,6 @@
 //! works in a namespace of its own.
 
 use std::collections::BTreeSet;
-use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -41,22 +40,8 @@ spec:
               key: token
 "#;
 
-fn kubeconfig() -> PathBuf {
-    let path = std::env::var_os("TRIBUTARY_TEST_KUBECONFIG")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| PathBuf::from("/opt/tributary-kube/kubeconfig"));
-    assert!(
-        path.exists(),
-        "no Kubernetes API server for the tests: {} is missing; run scripts/setup-kube.sh \
-         (it builds and starts etcd + kube-apiserver on 127.0.0.1:16443) or set \
-         TRIBUTARY_TEST_KUBECONFIG",
-        path.display()
-    );
-    path
-}
-
 async fn client() -> Client {
-    let path = kubeconfig();
+    let path = tributary_testkit::kubeconfig();
     let config = KubernetesConfig {
         kubeconfig: Some(path.clone()),
         ..KubernetesConfig::default()
@@ -111,7 +96,7 @@ impl Fixture {
         KubernetesConfig {
             template: "agent-pod.yaml".into(),
             namespace: Some(self.namespace.clone()),
-            kubeconfig: Some(kubeconfig()),
+            kubeconfig: Some(tributary_testkit::kubeconfig()),
             context: None,
             termination_grace_secs: Some(45),
             server: Some("http://tributary.ci.svc:7700".into()),

@@ -4,10 +4,13 @@
 //!   127.0.0.1:19092), checked to answer.
 //! * [`fresh_database`] / [`drop_database`]: a PostgreSQL database of a test's own, made through
 //!   `TRIBUTARY_TEST_DATABASE_URL` (default the `tributary_test` database on 127.0.0.1:5432).
+//! * [`kubeconfig`]: the kubeconfig of the test Kubernetes API server of
+//!   `scripts/setup-kube.sh` (`TRIBUTARY_TEST_KUBECONFIG`).
 //!
 //! A missing engine fails the test with a message naming the script that starts it: tests never
 //! skip silently. A dev-dependency only.
 
+use std::path::PathBuf;
 use std::time::Duration;
 
 use sqlx::{AnyConnection, Connection, Executor};
@@ -73,4 +76,20 @@ pub async fn drop_database(name: &str) {
     if let Err(e) = dropped.await {
         eprintln!("warning: cannot drop the test database {name}: {e}");
     }
+}
+
+/// The kubeconfig of the test Kubernetes API server (`TRIBUTARY_TEST_KUBECONFIG`, default the
+/// one `scripts/setup-kube.sh` writes); panics naming the script if it is missing.
+pub fn kubeconfig() -> PathBuf {
+    let path = std::env::var_os("TRIBUTARY_TEST_KUBECONFIG")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from("/opt/tributary-kube/kubeconfig"));
+    assert!(
+        path.exists(),
+        "no Kubernetes API server for the tests: {} is missing; run scripts/setup-kube.sh \
+         (it builds and starts etcd + kube-apiserver on 127.0.0.1:16443) or set \
+         TRIBUTARY_TEST_KUBECONFIG",
+        path.display()
+    );
+    path
 }

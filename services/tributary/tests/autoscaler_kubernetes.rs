@@ -7,7 +7,6 @@
 mod common;
 
 use std::collections::BTreeMap;
-use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use common::of_type;
@@ -17,22 +16,8 @@ use kube::{Api, Client};
 use tributary_autoscaler::config::KubernetesConfig;
 use tributary_autoscaler::provider::kubernetes::cluster_client;
 
-fn kubeconfig() -> PathBuf {
-    let path = std::env::var_os("TRIBUTARY_TEST_KUBECONFIG")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| PathBuf::from("/opt/tributary-kube/kubeconfig"));
-    assert!(
-        path.exists(),
-        "no Kubernetes API server for the tests: {} is missing; run scripts/setup-kube.sh \
-         (it builds and starts etcd + kube-apiserver on 127.0.0.1:16443) or set \
-         TRIBUTARY_TEST_KUBECONFIG",
-        path.display()
-    );
-    path
-}
-
 async fn client() -> Client {
-    let path = kubeconfig();
+    let path = tributary_testkit::kubeconfig();
     let config = KubernetesConfig {
         kubeconfig: Some(path.clone()),
         ..KubernetesConfig::default()
@@ -130,7 +115,7 @@ server = "http://tributary.example:7700"
 termination_grace_secs = 5
 owner = "e2e"
 "#,
-            kubeconfig().display()
+            tributary_testkit::kubeconfig().display()
         ),
     )
     .unwrap();
