@@ -970,6 +970,13 @@ fn plan_round(state: &ClusterState, now_us: i64, config: &ClusterConfig) -> Roun
                         attempt: job_state.attempt + 1,
                     }
                 });
+                if !build.canceled {
+                    let (build, job) = (build_id.clone(), job_state.id.clone());
+                    // Assigned at once: see `Decision::Queue` below.
+                    if let Ok(d) = pool.assign(build, job, job_state.attempt + 1) {
+                        round.decisions.push(d);
+                    }
+                }
             }
             for d in per_job
                 .remove(&(build_id.as_str(), job_state.id.as_str()))
@@ -980,11 +987,19 @@ fn plan_round(state: &ClusterState, now_us: i64, config: &ClusterConfig) -> Roun
                         build,
                         job,
                         attempt,
-                    } => round.decisions.push(ClusterDecision::Queue {
-                        build,
-                        job,
-                        attempt,
-                    }),
+                    } => {
+                        round.decisions.push(ClusterDecision::Queue {
+                            build: build.clone(),
+                            job: job.clone(),
+                            attempt,
+                        });
+                        // With a free agent, the JobAssigned goes in the same append as the
+                        // JobQueued (the fold takes them in order): a ready job does not wait
+                        // for a round trip through the log before it is leased.
+                        if let Ok(d) = pool.assign(build, job, attempt) {
+                            round.decisions.push(d);
+                        }
+                    }
                     Decision::Finish {
                         build,
                         job,
@@ -1003,28 +1018,12 @@ fn plan_round(state: &ClusterState, now_us: i64, config: &ClusterConfig) -> Roun
                         build,
                         job,
                         attempt,
-                    } => {
-                        let (runs_on, image) = state
-                            .job_info(&build, &job)
-                            .map(|i| (i.plan.runs_on.as_slice(), i.plan.image.trim()))
-                            .unwrap_or_default();
-                        match pool.take(&project_of(state, &build), runs_on, image) {
-                            Ok(agent_id) => {
-                                let lease_id = lease_id_for(&build, &job, attempt);
-                                round.decisions.push(ClusterDecision::Assign {
-                                    build,
-                                    job,
-                                    attempt,
-                                    agent_id,
-                                    lease_id,
-                                    deadline_us: now_us.saturating_add(config.lease_ttl_us),
-                                });
-                            }
-                            Err(reason) => {
-                                round.waiting.insert((build, job), reason);
-                            }
+                    } => match pool.assign(build, job, attempt) {
+                        Ok(d) => round.decisions.push(d),
+                        Err((key, reason)) => {
+                            round.waiting.insert(key, reason);
                         }
-                    }
+                    },
                     Decision::Reuse {
                         build,
                         job,
@@ -1287,6 +1286,35 @@ impl<'a> Pool<'a> {
             free,
             used,
             project_busy,
+        }
+    }
+
+    /// Leases `attempt` of `job` to the agent [`Pool::take`] picks; else the job's key and why
+    /// it waits.
+    fn assign(
+        &mut self,
+        build: String,
+        job: String,
+        attempt: u32,
+    ) -> Result<ClusterDecision, (Key, String)> {
+        let state = self.state;
+        let (runs_on, image) = state
+            .job_info(&build, &job)
+            .map(|i| (i.plan.runs_on.as_slice(), i.plan.image.trim()))
+            .unwrap_or_default();
+        match self.take(&project_of(state, &build), runs_on, image) {
+            Ok(agent_id) => {
+                let lease_id = lease_id_for(&build, &job, attempt);
+                Ok(ClusterDecision::Assign {
+                    build,
+                    job,
+                    attempt,
+                    agent_id,
+                    lease_id,
+                    deadline_us: self.now_us.saturating_add(self.config.lease_ttl_us),
+                })
+            }
+            Err(reason) => Err(((build, job), reason)),
         }
     }
 

@@ -84,6 +84,7 @@ pub async fn bench(cmd: BenchCommand) -> anyhow::Result<ExitCode> {
             server,
             token,
             by_branch,
+            in_flight,
         } => {
             crate::bench_server::bench_server(crate::bench_server::Options {
                 builds,
@@ -93,6 +94,7 @@ pub async fn bench(cmd: BenchCommand) -> anyhow::Result<ExitCode> {
                 server,
                 token,
                 by_branch,
+                in_flight,
             })
             .await
         }

@@ -58,6 +58,8 @@ pub struct Options {
     pub token: Option<String>,
     /// Trigger by branch name rather than at the branch's commit.
     pub by_branch: bool,
+    /// At most this many builds in flight (triggered, not finished); `None`: no limit.
+    pub in_flight: Option<usize>,
 }
 
 /// Adds `authorization: Bearer <token>` to every call.
@@ -234,11 +236,24 @@ async fn run(
     } else {
         "at a commit"
     };
+    let limit = match opts.in_flight {
+        Some(b) => format!(", at most {b} builds in flight"),
+        None => String::new(),
+    };
     println!(
-        "bench server: {} builds of one `echo` job triggered {by}, {} concurrent triggerers; {what}",
+        "bench server: {} builds of one `echo` job triggered {by}, {} concurrent triggerers{limit}; {what}",
         opts.builds, concurrency
     );
-    let measured = measure_builds(&builds, &project, at, opts.builds, concurrency, &from).await?;
+    let measured = measure_builds(
+        &builds,
+        &project,
+        at,
+        opts.builds,
+        concurrency,
+        opts.in_flight,
+        &from,
+    )
+    .await?;
     let tail = measure_tail(&mut builds, &project).await?;
     let rss_after = spawned.and_then(|s| memory(s.pid()));
     let phases = phases(&mut builds, &project, &from, &measured).await;
@@ -410,8 +425,13 @@ async fn measure_builds(
     at: &str,
     n: usize,
     concurrency: usize,
+    in_flight: Option<usize>,
     from: &[api::Position],
 ) -> anyhow::Result<BuildsRun> {
+    // Slots of builds in flight: a triggerer takes one, the watcher gives it back when a build
+    // of the (benchmark's own) project finishes.
+    let slots = in_flight.map(|b| Arc::new(tokio::sync::Semaphore::new(b.max(1))));
+    let freed = slots.clone();
     // One stream for every build, open before the first trigger.
     let mut stream = client
         .clone()
@@ -431,7 +451,12 @@ async fn measure_builds(
             let Some(env) = ev.event else { continue };
             let seen = match env.payload {
                 Some(Payload::LineStarted(_)) => Seen::Line,
-                Some(Payload::BuildFinished(f)) => Seen::Finished(f.status),
+                Some(Payload::BuildFinished(f)) => {
+                    if let Some(slots) = &freed {
+                        slots.add_permits(1);
+                    }
+                    Seen::Finished(f.status)
+                }
                 _ => continue,
             };
             if tx.send((env.build_id, seen, at)).is_err() {
@@ -447,9 +472,16 @@ async fn measure_builds(
         let next = next.clone();
         let project = project.to_owned();
         let at = at.to_owned();
+        let slots = slots.clone();
         triggerers.spawn(async move {
             let mut out = Vec::new();
             while next.fetch_add(1, Ordering::Relaxed) < n {
+                if let Some(slots) = &slots {
+                    match slots.acquire().await {
+                        Ok(slot) => slot.forget(), // given back by the watcher
+                        Err(_) => break,
+                    }
+                }
                 let sent = Instant::now();
                 let sent_us = now_us();
                 let r = client
@@ -460,6 +492,9 @@ async fn measure_builds(
                     })
                     .await;
                 let rtt = sent.elapsed();
+                if let (Err(_), Some(slots)) = (&r, &slots) {
+                    slots.add_permits(1); // no build to finish
+                }
                 out.push((sent, sent_us, rtt, r.map(|r| r.into_inner().build_id)));
             }
             out

@@ -496,6 +496,12 @@ pub enum BenchCommand {
         /// at the branch's commit (as a push webhook does, which carries the commit).
         #[arg(long)]
         by_branch: bool,
+        /// At most this many builds triggered and not finished (a triggerer waits for a slot):
+        /// `--in-flight 1` measures the latency of one build on an otherwise idle server. By
+        /// default the triggerers send as fast as the server takes the calls, which keeps it
+        /// near saturation: the latencies then include the queueing at that load.
+        #[arg(long, value_name = "B")]
+        in_flight: Option<usize>,
     },
     /// Generate a synthetic log of usage ticks over many tenants, then print ticks/s through
     /// the metering projection (into SQLite) and the time `audit` takes to replay it.

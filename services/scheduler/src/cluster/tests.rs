@@ -233,6 +233,31 @@ fn who(assigned: &[(String, u32, String)], job: &str) -> Option<String> {
 }
 
 #[test]
+fn a_ready_job_is_queued_and_leased_in_one_round_when_an_agent_is_free() {
+    let mut w = World::new();
+    w.agent("a", &[], 1, "");
+    w.build("x", vec![job("j"), job("k")]);
+    // One append carries both events of `j` (queued, then leased: the fold takes them in
+    // order); `k` finds the only slot taken and is queued alone.
+    let d = w.step();
+    assert!(
+        matches!(&d[..], [
+            ClusterDecision::Queue { job: j1, attempt: 1, .. },
+            ClusterDecision::Assign { job: j2, attempt: 1, agent_id, .. },
+            ClusterDecision::Queue { job: k, attempt: 1, .. },
+        ] if j1 == "j" && j2 == "j" && agent_id == "a" && k == "k"),
+        "{d:?}"
+    );
+    assert_eq!(w.phase("x", "j"), Some((1, JobPhase::Assigned)));
+    assert_eq!(w.phase("x", "k"), Some((1, JobPhase::Queued)));
+    assert!(w.step().is_empty(), "nothing more until a slot frees");
+    assert_eq!(
+        w.reason("x", "k").as_deref(),
+        Some("all generic agents are busy (1/1 slots in use)")
+    );
+}
+
+#[test]
 fn labelled_agent_is_preferred_and_generic_takes_the_rest() {
     let mut w = World::new();
     w.agent("generic", &[], 4, "");
@@ -607,15 +632,15 @@ fn an_expired_lease_is_requeued_and_the_old_attempt_is_fenced_off() {
         .reason("x", "j")
         .unwrap()
         .contains("attempt 2 is about to be queued"));
-    assert_eq!(
-        w.step(),
-        vec![ClusterDecision::Queue {
-            build: "x".into(),
-            job: "j".into(),
-            attempt: 2
-        }]
+    // Queued and, with agent b free, leased in the same round (one append).
+    let d = w.step();
+    assert!(
+        matches!(&d[..], [
+            ClusterDecision::Queue { job, attempt: 2, .. },
+            ClusterDecision::Assign { job: assigned, attempt: 2, agent_id, .. },
+        ] if job == "j" && assigned == "j" && agent_id == "b"),
+        "{d:?}"
     );
-    assert_eq!(w.settle(), vec![("j".into(), 2, "b".into())]);
     // ...and after it: still ignored.
     w.finish("x", "j", 1, Status::Succeeded);
     assert_eq!(w.phase("x", "j"), Some((2, JobPhase::Assigned)));
