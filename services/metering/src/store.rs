@@ -97,7 +97,8 @@ impl MeteringStore {
             .acquire_timeout(Duration::from_secs(30));
         match engine {
             Engine::Sqlite => {
-                options = options.after_connect(|conn, _| {
+                // A file has no connection to lose: no ping before every use.
+                options = options.test_before_acquire(false).after_connect(|conn, _| {
                     Box::pin(async move {
                         conn.execute(
                             "PRAGMA journal_mode = WAL; PRAGMA synchronous = FULL; \
