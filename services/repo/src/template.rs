@@ -163,10 +163,18 @@ fn same_file(src: &Path, s: &std::fs::Metadata, dst: &Path, d: &std::fs::Metadat
     if s.ino() == d.ino() && s.dev() == d.dev() {
         return true;
     }
-    s.len() == d.len() && s.mode() == d.mode() && same_bytes(src, dst).unwrap_or(false)
+    s.len() == d.len() && s.mode() == d.mode() && same_bytes(src, dst, s.len()).unwrap_or(false)
 }
 
-fn same_bytes(a: &Path, b: &Path) -> io::Result<bool> {
+/// Files up to this size are compared whole (one read each); larger ones in chunks.
+const WHOLE_FILE_COMPARE: u64 = 64 * 1024;
+
+fn same_bytes(a: &Path, b: &Path, len: u64) -> io::Result<bool> {
+    if len <= WHOLE_FILE_COMPARE {
+        // Most files of a checkout (and all of `.git` but packs, which are hard-linked) are
+        // small: two exact-size reads, not two zeroed 64 KiB buffers.
+        return Ok(std::fs::read(a)? == std::fs::read(b)?);
+    }
     let (mut a, mut b) = (std::fs::File::open(a)?, std::fs::File::open(b)?);
     let (mut ba, mut bb) = (vec![0u8; 64 * 1024], vec![0u8; 64 * 1024]);
     loop {
