@@ -85,6 +85,7 @@ pub async fn bench(cmd: BenchCommand) -> anyhow::Result<ExitCode> {
             token,
             by_branch,
             in_flight,
+            latency_builds,
         } => {
             crate::bench_server::bench_server(crate::bench_server::Options {
                 builds,
@@ -95,6 +96,7 @@ pub async fn bench(cmd: BenchCommand) -> anyhow::Result<ExitCode> {
                 token,
                 by_branch,
                 in_flight,
+                latency_builds,
             })
             .await
         }

@@ -17,7 +17,7 @@
 //! * Phases: afterwards, the same builds' events are read back and their timestamps split the
 //!   trigger → first line latency into steps (not part of the timed run).
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::path::{Path, PathBuf};
 use std::process::{ExitCode, Stdio};
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -60,6 +60,8 @@ pub struct Options {
     pub by_branch: bool,
     /// At most this many builds in flight (triggered, not finished); `None`: no limit.
     pub in_flight: Option<usize>,
+    /// Builds measured one at a time first, for the latency on an idle server.
+    pub latency_builds: usize,
 }
 
 /// Adds `authorization: Bearer <token>` to every call.
@@ -236,71 +238,110 @@ async fn run(
     } else {
         "at a commit"
     };
-    let limit = match opts.in_flight {
-        Some(b) => format!(", at most {b} builds in flight"),
-        None => String::new(),
-    };
-    println!(
-        "bench server: {} builds of one `echo` job triggered {by}, {} concurrent triggerers{limit}; {what}",
-        opts.builds, concurrency
-    );
+    println!("bench server: builds of one `echo` job triggered {by}; {what}");
+    // Latency: one build at a time, on an otherwise idle server.
+    let alone_n = opts.latency_builds.min(opts.builds);
+    let alone = measure_builds(
+        &builds,
+        &project,
+        at,
+        Load {
+            builds: alone_n,
+            triggerers: 1,
+            in_flight: Some(1),
+        },
+        &from,
+        &HashSet::new(),
+    )
+    .await?;
+    // Throughput: as many builds in flight as the triggerers (and --in-flight) allow.
     let measured = measure_builds(
         &builds,
         &project,
         at,
-        opts.builds,
-        concurrency,
-        opts.in_flight,
+        Load {
+            builds: opts.builds,
+            triggerers: concurrency,
+            in_flight: opts.in_flight,
+        },
         &from,
+        &alone.builds.keys().cloned().collect(),
     )
     .await?;
     let tail = measure_tail(&mut builds, &project).await?;
     let rss_after = spawned.and_then(|s| memory(s.pid()));
-    let phases = phases(&mut builds, &project, &from, &measured).await;
 
     // The report.
-    let first: Vec<f64> = measured.latencies(|b| b.first_line);
-    let done: Vec<f64> = measured.latencies(|b| b.finished.map(|(at, _)| at));
-    let rpc: Vec<f64> = measured.ok().map(|b| ms(b.rtt)).collect();
-    let failed = measured
-        .ok()
-        .filter(|b| !matches!(b.finished, Some((_, s)) if s == BuildStatus::Succeeded as i32))
-        .count();
-    let p99_first = pct(&first, 99.0);
     let row = |label: &str, v: &[f64], target: &str| {
         println!(
-            "  {label:<32} p50 {:>8.1} ms   p99 {:>8.1} ms{target}",
+            "    {label:<32} p50 {:>8.1} ms   p99 {:>8.1} ms{target}",
             pct(v, 50.0),
             pct(v, 99.0)
         );
     };
-    row(
-        "trigger -> first line",
-        &first,
-        &format!(
-            "   target p99 <= {TARGET_FIRST_LINE_P99_MS} ms: {}",
-            verdict(p99_first <= TARGET_FIRST_LINE_P99_MS)
-        ),
+    if alone_n > 0 {
+        println!(
+            "  one build at a time ({alone_n} builds): the latency of a build on an idle server"
+        );
+        let first = alone.latencies(|b| b.first_line);
+        let p99_first = pct(&first, 99.0);
+        row(
+            "trigger -> first line",
+            &first,
+            &format!(
+                "   target p99 <= {TARGET_FIRST_LINE_P99_MS} ms: {}",
+                verdict(p99_first <= TARGET_FIRST_LINE_P99_MS)
+            ),
+        );
+        report_latencies(&alone, &row);
+        if let Some(p) = phases(&mut builds, &project, &from, &alone).await {
+            println!("    step by step (event timestamps):");
+            for (name, v) in &p {
+                row(&format!("  {name}"), v, "");
+            }
+        }
+    }
+    let limit = match opts.in_flight {
+        Some(b) => format!("at most {b} builds in flight"),
+        None => "no limit on builds in flight".to_owned(),
+    };
+    println!(
+        "  under load ({} builds, {concurrency} concurrent triggerers, {limit}): the latencies include the queueing at that load",
+        opts.builds
     );
-    row("trigger -> finished", &done, "");
-    row("TriggerBuild call", &rpc, "");
     let ok = measured.ok().count();
     let wall = measured.wall();
     let rate = ok as f64 / wall.as_secs_f64().max(1e-9);
     println!(
-        "  {:<32} {rate:.1} builds/s ({ok} builds, first trigger to last BuildFinished {:.2} s)   target >= {TARGET_BUILDS_PER_SEC}: {}",
+        "    {:<32} {rate:.1} builds/s ({ok} builds, first trigger to last BuildFinished {:.2} s)   target >= {TARGET_BUILDS_PER_SEC}: {}",
         "sustained",
         wall.as_secs_f64(),
         verdict(rate >= TARGET_BUILDS_PER_SEC)
     );
-    let p99_tail = pct(&tail.latencies, 99.0);
     row(
-        &format!("log tail ({}/{TAIL_LINES} lines)", tail.latencies.len()),
-        &tail.latencies,
-        &format!(
-            "   target p99 <= {TARGET_TAIL_P99_MS} ms: {}",
-            verdict(p99_tail <= TARGET_TAIL_P99_MS)
-        ),
+        "trigger -> first line",
+        &measured.latencies(|b| b.first_line),
+        "",
+    );
+    report_latencies(&measured, &row);
+    if let Some(p) = phases(&mut builds, &project, &from, &measured).await {
+        println!("    step by step (event timestamps):");
+        for (name, v) in &p {
+            row(&format!("  {name}"), v, "");
+        }
+    }
+    let failed = [&alone, &measured]
+        .iter()
+        .flat_map(|run| run.ok())
+        .filter(|b| !matches!(b.finished, Some((_, s)) if s == BuildStatus::Succeeded as i32))
+        .count();
+    let p99_tail = pct(&tail.latencies, 99.0);
+    println!(
+        "  {:<34} p50 {:>8.1} ms   p99 {:>8.1} ms   target p99 <= {TARGET_TAIL_P99_MS} ms: {}",
+        format!("log tail ({}/{TAIL_LINES} lines)", tail.latencies.len()),
+        pct(&tail.latencies, 50.0),
+        p99_tail,
+        verdict(p99_tail <= TARGET_TAIL_P99_MS)
     );
     match (rss_idle, rss_after) {
         (Some(idle), Some(after)) => println!(
@@ -335,20 +376,11 @@ async fn run(
             ),
         }
     }
-    if let Some(p) = phases {
-        println!("  trigger -> first line, step by step (event timestamps):");
-        for (name, v) in &p {
-            row(&format!("  {name}"), v, "");
-        }
-    }
     let mut bad = false;
-    if !measured.errors.is_empty() {
+    let errors: Vec<&String> = alone.errors.iter().chain(&measured.errors).collect();
+    if let Some(first) = errors.first() {
         bad = true;
-        println!(
-            "  {} triggers failed, e.g.: {}",
-            measured.errors.len(),
-            measured.errors[0]
-        );
+        println!("  {} triggers failed, e.g.: {first}", errors.len());
     }
     if failed > 0 {
         bad = true;
@@ -368,6 +400,27 @@ async fn run(
     } else {
         ExitCode::SUCCESS
     })
+}
+
+/// trigger -> finished and the TriggerBuild call of a run, as rows.
+fn report_latencies(run: &BuildsRun, row: &impl Fn(&str, &[f64], &str)) {
+    row(
+        "trigger -> finished",
+        &run.latencies(|b| b.finished.map(|(at, _)| at)),
+        "",
+    );
+    let rpc: Vec<f64> = run.ok().map(|b| ms(b.rtt)).collect();
+    row("TriggerBuild call", &rpc, "");
+}
+
+/// How [`measure_builds`] triggers.
+#[derive(Clone, Copy)]
+struct Load {
+    builds: usize,
+    /// Tasks calling TriggerBuild, each waiting for its call to return before the next.
+    triggerers: usize,
+    /// At most this many builds triggered and not finished; `None`: no limit.
+    in_flight: Option<usize>,
 }
 
 /// One measured build.
@@ -423,11 +476,21 @@ async fn measure_builds(
     client: &BuildsClient<Svc>,
     project: &str,
     at: &str,
-    n: usize,
-    concurrency: usize,
-    in_flight: Option<usize>,
+    load: Load,
     from: &[api::Position],
+    earlier: &HashSet<String>,
 ) -> anyhow::Result<BuildsRun> {
+    let Load {
+        builds: n,
+        triggerers: concurrency,
+        in_flight,
+    } = load;
+    if n == 0 {
+        return Ok(BuildsRun {
+            builds: HashMap::new(),
+            errors: Vec::new(),
+        });
+    }
     // Slots of builds in flight: a triggerer takes one, the watcher gives it back when a build
     // of the (benchmark's own) project finishes.
     let slots = in_flight.map(|b| Arc::new(tokio::sync::Semaphore::new(b.max(1))));
@@ -445,10 +508,14 @@ async fn measure_builds(
         .map_err(status)?
         .into_inner();
     let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<(String, Seen, Instant)>();
+    let earlier = earlier.clone();
     let watcher = tokio::spawn(async move {
         while let Ok(Some(ev)) = stream.message().await {
             let at = Instant::now();
             let Some(env) = ev.event else { continue };
+            if earlier.contains(&env.build_id) {
+                continue; // an earlier phase's build
+            }
             let seen = match env.payload {
                 Some(Payload::LineStarted(_)) => Seen::Line,
                 Some(Payload::BuildFinished(f)) => {

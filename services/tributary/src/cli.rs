@@ -468,6 +468,10 @@ pub enum BenchCommand {
     /// Trigger many one-job builds on a server; prints trigger -> first line and trigger ->
     /// finished latencies (p50/p99), sustained builds/s, log tail latency and the server's RSS.
     ///
+    /// Two parts: first --latency-builds builds one at a time (the latency of a build on an idle
+    /// server, split into its steps), then --builds builds from --concurrency triggerers, as
+    /// fast as the server takes them (builds/s, and the latencies at that load).
+    ///
     /// Without --server it starts `tributary up` (this executable) on a temporary data
     /// directory and a free port, and stops it at the end. It creates a throwaway git
     /// repository and project (`bench-...`) for the run. With --server the project stays on
@@ -502,6 +506,11 @@ pub enum BenchCommand {
         /// near saturation: the latencies then include the queueing at that load.
         #[arg(long, value_name = "B")]
         in_flight: Option<usize>,
+        /// Builds triggered one at a time (each after the previous one finished) before the
+        /// load: their trigger -> first line is the latency on an idle server, the figure the
+        /// latency target is about. At most --builds; 0 skips this part.
+        #[arg(long, value_name = "N", default_value_t = 200)]
+        latency_builds: usize,
     },
     /// Generate a synthetic log of usage ticks over many tenants, then print ticks/s through
     /// the metering projection (into SQLite) and the time `audit` takes to replay it.
