@@ -500,10 +500,10 @@ pub enum BenchCommand {
         /// at the branch's commit (as a push webhook does, which carries the commit).
         #[arg(long)]
         by_branch: bool,
-        /// At most this many builds triggered and not finished (a triggerer waits for a slot):
-        /// `--in-flight 1` measures the latency of one build on an otherwise idle server. By
-        /// default the triggerers send as fast as the server takes the calls, which keeps it
-        /// near saturation: the latencies then include the queueing at that load.
+        /// Under load, at most this many builds triggered and not finished (a triggerer waits
+        /// for a slot): the latencies at a bounded load. By default the triggerers send as fast
+        /// as the server takes the calls, which keeps it near saturation, and the latencies
+        /// under load are mostly queueing.
         #[arg(long, value_name = "B")]
         in_flight: Option<usize>,
         /// Builds triggered one at a time (each after the previous one finished) before the
