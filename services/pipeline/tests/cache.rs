@@ -1,29 +1,10 @@
 //! `cache:` and `reuse:` on a job: what the plan holds, and every rejection with its
 //! file:line:column.
 
-use tributary_pipeline::{load, PipelineError};
+mod common;
 
-#[track_caller]
-fn rejects(text: &str, line: u32, column: u32, needles: &[&str]) -> PipelineError {
-    let err = match load(".tributary.yml", text) {
-        Ok(plan) => panic!("expected an error, got a plan: {plan:?}"),
-        Err(e) => e,
-    };
-    for needle in needles {
-        assert!(
-            err.message.contains(needle),
-            "message {:?} lacks {needle:?}",
-            err.message
-        );
-    }
-    assert_eq!(
-        (err.line, err.column),
-        (line, column),
-        "wrong location for: {}",
-        err.message
-    );
-    err
-}
+use common::rejects;
+use tributary_pipeline::load;
 
 #[test]
 fn one_cache_a_list_of_caches_and_reuse_go_into_the_plan() {

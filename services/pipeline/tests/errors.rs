@@ -1,31 +1,10 @@
 //! Every way a pipeline is rejected: the message says what is wrong and what to do, and the
 //! line and column point at the offending node.
 
-use tributary_pipeline::{load, PipelineError};
+mod common;
 
-/// Loads `text` expecting an error at `line:column` whose message contains every `needle`.
-#[track_caller]
-fn rejects(text: &str, line: u32, column: u32, needles: &[&str]) -> PipelineError {
-    let err = match load(".tributary.yml", text) {
-        Ok(plan) => panic!("expected an error, got a plan: {plan:?}"),
-        Err(e) => e,
-    };
-    for needle in needles {
-        assert!(
-            err.message.contains(needle),
-            "message {:?} lacks {needle:?}",
-            err.message
-        );
-    }
-    assert_eq!(
-        (err.line, err.column),
-        (line, column),
-        "wrong location for: {}",
-        err.message
-    );
-    assert_eq!(err.file, ".tributary.yml");
-    err
-}
+use common::rejects;
+use tributary_pipeline::load;
 
 // ---- the file as a whole -------------------------------------------------------------------
 
