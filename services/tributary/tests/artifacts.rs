@@ -6,7 +6,7 @@ mod common;
 
 use std::time::Duration;
 
-use common::{job, start, wait_until};
+use common::{http_get_as, job, start, wait_until};
 
 const BUILD: Duration = Duration::from_secs(90);
 
@@ -83,64 +83,24 @@ fn artifacts_pass_from_a_job_to_the_jobs_that_need_it() {
 
     // Over HTTP with the token; nothing without it or with another tenant's token.
     let route = format!("/api/builds/{id}/artifacts/build/dist/app.txt");
-    let (code, headers, body) = http_get(&s.addr, &route, Some(&s.token));
-    assert_eq!(code, 200, "{headers}");
-    assert!(headers
+    let get = |token: Option<&str>| http_get_as(&s.addr, &route, token).expect("GET the artifact");
+    let reply = get(Some(s.token.as_str()));
+    assert_eq!(reply.status, 200, "{}", reply.headers);
+    assert!(reply
+        .headers
         .to_ascii_lowercase()
         .contains(&format!("x-tributary-sha256: {sha}")));
-    assert_eq!(body, b"built by build\n");
-    assert_eq!(http_get(&s.addr, &route, None).0, 401);
+    assert_eq!(reply.body, b"built by build\n");
+    assert_eq!(get(None).status, 401);
     s.ok(&s.token, &["admin", "tenant-add", "other"]);
     let other = s
         .ok(&s.token, &["admin", "token-create", "--tenant", "other"])
         .trim()
         .to_owned();
-    assert_eq!(http_get(&s.addr, &route, Some(&other)).0, 404);
+    assert_eq!(get(Some(other.as_str())).status, 404);
     let out = s.cli(&other, &["artifacts", "list", &id]);
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("no build"));
-}
-
-/// A plain HTTP/1.1 GET: (status, headers, body).
-fn http_get(addr: &str, path: &str, token: Option<&str>) -> (u16, String, Vec<u8>) {
-    use std::io::{Read, Write};
-    let host = addr.trim_start_matches("http://");
-    let mut conn = std::net::TcpStream::connect(host).unwrap();
-    let auth = token.map_or(String::new(), |t| format!("Authorization: Bearer {t}\r\n"));
-    write!(
-        conn,
-        "GET {path} HTTP/1.1\r\nHost: {host}\r\n{auth}Connection: close\r\n\r\n"
-    )
-    .unwrap();
-    let mut raw = Vec::new();
-    conn.read_to_end(&mut raw).unwrap();
-    let split = raw.windows(4).position(|w| w == b"\r\n\r\n").unwrap();
-    let headers = String::from_utf8_lossy(&raw[..split]).into_owned();
-    let code = headers[9..12].parse().unwrap();
-    let mut body = raw[split + 4..].to_vec();
-    if headers
-        .to_ascii_lowercase()
-        .contains("transfer-encoding: chunked")
-    {
-        body = unchunk(&body);
-    }
-    (code, headers, body)
-}
-
-fn unchunk(mut data: &[u8]) -> Vec<u8> {
-    let mut out = Vec::new();
-    loop {
-        let line_end = data.windows(2).position(|w| w == b"\r\n").unwrap();
-        let size =
-            usize::from_str_radix(std::str::from_utf8(&data[..line_end]).unwrap().trim(), 16)
-                .unwrap();
-        data = &data[line_end + 2..];
-        if size == 0 {
-            return out;
-        }
-        out.extend_from_slice(&data[..size]);
-        data = &data[size + 2..];
-    }
 }
 
 #[test]

@@ -11,10 +11,6 @@ use std::process::{Command, Stdio};
 use common::{bin, of_type, wait_secs, Server};
 use serde_json::Value;
 
-fn wait_until(what: &str, secs: u64, f: impl FnMut() -> bool) {
-    wait_secs(what, secs, f)
-}
-
 /// Small, quick pool: agents billed by the second, a 3 s grace period.
 const POOL: &str = r#"
 budget_per_hour = 100.0
@@ -54,7 +50,7 @@ fn start() -> (Server, tempfile::TempDir) {
 /// Waits until every agent the autoscaler requested is released and its process gone.
 fn wait_for_empty_pool(s: &Server, secs: u64) -> Vec<Value> {
     let mut events = Vec::new();
-    wait_until("the pool to return to zero", secs, || {
+    wait_secs("the pool to return to zero", secs, || {
         events = s.events(None);
         let requested = of_type(&events, "agent_requested").len();
         let released = of_type(&events, "agent_released").len();
@@ -103,7 +99,7 @@ fn a_burst_scales_the_pool_up_it_drains_and_returns_to_zero_without_killing_a_jo
     }
     s.project("burst", &pipeline);
     let build = s.admin(&["trigger", "burst"]).trim().to_owned();
-    wait_until("the burst to finish", 300, || {
+    wait_secs("the burst to finish", 300, || {
         let b = s.get(&build);
         b["status"] != "running" && b["status"] != "queued"
     });
@@ -154,7 +150,7 @@ fn a_burst_scales_the_pool_up_it_drains_and_returns_to_zero_without_killing_a_jo
     );
     let before = s.events(None).len();
     let build = s.admin(&["trigger", "long"]).trim().to_owned();
-    wait_until("the long build to finish", 300, || {
+    wait_secs("the long build to finish", 300, || {
         let b = s.get(&build);
         b["status"] != "running" && b["status"] != "queued"
     });
@@ -247,7 +243,7 @@ fn serve_autoscaler_with_the_command_provider_scales_up_and_back_to_zero() {
         .unwrap();
 
     // Its liveness endpoint answers while it runs.
-    wait_until("the health endpoint", 60, || {
+    wait_secs("the health endpoint", 60, || {
         common::http_get(&health, "/healthz")
             .is_some_and(|(status, body)| status == 200 && body == "ok\n")
     });
@@ -258,14 +254,14 @@ fn serve_autoscaler_with_the_command_provider_scales_up_and_back_to_zero() {
     }
     s.project("cmd", &pipeline);
     let build = s.admin(&["trigger", "cmd"]).trim().to_owned();
-    wait_until("the build to finish", 300, || {
+    wait_secs("the build to finish", 300, || {
         let b = s.get(&build);
         b["status"] != "running" && b["status"] != "queued"
     });
     assert_eq!(s.get(&build)["status"], "succeeded");
 
     let mut events = Vec::new();
-    wait_until("the pool to return to zero", 120, || {
+    wait_secs("the pool to return to zero", 120, || {
         events = s.events(None);
         let requested = of_type(&events, "agent_requested").len();
         requested > 0
@@ -305,7 +301,7 @@ fn stopping_up_drains_the_autoscaled_agents_and_records_their_release() {
         "jobs:\n  a:\n    steps:\n      - run: sleep 4 && echo done-a\n",
     );
     let build = s.admin(&["trigger", "stop"]).trim().to_owned();
-    wait_until("the job to run", 120, || {
+    wait_secs("the job to run", 120, || {
         s.get(&build)["jobs"][0]["status"] == "running"
     });
     stop(&mut s);

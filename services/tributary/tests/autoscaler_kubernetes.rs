@@ -7,9 +7,9 @@
 mod common;
 
 use std::collections::BTreeMap;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use common::of_type;
+use common::{of_type, wait_for_async, wait_until_async};
 use k8s_openapi::api::core::v1::{Namespace, Pod};
 use kube::api::{ListParams, PostParams};
 use kube::{Api, Client};
@@ -30,18 +30,6 @@ async fn client() -> Client {
         );
     }
     client
-}
-
-async fn wait_until<F, Fut>(what: &str, secs: u64, mut f: F)
-where
-    F: FnMut() -> Fut,
-    Fut: std::future::Future<Output = bool>,
-{
-    let deadline = Instant::now() + Duration::from_secs(secs);
-    while !f().await {
-        assert!(Instant::now() < deadline, "timed out waiting for {what}");
-        tokio::time::sleep(Duration::from_millis(250)).await;
-    }
 }
 
 /// Our Pods: request id (annotation) → (Pod name, Pod).
@@ -140,27 +128,29 @@ owner = "e2e"
 
     // Agents are requested and each gets its Pod, with the request id as the agent's name.
     let mut seen: BTreeMap<String, (String, Pod)> = BTreeMap::new();
-    let deadline = Instant::now() + Duration::from_secs(120);
-    loop {
-        let events = s.events(None);
-        for (id, pod) in pods(&api).await {
-            seen.entry(id).or_insert(pod);
-        }
-        let requested: Vec<&str> = of_type(&events, "agent_requested")
-            .iter()
-            .map(|e| e["request_id"].as_str().unwrap())
-            .collect();
-        if requested.len() >= 2 && requested.iter().all(|id| seen.contains_key(*id)) {
-            break;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "timed out waiting for AgentRequested events and their Pods: requested \
-             {requested:?}, Pods seen for {:?}",
-            seen.keys().collect::<Vec<_>>()
-        );
-        tokio::time::sleep(Duration::from_millis(250)).await;
-    }
+    wait_for_async(
+        "AgentRequested events and their Pods",
+        Duration::from_secs(120),
+        async || {
+            let events = s.events(None);
+            for (id, pod) in pods(&api).await {
+                seen.entry(id).or_insert(pod);
+            }
+            let requested: Vec<&str> = of_type(&events, "agent_requested")
+                .iter()
+                .map(|e| e["request_id"].as_str().unwrap())
+                .collect();
+            if requested.len() >= 2 && requested.iter().all(|id| seen.contains_key(*id)) {
+                Ok(())
+            } else {
+                Err(format!(
+                    "requested {requested:?}, Pods seen for {:?}",
+                    seen.keys().collect::<Vec<_>>()
+                ))
+            }
+        },
+    )
+    .await;
     let events = s.events(None);
     let requested = of_type(&events, "agent_requested");
     assert!(requested.len() <= 3, "max_agents is 3: {requested:?}");
@@ -191,46 +181,50 @@ owner = "e2e"
         assert_eq!(env["TRIBUTARY_ENROLLMENT_TOKEN"], Some(s.token.as_str()));
     }
     // AgentProvisioned names each Pod.
-    wait_until("AgentProvisioned for every request", 60, || {
-        let events = s.events(None);
-        let ok = of_type(&events, "agent_requested").iter().all(|r| {
-            of_type(&events, "agent_provisioned").iter().any(|p| {
-                p["request_id"] == r["request_id"]
-                    && p["machine"]
-                        == format!("{namespace}/e2e-{}", r["request_id"].as_str().unwrap()).as_str()
+    wait_until_async(
+        "AgentProvisioned for every request",
+        Duration::from_secs(60),
+        async || {
+            let events = s.events(None);
+            of_type(&events, "agent_requested").iter().all(|r| {
+                of_type(&events, "agent_provisioned").iter().any(|p| {
+                    p["request_id"] == r["request_id"]
+                        && p["machine"]
+                            == format!("{namespace}/e2e-{}", r["request_id"].as_str().unwrap())
+                                .as_str()
+                })
             })
-        });
-        async move { ok }
-    })
+        },
+    )
     .await;
 
     // No kubelet: the agents never connect; after startup_timeout_secs they are released and
     // their Pods deleted.
-    wait_until("a release for a Pod that never connected", 120, || {
-        let events = s.events(None);
-        let ok = of_type(&events, "agent_released").iter().any(|e| {
-            e["reason"]
-                .as_str()
-                .unwrap_or("")
-                .contains("did not connect")
-        });
-        async move { ok }
-    })
+    wait_until_async(
+        "a release for a Pod that never connected",
+        Duration::from_secs(120),
+        async || {
+            let events = s.events(None);
+            of_type(&events, "agent_released").iter().any(|e| {
+                e["reason"]
+                    .as_str()
+                    .unwrap_or("")
+                    .contains("did not connect")
+            })
+        },
+    )
     .await;
     // Jobs still wait, so the autoscaler would try again: cancel the build, then the pool
     // returns to zero and every Pod is gone.
     s.admin(&["cancel", &build]);
-    wait_until(
+    wait_until_async(
         "every requested agent released and its Pod deleted",
-        120,
-        || {
+        Duration::from_secs(120),
+        async || {
             let events = s.events(None);
-            let api = api.clone();
-            async move {
-                let requested = of_type(&events, "agent_requested").len();
-                let released = of_type(&events, "agent_released").len();
-                requested == released && pods(&api).await.is_empty()
-            }
+            let requested = of_type(&events, "agent_requested").len();
+            let released = of_type(&events, "agent_released").len();
+            requested == released && pods(&api).await.is_empty()
         },
     )
     .await;

@@ -11,10 +11,14 @@
 //! Needs the broker and PostgreSQL of `scripts/setup-brokers.sh` (`TRIBUTARY_TEST_KAFKA`,
 //! `TRIBUTARY_TEST_DATABASE_URL` override them); fails with that message if they are absent.
 
+mod common;
+
 use std::collections::BTreeMap;
 use std::path::Path;
-use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant};
+use std::process::{Command, Stdio};
+use std::time::Duration;
+
+use common::{bin, free_port, http_get_as, wait_for_async, wait_until_async, Proc};
 
 use prost::Message;
 use sqlx::{AnyConnection, Connection, Row};
@@ -40,31 +44,37 @@ fn flags(brokers: &str, prefix: &str, database: &str) -> Vec<String> {
     .collect()
 }
 
-fn metering(flags: &[String], stderr: &Path) -> Child {
-    Command::new(env!("CARGO_BIN_EXE_tributary"))
+fn metering(flags: &[String], stderr: &Path) -> Proc {
+    let child = Command::new(bin())
         .args(["serve", "metering", "--close-after-hours", "0"])
         .args(flags)
         .env("TRIBUTARY_LOG", "info")
         .stdout(Stdio::null())
         .stderr(std::fs::File::create(stderr).expect("stderr file"))
         .spawn()
-        .expect("start tributary serve metering")
+        .expect("start tributary serve metering");
+    Proc(child)
+}
+
+/// `tributary COMMAND FLAGS` (`audit`, `replay`), which must exit with `code`: its stdout.
+fn run(command: &str, flags: &[String], code: i32) -> String {
+    let output = Command::new(bin())
+        .arg(command)
+        .args(flags)
+        .output()
+        .unwrap_or_else(|e| panic!("run tributary {command}: {e}"));
+    let stdout = String::from_utf8_lossy(&output.stdout).into_owned();
+    assert_eq!(
+        output.status.code(),
+        Some(code),
+        "tributary {command}: {stdout}{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    stdout
 }
 
 fn text(path: &Path) -> String {
     std::fs::read_to_string(path).unwrap_or_default()
-}
-
-async fn wait_until<F, Fut>(what: &str, within: Duration, mut done: F)
-where
-    F: FnMut() -> Fut,
-    Fut: std::future::Future<Output = bool>,
-{
-    let deadline = Instant::now() + within;
-    while !done().await {
-        assert!(Instant::now() < deadline, "timed out waiting until {what}");
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
 }
 
 const OCTOBER_20: i64 = 1_760_918_400_000_000; // 2025-10-20T00:00:00Z in µs
@@ -166,59 +176,58 @@ async fn active_and_standby_metering_on_kafka_and_postgres_equal_a_fresh_replay(
     // `serve api` on the same database: before any metering replica ran, its usage page says
     // metering is not running.
     let token_file = dir.path().join("admin.token");
-    let port = {
-        let l = std::net::TcpListener::bind("127.0.0.1:0").expect("port");
-        l.local_addr().expect("addr").port()
-    };
-    let listen = format!("127.0.0.1:{port}");
-    let mut api = Command::new(env!("CARGO_BIN_EXE_tributary"))
-        .args(["serve", "api", "--listen", &listen, "--data"])
-        .arg(dir.path().join("api"))
-        .arg("--admin-token-file")
-        .arg(&token_file)
-        .args(&flags)
-        .stdout(Stdio::null())
-        .stderr(std::fs::File::create(dir.path().join("api.log")).expect("api log"))
-        .spawn()
-        .expect("start tributary serve api");
-    let token_wait = Instant::now() + Duration::from_secs(120);
-    while text(&token_file).trim().is_empty() {
-        assert!(
-            Instant::now() < token_wait,
-            "serve api never wrote its admin token"
-        );
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
-    let page = loop {
-        let page = http_get_retry(
-            &listen,
-            "/ui/usage?period=2025-10",
-            text(&token_file).trim(),
-        );
-        if page.starts_with("HTTP/1.1 200") {
-            break page;
-        }
-        assert!(Instant::now() < token_wait, "the usage page failed: {page}");
-        tokio::time::sleep(Duration::from_millis(500)).await;
-    };
+    let listen = format!("127.0.0.1:{}", free_port());
+    let api = Proc(
+        Command::new(bin())
+            .args(["serve", "api", "--listen", &listen, "--data"])
+            .arg(dir.path().join("api"))
+            .arg("--admin-token-file")
+            .arg(&token_file)
+            .args(&flags)
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(dir.path().join("api.log")).expect("api log"))
+            .spawn()
+            .expect("start tributary serve api"),
+    );
+    wait_until_async(
+        "serve api to write its admin token",
+        Duration::from_secs(120),
+        async || !text(&token_file).trim().is_empty(),
+    )
+    .await;
+    let token = text(&token_file).trim().to_owned();
+    let usage_page = || http_get_as(&listen, "/ui/usage?period=2025-10", Some(&token));
+    let page = wait_for_async(
+        "the usage page",
+        Duration::from_secs(120),
+        async || match usage_page() {
+            Some(reply) if reply.status == 200 => Ok(reply.text()),
+            other => Err(format!("{other:?}")),
+        },
+    )
+    .await;
     assert!(page.contains("Metering is not running"), "{page}");
 
     let (err_a, err_b) = (dir.path().join("a.log"), dir.path().join("b.log"));
     let mut a = metering(&flags, &err_a);
-    wait_until("replica a is active", Duration::from_secs(120), || async {
-        text(&err_a).contains("active metering replica")
-    })
+    wait_until_async(
+        "replica a to become active",
+        Duration::from_secs(120),
+        async || text(&err_a).contains("active metering replica"),
+    )
     .await;
     let mut b = metering(&flags, &err_b);
-    wait_until("replica b stands by", Duration::from_secs(120), || async {
-        text(&err_b).contains("standing by")
-    })
+    wait_until_async(
+        "replica b to stand by",
+        Duration::from_secs(120),
+        async || text(&err_b).contains("standing by"),
+    )
     .await;
     // October is over: a issues both tenants' October invoices (60 s -> 1 min per job).
-    wait_until(
-        "replica a issued October's invoices",
+    wait_until_async(
+        "replica a to issue October's invoices",
         Duration::from_secs(180),
-        || async { issued(&database).await.len() == 2 },
+        async || issued(&database).await.len() == 2,
     )
     .await;
     assert!(
@@ -226,8 +235,8 @@ async fn active_and_standby_metering_on_kafka_and_postgres_equal_a_fresh_replay(
         "the standby stayed passive: {}",
         text(&err_b)
     );
-    a.kill().expect("kill -9 replica a");
-    let _ = a.wait();
+    a.signal(libc::SIGKILL);
+    a.wait_exit(Duration::from_secs(60));
 
     // The rest of the jobs: ticks 4..6 of October (late now: adjustments on November's
     // invoice, 120 s -> 2 min, one more minute per job), job ends, more duplicates.
@@ -251,41 +260,44 @@ async fn active_and_standby_metering_on_kafka_and_postgres_equal_a_fresh_replay(
     log.append(&ends).await.expect("append job ends");
     log.append(&second[..8]).await.expect("append duplicates");
 
-    wait_until("replica b took over", Duration::from_secs(120), || async {
-        text(&err_b).contains("active metering replica")
-    })
+    wait_until_async(
+        "replica b to take over",
+        Duration::from_secs(120),
+        async || text(&err_b).contains("active metering replica"),
+    )
     .await;
-    wait_until(
-        "replica b issued November's adjustments",
+    wait_until_async(
+        "replica b to issue November's adjustments",
         Duration::from_secs(180),
-        || async { issued(&database).await.len() == 4 },
+        async || issued(&database).await.len() == 4,
     )
     .await;
     let ends = log.end_offsets().await.expect("end offsets");
     let mut conn = AnyConnection::connect(&database).await.expect("connect");
-    let deadline = Instant::now() + Duration::from_secs(180);
-    loop {
-        let rows = sqlx::query("SELECT partition, next_offset FROM metering.metering_offsets")
-            .fetch_all(&mut conn)
-            .await
-            .expect("offsets");
-        let stored: BTreeMap<i64, i64> = rows
-            .iter()
-            .map(|r| (r.get::<i64, _>(0), r.get::<i64, _>(1)))
-            .collect();
-        if ends
-            .iter()
-            .enumerate()
-            .all(|(p, end)| stored.get(&(p as i64)).copied().unwrap_or(0) >= *end as i64)
-        {
-            break;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "timed out waiting until replica b folded every partition: {stored:?} of {ends:?}"
-        );
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
+    wait_for_async(
+        "replica b to fold every partition",
+        Duration::from_secs(180),
+        async || {
+            let rows = sqlx::query("SELECT partition, next_offset FROM metering.metering_offsets")
+                .fetch_all(&mut conn)
+                .await
+                .expect("offsets");
+            let stored: BTreeMap<i64, i64> = rows
+                .iter()
+                .map(|r| (r.get::<i64, _>(0), r.get::<i64, _>(1)))
+                .collect();
+            if ends
+                .iter()
+                .enumerate()
+                .all(|(p, end)| stored.get(&(p as i64)).copied().unwrap_or(0) >= *end as i64)
+            {
+                Ok(())
+            } else {
+                Err(format!("{stored:?} of {ends:?}"))
+            }
+        },
+    )
+    .await;
 
     // Every tick once: 8 builds x 6 ticks x 20 s per tenant.
     for tenant in ["default", "globex"] {
@@ -347,30 +359,14 @@ async fn active_and_standby_metering_on_kafka_and_postgres_equal_a_fresh_replay(
     );
 
     // A fresh replay of every partition equals the live tables and every invoice.
-    let audit = Command::new(env!("CARGO_BIN_EXE_tributary"))
-        .arg("audit")
-        .args(&flags)
-        .output()
-        .expect("run tributary audit");
-    let out = String::from_utf8_lossy(&audit.stdout).to_string();
-    assert!(
-        audit.status.success(),
-        "audit found a difference: {out}{}",
-        String::from_utf8_lossy(&audit.stderr)
-    );
+    let out = run("audit", &flags, 0);
     assert!(out.contains("4 issued invoices match"), "{out}");
     // And notices a tampered row.
     sqlx::query("UPDATE metering.usage_daily SET millis = millis + 1 WHERE tenant = 'globex'")
         .execute(&mut conn)
         .await
         .expect("tamper");
-    let audit = Command::new(env!("CARGO_BIN_EXE_tributary"))
-        .arg("audit")
-        .args(&flags)
-        .output()
-        .expect("run tributary audit");
-    let out = String::from_utf8_lossy(&audit.stdout).to_string();
-    assert_eq!(audit.status.code(), Some(1), "{out}");
+    let out = run("audit", &flags, 1);
     assert!(
         out.contains("usage globex/web/linux-2cpu-4gb/2025-10-20"),
         "{out}"
@@ -382,29 +378,32 @@ async fn active_and_standby_metering_on_kafka_and_postgres_equal_a_fresh_replay(
 
     let server = format!("http://{listen}");
     let invoice = |period: &str| {
-        Command::new(env!("CARGO_BIN_EXE_tributary"))
+        Command::new(bin())
             .args([
                 "invoice", "--server", &server, "--tenant", "default", "--period", period,
             ])
             .args(["--format", "json"])
-            .env("TRIBUTARY_TOKEN", text(&token_file).trim())
+            .env("TRIBUTARY_TOKEN", &token)
             .output()
             .expect("run tributary invoice")
     };
-    let deadline = Instant::now() + Duration::from_secs(120);
-    let shown = loop {
-        let out = invoice("2025-10");
-        if out.status.success() {
-            break String::from_utf8_lossy(&out.stdout).to_string();
-        }
-        assert!(
-            Instant::now() < deadline,
-            "the API never showed the invoice: {}{}",
-            String::from_utf8_lossy(&out.stderr),
-            text(&dir.path().join("api.log"))
-        );
-        tokio::time::sleep(Duration::from_millis(500)).await;
-    };
+    let shown = wait_for_async(
+        "the API to show the invoice",
+        Duration::from_secs(120),
+        async || {
+            let out = invoice("2025-10");
+            if out.status.success() {
+                Ok(String::from_utf8_lossy(&out.stdout).to_string())
+            } else {
+                Err(format!(
+                    "{}{}",
+                    String::from_utf8_lossy(&out.stderr),
+                    text(&dir.path().join("api.log"))
+                ))
+            }
+        },
+    )
+    .await;
     let json: serde_json::Value = serde_json::from_str(&shown).expect("invoice JSON");
     assert_eq!(json["status"], "issued", "{shown}");
     assert_eq!(json["period"], "2025-10", "{shown}");
@@ -412,12 +411,9 @@ async fn active_and_standby_metering_on_kafka_and_postgres_equal_a_fresh_replay(
     assert_eq!(json["lines"][0]["billed_millis"], 8 * 60_000, "{shown}");
 
     // The web UI's usage page (the admin token's tenant is `default`) from the same tables.
-    let page = http_get(
-        &listen,
-        "/ui/usage?period=2025-10",
-        text(&token_file).trim(),
-    );
-    assert!(page.starts_with("HTTP/1.1 200"), "{page}");
+    let reply = usage_page().expect("GET /ui/usage from serve api");
+    let page = reply.text();
+    assert_eq!(reply.status, 200, "{page}");
     assert!(!page.contains("behind the log"), "{page}");
     assert!(!page.contains("Metering is not running"), "{page}");
     assert!(
@@ -425,12 +421,10 @@ async fn active_and_standby_metering_on_kafka_and_postgres_equal_a_fresh_replay(
         "the issued invoices are listed: {page}"
     );
 
-    let _ = api.kill();
-    let _ = api.wait();
+    drop(api);
     // SIGTERM stops the active replica cleanly.
-    let pid = b.id().to_string();
-    let _ = Command::new("kill").args(["-TERM", &pid]).status();
-    let status = b.wait().expect("wait for replica b");
+    b.signal(libc::SIGTERM);
+    let status = b.wait_exit(Duration::from_secs(120));
     assert!(
         status.success(),
         "replica b exits 0 on SIGTERM: {}",
@@ -440,56 +434,14 @@ async fn active_and_standby_metering_on_kafka_and_postgres_equal_a_fresh_replay(
     // `tributary replay` rebuilds the metering tables into a fresh schema and swaps it in;
     // the result still equals a fresh replay.
     let before = issued(&database).await;
-    let replay = Command::new(env!("CARGO_BIN_EXE_tributary"))
-        .arg("replay")
-        .args(&flags)
-        .output()
-        .expect("run tributary replay");
-    let out = String::from_utf8_lossy(&replay.stdout).to_string();
-    assert!(
-        replay.status.success(),
-        "{out}{}",
-        String::from_utf8_lossy(&replay.stderr)
-    );
+    let out = run("replay", &flags, 0);
     assert!(out.contains("rebuilt the metering read model"), "{out}");
     assert_eq!(
         issued(&database).await,
         before,
         "the same invoices after the rebuild"
     );
-    let audit = Command::new(env!("CARGO_BIN_EXE_tributary"))
-        .arg("audit")
-        .args(&flags)
-        .output()
-        .expect("run tributary audit");
-    let out = String::from_utf8_lossy(&audit.stdout).to_string();
-    assert!(audit.status.success(), "{out}");
+    run("audit", &flags, 0);
     drop(conn);
     tributary_testkit::drop_database(&db_name).await;
-}
-
-/// A plain HTTP/1.1 GET with a bearer token: the whole response as text.
-fn http_get(addr: &str, path: &str, token: &str) -> String {
-    use std::io::{Read, Write};
-    let mut stream = std::net::TcpStream::connect(addr).expect("connect to the API");
-    stream
-        .set_read_timeout(Some(Duration::from_secs(60)))
-        .expect("timeout");
-    write!(
-        stream,
-        "GET {path} HTTP/1.1\r\nHost: {addr}\r\nAuthorization: Bearer {token}\r\n\
-         Connection: close\r\n\r\n"
-    )
-    .expect("send");
-    let mut out = String::new();
-    let _ = stream.read_to_string(&mut out);
-    out
-}
-
-/// [`http_get`], or the error as text when the API does not listen yet.
-fn http_get_retry(addr: &str, path: &str, token: &str) -> String {
-    match std::net::TcpStream::connect(addr) {
-        Ok(_) => http_get(addr, path, token),
-        Err(e) => format!("not listening: {e}"),
-    }
 }

@@ -8,14 +8,16 @@
 //! Needs the broker and PostgreSQL of `scripts/setup-brokers.sh` (`TRIBUTARY_TEST_KAFKA`,
 //! `TRIBUTARY_TEST_DATABASE_URL` override them); fails with that message if they are absent.
 
+mod common;
 #[allow(dead_code)]
 #[path = "../../../projections/tests/common/mod.rs"]
 mod history;
 
 use std::path::Path;
-use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant};
+use std::process::{Command, Stdio};
+use std::time::Duration;
 
+use common::{bin, wait_until_async, Proc};
 use tributary_eventlog::kafka::{KafkaLog, KafkaOptions};
 use tributary_eventlog::EventLog;
 use tributary_projections::{replay, BuildsState, BuildsStore};
@@ -36,19 +38,20 @@ fn backend_flags(brokers: &str, prefix: &str, database: &str) -> Vec<String> {
     .collect()
 }
 
-fn projector(flags: &[String], stderr: &Path) -> Child {
-    Command::new(env!("CARGO_BIN_EXE_tributary"))
+fn projector(flags: &[String], stderr: &Path) -> Proc {
+    let child = Command::new(bin())
         .args(["serve", "projector"])
         .args(flags)
         .env("TRIBUTARY_LOG", "info")
         .stdout(Stdio::null())
         .stderr(std::fs::File::create(stderr).expect("stderr file"))
         .spawn()
-        .expect("start tributary serve projector")
+        .expect("start tributary serve projector");
+    Proc(child)
 }
 
 fn replay_cli(flags: &[String], check: bool) -> std::process::Output {
-    let mut command = Command::new(env!("CARGO_BIN_EXE_tributary"));
+    let mut command = Command::new(bin());
     command.arg("replay").args(flags);
     if check {
         command.arg("--check");
@@ -64,18 +67,6 @@ async fn stored_ids_first(store: &BuildsStore) -> (String, usize) {
 
 fn log_text(path: &Path) -> String {
     std::fs::read_to_string(path).unwrap_or_default()
-}
-
-async fn wait_until<F, Fut>(what: &str, within: Duration, mut done: F)
-where
-    F: FnMut() -> Fut,
-    Fut: std::future::Future<Output = bool>,
-{
-    let deadline = Instant::now() + within;
-    while !done().await {
-        assert!(Instant::now() < deadline, "timed out waiting until {what}");
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
 }
 
 /// Log chunks in the events topic, in their build's partition: the fold counts their bytes.
@@ -134,10 +125,10 @@ async fn scenario(log_partitions: u32) {
         .await
         .expect("append garbage");
 
-    wait_until(
-        "both projectors own partitions",
+    wait_until_async(
+        "both projectors to own partitions",
         Duration::from_secs(120),
-        || async {
+        async || {
             log_text(&err_a).contains("partitions assigned")
                 && log_text(&err_b).contains("partitions assigned")
         },
@@ -146,14 +137,14 @@ async fn scenario(log_partitions: u32) {
     let store = BuildsStore::connect(&database)
         .await
         .expect("open the store");
-    wait_until(
-        "the projectors wrote some builds",
+    wait_until_async(
+        "the projectors to write some builds",
         Duration::from_secs(120),
-        || async { !store.list_builds(1).await.expect("list").is_empty() },
+        async || !store.list_builds(1).await.expect("list").is_empty(),
     )
     .await;
-    a.kill().expect("kill -9 projector a");
-    let _ = a.wait();
+    a.signal(libc::SIGKILL);
+    a.wait_exit(Duration::from_secs(60));
 
     for chunk in append(events.len()).chunks(50) {
         log.append(chunk).await.expect("append");
@@ -163,10 +154,10 @@ async fn scenario(log_partitions: u32) {
     }
 
     let ends = log.end_offsets().await.expect("end offsets");
-    wait_until(
-        "the surviving projector caught up with every partition",
+    wait_until_async(
+        "the surviving projector to catch up with every partition",
         Duration::from_secs(180),
-        || async {
+        async || {
             let stored = store.next_offsets().await.expect("offsets");
             ends.iter()
                 .enumerate()
@@ -176,7 +167,7 @@ async fn scenario(log_partitions: u32) {
     .await;
 
     // Equal to a fresh replay, through the CLI ...
-    let check = Command::new(env!("CARGO_BIN_EXE_tributary"))
+    let check = Command::new(bin())
         .arg("replay")
         .args(&flags)
         .arg("--check")
@@ -211,20 +202,8 @@ async fn scenario(log_partitions: u32) {
     );
 
     // SIGTERM: the survivor leaves its group and exits 0.
-    let pid = libc::pid_t::try_from(b.id()).expect("pid");
-    // SAFETY: sending a signal to our own child process.
-    unsafe { libc::kill(pid, libc::SIGTERM) };
-    let deadline = Instant::now() + Duration::from_secs(60);
-    let status = loop {
-        if let Some(status) = b.try_wait().expect("wait") {
-            break status;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "projector b did not exit on SIGTERM"
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    };
+    b.signal(libc::SIGTERM);
+    let status = b.wait_exit(Duration::from_secs(60));
     assert!(
         status.success(),
         "projector b: {status}\n{}",

@@ -9,9 +9,9 @@ mod common;
 
 use std::path::Path;
 use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use common::{free_port, start, wait_for_port};
+use common::{free_port, start, wait_for_async, wait_for_port, wait_until_async};
 
 use fantoccini::{Client, ClientBuilder, Locator};
 use http_body_util::BodyExt;
@@ -168,14 +168,7 @@ impl Browser {
         F: FnMut() -> Fut,
         Fut: std::future::Future<Output = Option<T>>,
     {
-        let deadline = Instant::now() + WAIT;
-        loop {
-            if let Some(v) = probe().await {
-                return v;
-            }
-            assert!(Instant::now() < deadline, "timed out waiting for: {what}");
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
+        wait_for_async(what, WAIT, async || probe().await.ok_or_else(String::new)).await
     }
 }
 
@@ -704,11 +697,10 @@ async fn another_tenant_cannot_see_a_build_or_its_log() {
         ),
     );
     let running = s.trigger_as(&acme, "waits");
-    let deadline = Instant::now() + WAIT;
-    while s.status(&acme, &running) != "running" {
-        assert!(Instant::now() < deadline, "the build never started");
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    wait_until_async("the build to start", WAIT, async || {
+        s.status(&acme, &running) == "running"
+    })
+    .await;
     // The shared agents page: acme sees its running job; globex sees the agent busy, not whose.
     let mine = h.get("/ui/agents", Some(&acme)).await.body;
     assert!(mine.contains(&format!("/ui/builds/{running}")), "{mine}");
@@ -781,14 +773,10 @@ async fn another_tenant_cannot_see_a_build_or_its_log() {
     assert_eq!(r.status, 303, "{}", r.body);
     assert_eq!(r.headers["location"], format!("/ui/builds/{running}"));
     std::fs::write(&slow, "go").unwrap();
-    let deadline = Instant::now() + WAIT;
-    while s.status(&acme, &running) != "canceled" {
-        assert!(
-            Instant::now() < deadline,
-            "the canceled build never finished"
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    wait_until_async("the canceled build to finish", WAIT, async || {
+        s.status(&acme, &running) == "canceled"
+    })
+    .await;
 
     // In the browser: globex signs in and cannot open acme's build page.
     let b = Browser::start().await;
@@ -1099,11 +1087,10 @@ impl KafkaUi {
             ev(&id, Payload::BuildQueued(BuildQueued { plan: Some(plan) })),
         ])
         .await;
-        let deadline = Instant::now() + WAIT;
-        while self.store.load_build(&id).await.expect("store").is_none() {
-            assert!(Instant::now() < deadline, "the projector never folded {id}");
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
+        wait_until_async(&format!("the projector to fold {id}"), WAIT, async || {
+            self.store.load_build(&id).await.expect("store").is_some()
+        })
+        .await;
         id
     }
 

@@ -290,17 +290,47 @@ pub fn events_in(data: &Path, build: Option<&str>) -> Vec<Value> {
 
 /// `GET path` over plain HTTP/1.0: the status code and body, or None if nothing answers.
 pub fn http_get(addr: &str, path: &str) -> Option<(u16, String)> {
+    http_get_as(addr, path, None).map(|reply| (reply.status, reply.text()))
+}
+
+/// A response read by [`http_get_as`].
+#[derive(Debug)]
+pub struct HttpReply {
+    pub status: u16,
+    /// The status line and the headers, as sent.
+    pub headers: String,
+    pub body: Vec<u8>,
+}
+
+impl HttpReply {
+    /// The body as text (lossy UTF-8).
+    pub fn text(&self) -> String {
+        String::from_utf8_lossy(&self.body).into_owned()
+    }
+}
+
+/// `GET path` over plain HTTP/1.0 (a body never chunked) to `addr` (`host:port`, with or
+/// without `http://`), with `Authorization: Bearer TOKEN` when there is one; None if nothing
+/// answers or the response does not parse.
+pub fn http_get_as(addr: &str, path: &str, token: Option<&str>) -> Option<HttpReply> {
     use std::io::{Read, Write};
-    let mut stream = std::net::TcpStream::connect(addr).ok()?;
+    let host = addr.trim_start_matches("http://");
+    let mut stream = std::net::TcpStream::connect(host).ok()?;
     stream
-        .set_read_timeout(Some(Duration::from_secs(10)))
+        .set_read_timeout(Some(Duration::from_secs(60)))
         .ok()?;
-    write!(stream, "GET {path} HTTP/1.0\r\nHost: {addr}\r\n\r\n").ok()?;
-    let mut response = String::new();
-    stream.read_to_string(&mut response).ok()?;
-    let status = response.split_whitespace().nth(1)?.parse().ok()?;
-    let body = response.split_once("\r\n\r\n").map_or("", |(_, b)| b);
-    Some((status, body.to_owned()))
+    let auth = token.map_or(String::new(), |t| format!("Authorization: Bearer {t}\r\n"));
+    write!(stream, "GET {path} HTTP/1.0\r\nHost: {host}\r\n{auth}\r\n").ok()?;
+    let mut response = Vec::new();
+    stream.read_to_end(&mut response).ok()?;
+    let split = response.windows(4).position(|w| w == b"\r\n\r\n")?;
+    let headers = String::from_utf8_lossy(&response[..split]).into_owned();
+    let status = headers.split_whitespace().nth(1)?.parse().ok()?;
+    Some(HttpReply {
+        status,
+        headers,
+        body: response[split + 4..].to_vec(),
+    })
 }
 
 /// Job `id` of a `get --json` build.
@@ -376,6 +406,40 @@ pub fn wait_until(what: &str, within: Duration, mut f: impl FnMut() -> bool) {
     while !f() {
         assert!(Instant::now() < deadline, "timed out waiting for {what}");
         std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// [`wait_until`] in async code: polls `done` every 200 ms without blocking the runtime.
+pub async fn wait_until_async(what: &str, within: Duration, mut done: impl AsyncFnMut() -> bool) {
+    wait_for_async(what, within, async || {
+        if done().await {
+            Ok(())
+        } else {
+            Err(String::new())
+        }
+    })
+    .await
+}
+
+/// Polls `probe` every 200 ms until it returns `Ok(value)`; after `within`, fails the test
+/// with `what` and the last `Err` (what was seen instead).
+pub async fn wait_for_async<T>(
+    what: &str,
+    within: Duration,
+    mut probe: impl AsyncFnMut() -> Result<T, String>,
+) -> T {
+    let deadline = Instant::now() + within;
+    loop {
+        let seen = match probe().await {
+            Ok(value) => return value,
+            Err(seen) => seen,
+        };
+        assert!(
+            Instant::now() < deadline,
+            "timed out waiting for {what}{}{seen}",
+            if seen.is_empty() { "" } else { ": " }
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
     }
 }
 
