@@ -212,19 +212,7 @@ fn local_runs_reuse_by_commit_and_a_changed_job_runs_again() {
     )
     .unwrap();
     std::fs::write(repo.join(".gitignore"), ".tributary/\ndist/\n").unwrap();
-    common::git(repo, &["add", "."]);
-    common::git(
-        repo,
-        &[
-            "-c",
-            "user.name=t",
-            "-c",
-            "user.email=t@t",
-            "commit",
-            "-qm",
-            "init",
-        ],
-    );
+    common::commit_all(repo, "init");
     let run = || {
         let out = std::process::Command::new(env!("CARGO_BIN_EXE_tributary"))
             .args(["run", "--plain"])

@@ -11,11 +11,13 @@
 //! The broker comes from `scripts/setup-brokers.sh` (127.0.0.1:19092); set
 //! `TRIBUTARY_TEST_KAFKA` to use another. Every test has topics of its own, deleted at the end.
 
+mod common;
+
 use std::collections::{BTreeMap, BTreeSet};
-use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
 
+use common::{commit_all, git};
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 use tonic::transport::Channel;
@@ -177,19 +179,7 @@ impl Stack {
         std::fs::create_dir_all(&repo).expect("repo dir");
         git(&repo, &["init", "-q", "-b", "main"]);
         std::fs::write(repo.join(".tributary.yml"), pipeline).expect("pipeline");
-        git(&repo, &["add", "."]);
-        git(
-            &repo,
-            &[
-                "-c",
-                "user.name=t",
-                "-c",
-                "user.email=t@t",
-                "commit",
-                "-qm",
-                "init",
-            ],
-        );
+        commit_all(&repo, "init");
         let mut client = ProjectsClient::connect(self.addr.clone())
             .await
             .expect("connect");
@@ -273,15 +263,6 @@ impl Stack {
         }
         let _ = self.kafka.delete_topics().await;
     }
-}
-
-fn git(dir: &Path, args: &[&str]) {
-    let status = std::process::Command::new("git")
-        .args(args)
-        .current_dir(dir)
-        .status()
-        .expect("git");
-    assert!(status.success(), "git {args:?}");
 }
 
 /// Per (build, job, attempt), how many JobAssigned the log has.

@@ -6,7 +6,7 @@ mod common;
 use std::path::Path;
 use std::process::{Command, Output};
 
-use common::sql;
+use common::{of_type, sql};
 
 use serde_json::Value;
 
@@ -30,10 +30,6 @@ fn events(dir: &Path) -> Vec<Value> {
         .lines()
         .map(|l| serde_json::from_str(l).expect("one JSON object per line"))
         .collect()
-}
-
-fn of_type<'a>(events: &'a [Value], ty: &str) -> Vec<&'a Value> {
-    events.iter().filter(|e| e["type"] == ty).collect()
 }
 
 fn offset_of(events: &[Value], ty: &str, job: &str) -> u64 {

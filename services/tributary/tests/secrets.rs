@@ -272,19 +272,7 @@ fn another_tenant_can_neither_see_set_delete_nor_use_them() {
         .unwrap()
         .trim()
         .to_owned();
-    let deadline = std::time::Instant::now() + BUILD;
-    let b = loop {
-        let v: serde_json::Value =
-            serde_json::from_str(&s.ok(&other, &["get", &id, "--json"])).unwrap();
-        if ["succeeded", "failed", "canceled"].contains(&v["status"].as_str().unwrap_or("")) {
-            break v;
-        }
-        assert!(
-            std::time::Instant::now() < deadline,
-            "build did not finish: {v}"
-        );
-        std::thread::sleep(Duration::from_millis(100));
-    };
+    let b = s.finished_as(&other, &id, BUILD);
     assert_eq!(b["status"], "failed", "{b}");
     let reason = job(&b, "show")["reason"].as_str().unwrap().to_owned();
     assert!(reason.contains("does not have"), "{reason}");

@@ -6,7 +6,7 @@ mod common;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use common::Server;
+use common::{wait_until, Server};
 
 /// `tributary up --agents 2`; its admin token file is private.
 fn start() -> Server {
@@ -151,15 +151,10 @@ fn tail_started_mid_build_sees_every_line_once_and_cancel_stops_it() {
     );
     let build = s.ok(&admin, &["trigger", "slow"]).trim().to_owned();
     // Start tailing once the job is printing.
-    let deadline = Instant::now() + Duration::from_secs(20);
-    loop {
+    wait_until("output of job count", Duration::from_secs(20), || {
         let partial = s.cli(&admin, &["logs", &build, "--job", "count"]);
-        if String::from_utf8_lossy(&partial.stdout).contains("line-3") {
-            break;
-        }
-        assert!(Instant::now() < deadline, "no output appeared");
-        std::thread::sleep(Duration::from_millis(50));
-    }
+        String::from_utf8_lossy(&partial.stdout).contains("line-3")
+    });
     let tail = Command::new(env!("CARGO_BIN_EXE_tributary"))
         .args(["logs", &build, "-f", "--job", "count"])
         .env("TRIBUTARY_SERVER", &s.addr)
@@ -218,16 +213,7 @@ fn rerun_failed_runs_only_the_jobs_that_did_not_succeed() {
     // Re-running a build that is not finished or succeeded is refused; this one failed.
     std::fs::write(&flag, "").unwrap();
     let second = s.ok(&admin, &["rerun", &first]).trim().to_owned();
-    let deadline = Instant::now() + Duration::from_secs(30);
-    let v = loop {
-        let v: serde_json::Value =
-            serde_json::from_str(&s.ok(&admin, &["get", &second, "--json"])).unwrap();
-        if v["status"] == "succeeded" || v["status"] == "failed" {
-            break v;
-        }
-        assert!(Instant::now() < deadline, "rerun did not finish");
-        std::thread::sleep(Duration::from_millis(50));
-    };
+    let v = s.finished_as(&admin, &second, Duration::from_secs(30));
     assert_eq!(v["status"], "succeeded", "{v}");
     let job = |id: &str| {
         v["jobs"]

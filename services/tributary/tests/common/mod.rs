@@ -221,9 +221,14 @@ impl Server {
 
     /// `get --json` once the build has finished.
     pub fn finished(&self, build: &str, within: Duration) -> Value {
+        self.finished_as(&self.token, build, within)
+    }
+
+    /// [`Server::finished`], read with `token`.
+    pub fn finished_as(&self, token: &str, build: &str, within: Duration) -> Value {
         let mut last = Value::Null;
         wait_until(&format!("build {build} to finish"), within, || {
-            last = self.get(build);
+            last = serde_json::from_str(&self.ok(token, &["get", build, "--json"])).unwrap();
             ["succeeded", "failed", "canceled"].contains(&last["status"].as_str().unwrap_or(""))
         });
         last
