@@ -5,15 +5,21 @@
 //! hard-linked) instead of the five or more git processes of a checkout. Into a reused workspace
 //! (an agent recycles finished ones) only what differs is written (compared by content, never
 //! trusted from size and time), so a steady stream of jobs
-//! creates and deletes almost no files: on a busy agent, inode churn costs more than git.
+//! creates and deletes almost no files: on a busy agent, inode churn costs more than git. Each
+//! template's tree, with the bytes of its small files, is read once per process and kept in
+//! memory (`Index`): a restore walks only the workspace.
 //!
 //! Layout: `<mirrors root>/.checkouts/<mirror name>/<sha>`. A template is written under a
 //! temporary name and renamed into place, so a complete template is the only kind that exists
 //! under its final name; the newest [`KEEP`] per repository are kept. A template removed while a
 //! job copies it makes that copy fail, and the checkout falls back to git.
 
+use std::collections::BTreeMap;
+use std::ffi::OsString;
 use std::io;
+use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
 
 use crate::source::Source;
@@ -30,14 +36,17 @@ pub(crate) fn path(root: &Path, source: &Source, sha: &str) -> PathBuf {
 
 /// Makes `ws` identical to `template`: an empty directory gets a full copy; a reused one (an
 /// earlier job's workspace) only what differs: entries the template lacks are removed, files whose
-/// mode or bytes differ are copied again, the rest is left alone. Symbolic links in `ws` are never followed. `Ok(false)` when there is no
-/// template.
+/// mode or bytes differ are copied again, the rest is left alone. Symbolic links in `ws` are never
+/// followed. `Ok(false)` when there is no template.
+///
+/// The template's tree (and the bytes of its small files) is read once and kept in memory
+/// ([`Index`]), so a restore walks only the workspace.
 pub(crate) async fn restore(template: PathBuf, ws: PathBuf) -> io::Result<bool> {
     blocking(move || {
-        if !template.is_dir() {
+        let Some(index) = Index::cached(&template)? else {
             return Ok(false);
-        }
-        sync_tree(&template, &ws, false)?;
+        };
+        index.sync(&template, &ws)?;
         Ok(true)
     })
     .await
@@ -61,7 +70,10 @@ pub(crate) async fn save(ws: PathBuf, template: PathBuf) -> io::Result<()> {
         name.push(format!(".tmp-{}-{nanos}", std::process::id()));
         let tmp = parent.join(name);
         std::fs::create_dir(&tmp)?;
-        let saved = sync_tree(&ws, &tmp, false).and_then(|()| std::fs::rename(&tmp, &template));
+        // Nothing to keep in memory: the index only guides this one copy.
+        let saved = Index::read(&ws, INDEX_BYTES)
+            .and_then(|index| index.sync(&ws, &tmp))
+            .and_then(|()| std::fs::rename(&tmp, &template));
         if saved.is_err() || tmp.exists() {
             let _ = std::fs::remove_dir_all(&tmp);
         }
@@ -83,62 +95,196 @@ async fn blocking<T: Send + 'static>(
         .map_err(|e| io::Error::other(format!("template task failed: {e}")))?
 }
 
-/// Makes the existing directory `to` hold exactly what `from` holds (see [`restore`]); into an
-/// empty `to` that is a copy. Files under `.git/objects` are hard-linked (git never changes an
-/// object file in place), other files copied with their permissions and modification time (so
-/// git's index still matches them), symbolic links recreated as they are (never followed); git's
-/// sample hooks and description are left out: nothing reads them.
-fn sync_tree(from: &Path, to: &Path, in_objects: bool) -> io::Result<()> {
-    // First remove what `from` does not have, or has as another kind of entry.
-    for entry in std::fs::read_dir(to)? {
-        let entry = entry?;
-        let dst = entry.path();
-        let src = from.join(entry.file_name());
-        let keep = match (src.symlink_metadata(), entry.file_type()) {
-            (Ok(s), Ok(d)) => {
-                !is_git_clutter(from, &src)
-                    && ((s.is_dir() && d.is_dir())
-                        || (s.is_file() && d.is_file())
-                        || (s.file_type().is_symlink() && d.is_symlink()))
-            }
-            _ => false,
+/// Templates whose [`Index`] is kept in memory (the process's, all repositories).
+const CACHED_TEMPLATES: usize = 16;
+/// Bytes of small files an [`Index`] keeps; past that, files are compared with the template's.
+const INDEX_BYTES: usize = 2 << 20;
+/// Files up to this size are compared whole (one read each); larger ones in chunks.
+const WHOLE_FILE_COMPARE: u64 = 64 * 1024;
+
+/// A tree read once: what each directory holds, each file's size, mode and inode, and the bytes
+/// of small files (within [`INDEX_BYTES`]). git's sample hooks and `description` are left out:
+/// nothing reads them.
+///
+/// Invariant: an index describes the directory it was read from as long as that directory is
+/// the same one, which `id` (device, inode, change time of the root) tells: a template is never
+/// changed once renamed into place, and one pruned and saved again is another directory.
+struct Index {
+    id: RootId,
+    root: Dir,
+}
+
+type RootId = (u64, u64, i64, i64);
+
+#[derive(Default)]
+struct Dir {
+    entries: BTreeMap<OsString, Node>,
+}
+
+enum Node {
+    Dir(Dir),
+    File {
+        len: u64,
+        mode: u32,
+        dev: u64,
+        ino: u64,
+        bytes: Option<Vec<u8>>,
+    },
+    Symlink(PathBuf),
+}
+
+impl Index {
+    /// The index of `template`, read now or kept from an earlier call; `None` if there is no
+    /// template.
+    fn cached(template: &Path) -> io::Result<Option<Arc<Index>>> {
+        static CACHE: Mutex<Vec<(PathBuf, Arc<Index>)>> = Mutex::new(Vec::new());
+        let meta = match template.symlink_metadata() {
+            Ok(m) if m.is_dir() => m,
+            _ => return Ok(None),
         };
-        if !keep {
-            remove(&dst)?;
+        let id = (meta.dev(), meta.ino(), meta.ctime(), meta.ctime_nsec());
+        let lock = || CACHE.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some((_, index)) = lock().iter().find(|(p, i)| p == template && i.id == id) {
+            return Ok(Some(index.clone()));
         }
+        let index = Arc::new(Index::read(template, 0).map(|mut i| {
+            i.id = id;
+            i
+        })?);
+        let mut cache = lock();
+        cache.retain(|(p, _)| p != template);
+        if cache.len() >= CACHED_TEMPLATES {
+            cache.remove(0);
+        }
+        cache.push((template.to_owned(), index.clone()));
+        Ok(Some(index))
     }
-    for entry in std::fs::read_dir(from)? {
+
+    /// Reads the tree under `root` (`budget_used`: bytes of file contents already kept).
+    fn read(root: &Path, budget_used: usize) -> io::Result<Index> {
+        let mut used = budget_used;
+        Ok(Index {
+            id: (0, 0, 0, 0),
+            root: read_dir(root, false, &mut used)?,
+        })
+    }
+
+    /// Makes the existing directory `to` hold exactly what `from` (the directory this index was
+    /// read from) holds; into an empty `to` that is a copy. Files under `.git/objects` are
+    /// hard-linked (git never changes an object file in place), other files copied with their
+    /// permissions and modification time (so git's index still matches them), symbolic links
+    /// recreated as they are (never followed).
+    fn sync(&self, from: &Path, to: &Path) -> io::Result<()> {
+        sync_dir(&self.root, from, to, false)
+    }
+}
+
+/// `in_objects`: `dir` is under `.git/objects`, whose files are hard-linked and compared by inode,
+/// so their bytes are not kept.
+fn read_dir(dir: &Path, in_objects: bool, used: &mut usize) -> io::Result<Dir> {
+    let mut out = Dir::default();
+    for entry in std::fs::read_dir(dir)? {
         let entry = entry?;
-        let src = entry.path();
-        if is_git_clutter(from, &src) {
+        let path = entry.path();
+        if is_git_clutter(dir, &path) {
             continue;
         }
-        let dst = to.join(entry.file_name());
         let kind = entry.file_type()?;
-        let existing = dst.symlink_metadata().ok();
-        if kind.is_symlink() {
-            let target = std::fs::read_link(&src)?;
-            if existing.is_some() {
-                if std::fs::read_link(&dst).ok().as_ref() == Some(&target) {
-                    continue;
-                }
-                remove(&dst)?;
-            }
-            std::os::unix::fs::symlink(target, &dst)?;
+        let node = if kind.is_symlink() {
+            Node::Symlink(std::fs::read_link(&path)?)
         } else if kind.is_dir() {
-            if existing.is_none() {
-                std::fs::create_dir(&dst)?;
-            }
-            sync_tree(&src, &dst, in_objects || is_objects_dir(from, &src))?;
+            Node::Dir(read_dir(
+                &path,
+                in_objects || is_objects_dir(dir, &path),
+                used,
+            )?)
         } else {
             let meta = entry.metadata()?;
-            if let Some(d) = existing {
-                if same_file(&src, &meta, &dst, &d) {
-                    continue;
-                }
-                remove(&dst)?;
+            let small = !in_objects
+                && meta.len() <= WHOLE_FILE_COMPARE
+                && *used + meta.len() as usize <= INDEX_BYTES;
+            let bytes = if small {
+                let bytes = std::fs::read(&path)?;
+                *used += bytes.len();
+                Some(bytes)
+            } else {
+                None
+            };
+            Node::File {
+                len: meta.len(),
+                mode: meta.mode(),
+                dev: meta.dev(),
+                ino: meta.ino(),
+                bytes,
             }
-            copy_file(&src, &dst, in_objects)?;
+        };
+        out.entries.insert(entry.file_name(), node);
+    }
+    Ok(out)
+}
+
+fn sync_dir(dir: &Dir, from: &Path, to: &Path, in_objects: bool) -> io::Result<()> {
+    // First remove what `from` does not have, or has as another kind of entry; remember what
+    // stays.
+    let mut kept: BTreeMap<OsString, std::fs::Metadata> = BTreeMap::new();
+    for entry in std::fs::read_dir(to)? {
+        let entry = entry?;
+        let name = entry.file_name();
+        let meta = entry.metadata()?;
+        let keep = match dir.entries.get(&name) {
+            Some(Node::Dir(_)) => meta.is_dir(),
+            Some(Node::File { .. }) => meta.is_file(),
+            Some(Node::Symlink(_)) => meta.is_symlink(),
+            None => false,
+        };
+        if keep {
+            kept.insert(name, meta);
+        } else {
+            remove(&entry.path())?;
+        }
+    }
+    for (name, node) in &dir.entries {
+        let src = from.join(name);
+        let dst = to.join(name);
+        let existing = kept.get(name);
+        match node {
+            Node::Symlink(target) => {
+                if existing.is_some() {
+                    if std::fs::read_link(&dst).ok().as_ref() == Some(target) {
+                        continue;
+                    }
+                    remove(&dst)?;
+                }
+                std::os::unix::fs::symlink(target, &dst)?;
+            }
+            Node::Dir(sub) => {
+                if existing.is_none() {
+                    std::fs::create_dir(&dst)?;
+                }
+                sync_dir(sub, &src, &dst, in_objects || is_objects_dir(from, &src))?;
+            }
+            Node::File {
+                len,
+                mode,
+                dev,
+                ino,
+                bytes,
+            } => {
+                if let Some(d) = existing {
+                    let same = (d.ino() == *ino && d.dev() == *dev)
+                        || (d.len() == *len
+                            && d.mode() == *mode
+                            && match bytes {
+                                Some(bytes) => std::fs::read(&dst).is_ok_and(|b| &b == bytes),
+                                None => same_bytes(&src, &dst, *len).unwrap_or(false),
+                            });
+                    if same {
+                        continue;
+                    }
+                    remove(&dst)?;
+                }
+                copy_file(&src, &dst, in_objects)?;
+            }
         }
     }
     Ok(())
@@ -155,24 +301,11 @@ fn is_git_clutter(parent: &Path, path: &Path) -> bool {
         || (parent.ends_with(".git/hooks") && name.ends_with(".sample"))
 }
 
-/// Whether `dst` holds exactly what `src` holds: the same hard-linked object file, or the same
-/// mode and bytes. Contents are compared, not trusted from size and time: a job can restore a
-/// file's time after changing it, and the next job (maybe another project's) must not see that.
-fn same_file(src: &Path, s: &std::fs::Metadata, dst: &Path, d: &std::fs::Metadata) -> bool {
-    use std::os::unix::fs::MetadataExt;
-    if s.ino() == d.ino() && s.dev() == d.dev() {
-        return true;
-    }
-    s.len() == d.len() && s.mode() == d.mode() && same_bytes(src, dst, s.len()).unwrap_or(false)
-}
-
-/// Files up to this size are compared whole (one read each); larger ones in chunks.
-const WHOLE_FILE_COMPARE: u64 = 64 * 1024;
-
+/// Whether `b` holds the `len` bytes `a` holds. Contents are compared, not trusted from size and
+/// time: a job can restore a file's time after changing it, and the next job (maybe another
+/// project's) must not see that.
 fn same_bytes(a: &Path, b: &Path, len: u64) -> io::Result<bool> {
     if len <= WHOLE_FILE_COMPARE {
-        // Most files of a checkout (and all of `.git` but packs, which are hard-linked) are
-        // small: two exact-size reads, not two zeroed 64 KiB buffers.
         return Ok(std::fs::read(a)? == std::fs::read(b)?);
     }
     let (mut a, mut b) = (std::fs::File::open(a)?, std::fs::File::open(b)?);

@@ -718,3 +718,48 @@ async fn a_reused_workspace_becomes_exactly_the_commit() {
     assert_eq!(git(&ws2, &["rev-parse", "HEAD"]), c2);
     assert_eq!(git(&ws2, &["status", "--porcelain", "--ignored"]), "");
 }
+
+/// Each template's tree is kept in memory once read; a template removed and saved again at the
+/// same path (pruned, then checked out anew) is read again, never answered from the old one.
+#[tokio::test]
+async fn a_template_saved_again_is_read_again() {
+    let f = Fixture::new();
+    let c1 = f.commit(&[("a.txt", Some("one\n"))], "one");
+    let (ws1, ws2) = (f.dir("ws1"), f.dir("ws2"));
+    f.mirrors
+        .checkout(f.repo(), &c1, &ws1, false)
+        .await
+        .unwrap();
+    f.mirrors
+        .checkout(f.repo(), &c1, &ws2, false)
+        .await
+        .unwrap();
+    assert_eq!(read(&ws2.join("a.txt")), "one\n");
+
+    // Another directory takes the template's place, with other contents.
+    let templates: Vec<PathBuf> = std::fs::read_dir(f.mirrors.root().join(".checkouts"))
+        .unwrap()
+        .flat_map(|d| std::fs::read_dir(d.unwrap().path()).unwrap())
+        .map(|e| e.unwrap().path())
+        .filter(|p| p.file_name().unwrap().to_string_lossy() == c1)
+        .collect();
+    let [template] = &templates[..] else {
+        panic!("one template of {c1} expected: {templates:?}")
+    };
+    let old = template.with_extension("old");
+    std::fs::rename(template, &old).unwrap();
+    let copied = Command::new("cp")
+        .arg("-a")
+        .arg(&old)
+        .arg(template)
+        .status()
+        .unwrap();
+    assert!(copied.success());
+    std::fs::write(template.join("a.txt"), "from the new template\n").unwrap();
+
+    f.mirrors
+        .checkout(f.repo(), &c1, &ws2, false)
+        .await
+        .unwrap();
+    assert_eq!(read(&ws2.join("a.txt")), "from the new template\n");
+}
