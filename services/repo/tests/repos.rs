@@ -62,6 +62,14 @@ impl Fixture {
     fn commit(&self, files: &[(&str, Option<&str>)], message: &str) -> String {
         commit_in(&self.src, files, message)
     }
+
+    /// Checks `commit` of the source out into `ws` (no submodules), which must succeed.
+    async fn check_out(&self, commit: &str, ws: &Path) {
+        self.mirrors
+            .checkout(self.repo(), commit, ws, false)
+            .await
+            .unwrap();
+    }
 }
 
 fn commit_in(repo: &Path, files: &[(&str, Option<&str>)], message: &str) -> String {
@@ -393,7 +401,7 @@ async fn checkout_gives_the_exact_tree_of_the_commit() {
     );
     f.commit(&[("a.txt", Some("two\n")), ("c.txt", Some("c"))], "two");
     let ws = f.dir("ws");
-    f.mirrors.checkout(f.repo(), &c1, &ws, false).await.unwrap();
+    f.check_out(&c1, &ws).await;
     assert_eq!(tree(&ws), ["a.txt", "dir/b.txt"]);
     assert_eq!(read(&ws.join("a.txt")), "one\n");
     assert_eq!(read(&ws.join("dir/b.txt")), "bee\n");
@@ -416,7 +424,7 @@ async fn checkout_twice_into_one_workspace_replaces_the_first() {
         "one",
     );
     let ws = f.dir("ws");
-    f.mirrors.checkout(f.repo(), &c1, &ws, false).await.unwrap();
+    f.check_out(&c1, &ws).await;
     // A job dirties the workspace: edits, untracked and ignored files.
     std::fs::write(ws.join("keep"), "edited").unwrap();
     std::fs::write(ws.join("untracked"), "u").unwrap();
@@ -432,13 +440,13 @@ async fn checkout_twice_into_one_workspace_replaces_the_first() {
         ],
         "two",
     );
-    f.mirrors.checkout(f.repo(), &c2, &ws, false).await.unwrap();
+    f.check_out(&c2, &ws).await;
     assert_eq!(tree(&ws), [".gitignore", "keep", "new-only"]);
     assert_eq!(read(&ws.join("keep")), "k2");
     assert_eq!(git(&ws, &["rev-parse", "HEAD"]), c2);
 
     // And back again.
-    f.mirrors.checkout(f.repo(), &c1, &ws, false).await.unwrap();
+    f.check_out(&c1, &ws).await;
     assert_eq!(tree(&ws), [".gitignore", "keep", "old-only"]);
     assert_eq!(read(&ws.join("keep")), "k1");
     assert_eq!(git(&ws, &["rev-parse", "HEAD"]), c1);
@@ -452,7 +460,7 @@ async fn checkout_cleans_a_directory_that_is_not_one_of_its_workspaces() {
     std::fs::create_dir_all(ws.join("leftover/deep")).unwrap();
     std::fs::write(ws.join("leftover/deep/x"), "x").unwrap();
     std::fs::write(ws.join("stale"), "s").unwrap();
-    f.mirrors.checkout(f.repo(), &c1, &ws, false).await.unwrap();
+    f.check_out(&c1, &ws).await;
     assert_eq!(tree(&ws), ["a"]);
 
     // A workspace of another repository is replaced too.
@@ -468,9 +476,9 @@ async fn checkout_cleans_a_directory_that_is_not_one_of_its_workspaces() {
     assert_eq!(git(&ws, &["rev-parse", "HEAD"]), o1);
 
     // A broken workspace (a crashed git's lock file) is re-created.
-    f.mirrors.checkout(f.repo(), &c1, &ws, false).await.unwrap();
+    f.check_out(&c1, &ws).await;
     std::fs::write(ws.join(".git/index.lock"), "").unwrap();
-    f.mirrors.checkout(f.repo(), &c1, &ws, false).await.unwrap();
+    f.check_out(&c1, &ws).await;
     assert_eq!(tree(&ws), ["a"]);
     assert!(!ws.join(".git/index.lock").exists());
 
@@ -498,10 +506,7 @@ async fn submodules_are_checked_out_only_when_asked() {
     let c1 = f.commit(&[("top.txt", Some("top"))], "with submodule");
 
     let plain = f.dir("plain");
-    f.mirrors
-        .checkout(f.repo(), &c1, &plain, false)
-        .await
-        .unwrap();
+    f.check_out(&c1, &plain).await;
     assert!(plain.join("libs/sub").is_dir());
     assert!(!plain.join("libs/sub/inner.txt").exists());
     assert_eq!(tree(&plain), [".gitmodules", "top.txt"]);
@@ -515,10 +520,7 @@ async fn submodules_are_checked_out_only_when_asked() {
     assert_eq!(git(&full, &["rev-parse", "HEAD"]), c1);
 
     // The same workspace without submodules again: they are emptied.
-    f.mirrors
-        .checkout(f.repo(), &c1, &full, false)
-        .await
-        .unwrap();
+    f.check_out(&c1, &full).await;
     assert!(!full.join("libs/sub/inner.txt").exists());
     assert_eq!(tree(&full), [".gitmodules", "top.txt"]);
 }
@@ -588,10 +590,7 @@ async fn a_second_workspace_of_a_commit_is_copied_without_git() {
     std::fs::set_permissions(f.src.join("run.sh"), exec).unwrap();
     std::os::unix::fs::symlink("run.sh", f.src.join("link")).unwrap();
     let c1 = f.commit(&[("dir/a.txt", Some("one\n"))], "one");
-    f.mirrors
-        .checkout(f.repo(), &c1, &f.dir("ws1"), false)
-        .await
-        .unwrap();
+    f.check_out(&c1, &f.dir("ws1")).await;
     std::fs::remove_dir_all(f.mirrors.mirror_path(f.repo()).unwrap()).unwrap();
 
     let ws = f.dir("ws2");
@@ -660,14 +659,8 @@ async fn a_reused_workspace_becomes_exactly_the_commit() {
     );
     let c2 = f.commit(&[("a.txt", Some("two\n")), ("c.txt", Some("sea\n"))], "two");
     let (ws1, ws2) = (f.dir("ws1"), f.dir("ws2"));
-    f.mirrors
-        .checkout(f.repo(), &c1, &ws1, false)
-        .await
-        .unwrap();
-    f.mirrors
-        .checkout(f.repo(), &c2, &ws2, false)
-        .await
-        .unwrap();
+    f.check_out(&c1, &ws1).await;
+    f.check_out(&c2, &ws2).await;
 
     // What a job may leave behind in ws2.
     let outside = f.dir("outside");
@@ -679,10 +672,7 @@ async fn a_reused_workspace_becomes_exactly_the_commit() {
     std::os::unix::fs::symlink(&outside, ws2.join("dir")).unwrap();
 
     // The next job, of c1, gets that workspace.
-    f.mirrors
-        .checkout(f.repo(), &c1, &ws2, false)
-        .await
-        .unwrap();
+    f.check_out(&c1, &ws2).await;
     assert_eq!(tree(&ws2), ["a.txt", "dir/b.txt"]);
     assert_eq!(read(&ws2.join("a.txt")), "one\n");
     assert!(!ws2.join("dir").symlink_metadata().unwrap().is_symlink());
@@ -702,17 +692,11 @@ async fn a_reused_workspace_becomes_exactly_the_commit() {
         .unwrap()
         .set_modified(before)
         .unwrap();
-    f.mirrors
-        .checkout(f.repo(), &c1, &ws2, false)
-        .await
-        .unwrap();
+    f.check_out(&c1, &ws2).await;
     assert_eq!(read(&a), "one\n");
 
     // And back to c2.
-    f.mirrors
-        .checkout(f.repo(), &c2, &ws2, false)
-        .await
-        .unwrap();
+    f.check_out(&c2, &ws2).await;
     assert_eq!(tree(&ws2), ["a.txt", "c.txt", "dir/b.txt"]);
     assert_eq!(read(&ws2.join("a.txt")), "two\n");
     assert_eq!(git(&ws2, &["rev-parse", "HEAD"]), c2);
@@ -726,14 +710,8 @@ async fn a_template_saved_again_is_read_again() {
     let f = Fixture::new();
     let c1 = f.commit(&[("a.txt", Some("one\n"))], "one");
     let (ws1, ws2) = (f.dir("ws1"), f.dir("ws2"));
-    f.mirrors
-        .checkout(f.repo(), &c1, &ws1, false)
-        .await
-        .unwrap();
-    f.mirrors
-        .checkout(f.repo(), &c1, &ws2, false)
-        .await
-        .unwrap();
+    f.check_out(&c1, &ws1).await;
+    f.check_out(&c1, &ws2).await;
     assert_eq!(read(&ws2.join("a.txt")), "one\n");
 
     // Another directory takes the template's place, with other contents.
@@ -757,9 +735,6 @@ async fn a_template_saved_again_is_read_again() {
     assert!(copied.success());
     std::fs::write(template.join("a.txt"), "from the new template\n").unwrap();
 
-    f.mirrors
-        .checkout(f.repo(), &c1, &ws2, false)
-        .await
-        .unwrap();
+    f.check_out(&c1, &ws2).await;
     assert_eq!(read(&ws2.join("a.txt")), "from the new template\n");
 }
