@@ -7,17 +7,13 @@
 #[allow(dead_code)] // shared helpers, not all used here
 mod common;
 
-use tributary_eventlog::kafka::{KafkaLog, KafkaOptions};
+use tributary_eventlog::kafka::KafkaLog;
 use tributary_eventlog::{EventLog, Layout};
 use tributary_projections::{replay, BuildsProjector, BuildsStore, Phase};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn garbage_on_the_topic_is_skipped_and_counted() {
-    let mut options = KafkaOptions::new(tributary_testkit::kafka_brokers());
-    options.topic_prefix = format!("test-projector-{}", tributary_proto::new_id());
-    options.event_partitions = 1;
-    options.log_partitions = 0;
-    options.replication_factor = 1;
+    let options = tributary_testkit::kafka_options("projector", 1, 0);
     let log = KafkaLog::connect(options).await.expect("connect to Kafka");
     assert_eq!(log.layout(), Layout::SINGLE);
 

@@ -14,7 +14,7 @@ use async_trait::async_trait;
 
 use tokio::sync::mpsc;
 use tributary_api::follow::{follow_build, BuildPartitions, Cursor, Step};
-use tributary_eventlog::kafka::{KafkaLog, KafkaOptions};
+use tributary_eventlog::kafka::KafkaLog;
 use tributary_eventlog::{
     Capabilities, EventLog, Layout, LogError, Offset, Partition, Record, Subscription, Topic,
 };
@@ -173,11 +173,7 @@ fn expected(n: usize) -> Vec<String> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_tail_ends_after_every_chunk_appended_before_build_finished_exactly_once() {
-    let mut options = KafkaOptions::new(tributary_testkit::kafka_brokers());
-    options.topic_prefix = format!("test-follow-{}", tributary_proto::new_id());
-    options.event_partitions = 4;
-    options.log_partitions = 2;
-    options.replication_factor = 1;
+    let options = tributary_testkit::kafka_options("follow", 4, 2);
     let log = Arc::new(KafkaLog::connect(options).await.expect("connect"));
     let build = tributary_proto::new_id();
     assert!(!BuildPartitions::of(log.layout(), &build).shared());

@@ -18,7 +18,7 @@ use futures::StreamExt;
 use tower::ServiceExt;
 use tributary_api::builds::BuildsApi;
 use tributary_api::ApiState;
-use tributary_eventlog::kafka::{KafkaLog, KafkaOptions};
+use tributary_eventlog::kafka::KafkaLog;
 use tributary_eventlog::{EventLog, Topic};
 use tributary_proto::api::builds_server::Builds;
 use tributary_proto::api::TailLogsRequest;
@@ -53,11 +53,7 @@ fn build_events(tenant: &str, build: &str, logs_from: u64, chunks: usize) -> Vec
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn reading_a_late_build_reads_only_its_own_records() {
-    let mut options = KafkaOptions::new(tributary_testkit::kafka_brokers());
-    options.topic_prefix = format!("test-tailcost-{}", tributary_proto::new_id());
-    options.event_partitions = 1;
-    options.log_partitions = 1;
-    options.replication_factor = 1;
+    let options = tributary_testkit::kafka_options("tailcost", 1, 1);
     let kafka = Arc::new(KafkaLog::connect(options).await.expect("connect"));
     let log: Arc<dyn EventLog> = kafka.clone();
     let result = std::panic::AssertUnwindSafe(run(kafka.clone(), log));

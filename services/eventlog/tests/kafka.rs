@@ -18,12 +18,7 @@ use tributary_eventlog::kafka::{KafkaLog, KafkaOptions};
 use tributary_eventlog::{EventLog, Layout, Topic};
 
 fn options(events: u32, logs: u32) -> KafkaOptions {
-    let mut options = KafkaOptions::new(tributary_testkit::kafka_brokers());
-    options.topic_prefix = format!("test-{}", uuid::Uuid::now_v7().simple());
-    options.event_partitions = events;
-    options.log_partitions = logs;
-    options.replication_factor = 1;
-    options
+    tributary_testkit::kafka_options("log", events, logs)
 }
 
 async fn connect(options: &KafkaOptions) -> KafkaLog {

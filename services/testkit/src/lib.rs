@@ -1,7 +1,8 @@
 //! Fixtures the integration tests share: the real engines `scripts/setup-brokers.sh` starts.
 //!
 //! * [`kafka_brokers`]: the test broker's address (`TRIBUTARY_TEST_KAFKA`, default
-//!   127.0.0.1:19092), checked to answer.
+//!   127.0.0.1:19092), checked to answer; [`kafka_options`]: options for topics of a test's own
+//!   on it.
 //! * [`fresh_database`] / [`drop_database`]: a PostgreSQL database of a test's own, made through
 //!   `TRIBUTARY_TEST_DATABASE_URL` (default the `tributary_test` database on 127.0.0.1:5432).
 //! * [`kubeconfig`]: the kubeconfig of the test Kubernetes API server of
@@ -14,6 +15,7 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use sqlx::{AnyConnection, Connection, Executor};
+use tributary_eventlog::kafka::KafkaOptions;
 
 /// The test broker's bootstrap servers; panics naming the script that starts one if nothing
 /// listens there.
@@ -33,6 +35,18 @@ pub fn kafka_brokers() -> String {
          127.0.0.1:19092), or set TRIBUTARY_TEST_KAFKA to a reachable broker"
     );
     brokers
+}
+
+/// Options for a `KafkaLog` on the test broker with topics of its own (prefix
+/// `test-<name>-<fresh id>`, replication 1): `event_partitions` events and `log_partitions` logs
+/// partitions (0: log chunks go to the events topic).
+pub fn kafka_options(name: &str, event_partitions: u32, log_partitions: u32) -> KafkaOptions {
+    let mut options = KafkaOptions::new(kafka_brokers());
+    options.topic_prefix = format!("test-{name}-{}", tributary_proto::new_id());
+    options.event_partitions = event_partitions;
+    options.log_partitions = log_partitions;
+    options.replication_factor = 1;
+    options
 }
 
 /// The URL of the database test databases are made from (its role needs CREATEDB).

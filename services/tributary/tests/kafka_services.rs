@@ -21,7 +21,7 @@ use common::{commit_all, git};
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 use tonic::transport::Channel;
-use tributary_eventlog::kafka::{KafkaLog, KafkaOptions};
+use tributary_eventlog::kafka::KafkaLog;
 use tributary_eventlog::{EventLog, Partition, Topic};
 use tributary_proto::api::{
     builds_client::BuildsClient, projects_client::ProjectsClient, CreateProjectRequest, Position,
@@ -35,20 +35,12 @@ use tributary_scheduler::service::{self, Partitions};
 const PATIENCE: Duration = Duration::from_secs(300);
 
 async fn kafka_log() -> Arc<KafkaLog> {
-    let mut options = KafkaOptions::new(tributary_testkit::kafka_brokers());
-    options.topic_prefix = format!("test-svc-{}", uuid_simple());
-    options.event_partitions = 4;
-    options.log_partitions = 2;
-    options.replication_factor = 1;
+    let options = tributary_testkit::kafka_options("svc", 4, 2);
     Arc::new(
         KafkaLog::connect(options)
             .await
             .expect("connect to Kafka and create the topics"),
     )
-}
-
-fn uuid_simple() -> String {
-    tributary_proto::new_id().replace('-', "")
 }
 
 /// The API on a free loopback port, over `log`, with an admin token; agents; schedulers.
@@ -92,23 +84,8 @@ impl Stack {
         let store = tributary_projections::BuildsStore::open(&dir.path().join("readmodels.db"))
             .await
             .expect("builds store");
-        let mirrors = tributary_repo::Mirrors::new(dir.path().join("mirrors"));
-        let state = tributary_api::ApiState::start(log.clone(), store, mirrors, None)
-            .await
-            .expect("API state");
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
-            .await
-            .expect("bind");
-        let addr = format!("http://{}", listener.local_addr().expect("addr"));
         let stop = CancellationToken::new();
-        let api = {
-            let stop = stop.clone();
-            tokio::spawn(async move {
-                let _ =
-                    tributary_api::serve(state, listener, async move { stop.cancelled().await })
-                        .await;
-            })
-        };
+        let (addr, api) = common::serve_api(log.clone(), store, dir.path(), &stop).await;
         Stack {
             kafka,
             log,

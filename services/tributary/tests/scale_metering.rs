@@ -22,7 +22,7 @@ use common::{bin, free_port, http_get_as, wait_for_async, wait_until_async, Proc
 
 use prost::Message;
 use sqlx::{AnyConnection, Connection, Row};
-use tributary_eventlog::kafka::{KafkaLog, KafkaOptions};
+use tributary_eventlog::kafka::KafkaLog;
 use tributary_eventlog::EventLog;
 use tributary_proto::events::{envelope::Payload, Envelope, JobFinished, UsageTick};
 
@@ -121,14 +121,9 @@ async fn issued(db: &str) -> Vec<(String, String, i64)> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn active_and_standby_metering_on_kafka_and_postgres_equal_a_fresh_replay() {
-    let brokers = tributary_testkit::kafka_brokers();
-    let prefix = format!("test-metering-{}", tributary_proto::new_id());
     let (database, db_name) = tributary_testkit::fresh_database().await;
-    let mut options = KafkaOptions::new(brokers.clone());
-    options.topic_prefix = prefix.clone();
-    options.event_partitions = 4;
-    options.log_partitions = 0;
-    options.replication_factor = 1;
+    let options = tributary_testkit::kafka_options("metering", 4, 0);
+    let (brokers, prefix) = (options.brokers.clone(), options.topic_prefix.clone());
     let log = KafkaLog::connect(options).await.expect("connect to Kafka");
     assert_eq!(log.layout().partitions(), 4);
     let dir = tempfile::tempdir().expect("tempdir");

@@ -18,7 +18,7 @@ use std::process::{Command, Stdio};
 use std::time::Duration;
 
 use common::{bin, wait_until_async, Proc};
-use tributary_eventlog::kafka::{KafkaLog, KafkaOptions};
+use tributary_eventlog::kafka::KafkaLog;
 use tributary_eventlog::EventLog;
 use tributary_projections::{replay, BuildsState, BuildsStore};
 
@@ -83,14 +83,9 @@ async fn with_a_logs_topic_byte_counts_come_from_the_chunk_counters() {
 }
 
 async fn scenario(log_partitions: u32) {
-    let brokers = tributary_testkit::kafka_brokers();
-    let prefix = format!("test-scale-{}", tributary_proto::new_id());
     let (database, db_name) = tributary_testkit::fresh_database().await;
-    let mut options = KafkaOptions::new(brokers.clone());
-    options.topic_prefix = prefix.clone();
-    options.event_partitions = 4;
-    options.log_partitions = log_partitions;
-    options.replication_factor = 1;
+    let options = tributary_testkit::kafka_options("scale", 4, log_partitions);
+    let (brokers, prefix) = (options.brokers.clone(), options.topic_prefix.clone());
     let log = KafkaLog::connect(options).await.expect("connect to Kafka");
     assert_eq!(log.layout().partitions(), 4 + log_partitions);
 

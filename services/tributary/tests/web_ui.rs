@@ -961,7 +961,7 @@ async fn artifacts_download_and_usage_show_only_the_tenants_own() {
 
 use std::sync::Arc;
 
-use tributary_eventlog::kafka::{KafkaLog, KafkaOptions};
+use tributary_eventlog::kafka::KafkaLog;
 use tributary_eventlog::{EventLog, Topic};
 use tributary_proto::events::{
     envelope::Payload, BuildQueued, BuildTriggered, Envelope, JobPlan, JobStarted, LineExited,
@@ -982,11 +982,7 @@ struct KafkaUi {
 
 impl KafkaUi {
     async fn start() -> KafkaUi {
-        let mut options = KafkaOptions::new(tributary_testkit::kafka_brokers());
-        options.topic_prefix = format!("test-webui-{}", tributary_proto::new_id());
-        options.event_partitions = 4;
-        options.log_partitions = 2;
-        options.replication_factor = 1;
+        let options = tributary_testkit::kafka_options("webui", 4, 2);
         let kafka = Arc::new(KafkaLog::connect(options).await.expect("connect to Kafka"));
         let log: Arc<dyn EventLog> = kafka.clone();
         let (token, sha256) = tributary_api::auth::new_token();
@@ -1026,23 +1022,8 @@ impl KafkaUi {
                 }
             })
         };
-        let mirrors = tributary_repo::Mirrors::new(dir.path().join("mirrors"));
-        let state = tributary_api::ApiState::start(log.clone(), store.clone(), mirrors, None)
-            .await
-            .expect("API state");
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
-            .await
-            .expect("bind");
-        let addr = format!("http://{}", listener.local_addr().expect("addr"));
         let stop = tokio_util::sync::CancellationToken::new();
-        let api = {
-            let stop = stop.clone();
-            tokio::spawn(async move {
-                let _ =
-                    tributary_api::serve(state, listener, async move { stop.cancelled().await })
-                        .await;
-            })
-        };
+        let (addr, api) = common::serve_api(log.clone(), store.clone(), dir.path(), &stop).await;
         KafkaUi {
             kafka,
             log,

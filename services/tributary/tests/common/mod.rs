@@ -338,6 +338,30 @@ pub fn http_get_as(addr: &str, path: &str, token: Option<&str>) -> Option<HttpRe
     })
 }
 
+/// The API over `log` and `store` (git mirrors under `dir`), served in this process on a free
+/// port until `stop` fires: its `http://` address and its task. For tests that assemble the
+/// services themselves (on Kafka) instead of starting `tributary up`.
+pub async fn serve_api(
+    log: std::sync::Arc<dyn tributary_eventlog::EventLog>,
+    store: tributary_projections::BuildsStore,
+    dir: &Path,
+    stop: &tokio_util::sync::CancellationToken,
+) -> (String, tokio::task::JoinHandle<()>) {
+    let mirrors = tributary_repo::Mirrors::new(dir.join("mirrors"));
+    let state = tributary_api::ApiState::start(log, store, mirrors, None)
+        .await
+        .expect("API state");
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let addr = format!("http://{}", listener.local_addr().expect("addr"));
+    let stop = stop.clone();
+    let task = tokio::spawn(async move {
+        let _ = tributary_api::serve(state, listener, async move { stop.cancelled().await }).await;
+    });
+    (addr, task)
+}
+
 /// Job `id` of a `get --json` build.
 pub fn job(build: &Value, id: &str) -> Value {
     build["jobs"]
