@@ -1182,6 +1182,15 @@ async fn sections(b: &Browser, job: &str) -> Vec<(String, String, Vec<String>)> 
 }
 
 /// `job`'s sections as they must be once lines 0..3 ran and printed `<job>-out-<n>`.
+/// Waits until job `job`'s output sections on the page are `want`.
+async fn sections_become(b: &Browser, job: &str, want: &[(String, String, Vec<String>)]) {
+    b.until(
+        &format!("job {job}'s output under its own lines"),
+        || async { (sections(b, job).await == want).then_some(()) },
+    )
+    .await;
+}
+
 fn expected_sections(job: &str, preamble: bool) -> Vec<(String, String, Vec<String>)> {
     let mut want = Vec::new();
     if preamble {
@@ -1219,13 +1228,7 @@ async fn output_is_placed_by_its_line_on_a_partitioned_log() {
     b.sign_in(&format!("{}/ui/builds/{build}", ui.addr), &ui.token)
         .await;
     let want_a = expected_sections("a", true);
-    let got = b
-        .until("job a's output under its own lines", || async {
-            let got = sections(&b, "a").await;
-            (got == want_a).then_some(got)
-        })
-        .await;
-    assert_eq!(got, want_a);
+    sections_become(&b, "a", &want_a).await;
 
     // Job b runs while the page is open: output of lines 0 and 1 reaches the log before their
     // commands do, then line 2's command before its output, with a's late output in between.
@@ -1251,13 +1254,7 @@ async fn output_is_placed_by_its_line_on_a_partitioned_log() {
         .await;
     ui.append(vec![line_exited(&build, "b", 2)]).await;
     let want_b = expected_sections("b", false);
-    let got = b
-        .until("job b's output under its own lines", || async {
-            let got = sections(&b, "b").await;
-            (got == want_b).then_some(got)
-        })
-        .await;
-    assert_eq!(got, want_b);
+    sections_become(&b, "b", &want_b).await;
     assert_eq!(sections(&b, "a").await, want_a, "job a is unchanged");
     // Every command finished with its exit code, and lines are numbered in order.
     assert_eq!(b.count(".log .cmd .res.ok").await, 6);
