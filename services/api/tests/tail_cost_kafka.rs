@@ -23,8 +23,7 @@ use tributary_eventlog::{EventLog, Topic};
 use tributary_proto::api::builds_server::Builds;
 use tributary_proto::api::TailLogsRequest;
 use tributary_proto::events::{
-    envelope::Payload, BuildFinished, BuildTriggered, Envelope, LogChunk, Status, TenantCreated,
-    TokenIssued,
+    envelope::Payload, BuildFinished, BuildTriggered, Envelope, LogChunk, Status,
 };
 
 /// A build's events as the API and agents append them: trigger (with where its chunks start),
@@ -66,21 +65,9 @@ async fn reading_a_late_build_reads_only_its_own_records() {
 
 async fn run(kafka: Arc<KafkaLog>, log: Arc<dyn EventLog>) {
     let (token, sha256) = tributary_api::auth::new_token();
-    let d = |p| Envelope::new("acme", "", "", p);
-    log.append(&[
-        d(Payload::TenantCreated(TenantCreated {
-            name: "acme".into(),
-        })),
-        d(Payload::TokenIssued(TokenIssued {
-            token_id: tributary_proto::new_id(),
-            tenant: "acme".into(),
-            kind: "admin".into(),
-            name: "admin".into(),
-            sha256,
-        })),
-    ])
-    .await
-    .expect("append the tenant");
+    log.append(&tributary_testkit::tenant_with_admin_token("acme", sha256))
+        .await
+        .expect("append the tenant");
     // Earlier builds: 150 of them, 20 chunks each, all in the same two partitions.
     let mut earlier = Vec::new();
     for _ in 0..150 {

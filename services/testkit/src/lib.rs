@@ -2,7 +2,7 @@
 //!
 //! * [`kafka_brokers`]: the test broker's address (`TRIBUTARY_TEST_KAFKA`, default
 //!   127.0.0.1:19092), checked to answer; [`kafka_options`]: options for topics of a test's own
-//!   on it.
+//!   on it; [`tenant_with_admin_token`]: the events of a tenant and its admin token.
 //! * [`fresh_database`] / [`drop_database`]: a PostgreSQL database of a test's own, made through
 //!   `TRIBUTARY_TEST_DATABASE_URL` (default the `tributary_test` database on 127.0.0.1:5432).
 //! * [`kubeconfig`]: the kubeconfig of the test Kubernetes API server of
@@ -16,6 +16,7 @@ use std::time::Duration;
 
 use sqlx::{AnyConnection, Connection, Executor};
 use tributary_eventlog::kafka::KafkaOptions;
+use tributary_proto::events::{envelope::Payload, Envelope, TenantCreated, TokenIssued};
 
 /// The test broker's bootstrap servers; panics naming the script that starts one if nothing
 /// listens there.
@@ -47,6 +48,25 @@ pub fn kafka_options(name: &str, event_partitions: u32, log_partitions: u32) -> 
     options.log_partitions = log_partitions;
     options.replication_factor = 1;
     options
+}
+
+/// The events that make `tenant` and give it an admin token whose sha256 (hex) is
+/// `token_sha256` (from `tributary_api::auth::new_token`), as `tributary up` does on first start:
+/// for tests that assemble the services on a log of their own.
+pub fn tenant_with_admin_token(tenant: &str, token_sha256: String) -> Vec<Envelope> {
+    let event = |payload| Envelope::new(tenant, "", "", payload);
+    vec![
+        event(Payload::TenantCreated(TenantCreated {
+            name: tenant.into(),
+        })),
+        event(Payload::TokenIssued(TokenIssued {
+            token_id: tributary_proto::new_id(),
+            tenant: tenant.into(),
+            kind: "admin".into(),
+            name: "admin".into(),
+            sha256: token_sha256,
+        })),
+    ]
 }
 
 /// The URL of the database test databases are made from (its role needs CREATEDB).

@@ -27,7 +27,7 @@ use tributary_proto::api::{
     builds_client::BuildsClient, projects_client::ProjectsClient, CreateProjectRequest, Position,
     TailLogsRequest, TriggerBuildRequest, WatchEventsRequest,
 };
-use tributary_proto::events::{envelope::Payload, Envelope, TenantCreated, TokenIssued};
+use tributary_proto::events::{envelope::Payload, Envelope};
 use tributary_scheduler::cluster::ClusterConfig;
 use tributary_scheduler::service::{self, Partitions};
 
@@ -60,27 +60,11 @@ impl Stack {
         let log: Arc<dyn EventLog> = kafka.clone();
         let dir = tempfile::tempdir().expect("temp dir");
         let (token, sha256) = tributary_api::auth::new_token();
-        let tenant = Envelope::new(
-            "default",
-            "",
-            "",
-            Payload::TenantCreated(TenantCreated {
-                name: "default".into(),
-            }),
-        );
-        let issued = Envelope::new(
-            "default",
-            "",
-            "",
-            Payload::TokenIssued(TokenIssued {
-                token_id: tributary_proto::new_id(),
-                tenant: "default".into(),
-                kind: "admin".into(),
-                name: "admin".into(),
-                sha256,
-            }),
-        );
-        log.append(&[tenant, issued]).await.expect("append admin");
+        log.append(&tributary_testkit::tenant_with_admin_token(
+            "default", sha256,
+        ))
+        .await
+        .expect("append admin");
         let store = tributary_projections::BuildsStore::open(&dir.path().join("readmodels.db"))
             .await
             .expect("builds store");

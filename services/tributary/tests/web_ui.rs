@@ -965,7 +965,7 @@ use tributary_eventlog::kafka::KafkaLog;
 use tributary_eventlog::{EventLog, Topic};
 use tributary_proto::events::{
     envelope::Payload, BuildQueued, BuildTriggered, Envelope, JobPlan, JobStarted, LineExited,
-    LineStarted, LogChunk, Plan, ProjectCreated, StepPlan, StepStarted, TenantCreated, TokenIssued,
+    LineStarted, LogChunk, Plan, ProjectCreated, StepPlan, StepStarted,
 };
 
 /// The API and a builds projector on fresh Kafka topics (deleted by `stop`).
@@ -986,27 +986,19 @@ impl KafkaUi {
         let kafka = Arc::new(KafkaLog::connect(options).await.expect("connect to Kafka"));
         let log: Arc<dyn EventLog> = kafka.clone();
         let (token, sha256) = tributary_api::auth::new_token();
-        let d = |p| Envelope::new("default", "", "", p);
-        log.append(&[
-            d(Payload::TenantCreated(TenantCreated {
-                name: "default".into(),
-            })),
-            d(Payload::TokenIssued(TokenIssued {
-                token_id: tributary_proto::new_id(),
-                tenant: "default".into(),
-                kind: "admin".into(),
-                name: "admin".into(),
-                sha256,
-            })),
-            d(Payload::ProjectCreated(ProjectCreated {
+        let mut setup = tributary_testkit::tenant_with_admin_token("default", sha256);
+        setup.push(Envelope::new(
+            "default",
+            "",
+            "",
+            Payload::ProjectCreated(ProjectCreated {
                 tenant: "default".into(),
                 name: "web".into(),
                 repository: "/nowhere".into(),
                 ..ProjectCreated::default()
-            })),
-        ])
-        .await
-        .expect("append the tenant");
+            }),
+        ));
+        log.append(&setup).await.expect("append the tenant");
         let dir = tempfile::tempdir().expect("temp dir");
         let store = tributary_projections::BuildsStore::open(&dir.path().join("readmodels.db"))
             .await
