@@ -1248,8 +1248,12 @@ async fn output_is_placed_by_its_line_on_a_partitioned_log() {
     let want_b = expected_sections("b", false);
     sections_become(&b, "b", &want_b).await;
     assert_eq!(sections(&b, "a").await, want_a, "job a is unchanged");
-    // Every command finished with its exit code, and lines are numbered in order.
-    assert_eq!(b.count(".log .cmd .res.ok").await, 6);
+    // Every command finished with its exit code (line 2's LineExited is appended after its
+    // output, so the page may show the output first), and lines are numbered in order.
+    b.until("an exit code on each of the 6 commands", || async {
+        (b.count(".log .cmd .res.ok").await == 6).then_some(())
+    })
+    .await;
     let numbers = b
         .log_js(
             "return Array.from(document.querySelectorAll('details.joblog[data-job=\"b\"] .ln .n'))
