@@ -14,7 +14,8 @@
 //!
 //! Needs `scripts/setup-brokers.sh` (Kafka on 127.0.0.1:19092, PostgreSQL on 127.0.0.1:5432;
 //! `TRIBUTARY_TEST_KAFKA` and `TRIBUTARY_TEST_DATABASE_URL` override them): fails saying so if
-//! they are absent.
+//! they are absent. The processes' logs are kept when a test fails, and always with
+//! `TRIBUTARY_TEST_KEEP_LOGS=1`.
 
 #![allow(dead_code)]
 
@@ -524,13 +525,32 @@ impl ScaleOut {
         finished_of(self.events())
     }
 
-    /// Waits until every build of `builds` has a `BuildFinished`.
+    /// Waits until every build of `builds` has a `BuildFinished`. On a timeout, the failure
+    /// shows each unfinished build's events and every service's log tail.
     pub fn wait_finished(&mut self, builds: &[String], within: Duration) {
-        let total = builds.len();
-        self.wait_events(&format!("{total} builds to finish"), within, |events| {
-            let done = finished_of(events);
-            builds.iter().all(|b| done.contains_key(b))
-        });
+        let deadline = Instant::now() + within;
+        loop {
+            let done = finished_of(self.events());
+            let unfinished: Vec<&String> =
+                builds.iter().filter(|b| !done.contains_key(*b)).collect();
+            if unfinished.is_empty() {
+                return;
+            }
+            self.assert_all_running();
+            if Instant::now() >= deadline {
+                let story: String = unfinished
+                    .iter()
+                    .map(|b| format!("build {b}:\n{}", story_of(self.events(), b)))
+                    .collect();
+                panic!(
+                    "timed out waiting for {} of {} builds to finish\n{story}\n{}",
+                    unfinished.len(),
+                    builds.len(),
+                    self.logs()
+                );
+            }
+            std::thread::sleep(Duration::from_millis(250));
+        }
     }
 
     /// Waits until the read model's stored offsets reached the log's end of every partition
@@ -608,6 +628,21 @@ impl ScaleOut {
     }
 }
 
+impl Drop for Broker {
+    fn drop(&mut self) {
+        self.proc.take();
+        if std::thread::panicking() || std::env::var_os("TRIBUTARY_TEST_KEEP_LOGS").is_some() {
+            eprintln!(
+                "the test broker's data and logs are in {}",
+                self.dir.display()
+            );
+            if let Some(tmp) = self._tmp.take() {
+                let _ = tmp.keep();
+            }
+        }
+    }
+}
+
 impl Drop for ScaleOut {
     fn drop(&mut self) {
         for s in self
@@ -619,7 +654,7 @@ impl Drop for ScaleOut {
         {
             s.proc.take();
         }
-        if std::thread::panicking() {
+        if std::thread::panicking() || std::env::var_os("TRIBUTARY_TEST_KEEP_LOGS").is_some() {
             eprintln!("scale-out processes' logs are in {}", self.root.display());
             // Keep the directory for a post-mortem.
             let dir = std::mem::replace(&mut self._dir, tempfile::tempdir().expect("tempdir"));
@@ -672,6 +707,24 @@ pub fn finished_of(events: &[Ev]) -> BTreeMap<String, String> {
         .collect()
 }
 
+/// One line per event of build `build`: where it is in the log, its type and job.
+pub fn story_of(events: &[Ev], build: &str) -> String {
+    events
+        .iter()
+        .filter(|e| e.env.build_id == build)
+        .map(|e| {
+            let what = e.env.payload.as_ref().map_or_else(
+                || "(no payload)".to_owned(),
+                |p| {
+                    let text = format!("{p:?}");
+                    text.chars().take(160).collect()
+                },
+            );
+            format!("  {}@{} {what}\n", e.partition, e.offset)
+        })
+        .collect()
+}
+
 fn tail_of(text: &str, lines: usize) -> String {
     let all: Vec<&str> = text.lines().collect();
     all[all.len().saturating_sub(lines)..].join("\n")
@@ -680,9 +733,12 @@ fn tail_of(text: &str, lines: usize) -> String {
 /// A single-node Apache Kafka broker (KRaft, broker and controller in one JVM) of a test's own,
 /// on free loopback ports with its own data directory, from the jars that
 /// `scripts/setup-brokers.sh` fetched. [`Broker::stop`]/[`Broker::kill`] then
-/// [`Broker::start_again`] restart it on the same port and data. Killed when dropped.
+/// [`Broker::start_again`] restart it on the same port and data. Killed when dropped; its
+/// directory (data and logs) is kept when a test fails, and always with
+/// `TRIBUTARY_TEST_KEEP_LOGS=1`.
 pub struct Broker {
     pub addr: String,
+    _tmp: Option<tempfile::TempDir>,
     dir: PathBuf,
     libs: PathBuf,
     proc: Option<Proc>,
@@ -690,13 +746,13 @@ pub struct Broker {
 }
 
 impl Broker {
-    /// Formats a data directory under `dir` and starts the broker; returns once it serves.
-    pub fn start(dir: &Path) -> Broker {
+    /// Formats a data directory of its own and starts the broker; returns once it serves.
+    pub fn start() -> Broker {
         let libs = kafka_libs();
         let port = free_port();
         let controller = free_port();
-        let dir = dir.to_path_buf();
-        std::fs::create_dir_all(&dir).expect("broker dir");
+        let tmp = tempfile::tempdir().expect("tempdir");
+        let dir = tmp.path().to_path_buf();
         let data = dir.join("data");
         std::fs::write(
             dir.join("server.properties"),
@@ -735,6 +791,7 @@ impl Broker {
         .expect("log4j.properties");
         let broker = Broker {
             addr: format!("127.0.0.1:{port}"),
+            _tmp: Some(tmp),
             dir,
             libs,
             proc: None,
