@@ -35,7 +35,9 @@
 //! poll up to the high watermark read first. A subscription is a consumer of its own, assigned to
 //! its partitions at its offsets, polled on a thread of its own that hands batches to
 //! [`Subscription::next_batch`] through a bounded channel (back pressure: it stops fetching when
-//! the reader lags). Undecodable records are handed back like any other.
+//! the reader lags). Undecodable records are handed back like any other. The thread also checks
+//! that librdkafka keeps fetching every partition (it can stop after a broker restart) and
+//! replaces its consumer when one stalls (`kafka/stall.rs`).
 //!
 //! Commits store offsets in Kafka's consumer-group offsets under the group id
 //! `<prefix>.<group>`, through a group-less "simple consumer" commit: this works while no member
@@ -71,6 +73,7 @@ use crate::{
 };
 
 mod group;
+mod stall;
 pub use group::KafkaGroupMember;
 
 /// How to reach the broker and how to lay out the topics.
@@ -100,6 +103,10 @@ pub struct KafkaOptions {
     /// `session.timeout.ms` of consumer-group members: how long after a member dies (without
     /// leaving) the group hands its partitions to the others.
     pub session_timeout: Duration,
+    /// How often a subscription checks that each of its partitions is fetched (see
+    /// `kafka/stall.rs`): a partition left behind its high watermark for two checks gets a new
+    /// consumer.
+    pub stall_check: Duration,
 }
 
 impl KafkaOptions {
@@ -118,6 +125,7 @@ impl KafkaOptions {
             subscription_batch: 4096,
             timeout: Duration::from_secs(30),
             session_timeout: Duration::from_secs(10),
+            stall_check: Duration::from_secs(5),
         }
     }
 
@@ -622,7 +630,8 @@ impl EventLog for KafkaLog {
 }
 
 impl KafkaLog {
-    fn start_subscription(
+    /// [`EventLog::subscribe_partitions`], as the Kafka subscription it is.
+    pub fn start_subscription(
         &self,
         from: &[(Partition, Offset)],
     ) -> Result<KafkaSubscription, LogError> {
@@ -655,17 +664,25 @@ impl KafkaLog {
             .assign(&list)
             .map_err(|e| kafka("assigning the subscription's partitions", e))?;
         let (tx, rx) = mpsc::channel(4);
+        let (control, controls) = std::sync::mpsc::channel();
         let closed = self.closed.subscribe();
-        let batch = self.options.subscription_batch.max(1);
         let positions = routes.iter().map(|r| (r.partition, r.next)).collect();
-        let thread_closed = closed.clone();
+        let follower = Follower {
+            consumer,
+            routes,
+            tx,
+            closed: closed.clone(),
+            controls,
+            options: self.options.clone(),
+        };
         std::thread::Builder::new()
             .name("eventlog-kafka-sub".into())
-            .spawn(move || follow(consumer, routes, tx, thread_closed, batch))?;
+            .spawn(move || follower.run())?;
         Ok(KafkaSubscription {
             rx,
             closed,
             positions,
+            control,
         })
     }
 }
@@ -675,6 +692,23 @@ pub struct KafkaSubscription {
     rx: mpsc::Receiver<Vec<Record>>,
     closed: watch::Receiver<()>,
     positions: Vec<(Partition, Offset)>,
+    control: std::sync::mpsc::Sender<Control>,
+}
+
+/// Orders to a subscription's thread.
+enum Control {
+    /// Stop fetching `partition` (librdkafka's pause), as a stalled fetch would.
+    Pause(Partition),
+}
+
+impl KafkaSubscription {
+    /// For tests of the stall recovery: makes the consumer stop fetching `partition`, as
+    /// librdkafka sometimes does by itself after a broker restart. The subscription must notice
+    /// and recover (`kafka/stall.rs`).
+    #[doc(hidden)]
+    pub fn stall_for_test(&self, partition: Partition) {
+        let _ = self.control.send(Control::Pause(partition));
+    }
 }
 
 #[async_trait]
@@ -724,43 +758,134 @@ struct Route {
     next: Offset,
 }
 
-/// A subscription's thread: polls `consumer`, hands batches to `tx` until the subscription or
-/// the log is dropped.
-fn follow(
+/// A subscription's thread: polls its consumer and hands batches to `tx` until the subscription
+/// or the log is dropped; replaces the consumer when a partition stalls (`kafka/stall.rs`).
+struct Follower {
     consumer: BaseConsumer,
-    mut routes: Vec<Route>,
+    routes: Vec<Route>,
     tx: mpsc::Sender<Vec<Record>>,
     closed: watch::Receiver<()>,
-    max_batch: usize,
-) {
-    let mut last_error: Option<Instant> = None;
-    loop {
-        if closed.has_changed().is_err() || tx.is_closed() {
-            return;
-        }
-        let mut batch = Vec::new();
-        let mut next = consumer.poll(Duration::from_millis(100));
-        while let Some(polled) = next.take() {
-            match polled {
-                Ok(message) => {
-                    if let Some(record) = route(&mut routes, &message) {
-                        batch.push(record);
+    controls: std::sync::mpsc::Receiver<Control>,
+    options: KafkaOptions,
+}
+
+impl Follower {
+    fn run(mut self) {
+        let max_batch = self.options.subscription_batch.max(1);
+        let mut last_error: Option<Instant> = None;
+        let mut stalls =
+            stall::StallWatch::new(self.options.stall_check, Instant::now(), &self.nexts());
+        loop {
+            if self.closed.has_changed().is_err() || self.tx.is_closed() {
+                return;
+            }
+            while let Ok(control) = self.controls.try_recv() {
+                self.obey(control);
+            }
+            let mut batch = Vec::new();
+            let mut next = self.consumer.poll(Duration::from_millis(100));
+            while let Some(polled) = next.take() {
+                match polled {
+                    Ok(message) => {
+                        if let Some(record) = route(&mut self.routes, &message) {
+                            batch.push(record);
+                        }
+                    }
+                    Err(error) => {
+                        // librdkafka reconnects by itself; say so at most once a second.
+                        if last_error.is_none_or(|at| at.elapsed() > Duration::from_secs(1)) {
+                            tracing::warn!(%error, "Kafka subscription: fetch error, retrying");
+                            last_error = Some(Instant::now());
+                        }
                     }
                 }
-                Err(error) => {
-                    // librdkafka reconnects by itself; say so at most once a second.
-                    if last_error.is_none_or(|at| at.elapsed() > Duration::from_secs(1)) {
-                        tracing::warn!(%error, "Kafka subscription: fetch error, retrying");
-                        last_error = Some(Instant::now());
-                    }
+                if batch.len() < max_batch {
+                    next = self.consumer.poll(Duration::ZERO);
                 }
             }
-            if batch.len() < max_batch {
-                next = consumer.poll(Duration::ZERO);
+            if !batch.is_empty() {
+                let sent = Instant::now();
+                if self.tx.blocking_send(batch).is_err() {
+                    return;
+                }
+                if sent.elapsed() > stalls.period() / 2 {
+                    // The reader held us back: not fetching was not the consumer's doing.
+                    stalls.reset(Instant::now(), &self.nexts());
+                }
+            }
+            let now = Instant::now();
+            if stalls.due(now) {
+                let nexts = self.nexts();
+                let stalled = stalls.check(now, &nexts, |i| self.high_watermark(i));
+                if !stalled.is_empty() {
+                    self.replace_consumer(&stalled);
+                }
             }
         }
-        if !batch.is_empty() && tx.blocking_send(batch).is_err() {
-            return;
+    }
+
+    fn nexts(&self) -> Vec<Offset> {
+        self.routes.iter().map(|r| r.next).collect()
+    }
+
+    /// The high watermark of route `i`'s partition; `None` if the broker does not answer soon.
+    fn high_watermark(&self, i: usize) -> Option<Offset> {
+        let route = &self.routes[i];
+        let wait = self.options.timeout.min(Duration::from_secs(2));
+        self.consumer
+            .fetch_watermarks(&route.topic, route.index, wait)
+            .ok()
+            .map(|(_, high)| high.max(0) as Offset)
+    }
+
+    /// A new consumer, assigned to every route at the offset it expects next (records already
+    /// handed over are not fetched again).
+    fn replace_consumer(&mut self, stalled: &[usize]) {
+        for &i in stalled {
+            let route = &self.routes[i];
+            tracing::warn!(
+                partition = route.partition,
+                next = route.next,
+                "Kafka subscription: the partition has records to fetch but its consumer has \
+                 not fetched any for {:?}; replacing the consumer",
+                self.options.stall_check
+            );
+        }
+        let replaced = self
+            .routes
+            .iter()
+            .try_fold(TopicPartitionList::new(), |mut list, r| {
+                let start = i64::try_from(r.next).unwrap_or(i64::MAX);
+                list.add_partition_offset(&r.topic, r.index, KafkaOffset::Offset(start))
+                    .map(|()| list)
+            });
+        let consumer = new_reader(&self.options).and_then(|consumer| {
+            let list = replaced.map_err(|e| kafka("building the assignment", e))?;
+            consumer
+                .assign(&list)
+                .map_err(|e| kafka("assigning the subscription's partitions", e))?;
+            Ok(consumer)
+        });
+        match consumer {
+            Ok(consumer) => self.consumer = consumer,
+            Err(error) => {
+                tracing::error!(%error, "Kafka subscription: cannot replace the stalled consumer")
+            }
+        }
+    }
+
+    fn obey(&mut self, control: Control) {
+        match control {
+            Control::Pause(partition) => {
+                let Some(route) = self.routes.iter().find(|r| r.partition == partition) else {
+                    return;
+                };
+                let mut list = TopicPartitionList::new();
+                list.add_partition(&route.topic, route.index);
+                if let Err(error) = self.consumer.pause(&list) {
+                    tracing::error!(%error, partition, "Kafka subscription: pausing failed");
+                }
+            }
         }
     }
 }

@@ -1,6 +1,6 @@
 //! The Kafka backend against a real Apache Kafka broker: the conformance suite on a log with
 //! several partitions and a separate logs topic, and on a single-partition one; garbage bytes
-//! written to the topic by another producer.
+//! written to the topic by another producer; a subscribed partition that stops being fetched.
 //!
 //! The broker comes from `scripts/setup-brokers.sh` (127.0.0.1:19092); set
 //! `TRIBUTARY_TEST_KAFKA` to use another. Every test works on topics of its own (a random
@@ -192,4 +192,102 @@ async fn existing_topics_keep_their_partitions() {
         "the logs topic's retention follows the options"
     );
     second.delete_topics().await.expect("delete topics");
+}
+
+/// A subscribed partition librdkafka stops fetching (as it sometimes does after a broker
+/// restart; simulated by pausing it) is noticed and fetched again by a new consumer, from where
+/// the subscription was: every record once, in order. A subscription that never checks stays
+/// stuck on it, which shows the pause is a real stall.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stalled_partition_gets_a_new_consumer_and_loses_nothing() {
+    use std::collections::BTreeMap;
+    use tributary_eventlog::{Partition, Record};
+
+    let mut options = options(2, 1);
+    options.stall_check = Duration::from_millis(300);
+    let log = Arc::new(connect(&options).await);
+    let mut blind = options.clone();
+    blind.stall_check = Duration::from_secs(3600);
+    let blind_log = connect(&blind).await;
+    let layout = log.layout();
+    // A key for each events partition.
+    let keys: Vec<String> = (0..2)
+        .map(|p| {
+            (0..)
+                .map(|i| format!("build-{i}"))
+                .find(|k| layout.partition_for(Topic::Events, k) == p)
+                .expect("a key")
+        })
+        .collect();
+    let append = |round: u64| {
+        let log = log.clone();
+        let keys = keys.clone();
+        async move {
+            let events: Vec<_> = (0..3)
+                .flat_map(|i| keys.iter().map(move |k| state_event(k, round * 10 + i)))
+                .collect();
+            log.append(&events).await.expect("append");
+        }
+    };
+    // Reads `sub` until it has `want` records per partition or `within` passed.
+    async fn read(
+        sub: &mut tributary_eventlog::kafka::KafkaSubscription,
+        got: &mut BTreeMap<Partition, Vec<Record>>,
+        want: usize,
+        within: Duration,
+    ) {
+        use tributary_eventlog::Subscription;
+        let deadline = tokio::time::Instant::now() + within;
+        while got.values().map(Vec::len).min().unwrap_or(0) < want || got.len() < 2 {
+            match tokio::time::timeout_at(deadline, sub.next_batch()).await {
+                Ok(batch) => {
+                    for r in batch.expect("next_batch") {
+                        got.entry(r.partition).or_default().push(r);
+                    }
+                }
+                Err(_) => return,
+            }
+        }
+    }
+
+    let from = [(0, 0), (1, 0)];
+    let mut sub = log.start_subscription(&from).expect("subscribe");
+    let mut stuck = blind_log.start_subscription(&from).expect("subscribe");
+    append(0).await;
+    let (mut got, mut stuck_got) = (BTreeMap::new(), BTreeMap::new());
+    read(&mut sub, &mut got, 3, Duration::from_secs(60)).await;
+    read(&mut stuck, &mut stuck_got, 3, Duration::from_secs(60)).await;
+    assert_eq!(got.get(&0).map(Vec::len), Some(3), "before the stall");
+
+    sub.stall_for_test(0);
+    stuck.stall_for_test(0);
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    append(1).await;
+    read(&mut stuck, &mut stuck_got, 6, Duration::from_secs(5)).await;
+    assert_eq!(stuck_got[&1].len(), 6, "the other partition flows");
+    assert_eq!(
+        stuck_got[&0].len(),
+        3,
+        "the paused partition is stuck without the check"
+    );
+
+    read(&mut sub, &mut got, 6, Duration::from_secs(60)).await;
+    for (p, records) in &got {
+        let offsets: Vec<u64> = records.iter().map(|r| r.offset).collect();
+        assert_eq!(
+            offsets,
+            (0..6).collect::<Vec<_>>(),
+            "partition {p}: once each, in order"
+        );
+        assert!(records.iter().all(|r| r.key == keys[*p as usize]));
+    }
+    // And it goes on fetching with its new consumer.
+    append(2).await;
+    read(&mut sub, &mut got, 9, Duration::from_secs(60)).await;
+    assert!(
+        got.values().all(|r| r.len() == 9),
+        "after the recovery: {got:?}"
+    );
+    drop((sub, stuck));
+    log.delete_topics().await.expect("delete topics");
 }
