@@ -814,7 +814,7 @@ pub fn decide_cluster(
     now_us: i64,
     config: &ClusterConfig,
 ) -> Vec<ClusterDecision> {
-    plan_round(state, now_us, config).decisions
+    plan_round(state, now_us, config, false).decisions
 }
 
 /// Why a job is not running, for `get`; `None` when nothing holds it back (it is running, done,
@@ -859,7 +859,7 @@ pub fn waiting_reasons(
                 (!pending.is_empty()).then(|| format!("waiting for {}", pending.join(", ")))
             }
             JobPhase::Queued => round
-                .get_or_insert_with(|| plan_round(state, now_us, config))
+                .get_or_insert_with(|| plan_round(state, now_us, config, true))
                 .waiting
                 .remove(&(build.to_owned(), job.id.clone())),
             JobPhase::Assigned | JobPhase::Running if state.requeued(build, job) => {
@@ -911,14 +911,20 @@ struct Round {
     waiting: BTreeMap<Key, String>,
 }
 
-fn plan_round(state: &ClusterState, now_us: i64, config: &ClusterConfig) -> Round {
+/// One round of decisions; with `explain`, also why each queued job that is not assigned waits
+/// (`get` wants that; the scheduler does not, and skips that work when every slot is taken:
+/// with a long queue it is most of a round).
+fn plan_round(state: &ClusterState, now_us: i64, config: &ClusterConfig, explain: bool) -> Round {
     let mut round = Round {
         decisions: Vec::new(),
         waiting: BTreeMap::new(),
     };
+    let mut pool = Pool::new(state, now_us, config, explain);
+    // With no free slot, no queued job can be assigned this round: do not propose any.
+    let assignable = if pool.exhausted() { 0 } else { usize::MAX };
     let mut per_job: BTreeMap<(&str, &str), Vec<Decision>> = BTreeMap::new();
     let mut finish_build: BTreeMap<String, Decision> = BTreeMap::new();
-    for d in decide(&state.builds, usize::MAX) {
+    for d in decide(&state.builds, assignable) {
         match &d {
             Decision::FinishBuild { build, .. } => {
                 finish_build.insert(build.clone(), d);
@@ -942,13 +948,15 @@ fn plan_round(state: &ClusterState, now_us: i64, config: &ClusterConfig) -> Roun
         }
     }
 
-    let mut pool = Pool::new(state, now_us, config);
     let mut builds: Vec<(&String, &BuildRun)> = state.builds.builds.iter().collect();
     builds.sort_by_key(|(_, b)| b.triggered_offset);
     for (build_id, build) in builds {
         for job_state in &build.jobs {
-            let key = (build_id.clone(), job_state.id.clone());
-            if let Some(lease) = state.leases.get(&key) {
+            // Only an assigned or running attempt holds a lease (`reconcile`).
+            let leased = matches!(job_state.phase, JobPhase::Assigned | JobPhase::Running)
+                .then(|| state.leases.get(&(build_id.clone(), job_state.id.clone())))
+                .flatten();
+            if let Some(lease) = leased {
                 if let Some(d) =
                     check_lease(state, build_id, build, job_state, lease, now_us, config)
                 {
@@ -1021,7 +1029,9 @@ fn plan_round(state: &ClusterState, now_us: i64, config: &ClusterConfig) -> Roun
                     } => match pool.assign(build, job, attempt) {
                         Ok(d) => round.decisions.push(d),
                         Err((key, reason)) => {
-                            round.waiting.insert(key, reason);
+                            if explain {
+                                round.waiting.insert(key, reason);
+                            }
                         }
                     },
                     Decision::Reuse {
@@ -1256,10 +1266,15 @@ struct Pool<'a> {
     free: BTreeMap<&'a str, (&'a AgentState, u32)>,
     used: BTreeMap<&'a str, u32>,
     project_busy: BTreeMap<(String, String), u32>,
+    /// Free slots of all available agents together.
+    free_total: u32,
+    /// Say why a job cannot be assigned (else an empty reason, and no routing when no slot is
+    /// free).
+    explain: bool,
 }
 
 impl<'a> Pool<'a> {
-    fn new(state: &'a ClusterState, now_us: i64, config: &'a ClusterConfig) -> Self {
+    fn new(state: &'a ClusterState, now_us: i64, config: &'a ClusterConfig, explain: bool) -> Self {
         let mut used: BTreeMap<&str, u32> = BTreeMap::new();
         let mut project_busy: BTreeMap<(String, String), u32> = BTreeMap::new();
         for ((build, _), lease) in &state.leases {
@@ -1278,7 +1293,8 @@ impl<'a> Pool<'a> {
                 let held = used.get(id.as_str()).copied().unwrap_or(0);
                 (id.as_str(), (a, a.capacity.saturating_sub(held)))
             })
-            .collect();
+            .collect::<BTreeMap<_, _>>();
+        let free_total = free.values().map(|(_, f)| *f).sum();
         Pool {
             config,
             state,
@@ -1286,7 +1302,14 @@ impl<'a> Pool<'a> {
             free,
             used,
             project_busy,
+            free_total,
+            explain,
         }
+    }
+
+    /// No slot left for anyone, and no need to say why.
+    fn exhausted(&self) -> bool {
+        self.free_total == 0 && !self.explain
     }
 
     /// Leases `attempt` of `job` to the agent [`Pool::take`] picks; else the job's key and why
@@ -1297,6 +1320,9 @@ impl<'a> Pool<'a> {
         job: String,
         attempt: u32,
     ) -> Result<ClusterDecision, (Key, String)> {
+        if self.exhausted() {
+            return Err(((build, job), String::new()));
+        }
         let state = self.state;
         let (runs_on, image) = state
             .job_info(&build, &job)
@@ -1427,6 +1453,7 @@ impl<'a> Pool<'a> {
         };
         if let Some(slot) = self.free.get_mut(id) {
             slot.1 -= 1;
+            self.free_total -= 1;
         }
         *self.used.entry(id).or_default() += 1;
         *self.project_busy.entry(project.clone()).or_default() += 1;

@@ -341,13 +341,13 @@ pub fn decide(state: &SchedulerState, mut free_slots: usize) -> Vec<Decision> {
         if !build.planned || build.finished {
             continue;
         }
-        let by_id: BTreeMap<&str, &JobState> =
-            build.jobs.iter().map(|j| (j.id.as_str(), j)).collect();
+        // Builds have a handful of jobs: a scan finds a need faster than a map built per round.
+        let by_id = |need: &str| build.jobs.iter().find(|j| j.id == need);
         for job in &build.jobs {
-            let build_id = id.clone();
+            let build_id = || id.clone();
             match job.phase {
                 JobPhase::Waiting if build.canceled => decisions.push(Decision::Finish {
-                    build: build_id,
+                    build: build_id(),
                     job: job.id.clone(),
                     attempt: job.attempt,
                     status: Status::Canceled,
@@ -355,7 +355,7 @@ pub fn decide(state: &SchedulerState, mut free_slots: usize) -> Vec<Decision> {
                 }),
                 JobPhase::Waiting => {
                     let blocker = job.needs.iter().find_map(|n| {
-                        let need = by_id.get(n.as_str())?;
+                        let need = by_id(n)?;
                         match need.final_status() {
                             Some(Status::Succeeded) | None => None,
                             Some(s) => Some((n, s)),
@@ -363,16 +363,17 @@ pub fn decide(state: &SchedulerState, mut free_slots: usize) -> Vec<Decision> {
                     });
                     if let Some((need, status)) = blocker {
                         decisions.push(Decision::Finish {
-                            build: build_id,
+                            build: build_id(),
                             job: job.id.clone(),
                             attempt: job.attempt,
                             status: Status::Skipped,
                             reason: format!("needs {need}, which {}", outcome_words(status)),
                         });
-                    } else if job.needs.iter().all(|n| {
-                        by_id.get(n.as_str()).and_then(|j| j.final_status())
-                            == Some(Status::Succeeded)
-                    }) {
+                    } else if job
+                        .needs
+                        .iter()
+                        .all(|n| by_id(n).and_then(|j| j.final_status()) == Some(Status::Succeeded))
+                    {
                         let reusable = job.reuse.as_ref().and_then(|definition| {
                             let from = state.reuse.lookup(
                                 &build.tenant,
@@ -384,14 +385,14 @@ pub fn decide(state: &SchedulerState, mut free_slots: usize) -> Vec<Decision> {
                         });
                         decisions.push(match reusable {
                             Some((definition, from)) => Decision::Reuse {
-                                build: build_id,
+                                build: build_id(),
                                 job: job.id.clone(),
                                 attempt: 1,
                                 definition,
                                 from,
                             },
                             None => Decision::Queue {
-                                build: build_id,
+                                build: build_id(),
                                 job: job.id.clone(),
                                 attempt: 1,
                             },
@@ -399,7 +400,7 @@ pub fn decide(state: &SchedulerState, mut free_slots: usize) -> Vec<Decision> {
                     }
                 }
                 JobPhase::Queued if build.canceled => decisions.push(Decision::Finish {
-                    build: build_id,
+                    build: build_id(),
                     job: job.id.clone(),
                     attempt: job.attempt,
                     status: Status::Canceled,
@@ -408,7 +409,7 @@ pub fn decide(state: &SchedulerState, mut free_slots: usize) -> Vec<Decision> {
                 JobPhase::Queued if free_slots > 0 => {
                     free_slots -= 1;
                     decisions.push(Decision::Assign {
-                        build: build_id,
+                        build: build_id(),
                         job: job.id.clone(),
                         attempt: job.attempt,
                     });
@@ -416,7 +417,7 @@ pub fn decide(state: &SchedulerState, mut free_slots: usize) -> Vec<Decision> {
                 JobPhase::Done(status) if !job.is_final() && !build.canceled => {
                     debug_assert!(retryable(status));
                     decisions.push(Decision::Queue {
-                        build: build_id,
+                        build: build_id(),
                         job: job.id.clone(),
                         attempt: job.attempt + 1,
                     });

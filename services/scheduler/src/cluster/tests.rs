@@ -1078,6 +1078,44 @@ fn builds_are_served_in_trigger_order() {
     );
 }
 
+#[test]
+fn a_long_queue_with_every_slot_taken_proposes_nothing_and_still_says_why() {
+    let mut w = World::new();
+    w.agent("a", &[], 2, "");
+    let builds: Vec<String> = (0..50).map(|i| format!("b{i:02}")).collect();
+    for b in &builds {
+        w.build(b, vec![job("j")]);
+    }
+    w.step(); // queues all 50, leases two
+    let leased: Vec<&String> = builds
+        .iter()
+        .filter(|b| w.phase(b, "j") == Some((1, JobPhase::Assigned)))
+        .collect();
+    assert_eq!(
+        leased,
+        [&builds[0], &builds[1]],
+        "the first two in trigger order"
+    );
+    assert!(
+        w.decide().is_empty(),
+        "every slot is taken: nothing to decide"
+    );
+    assert_eq!(
+        w.reason("b49", "j").as_deref(),
+        Some("all generic agents are busy (2/2 slots in use)"),
+        "get still explains (the scheduler's round skips that work)"
+    );
+    // A slot frees: the next build in trigger order gets it.
+    w.start("b00", "j", 1, "a");
+    w.finish("b00", "j", 1, Status::Succeeded);
+    let d = w.decide();
+    assert!(
+        d.iter()
+            .any(|d| matches!(d, ClusterDecision::Assign { build, .. } if build == "b02")),
+        "{d:?}"
+    );
+}
+
 proptest! {
     /// Deciding is a pure function of the folded log, and every decision is one event: once
     /// folded, deciding again at the same time never repeats it.
