@@ -602,6 +602,23 @@ impl EventLog for KafkaLog {
         group: &str,
         topics: &[Topic],
     ) -> Result<Box<dyn GroupSubscription>, LogError> {
+        Ok(Box::new(self.join_kafka_group(group, topics)?))
+    }
+
+    async fn append_raw(&self, key: &str, data: Vec<u8>) -> Result<Offset, LogError> {
+        let partition = self.layout.partition_for(Topic::Events, key);
+        let delivery = self.enqueue(partition, key, &data).await?;
+        delivered(delivery.await)
+    }
+}
+
+impl KafkaLog {
+    /// [`EventLog::join_group`], as the Kafka group member it is.
+    pub fn join_kafka_group(
+        &self,
+        group: &str,
+        topics: &[Topic],
+    ) -> Result<KafkaGroupMember, LogError> {
         let mut map = group::PartitionMap { topics: Vec::new() };
         for topic in topics {
             let range = self.layout.topic_partitions(*topic);
@@ -619,17 +636,9 @@ impl EventLog for KafkaLog {
                 "a group member needs at least one topic".into(),
             ));
         }
-        Ok(Box::new(group::join(&self.options, group, map)?))
+        group::join(&self.options, group, map)
     }
 
-    async fn append_raw(&self, key: &str, data: Vec<u8>) -> Result<Offset, LogError> {
-        let partition = self.layout.partition_for(Topic::Events, key);
-        let delivery = self.enqueue(partition, key, &data).await?;
-        delivered(delivery.await)
-    }
-}
-
-impl KafkaLog {
     /// [`EventLog::subscribe_partitions`], as the Kafka subscription it is.
     pub fn start_subscription(
         &self,
@@ -816,7 +825,13 @@ impl Follower {
             let now = Instant::now();
             if stalls.due(now) {
                 let nexts = self.nexts();
-                let stalled = stalls.check(now, &nexts, |i| self.high_watermark(i));
+                // One unanswered question is enough: the broker is away, do not wait on each.
+                let mut answering = true;
+                let stalled = stalls.check(now, &nexts, |i| {
+                    let high = answering.then(|| self.high_watermark(i)).flatten();
+                    answering = high.is_some();
+                    high
+                });
                 if !stalled.is_empty() {
                     self.replace_consumer(&stalled);
                 }

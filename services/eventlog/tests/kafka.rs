@@ -6,6 +6,7 @@
 //! `TRIBUTARY_TEST_KAFKA` to use another. Every test works on topics of its own (a random
 //! prefix) and deletes them at the end.
 
+use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -15,7 +16,7 @@ use rdkafka::config::ClientConfig;
 use rdkafka::producer::{FutureProducer, FutureRecord};
 use tributary_eventlog::conformance::{self, state_event};
 use tributary_eventlog::kafka::{KafkaLog, KafkaOptions};
-use tributary_eventlog::{EventLog, Layout, Topic};
+use tributary_eventlog::{EventLog, Layout, Partition, Record, Topic};
 
 fn options(events: u32, logs: u32) -> KafkaOptions {
     tributary_testkit::kafka_options("log", events, logs)
@@ -194,76 +195,115 @@ async fn existing_topics_keep_their_partitions() {
     second.delete_topics().await.expect("delete topics");
 }
 
-/// A subscribed partition librdkafka stops fetching (as it sometimes does after a broker
-/// restart; simulated by pausing it) is noticed and fetched again by a new consumer, from where
-/// the subscription was: every record once, in order. A subscription that never checks stays
-/// stuck on it, which shows the pause is a real stall.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_stalled_partition_gets_a_new_consumer_and_loses_nothing() {
-    use std::collections::BTreeMap;
-    use tributary_eventlog::{Partition, Record};
-
-    let mut options = options(2, 1);
-    options.stall_check = Duration::from_millis(300);
-    let log = Arc::new(connect(&options).await);
-    let mut blind = options.clone();
-    blind.stall_check = Duration::from_secs(3600);
-    let blind_log = connect(&blind).await;
-    let layout = log.layout();
-    // A key for each events partition.
-    let keys: Vec<String> = (0..2)
+/// A key of each events partition.
+fn key_per_partition(layout: Layout) -> Vec<String> {
+    (0..layout.events)
         .map(|p| {
             (0..)
                 .map(|i| format!("build-{i}"))
                 .find(|k| layout.partition_for(Topic::Events, k) == p)
                 .expect("a key")
         })
+        .collect()
+}
+
+/// Appends three events of each key (round `round`).
+async fn append_round(log: &KafkaLog, keys: &[String], round: u64) {
+    let events: Vec<_> = (0..3)
+        .flat_map(|i| keys.iter().map(move |k| state_event(k, round * 10 + i)))
         .collect();
-    let append = |round: u64| {
-        let log = log.clone();
-        let keys = keys.clone();
-        async move {
-            let events: Vec<_> = (0..3)
-                .flat_map(|i| keys.iter().map(move |k| state_event(k, round * 10 + i)))
-                .collect();
-            log.append(&events).await.expect("append");
-        }
-    };
-    // Reads `sub` until it has `want` records per partition or `within` passed.
-    async fn read(
-        sub: &mut tributary_eventlog::kafka::KafkaSubscription,
-        got: &mut BTreeMap<Partition, Vec<Record>>,
-        want: usize,
-        within: Duration,
-    ) {
+    log.append(&events).await.expect("append");
+}
+
+/// Each partition's records once, in order from offset 0, of the partition's key.
+fn assert_whole(got: &BTreeMap<Partition, Vec<Record>>, keys: &[String], count: u64) {
+    assert_eq!(got.len(), keys.len(), "every partition: {got:?}");
+    for (p, records) in got {
+        let offsets: Vec<u64> = records.iter().map(|r| r.offset).collect();
+        assert_eq!(
+            offsets,
+            (0..count).collect::<Vec<_>>(),
+            "partition {p}: once each, in order"
+        );
+        assert!(records.iter().all(|r| r.key == keys[*p as usize]));
+    }
+}
+
+/// What hands records over: a subscription or a group member.
+trait Source {
+    async fn records(&mut self) -> Vec<Record>;
+}
+
+impl Source for tributary_eventlog::kafka::KafkaSubscription {
+    async fn records(&mut self) -> Vec<Record> {
         use tributary_eventlog::Subscription;
-        let deadline = tokio::time::Instant::now() + within;
-        while got.values().map(Vec::len).min().unwrap_or(0) < want || got.len() < 2 {
-            match tokio::time::timeout_at(deadline, sub.next_batch()).await {
-                Ok(batch) => {
-                    for r in batch.expect("next_batch") {
-                        got.entry(r.partition).or_default().push(r);
-                    }
-                }
-                Err(_) => return,
+        self.next_batch().await.expect("next_batch")
+    }
+}
+
+impl Source for tributary_eventlog::kafka::KafkaGroupMember {
+    /// The member's next records (assignment changes are acknowledged and skipped).
+    async fn records(&mut self) -> Vec<Record> {
+        use tributary_eventlog::{GroupEvent, GroupSubscription};
+        loop {
+            if let GroupEvent::Records(records) = self.next().await.expect("next") {
+                return records;
             }
         }
     }
+}
+
+/// Reads records from `source` into `got` until every one of `partitions` has `want`, or
+/// `within` passed.
+async fn read_until(
+    source: &mut impl Source,
+    got: &mut BTreeMap<Partition, Vec<Record>>,
+    partitions: usize,
+    want: usize,
+    within: Duration,
+) {
+    let deadline = tokio::time::Instant::now() + within;
+    while got.len() < partitions || got.values().any(|r| r.len() < want) {
+        match tokio::time::timeout_at(deadline, source.records()).await {
+            Ok(records) => {
+                for r in records {
+                    got.entry(r.partition).or_default().push(r);
+                }
+            }
+            Err(_) => return,
+        }
+    }
+}
+
+/// A subscribed partition librdkafka stops fetching (as it sometimes does after a broker
+/// restart; simulated by pausing it) is noticed and fetched again by a new consumer, from where
+/// the subscription was: every record once, in order. A subscription that never checks stays
+/// stuck on it, which shows the pause is a real stall.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stalled_partition_gets_a_new_consumer_and_loses_nothing() {
+    let mut options = options(2, 1);
+    options.stall_check = Duration::from_millis(300);
+    let log = connect(&options).await;
+    let mut blind = options.clone();
+    blind.stall_check = Duration::from_secs(3600);
+    let blind_log = connect(&blind).await;
+    let keys = key_per_partition(log.layout());
 
     let from = [(0, 0), (1, 0)];
     let mut sub = log.start_subscription(&from).expect("subscribe");
     let mut stuck = blind_log.start_subscription(&from).expect("subscribe");
-    append(0).await;
+    append_round(&log, &keys, 0).await;
     let (mut got, mut stuck_got) = (BTreeMap::new(), BTreeMap::new());
-    read(&mut sub, &mut got, 3, Duration::from_secs(60)).await;
-    read(&mut stuck, &mut stuck_got, 3, Duration::from_secs(60)).await;
-    assert_eq!(got.get(&0).map(Vec::len), Some(3), "before the stall");
+    let minute = Duration::from_secs(60);
+    read_until(&mut sub, &mut got, 2, 3, minute).await;
+    read_until(&mut stuck, &mut stuck_got, 2, 3, minute).await;
+    assert_whole(&got, &keys, 3);
 
     sub.stall_for_test(0);
     stuck.stall_for_test(0);
     tokio::time::sleep(Duration::from_millis(200)).await;
-    append(1).await;
-    read(&mut stuck, &mut stuck_got, 6, Duration::from_secs(5)).await;
+    append_round(&log, &keys, 1).await;
+    read_until(&mut stuck, &mut stuck_got, 2, 6, Duration::from_secs(5)).await;
     assert_eq!(stuck_got[&1].len(), 6, "the other partition flows");
     assert_eq!(
         stuck_got[&0].len(),
@@ -271,23 +311,64 @@ async fn a_stalled_partition_gets_a_new_consumer_and_loses_nothing() {
         "the paused partition is stuck without the check"
     );
 
-    read(&mut sub, &mut got, 6, Duration::from_secs(60)).await;
-    for (p, records) in &got {
-        let offsets: Vec<u64> = records.iter().map(|r| r.offset).collect();
-        assert_eq!(
-            offsets,
-            (0..6).collect::<Vec<_>>(),
-            "partition {p}: once each, in order"
-        );
-        assert!(records.iter().all(|r| r.key == keys[*p as usize]));
-    }
+    read_until(&mut sub, &mut got, 2, 6, minute).await;
+    assert_whole(&got, &keys, 6);
     // And it goes on fetching with its new consumer.
-    append(2).await;
-    read(&mut sub, &mut got, 9, Duration::from_secs(60)).await;
-    assert!(
-        got.values().all(|r| r.len() == 9),
-        "after the recovery: {got:?}"
-    );
+    append_round(&log, &keys, 2).await;
+    read_until(&mut sub, &mut got, 2, 9, minute).await;
+    assert_whole(&got, &keys, 9);
     drop((sub, stuck));
+    log.delete_topics().await.expect("delete topics");
+}
+
+/// The same stall on a consumer-group member: the member keeps its partitions and gets every
+/// record once, in order (the partition is fetched again from the offset after the last record
+/// handed over); a member that never checks stays stuck.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stalled_partition_of_a_group_member_is_fetched_again() {
+    use tributary_eventlog::GroupSubscription;
+
+    let mut options = options(2, 1);
+    options.stall_check = Duration::from_millis(300);
+    let log = connect(&options).await;
+    let mut blind = options.clone();
+    blind.stall_check = Duration::from_secs(3600);
+    let blind_log = connect(&blind).await;
+    let keys = key_per_partition(log.layout());
+
+    let mut member = log
+        .join_kafka_group("stall", &[Topic::Events])
+        .expect("join");
+    let mut stuck = blind_log
+        .join_kafka_group("stall-blind", &[Topic::Events])
+        .expect("join");
+    append_round(&log, &keys, 0).await;
+    let (mut got, mut stuck_got) = (BTreeMap::new(), BTreeMap::new());
+    let minute = Duration::from_secs(60);
+    read_until(&mut member, &mut got, 2, 3, minute).await;
+    read_until(&mut stuck, &mut stuck_got, 2, 3, minute).await;
+    assert_whole(&got, &keys, 3);
+
+    member.stall_for_test(0);
+    stuck.stall_for_test(0);
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    append_round(&log, &keys, 1).await;
+    read_until(&mut stuck, &mut stuck_got, 2, 6, Duration::from_secs(5)).await;
+    assert_eq!(stuck_got[&1].len(), 6, "the other partition flows");
+    assert_eq!(
+        stuck_got[&0].len(),
+        3,
+        "the paused partition is stuck without the check"
+    );
+
+    read_until(&mut member, &mut got, 2, 6, minute).await;
+    assert_whole(&got, &keys, 6);
+    assert_eq!(
+        member.assigned(),
+        vec![0, 1],
+        "still the member's partitions"
+    );
+    Box::new(member).leave().await.expect("leave");
+    Box::new(stuck).leave().await.expect("leave");
     log.delete_topics().await.expect("delete topics");
 }

@@ -12,7 +12,12 @@
 //!   partition reaches the member after `Revoked`.
 //!
 //! Leaving (or dropping the member) closes the consumer: Kafka reassigns its partitions at once.
+//!
+//! Like a subscription's, the polling thread checks that librdkafka keeps fetching each owned
+//! partition it has seen records of (`stall.rs`); a stalled one is resumed and seeked to the
+//! offset after the last record handed over (the member keeps its place in the group).
 
+use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{mpsc as std_mpsc, Arc, Mutex};
 use std::thread::JoinHandle;
@@ -100,6 +105,10 @@ pub(super) struct GroupContext {
     pending: Mutex<Vec<Record>>,
     /// Set when the member leaves: rebalances then go on without it.
     leaving: AtomicBool,
+    /// Per owned partition, the offset of the next record it should fetch: the start of its
+    /// assignment (when the member gave one), then the offset after each record polled. Kept by
+    /// the polling thread, which also runs the rebalance callback, so the two never interleave.
+    nexts: Mutex<BTreeMap<Partition, Offset>>,
 }
 
 impl ClientContext for GroupContext {}
@@ -131,6 +140,7 @@ impl ConsumerContext for GroupContext {
                     }
                 }
                 lock(&self.owned).extend(&partitions);
+                self.starting(&list);
                 if let Err(error) = consumer.incremental_assign(&list) {
                     tracing::error!(%error, ?partitions, "Kafka group: assigning failed");
                 }
@@ -138,6 +148,7 @@ impl ConsumerContext for GroupContext {
             }
             RDKafkaRespErr::RD_KAFKA_RESP_ERR__REVOKE_PARTITIONS => {
                 lock(&self.owned).retain(|p| !partitions.contains(p));
+                lock(&self.nexts).retain(|p, _| !partitions.contains(p));
                 if !self.leaving.load(Ordering::SeqCst) {
                     let pending = std::mem::take(&mut *lock(&self.pending));
                     let handed = pending.is_empty()
@@ -167,6 +178,7 @@ impl ConsumerContext for GroupContext {
                 // As librdkafka documents: on an error, drop the whole assignment.
                 lock(&self.owned).clear();
                 lock(&self.pending).clear();
+                lock(&self.nexts).clear();
                 if let Err(error) = consumer.unassign() {
                     tracing::error!(%error, "Kafka group: unassigning failed");
                 }
@@ -176,6 +188,26 @@ impl ConsumerContext for GroupContext {
 }
 
 impl GroupContext {
+    /// Where the partitions of an assignment start, as far as it says (an offset the member
+    /// gave); a partition starting at the group's committed offset is known from its first
+    /// record on.
+    fn starting(&self, list: &TopicPartitionList) {
+        let mut nexts = lock(&self.nexts);
+        for element in list.elements() {
+            let Some(partition) = self.map.flat(element.topic(), element.partition()) else {
+                continue;
+            };
+            match element.offset() {
+                KafkaOffset::Offset(start) => {
+                    nexts.insert(partition, Offset::try_from(start).unwrap_or(0));
+                }
+                _ => {
+                    nexts.remove(&partition);
+                }
+            }
+        }
+    }
+
     fn answer(&self) -> Option<Answer> {
         lock(&self.answers).recv_timeout(HANDSHAKE).ok()
     }
@@ -256,6 +288,7 @@ pub(super) fn join(
         owned: Mutex::new(Vec::new()),
         pending: Mutex::new(Vec::new()),
         leaving: AtomicBool::new(false),
+        nexts: Mutex::new(BTreeMap::new()),
     };
     let session = options.session_timeout.as_millis().max(1000);
     let consumer: BaseConsumer<GroupContext> = options
@@ -285,9 +318,10 @@ pub(super) fn join(
         let consumer = consumer.clone();
         let stop = stop.clone();
         let batch = options.subscription_batch.max(1);
+        let stall_check = options.stall_check;
         std::thread::Builder::new()
             .name("eventlog-kafka-group".into())
-            .spawn(move || poll(consumer, stop, batch))?
+            .spawn(move || poll(consumer, stop, batch, stall_check))?
     };
     Ok(KafkaGroupMember {
         consumer: Some(consumer),
@@ -304,8 +338,14 @@ pub(super) fn join(
 
 /// The polling thread: fetches records of owned partitions and hands them over in batches;
 /// rebalance callbacks run inside `poll`.
-fn poll(consumer: Arc<BaseConsumer<GroupContext>>, stop: Arc<AtomicBool>, max_batch: usize) {
+fn poll(
+    consumer: Arc<BaseConsumer<GroupContext>>,
+    stop: Arc<AtomicBool>,
+    max_batch: usize,
+    stall_check: Duration,
+) {
     let mut last_error: Option<Instant> = None;
+    let mut stalls = Stalls::new(stall_check);
     while !stop.load(Ordering::SeqCst) {
         let mut polled = consumer.poll(Duration::from_millis(100));
         let mut count = 0;
@@ -318,6 +358,9 @@ fn poll(consumer: Arc<BaseConsumer<GroupContext>>, stop: Arc<AtomicBool>, max_ba
                         if lock(&context.owned).contains(&partition) {
                             lock(&context.pending).push(to_record(partition, &message));
                             count += 1;
+                            if let Ok(offset) = Offset::try_from(message.offset()) {
+                                lock(&context.nexts).insert(partition, offset + 1);
+                            }
                         }
                     }
                 }
@@ -334,21 +377,123 @@ fn poll(consumer: Arc<BaseConsumer<GroupContext>>, stop: Arc<AtomicBool>, max_ba
         }
         let context = consumer.context();
         let batch = std::mem::take(&mut *lock(&context.pending));
-        if !batch.is_empty()
-            && context
+        if !batch.is_empty() {
+            let sent = Instant::now();
+            if context
                 .events
                 .blocking_send(GroupEvent::Records(batch))
                 .is_err()
-        {
-            break;
+            {
+                break;
+            }
+            if sent.elapsed() > stall_check / 2 {
+                stalls.held_back(context);
+            }
         }
+        stalls.check(&consumer);
     }
     consumer.context().leaving.store(true, Ordering::SeqCst);
     consumer.unsubscribe();
     // Dropping the last handle closes the consumer (leaving the group) on this thread.
 }
 
+/// The polling thread's stall check (see `stall.rs`) over the owned partitions whose next
+/// offset it knows ([`GroupContext::nexts`]); starts over whenever that set changes.
+struct Stalls {
+    watch: super::stall::StallWatch,
+    /// The partitions `watch` follows, in its order.
+    watched: Vec<Partition>,
+}
+
+impl Stalls {
+    fn new(period: Duration) -> Self {
+        Stalls {
+            watch: super::stall::StallWatch::new(period, Instant::now(), &[]),
+            watched: Vec::new(),
+        }
+    }
+
+    /// The member held the thread back: not fetching meanwhile proves nothing.
+    fn held_back(&mut self, context: &GroupContext) {
+        let (watched, nexts): (Vec<Partition>, Vec<Offset>) =
+            lock(&context.nexts).iter().map(|(p, o)| (*p, *o)).unzip();
+        self.watched = watched;
+        self.watch.reset(Instant::now(), &nexts);
+    }
+
+    fn check(&mut self, consumer: &BaseConsumer<GroupContext>) {
+        let now = Instant::now();
+        if !self.watch.due(now) {
+            return;
+        }
+        let context = consumer.context();
+        let (partitions, nexts): (Vec<Partition>, Vec<Offset>) =
+            lock(&context.nexts).iter().map(|(p, o)| (*p, *o)).unzip();
+        if partitions != self.watched {
+            self.watched = partitions;
+            self.watch.reset(now, &nexts);
+            return;
+        }
+        let map = &context.map;
+        // One unanswered question is enough: the broker is away, do not wait on each partition.
+        let mut answering = true;
+        let stalled = self.watch.check(now, &nexts, |i| {
+            let (topic, index) = map.kafka(self.watched[i])?;
+            let high = answering
+                .then(|| {
+                    consumer
+                        .fetch_watermarks(topic, index, Duration::from_secs(2))
+                        .ok()
+                })
+                .flatten();
+            answering = high.is_some();
+            high.map(|(_, high)| high.max(0) as Offset)
+        });
+        for i in stalled {
+            let (partition, next) = (self.watched[i], nexts[i]);
+            let Some((topic, index)) = map.kafka(partition) else {
+                continue;
+            };
+            tracing::warn!(
+                partition,
+                next,
+                "Kafka group member: the partition has records to fetch but none came for {:?}; \
+                 fetching it again from the offset after the last record",
+                self.watch.period()
+            );
+            let mut list = TopicPartitionList::new();
+            list.add_partition(topic, index);
+            let offset = i64::try_from(next).unwrap_or(i64::MAX);
+            let refetch = consumer.resume(&list).and_then(|()| {
+                consumer.seek(
+                    topic,
+                    index,
+                    KafkaOffset::Offset(offset),
+                    Duration::from_secs(5),
+                )
+            });
+            if let Err(error) = refetch {
+                tracing::error!(%error, partition, "Kafka group member: fetching again failed");
+            }
+        }
+    }
+}
+
 impl KafkaGroupMember {
+    /// For tests of the stall recovery: makes the consumer stop fetching `partition`, as
+    /// librdkafka sometimes does by itself after a broker restart.
+    #[doc(hidden)]
+    pub fn stall_for_test(&self, partition: Partition) {
+        let Some(consumer) = &self.consumer else {
+            return;
+        };
+        if let Some((topic, index)) = self.map.kafka(partition) {
+            let mut list = TopicPartitionList::new();
+            list.add_partition(topic, index);
+            let _ = consumer.pause(&list);
+        }
+    }
+
     fn settle(&mut self) {
         let answer = match std::mem::replace(&mut self.owed, Owed::Nothing) {
             Owed::Nothing => return,
