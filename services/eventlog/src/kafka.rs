@@ -882,7 +882,13 @@ impl Follower {
             Ok(consumer)
         });
         match consumer {
-            Ok(consumer) => self.consumer = consumer,
+            Ok(consumer) => {
+                // Closing the stalled consumer may wait on its requests: not on this thread.
+                let stalled = std::mem::replace(&mut self.consumer, consumer);
+                let _ = std::thread::Builder::new()
+                    .name("eventlog-kafka-close".into())
+                    .spawn(move || drop(stalled));
+            }
             Err(error) => {
                 tracing::error!(%error, "Kafka subscription: cannot replace the stalled consumer")
             }
