@@ -232,12 +232,17 @@ fn assert_whole(got: &BTreeMap<Partition, Vec<Record>>, keys: &[String], count: 
 /// What hands records over: a subscription or a group member.
 trait Source {
     async fn records(&mut self) -> Vec<Record>;
+    fn stall_for_test(&self, partition: Partition);
 }
 
 impl Source for tributary_eventlog::kafka::KafkaSubscription {
     async fn records(&mut self) -> Vec<Record> {
         use tributary_eventlog::Subscription;
         self.next_batch().await.expect("next_batch")
+    }
+
+    fn stall_for_test(&self, partition: Partition) {
+        self.stall_for_test(partition);
     }
 }
 
@@ -250,6 +255,10 @@ impl Source for tributary_eventlog::kafka::KafkaGroupMember {
                 return records;
             }
         }
+    }
+
+    fn stall_for_test(&self, partition: Partition) {
+        self.stall_for_test(partition);
     }
 }
 
@@ -275,12 +284,9 @@ async fn read_until(
     }
 }
 
-/// A subscribed partition librdkafka stops fetching (as it sometimes does after a broker
-/// restart; simulated by pausing it) is noticed and fetched again by a new consumer, from where
-/// the subscription was: every record once, in order. A subscription that never checks stays
-/// stuck on it, which shows the pause is a real stall.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_stalled_partition_gets_a_new_consumer_and_loses_nothing() {
+/// Two connections to fresh topics (2 events partitions): one whose readers check for stalls
+/// every 300 ms, one whose readers never do; and a key of each partition.
+async fn stall_logs() -> (KafkaLog, KafkaLog, Vec<String>) {
     let mut options = options(2, 1);
     options.stall_check = Duration::from_millis(300);
     let log = connect(&options).await;
@@ -288,22 +294,31 @@ async fn a_stalled_partition_gets_a_new_consumer_and_loses_nothing() {
     blind.stall_check = Duration::from_secs(3600);
     let blind_log = connect(&blind).await;
     let keys = key_per_partition(log.layout());
+    (log, blind_log, keys)
+}
 
-    let from = [(0, 0), (1, 0)];
-    let mut sub = log.start_subscription(&from).expect("subscribe");
-    let mut stuck = blind_log.start_subscription(&from).expect("subscribe");
-    append_round(&log, &keys, 0).await;
+/// Both readers get three records of each partition; then partition 0 stalls in both (paused,
+/// as librdkafka leaves it) and three more are appended to each partition: `stuck`, which never
+/// checks, gets only the other partition's; `reader` gets all six of both, once each, in order.
+/// Returns what `reader` got.
+async fn stall_partition_0(
+    log: &KafkaLog,
+    keys: &[String],
+    reader: &mut impl Source,
+    stuck: &mut impl Source,
+) -> BTreeMap<Partition, Vec<Record>> {
+    append_round(log, keys, 0).await;
     let (mut got, mut stuck_got) = (BTreeMap::new(), BTreeMap::new());
     let minute = Duration::from_secs(60);
-    read_until(&mut sub, &mut got, 2, 3, minute).await;
-    read_until(&mut stuck, &mut stuck_got, 2, 3, minute).await;
-    assert_whole(&got, &keys, 3);
+    read_until(reader, &mut got, 2, 3, minute).await;
+    read_until(stuck, &mut stuck_got, 2, 3, minute).await;
+    assert_whole(&got, keys, 3);
 
-    sub.stall_for_test(0);
+    reader.stall_for_test(0);
     stuck.stall_for_test(0);
     tokio::time::sleep(Duration::from_millis(200)).await;
-    append_round(&log, &keys, 1).await;
-    read_until(&mut stuck, &mut stuck_got, 2, 6, Duration::from_secs(5)).await;
+    append_round(log, keys, 1).await;
+    read_until(stuck, &mut stuck_got, 2, 6, Duration::from_secs(5)).await;
     assert_eq!(stuck_got[&1].len(), 6, "the other partition flows");
     assert_eq!(
         stuck_got[&0].len(),
@@ -311,11 +326,25 @@ async fn a_stalled_partition_gets_a_new_consumer_and_loses_nothing() {
         "the paused partition is stuck without the check"
     );
 
-    read_until(&mut sub, &mut got, 2, 6, minute).await;
-    assert_whole(&got, &keys, 6);
+    read_until(reader, &mut got, 2, 6, minute).await;
+    assert_whole(&got, keys, 6);
+    got
+}
+
+/// A subscribed partition librdkafka stops fetching (as it sometimes does after a broker
+/// restart; simulated by pausing it) is noticed and fetched again by a new consumer, from where
+/// the subscription was: every record once, in order. A subscription that never checks stays
+/// stuck on it, which shows the pause is a real stall.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stalled_partition_gets_a_new_consumer_and_loses_nothing() {
+    let (log, blind_log, keys) = stall_logs().await;
+    let from = [(0, 0), (1, 0)];
+    let mut sub = log.start_subscription(&from).expect("subscribe");
+    let mut stuck = blind_log.start_subscription(&from).expect("subscribe");
+    let mut got = stall_partition_0(&log, &keys, &mut sub, &mut stuck).await;
     // And it goes on fetching with its new consumer.
     append_round(&log, &keys, 2).await;
-    read_until(&mut sub, &mut got, 2, 9, minute).await;
+    read_until(&mut sub, &mut got, 2, 9, Duration::from_secs(60)).await;
     assert_whole(&got, &keys, 9);
     drop((sub, stuck));
     log.delete_topics().await.expect("delete topics");
@@ -328,41 +357,14 @@ async fn a_stalled_partition_gets_a_new_consumer_and_loses_nothing() {
 async fn a_stalled_partition_of_a_group_member_is_fetched_again() {
     use tributary_eventlog::GroupSubscription;
 
-    let mut options = options(2, 1);
-    options.stall_check = Duration::from_millis(300);
-    let log = connect(&options).await;
-    let mut blind = options.clone();
-    blind.stall_check = Duration::from_secs(3600);
-    let blind_log = connect(&blind).await;
-    let keys = key_per_partition(log.layout());
-
+    let (log, blind_log, keys) = stall_logs().await;
     let mut member = log
         .join_kafka_group("stall", &[Topic::Events])
         .expect("join");
     let mut stuck = blind_log
         .join_kafka_group("stall-blind", &[Topic::Events])
         .expect("join");
-    append_round(&log, &keys, 0).await;
-    let (mut got, mut stuck_got) = (BTreeMap::new(), BTreeMap::new());
-    let minute = Duration::from_secs(60);
-    read_until(&mut member, &mut got, 2, 3, minute).await;
-    read_until(&mut stuck, &mut stuck_got, 2, 3, minute).await;
-    assert_whole(&got, &keys, 3);
-
-    member.stall_for_test(0);
-    stuck.stall_for_test(0);
-    tokio::time::sleep(Duration::from_millis(200)).await;
-    append_round(&log, &keys, 1).await;
-    read_until(&mut stuck, &mut stuck_got, 2, 6, Duration::from_secs(5)).await;
-    assert_eq!(stuck_got[&1].len(), 6, "the other partition flows");
-    assert_eq!(
-        stuck_got[&0].len(),
-        3,
-        "the paused partition is stuck without the check"
-    );
-
-    read_until(&mut member, &mut got, 2, 6, minute).await;
-    assert_whole(&got, &keys, 6);
+    stall_partition_0(&log, &keys, &mut member, &mut stuck).await;
     assert_eq!(
         member.assigned(),
         vec![0, 1],
