@@ -103,9 +103,9 @@ pub struct KafkaOptions {
     /// `session.timeout.ms` of consumer-group members: how long after a member dies (without
     /// leaving) the group hands its partitions to the others.
     pub session_timeout: Duration,
-    /// How often a subscription checks that each of its partitions is fetched (see
-    /// `kafka/stall.rs`): a partition left behind its high watermark for two checks gets a new
-    /// consumer.
+    /// How often a subscription or a group member checks that each of its partitions is fetched
+    /// (see `kafka/stall.rs`): a partition left behind its high watermark for two checks is
+    /// fetched again (a subscription gets a new consumer, a member seeks the partition).
     pub stall_check: Duration,
 }
 
@@ -650,7 +650,6 @@ impl KafkaLog {
             ));
         }
         let mut routes = Vec::with_capacity(from.len());
-        let mut list = TopicPartitionList::new();
         for (partition, offset) in from {
             let (topic, index) = self.locate(*partition)?;
             if routes.iter().any(|r: &Route| r.partition == *partition) {
@@ -658,9 +657,6 @@ impl KafkaLog {
                     "partition {partition} is listed twice in a subscription"
                 )));
             }
-            let start = i64::try_from(*offset).unwrap_or(i64::MAX);
-            list.add_partition_offset(topic, index, KafkaOffset::Offset(start))
-                .map_err(|e| kafka("building the assignment", e))?;
             routes.push(Route {
                 topic: topic.to_owned(),
                 index,
@@ -668,10 +664,7 @@ impl KafkaLog {
                 next: *offset,
             });
         }
-        let consumer = new_reader(&self.options)?;
-        consumer
-            .assign(&list)
-            .map_err(|e| kafka("assigning the subscription's partitions", e))?;
+        let consumer = assigned_reader(&self.options, &routes)?;
         let (tx, rx) = mpsc::channel(4);
         let (control, controls) = std::sync::mpsc::channel();
         let closed = self.closed.subscribe();
@@ -825,12 +818,10 @@ impl Follower {
             let now = Instant::now();
             if stalls.due(now) {
                 let nexts = self.nexts();
-                // One unanswered question is enough: the broker is away, do not wait on each.
-                let mut answering = true;
+                let wait = self.options.timeout.min(WATERMARK_WAIT);
                 let stalled = stalls.check(now, &nexts, |i| {
-                    let high = answering.then(|| self.high_watermark(i)).flatten();
-                    answering = high.is_some();
-                    high
+                    let route = &self.routes[i];
+                    high_watermark(&self.consumer, &route.topic, route.index, wait)
                 });
                 if !stalled.is_empty() {
                     self.replace_consumer(&stalled);
@@ -841,16 +832,6 @@ impl Follower {
 
     fn nexts(&self) -> Vec<Offset> {
         self.routes.iter().map(|r| r.next).collect()
-    }
-
-    /// The high watermark of route `i`'s partition; `None` if the broker does not answer soon.
-    fn high_watermark(&self, i: usize) -> Option<Offset> {
-        let route = &self.routes[i];
-        let wait = self.options.timeout.min(Duration::from_secs(2));
-        self.consumer
-            .fetch_watermarks(&route.topic, route.index, wait)
-            .ok()
-            .map(|(_, high)| high.max(0) as Offset)
     }
 
     /// A new consumer, assigned to every route at the offset it expects next (records already
@@ -866,22 +847,7 @@ impl Follower {
                 self.options.stall_check
             );
         }
-        let replaced = self
-            .routes
-            .iter()
-            .try_fold(TopicPartitionList::new(), |mut list, r| {
-                let start = i64::try_from(r.next).unwrap_or(i64::MAX);
-                list.add_partition_offset(&r.topic, r.index, KafkaOffset::Offset(start))
-                    .map(|()| list)
-            });
-        let consumer = new_reader(&self.options).and_then(|consumer| {
-            let list = replaced.map_err(|e| kafka("building the assignment", e))?;
-            consumer
-                .assign(&list)
-                .map_err(|e| kafka("assigning the subscription's partitions", e))?;
-            Ok(consumer)
-        });
-        match consumer {
+        match assigned_reader(&self.options, &self.routes) {
             Ok(consumer) => {
                 // Closing the stalled consumer may wait on its requests: not on this thread.
                 let stalled = std::mem::replace(&mut self.consumer, consumer);
@@ -901,14 +867,53 @@ impl Follower {
                 let Some(route) = self.routes.iter().find(|r| r.partition == partition) else {
                     return;
                 };
-                let mut list = TopicPartitionList::new();
-                list.add_partition(&route.topic, route.index);
-                if let Err(error) = self.consumer.pause(&list) {
+                if let Err(error) = self
+                    .consumer
+                    .pause(&one_partition(&route.topic, route.index))
+                {
                     tracing::error!(%error, partition, "Kafka subscription: pausing failed");
                 }
             }
         }
     }
+}
+
+/// A reader assigned to every route at the offset it expects next.
+fn assigned_reader(options: &KafkaOptions, routes: &[Route]) -> Result<BaseConsumer, LogError> {
+    let mut list = TopicPartitionList::new();
+    for r in routes {
+        let start = i64::try_from(r.next).unwrap_or(i64::MAX);
+        list.add_partition_offset(&r.topic, r.index, KafkaOffset::Offset(start))
+            .map_err(|e| kafka("building the assignment", e))?;
+    }
+    let consumer = new_reader(options)?;
+    consumer
+        .assign(&list)
+        .map_err(|e| kafka("assigning the subscription's partitions", e))?;
+    Ok(consumer)
+}
+
+/// The list of one partition (to pause, resume or seek it).
+fn one_partition(topic: &str, index: i32) -> TopicPartitionList {
+    let mut list = TopicPartitionList::new();
+    list.add_partition(topic, index);
+    list
+}
+
+/// How long a stall check waits for a partition's high watermark.
+const WATERMARK_WAIT: Duration = Duration::from_secs(2);
+
+/// The high watermark of `topic[index]`; `None` if the broker does not answer within `wait`.
+fn high_watermark<C: rdkafka::consumer::ConsumerContext>(
+    consumer: &BaseConsumer<C>,
+    topic: &str,
+    index: i32,
+    wait: Duration,
+) -> Option<Offset> {
+    consumer
+        .fetch_watermarks(topic, index, wait)
+        .ok()
+        .map(|(_, high)| high.max(0) as Offset)
 }
 
 /// The record of `message` if it belongs to a route at or after its next offset (a reset to the

@@ -208,6 +208,11 @@ impl GroupContext {
         }
     }
 
+    /// The partitions whose next offset is known, and those offsets, in partition order.
+    fn known_nexts(&self) -> (Vec<Partition>, Vec<Offset>) {
+        lock(&self.nexts).iter().map(|(p, o)| (*p, *o)).unzip()
+    }
+
     fn answer(&self) -> Option<Answer> {
         lock(&self.answers).recv_timeout(HANDSHAKE).ok()
     }
@@ -415,8 +420,7 @@ impl Stalls {
 
     /// The member held the thread back: not fetching meanwhile proves nothing.
     fn held_back(&mut self, context: &GroupContext) {
-        let (watched, nexts): (Vec<Partition>, Vec<Offset>) =
-            lock(&context.nexts).iter().map(|(p, o)| (*p, *o)).unzip();
+        let (watched, nexts) = context.known_nexts();
         self.watched = watched;
         self.watch.reset(Instant::now(), &nexts);
     }
@@ -427,27 +431,16 @@ impl Stalls {
             return;
         }
         let context = consumer.context();
-        let (partitions, nexts): (Vec<Partition>, Vec<Offset>) =
-            lock(&context.nexts).iter().map(|(p, o)| (*p, *o)).unzip();
+        let (partitions, nexts) = context.known_nexts();
         if partitions != self.watched {
             self.watched = partitions;
             self.watch.reset(now, &nexts);
             return;
         }
         let map = &context.map;
-        // One unanswered question is enough: the broker is away, do not wait on each partition.
-        let mut answering = true;
         let stalled = self.watch.check(now, &nexts, |i| {
             let (topic, index) = map.kafka(self.watched[i])?;
-            let high = answering
-                .then(|| {
-                    consumer
-                        .fetch_watermarks(topic, index, Duration::from_secs(2))
-                        .ok()
-                })
-                .flatten();
-            answering = high.is_some();
-            high.map(|(_, high)| high.max(0) as Offset)
+            super::high_watermark(consumer, topic, index, super::WATERMARK_WAIT)
         });
         for i in stalled {
             let (partition, next) = (self.watched[i], nexts[i]);
@@ -461,17 +454,17 @@ impl Stalls {
                  fetching it again from the offset after the last record",
                 self.watch.period()
             );
-            let mut list = TopicPartitionList::new();
-            list.add_partition(topic, index);
             let offset = i64::try_from(next).unwrap_or(i64::MAX);
-            let refetch = consumer.resume(&list).and_then(|()| {
-                consumer.seek(
-                    topic,
-                    index,
-                    KafkaOffset::Offset(offset),
-                    Duration::from_secs(5),
-                )
-            });
+            let refetch = consumer
+                .resume(&super::one_partition(topic, index))
+                .and_then(|()| {
+                    consumer.seek(
+                        topic,
+                        index,
+                        KafkaOffset::Offset(offset),
+                        Duration::from_secs(5),
+                    )
+                });
             if let Err(error) = refetch {
                 tracing::error!(%error, partition, "Kafka group member: fetching again failed");
             }
@@ -488,9 +481,7 @@ impl KafkaGroupMember {
             return;
         };
         if let Some((topic, index)) = self.map.kafka(partition) {
-            let mut list = TopicPartitionList::new();
-            list.add_partition(topic, index);
-            let _ = consumer.pause(&list);
+            let _ = consumer.pause(&super::one_partition(topic, index));
         }
     }
 

@@ -55,7 +55,8 @@ impl StallWatch {
 
     /// A check at `now`: `nexts[i]` is partition i's next offset now, `high(i)` its high
     /// watermark (asked only of the partitions that made no progress since the last check;
-    /// `None` when it cannot be had, as while the broker is away). Returns the stalled
+    /// `None` when it cannot be had, as while the broker is away: then no other partition is
+    /// asked in this check, so a check does not wait on each in turn). Returns the stalled
     /// partitions' indices: no progress for a whole period though records were there to fetch at
     /// its start.
     pub fn check(
@@ -66,6 +67,7 @@ impl StallWatch {
     ) -> Vec<usize> {
         self.last_check = now;
         let mut stalled = Vec::new();
+        let mut answering = true;
         for (i, (watched, &next)) in self.partitions.iter_mut().zip(nexts).enumerate() {
             if next != watched.next_at_check {
                 *watched = Watched {
@@ -79,7 +81,9 @@ impl StallWatch {
                 watched.unfetched_to = None;
                 continue;
             }
-            watched.unfetched_to = high(i).filter(|h| *h > next);
+            let seen = answering.then(|| high(i)).flatten();
+            answering = seen.is_some();
+            watched.unfetched_to = seen.filter(|h| *h > next);
         }
         stalled
     }
@@ -97,7 +101,8 @@ impl StallWatch {
             .collect();
     }
 
-    /// How long a check waits: half a period is the longest back pressure that does not reset.
+    /// The time between checks (back pressure longer than half of it calls for a
+    /// [`StallWatch::reset`]).
     pub fn period(&self) -> Duration {
         self.period
     }
@@ -142,10 +147,17 @@ mod tests {
             asked.is_empty(),
             "a moving or confirmed partition is not asked: {asked:?}"
         );
-        // The broker away: no watermark, no suspicion, however long.
-        let mut watch = StallWatch::new(P, t0, &[10]);
+        // The broker away: no watermark, no suspicion, however long; after the first question
+        // left unanswered, no other partition is asked in that check.
+        let mut watch = StallWatch::new(P, t0, &[10, 4]);
         for k in 1..5 {
-            assert!(watch.check(t0 + k * P, &[10], |_| None).is_empty());
+            let mut asked = Vec::new();
+            let stalled = watch.check(t0 + k * P, &[10, 4], |i| {
+                asked.push(i);
+                None
+            });
+            assert!(stalled.is_empty());
+            assert_eq!(asked, [0]);
         }
     }
 
