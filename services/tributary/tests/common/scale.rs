@@ -503,11 +503,18 @@ impl ScaleOut {
 
     /// Waits until `done` holds for the log's events, re-reading new events every 250 ms;
     /// fails the test after `within` or as soon as a process exits.
-    pub fn wait_events(
+    pub fn wait_events(&mut self, what: &str, within: Duration, done: impl FnMut(&[Ev]) -> bool) {
+        self.wait_events_or(what, within, done, |_| String::new());
+    }
+
+    /// [`ScaleOut::wait_events`], whose failure after `within` also shows `explain(events)` and
+    /// every service's log tail.
+    pub fn wait_events_or(
         &mut self,
         what: &str,
         within: Duration,
         mut done: impl FnMut(&[Ev]) -> bool,
+        explain: impl FnOnce(&[Ev]) -> String,
     ) {
         let deadline = Instant::now() + within;
         loop {
@@ -515,7 +522,10 @@ impl ScaleOut {
                 return;
             }
             self.assert_all_running();
-            assert!(Instant::now() < deadline, "timed out waiting for {what}");
+            if Instant::now() >= deadline {
+                let why = explain(self.events());
+                panic!("timed out waiting for {what}\n{why}\n{}", self.logs());
+            }
             std::thread::sleep(Duration::from_millis(250));
         }
     }
@@ -528,29 +538,25 @@ impl ScaleOut {
     /// Waits until every build of `builds` has a `BuildFinished`. On a timeout, the failure
     /// shows each unfinished build's events and every service's log tail.
     pub fn wait_finished(&mut self, builds: &[String], within: Duration) {
-        let deadline = Instant::now() + within;
-        loop {
-            let done = finished_of(self.events());
-            let unfinished: Vec<&String> =
-                builds.iter().filter(|b| !done.contains_key(*b)).collect();
-            if unfinished.is_empty() {
-                return;
-            }
-            self.assert_all_running();
-            if Instant::now() >= deadline {
-                let story: String = unfinished
+        let unfinished = |events: &[Ev]| {
+            let done = finished_of(events);
+            builds
+                .iter()
+                .filter(|b| !done.contains_key(*b))
+                .cloned()
+                .collect::<Vec<String>>()
+        };
+        self.wait_events_or(
+            &format!("{} builds to finish", builds.len()),
+            within,
+            |events| unfinished(events).is_empty(),
+            |events| {
+                unfinished(events)
                     .iter()
-                    .map(|b| format!("build {b}:\n{}", story_of(self.events(), b)))
-                    .collect();
-                panic!(
-                    "timed out waiting for {} of {} builds to finish\n{story}\n{}",
-                    unfinished.len(),
-                    builds.len(),
-                    self.logs()
-                );
-            }
-            std::thread::sleep(Duration::from_millis(250));
-        }
+                    .map(|b| format!("unfinished build {b}:\n{}", story_of(events, b)))
+                    .collect()
+            },
+        );
     }
 
     /// Waits until the read model's stored offsets reached the log's end of every partition
@@ -628,10 +634,16 @@ impl ScaleOut {
     }
 }
 
+/// Whether a test's directories are kept for a post-mortem: when it fails, and always with
+/// `TRIBUTARY_TEST_KEEP_LOGS`.
+fn keep_logs() -> bool {
+    std::thread::panicking() || std::env::var_os("TRIBUTARY_TEST_KEEP_LOGS").is_some()
+}
+
 impl Drop for Broker {
     fn drop(&mut self) {
         self.proc.take();
-        if std::thread::panicking() || std::env::var_os("TRIBUTARY_TEST_KEEP_LOGS").is_some() {
+        if keep_logs() {
             eprintln!(
                 "the test broker's data and logs are in {}",
                 self.dir.display()
@@ -654,7 +666,7 @@ impl Drop for ScaleOut {
         {
             s.proc.take();
         }
-        if std::thread::panicking() || std::env::var_os("TRIBUTARY_TEST_KEEP_LOGS").is_some() {
+        if keep_logs() {
             eprintln!("scale-out processes' logs are in {}", self.root.display());
             // Keep the directory for a post-mortem.
             let dir = std::mem::replace(&mut self._dir, tempfile::tempdir().expect("tempdir"));
