@@ -188,14 +188,20 @@ pub struct AuditArgs {
 
 #[derive(Debug, Args)]
 pub struct DataArgs {
-    /// Directory holding the event log and read models.
-    #[arg(
-        long,
-        value_name = "DIR",
-        default_value = ".tributary",
-        env = "TRIBUTARY_DATA"
-    )]
-    pub data: PathBuf,
+    /// Directory holding the event log and read models [default: this repository's directory
+    /// under $XDG_STATE_HOME/tributary or ~/.local/state/tributary, outside the repository so
+    /// jobs never see it].
+    #[arg(long = "data", value_name = "DIR", env = "TRIBUTARY_DATA")]
+    pub given: Option<PathBuf>,
+}
+
+impl DataArgs {
+    /// The data directory: --data / TRIBUTARY_DATA, else [`crate::data_dir::default_dir`].
+    pub fn dir(&self) -> PathBuf {
+        self.given
+            .clone()
+            .unwrap_or_else(crate::data_dir::default_dir)
+    }
 }
 
 #[derive(Debug, Args)]
