@@ -121,6 +121,19 @@ pub enum Command {
     /// difference. With --kafka and --database it replays every events partition up to the
     /// offsets the stored read models reached and compares them with the live tables.
     Audit(AuditArgs),
+    /// Write a starter .tributary.yml for the repository here, from what it finds.
+    ///
+    /// Cargo.toml → cargo build/test; package.json → npm ci (or install), build and test when
+    /// its scripts have them; go.mod → go vet/test; pyproject.toml or requirements.txt →
+    /// pytest; Makefile → make (and make test). The pipeline is checked by the same parser as
+    /// `tributary run` before it is written; an existing file is never overwritten.
+    Init(InitArgs),
+    /// Print a shell completion script for bash, zsh or fish.
+    ///
+    /// bash: `tributary completions bash > /etc/bash_completion.d/tributary`;
+    /// zsh: `tributary completions zsh > "${fpath[1]}/_tributary"`;
+    /// fish: `tributary completions fish > ~/.config/fish/completions/tributary.fish`.
+    Completions(CompletionsArgs),
     /// Measure performance: `bench log`, `bench run`, `bench server`, `bench autoscale`,
     /// `bench metering`, `bench exec`, `bench ui`.
     #[command(subcommand)]
@@ -184,6 +197,25 @@ pub struct AuditArgs {
     /// Only compare this tenant's builds, usage and invoices (the whole log is replayed).
     #[arg(long, value_name = "T")]
     pub tenant: Option<String>,
+}
+
+#[derive(Debug, Args)]
+pub struct InitArgs {
+    /// The pipeline file to write (its directory is the one looked at).
+    #[arg(
+        short = 'f',
+        long = "file",
+        value_name = "FILE",
+        default_value = ".tributary.yml"
+    )]
+    pub file: PathBuf,
+}
+
+#[derive(Debug, Args)]
+pub struct CompletionsArgs {
+    /// The shell: bash, zsh or fish (also elvish, powershell).
+    #[arg(value_enum)]
+    pub shell: clap_complete::Shell,
 }
 
 #[derive(Debug, Args)]

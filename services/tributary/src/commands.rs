@@ -50,6 +50,13 @@ pub async fn dispatch(command: Command) -> anyhow::Result<ExitCode> {
             crate::metering::serve(args).await
         }
         Command::Invoice(args) => crate::metering::invoice(args).await,
+        Command::Init(args) => crate::init::command(args),
+        Command::Completions(args) => {
+            let mut cli = <crate::cli::Cli as clap::CommandFactory>::command();
+            clap_complete::generate(args.shell, &mut cli, "tributary", &mut std::io::stdout());
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Audit(args) => crate::metering::audit(args).await,
     }
 }
 
