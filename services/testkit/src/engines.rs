@@ -92,7 +92,7 @@ impl Engine {
         match self {
             Engine::Kafka => crate::kafka_address(),
             Engine::Postgres => host_port_of_url(&crate::postgres_admin_url())
-                .unwrap_or_else(|| crate::postgres_admin_url()),
+                .unwrap_or_else(crate::postgres_admin_url),
             Engine::S3 => s3_endpoint(),
             Engine::Containers => docker_host(),
             Engine::Kube => crate::kubeconfig_path().display().to_string(),
@@ -106,8 +106,9 @@ impl Engine {
             Engine::Kafka => {
                 tcp_answers(crate::kafka_address().split(',').next().unwrap_or_default())
             }
-            Engine::Postgres => host_port_of_url(&crate::postgres_admin_url())
-                .is_some_and(|hp| tcp_answers(&hp)),
+            Engine::Postgres => {
+                host_port_of_url(&crate::postgres_admin_url()).is_some_and(|hp| tcp_answers(&hp))
+            }
             Engine::S3 => host_port_of_url(&s3_endpoint()).is_some_and(|hp| tcp_answers(&hp)),
             Engine::Containers => {
                 let host = docker_host();
@@ -214,11 +215,7 @@ macro_rules! require {
 pub fn skip_file(cargo_pid: u32) -> Option<PathBuf> {
     let exe = std::env::current_exe().ok()?;
     let profile_dir = exe.parent()?.parent()?;
-    Some(
-        profile_dir
-            .join("engine-skips")
-            .join(cargo_pid.to_string()),
-    )
+    Some(profile_dir.join("engine-skips").join(cargo_pid.to_string()))
 }
 
 /// The one summary line for the skip file's contents (`tag\ttest` lines). Pure.

@@ -84,12 +84,10 @@ pub fn default_dir() -> PathBuf {
 
 /// `$XDG_STATE_HOME` when absolute (the XDG rule), else `$HOME/.local/state`. Pure.
 pub fn state_home(xdg_state_home: Option<PathBuf>, home: Option<PathBuf>) -> Option<PathBuf> {
-    xdg_state_home
-        .filter(|p| p.is_absolute())
-        .or_else(|| {
-            home.filter(|h| h.is_absolute())
-                .map(|h| h.join(".local").join("state"))
-        })
+    xdg_state_home.filter(|p| p.is_absolute()).or_else(|| {
+        home.filter(|h| h.is_absolute())
+            .map(|h| h.join(".local").join("state"))
+    })
 }
 
 /// `<name>-<12 hex digits of the sha256 of the path>`: readable, and distinct for two
@@ -144,7 +142,10 @@ mod tests {
             state_home(some("rel"), some("/home/me")),
             some("/home/me/.local/state")
         );
-        assert_eq!(state_home(None, some("/home/me")), some("/home/me/.local/state"));
+        assert_eq!(
+            state_home(None, some("/home/me")),
+            some("/home/me/.local/state")
+        );
         assert_eq!(state_home(None, None), None);
         assert_eq!(state_home(None, some("")), None);
     }

@@ -281,8 +281,7 @@ mod tests {
     use super::*;
 
     fn parses(text: &str) -> tributary_proto::events::Plan {
-        tributary_pipeline::load(".tributary.yml", text)
-            .unwrap_or_else(|e| panic!("{e}\n{text}"))
+        tributary_pipeline::load(".tributary.yml", text).unwrap_or_else(|e| panic!("{e}\n{text}"))
     }
 
     fn commands(plan: &tributary_proto::events::Plan, job: &str) -> Vec<String> {

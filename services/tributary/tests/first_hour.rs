@@ -74,20 +74,40 @@ fn host_jobs_never_see_the_default_data_directory_and_every_command_finds_it() {
     let data = log_dir(&out);
     // Absolute, under the state home, outside the repository.
     assert!(data.is_absolute(), "{}", data.display());
-    assert!(data.starts_with(state.canonicalize().unwrap().join("tributary")), "{}", data.display());
+    assert!(
+        data.starts_with(state.canonicalize().unwrap().join("tributary")),
+        "{}",
+        data.display()
+    );
     assert!(!data.starts_with(repo.canonicalize().unwrap()));
     assert!(data.join("events.db").is_file());
     let seen = listing(&repo, "host-ls.txt");
-    assert!(!seen.iter().any(|n| n.starts_with(".tributary") && n != ".tributary.yml"), "{seen:?}");
+    assert!(
+        !seen
+            .iter()
+            .any(|n| n.starts_with(".tributary") && n != ".tributary.yml"),
+        "{seen:?}"
+    );
     assert!(!repo.join(".tributary").exists());
-    assert_eq!(std::fs::read_to_string(repo.join("host.txt")).unwrap(), "on-host\n");
+    assert_eq!(
+        std::fs::read_to_string(repo.join("host.txt")).unwrap(),
+        "on-host\n"
+    );
     // No "recreate" preamble in a local run's log: the user just ran that command.
-    assert!(!text(&out).contains("to recreate this job"), "{}", text(&out));
+    assert!(
+        !text(&out).contains("to recreate this job"),
+        "{}",
+        text(&out)
+    );
 
     // `builds` and `replay --check`, from a subdirectory of the repository, find the same log.
     let builds = tributary(&repo.join("sub"), &state, &["builds"]);
     assert!(builds.status.success(), "{}", text(&builds));
-    assert!(String::from_utf8_lossy(&builds.stdout).contains("succeeded"), "{}", text(&builds));
+    assert!(
+        String::from_utf8_lossy(&builds.stdout).contains("succeeded"),
+        "{}",
+        text(&builds)
+    );
     let check = tributary(&repo.join("sub"), &state, &["replay", "--check"]);
     assert!(check.status.success(), "{}", text(&check));
     assert!(
@@ -104,13 +124,27 @@ fn data_given_relative_inside_or_outside_the_repository_is_used_absolute() {
     // Outside, relative: no note, nothing in the repository.
     let out = tributary(&repo, &state, &["run", "--plain", "--data", "../elsewhere"]);
     assert!(out.status.success(), "{}", text(&out));
-    assert_eq!(log_dir(&out), root.path().canonicalize().unwrap().join("elsewhere"));
-    assert!(!text(&out).contains("note: the data directory"), "{}", text(&out));
+    assert_eq!(
+        log_dir(&out),
+        root.path().canonicalize().unwrap().join("elsewhere")
+    );
+    assert!(
+        !text(&out).contains("note: the data directory"),
+        "{}",
+        text(&out)
+    );
     assert!(!listing(&repo, "host-ls.txt").contains(&"elsewhere".to_owned()));
     // Inside, relative: it works, and the user is told host jobs see it.
-    let out = tributary(&repo, &state, &["run", "--plain", "--data", "state-in-repo"]);
+    let out = tributary(
+        &repo,
+        &state,
+        &["run", "--plain", "--data", "state-in-repo"],
+    );
     assert!(out.status.success(), "{}", text(&out));
-    assert_eq!(log_dir(&out), repo.canonicalize().unwrap().join("state-in-repo"));
+    assert_eq!(
+        log_dir(&out),
+        repo.canonicalize().unwrap().join("state-in-repo")
+    );
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(
         stderr.contains("note: the data directory") && stderr.contains("host jobs see"),
@@ -129,8 +163,8 @@ fn container_jobs_get_absolute_mounts_and_never_the_data_directory() {
         inner-write.txt || echo read-only > inner-write.txt; fi\n  \
         host:\n    steps:\n      - ls -a > host-ls.txt\n";
     let (repo, state) = repo(root.path(), pipeline);
-    let docker_host = std::env::var("DOCKER_HOST")
-        .unwrap_or_else(|_| "unix:///run/podman/podman.sock".into());
+    let docker_host =
+        std::env::var("DOCKER_HOST").unwrap_or_else(|_| "unix:///run/podman/podman.sock".into());
     let run = |args: &[&str]| {
         let out = Command::new(bin())
             .args(["run", "--plain"])
@@ -157,11 +191,15 @@ fn container_jobs_get_absolute_mounts_and_never_the_data_directory() {
     run(&["--data", "state-in-repo"]);
     assert!(repo.join("state-in-repo/events.db").is_file());
     assert_eq!(
-        std::fs::read_to_string(repo.join("inner-count.txt")).unwrap().trim(),
+        std::fs::read_to_string(repo.join("inner-count.txt"))
+            .unwrap()
+            .trim(),
         "0"
     );
     assert_eq!(
-        std::fs::read_to_string(repo.join("inner-write.txt")).unwrap().trim(),
+        std::fs::read_to_string(repo.join("inner-write.txt"))
+            .unwrap()
+            .trim(),
         "read-only"
     );
     // The host job of the same run: it does see it (and was told so on stderr).

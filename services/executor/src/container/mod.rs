@@ -294,8 +294,7 @@ impl JobContainer {
         let (workspace, scripts) = (&absolute(workspace)?, &absolute(scripts)?);
         let engine = &runtime.engine;
         engine.ensure_image(image).await?;
-        let mut body =
-            spec::create_body(image, workspace, scripts, &runtime.limits, network, who);
+        let mut body = spec::create_body(image, workspace, scripts, &runtime.limits, network, who);
         if runtime.hidden.iter().any(|h| h.starts_with(workspace)) {
             let empty = scripts.join("empty");
             std::fs::create_dir_all(&empty)
