@@ -13,6 +13,7 @@ use tributary_projections::{replay, BuildsProjector, BuildsStore, Phase};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn garbage_on_the_topic_is_skipped_and_counted() {
+    tributary_testkit::require!(Kafka);
     let options = tributary_testkit::kafka_options("projector", 1, 0);
     let log = KafkaLog::connect(options).await.expect("connect to Kafka");
     assert_eq!(log.layout(), Layout::SINGLE);

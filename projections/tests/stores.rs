@@ -28,6 +28,11 @@ where
     );
     let sqlite = format!("sqlite://{}?mode=rwc", dir.path().join("rm.db").display());
     scenario(log.clone(), sqlite).await;
+    // The PostgreSQL half: skipped (visibly) without the test database, unless engines are
+    // required (TRIBUTARY_REQUIRE_ENGINES=1).
+    if !tributary_testkit::engine_or_skip(tributary_testkit::Engine::Postgres) {
+        return;
+    }
 
     let dir = tempfile::tempdir().expect("tempdir");
     let log = Arc::new(

@@ -403,6 +403,7 @@ async fn produce(
         &lease.job,
         options.pipeline_file.as_deref(),
     );
+    let workspace_is_local = workspace.checkout.is_none();
     let keep_for = options
         .keep_failed_for
         .filter(|d| !d.is_zero() && workspace.checkout.is_some());
@@ -486,6 +487,12 @@ async fn produce(
     if let Err(e) = std::fs::create_dir_all(&scratch) {
         tracing::error!(error = %e, dir = %scratch.display(), "cannot create scratch directory");
     }
+    // A failed job of a local run (no checkout) ends with the command that runs it alone.
+    let local_note = if workspace_is_local {
+        crate::recreate::run_alone(&lease.job, options.pipeline_file.as_deref())
+    } else {
+        String::new()
+    };
     let ctx_dir = workdir.clone();
     let ctx_workdir = workdir.clone();
     let lease_caches = lease.caches;
@@ -505,7 +512,7 @@ async fn produce(
         limits: options.limits,
         container: options.container.clone(),
         preamble,
-        failure_note: keep_for.map_or_else(String::new, |d| {
+        failure_note: keep_for.map_or(local_note, |d| {
             format!(
                 "tributary: this job's workspace is kept on agent {} ({}) at {} for {} \
                  (until {}), to look at what it left",

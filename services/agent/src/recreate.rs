@@ -1,5 +1,5 @@
-//! The commands that recreate a job locally with `tributary run`, printed at the start of every
-//! job log. Pure text.
+//! The commands that recreate a job locally with `tributary run`: printed at the start of a
+//! server build's job log, and at the end of a failed local job's. Pure text.
 
 use tributary_proto::events::JobPlan;
 
@@ -17,43 +17,53 @@ pub fn shell_quote(s: &str) -> String {
     }
 }
 
-/// The log's first lines: how to run this job again on one's own machine.
+/// A server build's first log lines: how to run this job again on one's own machine — clone
+/// the repository, check out the exact commit (and its submodules when the job uses them), then
+/// run the job from `.tributary.yml` (`pipeline_file` when given). `tributary run --job` runs
+/// that one job (its `needs` are taken as done); `image:` jobs run in a container there too.
 ///
-/// * With a `source` (a server build): clone the repository, check out the exact commit (and
-///   its submodules when the job uses them), then run the job from `.tributary.yml`.
-/// * Without (a local run): run the job again from the same pipeline file (`pipeline_file`).
-///
-/// `tributary run --job` runs that one job (its `needs` are taken as done); `image:` jobs run
-/// in a container there too.
+/// Empty for a local run (no repository to clone): its user just ran the command that would
+/// be printed; [`run_alone`] is what a failed local job's log ends with instead.
 pub fn recreate_commands(
     source: Option<&Source>,
     job: &JobPlan,
     pipeline_file: Option<&str>,
 ) -> String {
-    let mut lines = vec!["tributary: to recreate this job locally, run:".to_owned()];
-    let run = |file: &str| {
-        format!(
-            "  tributary run -f {} --job {}",
-            shell_quote(file),
-            shell_quote(&job.id)
-        )
+    let Some(src) = source.filter(|s| !s.repository.is_empty()) else {
+        return String::new();
     };
-    match source {
-        Some(src) if !src.repository.is_empty() => {
-            let dir = format!("tributary-{}", short(&src.commit));
-            lines.push(format!(
-                "  git clone {} {dir} && cd {dir} && git checkout --detach {}",
-                shell_quote(&src.repository),
-                shell_quote(&src.commit)
-            ));
-            if job.submodules {
-                lines.push("  git submodule update --init --recursive".to_owned());
-            }
-            lines.push(run(pipeline_file.unwrap_or(".tributary.yml")));
-        }
-        _ => lines.push(run(pipeline_file.unwrap_or(".tributary.yml"))),
+    let mut lines = vec!["tributary: to recreate this job locally, run:".to_owned()];
+    let dir = format!("tributary-{}", short(&src.commit));
+    lines.push(format!(
+        "  git clone {} {dir} && cd {dir} && git checkout --detach {}",
+        shell_quote(&src.repository),
+        shell_quote(&src.commit)
+    ));
+    if job.submodules {
+        lines.push("  git submodule update --init --recursive".to_owned());
     }
+    lines.push(format!(
+        "  {}",
+        run_command(pipeline_file.unwrap_or(".tributary.yml"), job)
+    ));
     lines.join("\n") + "\n"
+}
+
+/// The note a failed job of a local run ends with: the command that runs only this job again
+/// (its `needs` taken as done), which is shorter than the whole pipeline.
+pub fn run_alone(job: &JobPlan, pipeline_file: Option<&str>) -> String {
+    format!(
+        "tributary: to run only this job again: {}",
+        run_command(pipeline_file.unwrap_or(".tributary.yml"), job)
+    )
+}
+
+fn run_command(file: &str, job: &JobPlan) -> String {
+    format!(
+        "tributary run -f {} --job {}",
+        shell_quote(file),
+        shell_quote(&job.id)
+    )
 }
 
 fn short(commit: &str) -> String {
@@ -104,15 +114,22 @@ mod tests {
     }
 
     #[test]
-    fn local_runs_name_their_pipeline_file() {
+    fn local_runs_print_nothing_first_and_name_their_pipeline_file_on_failure() {
         let job = JobPlan {
             id: "build".into(),
             ..JobPlan::default()
         };
+        let file = Some("/home/me/my repo/.tributary.yml");
+        assert_eq!(recreate_commands(None, &job, file), "");
+        let no_repository = Source {
+            repository: String::new(),
+            commit: "0123".into(),
+        };
+        assert_eq!(recreate_commands(Some(&no_repository), &job, file), "");
         assert_eq!(
-            recreate_commands(None, &job, Some("/home/me/my repo/.tributary.yml")),
-            "tributary: to recreate this job locally, run:\n  \
-             tributary run -f '/home/me/my repo/.tributary.yml' --job build\n"
+            run_alone(&job, file),
+            "tributary: to run only this job again: \
+             tributary run -f '/home/me/my repo/.tributary.yml' --job build"
         );
     }
 }

@@ -618,6 +618,7 @@ impl Runtime {
                 engine: c.engine.clone(),
                 limits: c.limits,
                 owner: self.identity.agent_id.clone(),
+                hidden: Vec::new(),
             }),
             ..AttemptOptions::default()
         };

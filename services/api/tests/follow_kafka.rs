@@ -173,6 +173,7 @@ fn expected(n: usize) -> Vec<String> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_tail_ends_after_every_chunk_appended_before_build_finished_exactly_once() {
+    tributary_testkit::require!(Kafka);
     let options = tributary_testkit::kafka_options("follow", 4, 2);
     let log = Arc::new(KafkaLog::connect(options).await.expect("connect"));
     let build = tributary_proto::new_id();

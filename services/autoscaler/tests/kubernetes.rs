@@ -147,6 +147,7 @@ fn handle(id: &str, machine: &str) -> AgentHandle {
 
 #[tokio::test]
 async fn acquire_creates_the_agent_pod_from_the_template_and_release_deletes_it() {
+    tributary_testkit::require!(Kube);
     let f = Fixture::new("acquire").await;
     let p = f.provider(None).await;
     assert_eq!(p.name(), "kubernetes");
@@ -229,6 +230,7 @@ async fn acquire_creates_the_agent_pod_from_the_template_and_release_deletes_it(
 
 #[tokio::test]
 async fn a_pod_of_another_owner_with_the_same_name_is_an_error_not_adopted() {
+    tributary_testkit::require!(Kube);
     let f = Fixture::new("clash").await;
     let other = f.provider(None).await;
     // A Pod with the name this request's would have, that is not ours.
@@ -249,6 +251,7 @@ async fn a_pod_of_another_owner_with_the_same_name_is_an_error_not_adopted() {
 
 #[tokio::test]
 async fn at_start_pods_the_log_does_not_know_are_deleted_and_the_others_adopted() {
+    tributary_testkit::require!(Kube);
     let f = Fixture::new("recover").await;
     let p = f.provider(Some("ci-a")).await;
     let other_owner = f.provider(Some("ci-b")).await;
@@ -296,6 +299,7 @@ async fn at_start_pods_the_log_does_not_know_are_deleted_and_the_others_adopted(
 /// the second before deciding anything.
 #[tokio::test]
 async fn the_service_recovers_pods_at_start() {
+    tributary_testkit::require!(Kube);
     let f = Fixture::new("service").await;
     let p = Arc::new(f.provider(None).await);
     p.acquire(&request("as-linux-1")).await.unwrap();

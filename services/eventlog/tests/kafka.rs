@@ -53,6 +53,7 @@ macro_rules! conformance_tests {
         $(
             #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
             async fn $check() {
+                tributary_testkit::require!(Kafka);
                 let options = options(3, 2);
                 let log = connect(&options).await;
                 assert_eq!(log.layout(), Layout { events: 3, logs: 2 });
@@ -86,6 +87,7 @@ conformance_tests!(
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn reopen_keeps_events_and_offsets() {
+    tributary_testkit::require!(Kafka);
     let options = options(3, 2);
     conformance::reopen_keeps_events_and_offsets(|| async {
         Arc::new(connect(&options).await) as Arc<dyn EventLog>
@@ -100,6 +102,7 @@ async fn reopen_keeps_events_and_offsets() {
 /// topic): the layout every current single-partition consumer can run on.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn run_all_on_a_single_partition_log() {
+    tributary_testkit::require!(Kafka);
     let cleanup = Cleanup::default();
     conformance::run_all(|| {
         let cleanup = cleanup.clone();
@@ -119,6 +122,7 @@ async fn run_all_on_a_single_partition_log() {
 /// are handed back like any record, between the good events, to readers and subscribers.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn garbage_from_another_producer_is_handed_back() {
+    tributary_testkit::require!(Kafka);
     let options = options(2, 1);
     let log = Arc::new(connect(&options).await);
     let key = "build-g";
@@ -158,6 +162,7 @@ async fn garbage_from_another_producer_is_handed_back() {
 /// configured retention.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn existing_topics_keep_their_partitions() {
+    tributary_testkit::require!(Kafka);
     let mut options = options(2, 1);
     let first = connect(&options).await;
     assert_eq!(first.layout(), Layout { events: 2, logs: 1 });
@@ -337,6 +342,7 @@ async fn stall_partition_0(
 /// stuck on it, which shows the pause is a real stall.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_stalled_partition_gets_a_new_consumer_and_loses_nothing() {
+    tributary_testkit::require!(Kafka);
     let (log, blind_log, keys) = stall_logs().await;
     let from = [(0, 0), (1, 0)];
     let mut sub = log.start_subscription(&from).expect("subscribe");
@@ -355,6 +361,7 @@ async fn a_stalled_partition_gets_a_new_consumer_and_loses_nothing() {
 /// handed over); a member that never checks stays stuck.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_stalled_partition_of_a_group_member_is_fetched_again() {
+    tributary_testkit::require!(Kafka);
     use tributary_eventlog::GroupSubscription;
 
     let (log, blind_log, keys) = stall_logs().await;

@@ -71,6 +71,7 @@ async fn fixture(steps: &[&[&str]]) -> Fixture {
                 pids: 256,
             },
             owner: owner.clone(),
+            hidden: Vec::new(),
         }),
         preamble: String::new(),
         failure_note: String::new(),
@@ -151,6 +152,7 @@ fn host_name() -> String {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn lines_run_inside_the_container_with_per_line_events() {
+    tributary_testkit::require!(Containers);
     let f = fixture(&[
         &[
             "hostname",
@@ -208,6 +210,7 @@ async fn lines_run_inside_the_container_with_per_line_events() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_successful_job_removes_its_container() {
+    tributary_testkit::require!(Containers);
     let f = fixture(&[&["echo one"], &["echo two", "true"]]).await;
     let (outcome, events) = run(f.ctx.clone()).await;
     assert_eq!(outcome.status, Status::Succeeded, "{}", outcome.reason);
@@ -236,6 +239,7 @@ fn when_line_starts(
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn limits_apply_and_cancel_removes_the_container() {
+    tributary_testkit::require!(Containers);
     let f = fixture(&[&["echo started", "sleep 300"]]).await;
     let cancel = CancellationToken::new();
     let (started_tx, started_rx) = tokio::sync::oneshot::channel();
@@ -282,6 +286,7 @@ async fn limits_apply_and_cancel_removes_the_container() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn no_network_unless_the_job_asks() {
+    tributary_testkit::require!(Containers);
     let f = fixture(&[&["cat /proc/net/dev | tail -n +3 | cut -d: -f1 | tr -d ' '"]]).await;
     let (outcome, events) = run(f.ctx.clone()).await;
     assert_eq!(outcome.status, Status::Succeeded, "{}", outcome.reason);
@@ -292,6 +297,7 @@ async fn no_network_unless_the_job_asks() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn timeout_kills_and_removes_the_container() {
+    tributary_testkit::require!(Containers);
     let mut f = fixture(&[&["echo before", "sleep 300", "echo never"]]).await;
     f.ctx.job.timeout_secs = 2;
     let (outcome, events) = run(f.ctx.clone()).await;
@@ -309,6 +315,7 @@ async fn timeout_kills_and_removes_the_container() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_restarted_agent_removes_its_orphans() {
+    tributary_testkit::require!(Containers);
     let f = fixture(&[&["true"]]).await;
     // What a crashed agent leaves: a running container labelled with its id.
     let who = spec::Ownership {
@@ -410,6 +417,7 @@ async fn an_image_job_without_an_engine_fails_with_a_reason() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_missing_image_fails_the_job_with_a_reason() {
+    tributary_testkit::require!(Containers);
     let mut f = fixture(&[&["true"]]).await;
     f.ctx.job.image = "localhost/tributary-no-such-image".into();
     let (outcome, _) = run(f.ctx.clone()).await;

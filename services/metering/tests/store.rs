@@ -71,6 +71,7 @@ macro_rules! both_engines {
         mod postgres {
             $(#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
             async fn $name() {
+                tributary_testkit::require!(Postgres);
                 super::$name(super::Engine::Postgres).await
             })*
         }

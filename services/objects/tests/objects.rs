@@ -166,6 +166,7 @@ async fn s3_bucket() -> String {
 
 #[tokio::test]
 async fn s3_roundtrip_with_prefix() {
+    tributary_testkit::require!(S3);
     let bucket = s3_bucket().await;
     let tmp = tempfile::tempdir().unwrap();
     let objects = Objects::open(&format!("s3://{bucket}/tributary/prod")).unwrap();
@@ -180,6 +181,7 @@ async fn s3_roundtrip_with_prefix() {
 
 #[tokio::test]
 async fn s3_corruption_is_detected() {
+    tributary_testkit::require!(S3);
     let bucket = s3_bucket().await;
     let tmp = tempfile::tempdir().unwrap();
     let objects = Objects::open(&format!("s3://{bucket}")).unwrap();

@@ -8,11 +8,18 @@
 //! * [`kubeconfig`]: the kubeconfig of the test Kubernetes API server of
 //!   `scripts/setup-kube.sh` (`TRIBUTARY_TEST_KUBECONFIG`).
 //!
-//! A missing engine fails the test with a message naming the script that starts it: tests never
-//! skip silently. A dev-dependency only.
+//! * [`engines`]: [`require!`] at the top of a test that needs an engine: without it the test is
+//!   skipped visibly (a line on stderr, and the one-line summary at the end of `cargo test`), or
+//!   fails when `TRIBUTARY_REQUIRE_ENGINES=1` (`scripts/test.sh`, CI).
+//!
+//! Past [`require!`], a missing engine fails the test with a message naming the script that
+//! starts it: tests never skip silently. A dev-dependency only.
 
 use std::path::PathBuf;
 use std::time::Duration;
+
+pub mod engines;
+pub use engines::{engine_or_skip, Engine};
 
 use sqlx::{AnyConnection, Connection, Executor};
 use tributary_eventlog::kafka::KafkaOptions;
@@ -21,8 +28,7 @@ use tributary_proto::events::{envelope::Payload, Envelope, TenantCreated, TokenI
 /// The test broker's bootstrap servers; panics naming the script that starts one if nothing
 /// listens there.
 pub fn kafka_brokers() -> String {
-    let brokers =
-        std::env::var("TRIBUTARY_TEST_KAFKA").unwrap_or_else(|_| "127.0.0.1:19092".into());
+    let brokers = kafka_address();
     let first = brokers.split(',').next().unwrap_or_default().to_owned();
     let reachable = std::net::ToSocketAddrs::to_socket_addrs(&first)
         .ok()
@@ -36,6 +42,11 @@ pub fn kafka_brokers() -> String {
          127.0.0.1:19092), or set TRIBUTARY_TEST_KAFKA to a reachable broker"
     );
     brokers
+}
+
+/// Where the test broker should be: `TRIBUTARY_TEST_KAFKA`, default 127.0.0.1:19092.
+pub fn kafka_address() -> String {
+    std::env::var("TRIBUTARY_TEST_KAFKA").unwrap_or_else(|_| "127.0.0.1:19092".into())
 }
 
 /// Options for a `KafkaLog` on the test broker with topics of its own (prefix
@@ -115,9 +126,7 @@ pub async fn drop_database(name: &str) {
 /// The kubeconfig of the test Kubernetes API server (`TRIBUTARY_TEST_KUBECONFIG`, default the
 /// one `scripts/setup-kube.sh` writes); panics naming the script if it is missing.
 pub fn kubeconfig() -> PathBuf {
-    let path = std::env::var_os("TRIBUTARY_TEST_KUBECONFIG")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| PathBuf::from("/opt/tributary-kube/kubeconfig"));
+    let path = kubeconfig_path();
     assert!(
         path.exists(),
         "no Kubernetes API server for the tests: {} is missing; run scripts/setup-kube.sh \
@@ -126,4 +135,12 @@ pub fn kubeconfig() -> PathBuf {
         path.display()
     );
     path
+}
+
+/// Where the test kubeconfig should be: `TRIBUTARY_TEST_KUBECONFIG`, default the one
+/// `scripts/setup-kube.sh` writes.
+pub fn kubeconfig_path() -> PathBuf {
+    std::env::var_os("TRIBUTARY_TEST_KUBECONFIG")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from("/opt/tributary-kube/kubeconfig"))
 }

@@ -91,7 +91,7 @@ pub fn spawn(
 /// `tributary serve autoscaler`.
 pub async fn serve(args: AutoscalerArgs) -> anyhow::Result<ExitCode> {
     let config = load_config(&args.config)?;
-    let data = &args.data.data;
+    let data = &args.data.dir();
     if !data.join("events.db").exists() {
         anyhow::bail!(
             "{} holds no event log: point --data at the data directory of a `tributary up`",

@@ -6,7 +6,7 @@
 //! [`BackendArgs::resolve`] turns them into [`Backends`] (plain data; [`merge`] is the pure
 //! part), whose `open_*` functions open the log, the builds store and the object storage.
 //!
-//! Defaults are the embedded ones, under the data directory (`.tributary`): the SQLite log
+//! Defaults are the embedded ones, under the data directory (see [`crate::data_dir::default_dir`]): the SQLite log
 //! `events.db`, the read models `readmodels.db`, objects in `objects/`.
 
 use std::path::{Path, PathBuf};
@@ -21,7 +21,9 @@ use tributary_eventlog::sqlite::SqliteLog;
 use tributary_eventlog::EventLog;
 use tributary_projections::BuildsStore;
 
-/// The default data directory of the embedded backends.
+/// The data directory [`merge`] puts when nothing names one; [`BackendArgs::resolve`] replaces
+/// it with the per-repository default ([`crate::data_dir::default_dir`]), which falls back to it
+/// without a home directory.
 pub const DEFAULT_DATA: &str = ".tributary";
 
 /// Where the log, the read models and the objects live. Shared by every service.
@@ -40,8 +42,8 @@ pub struct BackendArgs {
     /// DIR/objects).
     #[arg(long, value_name = "URL", env = "TRIBUTARY_OBJECTS")]
     pub objects: Option<String>,
-    /// Directory of the embedded backends (the defaults of the three above) [default:
-    /// .tributary].
+    /// Directory of the embedded backends (the defaults of the three above) [default: this
+    /// repository's directory under $XDG_STATE_HOME/tributary or ~/.local/state/tributary].
     #[arg(long, value_name = "DIR", env = "TRIBUTARY_DATA")]
     pub data: Option<PathBuf>,
     /// A TOML file with the same keys, e.g.:
@@ -188,7 +190,13 @@ impl BackendArgs {
             Some(path) => read_config(path)?,
             None => ConfigFile::default(),
         };
-        Ok(merge(self, file))
+        let named = self.data.is_some() || file.data.is_some();
+        let mut backends = merge(self, file);
+        if !named {
+            // Not part of the pure merge: it asks git and the environment.
+            backends.data = crate::data_dir::default_dir();
+        }
+        Ok(backends)
     }
 }
 

@@ -35,6 +35,7 @@ pub async fn bench_exec(opts: Options) -> anyhow::Result<ExitCode> {
             pids: 1024,
         },
         owner: format!("bench-{}", tributary_proto::new_id()),
+        hidden: Vec::new(),
     };
     println!(
         "bench exec: {} runs each of a one-line job (`true`) on the host and in {} on {} at {}",

@@ -121,6 +121,19 @@ pub enum Command {
     /// difference. With --kafka and --database it replays every events partition up to the
     /// offsets the stored read models reached and compares them with the live tables.
     Audit(AuditArgs),
+    /// Write a starter .tributary.yml for the repository here, from what it finds.
+    ///
+    /// Cargo.toml → cargo build/test; package.json → npm ci (or install), build and test when
+    /// its scripts have them; go.mod → go vet/test; pyproject.toml or requirements.txt →
+    /// pytest; Makefile → make (and make test). The pipeline is checked by the same parser as
+    /// `tributary run` before it is written; an existing file is never overwritten.
+    Init(InitArgs),
+    /// Print a shell completion script for bash, zsh or fish.
+    ///
+    /// bash: `tributary completions bash > /etc/bash_completion.d/tributary`;
+    /// zsh: `tributary completions zsh > "${fpath[1]}/_tributary"`;
+    /// fish: `tributary completions fish > ~/.config/fish/completions/tributary.fish`.
+    Completions(CompletionsArgs),
     /// Measure performance: `bench log`, `bench run`, `bench server`, `bench autoscale`,
     /// `bench metering`, `bench exec`, `bench ui`.
     #[command(subcommand)]
@@ -187,15 +200,40 @@ pub struct AuditArgs {
 }
 
 #[derive(Debug, Args)]
-pub struct DataArgs {
-    /// Directory holding the event log and read models.
+pub struct InitArgs {
+    /// The pipeline file to write (its directory is the one looked at).
     #[arg(
-        long,
-        value_name = "DIR",
-        default_value = ".tributary",
-        env = "TRIBUTARY_DATA"
+        short = 'f',
+        long = "file",
+        value_name = "FILE",
+        default_value = ".tributary.yml"
     )]
-    pub data: PathBuf,
+    pub file: PathBuf,
+}
+
+#[derive(Debug, Args)]
+pub struct CompletionsArgs {
+    /// The shell: bash, zsh or fish (also elvish, powershell).
+    #[arg(value_enum)]
+    pub shell: clap_complete::Shell,
+}
+
+#[derive(Debug, Args)]
+pub struct DataArgs {
+    /// Directory holding the event log and read models [default: this repository's directory
+    /// under $XDG_STATE_HOME/tributary or ~/.local/state/tributary, outside the repository so
+    /// jobs never see it].
+    #[arg(long = "data", value_name = "DIR", env = "TRIBUTARY_DATA")]
+    pub given: Option<PathBuf>,
+}
+
+impl DataArgs {
+    /// The data directory: --data / TRIBUTARY_DATA, else [`crate::data_dir::default_dir`].
+    pub fn dir(&self) -> PathBuf {
+        self.given
+            .clone()
+            .unwrap_or_else(crate::data_dir::default_dir)
+    }
 }
 
 #[derive(Debug, Args)]

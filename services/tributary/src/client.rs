@@ -232,11 +232,7 @@ pub async fn get(args: GetArgs) -> anyhow::Result<ExitCode> {
         for s in &j.steps {
             println!("    step {:<24} {}", s.name, s.status);
             for l in &s.lines {
-                let code = if l.status == "pending" {
-                    String::new()
-                } else {
-                    format!("exit {}", l.exit_code)
-                };
+                let code = exit_column(&l.status, l.exit_code);
                 println!(
                     "      {:<9} {:<8} {}",
                     l.status,
@@ -266,6 +262,15 @@ async fn build_usage(server: &ServerArgs, build: &str) -> Option<api::BuildUsage
             tracing::debug!(error = %e.message(), "no usage for the build");
             None
         }
+    }
+}
+
+/// The exit column of a line in `get`: its exit code once it has one (a pending, running or
+/// skipped line has none yet, whatever the default in the message says).
+fn exit_column(status: &str, exit_code: i32) -> String {
+    match status {
+        "succeeded" | "failed" | "timed_out" | "canceled" => format!("exit {exit_code}"),
+        _ => String::new(),
     }
 }
 
@@ -428,4 +433,18 @@ pub async fn rerun(args: GetArgs) -> anyhow::Result<ExitCode> {
         .into_inner();
     println!("{}", resp.build_id);
     Ok(ExitCode::SUCCESS)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::exit_column;
+
+    #[test]
+    fn only_finished_lines_show_an_exit_code() {
+        assert_eq!(exit_column("running", 0), "");
+        assert_eq!(exit_column("pending", 0), "");
+        assert_eq!(exit_column("skipped", 0), "");
+        assert_eq!(exit_column("succeeded", 0), "exit 0");
+        assert_eq!(exit_column("failed", 7), "exit 7");
+    }
 }

@@ -50,6 +50,12 @@ pub async fn dispatch(command: Command) -> anyhow::Result<ExitCode> {
             crate::metering::serve(args).await
         }
         Command::Invoice(args) => crate::metering::invoice(args).await,
+        Command::Init(args) => crate::init::command(args),
+        Command::Completions(args) => {
+            let mut cli = <crate::cli::Cli as clap::CommandFactory>::command();
+            clap_complete::generate(args.shell, &mut cli, "tributary", &mut std::io::stdout());
+            Ok(ExitCode::SUCCESS)
+        }
         Command::Audit(args) => crate::metering::audit(args).await,
     }
 }
@@ -69,7 +75,7 @@ async fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
         .ok()
         .and_then(|p| p.parent().map(|p| p.to_path_buf()))
         .unwrap_or_else(|| std::path::PathBuf::from("."));
-    let data = DataDir::open(&args.data.data).await?;
+    let data = DataDir::open(&args.data.dir()).await?;
     let log: Arc<dyn EventLog> = data.log.clone();
     let project = workdir
         .file_name()
@@ -104,7 +110,24 @@ async fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
         jobs.len(),
         data.path.display()
     );
-    let container = local_container(&args.containers, &build.build_id, &jobs).await;
+    // A data directory inside the repository (an explicit --data there): container jobs see
+    // an empty read-only directory in its place; host jobs cannot be kept from it.
+    let hidden: Vec<std::path::PathBuf> = data
+        .path
+        .starts_with(&run.workdir)
+        .then(|| data.path.clone())
+        .into_iter()
+        .collect();
+    if !hidden.is_empty() && jobs.iter().any(|j| j.image.trim().is_empty()) {
+        eprintln!(
+            "note: the data directory {} is inside {}, where the jobs run: host jobs see the \
+             log there (container jobs get an empty directory in its place); leave --data out \
+             (or point it outside) to keep it out of their way",
+            data.path.display(),
+            run.workdir.display()
+        );
+    }
+    let container = local_container(&args.containers, &build.build_id, &jobs, hidden).await;
     let renderer = tokio::spawn(Renderer::new(&build.build_id, tty).follow(log.clone(), from));
     let cancel = CancellationToken::new();
     let ctrl_c = {
@@ -159,6 +182,7 @@ async fn local_container(
     args: &crate::cli::ContainerArgs,
     build_id: &str,
     jobs: &[tributary_proto::events::JobPlan],
+    hidden: Vec<std::path::PathBuf>,
 ) -> Option<tributary_agent::ContainerRuntime> {
     let first = jobs.iter().find(|j| !j.image.trim().is_empty())?;
     let address = args
@@ -176,6 +200,7 @@ async fn local_container(
             limits,
             // Unique per run: concurrent local runs never touch each other's containers.
             owner: format!("local-{build_id}"),
+            hidden,
         }),
         Err(e) => {
             eprintln!(
@@ -188,7 +213,7 @@ async fn local_container(
 }
 
 async fn events(args: EventsArgs) -> anyhow::Result<ExitCode> {
-    let data = DataDir::open(&args.data.data).await?;
+    let data = DataDir::open(&args.data.dir()).await?;
     let mut out = std::io::BufWriter::new(std::io::stdout().lock());
     let mut from = args.from;
     loop {
@@ -320,7 +345,7 @@ async fn builds(args: BuildsArgs) -> anyhow::Result<ExitCode> {
     if let Some(server) = args.server.clone() {
         return crate::client::builds_list(args, server).await;
     }
-    let data = DataDir::open(&args.data.data).await?;
+    let data = DataDir::open(&args.data.dir()).await?;
     data.catch_up().await?;
     let list = data.store.list_builds(args.limit).await?;
     if args.json {

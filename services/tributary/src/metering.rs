@@ -104,7 +104,7 @@ pub async fn invoice(args: InvoiceArgs) -> anyhow::Result<ExitCode> {
         }
         None => {
             let plan = load_plan(args.price_plan.as_deref())?;
-            let data = DataDir::open(&args.data.data).await?;
+            let data = DataDir::open(&args.data.dir()).await?;
             let mut projector =
                 tributary_metering::MeteringProjector::open(data.metering.clone()).await?;
             projector.catch_up(data.log.as_ref()).await?;

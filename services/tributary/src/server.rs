@@ -27,7 +27,7 @@ pub async fn up(args: UpArgs) -> anyhow::Result<ExitCode> {
         None => None,
     };
     let metering_config = crate::metering::service_config(&args.metering)?;
-    let data = DataDir::open(&args.data.data).await?;
+    let data = DataDir::open(&args.data.dir()).await?;
     let log: Arc<dyn EventLog> = data.log.clone();
     let token_path = data.path.join("admin.token");
     let first_start = !token_path.exists();

@@ -53,6 +53,7 @@ async fn pods(api: &Api<Pod>) -> BTreeMap<String, (String, Pod)> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn up_with_the_kubernetes_provider_makes_a_pod_per_requested_agent_and_deletes_it() {
+    tributary_testkit::require!(Kube);
     let client = client().await;
     let dir = tempfile::tempdir().unwrap();
     let nanos = std::time::SystemTime::now()

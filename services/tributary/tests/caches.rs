@@ -211,13 +211,14 @@ fn local_runs_reuse_by_commit_and_a_changed_job_runs_again() {
         pipeline("mkdir -p dist && echo one > dist/app.txt"),
     )
     .unwrap();
-    std::fs::write(repo.join(".gitignore"), ".tributary/\ndist/\n").unwrap();
+    std::fs::write(repo.join(".gitignore"), "dist/\n").unwrap();
     common::commit_all(repo, "init");
     let run = || {
         let out = std::process::Command::new(env!("CARGO_BIN_EXE_tributary"))
             .args(["run", "--plain"])
             .current_dir(repo)
             .env("TRIBUTARY_LOG", "warn")
+            .env("XDG_STATE_HOME", common::state_home())
             .output()
             .unwrap();
         let text = String::from_utf8_lossy(&out.stdout).into_owned();

@@ -63,6 +63,7 @@ fn executor_of(events: &[Value], job: &str) -> String {
 
 #[test]
 fn tributary_run_runs_image_jobs_in_containers() {
+    tributary_testkit::require!(Containers);
     let rt = tokio::runtime::Runtime::new().unwrap();
     let engine = engine(&rt);
     let dir = tempfile::tempdir().unwrap();
@@ -118,6 +119,7 @@ fn tributary_run_runs_image_jobs_in_containers() {
 
 #[test]
 fn image_jobs_wait_for_an_agent_with_an_engine_and_a_crashed_agent_cleans_up() {
+    tributary_testkit::require!(Containers);
     let rt = tokio::runtime::Runtime::new().unwrap();
     let engine = engine(&rt);
     let c = cluster();

@@ -307,6 +307,7 @@ async fn tail(
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn dag_and_matrix_builds_finish_with_exact_tails_and_watches_across_partitions() {
+    tributary_testkit::require!(Kafka);
     let mut stack = Stack::start().await;
     let (_tx, assigned) = watch::channel((0..4).collect::<BTreeSet<Partition>>());
     stack.scheduler(assigned);
@@ -491,6 +492,7 @@ jobs:
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn two_schedulers_with_disjoint_partitions_assign_each_job_once_and_hand_over_cleanly() {
+    tributary_testkit::require!(Kafka);
     let mut stack = Stack::start().await;
     let (to_a, assigned_a) = watch::channel(BTreeSet::from([0, 1]));
     let (to_b, assigned_b) = watch::channel(BTreeSet::from([2, 3]));

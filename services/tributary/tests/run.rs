@@ -15,6 +15,8 @@ fn tributary(dir: &Path, args: &[&str]) -> Output {
         .args(args)
         .current_dir(dir)
         .env("TRIBUTARY_LOG", "warn")
+        // The default data directory (per repository, under the state home) stays in target/.
+        .env("XDG_STATE_HOME", common::state_home())
         .output()
         .expect("spawn tributary")
 }

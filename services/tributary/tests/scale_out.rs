@@ -159,6 +159,7 @@ fn skipped_total(metrics: &BTreeMap<String, f64>, consumer: &str, kind: &str) ->
 
 #[test]
 fn fifty_builds_survive_kill_9_of_an_agent_a_scheduler_and_a_projector() {
+    tributary_testkit::require!(Kafka, Postgres);
     let mut out = ScaleOut::start(Options::default());
     out.project("green", &pipeline("green"));
     out.project("red", &pipeline("red"));

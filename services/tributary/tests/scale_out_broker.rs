@@ -58,6 +58,7 @@ fn trigger(out: &ScaleOut, api: usize) -> String {
 
 #[test]
 fn services_reconnect_after_the_broker_restarts_and_every_build_finishes() {
+    tributary_testkit::require!(Kafka, Postgres);
     let mut broker = Broker::start();
     let mut out = ScaleOut::start(Options {
         projectors: 1,

@@ -72,6 +72,7 @@ fn log_text(path: &Path) -> String {
 /// Log chunks in the events topic, in their build's partition: the fold counts their bytes.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn two_projectors_one_killed_equal_a_fresh_replay_with_duplicates_applied_once() {
+    tributary_testkit::require!(Kafka, Postgres);
     scenario(0).await;
 }
 
@@ -79,6 +80,7 @@ async fn two_projectors_one_killed_equal_a_fresh_replay_with_duplicates_applied_
 /// `projector-logs`, count their bytes whatever the interleaving with the state events.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn with_a_logs_topic_byte_counts_come_from_the_chunk_counters() {
+    tributary_testkit::require!(Kafka, Postgres);
     scenario(2).await;
 }
 

@@ -263,6 +263,7 @@ fn ticker_pipeline(gate: &Path) -> String {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_log_is_live_and_lines_show_exit_codes() {
+    tributary_testkit::require!(Browser);
     let s = start(2);
     let gate = s.root.join("gate");
     s.project_as(&s.token, "live", &ticker_pipeline(&gate));
@@ -412,6 +413,7 @@ async fn the_log_is_live_and_lines_show_exit_codes() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_running_build_is_canceled_from_its_page() {
+    tributary_testkit::require!(Browser);
     let s = start(2);
     s.project_as(
         &s.token,
@@ -563,6 +565,7 @@ async fn a_running_build_is_canceled_from_its_page() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn another_tenant_cannot_see_a_build_or_its_log() {
+    tributary_testkit::require!(Browser);
     let s = start(2);
     let acme = s.tenant("acme");
     let globex = s.tenant("globex");
@@ -808,6 +811,7 @@ async fn another_tenant_cannot_see_a_build_or_its_log() {
 /// and live invoice: tenant A's, never tenant B's.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn artifacts_download_and_usage_show_only_the_tenants_own() {
+    tributary_testkit::require!(Browser);
     let s = start(2);
     let acme = s.tenant("acme");
     let globex = s.tenant("globex");
@@ -1201,6 +1205,7 @@ fn expected_sections(job: &str, preamble: bool) -> Vec<(String, String, Vec<Stri
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn output_is_placed_by_its_line_on_a_partitioned_log() {
+    tributary_testkit::require!(Kafka, Browser);
     let ui = KafkaUi::start().await;
     let b = Browser::start().await;
     let build = ui.build(&["a", "b"], 3).await;
@@ -1279,6 +1284,7 @@ fn changed_ids(body: &str) -> Vec<String> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_project_stream_resumes_per_partition_with_no_gap_and_no_duplicate() {
+    tributary_testkit::require!(Kafka, Browser);
     let ui = KafkaUi::start().await;
     let http = Http::new(&ui.addr);
     let token = ui.token.clone();
@@ -1400,6 +1406,7 @@ fn sse_events(body: &str) -> Vec<(String, String, String)> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_build_stream_resumes_after_any_event_with_no_gap_and_no_duplicate() {
+    tributary_testkit::require!(Kafka);
     let ui = KafkaUi::start().await;
     let http = Http::new(&ui.addr);
     let build = ui.build(&["a"], 3).await;

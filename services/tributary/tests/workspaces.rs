@@ -1,4 +1,5 @@
-//! Job logs start with the commands that recreate the job locally (and those commands work);
+//! Server job logs start with the commands that recreate the job locally; a failed local job's
+//! log ends with the command that runs it alone (and it works);
 //! a failed job's workspace is kept for the configured time, its log says where, and it is
 //! deleted once that time is up.
 
@@ -49,33 +50,47 @@ fn run_in(dir: &Path, data: &Path, args: &[&str]) -> std::process::Output {
 }
 
 #[test]
-fn every_job_log_starts_with_a_recreate_command_that_works() {
+fn a_failed_local_job_ends_with_the_command_that_runs_it_alone_and_it_works() {
     let dir = tempfile::tempdir().unwrap();
     std::fs::write(
         dir.path().join(".tributary.yml"),
-        "jobs:\n  first:\n    steps: [echo first]\n  test:\n    needs: first\n    matrix:\n      os: [linux, bsd]\n    steps: [\"echo test ${{ matrix.os }}\"]\n",
+        "jobs:\n  first:\n    steps: [echo first]\n  test:\n    needs: first\n    matrix:\n      os: [linux, bsd]\n    steps: [\"echo test ${{ matrix.os }}\", \"test ${{ matrix.os }} = linux || test -f fixed\"]\n",
     )
     .unwrap();
     let data = dir.path().join("data");
     let out = run_in(dir.path(), &data, &["run"]);
-    assert!(
-        out.status.success(),
+    assert_eq!(
+        out.status.code(),
+        Some(1),
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
     let build = build_id(&String::from_utf8_lossy(&out.stdout));
     let all = events_in(&data, Some(&build));
-    let first = first_chunk(&all, "test[os=bsd]");
-    assert_eq!(first["stream"], "system");
-    let text = first["data"].as_str().unwrap();
-    assert!(
-        text.starts_with("tributary: to recreate this job locally, run:\n  tributary run -f "),
-        "{text}"
-    );
-    let command = text.lines().nth(1).unwrap().trim();
+    // A local run's logs do not start with the command the user just ran.
+    for job in ["first", "test[os=linux]", "test[os=bsd]"] {
+        assert!(
+            !system_text(&all, job).contains("to recreate"),
+            "{job}: {}",
+            system_text(&all, job)
+        );
+        assert_ne!(first_chunk(&all, job)["stream"], "system", "{job}");
+    }
+    assert!(!system_text(&all, "test[os=linux]").contains("run only this job"));
+    // The failed one ends with how to run it alone.
+    let notes = system_text(&all, "test[os=bsd]");
+    let line = notes
+        .lines()
+        .find(|l| l.starts_with("tributary: to run only this job again: "))
+        .unwrap_or_else(|| panic!("no note in {notes:?}"));
+    let command = line
+        .trim_start_matches("tributary: to run only this job again: ")
+        .trim();
+    assert!(command.starts_with("tributary run -f /"), "{command}");
     assert!(command.ends_with("--job 'test[os=bsd]'"), "{command}");
 
     // The command works: only that job runs (its needs are taken as done).
+    std::fs::write(dir.path().join("fixed"), "").unwrap();
     let script = format!(
         "{} --plain --data {}",
         command.replacen("tributary", bin(), 1),

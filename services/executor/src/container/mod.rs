@@ -261,6 +261,10 @@ pub struct ContainerRuntime {
     pub limits: ContainerLimits,
     /// The agent's id: a restarted agent removes the containers labelled with it.
     pub owner: String,
+    /// Directories (absolute host paths) the job must not see when they lie in its workspace:
+    /// a local run's data directory inside the repository. Each shows as an empty read-only
+    /// directory in the container ([`spec::hide_paths`]).
+    pub hidden: Vec<std::path::PathBuf>,
 }
 
 /// The running container of one job attempt. Removed by [`JobContainer::remove`], or, if the
@@ -282,9 +286,21 @@ impl JobContainer {
         network: bool,
         who: &Ownership<'_>,
     ) -> Result<JobContainer, String> {
+        // Bind mounts are absolute: an engine resolves a relative source against its own
+        // working directory, not ours.
+        let absolute = |p: &Path| {
+            std::path::absolute(p).map_err(|e| format!("cannot resolve {}: {e}", p.display()))
+        };
+        let (workspace, scripts) = (&absolute(workspace)?, &absolute(scripts)?);
         let engine = &runtime.engine;
         engine.ensure_image(image).await?;
-        let body = spec::create_body(image, workspace, scripts, &runtime.limits, network, who);
+        let mut body = spec::create_body(image, workspace, scripts, &runtime.limits, network, who);
+        if runtime.hidden.iter().any(|h| h.starts_with(workspace)) {
+            let empty = scripts.join("empty");
+            std::fs::create_dir_all(&empty)
+                .map_err(|e| format!("cannot create {}: {e}", empty.display()))?;
+            spec::hide_paths(&mut body, workspace, &runtime.hidden, &empty);
+        }
         let name = spec::container_name(who, rand::random());
         let options = CreateContainerOptionsBuilder::new().name(&name).build();
         let created = engine

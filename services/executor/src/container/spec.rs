@@ -3,7 +3,7 @@
 //! without an engine.
 
 use std::collections::HashMap;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use bollard::models::{ContainerCreateBody, HostConfig};
 
@@ -104,6 +104,31 @@ pub fn create_body(
     }
 }
 
+/// Hides `hidden` (directories of the workspace, as host paths) from the job: `empty`, an empty
+/// host directory, is bind-mounted read-only over each at its place under [`WORKSPACE`], so the
+/// job sees an empty directory there and can neither read nor change what the host keeps in it
+/// (a local run's data directory inside the repository). Engines mount the nested path after
+/// the workspace. Paths outside `workspace` are ignored: they are not mounted at all. (Not a
+/// tmpfs: Podman copies a directory's content into a tmpfs mounted over it.)
+pub fn hide_paths(
+    body: &mut ContainerCreateBody,
+    workspace: &Path,
+    hidden: &[PathBuf],
+    empty: &Path,
+) {
+    let binds: Vec<String> = hidden
+        .iter()
+        .filter_map(|h| h.strip_prefix(workspace).ok())
+        .filter(|rel| !rel.as_os_str().is_empty())
+        .map(|rel| format!("{}:{WORKSPACE}/{}:ro", empty.display(), rel.display()))
+        .collect();
+    if binds.is_empty() {
+        return;
+    }
+    let host = body.host_config.get_or_insert_with(HostConfig::default);
+    host.binds.get_or_insert_with(Vec::new).extend(binds);
+}
+
 /// A readable, unique container name: `trib-<build prefix>-<job>-<attempt>-<random>`, made of
 /// the characters engines accept (`[a-zA-Z0-9_.-]`, starting with a letter or digit).
 pub fn container_name(who: &Ownership<'_>, random: u32) -> String {
@@ -199,6 +224,36 @@ mod tests {
         assert_eq!(host.pids_limit, None);
         assert_eq!(host.network_mode.as_deref(), Some("bridge"));
         assert_eq!(body.network_disabled, Some(false));
+    }
+
+    #[test]
+    fn hidden_directories_get_an_empty_read_only_directory() {
+        let mut body = create_body(
+            "img",
+            Path::new("/repo"),
+            Path::new("/s"),
+            &ContainerLimits::default(),
+            false,
+            &who(),
+        );
+        hide_paths(
+            &mut body,
+            Path::new("/repo"),
+            &[
+                PathBuf::from("/repo/state"),
+                PathBuf::from("/elsewhere/data"),
+                PathBuf::from("/repo"),
+            ],
+            Path::new("/s/empty"),
+        );
+        assert_eq!(
+            body.host_config.unwrap().binds.unwrap(),
+            vec![
+                "/repo:/workspace:rw".to_owned(),
+                "/s:/tributary:ro".to_owned(),
+                "/s/empty:/workspace/state:ro".to_owned(),
+            ]
+        );
     }
 
     #[test]

@@ -14,6 +14,12 @@ pub fn bin() -> &'static str {
     env!("CARGO_BIN_EXE_tributary")
 }
 
+/// XDG_STATE_HOME for runs that use the default data directory (one per repository under it):
+/// in target/, never the user's own.
+pub fn state_home() -> std::path::PathBuf {
+    std::path::Path::new(env!("CARGO_TARGET_TMPDIR")).join("state")
+}
+
 /// A child process killed (SIGKILL) when dropped.
 pub struct Proc(pub Child);
 
