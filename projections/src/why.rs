@@ -304,8 +304,9 @@ fn queued(
         return (
             Kind::Retried,
             format!(
-                "retried after {exit} on attempt {}{why}; attempt {attempt} queued (retry {} of {budget})",
-                before.attempt, retried
+                "retried after {exit} on attempt {}{why}; attempt {attempt} queued (retry {retried} \
+                 of {budget})",
+                before.attempt
             ),
         );
     }
