@@ -13,7 +13,12 @@ use tributary_proto::events::JobWaiting;
 
 /// Build `b`'s history with scheduler waiting reasons inserted at `waits` (positions, modulo
 /// the history's length), interleaved with `others` other builds.
-fn events(jobs: usize, retry: bool, waits: &[usize], others: usize) -> Vec<tributary_proto::events::Envelope> {
+fn events(
+    jobs: usize,
+    retry: bool,
+    waits: &[usize],
+    others: usize,
+) -> Vec<tributary_proto::events::Envelope> {
     let mut mine = common::build_history("b", jobs, retry);
     for (i, at) in waits.iter().enumerate() {
         let at = 2 + at % (mine.len() - 2);
@@ -48,8 +53,8 @@ proptest! {
         let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
         rt.block_on(async {
             let dir = tempfile::tempdir().unwrap();
-            let log = SqliteLog::open(&dir.join("events.db")).await.expect("open log");
-            let store = BuildsStore::open(&dir.join("readmodels.db")).await.expect("open store");
+            let log = SqliteLog::open(&dir.path().join("events.db")).await.expect("open log");
+            let store = BuildsStore::open(&dir.path().join("readmodels.db")).await.expect("open store");
             let events = events(jobs, retry, &waits, others);
             for chunk in events.chunks(100) {
                 log.append(chunk).await.expect("append");

@@ -44,13 +44,28 @@ fn history() -> Vec<(u64, Envelope)> {
         })
     };
     vec![
-        record(3, 100, "b", Payload::BuildTriggered(BuildTriggered::default())),
-        record(4, 110, "b", Payload::BuildQueued(BuildQueued { plan: Some(plan) })),
+        record(
+            3,
+            100,
+            "b",
+            Payload::BuildTriggered(BuildTriggered::default()),
+        ),
+        record(
+            4,
+            110,
+            "b",
+            Payload::BuildQueued(BuildQueued { plan: Some(plan) }),
+        ),
         record(5, 120, "b", queued(1)),
         record(6, 125, "other", queued(1)),
         record(9, 130, "b", waiting(1, "no agent connected")),
         // A clock a little behind: stamped before the record ahead of it.
-        record(10, 128, "b", waiting(1, "all agents are busy (1/1 slots in use)")),
+        record(
+            10,
+            128,
+            "b",
+            waiting(1, "all agents are busy (1/1 slots in use)"),
+        ),
         record(
             12,
             140,
@@ -69,13 +84,19 @@ fn history() -> Vec<(u64, Envelope)> {
 #[test]
 fn an_offset_or_a_time_folds_the_prefix_that_ends_there() {
     let records = history();
-    assert!(build_at("b", &records, Moment::Offset(2)).is_none(), "not yet triggered");
+    assert!(
+        build_at("b", &records, Moment::Offset(2)).is_none(),
+        "not yet triggered"
+    );
     let at = build_at("b", &records, Moment::Offset(5)).expect("exists");
     assert_eq!((at.offset, at.time_us), (5, 120));
     assert_eq!(at.build.jobs[0].phase, Phase::Queued);
     assert!(at.waiting.is_empty());
     // Between two records: the earlier one.
-    assert_eq!(build_at("b", &records, Moment::Offset(8)).unwrap().offset, 6);
+    assert_eq!(
+        build_at("b", &records, Moment::Offset(8)).unwrap().offset,
+        6
+    );
     let at = build_at("b", &records, Moment::Offset(9)).unwrap();
     assert_eq!(at.waiting["a"], "no agent connected");
     let at = build_at("b", &records, Moment::Offset(11)).unwrap();
@@ -87,7 +108,10 @@ fn an_offset_or_a_time_folds_the_prefix_that_ends_there() {
     // Time 129: the record stamped 128 comes after one stamped 130, so it is not reached.
     let at = build_at("b", &records, Moment::Time(129)).unwrap();
     assert_eq!(at.offset, 6);
-    assert_eq!(build_at("b", &records, Moment::Time(130)).unwrap().offset, 10);
+    assert_eq!(
+        build_at("b", &records, Moment::Time(130)).unwrap().offset,
+        10
+    );
     assert!(build_at("b", &records, Moment::Time(99)).is_none());
 }
 

@@ -93,7 +93,14 @@ impl Log {
         }))
     }
 
-    fn finished(&mut self, job: &str, attempt: u32, status: Status, code: i32, why: &str) -> &mut Log {
+    fn finished(
+        &mut self,
+        job: &str,
+        attempt: u32,
+        status: Status,
+        code: i32,
+        why: &str,
+    ) -> &mut Log {
         self.push(Payload::JobFinished(JobFinished {
             job: job.into(),
             attempt,
@@ -106,17 +113,32 @@ impl Log {
 }
 
 fn kinds(h: &JobHistory) -> Vec<(&'static str, u32)> {
-    h.decisions.iter().map(|d| (d.kind.name(), d.attempt)).collect()
+    h.decisions
+        .iter()
+        .map(|d| (d.kind.name(), d.attempt))
+        .collect()
 }
 
 #[test]
 fn a_job_that_waited_for_a_label_was_requeued_and_retried_is_explained_step_by_step() {
     let mut log = Log::new();
     log.queued("train", 1)
-        .waiting("train", 1, "no connected agent has labels [gpu]; no generic agent connected")
+        .waiting(
+            "train",
+            1,
+            "no connected agent has labels [gpu]; no generic agent connected",
+        )
         // The same reason again (a second scheduler replica): shown once.
-        .waiting("train", 1, "no connected agent has labels [gpu]; no generic agent connected")
-        .waiting("train", 1, "all agents with labels [gpu] are busy (1/1 slots in use)")
+        .waiting(
+            "train",
+            1,
+            "no connected agent has labels [gpu]; no generic agent connected",
+        )
+        .waiting(
+            "train",
+            1,
+            "all agents with labels [gpu] are busy (1/1 slots in use)",
+        )
         .assigned("train", 1, "a1")
         // A late assignment of the same attempt by another scheduler: ignored by the fold.
         .assigned("train", 1, "a9")
@@ -131,7 +153,13 @@ fn a_job_that_waited_for_a_label_was_requeued_and_retried_is_explained_step_by_s
         .queued("train", 2)
         .assigned("train", 2, "a2")
         .started("train", 2, "a2")
-        .finished("train", 2, Status::Failed, 5, "line 1 of step \"s\" exited with 5")
+        .finished(
+            "train",
+            2,
+            Status::Failed,
+            5,
+            "line 1 of step \"s\" exited with 5",
+        )
         .queued("train", 3)
         .assigned("train", 3, "a2")
         .started("train", 3, "a2")
@@ -166,7 +194,11 @@ fn a_job_that_waited_for_a_label_was_requeued_and_retried_is_explained_step_by_s
     );
     let text = |i: usize| train.decisions[i].text.as_str();
     assert_eq!(text(0), "queued: it needs no other job");
-    assert!(text(1).contains("no connected agent has labels [gpu]"), "{}", text(1));
+    assert!(
+        text(1).contains("no connected agent has labels [gpu]"),
+        "{}",
+        text(1)
+    );
     assert!(text(2).contains("busy (1/1 slots in use)"), "{}", text(2));
     assert_eq!(
         text(3),
@@ -177,8 +209,15 @@ fn a_job_that_waited_for_a_label_was_requeued_and_retried_is_explained_step_by_s
         text(5),
         "attempt 1 taken back from agent a1: agent a1 disconnected: stream closed"
     );
-    assert_eq!(text(6), "queued again as attempt 2 after attempt 1 was requeued");
-    assert!(text(9).starts_with("failed (exit 5) after running 1.0s: line 1"), "{}", text(9));
+    assert_eq!(
+        text(6),
+        "queued again as attempt 2 after attempt 1 was requeued"
+    );
+    assert!(
+        text(9).starts_with("failed (exit 5) after running 1.0s: line 1"),
+        "{}",
+        text(9)
+    );
     assert_eq!(
         text(10),
         "retried after exit 5 on attempt 2: line 1 of step \"s\" exited with 5; attempt 3 \
@@ -206,8 +245,20 @@ fn skips_cancels_reuse_and_kept_jobs_say_why_and_by_whom() {
     log.queued("train", 1)
         .assigned("train", 1, "a1")
         .started("train", 1, "a1")
-        .finished("train", 1, Status::Failed, 2, "line 1 of step \"s\" exited with 2")
-        .finished("report", 0, Status::Skipped, -1, "needs train, which failed")
+        .finished(
+            "train",
+            1,
+            Status::Failed,
+            2,
+            "line 1 of step \"s\" exited with 2",
+        )
+        .finished(
+            "report",
+            0,
+            Status::Skipped,
+            -1,
+            "needs train, which failed",
+        )
         .push(Payload::JobReused(JobReused {
             job: "other".into(),
             attempt: 1,
@@ -221,9 +272,14 @@ fn skips_cancels_reuse_and_kept_jobs_say_why_and_by_whom() {
     // A failure with no retry left is the end: no "retried".
     assert_eq!(kinds(&all[0]).last(), Some(&("failed", 1)));
     assert_eq!(kinds(&all[1]), [("pending", 0), ("skipped", 0)]);
-    assert_eq!(all[1].decisions[1].text, "skipped: needs train, which failed");
+    assert_eq!(
+        all[1].decisions[1].text,
+        "skipped: needs train, which failed"
+    );
     assert_eq!(kinds(&all[2]), [("reused", 1)]);
-    assert!(all[2].decisions[0].text.contains("reused from build 6 (b0)"));
+    assert!(all[2].decisions[0]
+        .text
+        .contains("reused from build 6 (b0)"));
 
     let mut log = Log::new();
     log.queued("train", 1)
@@ -234,7 +290,10 @@ fn skips_cancels_reuse_and_kept_jobs_say_why_and_by_whom() {
         }))
         .finished("train", 1, Status::Canceled, -1, "build canceled");
     let train = &explain("b", &log.records, Some("train"))[0];
-    assert_eq!(kinds(train), [("queued", 1), ("waiting", 1), ("canceled", 1)]);
+    assert_eq!(
+        kinds(train),
+        [("queued", 1), ("waiting", 1), ("canceled", 1)]
+    );
     assert_eq!(
         train.decisions[2].text,
         "canceled by bob (wrong branch): build canceled"

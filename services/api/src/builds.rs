@@ -308,7 +308,9 @@ impl Builds for BuildsApi {
         let who = self.who(&request)?;
         if let Some(at) = &request.get_ref().at {
             let id = &request.get_ref().build_id;
-            return Ok(Response::new(crate::history::get_at(&self.state, &who, id, at).await?));
+            return Ok(Response::new(
+                crate::history::get_at(&self.state, &who, id, at).await?,
+            ));
         }
         let build = build_of(&self.state, &who, &request.get_ref().build_id).await?;
         let mut api = to_api(&build);

@@ -608,7 +608,10 @@ impl ClusterState {
 
     /// Folds a `JobWaiting`: the reason last recorded for the job. Nothing else changes.
     fn note_waiting(&mut self, build: &str, job: &str, attempt: u32, reason: &str) {
-        let info = self.build_info.get_mut(build).and_then(|b| b.jobs.get_mut(job));
+        let info = self
+            .build_info
+            .get_mut(build)
+            .and_then(|b| b.jobs.get_mut(job));
         if let Some(info) = info {
             info.waiting = Some((attempt, reason.to_owned()));
         }

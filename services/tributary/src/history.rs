@@ -39,7 +39,9 @@ fn parse_at(text: &str) -> anyhow::Result<AtArg> {
         .duration_since(UNIX_EPOCH)
         .map(|d| d.as_micros())
         .unwrap_or(0);
-    Ok(AtArg::At(At::AtTimeUs(i64::try_from(us).unwrap_or(i64::MAX))))
+    Ok(AtArg::At(At::AtTimeUs(
+        i64::try_from(us).unwrap_or(i64::MAX),
+    )))
 }
 
 pub async fn get_at(args: GetBuildArgs) -> anyhow::Result<ExitCode> {
@@ -182,8 +184,16 @@ mod tests {
         let lines: Vec<&str> = text.lines().collect();
         assert_eq!(lines[0], "job flaky");
         assert!(lines[1].starts_with("  2026-12-07T21:03:05.000Z            queued    #1  queued"));
-        assert!(lines[2].contains("+3.0s  failed    #1  failed (exit 5)  (offset 3)"), "{}", lines[2]);
-        assert!(lines[3].contains("+1.0s  retried   #2  retried after exit 5"), "{}", lines[3]);
+        assert!(
+            lines[2].contains("+3.0s  failed    #1  failed (exit 5)  (offset 3)"),
+            "{}",
+            lines[2]
+        );
+        assert!(
+            lines[3].contains("+1.0s  retried   #2  retried after exit 5"),
+            "{}",
+            lines[3]
+        );
         assert_eq!(lines[5], "job later");
         assert!(lines[6].contains("nothing decided yet"));
     }

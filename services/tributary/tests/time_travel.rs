@@ -39,7 +39,9 @@ fn get_at_shows_a_finished_build_as_it_was_mid_run() {
     assert_eq!(now["status"], "succeeded", "{now}");
 
     let events = s.events(Some(&build));
-    let started = find(&events, "line_started", |e| e["job"] == "slow" && e["line"] == 0);
+    let started = find(&events, "line_started", |e| {
+        e["job"] == "slow" && e["line"] == 0
+    });
     let offset = started["offset"].as_u64().unwrap();
     let past = json(&s.admin(&["get", &build, "--at", &offset.to_string(), "--json"]));
     assert_eq!(past["status"], "running", "{past}");
@@ -51,7 +53,9 @@ fn get_at_shows_a_finished_build_as_it_was_mid_run() {
     assert_eq!(past["finished_us"], 0);
 
     // The same moment by time (+µs after the trigger), and printed like `get`.
-    let triggered = find(&events, "build_triggered", |_| true)["time_us"].as_i64().unwrap();
+    let triggered = find(&events, "build_triggered", |_| true)["time_us"]
+        .as_i64()
+        .unwrap();
     let after = started["time_us"].as_i64().unwrap() - triggered;
     let by_time = json(&s.admin(&["get", &build, "--at", &format!("+{after}us"), "--json"]));
     assert_eq!(by_time["jobs"], past["jobs"]);
@@ -61,7 +65,9 @@ fn get_at_shows_a_finished_build_as_it_was_mid_run() {
     assert!(slow_line.contains("running"), "{text}");
 
     // Every later event moves it on: the line's exit, then the job's end.
-    let exited = find(&events, "line_exited", |e| e["job"] == "slow" && e["line"] == 0);
+    let exited = find(&events, "line_exited", |e| {
+        e["job"] == "slow" && e["line"] == 0
+    });
     let later = json(&s.admin(&[
         "get",
         &build,
@@ -73,7 +79,10 @@ fn get_at_shows_a_finished_build_as_it_was_mid_run() {
     assert_eq!(line(&later, "slow", 0, 0)["exit_code"], 0);
     let end = events.last().unwrap()["offset"].as_u64().unwrap();
     let last = json(&s.admin(&["get", &build, "--at", &end.to_string(), "--json"]));
-    assert_eq!(last["jobs"], now["jobs"], "at its last event, the build is as `get` shows it");
+    assert_eq!(
+        last["jobs"], now["jobs"],
+        "at its last event, the build is as `get` shows it"
+    );
 
     // Before the build, and a build that is not there, are errors that say so.
     let first = events[0]["offset"].as_u64().unwrap();
@@ -100,7 +109,10 @@ fn start_remote() -> Server {
 
 fn why(s: &Server, build: &str, job: &str) -> Vec<Value> {
     let v = json(&s.admin(&["why", build, job, "--json"]));
-    v["jobs"][0]["decisions"].as_array().cloned().unwrap_or_default()
+    v["jobs"][0]["decisions"]
+        .as_array()
+        .cloned()
+        .unwrap_or_default()
 }
 
 #[test]
@@ -116,11 +128,17 @@ fn why_explains_a_label_wait_a_requeue_after_a_kill_and_a_retry() {
     let build = s.trigger("why");
     // No agent: the scheduler records why the job waits, once.
     wait_secs("the waiting reason on the log", 30, || {
-        why(&s, &build, "work").iter().any(|d| d["kind"] == "waiting")
+        why(&s, &build, "work")
+            .iter()
+            .any(|d| d["kind"] == "waiting")
     });
     let events = s.events(Some(&build));
     let waiting = common::of_type(&events, "job_waiting");
-    assert_eq!(waiting.len(), 1, "one event per change, not per round: {waiting:#?}");
+    assert_eq!(
+        waiting.len(),
+        1,
+        "one event per change, not per round: {waiting:#?}"
+    );
     let reason = waiting[0]["reason"].as_str().unwrap();
     assert!(reason.contains("labels [gpu]"), "{reason}");
     // `get --at` that moment shows it as the job's waiting reason then.
@@ -164,7 +182,10 @@ fn why_explains_a_label_wait_a_requeue_after_a_kill_and_a_retry() {
     ];
     let mut rest = kinds.iter();
     for want in expected {
-        assert!(rest.any(|k| *k == want), "{want:?} missing or out of order in {kinds:?}");
+        assert!(
+            rest.any(|k| *k == want),
+            "{want:?} missing or out of order in {kinds:?}"
+        );
     }
     let text = |kind: &str, attempt: u64| -> String {
         decisions
@@ -174,20 +195,33 @@ fn why_explains_a_label_wait_a_requeue_after_a_kill_and_a_retry() {
             .unwrap()
             .to_owned()
     };
-    assert!(text("assigned", 1).contains(&first_id), "{}", text("assigned", 1));
+    assert!(
+        text("assigned", 1).contains(&first_id),
+        "{}",
+        text("assigned", 1)
+    );
     let requeued = text("requeued", 1);
     assert!(requeued.contains(&first_id), "{requeued}");
     assert!(
-        requeued.contains("lease expired") || requeued.contains("disconnected") || requeued.contains("lost"),
+        requeued.contains("lease expired")
+            || requeued.contains("disconnected")
+            || requeued.contains("lost"),
         "{requeued}"
     );
     assert!(text("assigned", 2).contains(&second_id));
-    assert!(text("retried", 3).contains("exit 5 on attempt 2"), "{}", text("retried", 3));
+    assert!(
+        text("retried", 3).contains("exit 5 on attempt 2"),
+        "{}",
+        text("retried", 3)
+    );
 
     // The text form: one line per decision, with times and the time since the previous one.
     let out = s.admin(&["why", &build, "work"]);
     assert!(out.starts_with("job work\n"), "{out}");
-    assert!(out.contains("waiting") && out.contains("labels [gpu]"), "{out}");
+    assert!(
+        out.contains("waiting") && out.contains("labels [gpu]"),
+        "{out}"
+    );
     assert!(out.contains("retried after exit 5 on attempt 2"), "{out}");
     assert!(out.lines().skip(2).all(|l| l.contains("  +")), "{out}");
     // Without a job: every job; an unknown job names the ones there are.
@@ -227,24 +261,116 @@ fn history_of(build: &str) -> Vec<Envelope> {
     let (job, attempt) = ("a".to_owned(), 1);
     let line = |line| {
         vec![
-            ev(build, Payload::LineStarted(LineStarted { job: job.clone(), attempt, step: 0, line, text: String::new() })),
-            ev(build, Payload::LineExited(LineExited { job: job.clone(), attempt, step: 0, line, exit_code: 0, duration_us: 5 })),
+            ev(
+                build,
+                Payload::LineStarted(LineStarted {
+                    job: job.clone(),
+                    attempt,
+                    step: 0,
+                    line,
+                    text: String::new(),
+                }),
+            ),
+            ev(
+                build,
+                Payload::LineExited(LineExited {
+                    job: job.clone(),
+                    attempt,
+                    step: 0,
+                    line,
+                    exit_code: 0,
+                    duration_us: 5,
+                }),
+            ),
         ]
     };
     let mut events = vec![
-        ev(build, Payload::BuildTriggered(BuildTriggered { who: "ann".into(), number: 1, ..Default::default() })),
-        ev(build, Payload::BuildQueued(BuildQueued { plan: Some(plan) })),
-        ev(build, Payload::JobQueued(JobQueued { job: job.clone(), attempt })),
-        ev(build, Payload::JobWaiting(JobWaiting { job: job.clone(), attempt, reason: "no agent connected".into() })),
-        ev(build, Payload::JobAssigned(JobAssigned { job: job.clone(), attempt, agent_id: "x".into(), lease_id: "l".into(), deadline_us: 0 })),
-        ev(build, Payload::JobStarted(JobStarted { job: job.clone(), attempt, agent_id: "x".into(), lease_id: "l".into(), executor: "host".into() })),
-        ev(build, Payload::StepStarted(StepStarted { job: job.clone(), attempt, step: 0, name: "s".into() })),
+        ev(
+            build,
+            Payload::BuildTriggered(BuildTriggered {
+                who: "ann".into(),
+                number: 1,
+                ..Default::default()
+            }),
+        ),
+        ev(
+            build,
+            Payload::BuildQueued(BuildQueued { plan: Some(plan) }),
+        ),
+        ev(
+            build,
+            Payload::JobQueued(JobQueued {
+                job: job.clone(),
+                attempt,
+            }),
+        ),
+        ev(
+            build,
+            Payload::JobWaiting(JobWaiting {
+                job: job.clone(),
+                attempt,
+                reason: "no agent connected".into(),
+            }),
+        ),
+        ev(
+            build,
+            Payload::JobAssigned(JobAssigned {
+                job: job.clone(),
+                attempt,
+                agent_id: "x".into(),
+                lease_id: "l".into(),
+                deadline_us: 0,
+            }),
+        ),
+        ev(
+            build,
+            Payload::JobStarted(JobStarted {
+                job: job.clone(),
+                attempt,
+                agent_id: "x".into(),
+                lease_id: "l".into(),
+                executor: "host".into(),
+            }),
+        ),
+        ev(
+            build,
+            Payload::StepStarted(StepStarted {
+                job: job.clone(),
+                attempt,
+                step: 0,
+                name: "s".into(),
+            }),
+        ),
     ];
     events.extend(line(0));
     events.extend(line(1));
-    events.push(ev(build, Payload::StepFinished(StepFinished { job: job.clone(), attempt, step: 0, status: Status::Succeeded as i32, exit_code: 0, duration_us: 10 })));
-    events.push(ev(build, Payload::JobFinished(JobFinished { job: job.clone(), attempt, status: Status::Succeeded as i32, ..Default::default() })));
-    events.push(ev(build, Payload::BuildFinished(BuildFinished { status: Status::Succeeded as i32, ..Default::default() })));
+    events.push(ev(
+        build,
+        Payload::StepFinished(StepFinished {
+            job: job.clone(),
+            attempt,
+            step: 0,
+            status: Status::Succeeded as i32,
+            exit_code: 0,
+            duration_us: 10,
+        }),
+    ));
+    events.push(ev(
+        build,
+        Payload::JobFinished(JobFinished {
+            job: job.clone(),
+            attempt,
+            status: Status::Succeeded as i32,
+            ..Default::default()
+        }),
+    ));
+    events.push(ev(
+        build,
+        Payload::BuildFinished(BuildFinished {
+            status: Status::Succeeded as i32,
+            ..Default::default()
+        }),
+    ));
     events
 }
 
@@ -257,9 +383,11 @@ async fn on_kafka_an_offset_is_one_of_the_builds_events_partition() {
     let kafka = Arc::new(KafkaLog::connect(options).await.expect("connect to Kafka"));
     let log: Arc<dyn EventLog> = kafka.clone();
     let (token, sha256) = tributary_api::auth::new_token();
-    log.append(&tributary_testkit::tenant_with_admin_token("default", sha256))
-        .await
-        .expect("append the tenant");
+    log.append(&tributary_testkit::tenant_with_admin_token(
+        "default", sha256,
+    ))
+    .await
+    .expect("append the tenant");
     let (build, other) = (tributary_proto::new_id(), tributary_proto::new_id());
     let (mine, theirs) = (history_of(&build), history_of(&other));
     // Interleaved with another build, one event at a time; one event stored twice (as a
@@ -268,7 +396,9 @@ async fn on_kafka_an_offset_is_one_of_the_builds_events_partition() {
         log.append(std::slice::from_ref(e)).await.expect("append");
         log.append(&[theirs[i].clone()]).await.expect("append");
         if i == 8 {
-            log.append(std::slice::from_ref(e)).await.expect("append a copy");
+            log.append(std::slice::from_ref(e))
+                .await
+                .expect("append a copy");
         }
     }
     let dir = tempfile::tempdir().unwrap();
@@ -288,7 +418,10 @@ async fn on_kafka_an_offset_is_one_of_the_builds_events_partition() {
     assert_eq!(records.len(), mine.len() + 1, "the copy is on the log");
     let mut first_copies = Vec::new();
     for (o, e) in &records {
-        if !first_copies.iter().any(|(_, f): &(u64, Envelope)| f.event_id == e.event_id) {
+        if !first_copies
+            .iter()
+            .any(|(_, f): &(u64, Envelope)| f.event_id == e.event_id)
+        {
             first_copies.push((*o, e.clone()));
         }
     }
@@ -303,15 +436,23 @@ async fn on_kafka_an_offset_is_one_of_the_builds_events_partition() {
         Ok(req)
     });
     for (offset, _) in &records {
-        let got = common::wait_for_async("the API to know the build", Duration::from_secs(30), async || {
-            client
-                .get_build(api::GetBuildRequest { build_id: build.clone(), at: Some(At::AtOffset(*offset)) })
-                .await
-                .map(|r| r.into_inner())
-                .map_err(|e| e.message().to_owned())
-        })
+        let got = common::wait_for_async(
+            "the API to know the build",
+            Duration::from_secs(30),
+            async || {
+                client
+                    .get_build(api::GetBuildRequest {
+                        build_id: build.clone(),
+                        at: Some(At::AtOffset(*offset)),
+                    })
+                    .await
+                    .map(|r| r.into_inner())
+                    .map_err(|e| e.message().to_owned())
+            },
+        )
         .await;
-        let want = history::build_at(&build, &first_copies, Moment::Offset(*offset)).expect("exists");
+        let want =
+            history::build_at(&build, &first_copies, Moment::Offset(*offset)).expect("exists");
         assert_eq!(got.as_of_offset, want.offset, "a copy is not folded twice");
         assert_eq!(got.status, want.build.phase.name(), "at {offset}");
         assert_eq!(got.jobs.len(), want.build.jobs.len(), "at {offset}");
@@ -319,7 +460,10 @@ async fn on_kafka_an_offset_is_one_of_the_builds_events_partition() {
             continue; // triggered, not planned yet
         };
         assert_eq!(g.status, w.phase.name(), "at {offset}");
-        assert_eq!(g.waiting_for, want.waiting.get("a").cloned().unwrap_or_default());
+        assert_eq!(
+            g.waiting_for,
+            want.waiting.get("a").cloned().unwrap_or_default()
+        );
         let got_lines: Vec<&str> = g.steps[0].lines.iter().map(|l| l.status.as_str()).collect();
         let want_lines: Vec<&str> = w.steps[0].lines.iter().map(|l| l.phase.name()).collect();
         assert_eq!(got_lines, want_lines, "at {offset}");
@@ -331,7 +475,10 @@ async fn on_kafka_an_offset_is_one_of_the_builds_events_partition() {
         .unwrap()
         .0;
     let mid = client
-        .get_build(api::GetBuildRequest { build_id: build.clone(), at: Some(At::AtOffset(running)) })
+        .get_build(api::GetBuildRequest {
+            build_id: build.clone(),
+            at: Some(At::AtOffset(running)),
+        })
         .await
         .unwrap()
         .into_inner();
@@ -342,12 +489,22 @@ async fn on_kafka_an_offset_is_one_of_the_builds_events_partition() {
     assert!(partition < 4);
 
     let why = client
-        .explain_build(api::ExplainBuildRequest { build_id: build.clone(), job: "a".into() })
+        .explain_build(api::ExplainBuildRequest {
+            build_id: build.clone(),
+            job: "a".into(),
+        })
         .await
         .unwrap()
         .into_inner();
-    let kinds: Vec<&str> = why.jobs[0].decisions.iter().map(|d| d.kind.as_str()).collect();
-    assert_eq!(kinds, ["queued", "waiting", "assigned", "started", "succeeded"]);
+    let kinds: Vec<&str> = why.jobs[0]
+        .decisions
+        .iter()
+        .map(|d| d.kind.as_str())
+        .collect();
+    assert_eq!(
+        kinds,
+        ["queued", "waiting", "assigned", "started", "succeeded"]
+    );
 
     stop.cancel();
     api_task.abort();

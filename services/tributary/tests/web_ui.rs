@@ -199,7 +199,10 @@ async fn the_history_slider_shows_the_build_as_it_was() {
     b.until("the slider, once the steps are loaded", || async {
         let v = b
             .c()
-            .execute("return !document.getElementById('history-slider').disabled;", vec![])
+            .execute(
+                "return !document.getElementById('history-slider').disabled;",
+                vec![],
+            )
             .await
             .ok()?;
         (v == serde_json::json!(true)).then_some(())
@@ -214,15 +217,26 @@ async fn the_history_slider_shows_the_build_as_it_was() {
         if label.contains(target) {
             break;
         }
-        slider.send_keys(&fantoccini::key::Key::Right).await.unwrap();
+        slider
+            .send_keys(&fantoccini::key::Key::Right)
+            .await
+            .unwrap();
     }
     let label = b.text("#history-label").await.unwrap_or_default();
     assert!(label.contains(target), "{label}");
     b.until("the build as it was then", || async {
         b.c().find(Locator::Css("#asof")).await.ok()?;
-        let slow = b.c().find(Locator::Css("article.job[data-job='slow']")).await.ok()?;
+        let slow = b
+            .c()
+            .find(Locator::Css("article.job[data-job='slow']"))
+            .await
+            .ok()?;
         let line = b.c().find(Locator::Css("#line-0-0-0")).await.ok()?;
-        let after = b.c().find(Locator::Css("article.job[data-job='after']")).await.ok()?;
+        let after = b
+            .c()
+            .find(Locator::Css("article.job[data-job='after']"))
+            .await
+            .ok()?;
         let running = slow.attr("data-status").await.ok()?? == "running"
             && line.attr("data-status").await.ok()?? == "running"
             && after.attr("data-status").await.ok()?? == "pending";
@@ -238,7 +252,11 @@ async fn the_history_slider_shows_the_build_as_it_was() {
         if b.count("#asof").await > 0 {
             return None;
         }
-        let slow = b.c().find(Locator::Css("article.job[data-job='slow']")).await.ok()?;
+        let slow = b
+            .c()
+            .find(Locator::Css("article.job[data-job='slow']"))
+            .await
+            .ok()?;
         (slow.attr("data-status").await.ok()?? == "succeeded").then_some(())
     })
     .await;

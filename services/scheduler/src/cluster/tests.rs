@@ -1140,7 +1140,10 @@ fn waiting_reasons_go_on_the_log_once_per_change_not_once_per_round() {
     let mut w = World::new();
     w.build("b", vec![on("g", &["gpu"]), job("plain")]);
     let first = w.step_noting();
-    assert!(waits(&first).is_empty(), "queued this round: recorded next round");
+    assert!(
+        waits(&first).is_empty(),
+        "queued this round: recorded next round"
+    );
     assert_eq!(
         waits(&w.step_noting()),
         [
@@ -1152,7 +1155,10 @@ fn waiting_reasons_go_on_the_log_once_per_change_not_once_per_round() {
         ]
     );
     for _ in 0..10 {
-        assert!(w.step_noting().is_empty(), "the same reasons: nothing to append");
+        assert!(
+            w.step_noting().is_empty(),
+            "the same reasons: nothing to append"
+        );
         w.now += S;
     }
     // The scheduler's fold remembers them; a replay of the log too.
@@ -1176,7 +1182,10 @@ fn waiting_reasons_go_on_the_log_once_per_change_not_once_per_round() {
         )]
     );
     assert!(w.step_noting().is_empty());
-    assert!(w.decide().is_empty(), "decide_cluster never proposes a Wait");
+    assert!(
+        w.decide().is_empty(),
+        "decide_cluster never proposes a Wait"
+    );
 
     // The slot frees: the waiting job is assigned, and says nothing more.
     w.start("b", "g", 1, "a");
