@@ -163,15 +163,18 @@ pub fn explain(build_id: &str, records: &[(u64, Envelope)], job: Option<&str>) -
                     .then(|| at(Kind::Waiting, w.attempt, w.reason.clone()))
             }
             _ if !changed => None,
-            Payload::JobQueued(e) => Some(queued(
-                build,
-                before.as_ref(),
-                e.attempt,
-                plan,
-                retries.entry(job_id.to_owned()).or_default(),
-                env.time_us,
-            ))
-            .map(|(kind, text)| at(kind, e.attempt, text)),
+            Payload::JobQueued(e) => {
+                let retried = retries.entry(job_id.to_owned()).or_default();
+                let (kind, text) = queued(
+                    build,
+                    before.as_ref(),
+                    e.attempt,
+                    plan,
+                    retried,
+                    env.time_us,
+                );
+                Some(at(kind, e.attempt, text))
+            }
             Payload::JobAssigned(e) => {
                 let queued_for = after
                     .queued_us
@@ -210,8 +213,10 @@ pub fn explain(build_id: &str, records: &[(u64, Envelope)], job: Option<&str>) -
                 ),
             )),
             Payload::JobReused(e) => Some(at(Kind::Reused, e.attempt, after.reason.clone())),
-            Payload::JobFinished(e) => Some(finished(after, e.status, &canceled_by))
-                .map(|(kind, text)| at(kind, e.attempt, text)),
+            Payload::JobFinished(e) => {
+                let (kind, text) = finished(after, e.status, &canceled_by);
+                Some(at(kind, e.attempt, text))
+            }
             _ => None,
         };
         if let Some(d) = decision {

@@ -1129,10 +1129,9 @@ fn plan_round(
                 && job_state.phase == JobPhase::Queued
                 && !state.requeued(build_id, job_state);
             if waits {
-                let reason = match unassigned.filter(|r| !r.is_empty()) {
-                    Some(reason) => Some(reason),
-                    None => pool.why_waiting(build_id, &job_state.id),
-                };
+                let reason = unassigned
+                    .filter(|r| !r.is_empty())
+                    .or_else(|| pool.why_waiting(build_id, &job_state.id));
                 let wait = reason.filter(|r| {
                     !state.waiting_recorded(build_id, &job_state.id, job_state.attempt, r)
                 });
@@ -1351,6 +1350,9 @@ fn label_list(labels: &[String]) -> String {
     format!("[{}]", labels.join(", "))
 }
 
+/// What routes a job: (tenant, project, runs_on, image).
+type JobKind<'a> = (&'a str, &'a str, &'a [String], &'a str);
+
 /// The agents that may take work in this round, with their free slots, and the projects'
 /// running jobs; both count down as jobs are assigned.
 struct Pool<'a> {
@@ -1368,7 +1370,7 @@ struct Pool<'a> {
     explain: bool,
     /// With no free slot left, why a job of (tenant, project, runs_on, image) waits: the same
     /// for every such job until the round ends.
-    full: BTreeMap<(&'a str, &'a str, &'a [String], &'a str), String>,
+    full: BTreeMap<JobKind<'a>, String>,
 }
 
 impl<'a> Pool<'a> {
