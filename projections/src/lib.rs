@@ -11,13 +11,17 @@
 //! * [`directory`]: tenants, API tokens (by sha256) and projects, in memory.
 //!
 //! [`replay`] rebuilds a read model from offset 0 and compares it with the stored one.
+//! [`history`] folds one build up to any moment of its life (time travel) and [`why`]
+//! explains each of its jobs' decisions, both from the build's own events.
 
 pub mod builds;
 pub mod chunks;
 pub mod directory;
+pub mod history;
 pub mod projector;
 pub mod replay;
 pub mod store;
+pub mod why;
 
 pub use builds::{apply, Build, BuildsState, Job, Line, Phase, Step, Touch};
 pub use projector::{BuildsProjector, ChunkCounter};

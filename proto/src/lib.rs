@@ -145,6 +145,7 @@ impl Payload {
             Payload::AgentProvisioned(_) => "agent_provisioned",
             Payload::SecretSet(_) => "secret_set",
             Payload::SecretDeleted(_) => "secret_deleted",
+            Payload::JobWaiting(_) => "job_waiting",
         }
     }
 }

@@ -306,6 +306,12 @@ impl Builds for BuildsApi {
         request: Request<GetBuildRequest>,
     ) -> Result<Response<Build>, Status> {
         let who = self.who(&request)?;
+        if let Some(at) = &request.get_ref().at {
+            let id = &request.get_ref().build_id;
+            return Ok(Response::new(
+                crate::history::get_at(&self.state, &who, id, at).await?,
+            ));
+        }
         let build = build_of(&self.state, &who, &request.get_ref().build_id).await?;
         let mut api = to_api(&build);
         // Why queued jobs are not running, from the same routing rules the scheduler uses.
@@ -326,6 +332,16 @@ impl Builds for BuildsApi {
             }
         }
         Ok(Response::new(api))
+    }
+
+    async fn explain_build(
+        &self,
+        request: Request<ExplainBuildRequest>,
+    ) -> Result<Response<ExplainBuildResponse>, Status> {
+        let who = self.who(&request)?;
+        let req = request.into_inner();
+        let answer = crate::history::explain(&self.state, &who, &req.build_id, &req.job).await?;
+        Ok(Response::new(answer))
     }
 
     async fn list_builds(
@@ -547,7 +563,7 @@ pub fn watch_start(
         .collect())
 }
 
-fn to_api(b: &ReadBuild) -> Build {
+pub(crate) fn to_api(b: &ReadBuild) -> Build {
     Build {
         id: b.id.clone(),
         tenant: b.tenant.clone(),
@@ -561,6 +577,8 @@ fn to_api(b: &ReadBuild) -> Build {
         started_us: b.started_us.unwrap_or(0),
         finished_us: b.finished_us.unwrap_or(0),
         reason: b.reason.clone(),
+        as_of_offset: 0,
+        as_of_us: 0,
         jobs: b
             .jobs
             .iter()

@@ -12,6 +12,8 @@
 //! * [`admin`]: tenants and tokens.
 //! * [`secrets`]: per-project secrets (sealed on the log, opened only into leases).
 //! * [`metering`]: invoices (issued or live) and per-build usage from the metering read model.
+//! * [`history`]: a build at any moment (`get --at`) and its jobs' decisions (`why`), folded
+//!   from the build's own records.
 //! * [`starts`]: where each build starts on the log (readers of one build start there).
 //! * [`web`]: the web UI under `/ui/` (same port), from the same read models and log.
 
@@ -22,6 +24,7 @@ pub mod artifacts;
 pub mod auth;
 pub mod builds;
 pub mod follow;
+pub mod history;
 pub mod http;
 pub mod metering;
 pub mod projects;

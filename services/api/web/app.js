@@ -7,6 +7,9 @@
 //   exit codes, durations) when the build moves. Output is placed by the line it belongs to
 //   (its attempt, step and line: one section per line, in that order), never "under the last
 //   line shown": on a partitioned log chunks and line events arrive in no fixed relative order.
+// * Build page's history: the build's steps are fetched once (as JSON) when "History" is
+//   opened; moving the slider shows the summary as it stood at that step (the server folds it
+//   from the build's events), and live refreshes of the summary wait until "Now".
 // * Project page: re-fetches the builds table when the project's event stream says so.
 (function () {
   'use strict';
@@ -444,7 +447,7 @@
       fetch(self.summaryUrl + '?after=' + want, { credentials: 'same-origin' })
         .then(function (r) { return r.ok ? r.text() : null; })
         .then(function (html) {
-          if (html !== null) self.summary.innerHTML = html;
+          if (html !== null && !self.past) self.summary.innerHTML = html;
         })
         .catch(function () {})
         .then(function () {
@@ -453,6 +456,63 @@
         });
     }, 200);
   };
+
+  // ---------------------------------------------------------------- history slider
+  function History(box, page) {
+    var slider = document.getElementById('history-slider');
+    var now = document.getElementById('history-now');
+    var label = document.getElementById('history-label');
+    var stepsUrl = box.getAttribute('data-steps'), atUrl = box.getAttribute('data-at');
+    var steps = null, timer = null, shown = -1;
+    function describe(i) {
+      var s = steps[i], first = steps[0];
+      return 'step ' + (i + 1) + ' of ' + steps.length + ' · ' + s.time + ' (+' +
+        duration(s.time_us - first.time_us) + ') · ' + s.label + ' · offset ' + s.offset;
+    }
+    function show(i) {
+      if (i === shown) return;
+      shown = i;
+      label.textContent = describe(i);
+      page.past = true;
+      now.disabled = false;
+      fetch(atUrl + '?offset=' + steps[i].offset, { credentials: 'same-origin' })
+        .then(function (r) { return r.ok ? r.text() : null; })
+        .then(function (html) {
+          // Only the answer for the position still shown.
+          if (html !== null && shown === i && page.past) page.summary.innerHTML = html;
+        })
+        .catch(function () {});
+    }
+    slider.addEventListener('input', function () {
+      if (!steps) return;
+      var i = parseInt(slider.value, 10);
+      label.textContent = describe(i);
+      clearTimeout(timer);
+      timer = setTimeout(function () { show(i); }, 80);
+    });
+    now.addEventListener('click', function () {
+      page.past = false; shown = -1; now.disabled = true;
+      if (steps) { slider.value = String(steps.length - 1); label.textContent = 'now'; }
+      fetch(page.summaryUrl, { credentials: 'same-origin' })
+        .then(function (r) { return r.ok ? r.text() : null; })
+        .then(function (html) { if (html !== null && !page.past) page.summary.innerHTML = html; })
+        .catch(function () {});
+    });
+    box.addEventListener('toggle', function () {
+      if (!box.open || steps) return;
+      fetch(stepsUrl, { credentials: 'same-origin' })
+        .then(function (r) { return r.ok ? r.json() : null; })
+        .then(function (list) {
+          if (!list || !list.length) { label.textContent = 'no events yet'; return; }
+          steps = list;
+          slider.max = String(list.length - 1);
+          slider.value = String(list.length - 1);
+          slider.disabled = false;
+          label.textContent = list.length + ' steps: move the slider to see the build as it was';
+        })
+        .catch(function () {});
+    });
+  }
 
   // ---------------------------------------------------------------- project page
   function BuildsTable(table) {
@@ -482,6 +542,8 @@
   function start() {
     var logs = document.getElementById('logs');
     if (logs) window.tributaryBuild = new BuildPage(logs);
+    var history = document.getElementById('history');
+    if (history && window.tributaryBuild) new History(history, window.tributaryBuild);
     var table = document.getElementById('builds');
     if (table && table.getAttribute('data-live')) new BuildsTable(table);
   }

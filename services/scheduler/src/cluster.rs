@@ -8,6 +8,9 @@
 //!   with assignments routed to a concrete agent, plus requeues of leases whose agent went away,
 //!   failures of jobs that lost their agent too often, and a server-side timeout backstop.
 //! * [`waiting_reason`] says why a job is not running (for `get`), using the same routing.
+//! * [`decide_cluster_noting_waits`] is [`decide_cluster`] plus [`ClusterDecision::Wait`]: the
+//!   reason a queued attempt was not assigned, whenever it differs from the last one recorded
+//!   on the log (`JobWaiting`), so history can say why a job waited (`tributary why`).
 //! * [`leases_to_cancel`] is what a heartbeat response tells an agent to stop.
 //!
 //! No clock, no I/O. A driver appends each decision's [`ClusterDecision::payload`] as an event,
@@ -65,7 +68,7 @@ use std::collections::{BTreeMap, BTreeSet};
 
 use tributary_proto::events::{
     envelope::Payload, ArtifactUploaded, BuildFinished, Envelope, JobAssigned, JobFinished,
-    JobPlan, JobQueued, JobRequeued, Status,
+    JobPlan, JobQueued, JobRequeued, JobWaiting, Status,
 };
 
 use crate::{decide, BuildRun, Decision, JobPhase, JobState, SchedulerState};
@@ -211,6 +214,8 @@ pub struct JobInfo {
     /// events are fenced off and the next attempt is to be queued.
     pub requeued_attempt: Option<u32>,
     pub last_requeue_reason: String,
+    /// The last waiting reason recorded on the log (`JobWaiting`): (attempt, reason).
+    pub waiting: Option<(u32, String)>,
     /// Artifacts uploaded by the job's current attempt (one per path): what a lease of a job
     /// that needs this one downloads.
     pub artifacts: Vec<ArtifactUploaded>,
@@ -458,6 +463,7 @@ impl ClusterState {
                     }
                 }
             }
+            Payload::JobWaiting(e) => self.note_waiting(build_id, &e.job, e.attempt, &e.reason),
             Payload::JobRequeued(e) => {
                 let current = self.job(build_id, &e.job).is_some_and(|j| {
                     j.attempt == e.attempt
@@ -600,6 +606,24 @@ impl ClusterState {
         }
     }
 
+    /// Folds a `JobWaiting`: the reason last recorded for the job. Nothing else changes.
+    fn note_waiting(&mut self, build: &str, job: &str, attempt: u32, reason: &str) {
+        let info = self
+            .build_info
+            .get_mut(build)
+            .and_then(|b| b.jobs.get_mut(job));
+        if let Some(info) = info {
+            info.waiting = Some((attempt, reason.to_owned()));
+        }
+    }
+
+    /// Whether `reason` is what the log last recorded for this attempt of the job.
+    fn waiting_recorded(&self, build: &str, job: &str, attempt: u32, reason: &str) -> bool {
+        self.job_info(build, job)
+            .and_then(|i| i.waiting.as_ref())
+            .is_some_and(|(a, r)| *a == attempt && r == reason)
+    }
+
     fn insert_lease(&mut self, key: Key, lease: LeaseState) {
         if !lease.lease_id.is_empty() {
             self.lease_ids.insert(lease.lease_id.clone(), key.clone());
@@ -678,6 +702,14 @@ pub enum ClusterDecision {
         definition: String,
         from: crate::ReusedFrom,
     },
+    /// Why the queued attempt was not assigned this round, when that differs from the reason
+    /// last recorded on the log: JobWaiting (history only; no state changes).
+    Wait {
+        build: String,
+        job: String,
+        attempt: u32,
+        reason: String,
+    },
     /// Server-side backstop: the started attempt ran past its timeout + grace and its agent did
     /// not end it: JobFinished(TIMED_OUT).
     TimeOut {
@@ -701,6 +733,7 @@ impl ClusterDecision {
             | ClusterDecision::Requeue { build, .. }
             | ClusterDecision::FailJob { build, .. }
             | ClusterDecision::Reuse { build, .. }
+            | ClusterDecision::Wait { build, .. }
             | ClusterDecision::TimeOut { build, .. } => build,
         }
     }
@@ -714,6 +747,7 @@ impl ClusterDecision {
             | ClusterDecision::Requeue { job, .. }
             | ClusterDecision::FailJob { job, .. }
             | ClusterDecision::Reuse { job, .. }
+            | ClusterDecision::Wait { job, .. }
             | ClusterDecision::TimeOut { job, .. } => Some(job),
             ClusterDecision::FinishBuild { .. } => None,
         }
@@ -798,6 +832,16 @@ impl ClusterDecision {
                 from,
                 ..
             } => crate::reused_payload(job, *attempt, definition, from),
+            ClusterDecision::Wait {
+                job,
+                attempt,
+                reason,
+                ..
+            } => Payload::JobWaiting(JobWaiting {
+                job: job.clone(),
+                attempt: *attempt,
+                reason: reason.clone(),
+            }),
         }
     }
 }
@@ -814,7 +858,20 @@ pub fn decide_cluster(
     now_us: i64,
     config: &ClusterConfig,
 ) -> Vec<ClusterDecision> {
-    plan_round(state, now_us, config, false).decisions
+    plan_round(state, now_us, config, false, false).decisions
+}
+
+/// [`decide_cluster`], plus a [`ClusterDecision::Wait`] for each queued attempt left unassigned
+/// whose reason is not the one last recorded on the log for it: one event per change, never
+/// one per round. What the scheduler service appends. The reasons of jobs waiting with every
+/// slot taken are worked out once per kind of job (project, labels, image) per round, so a
+/// long queue costs a lookup per job.
+pub fn decide_cluster_noting_waits(
+    state: &ClusterState,
+    now_us: i64,
+    config: &ClusterConfig,
+) -> Vec<ClusterDecision> {
+    plan_round(state, now_us, config, false, true).decisions
 }
 
 /// Why a job is not running, for `get`; `None` when nothing holds it back (it is running, done,
@@ -859,7 +916,7 @@ pub fn waiting_reasons(
                 (!pending.is_empty()).then(|| format!("waiting for {}", pending.join(", ")))
             }
             JobPhase::Queued => round
-                .get_or_insert_with(|| plan_round(state, now_us, config, true))
+                .get_or_insert_with(|| plan_round(state, now_us, config, true, false))
                 .waiting
                 .remove(&(build.to_owned(), job.id.clone())),
             JobPhase::Assigned | JobPhase::Running if state.requeued(build, job) => {
@@ -913,8 +970,15 @@ struct Round {
 
 /// One round of decisions; with `explain`, also why each queued job that is not assigned waits
 /// (`get` wants that; the scheduler does not, and skips that work when every slot is taken:
-/// with a long queue it is most of a round).
-fn plan_round(state: &ClusterState, now_us: i64, config: &ClusterConfig, explain: bool) -> Round {
+/// with a long queue it is most of a round). With `note_waits`, a `Wait` decision for each
+/// queued job left unassigned whose reason changed since the log last recorded one.
+fn plan_round(
+    state: &ClusterState,
+    now_us: i64,
+    config: &ClusterConfig,
+    explain: bool,
+    note_waits: bool,
+) -> Round {
     let mut round = Round {
         decisions: Vec::new(),
         waiting: BTreeMap::new(),
@@ -986,6 +1050,9 @@ fn plan_round(state: &ClusterState, now_us: i64, config: &ClusterConfig, explain
                     }
                 }
             }
+            // This round's outcome for a queued job: assigned, or why not ("" = not worked out).
+            let mut assigned = false;
+            let mut unassigned: Option<String> = None;
             for d in per_job
                 .remove(&(build_id.as_str(), job_state.id.as_str()))
                 .unwrap_or_default()
@@ -1027,8 +1094,14 @@ fn plan_round(state: &ClusterState, now_us: i64, config: &ClusterConfig, explain
                         job,
                         attempt,
                     } => match pool.assign(build, job, attempt) {
-                        Ok(d) => round.decisions.push(d),
+                        Ok(d) => {
+                            assigned = true;
+                            round.decisions.push(d);
+                        }
                         Err((key, reason)) => {
+                            if note_waits {
+                                unassigned = Some(reason.clone());
+                            }
                             if explain {
                                 round.waiting.insert(key, reason);
                             }
@@ -1048,6 +1121,27 @@ fn plan_round(state: &ClusterState, now_us: i64, config: &ClusterConfig, explain
                         from,
                     }),
                     Decision::FinishBuild { .. } => {}
+                }
+            }
+            let waits = note_waits
+                && !assigned
+                && !build.canceled
+                && job_state.phase == JobPhase::Queued
+                && !state.requeued(build_id, job_state);
+            if waits {
+                let reason = unassigned
+                    .filter(|r| !r.is_empty())
+                    .or_else(|| pool.why_waiting(build_id, &job_state.id));
+                let wait = reason.filter(|r| {
+                    !state.waiting_recorded(build_id, &job_state.id, job_state.attempt, r)
+                });
+                if let Some(reason) = wait {
+                    round.decisions.push(ClusterDecision::Wait {
+                        build: build_id.clone(),
+                        job: job_state.id.clone(),
+                        attempt: job_state.attempt,
+                        reason,
+                    });
                 }
             }
         }
@@ -1256,6 +1350,9 @@ fn label_list(labels: &[String]) -> String {
     format!("[{}]", labels.join(", "))
 }
 
+/// What routes a job: (tenant, project, runs_on, image).
+type JobKind<'a> = (&'a str, &'a str, &'a [String], &'a str);
+
 /// The agents that may take work in this round, with their free slots, and the projects'
 /// running jobs; both count down as jobs are assigned.
 struct Pool<'a> {
@@ -1271,6 +1368,9 @@ struct Pool<'a> {
     /// Say why a job cannot be assigned (else an empty reason, and no routing when no slot is
     /// free).
     explain: bool,
+    /// With no free slot left, why a job of (tenant, project, runs_on, image) waits: the same
+    /// for every such job until the round ends.
+    full: BTreeMap<JobKind<'a>, String>,
 }
 
 impl<'a> Pool<'a> {
@@ -1304,7 +1404,33 @@ impl<'a> Pool<'a> {
             project_busy,
             free_total,
             explain,
+            full: BTreeMap::new(),
         }
+    }
+
+    /// Why a queued job the round did not route waits, once no slot is free for anyone (the
+    /// reason is then the same for every job of its kind, so it is worked out once per kind).
+    /// None while a slot is free (the round routes every queued job then).
+    fn why_waiting(&mut self, build: &str, job: &str) -> Option<String> {
+        if self.free_total > 0 {
+            return None;
+        }
+        let state = self.state;
+        let run = state.builds.builds.get(build)?;
+        let (runs_on, image) = state
+            .job_info(build, job)
+            .map(|i| (i.plan.runs_on.as_slice(), i.plan.image.trim()))
+            .unwrap_or_default();
+        let key = (run.tenant.as_str(), run.project.as_str(), runs_on, image);
+        if let Some(reason) = self.full.get(&key) {
+            return Some(reason.clone());
+        }
+        // No slot anywhere: `take` cannot succeed, so it changes nothing and says why.
+        let reason = self
+            .take(&(run.tenant.clone(), run.project.clone()), runs_on, image)
+            .err()?;
+        self.full.insert(key, reason.clone());
+        Some(reason)
     }
 
     /// No slot left for anyone, and no need to say why.

@@ -3,7 +3,8 @@
 //! It folds every events partition of the log from offset 0 into one [`ClusterState`] (agents
 //! and leases are shared by all builds, and agent events are spread over all partitions), and
 //! whenever it has folded its own last appends (and at least every `tick`, so leases expire on
-//! time) asks [`decide_cluster`] what to do at the current time and appends the decisions —
+//! time) asks [`decide_cluster_noting_waits`] what to do at the current time (with why queued
+//! jobs wait, when that changed) and appends the decisions —
 //! only those for builds in the partitions it owns ([`Partitions`]). Decisions are events, so a
 //! restarted scheduler — or another replica — picks up exactly where the log is.
 //!
@@ -22,7 +23,7 @@ use tokio_util::sync::CancellationToken;
 use tributary_eventlog::{EventLog, Layout, LogError, Offset, Partition, Topic};
 use tributary_proto::events::{envelope::Payload, Envelope};
 
-use crate::cluster::{decide_cluster, ClusterConfig, ClusterDecision, ClusterState};
+use crate::cluster::{decide_cluster_noting_waits, ClusterConfig, ClusterDecision, ClusterState};
 use crate::ownership::Ownership;
 use crate::seen::SeenIds;
 
@@ -136,7 +137,7 @@ pub async fn run(
             continue; // our last decisions are not folded yet
         }
         let now = tributary_proto::now_us();
-        let decisions: Vec<ClusterDecision> = decide_cluster(&state, now, &config)
+        let decisions: Vec<ClusterDecision> = decide_cluster_noting_waits(&state, now, &config)
             .into_iter()
             .filter(|d| ownership.decides(layout.partition_for(Topic::Events, d.build_id())))
             .collect();

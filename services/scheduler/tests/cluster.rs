@@ -11,7 +11,8 @@ use tributary_proto::events::{
     JobStarted, Plan, ProjectCreated, Status,
 };
 use tributary_scheduler::cluster::{
-    decide_cluster, leases_to_cancel, waiting_reason, ClusterConfig, ClusterDecision, ClusterState,
+    decide_cluster, decide_cluster_noting_waits, leases_to_cancel, waiting_reason, ClusterConfig,
+    ClusterDecision, ClusterState,
 };
 use tributary_scheduler::JobPhase;
 
@@ -450,7 +451,7 @@ impl Sim {
 
     /// One round of the scheduler service: decide, check, append.
     fn decide_and_append(&mut self) -> Result<(), TestCaseError> {
-        let decisions = decide_cluster(&self.state, self.now, &self.config);
+        let decisions = decide_cluster_noting_waits(&self.state, self.now, &self.config);
         for d in decisions {
             if let ClusterDecision::Assign {
                 build,

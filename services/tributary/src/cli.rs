@@ -61,8 +61,14 @@ pub enum Command {
     Trigger(TriggerArgs),
     /// Print a build's log (with -f, follow it live until the build ends).
     Logs(LogsArgs),
-    /// Show one build from a server: jobs, steps, lines and exit codes.
-    Get(GetArgs),
+    /// Show one build from a server: jobs, steps, lines and exit codes. With --at, the build
+    /// as it stood at that moment of its history (folded from its events by the projector's
+    /// fold, so exact).
+    Get(GetBuildArgs),
+    /// Explain a build's jobs from the log: each decision about a job (queued, waiting and
+    /// why, assigned to an agent, requeued, retried, canceled, reused, skipped) with its
+    /// reason, time and the time since the previous one.
+    Why(WhyArgs),
     /// Cancel a build on a server.
     Cancel(GetArgs),
     /// Re-run the failed jobs of a finished build: a new build of the same commit where jobs
@@ -852,6 +858,31 @@ pub struct LogsArgs {
     /// Only this job's output.
     #[arg(long, value_name = "JOB")]
     pub job: Option<String>,
+    #[command(flatten)]
+    pub server: ServerArgs,
+}
+
+#[derive(Debug, Args)]
+pub struct GetBuildArgs {
+    #[command(flatten)]
+    pub get: GetArgs,
+    /// Time travel: show the build as it stood at this moment. OFFSET (a number): up to and
+    /// including the event at that offset of the build's events partition (the `offset`
+    /// `tributary events --json` and `watch` print; on the embedded log, the log's offset).
+    /// TIME: an RFC 3339 UTC time (`2026-12-07T21:03:05Z`, fractions allowed), or `+DURATION`
+    /// after the build was triggered (`+90s`, `+2m 5s`).
+    #[arg(long, value_name = "TIME|OFFSET")]
+    pub at: Option<String>,
+}
+
+#[derive(Debug, Args)]
+pub struct WhyArgs {
+    pub build: String,
+    /// A job id (`test[os=linux]`) or name (every matrix instance); all jobs when left out.
+    pub job: Option<String>,
+    /// Print JSON instead of text.
+    #[arg(long)]
+    pub json: bool,
     #[command(flatten)]
     pub server: ServerArgs,
 }

@@ -54,7 +54,7 @@ pub async fn metering(
     ))
 }
 
-async fn builds(server: &ServerArgs) -> anyhow::Result<BuildsClient<Svc>> {
+pub(crate) async fn builds(server: &ServerArgs) -> anyhow::Result<BuildsClient<Svc>> {
     let (ch, auth) = channel(server).await?;
     Ok(BuildsClient::with_interceptor(ch, auth))
 }
@@ -183,13 +183,23 @@ pub async fn logs(args: LogsArgs) -> anyhow::Result<ExitCode> {
 }
 
 pub async fn get(args: GetArgs) -> anyhow::Result<ExitCode> {
+    get_as_of(args, None).await
+}
+
+/// `get`, or with `at` the build as it stood then (`get --at`; no usage then: it is today's).
+pub async fn get_as_of(
+    args: GetArgs,
+    at: Option<api::get_build_request::At>,
+) -> anyhow::Result<ExitCode> {
     let mut client = builds(&args.server).await?;
+    let past = at.is_some();
     let request = api::GetBuildRequest {
         build_id: args.build.clone(),
+        at,
     };
     // The usage (printed, not in --json) is asked for alongside the build.
     let usage = async {
-        if args.json {
+        if args.json || past {
             None
         } else {
             build_usage(&args.server, &args.build).await
@@ -205,6 +215,9 @@ pub async fn get(args: GetArgs) -> anyhow::Result<ExitCode> {
         "build {}  {}  project {}  commit {}",
         b.id, b.status, b.project, b.commit
     );
+    if past {
+        println!("  {}", crate::history::as_of(&b));
+    }
     if !b.reason.is_empty() {
         println!("  {}", b.reason);
     }

@@ -17,6 +17,7 @@ mod client;
 mod commands;
 mod data_dir;
 mod health;
+mod history;
 mod init;
 mod local_run;
 mod metering;

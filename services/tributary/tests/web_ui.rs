@@ -172,6 +172,97 @@ impl Browser {
     }
 }
 
+/// The build page's history slider, moved with the keyboard, shows the finished build as it
+/// stood at an earlier step (a line running, a job pending), folded by the server; "Now" goes
+/// back to the present.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_history_slider_shows_the_build_as_it_was() {
+    let s = start(1);
+    s.project_as(
+        &s.token,
+        "past",
+        "jobs:\n  slow:\n    steps:\n      - script:\n          - sleep 1\n          - echo done\n  \
+         after:\n    needs: slow\n    steps:\n      - run: echo after\n",
+    );
+    let build = s.trigger_as(&s.token, "past");
+    s.finished(&build, WAIT);
+    let b = Browser::start().await;
+    b.sign_in(&format!("{}/ui/builds/{build}", s.addr), &s.token)
+        .await;
+    b.until("the finished summary", || async {
+        b.text("article.job[data-job='slow'] h2")
+            .await
+            .filter(|t| t.contains("succeeded"))
+    })
+    .await;
+    b.click("details#history > summary").await;
+    b.until("the slider, once the steps are loaded", || async {
+        let v = b
+            .c()
+            .execute(
+                "return !document.getElementById('history-slider').disabled;",
+                vec![],
+            )
+            .await
+            .ok()?;
+        (v == serde_json::json!(true)).then_some(())
+    })
+    .await;
+    // To the first step, then right until the first line of `slow` has started.
+    let slider = b.c().find(Locator::Css("#history-slider")).await.unwrap();
+    slider.send_keys(&fantoccini::key::Key::Home).await.unwrap();
+    let target = "line 1 of step 1 of job slow started";
+    for _ in 0..200 {
+        let label = b.text("#history-label").await.unwrap_or_default();
+        if label.contains(target) {
+            break;
+        }
+        slider
+            .send_keys(&fantoccini::key::Key::Right)
+            .await
+            .unwrap();
+    }
+    let label = b.text("#history-label").await.unwrap_or_default();
+    assert!(label.contains(target), "{label}");
+    b.until("the build as it was then", || async {
+        b.c().find(Locator::Css("#asof")).await.ok()?;
+        let slow = b
+            .c()
+            .find(Locator::Css("article.job[data-job='slow']"))
+            .await
+            .ok()?;
+        let line = b.c().find(Locator::Css("#line-0-0-0")).await.ok()?;
+        let after = b
+            .c()
+            .find(Locator::Css("article.job[data-job='after']"))
+            .await
+            .ok()?;
+        let running = slow.attr("data-status").await.ok()?? == "running"
+            && line.attr("data-status").await.ok()?? == "running"
+            && after.attr("data-status").await.ok()?? == "pending";
+        running.then_some(())
+    })
+    .await;
+    // The past has no actions; the page was not reloaded (the slider keeps its place).
+    assert_eq!(b.count("#summary #rerun, #summary #cancel").await, 0);
+    assert!(b.text("#history-label").await.unwrap().contains(target));
+    // Back to now.
+    b.click("#history-now").await;
+    b.until("the present again", || async {
+        if b.count("#asof").await > 0 {
+            return None;
+        }
+        let slow = b
+            .c()
+            .find(Locator::Css("article.job[data-job='slow']"))
+            .await
+            .ok()?;
+        (slow.attr("data-status").await.ok()?? == "succeeded").then_some(())
+    })
+    .await;
+    b.close().await;
+}
+
 // ------------------------------------------------------------------ plain HTTP
 
 struct Http {

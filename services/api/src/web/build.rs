@@ -95,6 +95,7 @@ fn page_markup(
         &title,
         Some(session),
         html! {
+            (history_markup(&base))
             div #summary data-summary={(base) "/summary"} { (summary_markup(b, artifacts, session, now_us)) }
             section.logs #logs data-events={(base) "/events"} data-status=(b.phase.name()) {
                 h2 { "Logs" }
@@ -116,12 +117,42 @@ fn page_markup(
     )
 }
 
+/// The history slider (filled by the script from [`super::history`]): the build at each of
+/// its steps, without leaving the page.
+fn history_markup(base: &str) -> Markup {
+    html! {
+        details.history #history data-steps={(base) "/history.json"} data-at={(base) "/at"} {
+            summary { "History" }
+            div.histctl {
+                input #history-slider type="range" min="0" max="0" value="0" step="1" disabled aria-label="step of the build's history";
+                button #history-now type="button" disabled { "Now" }
+            }
+            p.hint #history-label { "Open to step through the build's events." }
+        }
+    }
+}
+
+/// The summary of the build at a past moment (`now_us`: that moment): no actions.
+pub fn past_summary_markup(b: &Build, session: &Session, now_us: i64) -> Markup {
+    summary_with(b, &[], session, now_us, false)
+}
+
 /// Everything on the page that comes from the read model (re-fetched as the build moves).
 fn summary_markup(
     b: &Build,
     artifacts: &[ArtifactUploaded],
     session: &Session,
     now_us: i64,
+) -> Markup {
+    summary_with(b, artifacts, session, now_us, true)
+}
+
+fn summary_with(
+    b: &Build,
+    artifacts: &[ArtifactUploaded],
+    session: &Session,
+    now_us: i64,
+    actions: bool,
 ) -> Markup {
     let base = format!("/ui/builds/{}", urlencode(&b.id));
     html! {
@@ -139,13 +170,13 @@ fn summary_markup(
             }
             @if !b.reason.is_empty() { p.reason { (b.reason) } }
             div.actions {
-                @if !b.phase.is_terminal() {
+                @if actions && !b.phase.is_terminal() {
                     form method="post" action={(base) "/cancel"} {
                         input type="hidden" name="csrf" value=(session.csrf());
                         button.danger #cancel type="submit" { "Cancel build" }
                     }
                 }
-                @if b.phase.is_terminal() && b.phase != Phase::Succeeded {
+                @if actions && b.phase.is_terminal() && b.phase != Phase::Succeeded {
                     form method="post" action={(base) "/rerun"} {
                         input type="hidden" name="csrf" value=(session.csrf());
                         button #rerun type="submit" { "Re-run failed jobs" }

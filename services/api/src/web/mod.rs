@@ -8,6 +8,7 @@
 //! * [`session`]: sign-in with an API token kept in an HttpOnly cookie; CSRF for POSTs.
 //! * [`projects`]: the projects of the tenant, and each project's builds (live-updating).
 //! * [`build`]: a build's jobs (DAG), steps and lines with exit codes, cancel, re-run failed.
+//! * [`history`]: the build page's history slider (its steps, and the build at each).
 //! * [`live`]: Server-Sent Events: a build's log and status (replay, then follow; resumable
 //!   by offset), a project's changes; the raw log download.
 //! * [`agents`]: agents the tenant can use, their labels, current jobs and last heartbeat.
@@ -21,6 +22,7 @@ pub mod assets;
 pub mod build;
 pub mod dag;
 pub mod format;
+pub mod history;
 pub mod layout;
 pub mod live;
 pub mod login;
@@ -59,6 +61,8 @@ pub fn router(state: ApiState, metering: Option<crate::metering::MeteringReader>
         .route("/ui/builds/{id}", get(build::page))
         .route("/ui/builds/{id}/summary", get(build::summary))
         .route("/ui/builds/{id}/events", get(live::build))
+        .route("/ui/builds/{id}/history.json", get(history::steps))
+        .route("/ui/builds/{id}/at", get(history::at))
         .route("/ui/builds/{id}/log.txt", get(live::log_txt))
         .route("/ui/builds/{id}/cancel", post(build::cancel))
         .route("/ui/builds/{id}/rerun", post(build::rerun))

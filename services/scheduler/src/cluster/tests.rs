@@ -159,6 +159,15 @@ impl World {
         decisions
     }
 
+    /// Decides once as the scheduler service does (with waiting reasons) and appends.
+    fn step_noting(&mut self) -> Vec<ClusterDecision> {
+        let decisions = decide_cluster_noting_waits(&self.state, self.now, &self.config);
+        for d in &decisions {
+            self.push(d.build_id(), d.payload());
+        }
+        decisions
+    }
+
     /// Steps until nothing is left to decide; returns the assignments made.
     fn settle(&mut self) -> Vec<(String, u32, String)> {
         let mut assigned = Vec::new();
@@ -1114,6 +1123,113 @@ fn a_long_queue_with_every_slot_taken_proposes_nothing_and_still_says_why() {
             .any(|d| matches!(d, ClusterDecision::Assign { build, .. } if build == "b02")),
         "{d:?}"
     );
+}
+
+fn waits(decisions: &[ClusterDecision]) -> Vec<(String, String)> {
+    decisions
+        .iter()
+        .filter_map(|d| match d {
+            ClusterDecision::Wait { job, reason, .. } => Some((job.clone(), reason.clone())),
+            _ => None,
+        })
+        .collect()
+}
+
+#[test]
+fn waiting_reasons_go_on_the_log_once_per_change_not_once_per_round() {
+    let mut w = World::new();
+    w.build("b", vec![on("g", &["gpu"]), job("plain")]);
+    let first = w.step_noting();
+    assert!(
+        waits(&first).is_empty(),
+        "queued this round: recorded next round"
+    );
+    assert_eq!(
+        waits(&w.step_noting()),
+        [
+            (
+                "g".to_owned(),
+                "no connected agent has labels [gpu]; no generic agent connected".to_owned()
+            ),
+            ("plain".to_owned(), "no agent connected".to_owned())
+        ]
+    );
+    for _ in 0..10 {
+        assert!(
+            w.step_noting().is_empty(),
+            "the same reasons: nothing to append"
+        );
+        w.now += S;
+    }
+    // The scheduler's fold remembers them; a replay of the log too.
+    let mut replay = ClusterState::new();
+    for (i, e) in w.log.iter().enumerate() {
+        replay.apply(i as u64, e);
+    }
+    assert_eq!(replay, w.state);
+
+    // An agent with one slot: the labelled job falls back to it, the other waits for the slot.
+    w.agent("a", &[], 1, "");
+    let d = w.step_noting();
+    assert!(d.iter().any(
+        |d| matches!(d, ClusterDecision::Assign { job, agent_id, .. } if job == "g" && agent_id == "a")
+    ));
+    assert_eq!(
+        waits(&d),
+        [(
+            "plain".to_owned(),
+            "all generic agents are busy (1/1 slots in use)".to_owned()
+        )]
+    );
+    assert!(w.step_noting().is_empty());
+    assert!(
+        w.decide().is_empty(),
+        "decide_cluster never proposes a Wait"
+    );
+
+    // The slot frees: the waiting job is assigned, and says nothing more.
+    w.start("b", "g", 1, "a");
+    w.finish("b", "g", 1, Status::Succeeded);
+    let d = w.step_noting();
+    assert!(waits(&d).is_empty(), "{d:?}");
+    assert!(d
+        .iter()
+        .any(|d| matches!(d, ClusterDecision::Assign { job, .. } if job == "plain")));
+}
+
+#[test]
+fn a_long_queue_with_every_slot_taken_records_each_jobs_reason_once() {
+    let mut w = World::new();
+    w.agent("a", &[], 2, "");
+    for i in 0..50 {
+        w.build(&format!("b{i:02}"), vec![job("j")]);
+    }
+    w.step_noting(); // queues all 50, leases two
+    let d = w.step_noting();
+    let recorded = waits(&d);
+    assert_eq!(recorded.len(), 48, "{d:?}");
+    assert!(recorded
+        .iter()
+        .all(|(_, r)| r == "all generic agents are busy (2/2 slots in use)"));
+    assert_eq!(d.len(), 48, "nothing but the reasons");
+    for _ in 0..5 {
+        assert!(w.step_noting().is_empty());
+    }
+    // A second agent: capacity changes the reason of those still waiting, once.
+    w.agent("c", &[], 1, "");
+    let d = w.step_noting();
+    assert_eq!(waits(&d).len(), 47, "{d:?}");
+    assert!(waits(&d)
+        .iter()
+        .all(|(_, r)| r == "all generic agents are busy (3/3 slots in use)"));
+    assert!(w.step_noting().is_empty());
+    // The log holds one JobWaiting per job and change.
+    let on_log = w
+        .log
+        .iter()
+        .filter(|e| matches!(e.payload, Some(Payload::JobWaiting(_))))
+        .count();
+    assert_eq!(on_log, 48 + 47);
 }
 
 proptest! {
