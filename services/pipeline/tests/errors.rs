@@ -447,9 +447,15 @@ fn image_not_a_string() {
         4,
         7,
         &[
-            "expected a string for `image` of job \"build\"",
-            "found a mapping",
+            "unknown key \"name\" in `image` of job \"build\"",
+            "Valid keys: build, context",
         ],
+    );
+    rejects(
+        "jobs:\n  build:\n    image: [alpine]\n    steps: [make]\n",
+        3,
+        12,
+        &["expected a string for `image` of job \"build\"", "found a list"],
     );
     rejects(
         "jobs:\n  build:\n    image: 3.19\n    steps: [make]\n",
