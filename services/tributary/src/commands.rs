@@ -160,7 +160,7 @@ async fn local_container(
     build_id: &str,
     jobs: &[tributary_proto::events::JobPlan],
 ) -> Option<tributary_agent::ContainerRuntime> {
-    let first = jobs.iter().find(|j| !j.image.trim().is_empty())?;
+    let first = jobs.iter().find(|j| j.runs_in_container())?;
     let address = args
         .engine
         .clone()
@@ -180,7 +180,8 @@ async fn local_container(
         Err(e) => {
             eprintln!(
                 "error: job {} runs in a container (image {}), but {e:#}",
-                first.id, first.image
+                first.id,
+                first.image_description()
             );
             None
         }
