@@ -162,11 +162,15 @@ async fn resolve(
     let started = Instant::now();
     build(ctx, runtime, image, &context, &tag, sink, deadline, cancel).await?;
     let elapsed = started.elapsed();
-    let found = engine.find_image(&tag).await.map_err(failed)?.ok_or_else(|| {
-        failed(format!(
-            "the engine said it built {tag}, but has no image of that name"
-        ))
-    })?;
+    let found = engine
+        .find_image(&tag)
+        .await
+        .map_err(failed)?
+        .ok_or_else(|| {
+            failed(format!(
+                "the engine said it built {tag}, but has no image of that name"
+            ))
+        })?;
     sink.system(
         0,
         &format!(
@@ -288,7 +292,11 @@ async fn build(
 }
 
 /// `image build failed at ci/Dockerfile:3 (RUN false): <the builder's message>`.
-fn failure_reason(context: &BuildContext, announced: Option<&(u32, String)>, error: &str) -> String {
+fn failure_reason(
+    context: &BuildContext,
+    announced: Option<&(u32, String)>,
+    error: &str,
+) -> String {
     let error = error.trim();
     let error = match error.char_indices().nth(MAX_REASON) {
         Some((i, _)) => format!("{}…", &error[..i]),
@@ -325,7 +333,8 @@ async fn prune_project(
     {
         Ok(images) => images,
         Err(e) => {
-            sink.system(0, &format!("not pruning older images: {e}")).await;
+            sink.system(0, &format!("not pruning older images: {e}"))
+                .await;
             return;
         }
     };

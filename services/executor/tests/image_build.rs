@@ -186,7 +186,9 @@ async fn built_once_reused_at_another_commit_rebuilt_when_the_context_changes() 
     let builder = output(&events, 0, Stream::Stdout);
     assert!(builder.contains("COPY tool /tool-version"), "{builder}");
     assert_eq!(output(&events, 1, Stream::Stdout), "tool-v1\n");
-    let Some(Payload::ImageBuilt(built)) = events.iter().find(|e| matches!(e, Payload::ImageBuilt(_))) else {
+    let Some(Payload::ImageBuilt(built)) =
+        events.iter().find(|e| matches!(e, Payload::ImageBuilt(_)))
+    else {
         unreachable!()
     };
     assert_eq!(built.image, key::tag("test", &project.name, &key1));
@@ -198,7 +200,11 @@ async fn built_once_reused_at_another_commit_rebuilt_when_the_context_changes() 
     let (outcome, events) = project.run(second.path(), &["cat /tool-version"]).await;
     assert_eq!(outcome.status, Status::Succeeded, "{}", outcome.reason);
     assert_eq!(image_events(&events), [("reused", key1.clone())]);
-    assert_eq!(output(&events, 0, Stream::Stdout), "", "no builder output on reuse");
+    assert_eq!(
+        output(&events, 0, Stream::Stdout),
+        "",
+        "no builder output on reuse"
+    );
     assert!(output(&events, 0, Stream::System).contains("reused"));
     assert_eq!(output(&events, 1, Stream::Stdout), "tool-v1\n");
 
@@ -252,14 +258,20 @@ async fn a_dockerfile_error_fails_the_job_with_the_builders_message_and_line() {
         "{}",
         outcome.reason
     );
-    assert!(outcome.reason.to_lowercase().contains("frobnicate"), "{}", outcome.reason);
+    assert!(
+        outcome.reason.to_lowercase().contains("frobnicate"),
+        "{}",
+        outcome.reason
+    );
 
     // A Dockerfile that is not there.
     std::fs::remove_file(dir.path().join("ci/Dockerfile")).unwrap();
     let (outcome, _) = project.run(dir.path(), &["echo never"]).await;
     assert_eq!(outcome.status, Status::Failed);
     assert!(
-        outcome.reason.contains("the Dockerfile ci/Dockerfile is not in the repository"),
+        outcome
+            .reason
+            .contains("the Dockerfile ci/Dockerfile is not in the repository"),
         "{}",
         outcome.reason
     );
@@ -354,6 +366,9 @@ async fn job_time_with_and_without_reuse() {
         reused[0].as_secs_f64(),
         reused[2].as_secs_f64()
     );
-    assert!(median < built, "reusing ({median:?}) is not faster than building ({built:?})");
+    assert!(
+        median < built,
+        "reusing ({median:?}) is not faster than building ({built:?})"
+    );
     project.remove_all().await;
 }

@@ -1074,7 +1074,10 @@ impl Parser<'_, '_> {
         if let Some(problem) = problem {
             return Err(self.err(text.loc, format!("{what} {:?} {problem}", text.value)));
         }
-        let parts: Vec<&str> = raw.split('/').filter(|c| !c.is_empty() && *c != ".").collect();
+        let parts: Vec<&str> = raw
+            .split('/')
+            .filter(|c| !c.is_empty() && *c != ".")
+            .collect();
         text.value = if parts.is_empty() {
             ".".to_owned()
         } else {

@@ -455,7 +455,10 @@ fn image_not_a_string() {
         "jobs:\n  build:\n    image: [alpine]\n    steps: [make]\n",
         3,
         12,
-        &["expected a string for `image` of job \"build\"", "found a list"],
+        &[
+            "expected a string for `image` of job \"build\"",
+            "found a list",
+        ],
     );
     rejects(
         "jobs:\n  build:\n    image: 3.19\n    steps: [make]\n",

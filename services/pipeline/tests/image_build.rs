@@ -34,9 +34,17 @@ fn the_plan_has_the_build_and_a_first_step_for_it() {
 fn context_defaults_to_the_dockerfiles_folder_and_paths_are_normalised() {
     let cases = [
         ("{build: Dockerfile}", "Dockerfile", "."),
-        ("{build: ./ci//docker/Dockerfile}", "ci/docker/Dockerfile", "ci/docker"),
+        (
+            "{build: ./ci//docker/Dockerfile}",
+            "ci/docker/Dockerfile",
+            "ci/docker",
+        ),
         ("{build: ci/Dockerfile, context: .}", "ci/Dockerfile", "."),
-        ("{build: docker/Dockerfile, context: ./app/}", "docker/Dockerfile", "app"),
+        (
+            "{build: docker/Dockerfile, context: ./app/}",
+            "docker/Dockerfile",
+            "app",
+        ),
     ];
     for (image, dockerfile, context) in cases {
         let text = format!("jobs:\n  t:\n    image: {image}\n    steps: [make]\n");
@@ -56,8 +64,14 @@ fn matrix_values_are_substituted_and_checked() {
         "jobs:\n  t:\n    matrix: {os: [alpine, debian]}\n    image:\n      build: ci/${{ matrix.os }}/Dockerfile\n    steps: [make]\n",
     )
     .unwrap();
-    assert_eq!(plan.jobs[0].image_build, built("ci/alpine/Dockerfile", "ci/alpine"));
-    assert_eq!(plan.jobs[1].image_build, built("ci/debian/Dockerfile", "ci/debian"));
+    assert_eq!(
+        plan.jobs[0].image_build,
+        built("ci/alpine/Dockerfile", "ci/alpine")
+    );
+    assert_eq!(
+        plan.jobs[1].image_build,
+        built("ci/debian/Dockerfile", "ci/debian")
+    );
     rejects(
         "jobs:\n  t:\n    matrix: {d: [\"..\"]}\n    image:\n      build: ${{ matrix.d }}/Dockerfile\n    steps: [make]\n",
         5,
@@ -72,7 +86,10 @@ fn errors_point_at_the_problem() {
         "jobs:\n  t:\n    image:\n      context: ci\n    steps: [make]\n",
         4,
         7,
-        &["`image` of job \"t\" has no `build`", "image: {build: ci/Dockerfile}"],
+        &[
+            "`image` of job \"t\" has no `build`",
+            "image: {build: ci/Dockerfile}",
+        ],
     );
     rejects(
         "jobs:\n  t:\n    image:\n      dockerfile: ci/Dockerfile\n    steps: [make]\n",
@@ -96,7 +113,10 @@ fn errors_point_at_the_problem() {
         "jobs:\n  t:\n    image: {build: \"\"}\n    steps: [make]\n",
         3,
         20,
-        &["`build` of `image` of job \"t\" is empty", "e.g. `build: ci/Dockerfile`"],
+        &[
+            "`build` of `image` of job \"t\" is empty",
+            "e.g. `build: ci/Dockerfile`",
+        ],
     );
     rejects(
         "jobs:\n  t:\n    image: {build: ./}\n    steps: [make]\n",

@@ -30,7 +30,10 @@ impl Engine {
             Err(ApiError::DockerResponseServerError {
                 status_code: 404, ..
             }) => Ok(None),
-            Err(e) => Err(format!("cannot inspect image {name} on {}: {e}", self.address)),
+            Err(e) => Err(format!(
+                "cannot inspect image {name} on {}: {e}",
+                self.address
+            )),
         }
     }
 

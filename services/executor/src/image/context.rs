@@ -109,7 +109,11 @@ impl BuildContext {
                 out.append_link(&mut h, &f.path, target)?;
             } else {
                 h.set_entry_type(tar::EntryType::Regular);
-                h.set_mode(if f.mode == MODE_EXECUTABLE { 0o755 } else { 0o644 });
+                h.set_mode(if f.mode == MODE_EXECUTABLE {
+                    0o755
+                } else {
+                    0o644
+                });
                 h.set_size(f.data.len() as u64);
                 out.append_data(&mut h, &f.path, f.data.as_slice())?;
             }
@@ -133,7 +137,12 @@ pub fn read(workspace: &Path, spec: &ImageBuild) -> Result<BuildContext, String>
                 spec.dockerfile
             ))
         }
-        Err(e) => return Err(format!("cannot read the Dockerfile {}: {e}", spec.dockerfile)),
+        Err(e) => {
+            return Err(format!(
+                "cannot read the Dockerfile {}: {e}",
+                spec.dockerfile
+            ))
+        }
     };
     if !context_dir.is_dir() {
         return Err(format!(
@@ -315,8 +324,12 @@ mod tests {
             file("tools/a.sh", "a"),
             file("notes.txt", "n"),
         ];
-        let c = BuildContext::new(spec("ci/Dockerfile", "ci"), files.clone(), b"FROM x".to_vec())
-            .unwrap();
+        let c = BuildContext::new(
+            spec("ci/Dockerfile", "ci"),
+            files.clone(),
+            b"FROM x".to_vec(),
+        )
+        .unwrap();
         assert_eq!(paths(&c), ["Dockerfile", "tools/a.sh"]);
         assert_eq!(c.dockerfile_path, "Dockerfile");
         // An ignored file changing does not change the key; a kept one does.
@@ -427,6 +440,9 @@ mod tests {
         std::fs::remove_dir_all(root.join("ci/target")).unwrap();
         assert_eq!(read(root, &spec).unwrap().key, committed.key);
         let missing = read(root, &self::spec("ci/Nope", "ci")).unwrap_err();
-        assert!(missing.contains("the Dockerfile ci/Nope is not in the repository"), "{missing}");
+        assert!(
+            missing.contains("the Dockerfile ci/Nope is not in the repository"),
+            "{missing}"
+        );
     }
 }

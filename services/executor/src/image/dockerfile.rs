@@ -128,7 +128,11 @@ mod tests {
             ("STEP 4/4: COPY --chown=0 . /src", 8),
         ] {
             let step = announced_step(announced).unwrap();
-            assert_eq!(locate(&got, &step).map(|i| i.line), Some(line), "{announced}");
+            assert_eq!(
+                locate(&got, &step).map(|i| i.line),
+                Some(line),
+                "{announced}"
+            );
         }
         assert_eq!(announced_step("--> 50a768606ce"), None);
         assert_eq!(locate(&got, &(9, "NOPE".into())), None);

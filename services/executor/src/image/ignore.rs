@@ -101,18 +101,40 @@ mod tests {
         assert_eq!(kept("", PATHS), PATHS);
         assert_eq!(
             kept("# comment\n\n*.md\ntarget\n", PATHS),
-            ["Dockerfile", "docs/a.md", "src/main.rs", "src/deep/x.md", "tools/keep.sh", "tools/drop.sh"]
+            [
+                "Dockerfile",
+                "docs/a.md",
+                "src/main.rs",
+                "src/deep/x.md",
+                "tools/keep.sh",
+                "tools/drop.sh"
+            ]
         );
         assert_eq!(
             kept("**/*.md\n/target/\n", PATHS),
-            ["Dockerfile", "src/main.rs", "tools/keep.sh", "tools/drop.sh"]
+            [
+                "Dockerfile",
+                "src/main.rs",
+                "tools/keep.sh",
+                "tools/drop.sh"
+            ]
         );
         // Exclude everything, then take back what the image needs; the last match wins.
         assert_eq!(
             kept("*\n!Dockerfile\n!tools\ntools/drop.sh\n", PATHS),
             ["Dockerfile", "tools/keep.sh"]
         );
-        assert_eq!(kept("./src/*\n", PATHS), ["Dockerfile", "README.md", "docs/a.md", "target/debug/bin", "tools/keep.sh", "tools/drop.sh"]);
+        assert_eq!(
+            kept("./src/*\n", PATHS),
+            [
+                "Dockerfile",
+                "README.md",
+                "docs/a.md",
+                "target/debug/bin",
+                "tools/keep.sh",
+                "tools/drop.sh"
+            ]
+        );
     }
 
     #[test]

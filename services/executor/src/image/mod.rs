@@ -32,8 +32,7 @@ pub const LABEL_BUILT_US: &str = "tributary.built-us";
 /// Holds the build of one image (engine address + tag) in this process: a second job of the
 /// same key waits for the first one's build, then finds the image and reuses it.
 pub async fn lock(engine: &str, tag: &str) -> tokio::sync::OwnedMutexGuard<()> {
-    static BUILDS: Mutex<Option<HashMap<String, Weak<tokio::sync::Mutex<()>>>>> =
-        Mutex::new(None);
+    static BUILDS: Mutex<Option<HashMap<String, Weak<tokio::sync::Mutex<()>>>>> = Mutex::new(None);
     let id = format!("{engine}\n{tag}");
     let lock = {
         let mut map = BUILDS.lock().unwrap_or_else(|e| e.into_inner());
