@@ -146,6 +146,26 @@ impl Payload {
             Payload::SecretSet(_) => "secret_set",
             Payload::SecretDeleted(_) => "secret_deleted",
             Payload::JobWaiting(_) => "job_waiting",
+            Payload::ImageBuilt(_) => "image_built",
+            Payload::ImageReused(_) => "image_reused",
+            Payload::ImagePruned(_) => "image_pruned",
+        }
+    }
+}
+
+impl events::JobPlan {
+    /// Whether the job runs in a container: `image:` names an image, or `image: {build: ...}`
+    /// builds one.
+    pub fn runs_in_container(&self) -> bool {
+        !self.image.trim().is_empty() || self.image_build.is_some()
+    }
+
+    /// What the job's container is, for people: the image's name, or `built from
+    /// ci/Dockerfile`; empty for a job on the host.
+    pub fn image_description(&self) -> String {
+        match (&self.image_build, self.image.trim()) {
+            (Some(b), _) => format!("built from {}", b.dockerfile),
+            (None, image) => image.to_owned(),
         }
     }
 }

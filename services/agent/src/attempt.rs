@@ -431,6 +431,8 @@ async fn produce(
     } else if let Err(e) = std::fs::create_dir_all(&workdir) {
         tracing::error!(error = %e, dir = %workdir.display(), "cannot create the workspace");
     }
+    // The image's build context is read now, before artifacts and caches add files.
+    let image = job_image(build, &lease.job, &workdir).await;
 
     if !lease.inputs.is_empty() {
         let downloaded = match artifact_store(options, &lease.lease_id) {
@@ -524,6 +526,7 @@ async fn produce(
             )
         }),
         secrets: masks.clone(),
+        image,
     };
     let job = tributary_executor::run_job(ctx, tx.clone(), cancel.clone());
     let outcome = match meter.as_mut() {
@@ -626,12 +629,34 @@ fn artifact_store<'a>(
         (None, None) => None,
     }
 }
-/// `JobStarted.executor`: `host`, or `container:<image>`.
+/// `JobStarted.executor`: `host`, `container:<image>`, or `container:built from <Dockerfile>`.
 fn executor_name(job: &JobPlan) -> String {
-    match job.image.trim() {
-        "" => "host".to_owned(),
-        image => format!("container:{image}"),
+    if job.runs_in_container() {
+        format!("container:{}", job.image_description())
+    } else {
+        "host".to_owned()
     }
+}
+
+/// For a job with `image: {build: ...}`: its build context, read from the workspace (on a
+/// blocking thread), and whose image it is.
+async fn job_image(
+    build: &BuildRef,
+    job: &JobPlan,
+    workdir: &Path,
+) -> Option<tributary_executor::JobImage> {
+    let spec = job.image_build.clone()?;
+    let dir = workdir.to_path_buf();
+    let context =
+        tokio::task::spawn_blocking(move || tributary_executor::image::context::read(&dir, &spec))
+            .await
+            .unwrap_or_else(|e| Err(format!("reading the build context failed: {e}")))
+            .map(Arc::new);
+    Some(tributary_executor::JobImage {
+        tenant: build.tenant.clone(),
+        project: build.project.clone(),
+        context,
+    })
 }
 
 /// UsageTick state of one attempt.

@@ -178,6 +178,9 @@ fn job_attempt(payload: &Payload) -> Option<(&str, u32)> {
         Payload::CacheRestored(e) => (&e.job, e.attempt),
         Payload::CacheSaved(e) => (&e.job, e.attempt),
         Payload::CacheEvicted(e) => (&e.job, e.attempt),
+        Payload::ImageBuilt(e) => (&e.job, e.attempt),
+        Payload::ImageReused(e) => (&e.job, e.attempt),
+        Payload::ImagePruned(e) => (&e.job, e.attempt),
         _ => return None,
     })
 }

@@ -13,6 +13,10 @@
 //! A job with an `image` runs in a container of that image instead ([`container`]): the same
 //! wrapper scripts, markers and events, one `exec` per step; [`JobContext::container`] says
 //! which engine and limits to use.
+//!
+//! A job with `image: {build: ...}` first runs its image step (`steps[0]`, see [`image`]):
+//! the image of its context's key is found on the engine or built there, then the job's own
+//! steps run in a container of it.
 
 use std::path::PathBuf;
 use std::time::Duration;
@@ -25,6 +29,8 @@ use tributary_proto::events::envelope::Payload;
 use tributary_proto::events::{JobPlan, Status};
 
 pub mod container;
+pub mod image;
+mod image_step;
 pub mod marker;
 pub mod mask;
 mod process;
@@ -59,6 +65,18 @@ pub struct JobContext {
     /// Values masked as `***` in every `LogChunk` and in the outcome's reason (the job's
     /// secrets; see [`mask`]). Empty = nothing masked.
     pub secrets: std::sync::Arc<mask::Secrets>,
+    /// For a job with `image: {build: ...}`: whose image it is and its build context, as read
+    /// from the workspace before anything else was put there. `None` for other jobs.
+    pub image: Option<JobImage>,
+}
+
+/// The image a job builds: the tenant and project its tag and labels name, and the build
+/// context the agent read from the job's workspace (or why it could not).
+#[derive(Debug, Clone)]
+pub struct JobImage {
+    pub tenant: String,
+    pub project: String,
+    pub context: Result<std::sync::Arc<image::context::BuildContext>, String>,
 }
 
 /// How output is batched into `LogChunk`s and how much of it a job may produce.
@@ -142,7 +160,27 @@ async fn run_job_inner(
     if !ctx.preamble.is_empty() {
         sink.system_text(0, &ctx.preamble).await;
     }
-    let container = match start_container(&ctx).await {
+    // A job that builds its image: step 0 builds (or finds) it, the job's steps follow.
+    let built = match &ctx.job.image_build {
+        None => None,
+        Some(_) => match image_step::run(&ctx, &mut sink, deadline, &cancel).await {
+            Ok(tag) => Some(tag),
+            Err(failed) => {
+                tracing::info!(reason = %failed.reason, "the job's image step failed");
+                if !ctx.failure_note.is_empty() && failed.status != Status::Canceled {
+                    sink.system_text(0, &ctx.failure_note).await;
+                }
+                return JobOutcome {
+                    status: failed.status,
+                    exit_code: failed.exit_code,
+                    reason: ctx.secrets.mask_str(&failed.reason),
+                    duration: started.elapsed(),
+                };
+            }
+        },
+    };
+    let first_step = usize::from(built.is_some());
+    let container = match start_container(&ctx, built.as_deref()).await {
         Ok(container) => container,
         Err(reason) => {
             tracing::error!(%reason, "job failed before its first step");
@@ -171,7 +209,7 @@ async fn run_job_inner(
         deadline,
         cancel: &cancel,
     };
-    let mut outcome = run_steps(&ctx, &mut sink, &step_env, &cancel, started).await;
+    let mut outcome = run_steps(&ctx, &mut sink, &step_env, &cancel, started, first_step).await;
     outcome.reason = ctx.secrets.mask_str(&outcome.reason);
     if !ctx.failure_note.is_empty() && matches!(outcome.status, Status::Failed | Status::TimedOut) {
         sink.system_text(sink.last_line, &ctx.failure_note).await;
@@ -182,9 +220,13 @@ async fn run_job_inner(
     outcome
 }
 
-/// The job's container, when it names an image. Errors are reasons for JobFinished.
-async fn start_container(ctx: &JobContext) -> Result<Option<container::JobContainer>, String> {
-    let image = ctx.job.image.trim();
+/// The job's container, when it names an image (or `built` one). Errors are reasons for
+/// JobFinished.
+async fn start_container(
+    ctx: &JobContext,
+    built: Option<&str>,
+) -> Result<Option<container::JobContainer>, String> {
+    let image = built.unwrap_or(ctx.job.image.trim());
     if image.is_empty() {
         return Ok(None);
     }
@@ -225,6 +267,7 @@ async fn run_steps(
     step_env: &step::StepEnv<'_>,
     cancel: &CancellationToken,
     started: Instant,
+    first_step: usize,
 ) -> JobOutcome {
     let timeout = ctx.job.timeout_secs;
     let deadline = step_env.deadline;
@@ -237,7 +280,7 @@ async fn run_steps(
     };
     tracing::info!(steps = ctx.job.steps.len(), "job started");
 
-    for (index, plan) in ctx.job.steps.iter().enumerate() {
+    for (index, plan) in ctx.job.steps.iter().enumerate().skip(first_step) {
         if cancel.is_cancelled() {
             tracing::info!("job canceled");
             return outcome(Status::Canceled, -1, "canceled".to_owned());

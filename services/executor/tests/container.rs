@@ -69,6 +69,7 @@ async fn fixture(steps: &[&[&str]]) -> Fixture {
                 cpus: 0.5,
                 memory_bytes: 64 << 20,
                 pids: 256,
+                image_keep: 0,
             },
             owner: owner.clone(),
             hidden: Vec::new(),
@@ -76,6 +77,7 @@ async fn fixture(steps: &[&[&str]]) -> Fixture {
         preamble: String::new(),
         failure_note: String::new(),
         secrets: Default::default(),
+        image: None,
     };
     Fixture {
         ctx,
@@ -398,6 +400,7 @@ async fn an_image_job_without_an_engine_fails_with_a_reason() {
         preamble: String::new(),
         failure_note: String::new(),
         secrets: Default::default(),
+        image: None,
     };
     let (outcome, events) = run(ctx).await;
     assert_eq!(outcome.status, Status::Failed);

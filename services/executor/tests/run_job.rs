@@ -41,6 +41,7 @@ fn fixture(steps: &[(&str, &[&str])]) -> Fixture {
         preamble: String::new(),
         failure_note: String::new(),
         secrets: Default::default(),
+        image: None,
     };
     Fixture {
         ctx,

@@ -30,7 +30,7 @@
 //!     env: { TARGET: "${{ matrix.os }}" }
 //!     timeout: 10m          # whole seconds, or a duration "90s", "10m", "1h", "1h30m"
 //!     runs-on: [linux, big] # an agent label or a list of labels
-//!     image: localhost/ci-busybox
+//!     image: localhost/ci-busybox  # or {build: ci/Dockerfile, context: ci}: built from the repo
 //!     retry: 2              # re-runs after a failure, 0..=10
 //!     artifacts: [dist/*.tar, "reports/${{ matrix.os }}"]  # kept when the job succeeds
 //!     cache:                # one {key, paths} mapping, or a list of them
@@ -78,6 +78,12 @@
 //! * **Timeout** is whole seconds or `<h>h<m>m<s>s` with any of the parts (in that order), and
 //!   must not be 0; absent means no timeout (`timeout_secs == 0`). **Retry** is a whole number
 //!   from 0 to 10. **`runs-on`** labels and **`image`** must not be empty.
+//! * **Image builds**: `image: {build: PATH, context: DIR}` builds the job's image from a
+//!   Dockerfile of the repository (paths relative to its root, normalised; absolute paths, `..`
+//!   and backslashes are errors; `context` defaults to the Dockerfile's directory; only those two
+//!   keys). The plan has `image_build` set, `image` empty, and a first step named
+//!   [`IMAGE_STEP`] with one line saying what is built: the agent builds (or reuses) the image
+//!   in that step, then runs the job's own steps in it.
 //! * **Artifacts**: a pattern, a list of patterns, or `{paths: [...]}` (GitLab's spelling);
 //!   globs relative to the workspace where `*` does not cross `/` and `**` does, a directory
 //!   keeps everything under it (see [`artifacts`]). Absolute patterns, `..` and backslashes are
@@ -137,6 +143,8 @@ pub fn valid_env_name(name: &str) -> bool {
         .is_some_and(|c| c.is_ascii_alphabetic() || c == '_')
         && chars.all(|c| c.is_ascii_alphanumeric() || c == '_')
 }
+
+pub use plan::IMAGE_STEP;
 
 pub mod artifacts;
 pub mod cache;

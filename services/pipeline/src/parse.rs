@@ -27,6 +27,16 @@ pub(crate) const JOB_KEYS: &[&str] = &[
     "secrets",
 ];
 pub(crate) const STEP_KEYS: &[&str] = &["name", "script", "run"];
+/// Keys of `image: {build: ..., context: ...}`.
+pub(crate) const IMAGE_BUILD_KEYS: &[&str] = &["build", "context"];
+const IMAGE_BUILD_ALIASES: &[(&str, &str)] = &[
+    ("dockerfile", "build"),
+    ("file", "build"),
+    ("containerfile", "build"),
+    ("path", "build"),
+    ("dir", "context"),
+    ("directory", "context"),
+];
 
 /// Well-known names from other CI systems, mapped to ours.
 const TOP_ALIASES: &[(&str, &str)] = &[
@@ -111,6 +121,8 @@ pub(crate) struct Job {
     pub timeout_secs: u64,
     pub runs_on: Vec<Text>,
     pub image: Option<Text>,
+    /// `image: {build: PATH, context: DIR}`: an image built from a Dockerfile of the repository.
+    pub image_build: Option<ImageBuildSpec>,
     pub retry: u32,
     /// Container network for an `image` job.
     pub network: bool,
@@ -124,6 +136,13 @@ pub(crate) struct Job {
     pub reuse: bool,
     /// `secrets`: names of the project's secrets the job gets as environment variables.
     pub secrets: Vec<String>,
+}
+
+/// `image: {build: PATH, context: DIR}`: workspace-relative, normalised (no `.`, `..`, empty
+/// components); `context` absent means the Dockerfile's directory.
+pub(crate) struct ImageBuildSpec {
+    pub dockerfile: Text,
+    pub context: Option<Text>,
 }
 
 /// One `cache:` entry: its key (may hold `${{ hashFiles(...) }}`) and path patterns.
@@ -399,6 +418,7 @@ impl Parser<'_, '_> {
             timeout_secs: 0,
             runs_on: Vec::new(),
             image: None,
+            image_build: None,
             retry: 0,
             network: false,
             submodules: false,
@@ -427,12 +447,17 @@ impl Parser<'_, '_> {
                 "runs-on" => job.runs_on = self.runs_on(name, k, v)?,
                 "image" => {
                     let what = format!("`image` of job {name:?}");
-                    job.image = Some(self.non_empty_string(
-                        v,
-                        Owner::Key(k),
-                        &what,
-                        "give an image name, or remove `image` to run on the host",
-                    )?);
+                    if let Node::Mapping(map) = v {
+                        job.image_build = Some(self.image_build(&what, k, v, map)?);
+                    } else {
+                        job.image = Some(self.non_empty_string(
+                            v,
+                            Owner::Key(k),
+                            &what,
+                            "give an image name (or `{build: ci/Dockerfile}` to build one from \
+                             the repository), or remove `image` to run on the host",
+                        )?);
+                    }
                 }
                 "retry" => job.retry = self.retry(name, k, v)?,
                 "artifacts" => job.artifacts = self.artifacts(name, k, v)?,
@@ -451,7 +476,8 @@ impl Parser<'_, '_> {
                 _ => return Err(self.unknown_key(k, &context, JOB_KEYS, JOB_ALIASES)),
             }
         }
-        if let (Some(k), None, true) = (network_key, &job.image, job.network) {
+        let container = job.image.is_some() || job.image_build.is_some();
+        if let (Some(k), false, true) = (network_key, container, job.network) {
             return Err(self.err(
                 self.src.key_loc(k),
                 format!(
@@ -960,6 +986,104 @@ impl Parser<'_, '_> {
                 hint: "give a file pattern relative to the workspace, e.g. `dist/*.tar.gz`",
             },
         )
+    }
+}
+
+impl Parser<'_, '_> {
+    /// `image: {build: PATH, context: DIR}`.
+    fn image_build(
+        &self,
+        what: &str,
+        key: &MarkedScalarNode,
+        value: &Node,
+        map: &MarkedMappingNode,
+    ) -> Result<ImageBuildSpec> {
+        let mut dockerfile = None;
+        let mut context = None;
+        let context_what = format!("in {what}");
+        for (k, v) in map.iter() {
+            match k.as_str() {
+                "build" => {
+                    let text = self.repo_path(
+                        v,
+                        Owner::Key(k),
+                        &format!("`build` of {what}"),
+                        "give the path of a Dockerfile in the repository, e.g. \
+                         `build: ci/Dockerfile`",
+                    )?;
+                    if text.value == "." {
+                        return Err(self.err(
+                            text.loc,
+                            format!(
+                                "`build` of {what} names the repository's root; give the path \
+                                 of the Dockerfile itself, e.g. `build: Dockerfile`"
+                            ),
+                        ));
+                    }
+                    dockerfile = Some(text);
+                }
+                "context" => {
+                    context = Some(self.repo_path(
+                        v,
+                        Owner::Key(k),
+                        &format!("`context` of {what}"),
+                        "give a directory of the repository (`.` for all of it), or remove \
+                         `context` to use the Dockerfile's directory",
+                    )?)
+                }
+                _ => {
+                    return Err(self.unknown_key(
+                        k,
+                        &context_what,
+                        IMAGE_BUILD_KEYS,
+                        IMAGE_BUILD_ALIASES,
+                    ))
+                }
+            }
+        }
+        let Some(dockerfile) = dockerfile else {
+            return Err(self.err(
+                self.src.loc(value, Owner::Key(key)),
+                format!(
+                    "{what} has no `build`; write `image: {{build: ci/Dockerfile}}` to build the \
+                     job's image from a Dockerfile of the repository, or `image: NAME` to use an \
+                     existing image"
+                ),
+            ));
+        };
+        Ok(ImageBuildSpec {
+            dockerfile,
+            context,
+        })
+    }
+
+    /// A path inside the repository (relative to the workspace), normalised: `./ci//x/` is
+    /// `ci/x`, the root is `.`. Absolute paths, `..` and backslashes are errors.
+    fn repo_path(&self, node: &Node, owner: Owner<'_>, what: &str, fix: &str) -> Result<Text> {
+        let mut text = self.non_empty_string(node, owner, what, fix)?;
+        let raw = text.value.trim();
+        let problem = if raw.starts_with('/') {
+            Some("is absolute; write it relative to the repository's root")
+        } else if raw.contains('\\') {
+            Some("contains a backslash; use / between directories")
+        } else if raw.split('/').any(|c| c == "..") {
+            Some("contains `..`: images are built from inside the repository")
+        } else {
+            None
+        };
+        if let Some(problem) = problem {
+            return Err(self.err(text.loc, format!("{what} {:?} {problem}", text.value)));
+        }
+        let parts: Vec<&str> = raw
+            .split('/')
+            .filter(|c| !c.is_empty() && *c != ".")
+            .collect();
+        text.value = if parts.is_empty() {
+            ".".to_owned()
+        } else {
+            parts.join("/")
+        };
+        Ok(text)
     }
 }
 

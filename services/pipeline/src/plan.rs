@@ -3,11 +3,13 @@
 
 use std::collections::BTreeMap;
 
-use tributary_proto::events::{CacheSpec, EnvVar, JobPlan, MatrixValue, Plan, StepPlan};
+use tributary_proto::events::{
+    CacheSpec, EnvVar, ImageBuild, JobPlan, MatrixValue, Plan, StepPlan,
+};
 
 use crate::parse::{Job, Pipeline, StepName};
 use crate::template::Template;
-use crate::yaml::Source;
+use crate::yaml::{Loc, Source};
 use crate::PipelineError;
 
 enum NameTemplate {
@@ -28,6 +30,9 @@ struct CompiledJob {
     env: BTreeMap<String, Template>,
     runs_on: Vec<Template>,
     image: Option<Template>,
+    /// `image: {build, context}`: the Dockerfile's path, and the context's (absent: the
+    /// Dockerfile's directory), with where each was written.
+    image_build: Option<(Template, Loc, Option<(Template, Loc)>)>,
     artifacts: Vec<Template>,
     /// (key, paths) of each `cache` entry.
     cache: Vec<(Template, Vec<Template>)>,
@@ -72,6 +77,19 @@ pub(crate) fn build(src: &Source<'_>, pipeline: &Pipeline) -> Result<Plan, Pipel
             .flat_map(|n| ids[n.job].iter().cloned())
             .collect();
         for (values, id) in instances[j].iter().zip(&ids[j]) {
+            let image_build = compiled
+                .image_build
+                .as_ref()
+                .map(|b| render_image_build(src, &job.key, b, values))
+                .transpose()?;
+            let mut steps: Vec<StepPlan> = compiled
+                .steps
+                .iter()
+                .map(|step| render_step(step, values))
+                .collect();
+            if let Some(b) = &image_build {
+                steps.insert(0, image_step(b));
+            }
             plan.jobs.push(JobPlan {
                 id: id.clone(),
                 name: job.key.clone(),
@@ -85,11 +103,7 @@ pub(crate) fn build(src: &Source<'_>, pipeline: &Pipeline) -> Result<Plan, Pipel
                     })
                     .collect(),
                 needs: needs.clone(),
-                steps: compiled
-                    .steps
-                    .iter()
-                    .map(|step| render_step(step, values))
-                    .collect(),
+                steps,
                 env: compiled
                     .env
                     .iter()
@@ -127,6 +141,7 @@ pub(crate) fn build(src: &Source<'_>, pipeline: &Pipeline) -> Result<Plan, Pipel
                     String::new()
                 },
                 secrets: job.secrets.clone(),
+                image_build,
             });
         }
     }
@@ -181,6 +196,20 @@ fn compile(src: &Source<'_>, pipeline: &Pipeline, job: &Job) -> Result<CompiledJ
         .as_ref()
         .map(|image| tpl(image, format!("`image` of job {key:?}")))
         .transpose()?;
+    let image_build = match &job.image_build {
+        None => None,
+        Some(b) => {
+            let dockerfile = tpl(&b.dockerfile, format!("`build` of `image` of job {key:?}"))?;
+            let context = match &b.context {
+                None => None,
+                Some(c) => Some((
+                    tpl(c, format!("`context` of `image` of job {key:?}"))?,
+                    c.loc,
+                )),
+            };
+            Some((dockerfile, b.dockerfile.loc, context))
+        }
+    };
     let artifacts = job
         .artifacts
         .iter()
@@ -207,8 +236,77 @@ fn compile(src: &Source<'_>, pipeline: &Pipeline, job: &Job) -> Result<CompiledJ
         env,
         runs_on,
         image,
+        image_build,
         artifacts,
         cache,
+    })
+}
+
+/// The name of the step that stands for a job's image build (`steps[0]` of such a job).
+pub const IMAGE_STEP: &str = "image";
+
+/// The plan's step for an image build: one line saying what is built.
+fn image_step(build: &ImageBuild) -> StepPlan {
+    StepPlan {
+        name: IMAGE_STEP.to_owned(),
+        lines: vec![format!(
+            "build {} (context {})",
+            build.dockerfile, build.context
+        )],
+    }
+}
+
+/// `image: {build, context}` of one instance: paths with the matrix values in, checked again
+/// (a value may have brought `..` in), the context defaulting to the Dockerfile's directory.
+fn render_image_build(
+    src: &Source<'_>,
+    job: &str,
+    (dockerfile, loc, context): &(Template, Loc, Option<(Template, Loc)>),
+    values: &[&str],
+) -> Result<ImageBuild, PipelineError> {
+    let checked = |text: String, loc: Loc, what: &str| match normalize(&text) {
+        Some(path) => Ok(path),
+        None => Err(src.error(
+            loc,
+            format!(
+                "{what} of `image` of job {job:?} is {text:?} with the matrix values in: write a \
+                 path inside the repository, without `..`"
+            ),
+        )),
+    };
+    let dockerfile = checked(dockerfile.render(values), *loc, "`build`")?;
+    if dockerfile == "." {
+        return Err(src.error(
+            *loc,
+            format!("`build` of `image` of job {job:?} names no file; give a Dockerfile's path"),
+        ));
+    }
+    let context = match context {
+        Some((t, loc)) => checked(t.render(values), *loc, "`context`")?,
+        None => dockerfile
+            .rsplit_once('/')
+            .map_or_else(|| ".".to_owned(), |(dir, _)| dir.to_owned()),
+    };
+    Ok(ImageBuild {
+        dockerfile,
+        context,
+    })
+}
+
+/// `path` relative to the repository, normalised (`.` for the root); `None` if it leaves it.
+fn normalize(path: &str) -> Option<String> {
+    let path = path.trim();
+    if path.starts_with('/') || path.contains('\\') || path.split('/').any(|c| c == "..") {
+        return None;
+    }
+    let parts: Vec<&str> = path
+        .split('/')
+        .filter(|c| !c.is_empty() && *c != ".")
+        .collect();
+    Some(if parts.is_empty() {
+        ".".to_owned()
+    } else {
+        parts.join("/")
     })
 }
 

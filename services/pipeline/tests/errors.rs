@@ -447,8 +447,17 @@ fn image_not_a_string() {
         4,
         7,
         &[
+            "unknown key \"name\" in `image` of job \"build\"",
+            "Valid keys: build, context",
+        ],
+    );
+    rejects(
+        "jobs:\n  build:\n    image: [alpine]\n    steps: [make]\n",
+        3,
+        12,
+        &[
             "expected a string for `image` of job \"build\"",
-            "found a mapping",
+            "found a list",
         ],
     );
     rejects(

@@ -98,6 +98,7 @@ fn full_example() {
             cache: Vec::new(),
             reuse: String::new(),
             secrets: vec![],
+            image_build: None,
         }
     );
     assert_eq!(
@@ -129,6 +130,7 @@ fn full_example() {
             cache: Vec::new(),
             reuse: String::new(),
             secrets: vec![],
+            image_build: None,
         }
     );
 }

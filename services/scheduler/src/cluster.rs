@@ -1452,9 +1452,9 @@ impl<'a> Pool<'a> {
         let state = self.state;
         let (runs_on, image) = state
             .job_info(&build, &job)
-            .map(|i| (i.plan.runs_on.as_slice(), i.plan.image.trim()))
+            .map(|i| (i.plan.runs_on.as_slice(), i.plan.image_description()))
             .unwrap_or_default();
-        match self.take(&project_of(state, &build), runs_on, image) {
+        match self.take(&project_of(state, &build), runs_on, &image) {
             Ok(agent_id) => {
                 let lease_id = lease_id_for(&build, &job, attempt);
                 Ok(ClusterDecision::Assign {

@@ -67,6 +67,7 @@ pub fn container_limits(args: &ContainerArgs) -> anyhow::Result<ContainerLimits>
         cpus: args.cpus,
         memory_bytes: args.memory,
         pids: args.pids_limit,
+        image_keep: args.image_keep,
     })
 }
 

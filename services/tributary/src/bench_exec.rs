@@ -33,6 +33,7 @@ pub async fn bench_exec(opts: Options) -> anyhow::Result<ExitCode> {
             cpus: 1.0,
             memory_bytes: 256 << 20,
             pids: 1024,
+            image_keep: 0,
         },
         owner: format!("bench-{}", tributary_proto::new_id()),
         hidden: Vec::new(),
@@ -136,6 +137,7 @@ async fn run_once(
         preamble: String::new(),
         failure_note: String::new(),
         secrets: Default::default(),
+        image: None,
     };
     let (tx, mut rx) = mpsc::channel(64);
     let started = Instant::now();

@@ -343,6 +343,11 @@ pub struct ContainerArgs {
     /// Processes and threads each job container may run (0 = no limit).
     #[arg(long, value_name = "N", default_value_t = 4096)]
     pub pids_limit: u32,
+    /// Images built from the repository (`image: {build: ...}`) kept on the engine per
+    /// project: after a build, images of the project beyond the newest N keys are removed
+    /// (each an `image_pruned` event; 0 = keep all).
+    #[arg(long, value_name = "N", default_value_t = 5)]
+    pub image_keep: u32,
 }
 
 /// A size in bytes: a number with an optional k, m, g or t suffix (powers of 1024).

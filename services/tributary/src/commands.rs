@@ -186,7 +186,7 @@ async fn local_container(
     jobs: &[tributary_proto::events::JobPlan],
     hidden: Vec<std::path::PathBuf>,
 ) -> Option<tributary_agent::ContainerRuntime> {
-    let first = jobs.iter().find(|j| !j.image.trim().is_empty())?;
+    let first = jobs.iter().find(|j| j.runs_in_container())?;
     let address = args
         .engine
         .clone()
@@ -207,7 +207,8 @@ async fn local_container(
         Err(e) => {
             eprintln!(
                 "error: job {} runs in a container (image {}), but {e:#}",
-                first.id, first.image
+                first.id,
+                first.image_description()
             );
             None
         }

@@ -21,6 +21,7 @@
 //! codes) — the executor removes the container itself.
 
 mod exec;
+pub mod image;
 pub mod spec;
 
 use std::path::Path;

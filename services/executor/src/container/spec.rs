@@ -33,6 +33,9 @@ pub struct ContainerLimits {
     pub memory_bytes: u64,
     /// Most processes (and threads) in the container.
     pub pids: u32,
+    /// Images built from the repository (`image: {build: ...}`) kept per project: the newest
+    /// keys; older ones are removed after a build (`--image-keep`; 0 = keep all).
+    pub image_keep: u32,
 }
 
 /// Who a container belongs to, for its labels and name.
@@ -176,6 +179,7 @@ mod tests {
             cpus: 1.5,
             memory_bytes: 256 << 20,
             pids: 512,
+            image_keep: 0,
         };
         let body = create_body(
             "localhost/ci-busybox",
