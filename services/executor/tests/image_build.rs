@@ -81,6 +81,7 @@ impl Project {
                     ..ContainerLimits::default()
                 },
                 owner: format!("test-{}", tributary_proto::new_id()),
+                hidden: Vec::new(),
             }),
             preamble: String::new(),
             failure_note: String::new(),
