@@ -11,8 +11,8 @@ use tributary_proto::events::{
     JobStarted, Plan, ProjectCreated, Status,
 };
 use tributary_scheduler::cluster::{
-    decide_cluster, decide_cluster_noting_waits, leases_to_cancel, waiting_reason, ClusterConfig,
-    ClusterDecision, ClusterState,
+    decide_cluster_noting_waits, leases_to_cancel, waiting_reason, ClusterConfig, ClusterDecision,
+    ClusterState,
 };
 use tributary_scheduler::JobPhase;
 
