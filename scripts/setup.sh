@@ -26,7 +26,7 @@ if ! command -v cargo >/dev/null 2>&1; then
         exit 1
     fi
 fi
-# An S3-compatible server on loopback for the object storage tests.
+# MinIO (built once from the Go module proxy) on 127.0.0.1:9090 for the object storage tests.
 "$(dirname "$0")/setup-s3.sh"
 "$(dirname "$0")/setup-brokers.sh"   # Kafka and PostgreSQL on loopback for the integration tests
 # Podman serving the Docker API on unix:///run/podman/podman.sock, image localhost/ci-busybox
