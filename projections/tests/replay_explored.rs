@@ -18,6 +18,7 @@ mod histories;
 use std::sync::Arc;
 
 use proptest::prelude::*;
+use proptest::strategy::ValueTree;
 use proptest::test_runner::{Config as ProptestConfig, TestRunner};
 use tributary_eventlog::sqlite::{SqliteLog, SqliteLogOptions, SqliteSynchronous};
 use tributary_eventlog::{EventLog, Record};
