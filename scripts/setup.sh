@@ -6,7 +6,7 @@ set -euo pipefail
 here=$(dirname "$0")
 # shellcheck source=setup-base.sh
 . "$here/setup-base.sh"   # sourced: a cargo it finds in ~/.cargo/bin stays on PATH
-# An S3-compatible server on loopback for the object storage tests.
+# MinIO (built once from the Go module proxy) on 127.0.0.1:9090 for the object storage tests.
 "$here/setup-s3.sh"
 "$here/setup-brokers.sh"   # Kafka and PostgreSQL on loopback for the integration tests
 # Podman serving the Docker API on unix:///run/podman/podman.sock, image localhost/ci-busybox

@@ -40,9 +40,8 @@ where
             .await
             .expect("open log"),
     );
-    let (url, name) = tributary_testkit::fresh_database().await;
-    scenario(log, url).await;
-    tributary_testkit::drop_database(&name).await;
+    let db = tributary_testkit::TestDatabase::create().await;
+    scenario(log, db.url.clone()).await;
 }
 
 async fn append_all(log: &SqliteLog, events: &[tributary_proto::events::Envelope]) {

@@ -76,8 +76,10 @@ pub struct AgentConfig {
     /// directory or S3). Without it, artifacts go through the server (hashed on both ends).
     pub objects: Option<tributary_objects::Objects>,
     /// Keep the workspace of a failed job this long (its log says where); 0 = delete at once.
-    /// Expired ones are deleted when the agent starts and then every 10 minutes.
+    /// Expired ones are deleted when the agent starts and then every `kept_sweep_interval`.
     pub keep_failed_for: Duration,
+    /// How often kept workspaces are checked for expiry while the agent runs (10 minutes).
+    pub kept_sweep_interval: Duration,
     /// Run container jobs (`image:`) on this engine with these limits; `None`: host jobs only
     /// (the server then sends this agent no container jobs).
     pub containers: Option<ContainerSettings>,
@@ -133,6 +135,7 @@ impl AgentConfig {
             clean_workspaces: true,
             objects: None,
             keep_failed_for: Duration::from_secs(24 * 3600),
+            kept_sweep_interval: KEPT_SWEEP_INTERVAL,
             containers: None,
         }
     }
@@ -436,7 +439,11 @@ impl Runtime {
         let mut fatal: Option<AgentError> = None;
         let mut pull_open = true;
         // Kept workspaces of failed jobs whose time is up: now, then every 10 minutes.
-        let mut sweep = tokio::time::interval(KEPT_SWEEP_INTERVAL);
+        let mut sweep = tokio::time::interval(
+            self.config
+                .kept_sweep_interval
+                .max(Duration::from_millis(100)),
+        );
         sweep.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let result = loop {
             let (drained, draining) = {

@@ -267,8 +267,8 @@ impl Source for tributary_eventlog::kafka::KafkaGroupMember {
     }
 }
 
-/// Reads records from `source` into `got` until every one of `partitions` has `want`, or
-/// `within` passed.
+/// Reads records from `source` into `got` until every one of `partitions` has `want`; fails
+/// after `within` with the counts it got.
 async fn read_until(
     source: &mut impl Source,
     got: &mut BTreeMap<Partition, Vec<Record>>,
@@ -284,9 +284,57 @@ async fn read_until(
                     got.entry(r.partition).or_default().push(r);
                 }
             }
-            Err(_) => return,
+            Err(_) => panic!(
+                "timed out after {within:?} waiting for {want} records in each of {partitions} \
+                 partitions; got {:?} (records per partition)",
+                counts(got)
+            ),
         }
     }
+}
+
+/// Reads records from `source` into `got` until `partition` has `want`; fails after `within`
+/// with the counts it got.
+async fn read_until_in(
+    source: &mut impl Source,
+    got: &mut BTreeMap<Partition, Vec<Record>>,
+    partition: Partition,
+    want: usize,
+    within: Duration,
+) {
+    let deadline = tokio::time::Instant::now() + within;
+    while got.get(&partition).map_or(0, Vec::len) < want {
+        match tokio::time::timeout_at(deadline, source.records()).await {
+            Ok(records) => {
+                for r in records {
+                    got.entry(r.partition).or_default().push(r);
+                }
+            }
+            Err(_) => panic!(
+                "timed out after {within:?} waiting for {want} records in partition \
+                 {partition}; got {:?} (records per partition)",
+                counts(got)
+            ),
+        }
+    }
+}
+
+/// Whatever `source` hands over during `window` (for a reader expected to get nothing more).
+async fn read_during(
+    source: &mut impl Source,
+    got: &mut BTreeMap<Partition, Vec<Record>>,
+    window: Duration,
+) {
+    let deadline = tokio::time::Instant::now() + window;
+    while let Ok(records) = tokio::time::timeout_at(deadline, source.records()).await {
+        for r in records {
+            got.entry(r.partition).or_default().push(r);
+        }
+    }
+}
+
+fn counts(got: &BTreeMap<Partition, Vec<Record>>) -> BTreeMap<Partition, usize> {
+    got.iter().map(|(p, r)| (*p, r.len())).collect()
 }
 
 /// Two connections to fresh topics (2 events partitions): one whose readers check for stalls
@@ -323,12 +371,16 @@ async fn stall_partition_0(
     stuck.stall_for_test(0);
     tokio::time::sleep(Duration::from_millis(200)).await;
     append_round(log, keys, 1).await;
-    read_until(stuck, &mut stuck_got, 2, 6, Duration::from_secs(5)).await;
+    // The other partition flows; the paused one stays stuck without the check (given a few
+    // seconds more after the other partition's records arrived, in case it were only late).
+    read_until_in(stuck, &mut stuck_got, 1, 6, minute).await;
+    read_during(stuck, &mut stuck_got, Duration::from_secs(3)).await;
     assert_eq!(stuck_got[&1].len(), 6, "the other partition flows");
     assert_eq!(
         stuck_got[&0].len(),
         3,
-        "the paused partition is stuck without the check"
+        "the paused partition is stuck without the check: {:?}",
+        counts(&stuck_got)
     );
 
     read_until(reader, &mut got, 2, 6, minute).await;

@@ -385,16 +385,22 @@ fn crash_event(round: u64, appender: u64, seq: u64) -> Envelope {
     }
 }
 
-/// The child half of `crash_safety` (a no-op in a normal test run): appends batches from a few
-/// concurrent tasks until killed, printing `committed <round> <appender> <seq> <offset>` for the
-/// last event of every batch once `append` has returned.
+/// The child half of `crash_safety`, which runs it in a process of its own (this test binary,
+/// `--ignored --exact crash_child`): appends batches from a few concurrent tasks until killed,
+/// printing `committed <round> <appender> <seq> <offset>` for the last event of every batch
+/// once `append` has returned. Not a test: ignored in a normal run, and it fails if started
+/// without the parent's variables.
 #[test]
+#[ignore = "the child process of crash_safety, which starts it"]
 fn crash_child() {
     let (Ok(path), Ok(round)) = (
         std::env::var(CRASH_CHILD_DB),
         std::env::var(CRASH_CHILD_ROUND),
     ) else {
-        return;
+        panic!(
+            "crash_child is the child process of crash_safety: run crash_safety (it sets \
+             {CRASH_CHILD_DB} and {CRASH_CHILD_ROUND})"
+        );
     };
     let round: u64 = round.parse().expect("round");
     let runtime = tokio::runtime::Builder::new_multi_thread()
@@ -473,7 +479,13 @@ fn crash_safety() {
     let mut reported: Vec<(u64, u64, u64, Offset)> = Vec::new();
     for round in 0..6u64 {
         let mut child = Command::new(&exe)
-            .args(["crash_child", "--exact", "--nocapture", "--test-threads=1"])
+            .args([
+                "crash_child",
+                "--exact",
+                "--ignored",
+                "--nocapture",
+                "--test-threads=1",
+            ])
             .env(CRASH_CHILD_DB, &path)
             .env(CRASH_CHILD_ROUND, round.to_string())
             .stdout(Stdio::piped())

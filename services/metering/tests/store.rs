@@ -48,15 +48,27 @@ enum Engine {
     Postgres,
 }
 
-async fn setup(dir: &std::path::Path, engine: Engine) -> (Arc<SqliteLog>, MeteringStore) {
+/// The log, the store, and on PostgreSQL the database's guard (dropped with the test).
+async fn setup(
+    dir: &std::path::Path,
+    engine: Engine,
+) -> (
+    Arc<SqliteLog>,
+    MeteringStore,
+    Option<tributary_testkit::TestDatabase>,
+) {
     let log = SqliteLog::open(&dir.join("events.db")).await.unwrap();
-    let store = match engine {
-        Engine::Sqlite => MeteringStore::open(&dir.join("metering.db")).await.unwrap(),
-        Engine::Postgres => MeteringStore::connect(&tributary_testkit::fresh_database().await.0)
-            .await
-            .unwrap(),
+    let (store, db) = match engine {
+        Engine::Sqlite => (
+            MeteringStore::open(&dir.join("metering.db")).await.unwrap(),
+            None,
+        ),
+        Engine::Postgres => {
+            let db = tributary_testkit::TestDatabase::create().await;
+            (MeteringStore::connect(&db.url).await.unwrap(), Some(db))
+        }
     };
-    (Arc::new(log), store)
+    (Arc::new(log), store, db)
 }
 
 /// Each test of the suite, once per engine.
@@ -101,7 +113,7 @@ fn interleaved() -> Vec<Envelope> {
 
 async fn projector_persists_restarts_and_never_double_counts(engine: Engine) {
     let dir = tempfile::tempdir().unwrap();
-    let (log, store) = setup(dir.path(), engine).await;
+    let (log, store, _db) = setup(dir.path(), engine).await;
     let events = interleaved();
     log.append(&events).await.unwrap();
     // A re-delivered tick: the same bytes again at a new offset (at-least-once delivery).
@@ -143,7 +155,7 @@ async fn projector_persists_restarts_and_never_double_counts(engine: Engine) {
 
 async fn audit_finds_a_tampered_row_and_names_its_offset(engine: Engine) {
     let dir = tempfile::tempdir().unwrap();
-    let (log, store) = setup(dir.path(), engine).await;
+    let (log, store, _db) = setup(dir.path(), engine).await;
     log.append(&interleaved()).await.unwrap();
     let mut p = MeteringProjector::open(store.clone()).await.unwrap();
     p.catch_up(log.as_ref()).await.unwrap();
@@ -203,7 +215,7 @@ async fn wait_for<F: Fn(&tributary_metering::MeteringState) -> bool>(
 
 async fn the_service_issues_closed_months_and_late_ticks_go_to_the_next_invoice(engine: Engine) {
     let dir = tempfile::tempdir().unwrap();
-    let (log, store) = setup(dir.path(), engine).await;
+    let (log, store, _db) = setup(dir.path(), engine).await;
     let plan = PricePlan::parse(
         "version = \"t\"\nfree_minutes_per_month = 0\nround_up_secs = 60\n[prices]\nsmall = \"0.5\"\n",
         "plan",
@@ -313,7 +325,7 @@ fn partitioned_records() -> Vec<Record> {
 
 async fn positions_and_pending_invoices_of_partitions_survive_a_restart(engine: Engine) {
     let dir = tempfile::tempdir().unwrap();
-    let (_log, store) = setup(dir.path(), engine).await;
+    let (_log, store, _db) = setup(dir.path(), engine).await;
     let records = partitioned_records();
     let mut p = MeteringProjector::open(store.clone()).await.unwrap();
     // The invoice arrives before partition 2 reached its cut: it waits, stored as pending.
@@ -362,7 +374,7 @@ async fn positions_and_pending_invoices_of_partitions_survive_a_restart(engine: 
 
 async fn a_standby_writer_waits_until_the_active_one_is_gone(engine: Engine) {
     let dir = tempfile::tempdir().unwrap();
-    let (_log, store) = setup(dir.path(), engine).await;
+    let (_log, store, _db) = setup(dir.path(), engine).await;
     let stop = CancellationToken::new();
     let active = store.lock_writer(&stop).await.unwrap().expect("the lock");
     let state = {

@@ -16,7 +16,7 @@ mod store;
 pub mod keys;
 
 pub use path::{key_component, ArtifactPath, PathError, MAX_PATH_BYTES};
-pub use store::{Listed, Objects, Stored};
+pub use store::{Listed, Objects, S3Settings, Stored};
 
 #[derive(Debug, thiserror::Error)]
 pub enum ObjectsError {

@@ -33,6 +33,55 @@ pub struct Listed {
     pub modified_unix: i64,
 }
 
+/// S3 settings given explicitly rather than through the `AWS_*` environment variables: each
+/// one set overrides the environment's.
+#[derive(Clone, Default)]
+pub struct S3Settings {
+    /// An S3-compatible server, e.g. `http://127.0.0.1:9000` (MinIO); path-style requests.
+    pub endpoint: Option<String>,
+    pub access_key_id: Option<String>,
+    pub secret_access_key: Option<String>,
+    pub region: Option<String>,
+    /// Allow a plain `http://` endpoint.
+    pub allow_http: bool,
+}
+
+impl std::fmt::Debug for S3Settings {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("S3Settings")
+            .field("endpoint", &self.endpoint)
+            .field("access_key_id", &self.access_key_id)
+            .field(
+                "secret_access_key",
+                &self.secret_access_key.as_ref().map(|_| "***"),
+            )
+            .field("region", &self.region)
+            .field("allow_http", &self.allow_http)
+            .finish()
+    }
+}
+
+impl S3Settings {
+    fn apply(&self, mut builder: AmazonS3Builder) -> AmazonS3Builder {
+        if let Some(endpoint) = &self.endpoint {
+            builder = builder.with_endpoint(endpoint);
+        }
+        if let Some(key) = &self.access_key_id {
+            builder = builder.with_access_key_id(key);
+        }
+        if let Some(secret) = &self.secret_access_key {
+            builder = builder.with_secret_access_key(secret);
+        }
+        if let Some(region) = &self.region {
+            builder = builder.with_region(region);
+        }
+        if self.allow_http {
+            builder = builder.with_allow_http(true);
+        }
+        builder
+    }
+}
+
 /// Where Tributary keeps logs, artifacts and caches.
 #[derive(Clone)]
 pub struct Objects {
@@ -59,6 +108,13 @@ impl Objects {
     /// * `file:///DIR` or a plain path: a directory on the local file system (created if
     ///   missing).
     pub fn open(url: &str) -> Result<Objects, ObjectsError> {
+        Objects::open_with(url, &S3Settings::default())
+    }
+
+    /// [`Objects::open`] with S3 settings given explicitly: each one set in `s3` overrides the
+    /// environment's (tests pass the test server's this way, never through the process's
+    /// environment). Ignored for a local directory.
+    pub fn open_with(url: &str, s3: &S3Settings) -> Result<Objects, ObjectsError> {
         if let Some(rest) = url.strip_prefix("s3://") {
             let (bucket, prefix) = rest.split_once('/').unwrap_or((rest, ""));
             if bucket.is_empty() {
@@ -67,7 +123,8 @@ impl Objects {
                     reason: "no bucket: write s3://BUCKET or s3://BUCKET/PREFIX".into(),
                 });
             }
-            let s3 = AmazonS3Builder::from_env()
+            let s3 = s3
+                .apply(AmazonS3Builder::from_env())
                 .with_bucket_name(bucket)
                 .build()
                 .map_err(|e| ObjectsError::BadUrl {

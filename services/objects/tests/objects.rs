@@ -1,12 +1,12 @@
-//! The object store against real parts: a local directory, and a real S3-compatible server on
-//! loopback (started by `scripts/setup-s3.sh`; `TRIBUTARY_TEST_S3_ENDPOINT` overrides where).
+//! The object store against real parts: a local directory, and a real S3 server on loopback
+//! (MinIO, started by `scripts/setup-s3.sh`; `TRIBUTARY_TEST_S3_ENDPOINT` overrides where).
 
 use std::io::{Read, Write};
 use std::path::Path;
 
 use bytes::Bytes;
 use sha2::{Digest, Sha256};
-use tributary_objects::{Objects, ObjectsError, Stored};
+use tributary_objects::{Objects, ObjectsError, S3Settings, Stored};
 
 fn random_bytes(n: usize, seed: u64) -> Vec<u8> {
     // xorshift: incompressible, reproducible.
@@ -123,56 +123,31 @@ fn bad_urls_say_what_to_write() {
     assert!(e.contains("s3://BUCKET/PREFIX"), "{e}");
 }
 
-// ---- S3 ----
+// ---- S3 (MinIO of scripts/setup-s3.sh, credentials passed explicitly) ----
 
-fn s3_endpoint() -> String {
-    std::env::var("TRIBUTARY_TEST_S3_ENDPOINT").unwrap_or_else(|_| "http://127.0.0.1:9090".into())
-}
-
-/// A fresh bucket on the test server, and the environment object_store reads.
-async fn s3_bucket() -> String {
-    let endpoint = s3_endpoint();
-    let hostport = endpoint.trim_start_matches("http://").to_owned();
-    let bucket = format!("tributary-test-{}", uuid::Uuid::now_v7().simple());
-    let mut stream = tokio::net::TcpStream::connect(&hostport)
-        .await
-        .unwrap_or_else(|e| {
-            panic!(
-                "no S3-compatible server at {endpoint} ({e}): start one with scripts/setup-s3.sh \
-             (or set TRIBUTARY_TEST_S3_ENDPOINT)"
-            )
-        });
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let req = format!(
-        "PUT /{bucket} HTTP/1.1\r\nHost: {hostport}\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
-    );
-    stream.write_all(req.as_bytes()).await.unwrap();
-    let mut resp = String::new();
-    stream.read_to_string(&mut resp).await.unwrap();
-    assert!(
-        resp.starts_with("HTTP/1.1 200"),
-        "creating the bucket: {resp}"
-    );
-    // SAFETY of set_var: every S3 test sets the same values.
-    unsafe {
-        std::env::set_var("AWS_ACCESS_KEY_ID", "test");
-        std::env::set_var("AWS_SECRET_ACCESS_KEY", "test");
-        std::env::set_var("AWS_REGION", "us-east-1");
-        std::env::set_var("AWS_ENDPOINT", &endpoint);
-        std::env::set_var("AWS_ALLOW_HTTP", "true");
-    }
-    bucket
+/// A fresh bucket on the test server, and the settings that reach it.
+fn s3_bucket() -> (String, S3Settings) {
+    let s3 = tributary_testkit::s3();
+    let bucket = s3.fresh_bucket();
+    let settings = S3Settings {
+        endpoint: Some(s3.endpoint),
+        access_key_id: Some(s3.access_key_id),
+        secret_access_key: Some(s3.secret_access_key),
+        region: Some(s3.region),
+        allow_http: true,
+    };
+    (bucket, settings)
 }
 
 #[tokio::test]
 async fn s3_roundtrip_with_prefix() {
     tributary_testkit::require!(S3);
-    let bucket = s3_bucket().await;
+    let (bucket, s3) = s3_bucket();
     let tmp = tempfile::tempdir().unwrap();
-    let objects = Objects::open(&format!("s3://{bucket}/tributary/prod")).unwrap();
+    let objects = Objects::open_with(&format!("s3://{bucket}/tributary/prod"), &s3).unwrap();
     roundtrip(&objects, tmp.path()).await;
     // The prefix is really there: the same bucket without it lists the key under the prefix.
-    let bare = Objects::open(&format!("s3://{bucket}")).unwrap();
+    let bare = Objects::open_with(&format!("s3://{bucket}"), &s3).unwrap();
     bare.put_bytes("tributary/prod/x", Bytes::from_static(b"x"))
         .await
         .unwrap();
@@ -182,9 +157,9 @@ async fn s3_roundtrip_with_prefix() {
 #[tokio::test]
 async fn s3_corruption_is_detected() {
     tributary_testkit::require!(S3);
-    let bucket = s3_bucket().await;
+    let (bucket, s3) = s3_bucket();
     let tmp = tempfile::tempdir().unwrap();
-    let objects = Objects::open(&format!("s3://{bucket}")).unwrap();
+    let objects = Objects::open_with(&format!("s3://{bucket}"), &s3).unwrap();
     let other = objects.clone();
     corruption_is_detected(&objects, tmp.path(), async move |key: &str| {
         other
@@ -193,4 +168,36 @@ async fn s3_corruption_is_detected() {
             .unwrap();
     })
     .await;
+}
+
+/// Wrong credentials and a missing bucket are errors that name the store, not hangs.
+#[tokio::test]
+async fn s3_refusals_are_errors_that_name_the_store() {
+    tributary_testkit::require!(S3);
+    let (bucket, s3) = s3_bucket();
+    let wrong = S3Settings {
+        secret_access_key: Some("not-the-secret".into()),
+        ..s3.clone()
+    };
+    let objects = Objects::open_with(&format!("s3://{bucket}"), &wrong).unwrap();
+    let started = std::time::Instant::now();
+    let err = objects
+        .put_bytes("x", Bytes::from_static(b"x"))
+        .await
+        .unwrap_err();
+    assert!(matches!(err, ObjectsError::Store { .. }), "{err:?}");
+    assert!(err.to_string().contains(&bucket), "{err}");
+
+    let missing = Objects::open_with("s3://tributary-test-no-such-bucket", &s3).unwrap();
+    let err = missing
+        .put_bytes("x", Bytes::from_static(b"x"))
+        .await
+        .unwrap_err();
+    assert!(
+        err.to_string().contains("tributary-test-no-such-bucket"),
+        "{err}"
+    );
+    let took = started.elapsed();
+    println!("two refused requests took {took:?}");
+    assert!(took < std::time::Duration::from_secs(60), "{took:?}");
 }

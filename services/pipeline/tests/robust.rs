@@ -1,5 +1,7 @@
-//! `load` never panics, whatever the input: arbitrary text, and small mutations of a valid
-//! pipeline (which reach deep into the validation code).
+//! `load` never panics, whatever the input (arbitrary text, YAML-like fragments, and small
+//! mutations of a valid pipeline, which reach deep into the validation code), and its result
+//! is always usable: a plan whose jobs have unique ids and whose `needs` name jobs of the plan,
+//! or an error that names the file and points inside the text.
 
 use proptest::prelude::*;
 use tributary_pipeline::load;
@@ -43,6 +45,63 @@ fn mutate(text: &str, at: usize, len: usize, insert: &str) -> String {
         .collect()
 }
 
+/// What `load` returned is usable: a consistent plan, or an error inside the text.
+fn check(text: &str) -> Result<(), TestCaseError> {
+    match load("p", text) {
+        Ok(plan) => {
+            prop_assert!(!plan.jobs.is_empty(), "a plan without jobs from\n{}", text);
+            let ids: std::collections::BTreeSet<&str> =
+                plan.jobs.iter().map(|j| j.id.as_str()).collect();
+            prop_assert_eq!(
+                ids.len(),
+                plan.jobs.len(),
+                "duplicate job ids from\n{}",
+                text
+            );
+            for job in &plan.jobs {
+                for need in &job.needs {
+                    prop_assert!(
+                        ids.contains(need.as_str()) && need != &job.id,
+                        "job {} needs {} in a plan of {:?}, from\n{}",
+                        job.id,
+                        need,
+                        ids,
+                        text
+                    );
+                }
+            }
+        }
+        Err(e) => {
+            prop_assert_eq!(&e.file, "p");
+            prop_assert!(!e.message.trim().is_empty(), "an error without a message");
+            let lines: Vec<&str> = text.split('\n').collect();
+            // The end of the text (an unclosed flow, a missing value) is the line after the
+            // last one, column 1, as the YAML parser reports it.
+            let at_end = e.line as usize == lines.len() + 1 && e.column == 1;
+            prop_assert!(
+                at_end || (e.line >= 1 && e.line as usize <= lines.len()),
+                "{} points at line {} of a text of {} lines:\n{}",
+                e,
+                e.line,
+                lines.len(),
+                text
+            );
+            if !at_end {
+                let width = lines[e.line as usize - 1].chars().count();
+                prop_assert!(
+                    e.column >= 1 && e.column as usize <= width + 1,
+                    "{} points at column {} of a line of {} characters:\n{}",
+                    e,
+                    e.column,
+                    width,
+                    text
+                );
+            }
+        }
+    }
+    Ok(())
+}
+
 #[test]
 fn the_valid_pipeline_is_valid() {
     assert_eq!(load("p", VALID).unwrap().jobs.len(), 5);
@@ -50,12 +109,12 @@ fn the_valid_pipeline_is_valid() {
 
 proptest! {
     #[test]
-    fn arbitrary_text_never_panics(text in "[ -~\n\t]{0,200}") {
-        let _ = load("p", &text);
+    fn arbitrary_text_gives_a_plan_or_an_error_inside_it(text in "[ -~\n\t]{0,200}") {
+        check(&text)?;
     }
 
     #[test]
-    fn yaml_like_text_never_panics(
+    fn yaml_like_text_gives_a_plan_or_an_error_inside_it(
         parts in proptest::collection::vec(
             prop_oneof![
                 Just("jobs:"), Just("\n"), Just("  "), Just("- "), Just("-"), Just(": "),
@@ -67,11 +126,11 @@ proptest! {
             0..40,
         )
     ) {
-        let _ = load("p", &parts.concat());
+        check(&parts.concat())?;
     }
 
     #[test]
-    fn mutated_pipelines_never_panic(
+    fn mutated_pipelines_give_a_plan_or_an_error_inside_them(
         at in 0usize..2000,
         len in 0usize..4,
         insert in prop_oneof![
@@ -81,10 +140,6 @@ proptest! {
             Just("${{"), Just("}}"), Just("\t"), Just("é"), Just("|\n"),
         ],
     ) {
-        let text = mutate(VALID, at, len, insert);
-        if let Err(e) = load("p", &text) {
-            prop_assert!(e.line >= 1 && e.column >= 1);
-            prop_assert!(e.line as usize <= text.lines().count() + 1, "{} in\n{}", e, text);
-        }
+        check(&mutate(VALID, at, len, insert))?;
     }
 }

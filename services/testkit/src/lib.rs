@@ -3,10 +3,13 @@
 //! * [`kafka_brokers`]: the test broker's address (`TRIBUTARY_TEST_KAFKA`, default
 //!   127.0.0.1:19092), checked to answer; [`kafka_options`]: options for topics of a test's own
 //!   on it; [`tenant_with_admin_token`]: the events of a tenant and its admin token.
-//! * [`fresh_database`] / [`drop_database`]: a PostgreSQL database of a test's own, made through
+//! * [`TestDatabase`] (a guard: dropped with the test, passed or failed), or [`fresh_database`] /
+//!   [`drop_database`]: a PostgreSQL database of a test's own, made through
 //!   `TRIBUTARY_TEST_DATABASE_URL` (default the `tributary_test` database on 127.0.0.1:5432).
 //! * [`kubeconfig`]: the kubeconfig of the test Kubernetes API server of
 //!   `scripts/setup-kube.sh` (`TRIBUTARY_TEST_KUBECONFIG`).
+//! * [`s3`]: the test S3 server (MinIO) of `scripts/setup-s3.sh`, fresh buckets on it, and the
+//!   `AWS_*` environment for a child process.
 //!
 //! * [`engines`]: [`require!`] at the top of a test that needs an engine: without it the test is
 //!   skipped visibly (a line on stderr, and the one-line summary at the end of `cargo test`), or
@@ -14,6 +17,10 @@
 //!
 //! Past [`require!`], a missing engine fails the test with a message naming the script that
 //! starts it: tests never skip silently. A dev-dependency only.
+
+mod s3;
+
+pub use s3::{s3, TestS3};
 
 use std::path::PathBuf;
 use std::time::Duration;
@@ -86,7 +93,8 @@ pub fn postgres_admin_url() -> String {
         .unwrap_or_else(|_| "postgres://tributary:tributary@127.0.0.1:5432/tributary_test".into())
 }
 
-/// A fresh PostgreSQL database: `(url, name)`. Drop it with [`drop_database`].
+/// A fresh PostgreSQL database: `(url, name)`. Drop it with [`drop_database`], or use
+/// [`TestDatabase`], a guard that drops it.
 pub async fn fresh_database() -> (String, String) {
     sqlx::any::install_default_drivers();
     let admin = postgres_admin_url();
@@ -109,8 +117,48 @@ pub async fn fresh_database() -> (String, String) {
     (format!("{base}/{name}"), name)
 }
 
+/// A PostgreSQL database of a test's own (see [`fresh_database`]), dropped when the guard is
+/// dropped: when the test ends, whether it passed or panicked.
+#[derive(Debug)]
+pub struct TestDatabase {
+    /// Its URL, for a store or a `--database` flag.
+    pub url: String,
+    pub name: String,
+}
+
+impl TestDatabase {
+    /// A fresh database (panics naming the script that starts PostgreSQL if there is none).
+    pub async fn create() -> TestDatabase {
+        let (url, name) = fresh_database().await;
+        TestDatabase { url, name }
+    }
+}
+
+impl Drop for TestDatabase {
+    fn drop(&mut self) {
+        // Drop may run inside a runtime (an async test): the cleanup gets a thread and a
+        // runtime of its own.
+        let name = self.name.clone();
+        let dropped =
+            std::thread::spawn(move || {
+                match tokio::runtime::Builder::new_current_thread()
+                    .enable_all()
+                    .build()
+                {
+                    Ok(rt) => rt.block_on(async {
+                        let _ = tokio::time::timeout(Duration::from_secs(30), drop_database(&name))
+                            .await;
+                    }),
+                    Err(e) => eprintln!("warning: cannot drop the test database {name}: {e}"),
+                }
+            });
+        let _ = dropped.join();
+    }
+}
+
 /// Drops a database made by [`fresh_database`], closing its connections. Cleanup only: a
-/// failure is printed, not a test failure.
+/// failure is printed, not a test failure. Prefer [`TestDatabase`], which drops it even when
+/// the test fails.
 pub async fn drop_database(name: &str) {
     let dropped = async {
         let mut conn = AnyConnection::connect(&postgres_admin_url()).await?;

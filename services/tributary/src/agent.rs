@@ -112,6 +112,7 @@ pub async fn command(args: AgentArgs) -> anyhow::Result<ExitCode> {
     }
     config.containers = container_settings(&args.containers).await?;
     config.keep_failed_for = args.keep_failed;
+    config.kept_sweep_interval = args.kept_sweep_interval;
 
     let drain = CancellationToken::new();
     let abort = CancellationToken::new();

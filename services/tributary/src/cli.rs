@@ -649,6 +649,12 @@ pub struct UpArgs {
     /// used caches are deleted (CacheEvicted on the log).
     #[arg(long, value_name = "SIZE", default_value = "10g", value_parser = parse_size)]
     pub cache_limit: u64,
+    /// Object storage for artifacts and caches: `s3://BUCKET/PREFIX` (AWS_* variables
+    /// configure credentials, AWS_ENDPOINT an S3-compatible server such as MinIO,
+    /// AWS_ALLOW_HTTP=true a plain-HTTP one) or a directory. Default: DATA/objects. Remote
+    /// agents given the same `--objects` exchange artifacts and caches there directly.
+    #[arg(long, value_name = "URL", env = "TRIBUTARY_OBJECTS")]
+    pub objects: Option<String>,
 }
 
 #[derive(Debug, Subcommand)]
@@ -1054,6 +1060,10 @@ pub struct AgentArgs {
     /// delete it: e.g. 24h, 30m, 0 (delete at once).
     #[arg(long, value_name = "DURATION", default_value = "24h", value_parser = parse_keep)]
     pub keep_failed: std::time::Duration,
+    /// How often kept workspaces are checked for expiry while the agent runs (tests shorten
+    /// it; they are also checked at start).
+    #[arg(long, value_name = "DURATION", default_value = "10m", value_parser = parse_keep, hide = true)]
+    pub kept_sweep_interval: std::time::Duration,
     /// With --engine the agent also runs `image:` jobs, in containers with these limits, and
     /// tells the server so; without it the server sends it no container jobs.
     #[command(flatten)]

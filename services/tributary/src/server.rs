@@ -53,7 +53,11 @@ pub async fn up(args: UpArgs) -> anyhow::Result<ExitCode> {
         })
     };
     let server_key = load_or_create_key(&data.path.join("server.key"))?;
-    let objects = data.objects()?;
+    let objects = match args.objects.as_deref().filter(|u| !u.trim().is_empty()) {
+        Some(url) => tributary_objects::Objects::open(url.trim())
+            .with_context(|| format!("cannot open the object storage {url} (--objects)"))?,
+        None => data.objects()?,
+    };
     let state = tributary_api::ApiState::start(
         log.clone(),
         data.store.clone(),

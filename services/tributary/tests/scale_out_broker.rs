@@ -34,9 +34,14 @@ jobs:
       - echo test
 "#;
 
-/// Triggers through API `api`, retrying while the API is still reconnecting to the broker.
+/// How long a trigger may keep failing as unavailable right after the broker came back (the
+/// API's readiness probe answered, its producer may still be reconnecting).
+const TRIGGER_PATIENCE: Duration = Duration::from_secs(120);
+
+/// Triggers through API `api`. Only an error saying the log is unavailable is retried, for
+/// [`TRIGGER_PATIENCE`]; any other error fails the test at once with what it said.
 fn trigger(out: &ScaleOut, api: usize) -> String {
-    let deadline = Instant::now() + PATIENCE;
+    let deadline = Instant::now() + TRIGGER_PATIENCE;
     loop {
         let result = out.cli(api, &["trigger", "p"]);
         if result.status.success() {
@@ -47,10 +52,18 @@ fn trigger(out: &ScaleOut, api: usize) -> String {
                 .trim()
                 .to_owned();
         }
+        let err = String::from_utf8_lossy(&result.stderr).into_owned();
+        let transient = ["unavailable", "Unavailable", "timed out", "deadline"]
+            .iter()
+            .any(|w| err.contains(w));
         assert!(
-            Instant::now() < deadline,
-            "trigger through api-{api} kept failing: {}",
-            String::from_utf8_lossy(&result.stderr)
+            transient && Instant::now() < deadline,
+            "trigger through api-{api} failed{}: {err}",
+            if transient {
+                format!(" for {TRIGGER_PATIENCE:?}")
+            } else {
+                String::new()
+            }
         );
         std::thread::sleep(Duration::from_secs(1));
     }
@@ -96,7 +109,12 @@ fn services_reconnect_after_the_broker_restarts_and_every_build_finishes() {
     out.assert_all_running();
     broker.start_again();
 
-    for s in out.schedulers.iter().chain(&out.projectors) {
+    for s in out
+        .schedulers
+        .iter()
+        .chain(&out.projectors)
+        .chain(&out.apis)
+    {
         common::wait_until(
             &format!("{} to report the broker back", s.name),
             PATIENCE,

@@ -85,7 +85,8 @@ async fn with_a_logs_topic_byte_counts_come_from_the_chunk_counters() {
 }
 
 async fn scenario(log_partitions: u32) {
-    let (database, db_name) = tributary_testkit::fresh_database().await;
+    let db = tributary_testkit::TestDatabase::create().await;
+    let database = db.url.clone();
     let options = tributary_testkit::kafka_options("scale", 4, log_partitions);
     let (brokers, prefix) = (options.brokers.clone(), options.topic_prefix.clone());
     let log = KafkaLog::connect(options).await.expect("connect to Kafka");
@@ -245,5 +246,4 @@ async fn scenario(log_partitions: u32) {
 
     store.close().await;
     let _ = log.delete_topics().await;
-    tributary_testkit::drop_database(&db_name).await;
 }

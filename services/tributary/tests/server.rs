@@ -163,7 +163,22 @@ fn tail_started_mid_build_sees_every_line_once_and_cancel_stops_it() {
         .spawn()
         .unwrap();
     // Cancel once `count` is done; `forever` is still sleeping and must be stopped.
-    std::thread::sleep(Duration::from_millis(1500));
+    let mut last = serde_json::Value::Null;
+    wait_until("job count to finish", Duration::from_secs(30), || {
+        last = serde_json::from_str(&s.ok(&admin, &["get", &build, "--json"])).unwrap();
+        last["jobs"].as_array().is_some_and(|jobs| {
+            jobs.iter()
+                .any(|j| j["id"] == "count" && j["status"] == "succeeded")
+        })
+    });
+    assert!(
+        last["jobs"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|j| j["id"] == "forever" && j["status"] == "running"),
+        "forever must still be running when the build is canceled: {last}"
+    );
     let started = Instant::now();
     s.ok(&admin, &["cancel", &build]);
     let out = tail.wait_with_output().unwrap();

@@ -190,6 +190,45 @@ fn a_failed_jobs_workspace_is_kept_then_deleted_and_its_log_says_where() {
     wait_until("the kept workspace to be deleted", 60, || !kept.exists());
 }
 
+/// While the agent runs, its periodic sweep (every 10 minutes; 1 s here) deletes a kept
+/// workspace once its time is up, with no restart and no new job.
+#[test]
+fn a_running_agent_sweeps_kept_workspaces_whose_time_is_up() {
+    let c = cluster();
+    let _agent = c.agent(
+        "sweeper",
+        &["--keep-failed", "3s", "--kept-sweep-interval", "1s"],
+    );
+    c.agent_id("sweeper");
+    c.project(
+        "swept",
+        "jobs:\n  broken:\n    steps:\n      - echo evidence > left-behind.txt\n      - exit 4\n",
+    );
+    let build = c.admin(&["trigger", "swept"]).trim().to_owned();
+    wait_until("the build", 120, || c.get(&build)["status"] == "failed");
+    let notes = system_text(&c.events(Some(&build)), "broken");
+    let line = notes
+        .lines()
+        .find(|l| l.contains("workspace is kept"))
+        .unwrap_or_else(|| panic!("no note in {notes}"));
+    let kept = Path::new(
+        line.split(" at ")
+            .nth(1)
+            .and_then(|rest| rest.split(" for ").next())
+            .expect("a path"),
+    )
+    .to_path_buf();
+    let noted = std::time::Instant::now();
+    assert!(kept.join("left-behind.txt").exists(), "{line}");
+    wait_until("the sweep to delete the kept workspace", 60, || {
+        !kept.exists()
+    });
+    println!(
+        "kept workspace deleted {:?} after the test read its note (kept for 3 s, swept every 1 s)",
+        noted.elapsed()
+    );
+}
+
 /// `tributary up` without in-process agents; leases lost after 3 s without a heartbeat.
 fn cluster() -> Server {
     common::start_with(&["--agents", "0", "--lease-ttl", "3"])

@@ -58,6 +58,9 @@ pub struct Server {
     pub token: String,
     _dir: tempfile::TempDir,
     pub root: PathBuf,
+    /// The `up` flags and environment it was started with, for [`Server::restart`].
+    extra: Vec<String>,
+    env: Vec<(String, String)>,
 }
 
 pub fn free_port() -> u16 {
@@ -76,41 +79,82 @@ pub fn start(agents: usize) -> Server {
 /// `tributary up --data DIR --listen ADDR` plus `extra` flags. The server's stderr goes to
 /// `ROOT/server.log`.
 pub fn start_with(extra: &[&str]) -> Server {
+    start_with_env(extra, &[])
+}
+
+/// [`start_with`], the server process having `env` too (e.g. the test S3 server's `AWS_*`
+/// variables: this process's own environment is never changed).
+pub fn start_with_env(extra: &[&str], env: &[(&str, String)]) -> Server {
     let dir = tempfile::tempdir().unwrap();
     let root = dir.path().to_path_buf();
     let addr = format!("127.0.0.1:{}", free_port());
-    let log = std::fs::File::create(root.join("server.log")).unwrap();
-    let child = Command::new(bin())
-        .args(["up", "--data"])
-        .arg(root.join("data"))
-        .args(["--listen", &addr])
-        .args(extra)
-        .env("TRIBUTARY_LOG", "info")
-        .stdout(Stdio::null())
-        .stderr(log)
-        .spawn()
-        .unwrap();
-    let proc = Proc(child);
-    let token_file = root.join("data/admin.token");
-    wait_until("the server to start", Duration::from_secs(60), || {
-        std::net::TcpStream::connect(&addr).is_ok() && token_file.exists()
-    });
-    let token = std::fs::read_to_string(&token_file)
+    let mut server = Server {
+        proc: None,
+        addr: format!("http://{addr}"),
+        token: String::new(),
+        _dir: dir,
+        root,
+        extra: extra.iter().map(|s| s.to_string()).collect(),
+        env: env
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.clone()))
+            .collect(),
+    };
+    server.spawn();
+    let token_file = server.root.join("data/admin.token");
+    server.token = std::fs::read_to_string(&token_file)
         .unwrap()
         .trim()
         .to_owned();
-    Server {
-        proc: Some(proc),
-        addr: format!("http://{addr}"),
-        token,
-        _dir: dir,
-        root,
-    }
+    server
 }
 
 impl Server {
     pub fn data(&self) -> PathBuf {
         self.root.join("data")
+    }
+
+    /// Starts `tributary up` on this server's data directory and address (stderr appended to
+    /// `ROOT/server.log`) and waits until it listens.
+    fn spawn(&mut self) {
+        let addr = self.addr.trim_start_matches("http://").to_owned();
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.root.join("server.log"))
+            .unwrap();
+        let child = Command::new(bin())
+            .args(["up", "--data"])
+            .arg(self.data())
+            .args(["--listen", &addr])
+            .args(&self.extra)
+            .env("TRIBUTARY_LOG", "info")
+            .envs(self.env.iter().map(|(k, v)| (k, v)))
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .unwrap();
+        self.proc = Some(Proc(child));
+        let token_file = self.data().join("admin.token");
+        let mut exited = None;
+        wait_until("the server to start", Duration::from_secs(60), || {
+            exited = self.proc.as_mut().and_then(|p| p.0.try_wait().unwrap());
+            exited.is_some() || (std::net::TcpStream::connect(&addr).is_ok() && token_file.exists())
+        });
+        assert!(
+            exited.is_none(),
+            "the server exited ({exited:?}):\n{}",
+            self.log()
+        );
+    }
+
+    /// Kills the server (SIGKILL: a crash, nothing drained) and starts it again on the same
+    /// data directory and address.
+    pub fn crash_and_restart(&mut self) {
+        if let Some(proc) = self.proc.take() {
+            drop(proc); // SIGKILL and wait
+        }
+        self.spawn();
     }
 
     /// The server's stderr so far.
@@ -253,6 +297,11 @@ impl Server {
     /// A `tributary agent` process named `name`, enrolled with the admin token, with `extra`
     /// flags (e.g. `--labels gpu`, `--capacity 3`). Its stderr goes to `ROOT/agent-NAME.log`.
     pub fn agent(&self, name: &str, extra: &[&str]) -> Proc {
+        self.agent_with_env(name, extra, &[])
+    }
+
+    /// [`Server::agent`], the agent process having `env` too.
+    pub fn agent_with_env(&self, name: &str, extra: &[&str], env: &[(&str, String)]) -> Proc {
         let log = std::fs::File::create(self.root.join(format!("agent-{name}.log"))).unwrap();
         let child = Command::new(bin())
             .args(["agent", "--server", &self.addr, "--token", &self.token])
@@ -262,6 +311,7 @@ impl Server {
             .args(extra)
             .env("TRIBUTARY_LOG", "info")
             .env_remove("TRIBUTARY_ENGINE")
+            .envs(env.iter().map(|(k, v)| (k, v)))
             .stdout(Stdio::null())
             .stderr(log)
             .spawn()

@@ -47,6 +47,10 @@ pub struct Options {
     pub lease_ttl: f64,
     /// Brokers; `None`: the shared one of `scripts/setup-brokers.sh`.
     pub brokers: Option<String>,
+    /// Objects in a fresh bucket on the test S3 server (MinIO of `scripts/setup-s3.sh`), given
+    /// to the APIs and the agents (`--objects s3://…`); otherwise a shared directory for the
+    /// APIs, and artifacts through the server for the agents.
+    pub s3_objects: bool,
 }
 
 impl Default for Options {
@@ -59,6 +63,7 @@ impl Default for Options {
             agent_capacity: 2,
             lease_ttl: 10.0,
             brokers: None,
+            s3_objects: false,
         }
     }
 }
@@ -72,16 +77,25 @@ pub struct Service {
     proc: Option<Proc>,
     /// The API's listen address, or the health endpoint's (`host:port`).
     pub addr: String,
+    /// Its environment beyond this process's (the S3 server's `AWS_*` variables).
+    env: Vec<(String, String)>,
 }
 
 impl Service {
-    fn new(name: &str, args: Vec<OsString>, root: &Path, addr: String) -> Service {
+    fn new(
+        name: &str,
+        args: Vec<OsString>,
+        root: &Path,
+        addr: String,
+        env: Vec<(String, String)>,
+    ) -> Service {
         let mut service = Service {
             name: name.to_owned(),
             args,
             log: root.join(format!("{name}.log")),
             proc: None,
             addr,
+            env,
         };
         service.spawn();
         service
@@ -98,6 +112,7 @@ impl Service {
             .env("TRIBUTARY_LOG", "info")
             .env_remove("TRIBUTARY_DATA")
             .env_remove("TRIBUTARY_ENGINE")
+            .envs(self.env.iter().map(|(k, v)| (k, v)))
             .stdout(Stdio::null())
             .stderr(stderr)
             .spawn()
@@ -186,6 +201,11 @@ pub struct ScaleOut {
     db_name: String,
     pub token: String,
     pub root: PathBuf,
+    /// `--objects` of the APIs (and of the agents, on S3): a directory or `s3://BUCKET`.
+    pub objects: OsString,
+    /// On S3: the bucket, and the environment every process gets.
+    pub s3: Option<(tributary_testkit::TestS3, String)>,
+    env: Vec<(String, String)>,
     /// The events read so far (every events partition, in each partition's order) and the
     /// next offset per partition; extended by [`ScaleOut::events`].
     seen: Vec<Ev>,
@@ -223,6 +243,21 @@ impl ScaleOut {
         let dir = tempfile::tempdir().expect("tempdir");
         let root = dir.path().to_path_buf();
         std::fs::create_dir_all(root.join("objects")).expect("objects dir");
+        let s3 = options.s3_objects.then(|| {
+            let s3 = tributary_testkit::s3();
+            let bucket = s3.fresh_bucket();
+            (s3, bucket)
+        });
+        let (objects, env) = match &s3 {
+            Some((s3, bucket)) => (
+                OsString::from(format!("s3://{bucket}")),
+                s3.env()
+                    .into_iter()
+                    .map(|(k, v)| (k.to_owned(), v))
+                    .collect(),
+            ),
+            None => (root.join("objects").into_os_string(), Vec::new()),
+        };
         let mut out = ScaleOut {
             apis: Vec::new(),
             schedulers: Vec::new(),
@@ -234,6 +269,9 @@ impl ScaleOut {
             db_name,
             token: String::new(),
             root,
+            objects,
+            s3,
+            env,
             seen: Vec::new(),
             next: BTreeMap::new(),
             undecodable: 0,
@@ -294,7 +332,7 @@ impl ScaleOut {
         .map(OsString::from)
         .collect();
         flags.push("--objects".into());
-        flags.push(self.root.join("objects").into_os_string());
+        flags.push(self.objects.clone());
         flags
     }
 
@@ -323,7 +361,8 @@ impl ScaleOut {
             args.push(flag.into());
             args.push(value);
         }
-        self.apis.push(Service::new(name, args, &self.root, addr));
+        self.apis
+            .push(Service::new(name, args, &self.root, addr, self.env.clone()));
     }
 
     fn add_scheduler(&mut self, name: &str, lease_ttl: f64) {
@@ -340,7 +379,7 @@ impl ScaleOut {
             .map(OsString::from),
         );
         self.schedulers
-            .push(Service::new(name, args, &self.root, addr));
+            .push(Service::new(name, args, &self.root, addr, self.env.clone()));
     }
 
     fn add_projector(&mut self, name: &str) {
@@ -348,12 +387,12 @@ impl ScaleOut {
         let mut args = self.service_args(name, &["serve", "projector"]);
         args.extend(["--health-listen", &addr].iter().map(OsString::from));
         self.projectors
-            .push(Service::new(name, args, &self.root, addr));
+            .push(Service::new(name, args, &self.root, addr, self.env.clone()));
     }
 
     fn add_agent(&mut self, name: &str, i: usize, capacity: u32) {
         let api = &self.apis[i % self.apis.len()];
-        let args: Vec<OsString> = vec![
+        let mut args: Vec<OsString> = vec![
             "agent".into(),
             "--server".into(),
             api.url().into(),
@@ -366,8 +405,17 @@ impl ScaleOut {
             "--workdir".into(),
             self.root.join(name).into_os_string(),
         ];
-        self.agents
-            .push(Service::new(name, args, &self.root, String::new()));
+        if self.s3.is_some() {
+            args.push("--objects".into());
+            args.push(self.objects.clone());
+        }
+        self.agents.push(Service::new(
+            name,
+            args,
+            &self.root,
+            String::new(),
+            self.env.clone(),
+        ));
     }
 
     /// The id of agent `i` once it has registered.
@@ -592,7 +640,10 @@ impl ScaleOut {
     /// `tributary replay --kafka … --database … [--check]`.
     pub fn replay(&self, check: bool) -> Output {
         let mut command = Command::new(bin());
-        command.arg("replay").args(self.backend_flags());
+        command
+            .arg("replay")
+            .args(self.backend_flags())
+            .envs(self.env.iter().map(|(k, v)| (k, v)));
         command.arg("--data").arg(self.root.join("replay"));
         if check {
             command.arg("--check");

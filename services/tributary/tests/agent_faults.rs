@@ -1,0 +1,191 @@
+//! Agent faults against the real server: a real `tributary up` (no in-process agents) and
+//! real `tributary agent` processes, each fault made for real:
+//! * the server crashes (SIGKILL) and restarts while a job runs: the agent reconnects, the
+//!   job's events sent while the server was away arrive, the agent takes new work;
+//! * an agent frozen (SIGSTOP) past its lease: the server requeues its job to another agent;
+//!   thawed (SIGCONT), its late events are refused (fenced), it stops that attempt and goes on
+//!   taking work;
+//! * a connected agent revoked mid-job: its job is requeued elsewhere and the agent exits with
+//!   the documented error (delete agent.json and register again).
+//!
+//! A cancel delivered by heartbeat on the real server is `remote_agents.rs`'s
+//! `cancel_reaches_a_remote_agent_at_its_next_heartbeat`. The fake server of
+//! `services/agent/tests/runtime.rs` stays for what the real one cannot be made to do on cue
+//! (a server that refuses registration with a given code, a drain instruction at a chosen
+//! moment, a server that answers nothing at all during registration).
+
+mod common;
+
+use std::time::Duration;
+
+use common::{job, of_type, start_with, wait_secs, Server};
+use serde_json::Value;
+
+/// The `get --json` of `build`, waited on until `done` holds; fails with the last one seen.
+fn wait_build(
+    s: &Server,
+    build: &str,
+    what: &str,
+    secs: u64,
+    done: impl Fn(&Value) -> bool,
+) -> Value {
+    let mut last = Value::Null;
+    let deadline = std::time::Instant::now() + Duration::from_secs(secs);
+    loop {
+        if let Ok(v) = serde_json::from_str::<Value>(&String::from_utf8_lossy(
+            &s.cli(&s.token, &["get", build, "--json"]).stdout,
+        )) {
+            if done(&v) {
+                return v;
+            }
+            last = v;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "timed out after {secs} s waiting for {what}; last seen: {last}"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// A job that waits (at most 2 minutes) for the file `flag`, then prints `done`.
+fn waits_for(flag: &std::path::Path, labels: &str) -> String {
+    format!(
+        "jobs:\n  work:\n    runs-on: [{labels}]\n    steps:\n      - run: for i in $(seq 1 1200); do [ -f {} ] && break; sleep 0.1; done; echo \"done on attempt $TRIBUTARY_ATTEMPT\"\n",
+        flag.display()
+    )
+}
+
+#[test]
+fn an_agent_reconnects_after_the_server_crashes_and_its_job_s_events_arrive() {
+    // Leases outlive the restart (the server is down a few seconds).
+    let mut s = start_with(&["--agents", "0", "--lease-ttl", "60"]);
+    let _agent = s.agent("box", &["--labels", "box"]);
+    let agent_id = s.agent_id("box");
+    let flag = s.root.join("go");
+    s.project("p", &waits_for(&flag, "box"));
+    let build = s.trigger("p");
+    wait_build(&s, &build, "the job to run", 60, |b| {
+        job(b, "work")["status"] == "running"
+    });
+
+    s.crash_and_restart();
+    // The job finishes while the agent is (re)connecting.
+    std::fs::write(&flag, "").unwrap();
+    let b = s.finished(&build, Duration::from_secs(120));
+    assert_eq!(b["status"], "succeeded", "{b}\n{}", s.log());
+    let work = job(&b, "work");
+    assert_eq!(work["attempt"], 1, "the same attempt, not a requeue: {b}");
+    assert_eq!(work["agent_id"], agent_id.as_str());
+    let events = s.events(Some(&build));
+    assert!(of_type(&events, "job_requeued").is_empty(), "{events:?}");
+    assert_eq!(of_type(&events, "job_started").len(), 1);
+    assert!(s
+        .ok(&s.token, &["logs", &build])
+        .contains("done on attempt 1"));
+
+    // The reconnected agent takes new work.
+    std::fs::write(&flag, "").unwrap();
+    let again = s.trigger("p");
+    let b = s.finished(&again, Duration::from_secs(60));
+    assert_eq!(b["status"], "succeeded", "{b}");
+    assert_eq!(job(&b, "work")["agent_id"], agent_id.as_str());
+}
+
+#[test]
+fn a_frozen_agent_loses_its_lease_and_its_late_events_are_refused() {
+    let s = start_with(&["--agents", "0", "--lease-ttl", "2"]);
+    let mut frozen = s.agent("frozen", &["--labels", "shared,f1"]);
+    let frozen_id = s.agent_id("frozen");
+    let flag = s.root.join("go");
+    s.project("p", &waits_for(&flag, "shared"));
+    let build = s.trigger("p");
+    wait_build(&s, &build, "the job to run", 60, |b| {
+        job(b, "work")["status"] == "running"
+    });
+
+    frozen.signal(libc::SIGSTOP);
+    let _other = s.agent("other", &["--labels", "shared"]);
+    let other_id = s.agent_id("other");
+    // Lease lost after 2 s without a heartbeat: attempt 2 goes to the other agent.
+    let b = wait_build(&s, &build, "attempt 2 on the other agent", 60, |b| {
+        job(b, "work")["attempt"] == 2 && job(b, "work")["status"] == "running"
+    });
+    assert_eq!(job(&b, "work")["agent_id"], other_id.as_str(), "{b}");
+
+    // Both attempts may now end; the frozen one thaws and reports attempt 1 late.
+    std::fs::write(&flag, "").unwrap();
+    frozen.signal(libc::SIGCONT);
+    let b = s.finished(&build, Duration::from_secs(60));
+    assert_eq!(b["status"], "succeeded", "{b}");
+    assert_eq!(job(&b, "work")["attempt"], 2);
+    assert_eq!(job(&b, "work")["agent_id"], other_id.as_str());
+
+    let events = s.events(Some(&build));
+    let requeued = of_type(&events, "job_requeued");
+    assert_eq!(requeued.len(), 1, "{events:?}");
+    assert_eq!(requeued[0]["agent_id"], frozen_id.as_str());
+    // Nothing of attempt 1 after its requeue made it onto the log.
+    let at = events
+        .iter()
+        .position(|e| e["type"] == "job_requeued")
+        .unwrap();
+    let late: Vec<&Value> = events[at..]
+        .iter()
+        .filter(|e| e["attempt"] == 1 && e["type"] != "usage_tick")
+        .collect();
+    assert!(
+        late.is_empty(),
+        "late events of the fenced attempt: {late:?}"
+    );
+    // The thawed agent ends its stale attempt, stays up and takes work again.
+    wait_secs("the thawed agent to end its stale attempt", 60, || {
+        std::fs::read_to_string(s.root.join("agent-frozen.log"))
+            .unwrap_or_default()
+            .contains("job ended")
+    });
+    assert!(frozen.0.try_wait().unwrap().is_none(), "the agent exited");
+    s.project(
+        "q",
+        "jobs:\n  mine:\n    runs-on: [f1]\n    steps:\n      - run: echo thawed\n",
+    );
+    let next = s.trigger("q");
+    let b = s.finished(&next, Duration::from_secs(60));
+    assert_eq!(b["status"], "succeeded", "{b}");
+    assert_eq!(job(&b, "mine")["agent_id"], frozen_id.as_str());
+}
+
+#[test]
+fn a_revoked_agent_loses_its_job_and_exits_saying_how_to_register_again() {
+    let s = start_with(&["--agents", "0", "--lease-ttl", "2"]);
+    let mut doomed = s.agent("doomed", &["--labels", "shared"]);
+    let doomed_id = s.agent_id("doomed");
+    let flag = s.root.join("go");
+    s.project("p", &waits_for(&flag, "shared"));
+    let build = s.trigger("p");
+    wait_build(&s, &build, "the job to run", 60, |b| {
+        job(b, "work")["status"] == "running"
+    });
+
+    s.admin(&["agents", "--revoke", &doomed_id]);
+    let status = doomed.wait_exit(Duration::from_secs(60));
+    assert!(!status.success(), "a revoked agent exits with an error");
+    let log = std::fs::read_to_string(s.root.join("agent-doomed.log")).unwrap();
+    assert!(log.contains("delete agent.json"), "{log}");
+
+    // Its job runs again elsewhere.
+    std::fs::write(&flag, "").unwrap();
+    let _other = s.agent("other", &["--labels", "shared"]);
+    let other_id = s.agent_id("other");
+    let b = s.finished(&build, Duration::from_secs(60));
+    assert_eq!(b["status"], "succeeded", "{b}");
+    assert_eq!(job(&b, "work")["attempt"], 2);
+    assert_eq!(job(&b, "work")["agent_id"], other_id.as_str());
+    let events = s.events(Some(&build));
+    let requeued = of_type(&events, "job_requeued");
+    assert_eq!(requeued.len(), 1, "{events:?}");
+    assert_eq!(requeued[0]["agent_id"], doomed_id.as_str());
+    let agents = s.admin(&["agents"]);
+    let line = agents.lines().find(|l| l.contains(&doomed_id)).unwrap();
+    assert!(line.contains("revoked"), "{agents}");
+}
