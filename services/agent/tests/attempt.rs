@@ -330,6 +330,7 @@ async fn checkout_workspaces_get_the_exact_commit() {
     let source = Source {
         repository: repo.display().to_string(),
         commit: first.clone(),
+        tenant: "acme".into(),
     };
     let ws = workspaces.for_job(Some(&source), "build-1", "test[os=linux]", 2);
     assert!(ws.checks_out());
@@ -361,6 +362,7 @@ async fn a_failed_checkout_fails_the_job_with_the_reason() {
     let source = Source {
         repository: dir.path().join("nope").display().to_string(),
         commit: "0123456789abcdef0123456789abcdef01234567".into(),
+        tenant: "acme".into(),
     };
     let sink = Arc::new(Recorder::default());
     let report = run(
@@ -418,6 +420,7 @@ async fn submodules_are_checked_out_when_the_job_asks() {
     let source = Source {
         repository: repo.display().to_string(),
         commit,
+        tenant: "acme".into(),
     };
     for (attempt, submodules) in [(1, true), (2, false)] {
         let mut l = lease(&["cat libs/sub/inside.txt"]);

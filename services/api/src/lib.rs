@@ -25,6 +25,7 @@ pub mod follow;
 pub mod http;
 pub mod metering;
 pub mod projects;
+pub mod repo_access;
 pub mod seal;
 pub mod secrets;
 pub mod starts;

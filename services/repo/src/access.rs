@@ -415,7 +415,12 @@ mod tests {
         }
     }
 
-    fn check(a: &Access, repo: &str, resolved: Option<&str>, caller: Caller) -> Result<(), Refusal> {
+    fn check(
+        a: &Access,
+        repo: &str,
+        resolved: Option<&str>,
+        caller: Caller,
+    ) -> Result<(), Refusal> {
         let location = classify(repo)?;
         a.check_location(repo, &location, resolved.map(Path::new), caller)
     }
@@ -446,7 +451,9 @@ mod tests {
     #[test]
     fn protocol_lists_name_known_protocols_only() {
         assert_eq!(parse_protocols("https,ssh").unwrap(), ["https", "ssh"]);
-        assert!(parse_protocols("https,file").unwrap_err().contains("--allow-local-repos"));
+        assert!(parse_protocols("https,file")
+            .unwrap_err()
+            .contains("--allow-local-repos"));
         assert!(parse_protocols("ext").is_err());
         assert!(parse_protocols(" , ").is_err());
     }
@@ -455,11 +462,23 @@ mod tests {
     fn local_repositories_by_default_only_for_the_admin_and_never_in_the_data_directory() {
         let a = access(LocalRepos::AdminAnywhere);
         assert!(check(&a, "/home/me/app", Some("/home/me/app"), Caller::Admin).is_ok());
-        assert!(check(&a, "file:///home/me/app", Some("/home/me/app"), Caller::Admin).is_ok());
+        assert!(check(
+            &a,
+            "file:///home/me/app",
+            Some("/home/me/app"),
+            Caller::Admin
+        )
+        .is_ok());
         let err = check(&a, "/home/me/app", Some("/home/me/app"), Caller::Tenant).unwrap_err();
         assert!(matches!(err, Refusal::LocalForTenant { .. }), "{err}");
         assert!(err.to_string().contains("--allow-local-repos"), "{err}");
-        assert!(check(&a, "file:///home/me/app", Some("/home/me/app"), Caller::Tenant).is_err());
+        assert!(check(
+            &a,
+            "file:///home/me/app",
+            Some("/home/me/app"),
+            Caller::Tenant
+        )
+        .is_err());
         // The resolved path is what counts: a link or `..` into the data directory.
         let err = check(
             &a,
@@ -469,9 +488,21 @@ mod tests {
         )
         .unwrap_err();
         assert!(matches!(err, Refusal::Forbidden { .. }), "{err}");
-        assert!(check(&a, "/var/lib/tributary", Some("/var/lib/tributary"), Caller::Admin).is_err());
+        assert!(check(
+            &a,
+            "/var/lib/tributary",
+            Some("/var/lib/tributary"),
+            Caller::Admin
+        )
+        .is_err());
         // A sibling whose name only starts the same is not inside.
-        assert!(check(&a, "/var/lib/tributary2", Some("/var/lib/tributary2"), Caller::Admin).is_ok());
+        assert!(check(
+            &a,
+            "/var/lib/tributary2",
+            Some("/var/lib/tributary2"),
+            Caller::Admin
+        )
+        .is_ok());
     }
 
     #[test]
@@ -488,7 +519,12 @@ mod tests {
         let mut a = a;
         a.forbidden = vec![PathBuf::from("/srv/git/data")];
         assert!(matches!(
-            check(&a, "/srv/git/data/mirrors/x", Some("/srv/git/data/mirrors/x"), Caller::Admin),
+            check(
+                &a,
+                "/srv/git/data/mirrors/x",
+                Some("/srv/git/data/mirrors/x"),
+                Caller::Admin
+            ),
             Err(Refusal::Forbidden { .. })
         ));
     }

@@ -864,9 +864,21 @@ async fn submodules_are_checked_before_git_fetches_them() {
     let top = allowed.join("top");
     std::fs::create_dir(&top).unwrap();
     git(&top, &["init", "-q", "-b", "main"]);
-    git(&top, &["submodule", "add", "-q", inside.to_str().unwrap(), "lib"]);
+    git(
+        &top,
+        &["submodule", "add", "-q", inside.to_str().unwrap(), "lib"],
+    );
     let good = commit_in(&top, &[("top.txt", Some("top"))], "good");
-    git(&top, &["submodule", "add", "-q", outside.to_str().unwrap(), "stolen"]);
+    git(
+        &top,
+        &[
+            "submodule",
+            "add",
+            "-q",
+            outside.to_str().unwrap(),
+            "stolen",
+        ],
+    );
     let bad = commit_in(&top, &[], "bad");
 
     let mirrors = Mirrors::new(f.dir("mirrors")).with_access(

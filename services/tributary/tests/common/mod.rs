@@ -52,6 +52,8 @@ pub struct Server {
     pub token: String,
     _dir: tempfile::TempDir,
     pub root: PathBuf,
+    /// Where [`Server::repo`] makes repositories.
+    pub repos: PathBuf,
 }
 
 pub fn free_port() -> u16 {
@@ -70,15 +72,36 @@ pub fn start(agents: usize) -> Server {
 /// `tributary up --data DIR --listen ADDR` plus `extra` flags. The server's stderr goes to
 /// `ROOT/server.log`.
 pub fn start_with(extra: &[&str]) -> Server {
+    launch(extra, false)
+}
+
+/// `tributary up --agents N --allow-local-repos ROOT/repos`: tenant users may then add the
+/// local repositories [`Server::repo`] makes (under `ROOT/repos`).
+pub fn start_allowing_local_repos(agents: usize) -> Server {
+    launch(&["--agents", &agents.to_string()], true)
+}
+
+fn launch(extra: &[&str], allow_local_repos: bool) -> Server {
     let dir = tempfile::tempdir().unwrap();
     let root = dir.path().to_path_buf();
+    let repos = if allow_local_repos {
+        root.join("repos")
+    } else {
+        root.clone()
+    };
+    std::fs::create_dir_all(&repos).unwrap();
+    let mut extra: Vec<&str> = extra.to_vec();
+    let allow = repos.to_str().unwrap().to_owned();
+    if allow_local_repos {
+        extra.extend(["--allow-local-repos", &allow]);
+    }
     let addr = format!("127.0.0.1:{}", free_port());
     let log = std::fs::File::create(root.join("server.log")).unwrap();
     let child = Command::new(bin())
         .args(["up", "--data"])
         .arg(root.join("data"))
         .args(["--listen", &addr])
-        .args(extra)
+        .args(&extra)
         .env("TRIBUTARY_LOG", "info")
         .stdout(Stdio::null())
         .stderr(log)
@@ -99,6 +122,7 @@ pub fn start_with(extra: &[&str]) -> Server {
         token,
         _dir: dir,
         root,
+        repos,
     }
 }
 
@@ -117,6 +141,33 @@ impl Server {
         let mut proc = self.proc.take().expect("the server is running");
         proc.signal(libc::SIGTERM);
         proc.wait_exit(Duration::from_secs(60))
+    }
+
+    /// Stops the server (SIGTERM, drained) and starts `tributary up` again on the same data
+    /// directory and address, with `extra` flags instead of the first start's.
+    pub fn restart_with(&mut self, extra: &[&str]) {
+        if self.proc.is_some() {
+            assert!(self.stop().success(), "the server stops cleanly");
+        }
+        let listen = self.addr.trim_start_matches("http://").to_owned();
+        let log = std::fs::OpenOptions::new()
+            .append(true)
+            .open(self.root.join("server.log"))
+            .unwrap();
+        let child = Command::new(bin())
+            .args(["up", "--data"])
+            .arg(self.data())
+            .args(["--listen", &listen])
+            .args(extra)
+            .env("TRIBUTARY_LOG", "info")
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .unwrap();
+        self.proc = Some(Proc(child));
+        wait_until("the server to start again", Duration::from_secs(60), || {
+            std::net::TcpStream::connect(&listen).is_ok()
+        });
     }
 
     /// The CLI against this server, as `token`.
@@ -150,7 +201,7 @@ impl Server {
     /// A git repository under the server's root with `.tributary.yml` = `pipeline` and
     /// `files` (path, content), committed on `main`.
     pub fn repo(&self, name: &str, pipeline: &str, files: &[(&str, &str)]) -> PathBuf {
-        let repo = self.root.join(name);
+        let repo = self.repos.join(name);
         std::fs::create_dir_all(&repo).unwrap();
         git(&repo, &["init", "-q", "-b", "main"]);
         std::fs::write(repo.join(".tributary.yml"), pipeline).unwrap();
