@@ -447,3 +447,34 @@ async fn submodules_are_checked_out_when_the_job_asks() {
         }
     }
 }
+
+/// A finished workspace is recycled only for a later job of the same tenant: its `.git` holds
+/// objects of that tenant's mirror.
+#[test]
+fn workspaces_are_recycled_only_within_a_tenant() {
+    let dir = tempfile::tempdir().unwrap();
+    let workspaces = Workspaces::Checkout {
+        root: dir.path().join("work"),
+        mirrors: tributary_repo::Mirrors::new(dir.path().join("mirrors")),
+    };
+    let source = |tenant: &str| Source {
+        repository: "https://example.com/shared.git".into(),
+        commit: "0123456789abcdef0123456789abcdef01234567".into(),
+        tenant: tenant.into(),
+    };
+    let acme = workspaces.for_job(Some(&source("acme")), "b1", "j", 1);
+    std::fs::create_dir_all(acme.dir.join(".git")).unwrap();
+    std::fs::write(acme.dir.join(".git/acme-objects"), "acme").unwrap();
+    workspaces.release(&acme.dir, "acme");
+
+    let evil = workspaces.for_job(Some(&source("evil")), "b2", "j", 1);
+    assert!(
+        !evil.dir.join(".git/acme-objects").exists(),
+        "another tenant got acme's workspace"
+    );
+    let again = workspaces.for_job(Some(&source("acme")), "b3", "j", 1);
+    assert!(
+        again.dir.join(".git/acme-objects").exists(),
+        "acme's next job reuses its workspace"
+    );
+}
