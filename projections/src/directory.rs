@@ -58,6 +58,8 @@ pub struct Project {
     pub repository: String,
     pub sealed_webhook_secret: Vec<u8>,
     pub max_concurrent_jobs: u32,
+    /// Its repository was set with the admin token (`ProjectCreated.by_admin`).
+    pub by_admin: bool,
 }
 
 /// A project's secret: only its sealed value (the server key opens it).
@@ -117,7 +119,14 @@ impl Directory {
                         repository: e.repository.clone(),
                         sealed_webhook_secret: e.sealed_webhook_secret.clone(),
                         max_concurrent_jobs: e.max_concurrent_jobs,
+                        by_admin: e.by_admin,
                     });
+            }
+            Payload::ProjectRepositoryChanged(e) => {
+                if let Some(p) = self.projects.get_mut(&(e.tenant.clone(), e.name.clone())) {
+                    p.repository = e.repository.clone();
+                    p.by_admin = e.by_admin;
+                }
             }
             Payload::SecretSet(e) => {
                 self.secrets.insert(
@@ -220,6 +229,25 @@ mod tests {
         assert!(d.token("bb").is_none());
         assert_eq!(d.projects_of("acme").count(), 1);
         assert_eq!(d.projects_of("other").count(), 0);
+        assert!(!d.project("acme", "web").unwrap().by_admin);
+        // A repository change replaces the repository (and who set it) only.
+        let change = |tenant: &str| {
+            env(envelope::Payload::ProjectRepositoryChanged(
+                ProjectRepositoryChanged {
+                    tenant: tenant.into(),
+                    name: "web".into(),
+                    repository: "https://example.com/web.git".into(),
+                    by_admin: true,
+                    ..ProjectRepositoryChanged::default()
+                },
+            ))
+        };
+        d.apply(&change("other"));
+        assert_eq!(d.projects_of("other").count(), 0);
+        d.apply(&change("acme"));
+        let web = d.project("acme", "web").unwrap();
+        assert_eq!(web.repository, "https://example.com/web.git");
+        assert!(web.by_admin);
         d.apply(&env(envelope::Payload::TokenRevoked(TokenRevoked {
             token_id: "t1".into(),
         })));

@@ -134,6 +134,7 @@ impl Payload {
             Payload::TokenIssued(_) => "token_issued",
             Payload::TokenRevoked(_) => "token_revoked",
             Payload::ProjectCreated(_) => "project_created",
+            Payload::ProjectRepositoryChanged(_) => "project_repository_changed",
             Payload::AgentRegistered(_) => "agent_registered",
             Payload::AgentConnected(_) => "agent_connected",
             Payload::AgentHeartbeat(_) => "agent_heartbeat",

@@ -51,6 +51,8 @@ impl BuildRef {
 pub struct Source {
     pub repository: String,
     pub commit: String,
+    /// The build's tenant: its mirror and recycled workspaces are the tenant's own.
+    pub tenant: String,
 }
 
 /// Where jobs run.
@@ -96,8 +98,8 @@ impl Workspaces {
                 let dir = root
                     .join(sanitize(build))
                     .join(format!("{}-{attempt}", sanitize(job)));
-                if source.is_some() {
-                    reuse_recycled(root, &dir);
+                if let Some(s) = source {
+                    reuse_recycled(&recycled_pool(root, &s.tenant), &dir);
                 }
                 JobWorkspace {
                     dir,
@@ -109,13 +111,14 @@ impl Workspaces {
 
     /// The attempt that ran in `dir` has ended: keep the workspace for a later job (whose
     /// checkout then writes only what differs, see `tributary_repo::Mirrors::checkout`), or
-    /// delete it when [`RECYCLED_MAX`] are kept already. Blocking file work: call it on a
-    /// blocking thread.
-    pub fn release(&self, dir: &Path) {
+    /// delete it when [`RECYCLED_MAX`] are kept already. Workspaces are recycled per
+    /// `tenant` (the build's): a workspace's `.git` holds objects of its tenant's mirror, so
+    /// only that tenant's later jobs get it. Blocking file work: call it on a blocking thread.
+    pub fn release(&self, dir: &Path, tenant: &str) {
         let Workspaces::Checkout { root, .. } = self else {
             return;
         };
-        let pool = root.join(RECYCLED);
+        let pool = recycled_pool(root, tenant);
         let kept = std::fs::read_dir(&pool).map_or(0, |d| d.count());
         let recycled = kept < RECYCLED_MAX
             && std::fs::create_dir_all(&pool).is_ok()
@@ -139,9 +142,17 @@ const RECYCLED: &str = ".recycled";
 /// costs more than the job on a busy agent).
 const RECYCLED_MAX: usize = 16;
 
-/// Moves a recycled workspace to `dir`, if there is one (best effort: else `dir` starts empty).
-fn reuse_recycled(root: &Path, dir: &Path) {
-    let Ok(entries) = std::fs::read_dir(root.join(RECYCLED)) else {
+/// Where `tenant`'s finished workspaces wait for reuse.
+fn recycled_pool(root: &Path, tenant: &str) -> PathBuf {
+    root.join(RECYCLED)
+        .join("tenants")
+        .join(tributary_repo::tenant_dir(tenant))
+}
+
+/// Moves a recycled workspace of `pool` to `dir`, if there is one (best effort: else `dir`
+/// starts empty).
+fn reuse_recycled(pool: &Path, dir: &Path) {
+    let Ok(entries) = std::fs::read_dir(pool) else {
         return;
     };
     if dir.exists()
@@ -408,6 +419,7 @@ async fn produce(
         .keep_failed_for
         .filter(|d| !d.is_zero() && workspace.checkout.is_some());
     if let Some((mirrors, source)) = &workspace.checkout {
+        let mirrors = mirrors.for_tenant(&source.tenant);
         let checkout = mirrors.checkout(
             &source.repository,
             &source.commit,

@@ -101,6 +101,7 @@ mod tests {
         let src = Source {
             repository: "https://git.example/acme/web.git".into(),
             commit: "0123456789abcdef0123456789abcdef01234567".into(),
+            tenant: "acme".into(),
         };
         assert_eq!(
             recreate_commands(Some(&src), &job, None),

@@ -83,6 +83,9 @@ pub struct AgentConfig {
     /// Run container jobs (`image:`) on this engine with these limits; `None`: host jobs only
     /// (the server then sends this agent no container jobs).
     pub containers: Option<ContainerSettings>,
+    /// Which repositories jobs may check out: allowed protocols (`GIT_ALLOW_PROTOCOL` for every
+    /// git process), local folders. The server checks who may use which first.
+    pub repo_access: tributary_repo::Access,
 }
 
 /// How an agent runs container jobs.
@@ -137,6 +140,7 @@ impl AgentConfig {
             keep_failed_for: Duration::from_secs(24 * 3600),
             kept_sweep_interval: KEPT_SWEEP_INTERVAL,
             containers: None,
+            repo_access: tributary_repo::Access::default(),
         }
     }
 }
@@ -351,7 +355,8 @@ struct Runtime {
 #[derive(Default)]
 struct Tasks {
     set: JoinSet<()>,
-    leases: HashMap<tokio::task::Id, (String, PathBuf)>,
+    /// Per running attempt: its lease id, workspace and tenant.
+    leases: HashMap<tokio::task::Id, (String, PathBuf, String)>,
     /// Leases pushed while every slot was still taken: the server frees a slot when it sees
     /// JobFinished, a moment before the attempt's task here has ended. They start as soon as
     /// a slot frees, instead of being dropped (and requeued only when their lease expires).
@@ -373,7 +378,10 @@ impl Runtime {
         let server_artifacts = crate::client::server_artifacts(ch, auth);
         let workspaces = Workspaces::Checkout {
             root: config.workdir.join("work"),
-            mirrors: tributary_repo::Mirrors::new(config.workdir.join("mirrors")),
+            // Never a repository inside the agent's own directory (other tenants' mirrors and
+            // workspaces), and only the protocols and local folders the operator allows.
+            mirrors: tributary_repo::Mirrors::new(config.workdir.join("mirrors"))
+                .with_access(config.repo_access.clone().forbid(&config.workdir)),
         };
         let slots = Arc::new(Mutex::new(Slots::new(config.capacity as usize)));
         Ok(Runtime {
@@ -599,6 +607,7 @@ impl Runtime {
         let source = Source {
             repository: lease.repository,
             commit: lease.commit,
+            tenant: build.tenant.clone(),
         };
         // Without a repository (not sent by the server) the job runs in an empty workspace.
         let source = (!source.repository.is_empty()).then_some(source);
@@ -648,6 +657,7 @@ impl Runtime {
         };
         let scratch = self.config.workdir.join("scratch");
         let lease_id = lease.lease_id;
+        let tenant = build.tenant.clone();
         let handle = tasks.set.spawn(
             async move {
                 let report =
@@ -662,7 +672,7 @@ impl Runtime {
             }
             .instrument(span.clone()),
         );
-        tasks.leases.insert(handle.id(), (lease_id, dir));
+        tasks.leases.insert(handle.id(), (lease_id, dir, tenant));
     }
 
     /// An attempt task ended: free its slot, delete its workspace.
@@ -680,7 +690,7 @@ impl Runtime {
                 e.id()
             }
         };
-        let Some((lease_id, dir)) = tasks.leases.remove(&id) else {
+        let Some((lease_id, dir, tenant)) = tasks.leases.remove(&id) else {
             return;
         };
         self.slots().finish(&lease_id);
@@ -690,7 +700,7 @@ impl Runtime {
         // A failed job's kept workspace is neither reused nor deleted until its time is up.
         if self.config.clean_workspaces && !crate::kept::is_kept(&dir) {
             let workspaces = self.workspaces.clone();
-            tokio::task::spawn_blocking(move || workspaces.release(&dir));
+            tokio::task::spawn_blocking(move || workspaces.release(&dir, &tenant));
         }
     }
 

@@ -330,6 +330,7 @@ async fn checkout_workspaces_get_the_exact_commit() {
     let source = Source {
         repository: repo.display().to_string(),
         commit: first.clone(),
+        tenant: "acme".into(),
     };
     let ws = workspaces.for_job(Some(&source), "build-1", "test[os=linux]", 2);
     assert!(ws.checks_out());
@@ -361,6 +362,7 @@ async fn a_failed_checkout_fails_the_job_with_the_reason() {
     let source = Source {
         repository: dir.path().join("nope").display().to_string(),
         commit: "0123456789abcdef0123456789abcdef01234567".into(),
+        tenant: "acme".into(),
     };
     let sink = Arc::new(Recorder::default());
     let report = run(
@@ -418,6 +420,7 @@ async fn submodules_are_checked_out_when_the_job_asks() {
     let source = Source {
         repository: repo.display().to_string(),
         commit,
+        tenant: "acme".into(),
     };
     for (attempt, submodules) in [(1, true), (2, false)] {
         let mut l = lease(&["cat libs/sub/inside.txt"]);
@@ -443,4 +446,35 @@ async fn submodules_are_checked_out_when_the_job_asks() {
             assert_eq!(report.status, Some(Status::Failed), "{}", sink.output());
         }
     }
+}
+
+/// A finished workspace is recycled only for a later job of the same tenant: its `.git` holds
+/// objects of that tenant's mirror.
+#[test]
+fn workspaces_are_recycled_only_within_a_tenant() {
+    let dir = tempfile::tempdir().unwrap();
+    let workspaces = Workspaces::Checkout {
+        root: dir.path().join("work"),
+        mirrors: tributary_repo::Mirrors::new(dir.path().join("mirrors")),
+    };
+    let source = |tenant: &str| Source {
+        repository: "https://example.com/shared.git".into(),
+        commit: "0123456789abcdef0123456789abcdef01234567".into(),
+        tenant: tenant.into(),
+    };
+    let acme = workspaces.for_job(Some(&source("acme")), "b1", "j", 1);
+    std::fs::create_dir_all(acme.dir.join(".git")).unwrap();
+    std::fs::write(acme.dir.join(".git/acme-objects"), "acme").unwrap();
+    workspaces.release(&acme.dir, "acme");
+
+    let evil = workspaces.for_job(Some(&source("evil")), "b2", "j", 1);
+    assert!(
+        !evil.dir.join(".git/acme-objects").exists(),
+        "another tenant got acme's workspace"
+    );
+    let again = workspaces.for_job(Some(&source("acme")), "b3", "j", 1);
+    assert!(
+        again.dir.join(".git/acme-objects").exists(),
+        "acme's next job reuses its workspace"
+    );
 }

@@ -516,11 +516,12 @@ async fn runs_a_lease_in_a_checked_out_workspace_and_sends_its_events() {
     // mirror stays.
     wait_until("the workspace to go", 10, || !expected_dir.exists()).await;
     assert!(!workdir.join("work/build-L1").exists());
-    let recycled = std::fs::read_dir(workdir.join("work/.recycled"))
+    // Recycled for the build's tenant only (its `.git` holds the tenant's objects).
+    let recycled = std::fs::read_dir(workdir.join("work/.recycled/tenants/acme"))
         .unwrap()
         .count();
     assert_eq!(recycled, 1);
-    assert!(workdir.join("mirrors").is_dir());
+    assert!(workdir.join("mirrors/tenants/acme").is_dir());
     wait_until("a heartbeat without the lease", 10, || {
         shared.with(|s| s.heartbeats.last().is_some_and(|h| h.lease_ids.is_empty()))
     })

@@ -150,6 +150,11 @@ pub async fn rerun_failed(
             "the build's trigger is missing from the log",
         ));
     };
+    // The same repository as the original, under today's rules and as its project's owner.
+    let project = state
+        .directory(|d| d.project(&original.tenant, &original.project).cloned())?
+        .ok_or_else(|| Status::not_found(format!("no project {}", original.project)))?;
+    crate::repo_access::check_build(state, &project, &triggered.repository)?;
     triggered.who = who.name.clone();
     triggered.source = format!("rerun:{}", original.id);
     let new_id = tributary_proto::new_id();
@@ -205,14 +210,16 @@ pub async fn trigger(
             "no project {project}; create it with `tributary project add {project} --repo PATH_OR_URL`"
         ))
     })?;
-    let commit = tributary_repo::resolve(&project.repository, wanted, &state.mirrors)
+    crate::repo_access::check_build(state, &project, &project.repository)?;
+    let mirrors = state.mirrors.for_tenant(tenant);
+    let commit = tributary_repo::resolve(&project.repository, wanted, &mirrors)
         .await
         .map_err(|e| Status::failed_precondition(e.to_string()))?;
     let pipeline_text = match tributary_repo::read_file(
         &project.repository,
         &commit,
         PIPELINE_PATH,
-        &state.mirrors,
+        &mirrors,
     )
     .await
     {

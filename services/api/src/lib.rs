@@ -28,6 +28,7 @@ pub mod history;
 pub mod http;
 pub mod metering;
 pub mod projects;
+pub mod repo_access;
 pub mod seal;
 pub mod secrets;
 pub mod starts;

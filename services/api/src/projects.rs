@@ -2,10 +2,12 @@
 
 use tonic::{Request, Response, Status};
 use tributary_proto::api::{projects_server::Projects, *};
-use tributary_proto::events::{envelope::Payload, ProjectCreated};
+use tributary_proto::events::{envelope::Payload, ProjectCreated, ProjectRepositoryChanged};
+use tributary_repo::RepoError;
 
 use crate::admin::valid_name;
 use crate::auth::authenticate;
+use crate::repo_access::{caller_of, project_caller, refusal};
 use crate::state::{directory_event, ApiState};
 
 pub struct ProjectsApi {
@@ -54,39 +56,95 @@ impl Projects for ProjectsApi {
             })?;
             key.seal(req.webhook_secret.as_bytes())
         };
-        if self
-            .state
-            .directory(|d| d.project(&who.tenant, &req.name).is_some())?
-        {
-            return Err(Status::already_exists(format!(
-                "project {} already exists",
-                req.name
-            )));
+        // The admin may add (or fix) a project of another tenant.
+        let tenant = if req.tenant.is_empty() || req.tenant == who.tenant {
+            who.tenant.clone()
+        } else {
+            who.require_admin().map_err(|_| {
+                Status::permission_denied(
+                    "only the admin token may name another tenant's project; leave out --tenant",
+                )
+            })?;
+            if !self
+                .state
+                .directory(|d| d.tenants.contains_key(&req.tenant))?
+            {
+                return Err(Status::not_found(format!(
+                    "no tenant {}; create it with `tributary admin tenant-add {}`",
+                    req.tenant, req.tenant
+                )));
+            }
+            req.tenant.clone()
+        };
+        // The operator's rules first: nothing is read from a refused repository.
+        let caller = caller_of(&who);
+        match self.state.mirrors.access().check(&req.repository, caller) {
+            Err(e @ RepoError::Refused(_)) | Err(e @ RepoError::InvalidInput { .. }) => {
+                return Err(Status::permission_denied(e.to_string()));
+            }
+            _ => {}
         }
+        let existing = self
+            .state
+            .directory(|d| d.project(&tenant, &req.name).cloned())?;
+        // An existing project is replaced only when the rules refuse its repository (the fix
+        // for projects from before the rules): its repository changes, nothing else.
+        let replaced = match &existing {
+            None => None,
+            Some(p) => match refusal(&self.state, &p.repository, project_caller(p)) {
+                Some(reason) => Some((p.repository.clone(), reason)),
+                None => {
+                    return Err(Status::already_exists(format!(
+                        "project {} already exists",
+                        req.name
+                    )))
+                }
+            },
+        };
         // Fail early on a repository that cannot be read, with git's own words.
-        if let Err(e) = self.state.mirrors.sync(&req.repository).await {
+        if let Err(e) = self
+            .state
+            .mirrors
+            .for_tenant(&tenant)
+            .sync(&req.repository)
+            .await
+        {
             return Err(Status::failed_precondition(format!(
                 "cannot read the repository: {e}"
             )));
         }
-        let created = ProjectCreated {
-            tenant: who.tenant.clone(),
-            name: req.name.clone(),
-            repository: req.repository.clone(),
-            sealed_webhook_secret,
-            max_concurrent_jobs: req.max_concurrent_jobs,
+        let by_admin = caller == tributary_repo::Caller::Admin;
+        let payload = match replaced {
+            None => Payload::ProjectCreated(ProjectCreated {
+                tenant: tenant.clone(),
+                name: req.name.clone(),
+                repository: req.repository.clone(),
+                sealed_webhook_secret,
+                max_concurrent_jobs: req.max_concurrent_jobs,
+                by_admin,
+            }),
+            Some((previous, reason)) => {
+                tracing::info!(project = %req.name, tenant = %tenant,
+                    "replacing a repository the rules refuse: {reason}");
+                Payload::ProjectRepositoryChanged(ProjectRepositoryChanged {
+                    tenant: tenant.clone(),
+                    name: req.name.clone(),
+                    repository: req.repository.clone(),
+                    by_admin,
+                    who: who.name.clone(),
+                    previous,
+                    reason,
+                })
+            }
         };
-        let events = [directory_event(
-            &who.tenant,
-            Payload::ProjectCreated(created),
-        )];
+        let events = [directory_event(&tenant, payload)];
         let offsets = self.state.append(&events).await?;
         self.state
             .wait_directory(&self.state.mark_after(&events, &offsets))
             .await?;
         let project = self
             .state
-            .directory(|d| d.project(&who.tenant, &req.name).map(to_api))?;
+            .directory(|d| d.project(&tenant, &req.name).map(to_api))?;
         project
             .map(Response::new)
             .ok_or_else(|| Status::internal("project vanished"))

@@ -70,6 +70,8 @@ async fn setup(dir: &Path) -> (ApiState, String) {
             repository: repo.display().to_string(),
             sealed_webhook_secret: key.seal(b"topsecret"),
             max_concurrent_jobs: 0,
+            // A local repository: only the admin may have one without --allow-local-repos.
+            by_admin: true,
         })),
     ])
     .await

@@ -29,8 +29,13 @@ pub(crate) async fn checkout(
     submodules: bool,
 ) -> Result<(), RepoError> {
     let mirror = mirrors.path_of(source)?;
-    let ws = prepare_dir(workspace, mirrors.root())?;
+    let ws = prepare_dir(workspace, &mirrors.base)?;
     let git = mirrors.git(source);
+    // Between the mirror and the workspace git reads a local path: only `file` is needed.
+    let ws_git = Git {
+        allow: "file",
+        ..git
+    };
 
     // Without submodules a checkout is the same for every job of the commit: make the workspace
     // the commit's template when there is one (a fresh or a reused workspace alike).
@@ -53,7 +58,7 @@ pub(crate) async fn checkout(
 
     let mut updated = false;
     if is_our_workspace(&git, &ws).await {
-        match update(mirrors, &git, &mirror, &ws, sha).await {
+        match update(mirrors, &ws_git, &mirror, &ws, sha).await {
             Ok(()) => updated = true,
             Err(e) => tracing::warn!(
                 repository = %source.display, workspace = %ws.display(),
@@ -63,7 +68,7 @@ pub(crate) async fn checkout(
     }
     if !updated {
         wipe(&ws)?;
-        fresh(mirrors, &git, &mirror, &ws, sha).await?;
+        fresh(mirrors, &ws_git, &mirror, &ws, sha).await?;
         // The first fresh checkout of a commit becomes its template.
         if let Some(t) = template {
             verify_head(&git, &ws, sha).await?;
@@ -75,52 +80,9 @@ pub(crate) async fn checkout(
         }
     }
 
-    let modules: &[&str] = if source.local {
-        // git refuses local submodules by default (CVE-2022-39253) because an untrusted remote
-        // repository could name local paths; a repository that is itself local is trusted.
-        &["-c", "protocol.file.allow=always"]
-    } else {
-        &[]
-    };
     let dir = Some(ws.as_path());
     if submodules {
-        git.run(
-            Kind::Network,
-            dir,
-            &[modules, &["submodule", "sync", "--recursive", "--quiet"]].concat(),
-        )
-        .await?;
-        git.run(
-            Kind::Network,
-            dir,
-            &[
-                modules,
-                &[
-                    "submodule",
-                    "update",
-                    "--init",
-                    "--recursive",
-                    "--force",
-                    "--checkout",
-                    "--quiet",
-                ],
-            ]
-            .concat(),
-        )
-        .await?;
-        // A fixed command of ours (foreach runs it through sh), never a caller's string.
-        git.run(
-            Kind::Network,
-            dir,
-            &[
-                "submodule",
-                "foreach",
-                "--recursive",
-                "--quiet",
-                "git clean -ffdxq",
-            ],
-        )
-        .await?;
+        crate::submodules::update(mirrors.access(), &git, &ws, source.local).await?;
     } else if ws.join(".git").join("modules").exists() {
         // Submodules populated by an earlier checkout with submodules: empty them again.
         git.run(

@@ -97,6 +97,11 @@ pub enum RepoError {
         waited: Duration,
     },
 
+    /// The operator's rules refuse the repository (a protocol not allowed, a local repository
+    /// for a tenant user or outside the allowed folders, the server's own data directory).
+    #[error(transparent)]
+    Refused(#[from] crate::access::Refusal),
+
     /// A filesystem operation or spawning git failed.
     #[error("{context}: {source}")]
     Io {
@@ -110,6 +115,11 @@ impl RepoError {
     /// True for [`RepoError::NotFound`]: the commit exists but has no such file.
     pub fn is_not_found(&self) -> bool {
         matches!(self, RepoError::NotFound { .. })
+    }
+
+    /// True for [`RepoError::Refused`]: the operator's rules refuse the repository.
+    pub fn is_refused(&self) -> bool {
+        matches!(self, RepoError::Refused(_))
     }
 
     pub(crate) fn io(context: impl Into<String>, source: std::io::Error) -> Self {
@@ -154,6 +164,10 @@ pub(crate) fn hint_for(stderr: &str) -> &'static str {
         "failed to connect",
     ]) {
         "check the network connection and the host name in the repository URL"
+    } else if s.contains("transport '") && s.contains("not allowed") {
+        "the repository or one of its submodules uses a protocol this server does not allow \
+         (default: https and ssh): use an allowed URL, or ask the operator to allow the protocol \
+         with --allow-protocols"
     } else if any(&["no space left on device", "disk quota exceeded"]) {
         "free disk space under the mirrors root or the workspace"
     } else if any(&[".lock': file exists", "unable to create", "cannot lock ref"]) {

@@ -60,6 +60,9 @@ impl Output {
 pub(crate) struct Git<'a> {
     pub source: &'a Source,
     pub timeouts: Timeouts,
+    /// `GIT_ALLOW_PROTOCOL`: the only protocols git may use, for the repository itself and for
+    /// submodules (colon-separated, e.g. `https:ssh`).
+    pub allow: &'a str,
 }
 
 /// Which timeout applies.
@@ -90,6 +93,7 @@ impl Git<'_> {
             .env("GCM_INTERACTIVE", "never")
             .env("LC_ALL", "C")
             .env("LANGUAGE", "C")
+            .env("GIT_ALLOW_PROTOCOL", self.allow)
             .kill_on_drop(true);
         for var in CLEARED_ENV {
             cmd.env_remove(var);
@@ -247,6 +251,7 @@ mod tests {
         let marker = dir.path().join("survived");
         let git = Git {
             source: &source,
+            allow: "https",
             timeouts: Timeouts {
                 network: Duration::from_secs(600),
                 local: Duration::from_millis(300),
@@ -272,6 +277,7 @@ mod tests {
         let source = source();
         let git = Git {
             source: &source,
+            allow: "https",
             timeouts: Timeouts::default(),
         };
         let err = git
@@ -289,6 +295,36 @@ mod tests {
         );
         assert!(msg.contains("fatal"), "{msg}");
         assert!(msg.contains("hint:"), "{msg}");
+    }
+
+    #[tokio::test]
+    async fn git_uses_only_the_allowed_protocols() {
+        let source = source();
+        let dir = tempfile::tempdir().unwrap();
+        let init = std::process::Command::new("git")
+            .args(["init", "-q"])
+            .current_dir(dir.path())
+            .status()
+            .unwrap();
+        assert!(init.success());
+        let repo = dir.path().to_str().unwrap();
+        let git = |allow| Git {
+            source: &source,
+            allow,
+            timeouts: Timeouts::default(),
+        };
+        // git itself allows local paths; GIT_ALLOW_PROTOCOL without `file` refuses them.
+        let err = git("https:ssh")
+            .run(Kind::Local, None, &["ls-remote", "--", repo, "HEAD"])
+            .await
+            .unwrap_err();
+        let msg = err.to_string();
+        assert!(msg.contains("transport 'file' not allowed"), "{msg}");
+        assert!(msg.contains("--allow-protocols"), "{msg}");
+        git("file")
+            .run(Kind::Local, None, &["ls-remote", "--", repo, "HEAD"])
+            .await
+            .unwrap();
     }
 
     #[test]

@@ -50,18 +50,22 @@
 
 use std::ffi::OsStr;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::time::Instant;
 
+pub mod access;
 mod cache;
 mod checkout;
 mod error;
 mod git;
 mod lock;
 mod source;
+mod submodules;
 mod template;
 
+pub use access::{Access, Caller, LocalRepos};
 pub use error::RepoError;
 pub use git::Timeouts;
 
@@ -73,11 +77,21 @@ const HEAD_CHECK_INTERVAL: Duration = Duration::from_secs(60);
 /// Fetches of a mirror between two runs of git's automatic maintenance (gc).
 const MAINTENANCE_EVERY: u64 = 16;
 
-/// Bare mirrors of repositories, one directory per repository under a root directory.
+/// Bare mirrors of repositories, one directory per repository under a root directory; with
+/// [`Mirrors::for_tenant`], one root per tenant, so two tenants never share a mirror, a
+/// template or a checkout's objects, even for the same URL.
+///
+/// Every repository is checked against the [`Access`] rules (with [`Caller::Admin`]: callers
+/// check tenant users first) before git runs, and every git process gets
+/// `GIT_ALLOW_PROTOCOL` from them. Nothing under the mirrors root is ever a repository.
 #[derive(Debug, Clone)]
 pub struct Mirrors {
+    /// This tenant's mirrors (the base root without a tenant).
     root: PathBuf,
+    /// The root given to [`Mirrors::new`].
+    base: PathBuf,
     timeouts: Timeouts,
+    access: Arc<Access>,
 }
 
 /// Resolves `git_ref` to a full commit sha (40 hex digits; 64 in a SHA-256 repository).
@@ -92,7 +106,7 @@ pub async fn resolve(
     mirrors: &Mirrors,
 ) -> Result<String, RepoError> {
     validate_ref(git_ref)?;
-    let source = Source::parse(repository)?;
+    let source = mirrors.source(repository)?;
     let mirror = mirrors.path_of(&source)?;
     let git = mirrors.git(&source);
 
@@ -138,7 +152,7 @@ pub async fn read_file(
 ) -> Result<String, RepoError> {
     validate_commit(commit)?;
     let path = validate_path(path)?;
-    let source = Source::parse(repository)?;
+    let source = mirrors.source(repository)?;
     let sha = mirrors.ensure_commit(&source, commit).await?;
     let mirror = mirrors.path_of(&source)?;
     let not_found = || RepoError::NotFound {
@@ -203,10 +217,41 @@ pub async fn read_file(
 impl Mirrors {
     /// Mirrors under `root` (created when first needed), with the default [`Timeouts`].
     pub fn new(root: impl Into<PathBuf>) -> Self {
+        let root = root.into();
         Mirrors {
-            root: root.into(),
+            access: Arc::new(Access::default().forbid(&root)),
+            base: root.clone(),
+            root,
             timeouts: Timeouts::default(),
         }
+    }
+
+    /// The same mirrors under the operator's rules `access` (the mirrors root stays forbidden).
+    pub fn with_access(mut self, access: Access) -> Self {
+        self.access = Arc::new(access.forbid(&self.base));
+        self
+    }
+
+    /// The rules repositories are checked against.
+    pub fn access(&self) -> &Access {
+        &self.access
+    }
+
+    /// The mirrors of `tenant`: their own directory under the root (`tenants/<tenant>`).
+    pub fn for_tenant(&self, tenant: &str) -> Self {
+        Mirrors {
+            root: self.base.join("tenants").join(tenant_dir(tenant)),
+            ..self.clone()
+        }
+    }
+
+    /// `repository` parsed, after the checks of [`Access::check`] (as the admin: callers check
+    /// tenant users themselves).
+    fn source(&self, repository: &str) -> Result<Source, RepoError> {
+        let mut source = Source::parse(repository)?;
+        self.access.check(repository, Caller::Admin)?;
+        source.allow = self.access.git_allow_protocol(source.local);
+        Ok(source)
     }
 
     /// The same mirrors with other timeouts for git commands.
@@ -233,7 +278,7 @@ impl Mirrors {
     ///
     /// Safe to call concurrently, from any number of tasks and processes: see the crate docs.
     pub async fn sync(&self, repository: &str) -> Result<PathBuf, RepoError> {
-        let source = Source::parse(repository)?;
+        let source = self.source(repository)?;
         self.sync_source(&source, true).await
     }
 
@@ -254,7 +299,7 @@ impl Mirrors {
         submodules: bool,
     ) -> Result<(), RepoError> {
         validate_commit(commit)?;
-        let source = Source::parse(repository)?;
+        let source = self.source(repository)?;
         let sha = self.ensure_commit(&source, commit).await?;
         checkout::checkout(self, &source, &sha, workspace, submodules).await
     }
@@ -263,6 +308,7 @@ impl Mirrors {
         Git {
             source,
             timeouts: self.timeouts,
+            allow: &source.allow,
         }
     }
 
@@ -509,6 +555,24 @@ async fn follow_remote_head(git: &Git<'_>, mirror: &Path) {
     }
 }
 
+/// A tenant's directory name: the name itself when it is a plain one, else a hex encoding (never
+/// `.`, `..`, a '/' or empty). Mirrors and agents' recycled workspaces are kept per tenant in
+/// directories of this name.
+pub fn tenant_dir(tenant: &str) -> String {
+    let plain = !tenant.is_empty()
+        && !tenant.starts_with('.')
+        && tenant.len() <= 64
+        && tenant
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'));
+    if plain {
+        tenant.to_owned()
+    } else {
+        let hex: String = tenant.bytes().map(|b| format!("{b:02x}")).collect();
+        format!("~{hex}")
+    }
+}
+
 fn is_mirror(path: &Path) -> bool {
     path.join("HEAD").is_file() && path.join("objects").is_dir() && path.join("refs").is_dir()
 }
@@ -615,6 +679,24 @@ mod tests {
         }
         assert_eq!(validate_path("./.tributary.yml").unwrap(), ".tributary.yml");
         assert_eq!(validate_path("ci/a..b.yml").unwrap(), "ci/a..b.yml");
+    }
+
+    #[test]
+    fn tenant_directories_are_one_safe_component() {
+        assert_eq!(tenant_dir("acme"), "acme");
+        assert_eq!(tenant_dir("a.b-c_d"), "a.b-c_d");
+        for odd in ["", ".", "..", "a/b", ".hidden", "é"] {
+            let d = tenant_dir(odd);
+            assert!(d.starts_with('~'), "{odd:?} -> {d}");
+            assert!(!d.contains('/') && d != "." && d != "..", "{odd:?} -> {d}");
+        }
+        assert_ne!(tenant_dir("ab"), tenant_dir("~6162"));
+        let m = Mirrors::new("/m");
+        assert_eq!(m.for_tenant("acme").root(), Path::new("/m/tenants/acme"));
+        assert_eq!(
+            m.for_tenant("acme").for_tenant("evil").root(),
+            Path::new("/m/tenants/evil")
+        );
     }
 
     #[test]

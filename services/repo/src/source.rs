@@ -18,10 +18,15 @@ pub(crate) struct Source {
     pub public: String,
     /// A local path or a `file://` URL (its submodules may then be local too).
     pub local: bool,
+    /// `GIT_ALLOW_PROTOCOL` for git processes that talk to this repository: the allowed
+    /// protocols (see `access.rs`), plus `file` for a local repository.
+    pub allow: String,
 }
 
 impl Source {
-    pub fn parse(repository: &str) -> Result<Source, RepoError> {
+    /// Refuses what git must never be given as a repository: empty, option-like, control
+    /// characters.
+    pub fn validate(repository: &str) -> Result<(), RepoError> {
         let what = "repository";
         if repository.trim().is_empty() {
             return Err(RepoError::invalid(what, repository, "it is empty"));
@@ -40,6 +45,12 @@ impl Source {
                 "it contains control characters",
             ));
         }
+        Ok(())
+    }
+
+    pub fn parse(repository: &str) -> Result<Source, RepoError> {
+        let what = "repository";
+        Source::validate(repository)?;
         if let Some((scheme, rest)) = repository.split_once("://") {
             let (display, public) = redact_url(scheme, rest);
             return Ok(Source {
@@ -47,7 +58,9 @@ impl Source {
                 display,
                 public,
                 local: scheme.eq_ignore_ascii_case("file"),
-            });
+                allow: String::new(),
+            }
+            .with_default_allow());
         }
         if is_scp_like(repository) {
             return Ok(Source {
@@ -55,7 +68,9 @@ impl Source {
                 display: repository.to_owned(),
                 public: repository.to_owned(),
                 local: false,
-            });
+                allow: String::new(),
+            }
+            .with_default_allow());
         }
         let path = Path::new(repository);
         let canonical = std::fs::canonicalize(path).map_err(|e| {
@@ -75,7 +90,23 @@ impl Source {
             public: location.clone(),
             location,
             local: true,
-        })
+            allow: String::new(),
+        }
+        .with_default_allow())
+    }
+
+    /// The allowed protocols of `Access::default()`.
+    fn with_default_allow(mut self) -> Source {
+        self.allow = crate::access::Access::default().git_allow_protocol(self.local);
+        self
+    }
+
+    /// `repository` as shown in messages: any password or token in a URL replaced by `***`.
+    pub fn redacted(repository: &str) -> String {
+        match repository.split_once("://") {
+            Some((scheme, rest)) => redact_url(scheme, rest).0,
+            None => repository.to_owned(),
+        }
     }
 
     /// The mirror's directory name: readable part from the location, plus a hash of it, so two
@@ -120,7 +151,7 @@ impl Source {
 }
 
 /// `[user@]host:path` (git's scp-like ssh syntax): a ':' before any '/'.
-fn is_scp_like(s: &str) -> bool {
+pub(crate) fn is_scp_like(s: &str) -> bool {
     match (s.find(':'), s.find('/')) {
         (Some(colon), Some(slash)) => colon < slash && colon > 0,
         (Some(colon), None) => colon > 0,

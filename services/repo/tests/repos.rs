@@ -3,7 +3,7 @@
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-use tributary_repo::{read_file, resolve, Mirrors, RepoError};
+use tributary_repo::{read_file, resolve, Access, Mirrors, RepoError};
 
 /// Runs git in `dir` (as a test author would by hand) and returns its trimmed stdout.
 fn git(dir: &Path, args: &[&str]) -> String {
@@ -242,13 +242,13 @@ async fn a_nonexistent_repository_path_is_named_in_the_error() {
     assert!(matches!(err, RepoError::RepositoryNotFound { .. }), "{err}");
     assert!(err.to_string().contains(missing), "{err}");
 
-    // Through git itself: a file:// URL, and a directory that is not a repository.
+    // A file:// URL is a local path too: resolved (and found missing) before git runs.
     let url = format!("file://{missing}");
     let err = f.mirrors.sync(&url).await.unwrap_err();
-    assert!(matches!(err, RepoError::Git { .. }), "{err}");
-    let msg = err.to_string();
-    assert!(msg.contains(&url), "{msg}");
-    assert!(msg.contains("hint: check that the repository URL"), "{msg}");
+    assert!(matches!(err, RepoError::RepositoryNotFound { .. }), "{err}");
+    assert!(err.to_string().contains(&url), "{err}");
+
+    // Through git itself: a directory that is not a repository.
 
     let not_a_repo = f.dir("plain");
     std::fs::create_dir(&not_a_repo).unwrap();
@@ -737,4 +737,164 @@ async fn a_template_saved_again_is_read_again() {
 
     f.check_out(&c1, &ws2).await;
     assert_eq!(read(&ws2.join("a.txt")), "from the new template\n");
+}
+
+// ---- access rules and tenants ----
+
+#[tokio::test]
+async fn each_tenant_gets_its_own_mirror_of_the_same_repository() {
+    let f = Fixture::new();
+    let c1 = f.commit(&[("a", Some("1"))], "one");
+    let acme = f.mirrors.for_tenant("acme");
+    let evil = f.mirrors.for_tenant("evil");
+    let a = acme.sync(f.repo()).await.unwrap();
+    let e = evil.sync(f.repo()).await.unwrap();
+    assert_ne!(a, e);
+    assert_eq!(a.file_name(), e.file_name());
+    assert!(a.starts_with(f.dir("mirrors/tenants/acme")), "{a:?}");
+    assert!(e.starts_with(f.dir("mirrors/tenants/evil")), "{e:?}");
+    // A private ref fetched into acme's mirror is not in evil's.
+    git(&f.src, &["update-ref", "refs/heads/private", &c1]);
+    let c2 = f.commit(&[("b", Some("2"))], "two");
+    git(&f.src, &["branch", "-f", "private", &c2]);
+    git(&f.src, &["reset", "-q", "--hard", &c1]);
+    assert_eq!(resolve(f.repo(), "private", &acme).await.unwrap(), c2);
+    let in_evil = std::process::Command::new("git")
+        .args(["cat-file", "-e", &c2])
+        .current_dir(&e)
+        .status()
+        .unwrap();
+    assert!(!in_evil.success(), "evil's mirror has acme's commit");
+    // Each tenant's checkouts come from its own mirror (and template).
+    let ws = f.dir("ws-evil");
+    evil.checkout(f.repo(), &c1, &ws, false).await.unwrap();
+    assert_eq!(read(&ws.join("a")), "1");
+    let alternates = ws.join(".git/objects/info/alternates");
+    if alternates.exists() {
+        assert!(!read(&alternates).contains("acme"));
+    }
+}
+
+#[tokio::test]
+async fn a_mirror_is_never_a_repository_even_through_a_link_or_dot_dot() {
+    let f = Fixture::new();
+    f.commit(&[("a", Some("1"))], "one");
+    let mirror = f.mirrors.for_tenant("acme").sync(f.repo()).await.unwrap();
+    let link = f.dir("link");
+    std::os::unix::fs::symlink(&mirror, &link).unwrap();
+    let dotdot = format!("{}/../mirrors/tenants/acme", f.src.display());
+    let url = format!("file://{}", mirror.display());
+    for repo in [mirror.to_str().unwrap(), link.to_str().unwrap(), &url] {
+        let err = f.mirrors.for_tenant("evil").sync(repo).await.unwrap_err();
+        assert!(err.is_refused(), "{repo}: {err}");
+        assert!(err.to_string().contains("server's own data"), "{err}");
+    }
+    let err = resolve(&dotdot, "", &f.mirrors.for_tenant("evil"))
+        .await
+        .unwrap_err();
+    assert!(err.is_refused(), "{err}");
+    assert!(!f.dir("mirrors/tenants/evil").exists());
+}
+
+#[tokio::test]
+async fn protocols_and_remote_helpers_are_refused_before_git_runs() {
+    let f = Fixture::new();
+    let marker = f.dir("pwned");
+    let ext = format!("ext::sh -c touch% {}", marker.display());
+    for repo in [
+        ext.as_str(),
+        "git://127.0.0.1:9/x.git",
+        "http://127.0.0.1:9/x.git",
+        "fd::7",
+    ] {
+        let err = resolve(repo, "", &f.mirrors).await.unwrap_err();
+        assert!(err.is_refused(), "{repo}: {err}");
+    }
+    assert!(!marker.exists());
+    assert!(!f.dir("mirrors").exists(), "no git ran");
+    // Allowed by the operator: http is then tried (and fails to connect, with git's words).
+    let mirrors = Mirrors::new(f.dir("m2")).with_access(Access {
+        protocols: vec!["https".into(), "http".into()],
+        ..Access::default()
+    });
+    let err = resolve("http://127.0.0.1:9/x.git", "", &mirrors)
+        .await
+        .unwrap_err();
+    assert!(matches!(err, RepoError::Git { .. }), "{err}");
+}
+
+#[tokio::test]
+async fn local_repositories_only_under_the_allowed_folders() {
+    let f = Fixture::new();
+    f.commit(&[("a", Some("1"))], "one");
+    let allowed = f.dir("allowed");
+    std::fs::create_dir(&allowed).unwrap();
+    let mirrors = Mirrors::new(f.dir("mirrors")).with_access(
+        Access::default()
+            .local_under(std::slice::from_ref(&allowed))
+            .unwrap(),
+    );
+    let err = mirrors.sync(f.repo()).await.unwrap_err();
+    assert!(err.is_refused(), "{err}");
+    assert!(err.to_string().contains("outside the folders"), "{err}");
+    let inside = allowed.join("app");
+    git(
+        f.tmp.path(),
+        &["clone", "-q", f.repo(), inside.to_str().unwrap()],
+    );
+    mirrors.sync(inside.to_str().unwrap()).await.unwrap();
+    // `..` out of the allowed folder resolves outside it.
+    let escape = format!("{}/../src", allowed.display());
+    assert!(mirrors.sync(&escape).await.unwrap_err().is_refused());
+}
+
+#[tokio::test]
+async fn submodules_are_checked_before_git_fetches_them() {
+    let f = Fixture::new();
+    let allowed = f.dir("allowed");
+    std::fs::create_dir(&allowed).unwrap();
+    let outside = f.dir("outside");
+    std::fs::create_dir(&outside).unwrap();
+    git(&outside, &["init", "-q", "-b", "main"]);
+    commit_in(&outside, &[("secret.txt", Some("outside secret\n"))], "s");
+    let inside = allowed.join("lib");
+    std::fs::create_dir(&inside).unwrap();
+    git(&inside, &["init", "-q", "-b", "main"]);
+    commit_in(&inside, &[("lib.txt", Some("lib\n"))], "l");
+    let top = allowed.join("top");
+    std::fs::create_dir(&top).unwrap();
+    git(&top, &["init", "-q", "-b", "main"]);
+    git(
+        &top,
+        &["submodule", "add", "-q", inside.to_str().unwrap(), "lib"],
+    );
+    let good = commit_in(&top, &[("top.txt", Some("top"))], "good");
+    git(
+        &top,
+        &[
+            "submodule",
+            "add",
+            "-q",
+            outside.to_str().unwrap(),
+            "stolen",
+        ],
+    );
+    let bad = commit_in(&top, &[], "bad");
+
+    let mirrors = Mirrors::new(f.dir("mirrors")).with_access(
+        Access::default()
+            .local_under(std::slice::from_ref(&allowed))
+            .unwrap(),
+    );
+    let repo = top.to_str().unwrap();
+    let ws = f.dir("ws");
+    mirrors.checkout(repo, &good, &ws, true).await.unwrap();
+    assert_eq!(read(&ws.join("lib/lib.txt")), "lib\n");
+
+    let ws2 = f.dir("ws2");
+    let err = mirrors.checkout(repo, &bad, &ws2, true).await.unwrap_err();
+    let msg = err.to_string();
+    assert!(msg.contains("submodule") && msg.contains("stolen"), "{msg}");
+    assert!(msg.contains("outside the folders"), "{msg}");
+    assert!(!ws2.join("stolen/secret.txt").exists());
 }

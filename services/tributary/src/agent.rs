@@ -93,7 +93,9 @@ pub async fn container_settings(args: &ContainerArgs) -> anyhow::Result<Option<C
 /// The first SIGINT/SIGTERM drains (no new jobs, running ones finish, exit 0); a second one
 /// cancels the running jobs and exits at once (status 130).
 pub async fn command(args: AgentArgs) -> anyhow::Result<ExitCode> {
+    let repo_access = args.repos.access(&args.workdir)?;
     let mut config = AgentConfig::new(args.server, args.workdir);
+    config.repo_access = repo_access;
     config.enrollment_token = args.token.filter(|t| !t.trim().is_empty());
     if let Some(name) = args.name {
         config.name = name;

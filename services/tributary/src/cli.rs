@@ -602,6 +602,8 @@ pub enum BenchCommand {
 pub struct UpArgs {
     #[command(flatten)]
     pub data: DataArgs,
+    #[command(flatten)]
+    pub repos: crate::repo_access::RepoAccessArgs,
     /// Address the gRPC API listens on.
     #[arg(
         long,
@@ -834,6 +836,11 @@ pub enum ProjectCommand {
         /// from the environment so it stays out of the process list.
         #[arg(long, env = "TRIBUTARY_WEBHOOK_SECRET", hide_env_values = true)]
         webhook_secret: Option<String>,
+        /// With the admin token: another tenant's project. Adding a project that exists
+        /// replaces its repository only when the server's rules refuse the current one
+        /// (README: upgrading to repository rules).
+        #[arg(long, value_name = "TENANT")]
+        tenant: Option<String>,
         #[command(flatten)]
         server: ServerArgs,
     },
@@ -1006,6 +1013,8 @@ pub enum AdminCommand {
 
 #[derive(Debug, Args)]
 pub struct AgentArgs {
+    #[command(flatten)]
+    pub repos: crate::repo_access::RepoAccessArgs,
     /// The server's address.
     #[arg(
         long,

@@ -71,6 +71,7 @@ pub async fn project(cmd: ProjectCommand) -> anyhow::Result<ExitCode> {
             repo,
             max_concurrent_jobs,
             webhook_secret,
+            tenant,
             server,
         } => {
             let (ch, auth) = channel(&server).await?;
@@ -86,6 +87,7 @@ pub async fn project(cmd: ProjectCommand) -> anyhow::Result<ExitCode> {
                     repository,
                     webhook_secret: webhook_secret.unwrap_or_default(),
                     max_concurrent_jobs,
+                    tenant: tenant.unwrap_or_default(),
                 })
                 .await
                 .map_err(status)?

@@ -327,6 +327,12 @@ fn human_event(offset: u64, env: &Envelope) -> String {
         Some(Payload::AgentConnected(e)) => format!("{} labels {:?}", e.agent_id, e.labels),
         Some(Payload::AgentDisconnected(e)) => format!("{} {}", e.agent_id, e.reason),
         Some(Payload::ProjectCreated(e)) => format!("{}/{} {}", e.tenant, e.name, e.repository),
+        Some(Payload::ProjectRepositoryChanged(e)) => {
+            format!(
+                "{}/{} {} (was {})",
+                e.tenant, e.name, e.repository, e.previous
+            )
+        }
         Some(_) | None => String::new(),
     };
     format!(

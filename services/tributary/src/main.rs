@@ -23,6 +23,7 @@ mod local_run;
 mod metering;
 mod projector;
 mod render;
+mod repo_access;
 mod secrets;
 mod serve;
 mod server;

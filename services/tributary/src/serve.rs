@@ -21,6 +21,8 @@ use crate::server::DEFAULT_TENANT;
 pub struct ServeApiArgs {
     #[command(flatten)]
     pub backends: crate::backends::BackendArgs,
+    #[command(flatten)]
+    pub repos: crate::repo_access::RepoAccessArgs,
     /// Address of gRPC, webhooks, the web UI, /healthz and /metrics (one port).
     #[arg(
         long,
@@ -65,7 +67,8 @@ pub async fn api(args: ServeApiArgs) -> anyhow::Result<ExitCode> {
             )
         })?;
     let addr = listener.local_addr()?;
-    let mirrors = tributary_repo::Mirrors::new(backends.data.join("mirrors"));
+    let access = args.repos.access(&backends.data)?;
+    let mirrors = tributary_repo::Mirrors::new(backends.data.join("mirrors")).with_access(access);
     let state =
         tributary_api::ApiState::start(log.clone(), store, mirrors, Some(server_key)).await?;
     let state = state.with_objects(objects);

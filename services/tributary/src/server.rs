@@ -43,7 +43,9 @@ pub async fn up(args: UpArgs) -> anyhow::Result<ExitCode> {
             )
         })?;
     let addr = listener.local_addr()?;
-    let mirrors = tributary_repo::Mirrors::new(data.path.join("mirrors"));
+    let access = args.repos.access(&data.path)?;
+    let mirrors =
+        tributary_repo::Mirrors::new(data.path.join("mirrors")).with_access(access.clone());
     let projector = {
         let store = data.store.clone();
         let log = log.clone();
@@ -138,6 +140,7 @@ pub async fn up(args: UpArgs) -> anyhow::Result<ExitCode> {
         config.usage_interval = usage_interval;
         config.containers = containers.clone();
         config.keep_failed_for = args.keep_failed;
+        config.repo_access = access.clone();
         agents.spawn(tributary_agent::run(config, drain.clone()));
     }
 

@@ -11,7 +11,7 @@ use std::path::Path;
 use std::process::{Command, Output, Stdio};
 use std::time::Duration;
 
-use common::{job, start, Server};
+use common::{job, start, start_allowing_local_repos, Server};
 
 const BUILD: Duration = Duration::from_secs(90);
 /// 20 bytes, nothing a log would hold by chance.
@@ -220,7 +220,7 @@ fn a_job_gets_its_secret_masked_everywhere_and_the_log_never_holds_it() {
 
 #[test]
 fn another_tenant_can_neither_see_set_delete_nor_use_them() {
-    let s = start(1);
+    let s = start_allowing_local_repos(1);
     let repo = s.project("app", PIPELINE);
     let out = with_stdin(
         &s,

@@ -11,7 +11,9 @@ use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
-use common::{free_port, start, wait_for_async, wait_for_port, wait_until_async};
+use common::{
+    free_port, start, start_allowing_local_repos, wait_for_async, wait_for_port, wait_until_async,
+};
 
 use fantoccini::{Client, ClientBuilder, Locator};
 use http_body_util::BodyExt;
@@ -657,7 +659,7 @@ async fn a_running_build_is_canceled_from_its_page() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn another_tenant_cannot_see_a_build_or_its_log() {
     tributary_testkit::require!(Browser);
-    let s = start(2);
+    let s = start_allowing_local_repos(2);
     let acme = s.tenant("acme");
     let globex = s.tenant("globex");
     s.project_as(
@@ -903,7 +905,7 @@ async fn another_tenant_cannot_see_a_build_or_its_log() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn artifacts_download_and_usage_show_only_the_tenants_own() {
     tributary_testkit::require!(Browser);
-    let s = start(2);
+    let s = start_allowing_local_repos(2);
     let acme = s.tenant("acme");
     let globex = s.tenant("globex");
     s.project_as(

@@ -61,6 +61,8 @@ pub struct Server {
     /// The `up` flags and environment it was started with, for [`Server::restart`].
     extra: Vec<String>,
     env: Vec<(String, String)>,
+    /// Where [`Server::repo`] makes repositories.
+    pub repos: PathBuf,
 }
 
 pub fn free_port() -> u16 {
@@ -79,14 +81,35 @@ pub fn start(agents: usize) -> Server {
 /// `tributary up --data DIR --listen ADDR` plus `extra` flags. The server's stderr goes to
 /// `ROOT/server.log`.
 pub fn start_with(extra: &[&str]) -> Server {
-    start_with_env(extra, &[])
+    launch(extra, &[], false)
 }
 
 /// [`start_with`], the server process having `env` too (e.g. the test S3 server's `AWS_*`
 /// variables: this process's own environment is never changed).
 pub fn start_with_env(extra: &[&str], env: &[(&str, String)]) -> Server {
+    launch(extra, env, false)
+}
+
+/// `tributary up --agents N --allow-local-repos ROOT/repos`: tenant users may then add the
+/// local repositories [`Server::repo`] makes (under `ROOT/repos`).
+pub fn start_allowing_local_repos(agents: usize) -> Server {
+    launch(&["--agents", &agents.to_string()], &[], true)
+}
+
+fn launch(extra: &[&str], env: &[(&str, String)], allow_local_repos: bool) -> Server {
     let dir = tempfile::tempdir().unwrap();
     let root = dir.path().to_path_buf();
+    let repos = if allow_local_repos {
+        root.join("repos")
+    } else {
+        root.clone()
+    };
+    std::fs::create_dir_all(&repos).unwrap();
+    let mut extra: Vec<&str> = extra.to_vec();
+    let allow = repos.to_str().unwrap().to_owned();
+    if allow_local_repos {
+        extra.extend(["--allow-local-repos", &allow]);
+    }
     let addr = format!("127.0.0.1:{}", free_port());
     let mut server = Server {
         proc: None,
@@ -99,6 +122,7 @@ pub fn start_with_env(extra: &[&str], env: &[(&str, String)]) -> Server {
             .iter()
             .map(|(k, v)| (k.to_string(), v.clone()))
             .collect(),
+        repos,
     };
     server.spawn();
     let token_file = server.root.join("data/admin.token");
@@ -169,6 +193,16 @@ impl Server {
         proc.wait_exit(Duration::from_secs(60))
     }
 
+    /// Stops the server (SIGTERM, drained) and starts `tributary up` again on the same data
+    /// directory and address, with `extra` flags instead of the first start's.
+    pub fn restart_with(&mut self, extra: &[&str]) {
+        if self.proc.is_some() {
+            assert!(self.stop().success(), "the server stops cleanly");
+        }
+        self.extra = extra.iter().map(|s| s.to_string()).collect();
+        self.spawn();
+    }
+
     /// The CLI against this server, as `token`.
     pub fn cli(&self, token: &str, args: &[&str]) -> Output {
         Command::new(bin())
@@ -200,7 +234,7 @@ impl Server {
     /// A git repository under the server's root with `.tributary.yml` = `pipeline` and
     /// `files` (path, content), committed on `main`.
     pub fn repo(&self, name: &str, pipeline: &str, files: &[(&str, &str)]) -> PathBuf {
-        let repo = self.root.join(name);
+        let repo = self.repos.join(name);
         std::fs::create_dir_all(&repo).unwrap();
         git(&repo, &["init", "-q", "-b", "main"]);
         std::fs::write(repo.join(".tributary.yml"), pipeline).unwrap();
