@@ -11,9 +11,14 @@
 //! only its build, and a build's state events are in one partition, so partitions fold
 //! independently.
 //!
-//! Re-deliveries: Kafka may store a retried append twice. The projector skips an event whose id
-//! is among the last [`RECENT_IDS`] it applied to that build (kept with the build's rows, in the
-//! same transaction), so a duplicate is applied once.
+//! Both are folds driven by the consumer runtime ([`Consumer`]): it owns the partitions
+//! (group membership), reads them, skips undecodable records and re-delivered event ids, and
+//! hands each batch's positions to the fold's commit.
+//!
+//! Re-deliveries: Kafka may store a retried append twice. The runtime skips an event id it has
+//! seen in this process; across a restart, the projector also skips an event whose id is among
+//! the last [`RECENT_IDS`] it applied to that build (kept with the build's rows, in the same
+//! transaction), so a duplicate is applied once.
 //!
 //! Log chunks in a separate logs topic (Kafka) are not folded into builds (their order relative
 //! to the build's state events is not kept): [`ChunkCounter`]s, members of group
@@ -25,8 +30,9 @@
 use std::collections::{BTreeMap, VecDeque};
 use std::future::Future;
 
-use tributary_eventlog::{EventLog, GroupEvent, Layout, Partition, Record, Topic};
-use tributary_proto::events::envelope::Payload;
+use tributary_eventlog::runtime::{Consumer, Fold, Interest, Position};
+use tributary_eventlog::{EventLog, Layout, Offset, Partition, Record, Topic};
+use tributary_proto::events::{envelope::Payload, Envelope};
 
 use crate::builds::{touches, BuildsState, Touch};
 use crate::chunks::{self, ChunkCounts};
@@ -42,62 +48,81 @@ pub const LOGS_GROUP: &str = "projector-logs";
 /// Event ids remembered per build to skip re-deliveries.
 pub const RECENT_IDS: usize = 512;
 
+/// `LogChunk`'s payload field number (events.proto): all a chunk counter reads.
+const LOG_CHUNK: u32 = 18;
+
 /// Projects the log into the builds read model.
 pub struct BuildsProjector {
+    consumer: Consumer<BuildsFold>,
+}
+
+/// The builds fold with its store, as the runtime drives it.
+pub struct BuildsFold {
     store: BuildsStore,
+    layout: Layout,
     /// Builds that may still change (not finished), as loaded or folded so far.
     cache: BuildsState,
     /// Recent event ids of the cached builds.
     recent: EventIds,
-    /// Next offset to apply, per partition this projector reads.
-    positions: BTreeMap<Partition, u64>,
-    /// Records skipped: undecodable, or of an unknown event type (also counted per process in
-    /// `tributary_eventlog::skipped`).
-    pub malformed: u64,
-    /// Re-delivered events (an event id already applied to its build) that were skipped.
-    pub duplicates: u64,
+    /// What the batch being applied changed.
+    touched: BTreeMap<(String, Touch), ()>,
+    /// Re-deliveries found by the stored ids (after a restart).
+    duplicates: u64,
 }
 
 impl BuildsProjector {
     pub async fn open(store: BuildsStore) -> Result<Self, ProjectionError> {
         let positions = store.next_offsets().await?;
-        Ok(BuildsProjector {
+        let mut consumer = Consumer::new(BuildsFold {
             store,
+            layout: Layout::SINGLE,
             cache: BuildsState::default(),
             recent: EventIds::new(),
-            positions,
-            malformed: 0,
+            touched: BTreeMap::new(),
             duplicates: 0,
-        })
+        });
+        let positions: Vec<(Partition, Offset)> = positions.into_iter().collect();
+        consumer.set_positions(&positions);
+        Ok(BuildsProjector { consumer })
     }
 
     /// The next offset of partition 0 this projector will apply (single-partition logs).
     pub fn next_offset(&self) -> u64 {
-        self.positions.get(&0).copied().unwrap_or(0)
+        self.consumer.position(0)
     }
 
     /// The next offset to apply of each partition the projector has read.
     pub fn positions(&self) -> &BTreeMap<Partition, u64> {
-        &self.positions
+        self.consumer.positions()
+    }
+
+    /// The positions applied, as they move (read-your-writes of an in-process projector).
+    pub fn applied(&self) -> tokio::sync::watch::Receiver<tributary_eventlog::runtime::Applied> {
+        self.consumer.applied()
     }
 
     pub fn store(&self) -> &BuildsStore {
-        &self.store
+        &self.consumer.fold().store
+    }
+
+    /// Records skipped: undecodable, or of an unknown event type (also counted per process in
+    /// `tributary_eventlog::skipped`).
+    pub fn malformed(&self) -> u64 {
+        self.consumer.skipped().malformed
+    }
+
+    /// Re-delivered events (an event id already applied to its build) that were skipped.
+    pub fn duplicates(&self) -> u64 {
+        self.consumer.skipped().duplicates + self.consumer.fold().duplicates
     }
 
     /// Applies every record up to the current end of the log (every events partition), then
     /// returns the new position of partition 0.
     pub async fn catch_up(&mut self, log: &dyn EventLog) -> Result<u64, ProjectionError> {
-        for partition in log.layout().topic_partitions(Topic::Events) {
-            loop {
-                let from = self.positions.get(&partition).copied().unwrap_or(0);
-                let records = log.read_partition(partition, from, 4096).await?;
-                if records.is_empty() {
-                    break;
-                }
-                self.apply_batch(&records).await?;
-            }
-        }
+        self.consumer.fold_mut().layout = log.layout();
+        self.consumer
+            .catch_up(log, log.layout().topic_partitions(Topic::Events))
+            .await?;
         Ok(self.next_offset())
     }
 
@@ -114,17 +139,10 @@ impl BuildsProjector {
         log: &dyn EventLog,
         shutdown: impl Future<Output = ()>,
     ) -> Result<(), ProjectionError> {
-        run_member(self, log, shutdown).await
-    }
-
-    /// Drops the cached builds and positions of `partitions` (another member owns them now).
-    fn forget(&mut self, layout: Layout, partitions: &[Partition]) {
-        let mine = |id: &String| !partitions.contains(&layout.partition_for(Topic::Events, id));
-        self.cache.builds.retain(|id, _| mine(id));
-        self.recent.retain(|id, _| mine(id));
-        for p in partitions {
-            self.positions.remove(p);
-        }
+        self.consumer.fold_mut().layout = log.layout();
+        self.consumer
+            .run_group(log, GROUP, Topic::Events, shutdown)
+            .await
     }
 
     /// Folds `records` and commits them with the next offset of every partition they are of.
@@ -132,46 +150,7 @@ impl BuildsProjector {
     /// advanced one of the partitions meanwhile (fenced), it reloads the stored offsets and
     /// applies what is left of the batch.
     pub async fn apply_batch(&mut self, records: &[Record]) -> Result<(), ProjectionError> {
-        apply_fenced(self, records).await
-    }
-
-    async fn try_apply_batch(&mut self, records: &[Record]) -> Result<(), ProjectionError> {
-        let touched = self.fold_batch(records).await?;
-        let mut advances: BTreeMap<Partition, Advance> = BTreeMap::new();
-        for record in records {
-            let from = self.positions.get(&record.partition).copied().unwrap_or(0);
-            if record.offset >= from {
-                advances
-                    .entry(record.partition)
-                    .or_insert(Advance {
-                        partition: record.partition,
-                        from,
-                        to: from,
-                    })
-                    .to = record.offset + 1;
-            }
-        }
-        if advances.is_empty() {
-            return Ok(());
-        }
-        let advances: Vec<Advance> = advances.into_values().collect();
-        if let Err(e) = self
-            .store
-            .commit_batch_at(&self.cache, &touched, &advances, &self.recent)
-            .await
-        {
-            // The cache is ahead of the database now: forget it, it reloads from the store.
-            self.cache.builds.clear();
-            self.recent.clear();
-            return Err(e);
-        }
-        self.positions
-            .extend(advances.iter().map(|a| (a.partition, a.to)));
-        // Finished builds rarely change again: keep the cache to the live ones.
-        self.cache.builds.retain(|_, b| !b.phase.is_terminal());
-        let cache = &self.cache;
-        self.recent.retain(|id, _| cache.builds.contains_key(id));
-        Ok(())
+        self.consumer.apply(records).await
     }
 
     /// Test hook: folds the batch like [`Self::apply_batch`] but "crashes" before the commit
@@ -181,66 +160,139 @@ impl BuildsProjector {
         mut self,
         records: &[Record],
     ) -> Result<(), ProjectionError> {
-        self.fold_batch(records).await?;
+        let fold = self.consumer.fold_mut();
+        for record in records {
+            if let Some(env) = record.envelope_for("projector") {
+                let at = Position {
+                    partition: record.partition,
+                    offset: record.offset,
+                };
+                fold.apply(at, env).await?;
+            }
+        }
+        Ok(())
+    }
+}
+
+impl Fold for BuildsFold {
+    type Error = ProjectionError;
+
+    fn name(&self) -> &'static str {
+        "projector"
+    }
+
+    /// The database is the truth: the offsets stored with the rows.
+    async fn start(
+        &mut self,
+        partitions: &[Partition],
+    ) -> Result<Vec<(Partition, Offset)>, ProjectionError> {
+        let stored = self.store.next_offsets().await?;
+        Ok(partitions
+            .iter()
+            .map(|p| (*p, stored.get(p).copied().unwrap_or(0)))
+            .collect())
+    }
+
+    async fn apply(&mut self, at: Position, env: Envelope) -> Result<(), ProjectionError> {
+        let touch = touches(&env);
+        if touch == Touch::Nothing {
+            return Ok(());
+        }
+        if !self.cache.builds.contains_key(&env.build_id) {
+            match self.store.load_build(&env.build_id).await? {
+                Some(build) => {
+                    self.cache.builds.insert(env.build_id.clone(), build);
+                    let ids = self.store.load_event_ids(&env.build_id).await?;
+                    self.recent.insert(env.build_id.clone(), ids);
+                }
+                None if matches!(env.payload, Some(Payload::BuildTriggered(_))) => {}
+                None => return Ok(()), // an event for a build we never saw: nothing to change
+            }
+        }
+        let recent = self.recent.entry(env.build_id.clone()).or_default();
+        if !env.event_id.is_empty() {
+            if recent.contains(&env.event_id) {
+                self.duplicates += 1;
+                tracing::debug!(
+                    build_id = %env.build_id,
+                    event_id = %env.event_id,
+                    "skipping a re-delivered event (an id stored with its build)"
+                );
+                return Ok(());
+            }
+            remember(recent, &env.event_id);
+        }
+        self.cache.apply(at.offset, &env);
+        self.touched.insert((env.build_id, touch), ());
         Ok(())
     }
 
-    async fn fold_batch(
-        &mut self,
-        records: &[Record],
-    ) -> Result<Vec<(String, Touch)>, ProjectionError> {
-        let mut touched: BTreeMap<(String, Touch), ()> = BTreeMap::new();
-        for record in records {
-            let position = self.positions.get(&record.partition).copied().unwrap_or(0);
-            if record.offset < position {
-                continue; // already applied (a re-delivery)
-            }
-            let Some(env) = record.envelope_for("projector") else {
-                self.malformed += 1; // logged and counted per process
-                continue;
-            };
-            let touch = touches(&env);
-            if touch == Touch::Nothing {
-                continue;
-            }
-            if !self.cache.builds.contains_key(&env.build_id) {
-                match self.store.load_build(&env.build_id).await? {
-                    Some(build) => {
-                        self.cache.builds.insert(env.build_id.clone(), build);
-                        let ids = self.store.load_event_ids(&env.build_id).await?;
-                        self.recent.insert(env.build_id.clone(), ids);
-                    }
-                    None if matches!(env.payload, Some(Payload::BuildTriggered(_))) => {}
-                    None => continue, // an event for a build we never saw: nothing to change
-                }
-            }
-            let recent = self.recent.entry(env.build_id.clone()).or_default();
-            if !env.event_id.is_empty() {
-                if recent.contains(&env.event_id) {
-                    self.duplicates += 1;
-                    tracing::debug!(
-                        build_id = %env.build_id,
-                        event_id = %env.event_id,
-                        "skipping a re-delivered event"
-                    );
-                    continue;
-                }
-                remember(recent, &env.event_id);
-            }
-            self.cache.apply(record.offset, &env);
-            touched.insert((env.build_id.clone(), touch), ());
-        }
+    async fn commit(&mut self, advances: &[Advance]) -> Result<(), ProjectionError> {
+        let touched = std::mem::take(&mut self.touched);
         // A whole-build touch subsumes the finer ones of the same build.
-        let whole: Vec<String> = touched
+        let whole: Vec<&String> = touched
             .keys()
             .filter(|(_, t)| *t == Touch::WholeBuild)
-            .map(|(b, _)| b.clone())
+            .map(|(b, _)| b)
             .collect();
-        Ok(touched
-            .into_keys()
-            .filter(|(b, t)| *t == Touch::WholeBuild || !whole.contains(b))
-            .collect())
+        let touched: Vec<(String, Touch)> = touched
+            .keys()
+            .filter(|(b, t)| *t == Touch::WholeBuild || !whole.contains(&b))
+            .cloned()
+            .collect();
+        if let Err(e) = self
+            .store
+            .commit_batch_at(&self.cache, &touched, advances, &self.recent)
+            .await
+        {
+            // The cache is ahead of the database now: forget it, it reloads from the store.
+            self.cache.builds.clear();
+            self.recent.clear();
+            return Err(e);
+        }
+        // Finished builds rarely change again: keep the cache to the live ones.
+        self.cache.builds.retain(|_, b| !b.phase.is_terminal());
+        let cache = &self.cache;
+        self.recent.retain(|id, _| cache.builds.contains_key(id));
+        Ok(())
     }
+
+    async fn retry(
+        &mut self,
+        error: &ProjectionError,
+    ) -> Result<Option<Vec<(Partition, Offset)>>, ProjectionError> {
+        self.touched.clear();
+        fenced(&self.store, error).await
+    }
+
+    /// Drops the cached builds of `partitions` (another member owns them now).
+    fn revoked(&mut self, partitions: &[Partition]) {
+        let layout = self.layout;
+        let mine = |id: &String| !partitions.contains(&layout.partition_for(Topic::Events, id));
+        self.cache.builds.retain(|id, _| mine(id));
+        self.recent.retain(|id, _| mine(id));
+    }
+}
+
+/// After a failed batch: when another member wrote a partition (fenced), the offsets stored
+/// now, to apply what is left of the batch from; `None` for any other error.
+async fn fenced(
+    store: &BuildsStore,
+    error: &ProjectionError,
+) -> Result<Option<Vec<(Partition, Offset)>>, ProjectionError> {
+    let ProjectionError::Fenced {
+        partition,
+        expected,
+    } = error
+    else {
+        return Ok(None);
+    };
+    tracing::warn!(
+        partition,
+        expected,
+        "fenced: another member wrote this partition; reloading"
+    );
+    Ok(Some(store.next_offsets().await?.into_iter().collect()))
 }
 
 fn remember(recent: &mut VecDeque<String>, id: &str) {
@@ -254,14 +306,18 @@ fn remember(recent: &mut VecDeque<String>, id: &str) {
 /// the [module docs](self). Exactly once like the projector: counters, recent chunk ids and
 /// the logs partitions' next offsets are committed in one transaction.
 pub struct ChunkCounter {
+    consumer: Consumer<ChunkFold>,
+}
+
+/// The chunk counter's fold, as the runtime drives it.
+pub struct ChunkFold {
     store: BuildsStore,
+    layout: Layout,
     recent: EventIds,
-    positions: BTreeMap<Partition, u64>,
-    /// Records skipped: undecodable, or of an unknown event type (also counted per process in
-    /// `tributary_eventlog::skipped`).
-    pub malformed: u64,
-    /// Re-delivered chunks that were skipped.
-    pub duplicates: u64,
+    /// The batch being applied.
+    increments: ChunkCounts,
+    /// Re-deliveries found by the stored ids (after a restart).
+    duplicates: u64,
 }
 
 /// Builds whose recent chunk ids a counter keeps in memory at most; past it, it forgets them
@@ -271,12 +327,32 @@ const RECENT_BUILDS: usize = 10_000;
 impl ChunkCounter {
     pub fn new(store: BuildsStore) -> Self {
         ChunkCounter {
-            store,
-            recent: EventIds::new(),
-            positions: BTreeMap::new(),
-            malformed: 0,
-            duplicates: 0,
+            consumer: Consumer::new(ChunkFold {
+                store,
+                layout: Layout::SINGLE,
+                recent: EventIds::new(),
+                increments: ChunkCounts::new(),
+                duplicates: 0,
+            }),
         }
+    }
+
+    /// Records skipped: undecodable, or of an unknown event type.
+    pub fn malformed(&self) -> u64 {
+        self.consumer.skipped().malformed
+    }
+
+    /// Re-delivered chunks that were skipped.
+    pub fn duplicates(&self) -> u64 {
+        self.consumer.skipped().duplicates + self.consumer.fold().duplicates
+    }
+
+    /// Counts every chunk of the logs topic up to its current end (a rebuild).
+    pub async fn catch_up(&mut self, log: &dyn EventLog) -> Result<(), ProjectionError> {
+        self.consumer.fold_mut().layout = log.layout();
+        self.consumer
+            .catch_up(log, log.layout().topic_partitions(Topic::Logs))
+            .await
     }
 
     /// Runs as a member of group [`LOGS_GROUP`] on the logs topic until `shutdown` resolves
@@ -286,203 +362,87 @@ impl ChunkCounter {
         log: &dyn EventLog,
         shutdown: impl Future<Output = ()>,
     ) -> Result<(), ProjectionError> {
-        run_member(self, log, shutdown).await
+        self.consumer.fold_mut().layout = log.layout();
+        self.consumer
+            .run_group(log, LOGS_GROUP, Topic::Logs, shutdown)
+            .await
     }
 
     /// Counts `records` (skipping re-deliveries) and commits them with the next offsets;
     /// fenced like [`BuildsProjector::apply_batch`].
     pub async fn apply_batch(&mut self, records: &[Record]) -> Result<(), ProjectionError> {
-        apply_fenced(self, records).await
+        self.consumer.apply(records).await
+    }
+}
+
+impl Fold for ChunkFold {
+    type Error = ProjectionError;
+
+    fn name(&self) -> &'static str {
+        "projector-logs"
     }
 
-    async fn try_apply_batch(&mut self, records: &[Record]) -> Result<(), ProjectionError> {
-        let mut increments = ChunkCounts::new();
-        let mut advances: BTreeMap<Partition, Advance> = BTreeMap::new();
-        for record in records {
-            let from = self.positions.get(&record.partition).copied().unwrap_or(0);
-            if record.offset < from {
-                continue;
-            }
-            advances
-                .entry(record.partition)
-                .or_insert(Advance {
-                    partition: record.partition,
-                    from,
-                    to: from,
-                })
-                .to = record.offset + 1;
-            let Some(env) = record.envelope_for("projector-logs") else {
-                self.malformed += 1; // logged and counted per process
-                continue;
-            };
-            if chunks::chunk_of(&env).is_none() {
-                continue;
-            }
-            if !self.recent.contains_key(&env.build_id) {
-                let ids = self.store.load_chunk_event_ids(&env.build_id).await?;
-                self.recent.insert(env.build_id.clone(), ids);
-            }
-            let recent = self.recent.entry(env.build_id.clone()).or_default();
-            if recent.contains(&env.event_id) {
-                self.duplicates += 1;
-                continue;
-            }
-            remember(recent, &env.event_id);
-            chunks::add(&mut increments, &env);
-        }
-        if advances.is_empty() {
+    fn interest(&self) -> Interest {
+        Interest::of(&[LOG_CHUNK])
+    }
+
+    async fn start(
+        &mut self,
+        partitions: &[Partition],
+    ) -> Result<Vec<(Partition, Offset)>, ProjectionError> {
+        let stored = self.store.next_offsets().await?;
+        Ok(partitions
+            .iter()
+            .map(|p| (*p, stored.get(p).copied().unwrap_or(0)))
+            .collect())
+    }
+
+    async fn apply(&mut self, _at: Position, env: Envelope) -> Result<(), ProjectionError> {
+        if chunks::chunk_of(&env).is_none() {
             return Ok(());
         }
-        let advances: Vec<Advance> = advances.into_values().collect();
+        if !self.recent.contains_key(&env.build_id) {
+            let ids = self.store.load_chunk_event_ids(&env.build_id).await?;
+            self.recent.insert(env.build_id.clone(), ids);
+        }
+        let recent = self.recent.entry(env.build_id.clone()).or_default();
+        if recent.contains(&env.event_id) {
+            self.duplicates += 1;
+            return Ok(());
+        }
+        remember(recent, &env.event_id);
+        chunks::add(&mut self.increments, &env);
+        Ok(())
+    }
+
+    async fn commit(&mut self, advances: &[Advance]) -> Result<(), ProjectionError> {
+        let increments = std::mem::take(&mut self.increments);
         if let Err(e) = self
             .store
-            .commit_chunks(&increments, &self.recent, &advances)
+            .commit_chunks(&increments, &self.recent, advances)
             .await
         {
             self.recent.clear();
             return Err(e);
         }
-        self.positions
-            .extend(advances.iter().map(|a| (a.partition, a.to)));
         if self.recent.len() > RECENT_BUILDS {
             self.recent.clear();
         }
         Ok(())
     }
-}
 
-/// A consumer-group member of the projections: the builds projector or a chunk counter.
-/// [`run_member`] drives either through the group's assignments; [`apply_fenced`] retries a
-/// batch after another member advanced a partition.
-trait Member {
-    /// The group it joins and the topic it reads.
-    const GROUP: &'static str;
-    const TOPIC: Topic;
-    /// Its name in logs.
-    const NAME: &'static str;
-    fn store(&self) -> &BuildsStore;
-    /// Next offset to apply, per owned partition.
-    fn positions(&mut self) -> &mut BTreeMap<Partition, u64>;
-    /// Drops what it keeps of `partitions` (another member owns them now), positions included.
-    fn forget(&mut self, layout: Layout, partitions: &[Partition]);
-    /// Applies `records` and commits them with the partitions' next offsets, in one
-    /// transaction; [`ProjectionError::Fenced`] if a partition's stored offset moved.
-    async fn try_apply_batch(&mut self, records: &[Record]) -> Result<(), ProjectionError>;
-}
+    async fn retry(
+        &mut self,
+        error: &ProjectionError,
+    ) -> Result<Option<Vec<(Partition, Offset)>>, ProjectionError> {
+        self.increments.clear();
+        self.recent.clear();
+        fenced(&self.store, error).await
+    }
 
-impl Member for BuildsProjector {
-    const GROUP: &'static str = GROUP;
-    const TOPIC: Topic = Topic::Events;
-    const NAME: &'static str = "projector";
-    fn store(&self) -> &BuildsStore {
-        &self.store
-    }
-    fn positions(&mut self) -> &mut BTreeMap<Partition, u64> {
-        &mut self.positions
-    }
-    fn forget(&mut self, layout: Layout, partitions: &[Partition]) {
-        BuildsProjector::forget(self, layout, partitions)
-    }
-    async fn try_apply_batch(&mut self, records: &[Record]) -> Result<(), ProjectionError> {
-        BuildsProjector::try_apply_batch(self, records).await
-    }
-}
-
-impl Member for ChunkCounter {
-    const GROUP: &'static str = LOGS_GROUP;
-    const TOPIC: Topic = Topic::Logs;
-    const NAME: &'static str = "chunk counter";
-    fn store(&self) -> &BuildsStore {
-        &self.store
-    }
-    fn positions(&mut self) -> &mut BTreeMap<Partition, u64> {
-        &mut self.positions
-    }
-    fn forget(&mut self, layout: Layout, partitions: &[Partition]) {
+    fn revoked(&mut self, partitions: &[Partition]) {
+        let layout = self.layout;
         self.recent
             .retain(|id, _| !partitions.contains(&layout.partition_for(Topic::Logs, id)));
-        for p in partitions {
-            self.positions.remove(p);
-        }
-    }
-    async fn try_apply_batch(&mut self, records: &[Record]) -> Result<(), ProjectionError> {
-        ChunkCounter::try_apply_batch(self, records).await
-    }
-}
-
-/// Runs `m` as a member of its group until `shutdown` resolves (then it commits and leaves the
-/// group, so its partitions go to the other members at once), the log closes, or an error.
-async fn run_member<M: Member>(
-    m: &mut M,
-    log: &dyn EventLog,
-    shutdown: impl Future<Output = ()>,
-) -> Result<(), ProjectionError> {
-    let layout = log.layout();
-    let mut member = log.join_group(M::GROUP, &[M::TOPIC]).await?;
-    let positions_of = |m: &mut M, partitions: &[Partition]| -> Vec<(Partition, u64)> {
-        let positions = m.positions();
-        partitions
-            .iter()
-            .filter_map(|p| positions.get(p).map(|o| (*p, *o)))
-            .collect()
-    };
-    tokio::pin!(shutdown);
-    loop {
-        let event = tokio::select! {
-            biased;
-            () = &mut shutdown => {
-                let owned = member.assigned();
-                member.commit(&positions_of(m, &owned)).await?;
-                member.leave().await?;
-                tracing::info!(partitions = ?owned, "{} left its group", M::NAME);
-                return Ok(());
-            }
-            event = member.next() => event?,
-        };
-        match event {
-            GroupEvent::Assigned(partitions) => {
-                // The database is the truth: reload the offsets stored with the rows.
-                let stored = m.store().next_offsets().await?;
-                let start: Vec<(Partition, u64)> = partitions
-                    .iter()
-                    .map(|p| (*p, stored.get(p).copied().unwrap_or(0)))
-                    .collect();
-                m.positions().extend(start.iter().copied());
-                member.start_at(&start);
-                tracing::info!(?start, "{}: partitions assigned", M::NAME);
-            }
-            GroupEvent::Revoked(partitions) => {
-                // Every applied batch is committed already; tell the group for lag metrics.
-                member.commit(&positions_of(m, &partitions)).await?;
-                m.forget(layout, &partitions);
-                tracing::info!(?partitions, "{}: partitions revoked", M::NAME);
-            }
-            GroupEvent::Records(records) => apply_fenced(m, &records).await?,
-        }
-    }
-}
-
-/// Applies `records`; when fenced (another member wrote one of the partitions), reloads the
-/// stored offsets and applies what is left of the batch.
-async fn apply_fenced<M: Member>(m: &mut M, records: &[Record]) -> Result<(), ProjectionError> {
-    loop {
-        match m.try_apply_batch(records).await {
-            Err(ProjectionError::Fenced {
-                partition,
-                expected,
-            }) => {
-                tracing::warn!(
-                    partition,
-                    expected,
-                    "{} fenced: another member wrote this partition; reloading",
-                    M::NAME
-                );
-                let stored = m.store().next_offsets().await?;
-                for (p, position) in m.positions().iter_mut() {
-                    *position = stored.get(p).copied().unwrap_or(0);
-                }
-            }
-            other => return other,
-        }
     }
 }

@@ -1,9 +1,9 @@
 //! Replay: rebuild a read model from offset 0, and compare it with the stored one.
 
-use std::collections::HashSet;
-
 use serde_json::Value;
+use tributary_eventlog::runtime::{Consumer, Fold, Interest, Position, SeenIds};
 use tributary_eventlog::{EventLog, Partition, Topic};
+use tributary_proto::events::Envelope;
 
 use crate::builds::{Build, BuildsState};
 use crate::chunks::{self, ChunkCounts};
@@ -16,42 +16,63 @@ pub async fn fold_log(log: &dyn EventLog, end: u64) -> Result<(BuildsState, u64)
     fold_partitions(log, &[(0, end)]).await
 }
 
-/// Folds each `(partition, end)` prefix `[0, end)` into a fresh state, in memory, partition
-/// after partition (builds are independent and a build's state events are in one partition, so
-/// the order of partitions does not matter). An event id met again is skipped, as the projector
-/// skips re-deliveries. Returns the state and the number of malformed records skipped.
+/// The builds fold as a replay drives it: from offset 0, in memory.
+#[derive(Default)]
+struct ReplayFold {
+    state: BuildsState,
+}
+
+impl Fold for ReplayFold {
+    type Error = ProjectionError;
+
+    fn name(&self) -> &'static str {
+        "replay"
+    }
+
+    async fn apply(&mut self, at: Position, env: Envelope) -> Result<(), ProjectionError> {
+        self.state.apply(at.offset, &env);
+        Ok(())
+    }
+}
+
+/// Folds each `(partition, end)` prefix `[0, end)` into a fresh state, in memory, through the
+/// consumer runtime (builds are independent and a build's state events are in one partition,
+/// so the order of partitions does not matter). An event id met again anywhere is skipped.
+/// Returns the state and the number of malformed records skipped.
 pub async fn fold_partitions(
     log: &dyn EventLog,
     ends: &[(Partition, u64)],
 ) -> Result<(BuildsState, u64), ProjectionError> {
-    let mut state = BuildsState::default();
-    let mut malformed = 0;
-    let mut seen: HashSet<String> = HashSet::new();
-    for (partition, end) in ends {
-        let mut next = 0;
-        while next < *end {
-            let records = log.read_partition(*partition, next, 8192).await?;
-            if records.is_empty() {
-                break;
-            }
-            for record in &records {
-                if record.offset >= *end {
-                    break;
-                }
-                next = record.offset + 1;
-                match record.decode() {
-                    Ok(env) => {
-                        if env.event_id.is_empty() || seen.insert(env.event_id.clone()) {
-                            state.apply(record.offset, &env);
-                        }
-                    }
-                    Err(_) => malformed += 1,
-                }
-            }
-        }
-    }
-    Ok((state, malformed))
+    let mut replay = Consumer::with_seen(ReplayFold::default(), SeenIds::unbounded());
+    replay.catch_up_to(log, ends).await?;
+    let malformed = replay.skipped().malformed;
+    Ok((replay.into_fold().state, malformed))
 }
+
+/// Log chunks counted as a replay drives it.
+struct ChunksFold {
+    counts: ChunkCounts,
+}
+
+impl Fold for ChunksFold {
+    type Error = ProjectionError;
+
+    fn name(&self) -> &'static str {
+        "replay-logs"
+    }
+
+    fn interest(&self) -> Interest {
+        Interest::of(&[LOG_CHUNK])
+    }
+
+    async fn apply(&mut self, _at: Position, env: Envelope) -> Result<(), ProjectionError> {
+        chunks::add(&mut self.counts, &env);
+        Ok(())
+    }
+}
+
+/// `LogChunk`'s payload field number (events.proto).
+const LOG_CHUNK: u32 = 18;
 
 /// Counts the log chunks of each logs-topic `(partition, end)` prefix (skipping event ids met
 /// before, as the chunk counters do), and overlays the counts on `state`'s builds.
@@ -60,28 +81,14 @@ pub async fn count_chunks(
     ends: &[(Partition, u64)],
     state: &mut BuildsState,
 ) -> Result<ChunkCounts, ProjectionError> {
-    let mut counts = ChunkCounts::new();
-    let mut seen: HashSet<String> = HashSet::new();
-    for (partition, end) in ends {
-        let mut next = 0;
-        while next < *end {
-            let records = log.read_partition(*partition, next, 8192).await?;
-            if records.is_empty() {
-                break;
-            }
-            for record in &records {
-                if record.offset >= *end {
-                    break;
-                }
-                next = record.offset + 1;
-                if let Ok(env) = record.decode() {
-                    if seen.insert(env.event_id.clone()) {
-                        chunks::add(&mut counts, &env);
-                    }
-                }
-            }
-        }
-    }
+    let mut replay = Consumer::with_seen(
+        ChunksFold {
+            counts: ChunkCounts::new(),
+        },
+        SeenIds::unbounded(),
+    );
+    replay.catch_up_to(log, ends).await?;
+    let counts = replay.into_fold().counts;
     for build in state.builds.values_mut() {
         chunks::overlay(build, &counts);
     }
@@ -258,18 +265,10 @@ async fn fill_and_swap(
     let fresh = BuildsStore::connect(&fresh_url).await?;
     let mut projector = crate::BuildsProjector::open(fresh.clone()).await?;
     projector.catch_up(log).await?;
-    let mut counter = crate::ChunkCounter::new(fresh.clone());
-    let layout = log.layout();
-    if layout.logs > 0 {
-        for partition in layout.topic_partitions(Topic::Logs) {
-            let mut next = 0;
-            loop {
-                let records = log.read_partition(partition, next, 4096).await?;
-                let Some(last) = records.last() else { break };
-                next = last.offset + 1;
-                counter.apply_batch(&records).await?;
-            }
-        }
+    if log.layout().logs > 0 {
+        crate::ChunkCounter::new(fresh.clone())
+            .catch_up(log)
+            .await?;
     }
     let offsets = fresh.next_offsets().await?;
     fresh.close().await;

@@ -17,13 +17,8 @@ use crate::chunks::{overlay, ChunkCounts, ChunkKey};
 use crate::ProjectionError;
 
 /// A partition's stored next offset moving from `from` to `to` (see
-/// [`BuildsStore::commit_batch_at`]).
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct Advance {
-    pub partition: u32,
-    pub from: u64,
-    pub to: u64,
-}
+/// [`BuildsStore::commit_batch_at`]): what a batch of the consumer runtime moved.
+pub use tributary_eventlog::runtime::Advance;
 
 /// Per build id, the ids of the events last applied to it (oldest first).
 pub type EventIds = HashMap<String, VecDeque<String>>;

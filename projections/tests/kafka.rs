@@ -39,7 +39,8 @@ async fn garbage_on_the_topic_is_skipped_and_counted() {
     let end = projector.catch_up(&log).await.expect("catch up");
     assert_eq!(end, events.len() as u64 + 2, "every record was consumed");
     assert_eq!(
-        projector.malformed, 2,
+        projector.malformed(),
+        2,
         "the garbage record and the event of an unknown type are counted"
     );
     let build = store.load_build("b1").await.expect("load").expect("stored");
@@ -55,7 +56,8 @@ async fn garbage_on_the_topic_is_skipped_and_counted() {
     let mut restarted = BuildsProjector::open(store.clone()).await.expect("reopen");
     assert_eq!(restarted.catch_up(&log).await.expect("catch up"), end);
     assert_eq!(
-        restarted.malformed, 0,
+        restarted.malformed(),
+        0,
         "the garbage is behind the stored offset"
     );
     log.delete_topics().await.expect("delete topics");

@@ -151,7 +151,8 @@ async fn malformed_and_unknown_events_are_skipped() {
     let mut p = BuildsProjector::open(store.clone()).await.unwrap();
     p.catch_up(log.as_ref()).await.unwrap();
     assert_eq!(
-        p.malformed, 2,
+        p.malformed(),
+        2,
         "the garbage and the unknown event, each counted"
     );
     let b = store.load_build("b1").await.unwrap().unwrap();
@@ -224,7 +225,7 @@ async fn a_redelivered_event_id_is_applied_once_even_after_a_restart() {
     records.push(record(records.len() as u64, &events[chunk]));
     let mut p = BuildsProjector::open(store.clone()).await.unwrap();
     p.apply_batch(&records).await.unwrap();
-    assert_eq!(p.duplicates, 1);
+    assert_eq!(p.duplicates(), 1);
     let bytes = |b: &tributary_projections::Build| b.jobs[0].log_bytes;
     let once = bytes(&store.load_build("b1").await.unwrap().unwrap());
     assert!(once > 0);
@@ -237,7 +238,8 @@ async fn a_redelivered_event_id_is_applied_once_even_after_a_restart() {
         .await
         .unwrap();
     assert_eq!(
-        restarted.duplicates, 1,
+        restarted.duplicates(),
+        1,
         "the stored event ids survive a restart"
     );
     assert_eq!(bytes(&store.load_build("b1").await.unwrap().unwrap()), once);

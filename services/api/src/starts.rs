@@ -12,11 +12,12 @@
 //! other partition key seen first (agent ids, the directory's keys).
 
 use std::collections::{HashMap, HashSet};
-use std::sync::Arc;
+use std::sync::{Arc, RwLock};
 
 use tonic::Status;
-use tributary_eventlog::{EventLog, Offset, Record};
-use tributary_proto::events::envelope::Payload;
+use tributary_eventlog::runtime::{Fold, Position};
+use tributary_eventlog::{EventLog, LogError, Offset, Record};
+use tributary_proto::events::{envelope::Payload, Envelope};
 
 use crate::follow::{BuildPartitions, Cursor};
 use crate::state::{Folded, Mark};
@@ -58,12 +59,22 @@ impl BuildStarts {
     /// build's (its key is its build id) is its start, anything else is remembered as not a
     /// build. Malformed records are skipped (the key's next record counts).
     pub fn apply(&mut self, record: &Record) {
-        if self.builds.contains_key(&record.key) || self.others.contains(&record.key) {
+        if self.knows(&record.key) {
             return;
         }
         let Ok(env) = record.decode() else { return };
-        if env.build_id.is_empty() || env.build_id != record.key {
-            self.others.insert(record.key.clone());
+        self.apply_first(&record.key, record.offset, env);
+    }
+
+    /// Whether `key`'s first record was folded.
+    pub fn knows(&self, key: &str) -> bool {
+        self.builds.contains_key(key) || self.others.contains(key)
+    }
+
+    /// Folds `env`, the first well-formed record of `key`, at `offset`.
+    pub fn apply_first(&mut self, key: &str, offset: Offset, env: Envelope) {
+        if env.build_id.is_empty() || env.build_id != key {
+            self.others.insert(key.to_owned());
             return;
         }
         let logs = match &env.payload {
@@ -71,10 +82,10 @@ impl BuildStarts {
             _ => 0,
         };
         self.builds.insert(
-            record.key.clone(),
+            key.to_owned(),
             Start {
                 tenant: env.tenant,
-                events: record.offset,
+                events: offset,
                 logs,
             },
         );
@@ -89,9 +100,45 @@ impl BuildStarts {
 #[derive(Clone)]
 pub struct Starts(Folded<BuildStarts>);
 
+/// [`BuildStarts`] as the runtime drives it: a record whose key is known is skipped before it
+/// is decoded.
+struct StartsFold {
+    state: Arc<RwLock<BuildStarts>>,
+    /// The key of the record admitted last (the one `apply` gets next).
+    key: String,
+}
+
+impl Fold for StartsFold {
+    type Error = LogError;
+
+    fn name(&self) -> &'static str {
+        "api-starts"
+    }
+
+    fn admit(&mut self, record: &Record) -> bool {
+        let known = self.state.read().map_or(true, |s| s.knows(&record.key));
+        if !known {
+            self.key.clone_from(&record.key);
+        }
+        !known
+    }
+
+    async fn apply(&mut self, at: Position, env: Envelope) -> Result<(), LogError> {
+        if let Ok(mut s) = self.state.write() {
+            s.apply_first(&self.key, at.offset, env);
+        }
+        Ok(())
+    }
+}
+
 impl Starts {
     pub fn start(log: &Arc<dyn EventLog>) -> Starts {
-        Starts(Folded::start_records(log, BuildStarts::apply))
+        let state = Arc::new(RwLock::new(BuildStarts::default()));
+        let fold = StartsFold {
+            state: state.clone(),
+            key: String::new(),
+        };
+        Starts(Folded::run(log, fold, state))
     }
 
     /// Where `build_id` starts, as far as the index has folded.
@@ -109,7 +156,7 @@ impl Starts {
 mod tests {
     use super::*;
     use prost::Message;
-    use tributary_proto::events::{BuildTriggered, Envelope, JobQueued, TenantCreated};
+    use tributary_proto::events::{BuildTriggered, JobQueued, TenantCreated};
 
     fn record(offset: Offset, env: &Envelope) -> Record {
         Record {

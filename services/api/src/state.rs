@@ -10,12 +10,12 @@ use std::time::Duration;
 
 use tokio::sync::watch;
 use tonic::Status;
-use tributary_eventlog::{EventLog, Layout, Offset, Partition, Record, Topic};
+use tributary_eventlog::runtime::{Applied, Consumer, Fold, Interest, Position, JOB_OUTPUT};
+use tributary_eventlog::{EventLog, Layout, LogError, Offset, Partition, Record, Topic};
 use tributary_projections::directory::Directory;
 use tributary_projections::BuildsStore;
 use tributary_proto::events::{envelope::Payload, Envelope};
 use tributary_scheduler::cluster::ClusterState;
-use tributary_scheduler::seen::SeenIds;
 
 /// How far the log goes, or how far a reader must have read: for some partitions, the offset
 /// just past the last record that matters. A reader "has folded past" a mark when its next
@@ -50,11 +50,13 @@ impl Mark {
 }
 
 /// A read model folded in memory from offset 0 of every events partition and kept following
-/// the log by a task. Re-delivered events (same event id) are folded once.
+/// the log by the consumer runtime ([`Consumer::follow`]): re-delivered events (same event id)
+/// are folded once, records that do not decode or carry an unknown payload are skipped, logged
+/// and counted as the consumer's.
 pub struct Folded<S> {
     state: Arc<RwLock<S>>,
-    /// Next offset the fold will apply, per events partition.
-    at: watch::Receiver<BTreeMap<Partition, Offset>>,
+    /// What the fold has applied, per events partition.
+    at: watch::Receiver<Applied>,
 }
 
 impl<S> Clone for Folded<S> {
@@ -66,62 +68,85 @@ impl<S> Clone for Folded<S> {
     }
 }
 
+/// A fold of a [`Folded`] read model: `apply` on the shared state, each event with its place in
+/// the fold's order (0, 1, 2...).
+struct Shared<S> {
+    state: Arc<RwLock<S>>,
+    name: &'static str,
+    interest: Interest,
+    apply: fn(&mut S, u64, &Envelope),
+    sequence: u64,
+}
+
+impl<S: Send + Sync + 'static> Fold for Shared<S> {
+    type Error = LogError;
+
+    fn name(&self) -> &'static str {
+        self.name
+    }
+
+    fn interest(&self) -> Interest {
+        self.interest
+    }
+
+    async fn apply(&mut self, _at: Position, env: Envelope) -> Result<(), LogError> {
+        if let Ok(mut s) = self.state.write() {
+            (self.apply)(&mut s, self.sequence, &env);
+        }
+        self.sequence += 1;
+        Ok(())
+    }
+}
+
 impl<S: Default + Send + Sync + 'static> Folded<S> {
-    /// Starts folding `log` into a fresh `S` with `apply`, which gets each event with its place
-    /// in the fold's order (0, 1, 2...: the log offset on a one-partition log).
-    /// Records that do not decode or carry an unknown payload are skipped, logged and counted
-    /// as `consumer`'s ([`tributary_eventlog::skipped`]).
+    /// Starts folding `log` into a fresh `S` with `apply`, which gets the events `interest`
+    /// admits, each with its place in the fold's order. Skipped records are counted as
+    /// `consumer`'s ([`tributary_eventlog::skipped`]).
     pub fn start(
         log: &Arc<dyn EventLog>,
         consumer: &'static str,
+        interest: Interest,
         apply: fn(&mut S, u64, &Envelope),
     ) -> Self {
-        let mut seen = SeenIds::default();
-        let mut sequence = 0u64;
-        Self::start_records(log, move |s: &mut S, record: &Record| {
-            match record.envelope_for(consumer) {
-                Some(env) if seen.first_time(&env.event_id) => {
-                    apply(s, sequence, &env);
-                    sequence += 1;
-                }
-                Some(_) | None => {}
-            }
-        })
-    }
-
-    /// Starts folding every record of every events partition of `log`, from offset 0, into a
-    /// fresh `S` with `apply` (which decodes what it needs of each record).
-    pub fn start_records(
-        log: &Arc<dyn EventLog>,
-        mut apply: impl FnMut(&mut S, &Record) + Send + 'static,
-    ) -> Self {
         let state = Arc::new(RwLock::new(S::default()));
+        let fold = Shared {
+            state: state.clone(),
+            name: consumer,
+            interest,
+            apply,
+            sequence: 0,
+        };
+        Folded::run(log, fold, state)
+    }
+}
+
+impl<S: Send + Sync + 'static> Folded<S> {
+    /// Runs `fold` (whose state `state` is) over every events partition from offset 0, then
+    /// following the log, in a task of its own.
+    pub fn run<F>(log: &Arc<dyn EventLog>, fold: F, state: Arc<RwLock<S>>) -> Self
+    where
+        F: Fold<Error = LogError> + 'static,
+    {
+        let mut consumer = Consumer::new(fold);
+        // Every partition at 0 until the fold moves: nothing is reached before it is read.
         let start: Vec<(Partition, Offset)> = log
             .layout()
             .topic_partitions(Topic::Events)
             .map(|p| (p, 0))
             .collect();
-        let (tx, rx) = watch::channel(start.iter().copied().collect::<BTreeMap<_, _>>());
-        let mut sub = log.subscribe_partitions(&start);
-        let shared = state.clone();
+        consumer.set_positions(&start);
+        let at = consumer.applied();
+        let log = log.clone();
         tokio::spawn(async move {
-            loop {
-                let records = match sub.next_batch().await {
-                    Ok(records) => records,
-                    Err(e) => {
-                        tracing::info!(error = %e, "read-model fold stopped");
-                        return;
-                    }
-                };
-                if let Ok(mut s) = shared.write() {
-                    for record in &records {
-                        apply(&mut s, record);
-                    }
-                }
-                let _ = tx.send(sub.positions().into_iter().collect());
+            let name = consumer.fold().name();
+            if let Err(e) = consumer
+                .follow(&*log, Topic::Events, std::future::pending())
+                .await
+            {
+                tracing::info!(consumer = name, error = %e, "read-model fold stopped");
             }
         });
-        Folded { state, at: rx }
+        Folded { state, at }
     }
 
     /// Reads the state.
@@ -139,7 +164,7 @@ impl<S: Default + Send + Sync + 'static> Folded<S> {
         let mut rx = self.at.clone();
         let ok = tokio::time::timeout(
             Duration::from_secs(5),
-            rx.wait_for(|at| mark.reached_by(at)),
+            rx.wait_for(|at| mark.reached_by(&at.next)),
         )
         .await
         .is_ok_and(|r| r.is_ok());
@@ -199,12 +224,19 @@ impl ApiState {
         mirrors: tributary_repo::Mirrors,
         server_key: Option<crate::seal::ServerKey>,
     ) -> Result<ApiState, tributary_eventlog::LogError> {
-        let directory = Folded::start(&log, "api-directory", |d: &mut Directory, _, env| {
-            d.apply(env)
-        });
-        let cluster = Folded::start(&log, "api-cluster", |c: &mut ClusterState, offset, env| {
-            c.apply(offset, env)
-        });
+        // Neither fold reads a job's output (chunks, steps, lines, ticks): skipped undecoded.
+        let directory = Folded::start(
+            &log,
+            "api-directory",
+            Interest::except(&JOB_OUTPUT),
+            |d: &mut Directory, _, env| d.apply(env),
+        );
+        let cluster = Folded::start(
+            &log,
+            "api-cluster",
+            Interest::except(&JOB_OUTPUT),
+            |c: &mut ClusterState, offset, env| c.apply(offset, env),
+        );
         let starts = crate::starts::Starts::start(&log);
         let state = ApiState {
             log,

@@ -1,21 +1,30 @@
 //! The autoscaler service: the thin shell that drives [`decide`] with real I/O.
 //!
-//! It folds the log from offset 0 into a [`PoolState`]; whenever it has folded its own last
-//! appends (and at least every tick) it asks the policy what to do now, appends the decisions
-//! as events, and hands each to the provider: acquire (then `AgentProvisioned`, or
+//! It folds every events partition of the log from offset 0 into a [`PoolState`] through the
+//! consumer runtime ([`Consumer`]); while it is the active replica, whenever it has folded its
+//! own last appends (and at least every tick) it asks the policy what to do now, appends the
+//! decisions as events, and hands each to the provider: acquire (then `AgentProvisioned`, or
 //! `AgentReleased` with the provider's error), drain, release. Decisions are events first, so
-//! a restarted autoscaler picks up where the log is, and nothing is decided twice; at start the
-//! provider adopts the machines the log still has and stops the others it owns
-//! ([`Provider::recover`](crate::provider::Provider::recover)). When it
-//! stops, the agents its provider stopped (the local provider's processes, drained first) are
-//! recorded as released.
+//! a restarted autoscaler — or the standby that takes over — picks up where the log is, and
+//! nothing is decided twice.
+//!
+//! One active replica ([`Replicas`]): with [`Replicas::Group`], replicas join a consumer group
+//! on the events topic and the one that owns its partition 0 is active; it becomes active only
+//! once it has folded the log up to the ends it had when it gained the partition (so it sees
+//! every request of the replica before it), and on a revoke it stops deciding before the
+//! partition is handed over. When it becomes active the provider adopts the machines the log
+//! still has and stops the others it owns
+//! ([`Provider::recover`](crate::provider::Provider::recover)). When it stops, the agents its
+//! provider stopped (the local provider's processes, drained first) are recorded as released.
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
 use std::time::Duration;
 
+use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
-use tributary_eventlog::{EventLog, LogError};
+use tributary_eventlog::runtime::{Consumer, Fold, Interest, Position, JOB_OUTPUT};
+use tributary_eventlog::{EventLog, LogError, Offset, Partition, Topic};
 use tributary_proto::events::{envelope::Payload, AgentProvisioned, AgentReleased, Envelope};
 
 use crate::config::{billed_secs, cost_micros, format_money, Config};
@@ -24,19 +33,71 @@ use crate::fold::PoolState;
 use crate::policy::{decide, Decision};
 use crate::provider::{AgentHandle, AgentRequest, Provider};
 
+/// The consumer group of autoscaler replicas ([`Replicas::Group`]).
+pub const GROUP: &str = "autoscaler";
+
+/// How replicas of the autoscaler share a log.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Replicas {
+    /// This is the only one (the embedded log: one process per data directory).
+    Alone,
+    /// Members of this consumer group: the owner of events partition 0 is the active one.
+    Group(String),
+}
+
+/// [`PoolState`] as the runtime drives it: events folded in the order read.
+#[derive(Default)]
+pub struct PoolFold {
+    pub state: PoolState,
+    sequence: u64,
+}
+
+impl Fold for PoolFold {
+    type Error = LogError;
+
+    fn name(&self) -> &'static str {
+        "autoscaler"
+    }
+
+    fn interest(&self) -> Interest {
+        Interest::except(&JOB_OUTPUT)
+    }
+
+    async fn apply(&mut self, _at: Position, env: Envelope) -> Result<(), LogError> {
+        self.state.apply(self.sequence, &env);
+        self.sequence += 1;
+        Ok(())
+    }
+}
+
 /// Runs until `stop` is cancelled (then the provider drains what it runs) or the log closes.
 pub async fn run(
     log: Arc<dyn EventLog>,
     config: Config,
     provider: Arc<dyn Provider>,
+    replicas: Replicas,
     stop: CancellationToken,
 ) -> Result<(), LogError> {
-    let mut state = PoolState::new();
-    let result = drive(log.clone(), &config, provider.clone(), stop, &mut state).await;
+    let mut consumer = Consumer::new(PoolFold::default());
+    let result = drive(
+        log.clone(),
+        &config,
+        provider.clone(),
+        replicas,
+        stop,
+        &mut consumer,
+    )
+    .await;
     let stopped = provider.shutdown().await;
+    if stopped.is_empty() {
+        return result;
+    }
     // Catch up, so that the releases below see every request and what it cost.
-    catch_up(log.as_ref(), &mut state).await?;
+    consumer
+        .catch_up(log.as_ref(), log.layout().topic_partitions(Topic::Events))
+        .await?;
     let now = tributary_proto::now_us();
+    let state = &consumer.fold().state;
     let releases: Vec<Envelope> = state
         .pool()
         .agents
@@ -60,31 +121,15 @@ pub async fn run(
     result
 }
 
-/// Folds the log up to its end.
-async fn catch_up(log: &dyn EventLog, state: &mut PoolState) -> Result<(), LogError> {
-    loop {
-        let records = log.read(state.next_offset, 10_000).await?;
-        if records.is_empty() {
-            return Ok(());
-        }
-        for record in records {
-            match record.decode() {
-                Ok(env) => state.apply(record.offset, &env),
-                Err(_) => state.next_offset = state.next_offset.max(record.offset + 1),
-            }
-        }
-    }
-}
-
-/// At start: the provider adopts the machines of the requests the log still has and stops
-/// the ones it owns that the log does not know. An adopted machine whose AgentProvisioned
-/// never made it to the log (a crash right after the provider's call) gets it now.
+/// When it becomes active: the provider adopts the machines of the requests the log still
+/// has and stops the ones it owns that the log does not know. An adopted machine whose
+/// AgentProvisioned never made it to the log (a crash right after the provider's call) gets it
+/// now.
 async fn recover(
     log: &dyn EventLog,
     provider: &dyn Provider,
-    state: &mut PoolState,
+    state: &PoolState,
 ) -> Result<(), LogError> {
-    catch_up(log, state).await?;
     let live: BTreeSet<String> = state.requests.keys().cloned().collect();
     let recovery = match provider.recover(&live).await {
         Ok(r) => r,
@@ -122,28 +167,82 @@ async fn recover(
     Ok(())
 }
 
+/// Whether this replica decides, and what it waits for before it does.
+enum Activity {
+    Standby,
+    /// Gained partition 0: folding up to these ends (indexed by partition) first.
+    CatchingUp(Vec<Offset>),
+    Active,
+}
+
 async fn drive(
     log: Arc<dyn EventLog>,
     config: &Config,
     provider: Arc<dyn Provider>,
+    replicas: Replicas,
     stop: CancellationToken,
-    state: &mut PoolState,
+    consumer: &mut Consumer<PoolFold>,
 ) -> Result<(), LogError> {
-    recover(log.as_ref(), provider.as_ref(), state).await?;
-    let mut sub = log.subscribe(state.next_offset);
-    let mut awaiting: Option<u64> = None;
+    let partitions: Vec<Partition> = log.layout().topic_partitions(Topic::Events).collect();
+    // Ownership: partition 0 of the events topic makes the active replica.
+    let (assigned_tx, mut assigned) = watch::channel(BTreeSet::<Partition>::new());
+    let (deciding_tx, deciding_rx) = watch::channel(BTreeSet::<Partition>::new());
+    let owner_stop = stop.child_token();
+    let mut owner = match &replicas {
+        Replicas::Alone => {
+            assigned_tx.send_replace(BTreeSet::from([0]));
+            None
+        }
+        Replicas::Group(group) => {
+            let (log, group, stop) = (log.clone(), group.clone(), owner_stop.clone());
+            Some(tokio::spawn(async move {
+                tributary_scheduler::service::own_by_group(
+                    log,
+                    &group,
+                    assigned_tx,
+                    deciding_rx,
+                    stop,
+                )
+                .await
+            }))
+        }
+    };
+    let _stop_owner = owner_stop.drop_guard();
+    tokio::select! {
+        r = consumer.catch_up(log.as_ref(), partitions.iter().copied()) => r?,
+        () = stop.cancelled() => return Ok(()),
+    }
+    let mut sub = consumer.subscribe(log.as_ref(), partitions.iter().copied());
+    let mut activity = Activity::Standby;
+    let mut assignment_open = true;
+    let mut reassigned = true;
+    // Per partition, the offset of our last append there not folded yet.
+    let mut awaiting: BTreeMap<Partition, Offset> = BTreeMap::new();
     let tick = Duration::from_micros(config.tick_us.max(10_000) as u64);
     let mut ticker = tokio::time::interval(tick);
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut calls = tokio::task::JoinSet::new();
-    tracing::info!(provider = provider.name(), kinds = config.kinds.len(), budget_per_hour = %format_money(config.budget_per_hour_micros), "autoscaler started");
+    tracing::info!(provider = provider.name(), kinds = config.kinds.len(), budget_per_hour = %format_money(config.budget_per_hour_micros), ?replicas, "autoscaler started");
     loop {
         tokio::select! {
-            batch = sub.next_batch() => {
-                for record in batch? {
-                    match record.decode() {
-                        Ok(env) => state.apply(record.offset, &env),
-                        Err(e) => tracing::error!(offset = record.offset, error = %e, "skipping malformed event"),
+            batch = sub.next_batch() => consumer.apply(&batch?).await?,
+            changed = assigned.changed(), if assignment_open => {
+                match changed {
+                    Ok(()) => reassigned = true,
+                    Err(_) => {
+                        // The group membership ended: at stop, or on an error of the log.
+                        assignment_open = false;
+                        if let Some(owner) = owner.take() {
+                            if !stop.is_cancelled() {
+                                match owner.await {
+                                    Ok(Ok(())) => {}
+                                    Ok(Err(e)) => return Err(e),
+                                    Err(e) => return Err(LogError::Invalid(format!(
+                                        "the autoscaler's group membership failed: {e}"
+                                    ))),
+                                }
+                            }
+                        }
                     }
                 }
             }
@@ -154,9 +253,41 @@ async fn drive(
                 return Ok(());
             }
         }
-        if awaiting.is_some_and(|a| sub.position() <= a) {
+        if reassigned {
+            reassigned = false;
+            let leads = assigned.borrow_and_update().contains(&0);
+            match (&activity, leads) {
+                (Activity::Standby, true) => {
+                    let ends = log.end_offsets().await?;
+                    tracing::info!(?ends, "partition 0 gained: catching up before deciding");
+                    activity = Activity::CatchingUp(ends);
+                }
+                (Activity::CatchingUp(_) | Activity::Active, false) => {
+                    tracing::info!("partition 0 lost: standing by");
+                    activity = Activity::Standby;
+                    awaiting.clear();
+                    deciding_tx.send_replace(BTreeSet::new());
+                }
+                _ => {}
+            }
+        }
+        if let Activity::CatchingUp(ends) = &activity {
+            if !consumer.applied_sender().borrow().reached_ends(ends) {
+                continue;
+            }
+            recover(log.as_ref(), provider.as_ref(), &consumer.fold().state).await?;
+            tracing::info!("active autoscaler replica: deciding");
+            activity = Activity::Active;
+            deciding_tx.send_replace(BTreeSet::from([0]));
+        }
+        if !matches!(activity, Activity::Active) {
+            continue;
+        }
+        awaiting.retain(|p, offset| consumer.position(*p) <= *offset);
+        if !awaiting.is_empty() {
             continue; // our last decisions are not folded yet
         }
+        let state = &consumer.fold().state;
         let now = tributary_proto::now_us();
         let decisions = decide(&state.queue(config, now), &state.pool(), now, config);
         if decisions.is_empty() {
@@ -167,7 +298,11 @@ async fn drive(
             .flat_map(|d| envelopes(d, provider.name(), now))
             .collect();
         let offsets = log.append(&events).await?;
-        awaiting = offsets.last().copied();
+        let layout = log.layout();
+        for (event, offset) in events.iter().zip(offsets) {
+            let entry = awaiting.entry(layout.partition_of(event)).or_insert(offset);
+            *entry = (*entry).max(offset);
+        }
         for d in decisions {
             log_decision(&d);
             let provider = provider.clone();

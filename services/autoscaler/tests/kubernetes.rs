@@ -338,6 +338,7 @@ async fn the_service_recovers_pods_at_start() {
         log.clone(),
         config,
         p.clone(),
+        tributary_autoscaler::service::Replicas::Alone,
         stop.clone(),
     ));
     let deadline = Instant::now() + Duration::from_secs(60);

@@ -48,6 +48,7 @@ pub mod conformance;
 pub mod group;
 pub mod kafka;
 pub mod layout;
+pub mod runtime;
 pub mod skipped;
 pub mod sqlite;
 

@@ -12,7 +12,8 @@
 //! every `JobAssigned` of the previous owner is seen); a partition lost is dropped before the
 //! next decision, and [`Partitions::deciding`] says so once no append of its decisions is in
 //! flight. Two schedulers whose deciding sets are disjoint never decide for the same build.
-//! Re-delivered events (Kafka is at least once) are skipped by event id ([`SeenIds`]).
+//! The fold is driven by the consumer runtime ([`Consumer`]), which also skips re-delivered
+//! events (Kafka is at least once) by event id.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
@@ -20,12 +21,12 @@ use std::time::Duration;
 
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
+use tributary_eventlog::runtime::{Consumer, Fold, Interest, Position, JOB_OUTPUT};
 use tributary_eventlog::{EventLog, Layout, LogError, Offset, Partition, Topic};
 use tributary_proto::events::{envelope::Payload, Envelope};
 
 use crate::cluster::{decide_cluster_noting_waits, ClusterConfig, ClusterDecision, ClusterState};
 use crate::ownership::Ownership;
-use crate::seen::SeenIds;
 
 /// Which partitions a scheduler service owns, in and out.
 pub struct Partitions {
@@ -53,6 +54,33 @@ impl Partitions {
     }
 }
 
+/// [`ClusterState`] as the consumer runtime drives it: each event with its place in the fold's
+/// order (first come, first served). A job's output (chunks, steps, lines, ticks) is not
+/// read by the cluster fold: skipped undecoded.
+#[derive(Default)]
+pub struct ClusterFold {
+    pub state: ClusterState,
+    sequence: u64,
+}
+
+impl Fold for ClusterFold {
+    type Error = LogError;
+
+    fn name(&self) -> &'static str {
+        "scheduler"
+    }
+
+    fn interest(&self) -> Interest {
+        Interest::except(&JOB_OUTPUT)
+    }
+
+    async fn apply(&mut self, _at: Position, env: Envelope) -> Result<(), LogError> {
+        self.state.apply(self.sequence, &env);
+        self.sequence += 1;
+        Ok(())
+    }
+}
+
 /// Runs until `stop` is cancelled or the log closes.
 pub async fn run(
     log: Arc<dyn EventLog>,
@@ -62,16 +90,8 @@ pub async fn run(
     stop: CancellationToken,
 ) -> Result<(), LogError> {
     let layout = log.layout();
-    let mut state = ClusterState::new();
-    let start: Vec<(Partition, Offset)> = layout
-        .topic_partitions(Topic::Events)
-        .map(|p| (p, 0))
-        .collect();
-    let mut sub = log.subscribe_partitions(&start);
-    let mut folded: BTreeMap<Partition, Offset> = start.into_iter().collect();
-    let mut seen = SeenIds::default();
-    // Order of folding: what the fold takes as an event's position (first come, first served).
-    let mut sequence = 0u64;
+    let mut consumer = Consumer::new(ClusterFold::default());
+    let mut sub = consumer.subscribe(log.as_ref(), layout.topic_partitions(Topic::Events));
     let mut ownership = Ownership::new();
     let mut assignment_open = true;
     let mut reassigned = true;
@@ -81,19 +101,7 @@ pub async fn run(
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         tokio::select! {
-            batch = sub.next_batch() => {
-                for record in batch? {
-                    folded.insert(record.partition, record.offset + 1);
-                    match record.envelope_for("scheduler") {
-                        Some(env) if seen.first_time(&env.event_id) => {
-                            state.apply(sequence, &env);
-                            sequence += 1;
-                        }
-                        Some(env) => tracing::debug!(event_id = %env.event_id, "skipping a re-delivered event"),
-                        None => {} // logged and counted
-                    }
-                }
-            }
+            batch = sub.next_batch() => consumer.apply(&batch?).await?,
             changed = partitions.assigned.changed(), if assignment_open => {
                 match changed {
                     Ok(()) => reassigned = true,
@@ -121,7 +129,8 @@ pub async fn run(
                 }
             }
         }
-        let positions: Vec<(Partition, Offset)> = folded.iter().map(|(p, o)| (*p, *o)).collect();
+        let positions: Vec<(Partition, Offset)> =
+            consumer.positions().iter().map(|(p, o)| (*p, *o)).collect();
         for p in ownership.folded(&positions) {
             tracing::info!(partition = p, "caught up: deciding for the partition");
         }
@@ -132,12 +141,13 @@ pub async fn run(
             }
             changed
         });
-        awaiting.retain(|p, offset| folded.get(p).is_none_or(|at| at <= offset));
+        awaiting.retain(|p, offset| consumer.position(*p) <= *offset);
         if !awaiting.is_empty() {
             continue; // our last decisions are not folded yet
         }
+        let state = &consumer.fold().state;
         let now = tributary_proto::now_us();
-        let decisions: Vec<ClusterDecision> = decide_cluster_noting_waits(&state, now, &config)
+        let decisions: Vec<ClusterDecision> = decide_cluster_noting_waits(state, now, &config)
             .into_iter()
             .filter(|d| ownership.decides(layout.partition_for(Topic::Events, d.build_id())))
             .collect();
@@ -146,7 +156,7 @@ pub async fn run(
         }
         let events: Vec<Envelope> = decisions
             .iter()
-            .filter_map(|d| envelope(&state, d, now, &config))
+            .filter_map(|d| envelope(state, d, now, &config))
             .collect();
         if events.is_empty() {
             continue;

@@ -11,6 +11,7 @@ use tributary_autoscaler::provider::command::CommandProvider;
 use tributary_autoscaler::provider::kubernetes::KubernetesProvider;
 use tributary_autoscaler::provider::local::LocalProvider;
 use tributary_autoscaler::provider::Provider;
+use tributary_autoscaler::service::Replicas;
 use tributary_autoscaler::Config;
 use tributary_eventlog::EventLog;
 
@@ -81,20 +82,24 @@ pub fn spawn(
     log: Arc<dyn EventLog>,
     config: Config,
     provider: Arc<dyn Provider>,
+    replicas: Replicas,
     stop: CancellationToken,
 ) -> tokio::task::JoinHandle<Result<(), tributary_eventlog::LogError>> {
     tokio::spawn(tributary_autoscaler::service::run(
-        log, config, provider, stop,
+        log, config, provider, replicas, stop,
     ))
 }
 
 /// `tributary serve autoscaler`.
 pub async fn serve(args: AutoscalerArgs) -> anyhow::Result<ExitCode> {
     let config = load_config(&args.config)?;
-    let data = &args.data.dir();
-    if !data.join("events.db").exists() {
+    let backends = args.backends.resolve()?;
+    let data = &backends.data;
+    let on_kafka = backends.kafka.is_some();
+    if !on_kafka && !data.join("events.db").exists() {
         anyhow::bail!(
-            "{} holds no event log: point --data at the data directory of a `tributary up`",
+            "{} holds no event log: point --data at the data directory of a `tributary up`, \
+             or --kafka at the brokers of a scale-out deployment",
             data.display()
         );
     }
@@ -114,11 +119,8 @@ pub async fn serve(args: AutoscalerArgs) -> anyhow::Result<ExitCode> {
                 .to_owned()
         }
     };
-    let log = tributary_eventlog::sqlite::SqliteLog::open(&data.join("events.db"))
-        .await
-        .with_context(|| format!("cannot open the event log in {}", data.display()))?;
-    let log: Arc<dyn EventLog> = Arc::new(log);
-    let _health = crate::health::start(&args.health, "autoscaler").await?;
+    let log = backends.open_log().await?;
+    let _health = crate::health::start_with_log(&args.health, "autoscaler", log.clone()).await?;
     let provider = provider(
         args.provider,
         &config,
@@ -128,21 +130,43 @@ pub async fn serve(args: AutoscalerArgs) -> anyhow::Result<ExitCode> {
         data.join("autoscaler"),
     )
     .await?;
+    // On Kafka, replicas share the log: one active at a time. The embedded log is one process's.
+    let replicas = if on_kafka {
+        Replicas::Group(tributary_autoscaler::service::GROUP.to_owned())
+    } else {
+        Replicas::Alone
+    };
     println!(
-        "tributary autoscaler: provider {}, {} kind(s), budget {}/h, agents join {}",
+        "tributary autoscaler: log {}, provider {}, {} kind(s), budget {}/h, agents join {}{}",
+        backends.log_location(),
         provider.name(),
         config.kinds.len(),
         tributary_autoscaler::config::format_money(config.budget_per_hour_micros),
-        args.server
+        args.server,
+        if on_kafka {
+            ", member of consumer group `autoscaler` (one active replica)"
+        } else {
+            ""
+        }
     );
+    let _ = std::io::Write::flush(&mut std::io::stdout());
     let stop = CancellationToken::new();
-    let service = spawn(log.clone(), config, provider, stop.clone());
-    crate::server::wait_for_signal().await;
-    tracing::info!("stopping: draining the agents this autoscaler started");
-    stop.cancel();
-    match service.await {
+    let mut service = spawn(log.clone(), config, provider, replicas, stop.clone());
+    let early = tokio::select! {
+        () = crate::server::wait_for_signal() => None,
+        r = &mut service => Some(r),
+    };
+    let result = match early {
+        Some(r) => r,
+        None => {
+            tracing::info!("stopping: draining the agents this autoscaler started");
+            stop.cancel();
+            service.await
+        }
+    };
+    match result {
         Ok(Ok(())) => Ok(ExitCode::SUCCESS),
-        Ok(Err(e)) => Err(e.into()),
+        Ok(Err(e)) => Err(anyhow::Error::new(e).context("the autoscaler stopped")),
         Err(e) => Err(anyhow::anyhow!("the autoscaler task failed: {e}")),
     }
 }

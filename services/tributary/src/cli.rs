@@ -713,6 +713,13 @@ pub enum ServeCommand {
     ///
     /// SIGINT/SIGTERM stops it; the local provider drains its agents first (Kubernetes Pods
     /// keep running and are adopted by the next start).
+    ///
+    /// Backends: the embedded log of a `tributary up` (--data DIR; one autoscaler per data
+    /// directory), or Kafka (--kafka BROKERS, the same backend flags as every service; the
+    /// backends' TOML file is --backends-config here). On Kafka, run two replicas: they join
+    /// consumer group `autoscaler` and exactly one is active (the owner of events partition
+    /// 0); when it dies the other catches up with the log and takes over after the session
+    /// timeout (--kafka-session-timeout), never requesting an agent twice.
     #[command(verbatim_doc_comment)]
     Autoscaler(AutoscalerArgs),
     /// The builds projector: folds the log into the builds read model (--database).
@@ -771,14 +778,16 @@ pub enum ProviderKind {
 }
 
 #[derive(Debug, Args)]
+// `--config` is the autoscaler's own file; the backends' file is `--backends-config` here.
+#[command(mut_arg("config", |a| a.long("backends-config")))]
 pub struct AutoscalerArgs {
     #[command(flatten)]
-    pub data: DataArgs,
+    pub backends: crate::backends::BackendArgs,
     /// Who starts and stops agents.
     #[arg(long, value_enum)]
     pub provider: ProviderKind,
     /// The autoscaler configuration (TOML, see above).
-    #[arg(long, value_name = "FILE")]
+    #[arg(id = "autoscaler_config", long = "config", value_name = "FILE")]
     pub config: PathBuf,
     /// The server the agents join.
     #[arg(

@@ -24,13 +24,8 @@ pub struct HealthArgs {
     pub health_listen: Option<String>,
 }
 
-/// Starts the endpoint when asked for; it stops when the returned token is dropped or
-/// cancelled.
-pub async fn start(args: &HealthArgs, service: &'static str) -> anyhow::Result<Health> {
-    serve(args, service, axum::Router::new()).await
-}
-
-/// [`start`], with `GET /readyz` reporting whether `log` answers (200, or 503 saying what is
+/// Starts the endpoint when asked for (it stops when the returned token is dropped or
+/// cancelled), with `GET /readyz` reporting whether `log` answers (200, or 503 saying what is
 /// unreachable: the service keeps running and reconnects by itself).
 pub async fn start_with_log(
     args: &HealthArgs,

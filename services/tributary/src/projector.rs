@@ -53,8 +53,8 @@ pub async fn serve(args: ServeProjectorArgs) -> anyhow::Result<ExitCode> {
         }
     }
     tracing::info!(
-        malformed = projector.malformed + counter.malformed,
-        duplicates = projector.duplicates + counter.duplicates,
+        malformed = projector.malformed() + counter.malformed(),
+        duplicates = projector.duplicates() + counter.duplicates(),
         "builds projector stopped"
     );
     Ok(ExitCode::SUCCESS)

@@ -161,6 +161,7 @@ pub async fn up(args: UpArgs) -> anyhow::Result<ExitCode> {
                 log.clone(),
                 config,
                 provider,
+                tributary_autoscaler::service::Replicas::Alone,
                 autoscaler_stop.clone(),
             ))
         }

@@ -132,14 +132,23 @@ fn kubernetes() -> (Vec<Invocation>, BTreeSet<String>) {
     let mut invocations = Vec::new();
     let mut env = BTreeSet::new();
     let mut kinds = BTreeSet::new();
-    let mut files: Vec<_> = std::fs::read_dir(&dir)
-        .expect("deploy/kubernetes exists")
-        .map(|e| e.expect("directory entry").path())
+    // The base and the autoscaler's overlay (kubernetes/autoscaler/).
+    let mut files: Vec<_> = ["", "autoscaler"]
+        .iter()
+        .flat_map(|sub| {
+            std::fs::read_dir(dir.join(sub))
+                .unwrap_or_else(|e| panic!("deploy/kubernetes/{sub}: {e}"))
+                .map(|e| e.expect("directory entry").path())
+        })
         .filter(|p| p.extension().is_some_and(|e| e == "yaml"))
         .collect();
     files.sort();
     for path in files {
-        let file = path.file_name().unwrap_or_default().to_string_lossy();
+        let file = path
+            .strip_prefix(&dir)
+            .unwrap_or(&path)
+            .to_string_lossy()
+            .into_owned();
         for doc in load_yaml(&path) {
             let kind = get(&doc, "kind").and_then(Yaml::as_str).unwrap_or("");
             if kind.is_empty() {
@@ -289,6 +298,7 @@ fn manifests_use_only_commands_flags_and_variables_the_binary_has() {
         "serve scheduler",
         "serve projector",
         "serve metering",
+        "serve autoscaler",
         "agent",
     ] {
         assert!(

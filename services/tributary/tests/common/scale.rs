@@ -390,6 +390,23 @@ impl ScaleOut {
             .push(Service::new(name, args, &self.root, addr, self.env.clone()));
     }
 
+    /// A `serve autoscaler` process on the deployment's backends, with `extra` flags (provider,
+    /// configuration), agents joining API replica 0 with the admin token. The caller keeps it.
+    pub fn autoscaler(&self, name: &str, extra: &[&str]) -> Service {
+        let addr = format!("127.0.0.1:{}", free_port());
+        let mut args = self.service_args(name, &["serve", "autoscaler"]);
+        args.extend(extra.iter().map(OsString::from));
+        for (flag, value) in [
+            ("--server", self.apis[0].url()),
+            ("--token", self.token.clone()),
+            ("--health-listen", addr.clone()),
+        ] {
+            args.push(flag.into());
+            args.push(value.into());
+        }
+        Service::new(name, args, &self.root, addr)
+    }
+
     fn add_agent(&mut self, name: &str, i: usize, capacity: u32) {
         let api = &self.apis[i % self.apis.len()];
         let mut args: Vec<OsString> = vec![
