@@ -314,6 +314,7 @@ impl Sim {
                             exit_code: -1,
                             duration_us: 0,
                             reason: "canceled".into(),
+                            no_retry: false,
                         }),
                     );
                 }
@@ -391,6 +392,7 @@ impl Sim {
                     exit_code: if run.fails { 1 } else { 0 },
                     duration_us: 1,
                     reason: String::new(),
+                    no_retry: false,
                 }),
             )?;
         }

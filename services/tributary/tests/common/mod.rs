@@ -103,6 +103,11 @@ pub fn start_with(extra: &[&str]) -> Server {
 }
 
 impl Server {
+    /// The server process's id.
+    pub fn pid(&self) -> u32 {
+        self.proc.as_ref().expect("the server is running").0.id()
+    }
+
     pub fn data(&self) -> PathBuf {
         self.root.join("data")
     }
