@@ -473,7 +473,7 @@ fn runs_on_in_its_strict_form() {
     rejects(
         "jobs:\n  t:\n    runs-on: {fallback: false}\n    steps: [x]\n",
         3,
-        14,
+        15,
         &["`runs-on` of job \"t\" has no `labels`", "fallback: false}"],
     );
     rejects(
