@@ -328,6 +328,30 @@ impl BuildsStore {
         rows.iter().map(build_from_row).collect()
     }
 
+    /// Ids of builds starting with `prefix` (of `tenant`, or of any tenant with `None`), at
+    /// most `limit`, in id order: how a shortened build id is resolved. A prefix with anything
+    /// but hex digits and `-` matches nothing (no LIKE wildcards get through).
+    pub async fn build_ids_with_prefix(
+        &self,
+        tenant: Option<&str>,
+        prefix: &str,
+        limit: u32,
+    ) -> Result<Vec<String>, ProjectionError> {
+        if prefix.is_empty() || !prefix.chars().all(|c| c.is_ascii_hexdigit() || c == '-') {
+            return Ok(Vec::new());
+        }
+        let ids: Vec<String> = sqlx::query_scalar(
+            "SELECT id FROM builds WHERE id LIKE $1 AND ($2 IS NULL OR tenant = $2) \
+             ORDER BY id LIMIT $3",
+        )
+        .bind(format!("{}%", prefix.to_ascii_lowercase()))
+        .bind(tenant)
+        .bind(i64::from(limit))
+        .fetch_all(&self.pool)
+        .await?;
+        Ok(ids)
+    }
+
     /// The whole stored read model.
     pub async fn load_all(&self) -> Result<BuildsState, ProjectionError> {
         let ids: Vec<String> = sqlx::query_scalar("SELECT id FROM builds ORDER BY id")

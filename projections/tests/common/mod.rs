@@ -209,6 +209,7 @@ pub fn build_history(build: &str, jobs: usize, retry: bool) -> Vec<Envelope> {
                     } else {
                         String::new()
                     },
+                    no_retry: false,
                 }),
             ));
             failed_any |= job_failed && attempt == attempts;

@@ -193,6 +193,9 @@ pub struct JobSecrets {
     pub values: Vec<(String, String)>,
     /// Names the job asks for that its project does not have: the job fails, naming them.
     pub missing: Vec<String>,
+    /// The values come from the environment of `tributary run` (a local run), not from the
+    /// project's secrets on a server: what a missing one's hint says.
+    pub from_env: bool,
 }
 
 impl JobSecrets {
@@ -204,16 +207,21 @@ impl JobSecrets {
         let names = self.missing.join(", ");
         let first = &self.missing[0];
         let project = &build.project;
+        let s = if self.missing.len() == 1 { "" } else { "s" };
+        let it = if self.missing.len() == 1 {
+            "it"
+        } else {
+            "them"
+        };
+        if self.from_env {
+            return Some(format!(
+                "job {job} needs the secret{s} {names}, which the environment of `tributary run`                  does not have: a local run takes secrets from its environment, e.g.                  `{first}=… tributary run` (or `export {first}` first), or remove {it} from the                  job's `secrets:`"
+            ));
+        }
         Some(format!(
             "job {job} needs the secret{s} {names}, which project {project} does not have: set \
              {it} with `tributary secret set {project} {first}` (the value on standard input), \
-             or remove {it} from the job's `secrets:`",
-            s = if self.missing.len() == 1 { "" } else { "s" },
-            it = if self.missing.len() == 1 {
-                "it"
-            } else {
-                "them"
-            },
+             or remove {it} from the job's `secrets:`"
         ))
     }
 }
@@ -246,6 +254,9 @@ pub struct AttemptOptions {
     pub server_artifacts: Option<crate::client::ServerArtifacts>,
     /// How to run jobs with an `image`; `None`: this agent cannot (such a job fails, saying so).
     pub container: Option<ContainerRuntime>,
+    /// Printed at the very top of the job's log (`tributary: NOTE`), e.g. that a generic agent
+    /// stands in for the labels the job asked for. Empty = nothing.
+    pub note: String,
     /// The pipeline file the recreate commands at the top of the log name (a local run's own
     /// file); `None`: `.tributary.yml` of the repository.
     pub pipeline_file: Option<String>,
@@ -267,6 +278,7 @@ impl Default for AttemptOptions {
             container: None,
             pipeline_file: None,
             keep_failed_for: None,
+            note: String::new(),
         }
     }
 }
@@ -394,13 +406,17 @@ async fn produce(
             exit_code,
             duration_us: u64::try_from(duration.as_micros()).unwrap_or(u64::MAX),
             reason: masks.mask_str(&reason),
+            no_retry: false,
         })
     };
     if let Some(reason) = lease.secrets.missing_reason(build, &job_id) {
-        tracing::error!(%reason, "the job names secrets its project does not have");
-        let _ = tx
-            .send(finished(Status::Failed, -1, reason, started.elapsed()))
-            .await;
+        tracing::info!(%reason, "the job names secrets it does not have");
+        // A configuration error: a retry would fail the same way.
+        let mut payload = finished(Status::Failed, -1, reason, started.elapsed());
+        if let Payload::JobFinished(f) = &mut payload {
+            f.no_retry = true;
+        }
+        let _ = tx.send(payload).await;
         return Some(Status::Failed);
     }
     let mut meter = options
@@ -415,6 +431,10 @@ async fn produce(
         options.pipeline_file.as_deref(),
     );
     let workspace_is_local = workspace.checkout.is_none();
+    let preamble = match options.note.as_str() {
+        "" => preamble,
+        note => format!("tributary: {note}\n{preamble}"),
+    };
     let keep_for = options
         .keep_failed_for
         .filter(|d| !d.is_zero() && workspace.checkout.is_some());

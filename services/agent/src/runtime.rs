@@ -636,6 +636,13 @@ impl Runtime {
                 owner: self.identity.agent_id.clone(),
                 hidden: Vec::new(),
             }),
+            // A generic agent standing in for the labels the job asked for says so.
+            note: tributary_pipeline::runs_on::fallback_note(
+                &job.runs_on,
+                &self.config.labels,
+                &self.config.name,
+            )
+            .unwrap_or_default(),
             ..AttemptOptions::default()
         };
         let attempt = Lease {
@@ -653,6 +660,7 @@ impl Runtime {
                     .map(|v| (v.name, v.value))
                     .collect(),
                 missing: lease.missing_secrets,
+                from_env: false,
             },
         };
         let scratch = self.config.workdir.join("scratch");

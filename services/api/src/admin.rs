@@ -74,7 +74,7 @@ impl Admin for AdminApi {
             .directory(|d| d.tenants.contains_key(&req.tenant))?
         {
             return Err(Status::not_found(format!(
-                "no tenant {}; create it first (tributary tenant add {})",
+                "no tenant {}; create it first (`tributary admin tenant-add {}`)",
                 req.tenant, req.tenant
             )));
         }

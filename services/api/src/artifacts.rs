@@ -23,7 +23,7 @@ const CHUNK: usize = 256 * 1024;
 
 /// The artifacts of `build_id` if it is a build of `who`'s tenant (else NOT_FOUND): for each
 /// job, the uploads of its latest attempt that uploaded any (only succeeded attempts upload),
-/// sorted by job and path.
+/// or for a kept or reused job those of the run it stands for; sorted by job and path.
 pub async fn list(
     state: &ApiState,
     who: &Principal,
@@ -37,6 +37,7 @@ pub async fn list(
     let mut from = start.events;
     let mut tenant_checked = false;
     let mut latest: BTreeMap<String, (u32, BTreeMap<String, ArtifactUploaded>)> = BTreeMap::new();
+    let mut handed: BTreeMap<String, BTreeMap<String, ArtifactUploaded>> = BTreeMap::new();
     loop {
         let records = state
             .log
@@ -53,24 +54,55 @@ pub async fn list(
                 }
                 tenant_checked = true;
             }
-            if let Some(Payload::ArtifactUploaded(a)) = env.payload {
-                let slot = latest.entry(a.job.clone()).or_default();
-                if a.attempt > slot.0 {
-                    *slot = (a.attempt, BTreeMap::new());
+            match env.payload {
+                Some(Payload::ArtifactUploaded(a)) => {
+                    let slot = latest.entry(a.job.clone()).or_default();
+                    if a.attempt > slot.0 {
+                        *slot = (a.attempt, BTreeMap::new());
+                    }
+                    if a.attempt == slot.0 {
+                        slot.1.insert(a.path.clone(), a);
+                    }
                 }
-                if a.attempt == slot.0 {
-                    slot.1.insert(a.path.clone(), a);
+                // A kept job (re-run of failed jobs) and a reused job did not run here: they
+                // have the artifacts of the run they stand for.
+                Some(Payload::BuildQueued(q)) => {
+                    for job in q.plan.iter().flat_map(|p| &p.jobs) {
+                        if !job.kept_from_build.is_empty() {
+                            hand_over(&mut handed, &job.id, &job.kept_artifacts);
+                        }
+                    }
                 }
+                Some(Payload::JobReused(r)) => hand_over(&mut handed, &r.job, &r.artifacts),
+                _ => {}
             }
         }
     }
     if !tenant_checked {
         return Err(not_found());
     }
+    for (job, by_path) in handed {
+        latest.entry(job).or_insert((0, by_path));
+    }
     Ok(latest
         .into_values()
         .flat_map(|(_, by_path)| by_path.into_values())
         .collect())
+}
+
+/// Records `artifacts` as those of `job` in this build (named after it, whatever run they came
+/// from), by path.
+fn hand_over(
+    handed: &mut BTreeMap<String, BTreeMap<String, ArtifactUploaded>>,
+    job: &str,
+    artifacts: &[ArtifactUploaded],
+) {
+    let slot = handed.entry(job.to_owned()).or_default();
+    for a in artifacts {
+        let mut a = a.clone();
+        a.job = job.to_owned();
+        slot.insert(a.path.clone(), a);
+    }
 }
 
 /// The one artifact of `build_id` at `path` (of `job`, or of the only job having that path).
@@ -199,7 +231,8 @@ impl Artifacts for ArtifactsApi {
         request: Request<ListArtifactsRequest>,
     ) -> Result<Response<ListArtifactsResponse>, Status> {
         let who = self.who(&request)?;
-        let artifacts = list(&self.state, &who, &request.get_ref().build_id).await?;
+        let id = crate::builds::resolve_id(&self.state, &who, &request.get_ref().build_id).await?;
+        let artifacts = list(&self.state, &who, &id).await?;
         Ok(Response::new(ListArtifactsResponse { artifacts }))
     }
 
@@ -234,7 +267,8 @@ impl Artifacts for ArtifactsApi {
     ) -> Result<Response<ChunkStream>, Status> {
         let who = self.who(&request)?;
         let req = request.into_inner();
-        let artifact = find(&self.state, &who, &req.build_id, &req.job, &req.path).await?;
+        let id = crate::builds::resolve_id(&self.state, &who, &req.build_id).await?;
+        let artifact = find(&self.state, &who, &id, &req.job, &req.path).await?;
         let (tmp, file) = fetch_verified(&self.state, &artifact).await?;
         Ok(Response::new(Box::pin(chunk_messages(tmp, file))))
     }

@@ -5,6 +5,7 @@
 //! every chunk exactly once whether it started before, during or after the build
 //! ([`crate::follow`], shared with the web UI's live log).
 
+use std::collections::BTreeMap;
 use std::pin::Pin;
 
 use futures::Stream;
@@ -14,7 +15,9 @@ use tonic::{Request, Response, Status};
 use tributary_eventlog::Record;
 use tributary_projections::{Build as ReadBuild, Phase};
 use tributary_proto::api::{builds_server::Builds, *};
-use tributary_proto::events::{envelope::Payload, BuildCanceled, BuildTriggered, Envelope};
+use tributary_proto::events::{
+    envelope::Payload, ArtifactUploaded, BuildCanceled, BuildTriggered, Envelope,
+};
 
 use crate::auth::{authenticate, Principal};
 use crate::follow::{follow_build, next_batch, BuildPartitions, Cursor, Step as Next};
@@ -48,6 +51,53 @@ pub async fn build_of(state: &ApiState, who: &Principal, id: &str) -> Result<Rea
     match state.store.load_build(id).await.map_err(internal)? {
         Some(b) if b.tenant == who.tenant => Ok(b),
         _ => Err(Status::not_found(format!("no build {id}"))),
+    }
+}
+
+/// The full id of `who`'s build that `id` names: the id itself, or a unique prefix of one
+/// (as git takes a commit's), e.g. the 13 characters tables print. None or several matches are
+/// NOT_FOUND / INVALID_ARGUMENT saying so.
+pub async fn resolve_id(state: &ApiState, who: &Principal, id: &str) -> Result<String, Status> {
+    // A whole id (UUID) or nothing to resolve.
+    if id.len() >= 36 || id.is_empty() {
+        return Ok(id.to_owned());
+    }
+    let end = state.log_end().await?;
+    state.wait_builds(&end).await?;
+    let ids = state
+        .store
+        .build_ids_with_prefix(Some(&who.tenant), id, 6)
+        .await
+        .map_err(internal)?;
+    pick_id(id, ids).map_err(|e| match e {
+        IdError::None(m) => Status::not_found(m),
+        IdError::Several(m) => Status::invalid_argument(m),
+    })
+}
+
+/// Why a build id prefix names no single build.
+#[derive(Debug, PartialEq, Eq)]
+pub enum IdError {
+    None(String),
+    Several(String),
+}
+
+/// The one build `id` names among `ids` (the ids starting with it, in order, at most a few).
+/// Pure; shared with the CLI's local commands.
+pub fn pick_id(id: &str, mut ids: Vec<String>) -> Result<String, IdError> {
+    if ids.iter().any(|i| i == id) {
+        return Ok(id.to_owned());
+    }
+    match ids.len() {
+        0 => Err(IdError::None(format!(
+            "no build {id}: no build id starts with it (`tributary builds` lists them)"
+        ))),
+        1 => Ok(ids.remove(0)),
+        _ => Err(IdError::Several(format!(
+            "build id {id} is ambiguous: it starts {}{}; give more of it",
+            ids.iter().take(5).cloned().collect::<Vec<_>>().join(", "),
+            if ids.len() > 5 { ", ..." } else { "" }
+        ))),
     }
 }
 
@@ -90,6 +140,70 @@ pub async fn triggered_of(
         }
         _ => Ok(None),
     }
+}
+
+/// The build's job plans (its `BuildQueued`, read near the build's start), by job id; empty if
+/// it has none (a rejected pipeline).
+pub async fn plans_of(
+    state: &ApiState,
+    build_id: &str,
+) -> Result<BTreeMap<String, tributary_proto::events::JobPlan>, Status> {
+    let Some(start) = state.build_start(build_id).await? else {
+        return Ok(BTreeMap::new());
+    };
+    // BuildQueued follows BuildTriggered at once (one append), so a few records suffice.
+    let records = state
+        .log
+        .read_key(build_id, start.events, 8)
+        .await
+        .map_err(internal)?;
+    for record in records {
+        if let Ok(Envelope {
+            payload: Some(Payload::BuildQueued(q)),
+            ..
+        }) = record.decode()
+        {
+            return Ok(q
+                .plan
+                .into_iter()
+                .flat_map(|p| p.jobs)
+                .map(|j| (j.id.clone(), j))
+                .collect());
+        }
+    }
+    Ok(BTreeMap::new())
+}
+
+/// For each job of `build` that a generic agent ran in place of its `runs-on` labels (no
+/// agent had them), the note saying so (`get`, the web UI's build page).
+pub async fn runs_on_notes(
+    state: &ApiState,
+    build: &ReadBuild,
+) -> Result<BTreeMap<String, String>, Status> {
+    if build.jobs.iter().all(|j| j.agent_id.is_empty()) {
+        return Ok(BTreeMap::new());
+    }
+    let plans = plans_of(state, &build.id).await?;
+    state.cluster.read(|c| {
+        let mut notes = BTreeMap::new();
+        for job in &build.jobs {
+            let (Some(agent), Some(plan)) = (c.agents.get(&job.agent_id), plans.get(&job.id))
+            else {
+                continue;
+            };
+            let name = if agent.name.is_empty() {
+                &job.agent_id
+            } else {
+                &agent.name
+            };
+            if let Some(note) =
+                tributary_pipeline::runs_on::fallback_note(&plan.runs_on, &agent.labels, name)
+            {
+                notes.insert(job.id.clone(), note);
+            }
+        }
+        notes
+    })
 }
 
 /// Cancels a build of the caller's tenant that has not finished: running jobs are stopped,
@@ -166,7 +280,12 @@ pub async fn rerun_failed(
         .map_err(|e| Status::unavailable(format!("cannot read the log's end: {e}")))?;
     triggered.logs_from = logs_from(state, &new_id, &from);
     let (mut payloads, _) = tributary_pipeline::start_build(triggered);
-    // Jobs that succeeded keep their result: marked in the plan, they are not run again.
+    // Jobs that succeeded keep their result and their artifacts: marked in the plan, they are
+    // not run again, and jobs that need them get those artifacts.
+    let mut kept_artifacts: BTreeMap<String, Vec<ArtifactUploaded>> = BTreeMap::new();
+    for a in crate::artifacts::list(state, who, &original.id).await? {
+        kept_artifacts.entry(a.job.clone()).or_default().push(a);
+    }
     for payload in &mut payloads {
         if let Payload::BuildQueued(queued) = payload {
             for job in queued.plan.iter_mut().flat_map(|p| p.jobs.iter_mut()) {
@@ -176,6 +295,7 @@ pub async fn rerun_failed(
                     .any(|j| j.id == job.id && j.phase == Phase::Succeeded);
                 if succeeded {
                     job.kept_from_build = original.id.clone();
+                    job.kept_artifacts = kept_artifacts.remove(&job.id).unwrap_or_default();
                 }
             }
         }
@@ -313,19 +433,26 @@ impl Builds for BuildsApi {
         request: Request<GetBuildRequest>,
     ) -> Result<Response<Build>, Status> {
         let who = self.who(&request)?;
+        let id = resolve_id(&self.state, &who, &request.get_ref().build_id).await?;
         if let Some(at) = &request.get_ref().at {
-            let id = &request.get_ref().build_id;
             return Ok(Response::new(
-                crate::history::get_at(&self.state, &who, id, at).await?,
+                crate::history::get_at(&self.state, &who, &id, at).await?,
             ));
         }
-        let build = build_of(&self.state, &who, &request.get_ref().build_id).await?;
+        let build = build_of(&self.state, &who, &id).await?;
         let mut api = to_api(&build);
         // Why queued jobs are not running, from the same routing rules the scheduler uses.
         let end = self.state.log_end().await?;
         self.state.cluster.wait(&end).await?;
         let config = tributary_scheduler::cluster::ClusterConfig::default();
+        let mut notes = runs_on_notes(&self.state, &build).await?;
         let reasons = self.state.cluster.read(|c| {
+            for job in &mut api.jobs {
+                if let Some(agent) = c.agents.get(&job.agent_id) {
+                    job.agent_name = agent.name.clone();
+                }
+                job.runs_on_note = notes.remove(&job.id).unwrap_or_default();
+            }
             tributary_scheduler::cluster::waiting_reasons(
                 c,
                 &build.id,
@@ -390,7 +517,8 @@ impl Builds for BuildsApi {
     ) -> Result<Response<CancelBuildResponse>, Status> {
         let who = self.who(&request)?;
         let req = request.into_inner();
-        cancel(&self.state, &who, &req.build_id, &req.reason).await?;
+        let id = resolve_id(&self.state, &who, &req.build_id).await?;
+        cancel(&self.state, &who, &id, &req.reason).await?;
         Ok(Response::new(CancelBuildResponse {}))
     }
 
@@ -399,7 +527,8 @@ impl Builds for BuildsApi {
         request: Request<RerunFailedRequest>,
     ) -> Result<Response<TriggerBuildResponse>, Status> {
         let who = self.who(&request)?;
-        let resp = rerun_failed(&self.state, &who, &request.get_ref().build_id).await?;
+        let id = resolve_id(&self.state, &who, &request.get_ref().build_id).await?;
+        let resp = rerun_failed(&self.state, &who, &id).await?;
         Ok(Response::new(resp))
     }
 
@@ -410,7 +539,8 @@ impl Builds for BuildsApi {
         request: Request<TailLogsRequest>,
     ) -> Result<Response<Self::TailLogsStream>, Status> {
         let who = self.who(&request)?;
-        let req = request.into_inner();
+        let mut req = request.into_inner();
+        req.build_id = resolve_id(&self.state, &who, &req.build_id).await?;
         let start = authorize_on_log(&self.state, &who, &req.build_id).await?;
         let (tx, rx) = mpsc::channel(256);
         let log = self.state.log.clone();
@@ -467,7 +597,8 @@ impl Builds for BuildsApi {
         request: Request<WatchEventsRequest>,
     ) -> Result<Response<Self::WatchEventsStream>, Status> {
         let who = self.who(&request)?;
-        let req = request.into_inner();
+        let mut req = request.into_inner();
+        req.build_id = resolve_id(&self.state, &who, &req.build_id).await?;
         let layout = self.state.log.layout();
         // A watch of one build reads its partitions from the build's start at the earliest.
         let begins = if req.build_id.is_empty() {
@@ -476,6 +607,17 @@ impl Builds for BuildsApi {
             self.state.build_start(&req.build_id).await?
         };
         let start = watch_start(layout, &req, begins.as_ref())?;
+        // `until_end`: (partition, end) of every partition with records still to read.
+        let mut to_read: Vec<(u32, u64)> = Vec::new();
+        if req.until_end {
+            let ends = self.state.log.end_offsets().await.map_err(internal)?;
+            for &(p, from) in &start {
+                let end = ends.get(p as usize).copied().unwrap_or(0);
+                if from < end {
+                    to_read.push((p, end));
+                }
+            }
+        }
         let (tx, rx) = mpsc::channel(256);
         let mut sub = self.state.log.subscribe_partitions(&start);
         let guard = crate::state::TailGuard::new(&self.state);
@@ -483,10 +625,14 @@ impl Builds for BuildsApi {
             let _guard = guard;
             let mut seen = tributary_scheduler::seen::SeenIds::default();
             loop {
+                if req.until_end && to_read.is_empty() {
+                    return;
+                }
                 let Some(records) = next_batch(sub.as_mut(), &tx).await else {
                     return;
                 };
                 for record in &records {
+                    to_read.retain(|&(p, end)| p != record.partition || record.offset + 1 < end);
                     let Ok(env) = record.decode() else { continue };
                     let visible = env.tenant == who.tenant
                         && (req.build_id.is_empty() || env.build_id == req.build_id)
@@ -629,6 +775,8 @@ pub(crate) fn to_api(b: &ReadBuild) -> Build {
                     })
                     .collect(),
                 waiting_for: String::new(),
+                agent_name: String::new(),
+                runs_on_note: String::new(),
             })
             .collect(),
     }

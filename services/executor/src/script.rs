@@ -16,6 +16,9 @@
 //! * The marker commands run with fd 2 pointed at /dev/null (the real stderr is fd 3 for them), so
 //!   `set -x` in a line traces the user's commands but not the bookkeeping.
 //! * `command printf` bypasses a user function named `printf`.
+//! * The script runs with `set -e` (and `set -o pipefail` where the shell has it: bash, busybox
+//!   ash), as GitHub Actions runs a `run:` block: a multi-line block stops at its first failing
+//!   command. The shell then exits without an exit marker and the line's code is the shell's.
 
 use std::fmt::Write as _;
 
@@ -34,6 +37,7 @@ pub fn wrapper(nonce: &str, job_id: &str, step_index: usize, step: &StepPlan) ->
         one_line(&step.name),
         one_line(job_id)
     );
+    s.push_str("(set -o pipefail) 2>/dev/null && set -o pipefail\nset -e\n");
     for (i, line) in step.lines.iter().enumerate() {
         let _ = writeln!(
             s,

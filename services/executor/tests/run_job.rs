@@ -365,6 +365,30 @@ async fn multi_line_run_block_is_one_line() {
 }
 
 #[tokio::test]
+async fn a_run_block_stops_at_its_first_failing_command() {
+    // As GitHub Actions runs a `run: |` block (`sh -e`): `false` ends the block and the step.
+    let block = "echo first\nfalse\necho after-false";
+    let f = fixture(&[("s", &[block, "echo never"])]);
+    let (outcome, events) = run(f.ctx).await;
+    assert_eq!(outcome.status, Status::Failed, "{outcome:?}");
+    assert_eq!(outcome.exit_code, 1);
+    assert_eq!(out(&events, 0, 0), "first\n");
+    assert_eq!(exits(&events), vec![(0, 0, 1)]);
+    assert_eq!(
+        outcome.reason,
+        "line 1 of step \"s\" exited with 1: echo first ..."
+    );
+    // A command whose failure is handled does not end the block.
+    let f = fixture(&[(
+        "s",
+        &["false || echo handled\nif false; then :; fi\necho end"],
+    )]);
+    let (outcome, events) = run(f.ctx).await;
+    assert_eq!(outcome.status, Status::Succeeded, "{outcome:?}");
+    assert_eq!(out(&events, 0, 0), "handled\nend\n");
+}
+
+#[tokio::test]
 async fn big_output_is_chunked_and_complete() {
     let mut f = fixture(&[("s", &["i=0; while [ $i -lt 20000 ]; do echo \"line $i of the big output\"; i=$((i+1)); done >&2; echo end"])]);
     f.ctx.limits.flush_bytes = 16 * 1024;

@@ -19,7 +19,7 @@
 //!           - cd src
 //!           - make
 //!       - name: package
-//!         run: |            # one string (even a multi-line block) = one line
+//!         run: |            # one string (even a multi-line block) = one line; `sh -e`
 //!           tar czf out.tgz build/
 //!       - echo shorthand    # a plain string step == {run: "echo shorthand", name: "echo shorthand"}
 //!   test:
@@ -150,6 +150,7 @@ pub mod artifacts;
 pub mod cache;
 mod parse;
 mod plan;
+pub mod runs_on;
 mod suggest;
 mod template;
 mod yaml;

@@ -120,6 +120,8 @@ pub(crate) struct Job {
     pub env: Vec<EnvEntry>,
     pub timeout_secs: u64,
     pub runs_on: Vec<Text>,
+    /// `runs-on: {labels: ..., fallback: false}`: only agents with every label.
+    pub runs_on_strict: bool,
     pub image: Option<Text>,
     /// `image: {build: PATH, context: DIR}`: an image built from a Dockerfile of the repository.
     pub image_build: Option<ImageBuildSpec>,
@@ -417,6 +419,7 @@ impl Parser<'_, '_> {
             env: Vec::new(),
             timeout_secs: 0,
             runs_on: Vec::new(),
+            runs_on_strict: false,
             image: None,
             image_build: None,
             retry: 0,
@@ -444,7 +447,7 @@ impl Parser<'_, '_> {
                 }
                 "env" => job.env = self.env(k, v, &format!("job {name:?}"))?,
                 "timeout" => job.timeout_secs = self.timeout(name, k, v)?,
-                "runs-on" => job.runs_on = self.runs_on(name, k, v)?,
+                "runs-on" => (job.runs_on, job.runs_on_strict) = self.runs_on(name, k, v)?,
                 "image" => {
                     let what = format!("`image` of job {name:?}");
                     if let Node::Mapping(map) = v {
@@ -869,8 +872,49 @@ impl Parser<'_, '_> {
         }
     }
 
-    fn runs_on(&self, job: &str, key: &MarkedScalarNode, value: &Node) -> Result<Vec<Text>> {
+    /// `runs-on: LABEL`, `runs-on: [LABELS]`, or `runs-on: {labels: LABELS, fallback: false}`:
+    /// the labels, and whether they are required strictly (no generic agent as a fallback).
+    fn runs_on(
+        &self,
+        job: &str,
+        key: &MarkedScalarNode,
+        value: &Node,
+    ) -> Result<(Vec<Text>, bool)> {
         let what = format!("`runs-on` of job {job:?}");
+        let Some(map) = value.as_mapping() else {
+            return Ok((self.runs_on_labels(&what, key, value)?, false));
+        };
+        let example = "write e.g. `runs-on: {labels: [gpu], fallback: false}`";
+        let mut labels = None;
+        let mut fallback = true;
+        for (k, v) in map.iter() {
+            match k.as_str() {
+                "labels" => labels = Some(self.runs_on_labels(&what, k, v)?),
+                "fallback" => fallback = self.boolean(k, v, &format!("`fallback` of {what}"))?,
+                other => {
+                    return Err(self.err(
+                        self.src.key_loc(k),
+                        format!("unknown key {other:?} in {what}; Valid keys: labels, fallback"),
+                    ))
+                }
+            }
+        }
+        let Some(labels) = labels else {
+            return Err(self.err(
+                self.src.loc(value, Owner::Key(key)),
+                format!("{what} has no `labels`; {example}"),
+            ));
+        };
+        Ok((labels, !fallback))
+    }
+
+    fn runs_on_labels(
+        &self,
+        what: &str,
+        key: &MarkedScalarNode,
+        value: &Node,
+    ) -> Result<Vec<Text>> {
+        let what = what.to_owned();
         let entries = self.one_or_list(key, value, false, "a label or a list of labels", &what)?;
         if entries.is_empty() {
             return Err(self.err(

@@ -114,12 +114,14 @@ pub(crate) fn build(src: &Source<'_>, pipeline: &Pipeline) -> Result<Plan, Pipel
                     .collect(),
                 timeout_secs: job.timeout_secs,
                 runs_on: compiled.runs_on.iter().map(|t| t.render(values)).collect(),
+                runs_on_strict: job.runs_on_strict,
                 image: compiled
                     .image
                     .as_ref()
                     .map_or_else(String::new, |t| t.render(values)),
                 retry: job.retry,
                 kept_from_build: String::new(),
+                kept_artifacts: Vec::new(),
                 artifacts: compiled
                     .artifacts
                     .iter()

@@ -92,6 +92,8 @@ fn full_example() {
             image: String::new(),
             retry: 0,
             kept_from_build: String::new(),
+            kept_artifacts: Vec::new(),
+            runs_on_strict: false,
             artifacts: vec![],
             network: false,
             submodules: false,
@@ -124,6 +126,8 @@ fn full_example() {
             image: "localhost/ci-busybox".into(),
             retry: 2,
             kept_from_build: String::new(),
+            kept_artifacts: Vec::new(),
+            runs_on_strict: false,
             artifacts: vec![],
             network: false,
             submodules: false,
@@ -448,4 +452,36 @@ fn secrets_are_names_in_the_plan() {
     );
     assert_eq!(plan.jobs[2].secrets, ["ONE"]);
     assert!(plan.jobs[3].secrets.is_empty());
+}
+
+#[test]
+fn runs_on_in_its_strict_form() {
+    let p = plan(
+        "jobs:\n  a:\n    runs-on: {labels: [gpu, arm], fallback: false}\n    steps: [x]\n  b:\n    runs-on: {labels: gpu}\n    steps: [x]\n  c:\n    runs-on: [gpu]\n    steps: [x]\n",
+    );
+    let strict: Vec<(Vec<String>, bool)> = p
+        .jobs
+        .iter()
+        .map(|j| (j.runs_on.clone(), j.runs_on_strict))
+        .collect();
+    assert_eq!(
+        strict,
+        [
+            (vec!["gpu".to_owned(), "arm".to_owned()], true),
+            (vec!["gpu".to_owned()], false),
+            (vec!["gpu".to_owned()], false),
+        ]
+    );
+    rejects(
+        "jobs:\n  t:\n    runs-on: {fallback: false}\n    steps: [x]\n",
+        3,
+        15,
+        &["`runs-on` of job \"t\" has no `labels`", "fallback: false}"],
+    );
+    rejects(
+        "jobs:\n  t:\n    runs-on: {labels: [gpu], strict: true}\n    steps: [x]\n",
+        3,
+        30,
+        &["unknown key \"strict\"", "labels, fallback"],
+    );
 }

@@ -331,8 +331,10 @@ impl ClusterState {
                 if fresh {
                     let info = self.build_info.entry(build_id.clone()).or_default();
                     for plan in q.plan.iter().flat_map(|p| &p.jobs) {
+                        // A kept job (re-run of failed jobs) hands on its kept run's artifacts.
                         info.jobs.entry(plan.id.clone()).or_insert_with(|| JobInfo {
                             plan: plan.clone(),
+                            artifacts: plan.kept_artifacts.clone(),
                             ..JobInfo::default()
                         });
                     }
@@ -763,6 +765,7 @@ impl ClusterDecision {
                 exit_code: -1,
                 duration_us,
                 reason: reason.to_owned(),
+                no_retry: false,
             })
         };
         match self {
@@ -960,6 +963,14 @@ pub fn leases_to_cancel(state: &ClusterState, agent_id: &str, reported: &[String
         }
     }
     stop.into_iter().collect()
+}
+
+/// A job's `runs-on`: its labels and whether a generic agent may stand in.
+#[derive(Clone, Copy, Debug, Default)]
+struct Labels<'a> {
+    wanted: &'a [String],
+    /// `fallback: false`.
+    strict: bool,
 }
 
 struct Round {
@@ -1452,7 +1463,13 @@ impl<'a> Pool<'a> {
         let state = self.state;
         let (runs_on, image) = state
             .job_info(&build, &job)
-            .map(|i| (i.plan.runs_on.as_slice(), i.plan.image_description()))
+            .map(|i| {
+                let labels = Labels {
+                    wanted: i.plan.runs_on.as_slice(),
+                    strict: i.plan.runs_on_strict,
+                };
+                (labels, i.plan.image_description())
+            })
             .unwrap_or_default();
         match self.take(&project_of(state, &build), runs_on, &image) {
             Ok(agent_id) => {
@@ -1475,9 +1492,10 @@ impl<'a> Pool<'a> {
     fn take(
         &mut self,
         project: &(String, String),
-        runs_on: &[String],
+        labels: Labels<'_>,
         image: &str,
     ) -> Result<String, String> {
+        let runs_on = labels.wanted;
         let tenant = &project.0;
         let mut serving: Vec<(&'a str, &'a AgentState)> = self
             .free
@@ -1516,6 +1534,13 @@ impl<'a> Pool<'a> {
                     labelled,
                     format!("all agents with labels {}", label_list(runs_on)),
                 )
+            } else if labels.strict {
+                return Err(format!(
+                    "no connected agent has labels {} (the job's `runs-on` says `fallback: \
+                     false`: generic agents do not take it){}",
+                    label_list(runs_on),
+                    self.unavailable_note(tenant)
+                ));
             } else if !generic.is_empty() {
                 (
                     generic,

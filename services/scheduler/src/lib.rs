@@ -167,6 +167,10 @@ impl SchedulerState {
                     if skip || current {
                         job.phase = JobPhase::Done(status);
                         job.reason = e.reason.clone();
+                        if e.no_retry {
+                            // A configuration error: no retry left.
+                            job.retry = job.retry.min(job.attempt.saturating_sub(1));
+                        }
                     }
                 }
             }
@@ -298,6 +302,7 @@ impl Decision {
                 exit_code: -1,
                 duration_us: 0,
                 reason: reason.clone(),
+                no_retry: false,
             }),
             Decision::FinishBuild { status, reason, .. } => Payload::BuildFinished(BuildFinished {
                 status: *status as i32,

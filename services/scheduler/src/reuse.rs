@@ -15,10 +15,11 @@ use prost::Message;
 use sha2::{Digest, Sha256};
 use tributary_proto::events::{envelope::Payload, ArtifactUploaded, Envelope, JobPlan, Status};
 
-/// sha256 (hex) of the job's plan without volatile fields (`kept_from_build`).
+/// sha256 (hex) of the job's plan without volatile fields (`kept_from_build`, `kept_artifacts`).
 pub fn definition_hash(plan: &JobPlan) -> String {
     let mut plan = plan.clone();
     plan.kept_from_build.clear();
+    plan.kept_artifacts.clear();
     hex::encode(Sha256::digest(plan.encode_to_vec()))
 }
 

@@ -236,6 +236,32 @@ fn retries_are_bounded() {
 }
 
 #[test]
+fn a_configuration_error_is_not_retried() {
+    let mut sim = Sim::new(plan(&[("deploy", &[], 2)]));
+    for d in decide(&sim.state, 1) {
+        sim.push(d.payload().expect("queue"));
+    }
+    sim.push(Payload::JobAssigned(JobAssigned {
+        job: "deploy".into(),
+        attempt: 1,
+        agent_id: "a".into(),
+        lease_id: "l".into(),
+        deadline_us: 0,
+    }));
+    sim.push(Payload::JobFinished(JobFinished {
+        job: "deploy".into(),
+        attempt: 1,
+        status: Status::Failed as i32,
+        reason: "job deploy needs the secret TOKEN".into(),
+        no_retry: true,
+        ..JobFinished::default()
+    }));
+    sim.run(1, &|_, _| Status::Succeeded);
+    assert_eq!(sim.count(|p| matches!(p, Payload::JobQueued(_))), 1);
+    assert_eq!(sim.finished().map(|f| f.0), Some(Status::Failed));
+}
+
+#[test]
 fn cancel_finishes_waiting_jobs_and_the_build() {
     let mut sim = Sim::new(plan(&[("a", &[], 0), ("b", &["a"], 0)]));
     sim.push(Payload::BuildCanceled(BuildCanceled {

@@ -315,6 +315,7 @@ impl Sim {
                             exit_code: -1,
                             duration_us: 0,
                             reason: "canceled".into(),
+                            no_retry: false,
                         }),
                     );
                 }
@@ -392,6 +393,7 @@ impl Sim {
                     exit_code: if run.fails { 1 } else { 0 },
                     duration_us: 1,
                     reason: String::new(),
+                    no_retry: false,
                 }),
             )?;
         }

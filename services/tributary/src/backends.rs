@@ -219,6 +219,15 @@ impl Backends {
             .with_context(|| format!("cannot create data directory {}", self.data.display()))
     }
 
+    /// The data directory's writer lock ([`crate::dir_lock`]) when this process keeps the log or
+    /// a read model there (no `--kafka` or no `--database`); `None` when both are elsewhere.
+    pub fn lock_data(&self) -> anyhow::Result<Option<crate::dir_lock::DirLock>> {
+        if self.kafka.is_some() && self.database.is_some() {
+            return Ok(None);
+        }
+        crate::dir_lock::lock(&self.data).map(Some)
+    }
+
     /// Opens the log: Kafka (creating or configuring its topics) or DIR/events.db.
     pub async fn open_log(&self) -> anyhow::Result<Arc<dyn EventLog>> {
         if let Some(options) = self.kafka_options() {

@@ -882,9 +882,13 @@ pub struct LogsArgs {
     /// Keep following until the build finishes.
     #[arg(short = 'f', long)]
     pub follow: bool,
-    /// Only this job's output.
+    /// Only this job's output, as it printed it (no prefixes, steps or `$ line`s).
     #[arg(long, value_name = "JOB")]
     pub job: Option<String>,
+    /// Every job's output as it printed it, interleaved, without the `[job]` prefixes, steps
+    /// and `$ line`s `logs` shows by default (as `trigger --follow` does).
+    #[arg(long)]
+    pub raw: bool,
     #[command(flatten)]
     pub server: ServerArgs,
 }

@@ -125,43 +125,133 @@ pub async fn trigger(args: TriggerArgs) -> anyhow::Result<ExitCode> {
     if !args.follow {
         return Ok(ExitCode::SUCCESS);
     }
+    let request = api::WatchEventsRequest {
+        // Per partition (any log); an older server ignores `from` and uses from_offset.
+        from_offset: if resp.from.len() > 1 { 0 } else { resp.offset },
+        from: resp.from.clone(),
+        build_id: resp.build_id.clone(),
+        ..Default::default()
+    };
+    render_watch(&mut client, request, &resp.build_id).await
+}
+
+/// Renders a build's events (`trigger --follow`, `logs`): its jobs' steps, `$ line`s and
+/// output, why a queued job waits (polled from `GetBuild`, the reasons `get` shows) and, on
+/// Ctrl-C, that the build keeps running. Exit code: 1 when the build ended unsuccessfully (or
+/// the follower was interrupted), else 0 (also for a watch `until_end` of an unfinished build).
+async fn render_watch(
+    client: &mut BuildsClient<Svc>,
+    request: api::WatchEventsRequest,
+    build_id: &str,
+) -> anyhow::Result<ExitCode> {
+    let follow = !request.until_end;
     let mut stream = client
-        .watch_events(api::WatchEventsRequest {
-            // Per partition (any log); an older server ignores `from` and uses from_offset.
-            from_offset: if resp.from.len() > 1 { 0 } else { resp.offset },
-            from: resp.from.clone(),
-            build_id: resp.build_id.clone(),
-            ..Default::default()
-        })
+        .watch_events(request)
         .await
         .map_err(status)?
         .into_inner();
-    let mut renderer = Renderer::new(&resp.build_id, false);
-    while let Some(ev) = stream.message().await.map_err(status)? {
-        let Some(env) = ev.event else { continue };
-        let finished = match &env.payload {
-            Some(Payload::BuildFinished(f)) => Some(f.status),
-            _ => None,
-        };
-        renderer.event(&env);
-        if let Some(s) = finished {
-            renderer.finish();
-            let ok = BuildStatus::try_from(s) == Ok(BuildStatus::Succeeded);
-            return Ok(if ok {
-                ExitCode::SUCCESS
-            } else {
-                ExitCode::from(1)
-            });
+    let mut renderer = Renderer::new(build_id, false);
+    let mut waits = crate::waits::WaitNotes::default();
+    let every = std::time::Duration::from_secs(1);
+    let mut poll = tokio::time::interval_at(tokio::time::Instant::now() + every, every);
+    poll.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
+    let ctrl_c = tokio::signal::ctrl_c();
+    tokio::pin!(ctrl_c);
+    loop {
+        tokio::select! {
+            message = stream.message() => {
+                let Some(ev) = message.map_err(status)? else {
+                    if follow {
+                        anyhow::bail!("the server closed the event stream before the build finished");
+                    }
+                    renderer.finish();
+                    return Ok(ExitCode::SUCCESS);
+                };
+                let Some(env) = ev.event else { continue };
+                if let Some(Payload::JobStarted(started)) = &env.payload {
+                    if !renderer.knows_agent(&started.agent_id) {
+                        let names = agent_names(client, build_id).await;
+                        renderer.agent_names(names);
+                    }
+                }
+                let finished = match &env.payload {
+                    Some(Payload::BuildFinished(f)) => Some(f.status),
+                    _ => None,
+                };
+                renderer.event(&env);
+                if let Some(s) = finished {
+                    renderer.finish();
+                    let ok = BuildStatus::try_from(s) == Ok(BuildStatus::Succeeded);
+                    return Ok(if ok {
+                        ExitCode::SUCCESS
+                    } else {
+                        ExitCode::from(1)
+                    });
+                }
+            }
+            _ = poll.tick(), if follow => {
+                let got = client
+                    .get_build(api::GetBuildRequest { build_id: build_id.to_owned() })
+                    .await;
+                if let Ok(build) = got {
+                    for (job, reason) in waits.update(&build.into_inner()) {
+                        renderer.waiting(&job, &reason);
+                    }
+                }
+            }
+            _ = &mut ctrl_c, if follow => {
+                renderer.finish();
+                eprintln!("{}", crate::waits::left_running(build_id));
+                return Ok(ExitCode::from(130));
+            }
         }
     }
-    anyhow::bail!("the server closed the event stream before the build finished")
+}
+
+/// Agent id → name of the build's jobs' agents (from `GetBuild`); empty when unknown.
+async fn agent_names(
+    client: &mut BuildsClient<Svc>,
+    build_id: &str,
+) -> std::collections::HashMap<String, String> {
+    let got = client
+        .get_build(api::GetBuildRequest {
+            build_id: build_id.to_owned(),
+        })
+        .await;
+    got.map(|b| {
+        b.into_inner()
+            .jobs
+            .into_iter()
+            .filter(|j| !j.agent_id.is_empty() && !j.agent_name.is_empty())
+            .map(|j| (j.agent_id, j.agent_name))
+            .collect()
+    })
+    .unwrap_or_default()
 }
 
 pub async fn logs(args: LogsArgs) -> anyhow::Result<ExitCode> {
     let mut client = builds(&args.server).await?;
+    // The build (a unique prefix of its id will do): NOT_FOUND for a wrong id, before any
+    // stream starts.
+    let build = client
+        .get_build(api::GetBuildRequest {
+            build_id: args.build.clone(),
+        })
+        .await
+        .map_err(status)?
+        .into_inner();
+    if args.job.is_none() && !args.raw {
+        // As `trigger --follow` renders it: `[job]` prefixes, steps, `$ line`s.
+        let request = api::WatchEventsRequest {
+            build_id: build.id.clone(),
+            until_end: !args.follow,
+            ..Default::default()
+        };
+        return render_watch(&mut client, request, &build.id).await;
+    }
     let mut stream = client
         .tail_logs(api::TailLogsRequest {
-            build_id: args.build,
+            build_id: build.id.clone(),
             job: args.job.unwrap_or_default(),
             follow: args.follow,
         })
@@ -244,8 +334,28 @@ pub async fn get_as_of(
         if !j.waiting_for.is_empty() {
             println!("    waiting: {}", j.waiting_for);
         }
+        if !j.runs_on_note.is_empty() {
+            println!("    runs-on: {}", j.runs_on_note);
+        }
+        // A finished job's steps that have no events did not run in this build: a kept or
+        // reused job's ran in the build its reason names.
+        let over = matches!(
+            j.status.as_str(),
+            "succeeded" | "failed" | "skipped" | "canceled" | "timed_out"
+        );
+        if over && !j.steps.is_empty() && j.steps.iter().all(|s| s.status == "pending") {
+            let n = j.steps.len();
+            let plural = if n == 1 { "" } else { "s" };
+            println!("    {n} step{plural}: not run in this build");
+            continue;
+        }
         for s in &j.steps {
-            println!("    step {:<24} {}", s.name, s.status);
+            let shown = if over && s.status == "pending" {
+                "not run"
+            } else {
+                s.status.as_str()
+            };
+            println!("    step {:<24} {shown}", s.name);
             for l in &s.lines {
                 let code = exit_column(&l.status, l.exit_code);
                 println!(

@@ -63,7 +63,14 @@ pub async fn dispatch(command: Command) -> anyhow::Result<ExitCode> {
 }
 
 async fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
-    let text = local_run::read_pipeline(&args.file)?;
+    // A missing or unreadable pipeline file is a usage error, like an invalid one: exit 2.
+    let text = match local_run::read_pipeline(&args.file) {
+        Ok(text) => text,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            return Ok(ExitCode::from(2));
+        }
+    };
     let usage = match crate::agent::machine_class(args.machine_class.clone()) {
         Some(machine_class) => Some(tributary_agent::UsageMeter {
             machine_class,
@@ -77,7 +84,17 @@ async fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
         .ok()
         .and_then(|p| p.parent().map(|p| p.to_path_buf()))
         .unwrap_or_else(|| std::path::PathBuf::from("."));
-    let data = DataDir::open(&args.data.dir()).await?;
+    let dir = args.data.dir();
+    let fresh = !dir.exists();
+    let _lock = crate::dir_lock::lock(&dir)?;
+    if fresh {
+        // The data directory is not part of the repository: git ignores it from the start.
+        let ignore = dir.join(".gitignore");
+        if let Err(e) = std::fs::write(&ignore, "*\n") {
+            eprintln!("warning: cannot write {}: {e}", ignore.display());
+        }
+    }
+    let data = DataDir::open(&dir).await?;
     let log: Arc<dyn EventLog> = data.log.clone();
     let project = workdir
         .file_name()
@@ -107,9 +124,10 @@ async fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
         }
     };
     println!(
-        "build {} ({} jobs), log in {}",
+        "build {} ({} job{}), log in {}",
         build.build_id,
         jobs.len(),
+        if jobs.len() == 1 { "" } else { "s" },
         data.path.display()
     );
     // A data directory inside the repository (an explicit --data there): container jobs see
@@ -217,10 +235,15 @@ async fn local_container(
 
 async fn events(args: EventsArgs) -> anyhow::Result<ExitCode> {
     let data = DataDir::open(&args.data.dir()).await?;
+    // A unique prefix of a build id will do (the table prints 13 characters).
+    let build = match &args.build {
+        Some(id) => Some(local_build_id(&data, id).await?),
+        None => None,
+    };
     let mut out = std::io::BufWriter::new(std::io::stdout().lock());
     let mut from = args.from;
     loop {
-        let records = match &args.build {
+        let records = match &build {
             Some(build) => data.log.read_key(build, from, 4096).await?,
             None => data.log.read(from, 4096).await?,
         };
@@ -247,6 +270,20 @@ async fn events(args: EventsArgs) -> anyhow::Result<ExitCode> {
     }
     out.flush()?;
     Ok(ExitCode::SUCCESS)
+}
+
+/// The full id of the data directory's build `id` names: itself or a unique prefix of it.
+async fn local_build_id(data: &DataDir, id: &str) -> anyhow::Result<String> {
+    if id.len() >= 36 {
+        return Ok(id.to_owned());
+    }
+    // The read model as the last run (or the running server) left it: a reader does not fold.
+    let ids = data.store.build_ids_with_prefix(None, id, 6).await?;
+    tributary_api::builds::pick_id(id, ids).map_err(|e| match e {
+        tributary_api::builds::IdError::None(m) | tributary_api::builds::IdError::Several(m) => {
+            anyhow::anyhow!(m)
+        }
+    })
 }
 
 fn human_event(offset: u64, env: &Envelope) -> String {
@@ -333,6 +370,29 @@ fn human_event(offset: u64, env: &Envelope) -> String {
                 e.tenant, e.name, e.repository, e.previous
             )
         }
+        Some(Payload::CacheRestored(e)) => {
+            let what = if e.hit {
+                format!("hit, {} files, {} bytes", e.files, e.size)
+            } else {
+                "miss".to_owned()
+            };
+            let warning = if e.warning.is_empty() {
+                String::new()
+            } else {
+                format!(": {}", e.warning)
+            };
+            format!("{} cache {:?} {what}{warning}", e.job, e.key)
+        }
+        Some(Payload::CacheSaved(e)) => format!(
+            "{} cache {:?} saved, {} files, {} bytes",
+            e.job, e.key, e.files, e.size
+        ),
+        Some(Payload::CacheEvicted(e)) => {
+            format!("cache {:?} evicted ({} bytes): {}", e.key, e.size, e.reason)
+        }
+        Some(Payload::JobReused(e)) => {
+            format!("{} {}", e.job, tributary_scheduler::reused_reason(e))
+        }
         Some(_) | None => String::new(),
     };
     format!(
@@ -399,6 +459,11 @@ async fn builds(args: BuildsArgs) -> anyhow::Result<ExitCode> {
 
 async fn replay_cmd(args: ReplayArgs) -> anyhow::Result<ExitCode> {
     let backends = args.backends.resolve()?;
+    // A rebuild writes the read models; a check only reads them.
+    let _lock = match args.check {
+        true => None,
+        false => backends.lock_data()?,
+    };
     let log = backends.open_log().await?;
     let store = backends.open_store().await?;
     // Metering: every events partition, into DIR/metering.db or the database's `metering`

@@ -303,7 +303,10 @@ pub fn read_pipeline(file: &Path) -> anyhow::Result<String> {
 
 /// A local run's secrets: each name the job lists, from the environment of `tributary run`.
 fn local_secrets(names: &[String]) -> tributary_agent::JobSecrets {
-    let mut secrets = tributary_agent::JobSecrets::default();
+    let mut secrets = tributary_agent::JobSecrets {
+        from_env: true,
+        ..tributary_agent::JobSecrets::default()
+    };
     for name in names {
         match std::env::var(name) {
             Ok(value) => secrets.values.push((name.clone(), value)),

@@ -16,6 +16,7 @@ mod cli;
 mod client;
 mod commands;
 mod data_dir;
+mod dir_lock;
 mod health;
 mod history;
 mod init;
@@ -27,6 +28,7 @@ mod repo_access;
 mod secrets;
 mod serve;
 mod server;
+mod waits;
 
 use std::process::ExitCode;
 
@@ -35,7 +37,13 @@ use clap::Parser;
 fn main() -> ExitCode {
     restore_sigpipe();
     let cli = cli::Cli::parse();
-    init_tracing();
+    // A local run reports its jobs' failures itself (the rendered log, the exit code): its
+    // diagnostics appear only when TRIBUTARY_LOG asks for them.
+    init_tracing(if matches!(cli.command, cli::Command::Run(_)) {
+        "off"
+    } else {
+        "warn"
+    });
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -55,11 +63,15 @@ fn main() -> ExitCode {
     }
 }
 
-fn init_tracing() {
+/// Diagnostics on stderr, filtered by TRIBUTARY_LOG (else `default`); coloured only on a
+/// terminal.
+fn init_tracing(default: &str) {
+    use std::io::IsTerminal;
     let filter = tracing_subscriber::EnvFilter::try_from_env("TRIBUTARY_LOG")
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn"));
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
     tracing_subscriber::fmt()
         .with_env_filter(filter)
+        .with_ansi(std::io::stderr().is_terminal())
         .with_writer(std::io::stderr)
         .init();
 }

@@ -43,6 +43,7 @@ pub fn service_config(args: &MeteringArgs) -> anyhow::Result<ServiceConfig> {
 pub async fn serve(args: ServeMeteringArgs) -> anyhow::Result<ExitCode> {
     let config = service_config(&args.metering)?;
     let backends = args.backends.resolve()?;
+    let _lock = backends.lock_data()?;
     let log = backends.open_log().await?;
     let store = backends.open_metering().await?;
     let _health = crate::health::start_with_log(&args.health, "metering", log.clone()).await?;
@@ -115,7 +116,8 @@ pub async fn invoice(args: InvoiceArgs) -> anyhow::Result<ExitCode> {
                 .map_err(crate::client::status)?
         }
     };
-    print_invoice(&inv, args.format)?;
+    let ended = period.end_us() <= tributary_proto::now_us();
+    print_invoice(&inv, args.format, ended)?;
     Ok(ExitCode::SUCCESS)
 }
 
@@ -125,7 +127,8 @@ fn minutes(ms: u64) -> String {
     format!("{}.{:02}", hundredths / 100, hundredths % 100)
 }
 
-fn print_invoice(inv: &api::Invoice, format: InvoiceFormat) -> anyhow::Result<()> {
+/// `ended`: the invoice's month is over (an invoice not issued then is no longer "live").
+fn print_invoice(inv: &api::Invoice, format: InvoiceFormat, ended: bool) -> anyhow::Result<()> {
     let mut out = std::io::stdout().lock();
     let money = |m: i64| format_money(m, 2);
     let price = |m: i64| format_money(m, 6).trim_end_matches('0').to_owned();
@@ -168,6 +171,10 @@ fn print_invoice(inv: &api::Invoice, format: InvoiceFormat) -> anyhow::Result<()
         InvoiceFormat::Table => {
             let status = if inv.status == "issued" {
                 format!("issued (offset {})", inv.issued_offset)
+            } else if ended {
+                "not issued yet: the month is over (the metering service issues it after \
+                 --close-after-hours)"
+                    .to_owned()
             } else {
                 "live: the month so far".to_owned()
             };
@@ -231,6 +238,14 @@ pub async fn audit(args: AuditArgs) -> anyhow::Result<ExitCode> {
     let backends = args.backends.resolve()?;
     if backends.kafka.is_some() || backends.database.is_some() {
         return audit_backends(&backends, args.tenant.as_deref()).await;
+    }
+    // An audit reads: a mistyped directory is an error, not an empty log that checks out.
+    if !backends.data.join("events.db").is_file() {
+        anyhow::bail!(
+            "no event log in {} (no events.db there): give the data directory of a `tributary \
+             run` (./.tributary by default) or `tributary up` with --data DIR",
+            backends.data.display()
+        );
     }
     let data = DataDir::open(&backends.data).await?;
     let tenant = args.tenant.as_deref();

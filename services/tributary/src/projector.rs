@@ -20,6 +20,7 @@ async fn stopped(mut stop: watch::Receiver<bool>) {
 
 pub async fn serve(args: ServeProjectorArgs) -> anyhow::Result<ExitCode> {
     let backends = args.backends.resolve()?;
+    let _lock = backends.lock_data()?;
     let log = backends.open_log().await?;
     let store = backends.open_store().await?;
     let _health = crate::health::start_with_log(&args.health, "projector", log.clone()).await?;

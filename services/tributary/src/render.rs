@@ -19,6 +19,8 @@ pub struct Renderer {
     bars: HashMap<String, ProgressBar>,
     /// Incomplete output lines per (job, stream).
     partial: HashMap<(String, i32), Vec<u8>>,
+    /// Agent id → the name it registered with, shown instead of the id when known.
+    agents: HashMap<String, String>,
 }
 
 impl Renderer {
@@ -29,7 +31,29 @@ impl Renderer {
             multi: MultiProgress::new(),
             bars: HashMap::new(),
             partial: HashMap::new(),
+            agents: HashMap::new(),
         }
+    }
+
+    /// Whether the name of agent `id` is known.
+    pub fn knows_agent(&self, id: &str) -> bool {
+        self.agents.contains_key(id)
+    }
+
+    /// Agents' names by id, shown instead of their ids.
+    pub fn agent_names(&mut self, names: HashMap<String, String>) {
+        self.agents.extend(names);
+    }
+
+    /// Why `job` waits (a queued job no agent takes yet).
+    pub fn waiting(&self, job: &str, reason: &str) {
+        let msg = format!("… waiting: {reason}");
+        let msg = if self.tty {
+            style(msg).yellow().to_string()
+        } else {
+            msg
+        };
+        self.print(format!("{} {msg}", self.prefix(job)));
     }
 
     /// Follows the build's events from `from` until BuildFinished.
@@ -81,10 +105,13 @@ impl Renderer {
                 } else {
                     String::new()
                 };
+                let agent = match self.agents.get(&e.agent_id) {
+                    Some(name) if !name.is_empty() => format!("agent {name}"),
+                    _ => format!("agent {}", e.agent_id),
+                };
                 self.print(format!(
-                    "{} started on {}{attempt}",
-                    self.prefix(&e.job),
-                    e.agent_id
+                    "{} started on {agent}{attempt}",
+                    self.prefix(&e.job)
                 ));
                 if self.tty {
                     let bar = self.multi.add(ProgressBar::new_spinner());
@@ -143,7 +170,7 @@ impl Renderer {
                     self.multi.remove(&bar);
                 }
                 let status = Status::try_from(e.status).unwrap_or(Status::Failed);
-                let mut msg = format!("{} {}", mark(status), status.name());
+                let mut msg = format!("{} {}", mark(status), status_words(status));
                 if status == Status::Succeeded || status == Status::Failed {
                     msg.push_str(&format!(" in {}", secs(e.duration_us)));
                 }
@@ -154,8 +181,9 @@ impl Renderer {
                 self.print(format!("{} {msg}", self.prefix(&e.job)));
             }
             Payload::JobReused(e) => {
+                // `✓ reused from build 12 (ID), job build attempt 1`.
                 let msg = format!(
-                    "{} reused: {}",
+                    "{} {}",
                     mark(Status::Succeeded),
                     tributary_scheduler::reused_reason(e)
                 );
@@ -183,7 +211,7 @@ impl Renderer {
             }
             Payload::BuildFinished(e) => {
                 let status = Status::try_from(e.status).unwrap_or(Status::Failed);
-                let mut msg = format!("build {} {}", self.build_id, status.name());
+                let mut msg = format!("build {} {}", self.build_id, status_words(status));
                 if !e.reason.is_empty() {
                     msg.push_str(&format!(": {}", e.reason));
                 }
@@ -234,6 +262,11 @@ fn first_line(text: &str) -> String {
 
 fn secs(us: u64) -> String {
     format!("{:.2}s", us as f64 / 1e6)
+}
+
+/// A status as a person writes it: `timed out`, not `timed_out`.
+fn status_words(status: Status) -> String {
+    status.name().replace('_', " ")
 }
 
 fn mark(status: Status) -> &'static str {

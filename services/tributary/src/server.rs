@@ -22,6 +22,8 @@ use crate::data_dir::DataDir;
 pub const DEFAULT_TENANT: &str = "default";
 
 pub async fn up(args: UpArgs) -> anyhow::Result<ExitCode> {
+    // First: a second `up` on this directory stops here, before it touches anything.
+    let _lock = crate::dir_lock::lock(&args.data.data)?;
     let autoscaler_config = match &args.autoscaler {
         Some(path) => Some((crate::autoscaler::load_config(path)?, path.clone())),
         None => None,

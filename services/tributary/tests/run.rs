@@ -221,6 +221,26 @@ fn successful_run_exits_zero_and_events_filter_by_build() {
     assert_eq!(one.last().unwrap()["status"], "succeeded");
 }
 
+/// A `run: |` block stops at its first failing command (as GitHub Actions runs it, `sh -e`):
+/// the job fails and nothing after the command runs.
+#[test]
+fn a_run_block_fails_at_its_first_failing_command() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(
+        dir.path().join(".tributary.yml"),
+        "jobs:\n  blk:\n    steps:\n      - run: |\n          echo before-false\n          false\n          echo after-false\n",
+    )
+    .unwrap();
+    let out = tributary(dir.path(), &["run"]);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(out.status.code(), Some(1), "{stdout}");
+    assert!(stdout.contains("before-false"), "{stdout}");
+    assert!(!stdout.contains("after-false"), "{stdout}");
+    let ev = events(dir.path());
+    let finished = ev.iter().find(|e| e["type"] == "job_finished").unwrap();
+    assert_eq!(finished["status"], "failed", "{finished}");
+}
+
 #[test]
 fn invalid_pipeline_exits_two_with_location_and_is_recorded() {
     let dir = tempfile::tempdir().unwrap();
@@ -248,7 +268,11 @@ fn invalid_pipeline_exits_two_with_location_and_is_recorded() {
 fn missing_pipeline_file_says_what_to_do() {
     let dir = tempfile::tempdir().unwrap();
     let out = tributary(dir.path(), &["run"]);
-    assert_eq!(out.status.code(), Some(1));
+    assert_eq!(
+        out.status.code(),
+        Some(2),
+        "a usage error, like an invalid pipeline"
+    );
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(
         stderr.contains("cannot read pipeline file .tributary.yml"),
@@ -385,4 +409,130 @@ fn a_local_run_is_metered_and_replay_rebuilds_metering() {
     let (ok, text) = check(dir.path());
     assert!(ok, "{text}");
     assert_eq!(invoice(dir.path()), inv, "the rebuilt model bills the same");
+}
+
+/// A local run takes a job's secrets from its environment: a missing one fails the job once
+/// (a configuration error is not retried) with a hint for the local run, not for a server.
+#[test]
+fn a_missing_secret_in_a_local_run_says_how_to_give_it_and_is_not_retried() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(
+        dir.path().join(".tributary.yml"),
+        "jobs:\n  deploy:\n    retry: 2\n    secrets: [TRIB_TEST_SECRET]\n    steps:\n      - test -n \"$TRIB_TEST_SECRET\"\n",
+    )
+    .unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_tributary"))
+        .arg("run")
+        .current_dir(dir.path())
+        .env_remove("TRIB_TEST_SECRET")
+        .output()
+        .unwrap();
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(out.status.code(), Some(1), "{text}");
+    assert!(text.contains("TRIB_TEST_SECRET=… tributary run"), "{text}");
+    assert!(!text.contains("secret set"), "{text}");
+    let ev = events(dir.path());
+    assert_eq!(of_type(&ev, "job_queued").len(), 1, "not retried: {ev:?}");
+    // Given in the environment, the job gets it.
+    let out = Command::new(env!("CARGO_BIN_EXE_tributary"))
+        .arg("run")
+        .current_dir(dir.path())
+        .env("TRIB_TEST_SECRET", "s3cret-value")
+        .output()
+        .unwrap();
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+}
+
+/// `audit --data` on a directory with no log fails and does not create it.
+#[test]
+fn audit_of_a_missing_data_directory_fails_without_creating_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = tributary(dir.path(), &["audit", "--data", "typo"]);
+    assert_ne!(out.status.code(), Some(0));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("no event log in typo"), "{stderr}");
+    assert!(!dir.path().join("typo").exists());
+}
+
+/// The invoice of a month that is over is not "live".
+#[test]
+fn the_invoice_of_an_ended_month_is_not_live() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(
+        dir.path().join(".tributary.yml"),
+        "jobs:\n  a:\n    steps:\n      - echo ok\n",
+    )
+    .unwrap();
+    assert_eq!(tributary(dir.path(), &["run"]).status.code(), Some(0));
+    let out = tributary(dir.path(), &["invoice", "--period", "2020-01"]);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{stdout}");
+    assert!(!stdout.contains("live"), "{stdout}");
+    assert!(
+        stdout.contains("not issued yet: the month is over"),
+        "{stdout}"
+    );
+    let out = tributary(dir.path(), &["invoice"]);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(stdout.contains("live: the month so far"), "{stdout}");
+}
+
+/// One process writes a data directory at a time: a second run on a directory in use is
+/// refused, naming the process holding it; the lock goes with its holder.
+#[test]
+fn a_second_writer_of_a_data_directory_is_refused_naming_the_holder() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(
+        dir.path().join(".tributary.yml"),
+        "jobs:\n  a:\n    steps:\n      - echo ok\n",
+    )
+    .unwrap();
+    std::fs::write(
+        dir.path().join("slow.yml"),
+        "jobs:\n  a:\n    steps:\n      - touch started && sleep 30\n",
+    )
+    .unwrap();
+    let mut first = common::Proc(
+        Command::new(env!("CARGO_BIN_EXE_tributary"))
+            .args(["run", "-f", "slow.yml"])
+            .current_dir(dir.path())
+            .stdout(std::process::Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
+    common::wait_until(
+        "the first run to start its job",
+        std::time::Duration::from_secs(30),
+        || dir.path().join("started").exists(),
+    );
+    let pid = first.0.id();
+    let out = tributary(dir.path(), &["run"]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(
+        stderr.contains(&format!("in use by process {pid} (")),
+        "{stderr}"
+    );
+    assert!(stderr.contains("run -f slow.yml"), "{stderr}");
+    // A reader is not a writer.
+    assert!(tributary(dir.path(), &["events"]).status.success());
+    // Killed (no clean exit), the first run's lock goes with it.
+    first.0.kill().unwrap();
+    first.0.wait().unwrap();
+    let out = tributary(dir.path(), &["run"]);
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
 }

@@ -71,7 +71,7 @@ fn trigger_follow_success_failure_and_isolation() {
     let lines = &v["jobs"][0]["steps"][0]["lines"];
     assert_eq!(lines[1]["exit_code"], 4);
     assert_eq!(lines[2]["status"], "pending");
-    let logs = s.cli(&admin, &["logs", &build_bad]);
+    let logs = s.cli(&admin, &["logs", &build_bad, "--raw"]);
     assert_eq!(
         without_recreate(&String::from_utf8_lossy(&logs.stdout)),
         "before\n"
@@ -248,6 +248,84 @@ fn rerun_failed_runs_only_the_jobs_that_did_not_succeed() {
     let out = s.cli(&admin, &["rerun", &second]);
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("nothing to re-run"));
+}
+
+/// A job kept by `rerun` hands its artifacts to the re-run jobs that need it (as `reuse: commit`
+/// does), also when the kept job was itself kept from an earlier build; `artifacts list` of the
+/// re-run lists them.
+#[test]
+fn rerun_hands_kept_jobs_artifacts_to_rerun_jobs() {
+    let s = start();
+    let admin = s.token.clone();
+    let flag = s.root.join("fixed");
+    let pipeline = format!(
+        "jobs:\n  a:\n    artifacts: [out]\n    steps:\n      - mkdir -p out && echo art-16 > out/f.txt\n  b:\n    needs: a\n    steps:\n      - cat out/f.txt\n      - test -f {}\n",
+        flag.display()
+    );
+    let repo = repo(&s, "rerun-art", &pipeline);
+    s.ok(
+        &admin,
+        &[
+            "project",
+            "add",
+            "rerun-art",
+            "--repo",
+            repo.to_str().unwrap(),
+        ],
+    );
+    let out = s.cli(&admin, &["trigger", "rerun-art", "--follow"]);
+    assert_eq!(out.status.code(), Some(1));
+    let first = String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .next()
+        .unwrap()
+        .trim()
+        .to_owned();
+    // Still failing: b is re-run (a is kept) and reads a's artifact, then fails again.
+    let second = s.ok(&admin, &["rerun", &first]).trim().to_owned();
+    let v = s.finished_as(&admin, &second, Duration::from_secs(30));
+    assert_eq!(v["status"], "failed", "{v}");
+    let logs = String::from_utf8_lossy(&s.cli(&admin, &["logs", &second, "--job", "b"]).stdout)
+        .into_owned();
+    assert!(logs.contains("art-16"), "{logs}");
+    // Fixed: the re-run of the re-run gets a's artifact too, through the kept plan.
+    std::fs::write(&flag, "").unwrap();
+    let third = s.ok(&admin, &["rerun", &second]).trim().to_owned();
+    let v = s.finished_as(&admin, &third, Duration::from_secs(30));
+    assert_eq!(v["status"], "succeeded", "{v}");
+    let listed = s.ok(&admin, &["artifacts", "list", &third]);
+    assert!(listed.contains("out/f.txt"), "{listed}");
+}
+
+/// A second `up` on the data directory of a running one is refused at once, naming the
+/// process that holds it; the first keeps serving. A token for a tenant that does not exist
+/// says which command creates it.
+#[test]
+fn a_second_up_on_the_same_data_directory_is_refused() {
+    let s = start();
+    let pid = s.pid();
+    let addr = format!("127.0.0.1:{}", common::free_port());
+    let out = Command::new(env!("CARGO_BIN_EXE_tributary"))
+        .args(["up", "--agents", "0", "--listen", &addr, "--data"])
+        .arg(s.data())
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(
+        stderr.contains(&format!("is in use by process {pid} (")) && stderr.contains(" up "),
+        "{stderr}"
+    );
+    assert!(!s.log().contains("fenced"), "{}", s.log());
+    s.ok(&s.token, &["project", "list"]);
+
+    let out = s.cli(&s.token, &["admin", "token-create", "--tenant", "nosuch"]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(
+        stderr.contains("tributary admin tenant-add nosuch"),
+        "{stderr}"
+    );
 }
 
 /// A job log without Tributary's own notes: the recreate commands every job log starts with

@@ -2,6 +2,8 @@
 //! download links, each job's steps and lines with exit codes and durations, and one live log
 //! per job (filled by the script from [`super::live::build`]).
 
+use std::collections::BTreeMap;
+
 use axum::extract::{Path, Query, State};
 use axum::http::HeaderMap;
 use axum::response::{IntoResponse, Redirect, Response};
@@ -32,8 +34,11 @@ pub async fn page(
     let artifacts = artifacts_of(&state, &session, &build)
         .await
         .map_err(|e| e.in_page(&session))?;
+    let notes = crate::builds::runs_on_notes(&state, &build)
+        .await
+        .map_err(|e| WebError::from(e).in_page(&session))?;
     let now = tributary_proto::now_us();
-    Ok(page_markup(&build, &artifacts, &session, now))
+    Ok(page_markup(&build, &artifacts, &notes, &session, now))
 }
 
 /// The build's artifacts (read from the log), once a job has succeeded (only succeeded
@@ -86,6 +91,7 @@ fn artifacts_markup(build_id: &str, artifacts: &[ArtifactUploaded]) -> Markup {
 fn page_markup(
     b: &Build,
     artifacts: &[ArtifactUploaded],
+    notes: &BTreeMap<String, String>,
     session: &Session,
     now_us: i64,
 ) -> Markup {
@@ -96,7 +102,7 @@ fn page_markup(
         Some(session),
         html! {
             (history_markup(&base))
-            div #summary data-summary={(base) "/summary"} { (summary_markup(b, artifacts, session, now_us)) }
+            div #summary data-summary={(base) "/summary"} { (summary_markup(b, artifacts, notes, session, now_us)) }
             section.logs #logs data-events={(base) "/events"} data-status=(b.phase.name()) {
                 h2 { "Logs" }
                 @for (i, job) in b.jobs.iter().enumerate() {
@@ -134,22 +140,24 @@ fn history_markup(base: &str) -> Markup {
 
 /// The summary of the build at a past moment (`now_us`: that moment): no actions.
 pub fn past_summary_markup(b: &Build, session: &Session, now_us: i64) -> Markup {
-    summary_with(b, &[], session, now_us, false)
+    summary_with(b, &[], &BTreeMap::new(), session, now_us, false)
 }
 
 /// Everything on the page that comes from the read model (re-fetched as the build moves).
 fn summary_markup(
     b: &Build,
     artifacts: &[ArtifactUploaded],
+    notes: &BTreeMap<String, String>,
     session: &Session,
     now_us: i64,
 ) -> Markup {
-    summary_with(b, artifacts, session, now_us, true)
+    summary_with(b, artifacts, notes, session, now_us, true)
 }
 
 fn summary_with(
     b: &Build,
     artifacts: &[ArtifactUploaded],
+    notes: &BTreeMap<String, String>,
     session: &Session,
     now_us: i64,
     actions: bool,
@@ -204,6 +212,7 @@ fn summary_with(
                         " · " a href={"#log-" (i)} { "log" }
                     }
                     @if !job.reason.is_empty() { p.reason { (job.reason) } }
+                    @if let Some(note) = notes.get(&job.id) { p.runs-on-note { (note) } }
                     @for (s, step) in job.steps.iter().enumerate() {
                         div.step data-status=(step.phase.name()) {
                             h3 {
@@ -247,9 +256,11 @@ pub async fn summary(
     match state.store.load_build(&id).await.map_err(internal)? {
         Some(b) if b.tenant == session.who.tenant => {
             let artifacts = artifacts_of(&state, &session, &b).await?;
+            let notes = crate::builds::runs_on_notes(&state, &b).await?;
             Ok(summary_markup(
                 &b,
                 &artifacts,
+                &notes,
                 &session,
                 tributary_proto::now_us(),
             ))

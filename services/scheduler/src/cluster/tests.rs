@@ -301,6 +301,27 @@ fn labels_fall_back_to_a_generic_agent() {
 }
 
 #[test]
+fn strict_labels_never_fall_back_to_a_generic_agent() {
+    let mut w = World::new();
+    w.agent("g", &[], 1, "");
+    let strict = JobPlan {
+        runs_on_strict: true,
+        ..on("cuda", &["gpu"])
+    };
+    w.build("b", vec![strict]);
+    assert!(w.settle().is_empty());
+    assert_eq!(
+        w.reason("b", "cuda").as_deref(),
+        Some(
+            "no connected agent has labels [gpu] (the job's `runs-on` says `fallback: false`: \
+             generic agents do not take it)"
+        )
+    );
+    w.agent("gpu", &["gpu"], 1, "");
+    assert_eq!(w.settle(), vec![("cuda".into(), 1, "gpu".into())]);
+}
+
+#[test]
 fn with_neither_labelled_nor_generic_agent_the_job_waits_and_says_why() {
     let mut w = World::new();
     w.agent("arm", &["arm"], 2, "");

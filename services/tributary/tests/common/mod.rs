@@ -134,6 +134,11 @@ fn launch(extra: &[&str], env: &[(&str, String)], allow_local_repos: bool) -> Se
 }
 
 impl Server {
+    /// The server process's id.
+    pub fn pid(&self) -> u32 {
+        self.proc.as_ref().expect("the server is running").0.id()
+    }
+
     pub fn data(&self) -> PathBuf {
         self.root.join("data")
     }

@@ -404,7 +404,7 @@ impl ScaleOut {
             args.push(flag.into());
             args.push(value.into());
         }
-        Service::new(name, args, &self.root, addr)
+        Service::new(name, args, &self.root, addr, self.env.clone())
     }
 
     fn add_agent(&mut self, name: &str, i: usize, capacity: u32) {
