@@ -115,7 +115,7 @@ async fn check(history: History, sizes: Vec<usize>, restart_at: usize, crash: us
     apply_in_batches(&mut p, &records, &sizes).await;
     assert_eq!(p.next_offset(), end);
     assert_eq!(
-        p.malformed,
+        p.malformed(),
         unreadable + unknown,
         "the projector skips (and counts) undecodable records and unknown events"
     );

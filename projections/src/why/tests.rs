@@ -108,6 +108,7 @@ impl Log {
             exit_code: code,
             duration_us: 1,
             reason: why.into(),
+            no_retry: false,
         }))
     }
 }

@@ -401,6 +401,7 @@ fn job_events(build: &str, j: usize, spec: &JobSpec) -> Vec<(Payload, bool)> {
                         exit_code,
                         duration_us: 10_000,
                         reason,
+                        no_retry: false,
                     }),
                     last || succeeded,
                 ));
@@ -544,6 +545,7 @@ fn build_events(b: usize, spec: &BuildSpec, clock: &mut Clock) -> Vec<Envelope> 
                         exit_code: -1,
                         duration_us: 5,
                         reason: "canceled by bob".into(),
+                        no_retry: false,
                     }),
                 ));
             }

@@ -125,6 +125,7 @@ mod tests {
         let no_repository = Source {
             repository: String::new(),
             commit: "0123".into(),
+            tenant: "default".into(),
         };
         assert_eq!(recreate_commands(Some(&no_repository), &job, file), "");
         assert_eq!(

@@ -1428,17 +1428,28 @@ impl<'a> Pool<'a> {
         }
         let state = self.state;
         let run = state.builds.builds.get(build)?;
-        let (runs_on, image) = state
+        let (runs_on, strict, image) = state
             .job_info(build, job)
-            .map(|i| (i.plan.runs_on.as_slice(), i.plan.image.trim()))
+            .map(|i| {
+                let image = if i.plan.image_build.is_some() {
+                    "built image"
+                } else {
+                    i.plan.image.trim()
+                };
+                (i.plan.runs_on.as_slice(), i.plan.runs_on_strict, image)
+            })
             .unwrap_or_default();
         let key = (run.tenant.as_str(), run.project.as_str(), runs_on, image);
         if let Some(reason) = self.full.get(&key) {
             return Some(reason.clone());
         }
+        let labels = Labels {
+            wanted: runs_on,
+            strict,
+        };
         // No slot anywhere: `take` cannot succeed, so it changes nothing and says why.
         let reason = self
-            .take(&(run.tenant.clone(), run.project.clone()), runs_on, image)
+            .take(&(run.tenant.clone(), run.project.clone()), labels, image)
             .err()?;
         self.full.insert(key, reason.clone());
         Some(reason)

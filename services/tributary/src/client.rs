@@ -191,7 +191,10 @@ async fn render_watch(
             }
             _ = poll.tick(), if follow => {
                 let got = client
-                    .get_build(api::GetBuildRequest { build_id: build_id.to_owned() })
+                    .get_build(api::GetBuildRequest {
+                        build_id: build_id.to_owned(),
+                        at: None,
+                    })
                     .await;
                 if let Ok(build) = got {
                     for (job, reason) in waits.update(&build.into_inner()) {
@@ -216,6 +219,7 @@ async fn agent_names(
     let got = client
         .get_build(api::GetBuildRequest {
             build_id: build_id.to_owned(),
+            at: None,
         })
         .await;
     got.map(|b| {
@@ -236,6 +240,7 @@ pub async fn logs(args: LogsArgs) -> anyhow::Result<ExitCode> {
     let build = client
         .get_build(api::GetBuildRequest {
             build_id: args.build.clone(),
+            at: None,
         })
         .await
         .map_err(status)?

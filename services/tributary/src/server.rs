@@ -23,7 +23,7 @@ pub const DEFAULT_TENANT: &str = "default";
 
 pub async fn up(args: UpArgs) -> anyhow::Result<ExitCode> {
     // First: a second `up` on this directory stops here, before it touches anything.
-    let _lock = crate::dir_lock::lock(&args.data.data)?;
+    let _lock = crate::dir_lock::lock(&args.data.dir())?;
     let autoscaler_config = match &args.autoscaler {
         Some(path) => Some((crate::autoscaler::load_config(path)?, path.clone())),
         None => None,
