@@ -79,6 +79,7 @@ pub struct History {
 /// A record for the log: an event (appended normally) or raw bytes (appended as they are, so
 /// the log's own duplicate check does not drop a re-delivery).
 #[derive(Debug, Clone)]
+#[allow(clippy::large_enum_variant)] // test data: one Envelope per item, moved not copied
 pub enum Item {
     Event(Envelope),
     Raw { key: String, data: Vec<u8> },

@@ -23,6 +23,10 @@ struct CompiledStep {
     lines: Vec<Template>,
 }
 
+/// `image: {build, context}`: the Dockerfile's path, and the context's (absent: the
+/// Dockerfile's directory), with where each was written.
+type CompiledImageBuild = (Template, Loc, Option<(Template, Loc)>);
+
 /// A job's strings with their matrix references resolved.
 struct CompiledJob {
     steps: Vec<CompiledStep>,
@@ -30,9 +34,7 @@ struct CompiledJob {
     env: BTreeMap<String, Template>,
     runs_on: Vec<Template>,
     image: Option<Template>,
-    /// `image: {build, context}`: the Dockerfile's path, and the context's (absent: the
-    /// Dockerfile's directory), with where each was written.
-    image_build: Option<(Template, Loc, Option<(Template, Loc)>)>,
+    image_build: Option<CompiledImageBuild>,
     artifacts: Vec<Template>,
     /// (key, paths) of each `cache` entry.
     cache: Vec<(Template, Vec<Template>)>,
