@@ -424,6 +424,7 @@ fn a_missing_secret_in_a_local_run_says_how_to_give_it_and_is_not_retried() {
     let out = Command::new(env!("CARGO_BIN_EXE_tributary"))
         .arg("run")
         .current_dir(dir.path())
+        .env("XDG_STATE_HOME", common::state_home())
         .env_remove("TRIB_TEST_SECRET")
         .output()
         .unwrap();
@@ -441,6 +442,7 @@ fn a_missing_secret_in_a_local_run_says_how_to_give_it_and_is_not_retried() {
     let out = Command::new(env!("CARGO_BIN_EXE_tributary"))
         .arg("run")
         .current_dir(dir.path())
+        .env("XDG_STATE_HOME", common::state_home())
         .env("TRIB_TEST_SECRET", "s3cret-value")
         .output()
         .unwrap();
@@ -505,6 +507,7 @@ fn a_second_writer_of_a_data_directory_is_refused_naming_the_holder() {
         Command::new(env!("CARGO_BIN_EXE_tributary"))
             .args(["run", "-f", "slow.yml"])
             .current_dir(dir.path())
+            .env("XDG_STATE_HOME", common::state_home())
             .stdout(std::process::Stdio::null())
             .spawn()
             .unwrap(),
