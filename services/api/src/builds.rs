@@ -435,9 +435,16 @@ impl Builds for BuildsApi {
         let who = self.who(&request)?;
         let id = resolve_id(&self.state, &who, &request.get_ref().build_id).await?;
         if let Some(at) = &request.get_ref().at {
-            return Ok(Response::new(
-                crate::history::get_at(&self.state, &who, &id, at).await?,
-            ));
+            let mut api = crate::history::get_at(&self.state, &who, &id, at).await?;
+            // Agents by name, as `get` shows them (names never change).
+            self.state.cluster.read(|c| {
+                for job in &mut api.jobs {
+                    if let Some(agent) = c.agents.get(&job.agent_id) {
+                        job.agent_name = agent.name.clone();
+                    }
+                }
+            })?;
+            return Ok(Response::new(api));
         }
         let build = build_of(&self.state, &who, &id).await?;
         let mut api = to_api(&build);

@@ -150,6 +150,9 @@ async fn render_watch(
         .await
         .map_err(status)?
         .into_inner();
+    if !follow {
+        return render_finished(client, stream, build_id).await;
+    }
     let mut renderer = Renderer::new(build_id, false);
     let mut waits = crate::waits::WaitNotes::default();
     let every = std::time::Duration::from_secs(1);
@@ -209,6 +212,39 @@ async fn render_watch(
             }
         }
     }
+}
+
+/// A build's events up to the log's end, rendered once all are read: on a log with a logs topic
+/// a build's chunks are read after its state events (their order between topics is not kept),
+/// so they are put in time order first, `BuildFinished` last.
+async fn render_finished(
+    client: &mut BuildsClient<Svc>,
+    mut stream: tonic::Streaming<api::WatchedEvent>,
+    build_id: &str,
+) -> anyhow::Result<ExitCode> {
+    let mut events = Vec::new();
+    while let Some(ev) = stream.message().await.map_err(status)? {
+        if let Some(env) = ev.event {
+            events.push(env);
+        }
+    }
+    let last = |e: &tributary_proto::events::Envelope| {
+        matches!(e.payload, Some(Payload::BuildFinished(_)))
+    };
+    events.sort_by_key(|e| (last(e), e.time_us));
+    let mut renderer = Renderer::new(build_id, false);
+    renderer.agent_names(agent_names(client, build_id).await);
+    let mut code = ExitCode::SUCCESS;
+    for env in &events {
+        if let Some(Payload::BuildFinished(f)) = &env.payload {
+            if BuildStatus::try_from(f.status) != Ok(BuildStatus::Succeeded) {
+                code = ExitCode::from(1);
+            }
+        }
+        renderer.event(env);
+    }
+    renderer.finish();
+    Ok(code)
 }
 
 /// Agent id → name of the build's jobs' agents (from `GetBuild`); empty when unknown.

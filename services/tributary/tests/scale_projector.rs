@@ -207,7 +207,7 @@ async fn scenario(log_partitions: u32) {
         "projector b: {status}\n{}",
         log_text(&err_b)
     );
-    assert!(log_text(&err_b).contains("projector left its group"));
+    assert!(log_text(&err_b).contains("left the group"));
 
     // Replay at scale: a damaged row is found by --check, and a rebuild (into fresh tables,
     // then swapped in) repairs it.
