@@ -186,11 +186,7 @@ impl Fold for BuildsFold {
         &mut self,
         partitions: &[Partition],
     ) -> Result<Vec<(Partition, Offset)>, ProjectionError> {
-        let stored = self.store.next_offsets().await?;
-        Ok(partitions
-            .iter()
-            .map(|p| (*p, stored.get(p).copied().unwrap_or(0)))
-            .collect())
+        stored_starts(&self.store, partitions).await
     }
 
     async fn apply(&mut self, at: Position, env: Envelope) -> Result<(), ProjectionError> {
@@ -390,11 +386,7 @@ impl Fold for ChunkFold {
         &mut self,
         partitions: &[Partition],
     ) -> Result<Vec<(Partition, Offset)>, ProjectionError> {
-        let stored = self.store.next_offsets().await?;
-        Ok(partitions
-            .iter()
-            .map(|p| (*p, stored.get(p).copied().unwrap_or(0)))
-            .collect())
+        stored_starts(&self.store, partitions).await
     }
 
     async fn apply(&mut self, _at: Position, env: Envelope) -> Result<(), ProjectionError> {
@@ -445,4 +437,17 @@ impl Fold for ChunkFold {
         self.recent
             .retain(|id, _| !partitions.contains(&layout.partition_for(Topic::Logs, id)));
     }
+}
+
+/// Where each of `partitions` starts: the next offset stored with the rows (0 when none). The
+/// database is the truth for the projector and the chunk counter alike.
+async fn stored_starts(
+    store: &BuildsStore,
+    partitions: &[Partition],
+) -> Result<Vec<(Partition, Offset)>, ProjectionError> {
+    let stored = store.next_offsets().await?;
+    Ok(partitions
+        .iter()
+        .map(|p| (*p, stored.get(p).copied().unwrap_or(0)))
+        .collect())
 }
