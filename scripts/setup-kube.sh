@@ -60,7 +60,12 @@ build() {
     local start=$SECONDS
     mkdir -p "$src/cmd/etcd" "$bin"
     log "building kube-apiserver v$K8S_VERSION and etcd into $bin (once; several minutes on 2 cores)"
-    export CGO_ENABLED=0 GOFLAGS=-mod=mod GOTOOLCHAIN=local
+    # This build's module and build caches live in a directory removed after it: several GB
+    # the CI machine's disk needs for the test binaries (-modcacherw lets rm remove them).
+    local gotmp
+    gotmp=$(mktemp -d "$home/gotmp.XXXXXX")
+    export CGO_ENABLED=0 GOFLAGS="-mod=mod -modcacherw" GOTOOLCHAIN=local \
+        GOMODCACHE=$gotmp/mod GOCACHE=$gotmp/cache
     # The staging modules k8s.io/kubernetes replaces with local paths, from its own go.mod.
     local kgomod
     kgomod=$(cd "$src" && go mod download -json "k8s.io/kubernetes@v$K8S_VERSION" \
@@ -106,6 +111,7 @@ EOF
     )
     mv "$bin/etcd.tmp" "$bin/etcd"
     mv "$bin/kube-apiserver.tmp" "$bin/kube-apiserver"
+    rm -rf "$gotmp"
     log "built kube-apiserver and etcd in $((SECONDS - start)) s"
 }
 

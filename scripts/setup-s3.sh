@@ -59,7 +59,10 @@ build() {
     # GOBIN gets the binary; a temporary GOBIN and a rename keep a half-built one out of $bin.
     local tmp
     tmp=$(mktemp -d "$home/gobin.XXXXXX")
-    CGO_ENABLED=0 GOTOOLCHAIN=local GOBIN=$tmp \
+    # The module and build caches live in $tmp too and go with it: several GB the CI machine's
+    # disk needs for the test binaries (-modcacherw lets rm remove them).
+    CGO_ENABLED=0 GOTOOLCHAIN=local GOBIN=$tmp GOMODCACHE=$tmp/mod GOCACHE=$tmp/cache \
+        GOFLAGS=-modcacherw \
         go install -trimpath -ldflags='-s -w' "github.com/minio/minio@$MINIO_VERSION"
     mv "$tmp/minio" "$bin/minio"
     rm -rf "$tmp"

@@ -1,7 +1,7 @@
 //! End to end: the real `tributary` binary runs real pipelines with real `sh` processes on
 //! the embedded SQLite log; we check exit codes, the events on the log and the read model.
 
-mod common;
+use crate::common;
 
 use std::path::Path;
 use std::process::{Command, Output};

@@ -6,9 +6,8 @@
 //!
 //! Needs Kafka and PostgreSQL (`scripts/setup-brokers.sh`) and MinIO (`scripts/setup-s3.sh`).
 
-mod common;
-#[path = "common/scale.rs"]
-mod scale;
+use crate::common;
+use crate::scale;
 
 use std::time::Duration;
 

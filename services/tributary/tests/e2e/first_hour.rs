@@ -3,7 +3,7 @@
 //! and container jobs; `tributary init` on sample repositories, each generated pipeline run for
 //! real; `tributary completions`.
 
-mod common;
+use crate::common;
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};

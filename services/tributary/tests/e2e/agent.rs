@@ -3,7 +3,7 @@
 //! agent, drain on SIGTERM (the running job finishes, exit 0), and a second signal stopping at
 //! once (exit 130).
 
-mod common;
+use crate::common;
 
 use std::io::{BufRead, BufReader};
 use std::path::PathBuf;

@@ -4,7 +4,7 @@
 //! that says `X-Forwarded-Proto: https` (and only then); `watch --json` prints the tenant's
 //! events live, one JSON object per line.
 
-mod common;
+use crate::common;
 
 use std::io::{BufRead, BufReader, Read, Write};
 use std::process::{Command, Stdio};

@@ -3,7 +3,7 @@
 //! real `tributary up` (upload and fetch over the agents' own authenticated connections, sha256
 //! checked by the server and by each agent).
 
-mod common;
+use crate::common;
 
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;

@@ -8,10 +8,8 @@
 //! Needs the broker and PostgreSQL of `scripts/setup-brokers.sh` (`TRIBUTARY_TEST_KAFKA`,
 //! `TRIBUTARY_TEST_DATABASE_URL` override them); fails with that message if they are absent.
 
-mod common;
-#[allow(dead_code)]
-#[path = "../../../projections/tests/common/mod.rs"]
-mod history;
+use crate::common;
+use crate::history;
 
 use std::path::Path;
 use std::process::{Command, Stdio};

@@ -3,7 +3,7 @@
 //! reason, `kill -9` of an agent mid-job (requeued, finished elsewhere, late events fenced
 //! off), timeout and retry.
 
-mod common;
+use crate::common;
 
 use std::time::{Duration, Instant};
 

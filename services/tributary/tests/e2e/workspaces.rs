@@ -3,7 +3,7 @@
 //! a failed job's workspace is kept for the configured time, its log says where, and it is
 //! deleted once that time is up.
 
-mod common;
+use crate::common;
 
 use std::path::Path;
 use std::process::Command;

@@ -7,9 +7,8 @@
 //!
 //! Needs `scripts/setup-brokers.sh` (Kafka on 127.0.0.1:19092, PostgreSQL on 127.0.0.1:5432).
 
-mod common;
-#[path = "common/scale.rs"]
-mod scale;
+use crate::common;
+use crate::scale;
 
 use std::collections::BTreeMap;
 use std::time::Duration;

@@ -5,7 +5,7 @@
 //! next only through the bucket. A bucket that disappears mid-build fails the job with an error
 //! that names it, promptly.
 
-mod common;
+use crate::common;
 
 use std::time::{Duration, Instant};
 

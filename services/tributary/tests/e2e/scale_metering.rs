@@ -11,7 +11,7 @@
 //! Needs the broker and PostgreSQL of `scripts/setup-brokers.sh` (`TRIBUTARY_TEST_KAFKA`,
 //! `TRIBUTARY_TEST_DATABASE_URL` override them); fails with that message if they are absent.
 
-mod common;
+use crate::common;
 
 use std::collections::BTreeMap;
 use std::path::Path;

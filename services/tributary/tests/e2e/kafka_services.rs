@@ -11,7 +11,7 @@
 //! The broker comes from `scripts/setup-brokers.sh` (127.0.0.1:19092); set
 //! `TRIBUTARY_TEST_KAFKA` to use another. Every test has topics of its own, deleted at the end.
 
-mod common;
+use crate::common;
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;

@@ -8,9 +8,8 @@
 //!
 //! Needs the Kafka jars and Java of `scripts/setup-brokers.sh`, and its PostgreSQL.
 
-mod common;
-#[path = "common/scale.rs"]
-mod scale;
+use crate::common;
+use crate::scale;
 
 use std::time::{Duration, Instant};
 

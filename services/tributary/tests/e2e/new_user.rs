@@ -2,7 +2,7 @@
 //! and Ctrl-C leaves the build running; `runs-on` labels required strictly, or a generic agent
 //! standing in and saying so; `logs` rendered like `--follow`; build id prefixes.
 
-mod common;
+use crate::common;
 
 use std::io::Read;
 use std::process::{Command, Stdio};

@@ -3,7 +3,7 @@
 //! invoices over gRPC with tenant isolation, usage in `get`, and `audit` clean on the real run
 //! and failing on a tampered read-model row.
 
-mod common;
+use crate::common;
 
 use std::process::Command;
 use std::time::Duration;

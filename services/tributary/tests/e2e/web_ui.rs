@@ -5,7 +5,7 @@
 //!
 //! Needs `chromium` and `chromedriver` on the PATH: `scripts/setup-browser.sh` installs them.
 
-mod common;
+use crate::common;
 
 use std::path::Path;
 use std::process::{Child, Command, Stdio};

@@ -14,7 +14,7 @@
 //! (a server that refuses registration with a given code, a drain instruction at a chosen
 //! moment, a server that answers nothing at all during registration).
 
-mod common;
+use crate::common;
 
 use std::time::Duration;
 

@@ -3,7 +3,7 @@
 //! drains; after the grace period the pool is back to zero; an agent is drained and released
 //! while another runs a long job, which finishes successfully.
 
-mod common;
+use crate::common;
 
 use std::path::Path;
 use std::process::{Command, Stdio};

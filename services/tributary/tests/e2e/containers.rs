@@ -4,7 +4,7 @@
 //! with a reason while there is none, and a restarted agent removes the containers its crash
 //! left behind.
 
-mod common;
+use crate::common;
 
 use std::process::Command;
 

@@ -4,7 +4,7 @@
 //! `tributary logs` and on the log, and the plain value is nowhere in the data directory.
 //! Another tenant can neither set, list, delete nor use them.
 
-mod common;
+use crate::common;
 
 use std::io::Write;
 use std::path::Path;

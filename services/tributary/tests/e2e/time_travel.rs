@@ -3,7 +3,7 @@
 //! `why` explains a job that waited for a label (the scheduler's recorded reason), was requeued
 //! after its agent was killed (`kill -9`), and was retried after a failure.
 
-mod common;
+use crate::common;
 
 use std::time::Duration;
 

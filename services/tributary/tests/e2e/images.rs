@@ -4,7 +4,7 @@
 //! `--engine` under `tributary up` computes the same key for the same commit, and `get` shows
 //! the image build as the job's first step.
 
-mod common;
+use crate::common;
 
 use std::path::Path;
 use std::process::Command;

@@ -2,7 +2,7 @@
 //! artifacts reach the jobs that need it (in their own workspaces), a corrupted object is caught
 //! by the hash check, and paths that leave the workspace are refused.
 
-mod common;
+use crate::common;
 
 use std::time::Duration;
 

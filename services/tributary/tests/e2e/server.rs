@@ -1,7 +1,7 @@
 //! End to end against a real `tributary up` process and real git repositories: trigger →
 //! follow, failure, a tail that starts mid-build, cancel, tenant isolation, auth errors.
 
-mod common;
+use crate::common;
 
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};

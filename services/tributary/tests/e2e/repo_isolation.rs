@@ -3,7 +3,7 @@
 //! did not allow; the same URL used by two tenants gets two mirrors; the admin's local
 //! repositories and `tributary run` keep working.
 
-mod common;
+use crate::common;
 
 use std::path::{Path, PathBuf};
 use std::process::Command;

@@ -4,7 +4,7 @@
 //! from the template and labelled with the request id; no kubelet runs them, so they never
 //! connect: after startup_timeout_secs they are released and their Pods deleted.
 
-mod common;
+use crate::common;
 
 use std::collections::BTreeMap;
 use std::time::Duration;

@@ -4,7 +4,7 @@
 //! with a warning (never a failure), the least recently used archive is evicted under a tiny
 //! per-project limit, and `reuse: commit` skips a job that already succeeded at the commit.
 
-mod common;
+use crate::common;
 
 use std::time::Duration;
 

@@ -3,7 +3,7 @@
 //! `secrets:` come from the environment of `tributary run`, masked in its output and never on
 //! the log in clear.
 
-mod common;
+use crate::common;
 
 use std::path::Path;
 use std::process::{Command, Stdio};
