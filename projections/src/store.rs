@@ -47,6 +47,9 @@ pub enum Engine {
 pub struct BuildsStore {
     pool: AnyPool,
     engine: Engine,
+    /// The PostgreSQL URL (for the `LISTEN` connection of [`crate::positions`]); None on
+    /// SQLite.
+    url: Option<std::sync::Arc<str>>,
 }
 
 impl BuildsStore {
@@ -104,12 +107,18 @@ impl BuildsStore {
             Engine::Postgres => &POSTGRES_MIGRATIONS,
         };
         migrator.run(&pool).await?;
-        Ok(BuildsStore { pool, engine })
+        let url = (engine == Engine::Postgres).then(|| url.into());
+        Ok(BuildsStore { pool, engine, url })
     }
 
     /// The database engine.
     pub fn engine(&self) -> Engine {
         self.engine
+    }
+
+    /// The PostgreSQL URL the store was opened with (None on SQLite).
+    pub fn url(&self) -> Option<&str> {
+        self.url.as_deref()
     }
 
     pub async fn close(&self) {
@@ -162,6 +171,7 @@ impl BuildsStore {
             }
         }
         write_offset_of(&mut tx, 0, next_offset).await?;
+        self.notify_positions(&mut tx, [(0, next_offset)]).await?;
         tx.commit().await?;
         Ok(())
     }
@@ -197,7 +207,28 @@ impl BuildsStore {
         for advance in advances {
             advance_offset(&mut tx, advance).await?;
         }
+        self.notify_positions(&mut tx, advances.iter().map(|a| (a.partition, a.to)))
+            .await?;
         tx.commit().await?;
+        Ok(())
+    }
+
+    /// On PostgreSQL, tells the API processes listening ([`crate::positions`]) where the
+    /// read model now is; delivered when `tx` commits, never before.
+    async fn notify_positions(
+        &self,
+        tx: &mut Tx<'_>,
+        positions: impl IntoIterator<Item = (u32, u64)>,
+    ) -> Result<(), ProjectionError> {
+        if self.engine != Engine::Postgres {
+            return Ok(());
+        }
+        let payload = crate::positions::describe(positions.into_iter());
+        sqlx::query("SELECT pg_notify($1, $2)")
+            .bind(crate::positions::NOTIFY_CHANNEL)
+            .bind(payload)
+            .execute(&mut **tx)
+            .await?;
         Ok(())
     }
 

@@ -90,6 +90,21 @@ pub async fn run(
     stop: CancellationToken,
 ) -> Result<(), LogError> {
     let layout = log.layout();
+    // Announced on the log, so `get` explains waiting jobs with the TTLs this scheduler uses.
+    let started = [Envelope::new(
+        "",
+        "",
+        "",
+        Payload::SchedulerStarted(config.started()),
+    )];
+    if retry_transient(&stop, "announcing the scheduler's configuration", || {
+        log.append(&started)
+    })
+    .await?
+    .is_none()
+    {
+        return Ok(());
+    }
     let mut consumer = Consumer::new(ClusterFold::default());
     let mut sub = consumer.subscribe(log.as_ref(), layout.topic_partitions(Topic::Events));
     let mut ownership = Ownership::new();
