@@ -590,7 +590,11 @@ async fn measure_builds(
                             })
                             .await;
                         Some(got.map(|_| asked.elapsed()).map_err(|e| {
-                            format!("GetBuild right after TriggerBuild: {} ({:?})", e.message(), e.code())
+                            format!(
+                                "GetBuild right after TriggerBuild: {} ({:?})",
+                                e.message(),
+                                e.code()
+                            )
                         }))
                     }
                     Err(_) => None,

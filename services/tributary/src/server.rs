@@ -76,6 +76,7 @@ pub async fn up(args: UpArgs) -> anyhow::Result<ExitCode> {
     .with_read_model(read_model)
     .with_objects(objects.clone())
     .with_cache_limit(args.cache_limit);
+    crate::memory::trim_periodically();
 
     // Scheduler service: folds the log, assigns leases to connected agents, requeues lost ones.
     let ttl_us = (args.lease_ttl * 1e6) as i64;
