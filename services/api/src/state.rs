@@ -10,7 +10,9 @@ use std::time::Duration;
 
 use tokio::sync::watch;
 use tonic::Status;
-use tributary_eventlog::runtime::{Applied, Consumer, Fold, Interest, Position, JOB_OUTPUT};
+use tributary_eventlog::runtime::{
+    Applied, Consumer, Fold, Interest, Sequenced, Sequential, JOB_OUTPUT,
+};
 use tributary_eventlog::{EventLog, Layout, LogError, Offset, Partition, Record, Topic};
 use tributary_projections::directory::Directory;
 use tributary_projections::{BuildsStore, ReadModelPositions};
@@ -68,33 +70,18 @@ impl<S> Clone for Folded<S> {
     }
 }
 
-/// A fold of a [`Folded`] read model: `apply` on the shared state, each event with its place in
-/// the fold's order (0, 1, 2...).
-struct Shared<S> {
+/// The shared state of a [`Folded`] read model, applied under its lock (each event with its
+/// place in the fold's order, [`Sequenced`]).
+struct Locked<S> {
     state: Arc<RwLock<S>>,
-    name: &'static str,
-    interest: Interest,
     apply: fn(&mut S, u64, &Envelope),
-    sequence: u64,
 }
 
-impl<S: Send + Sync + 'static> Fold for Shared<S> {
-    type Error = LogError;
-
-    fn name(&self) -> &'static str {
-        self.name
-    }
-
-    fn interest(&self) -> Interest {
-        self.interest
-    }
-
-    async fn apply(&mut self, _at: Position, env: Envelope) -> Result<(), LogError> {
+impl<S: Send + Sync> Sequential for Locked<S> {
+    fn apply(&mut self, sequence: u64, env: &Envelope) {
         if let Ok(mut s) = self.state.write() {
-            (self.apply)(&mut s, self.sequence, &env);
+            (self.apply)(&mut s, sequence, env);
         }
-        self.sequence += 1;
-        Ok(())
     }
 }
 
@@ -109,13 +96,14 @@ impl<S: Default + Send + Sync + 'static> Folded<S> {
         apply: fn(&mut S, u64, &Envelope),
     ) -> Self {
         let state = Arc::new(RwLock::new(S::default()));
-        let fold = Shared {
-            state: state.clone(),
-            name: consumer,
+        let fold = Sequenced::new(
+            consumer,
             interest,
-            apply,
-            sequence: 0,
-        };
+            Locked {
+                state: state.clone(),
+                apply,
+            },
+        );
         Folded::run(log, fold, state)
     }
 }

@@ -263,6 +263,12 @@ pub struct ClusterState {
 
 type Key = (String, String);
 
+impl tributary_eventlog::runtime::Sequential for ClusterState {
+    fn apply(&mut self, sequence: u64, env: &Envelope) {
+        ClusterState::apply(self, sequence, env);
+    }
+}
+
 impl ClusterState {
     pub fn new() -> Self {
         Self::default()

@@ -223,10 +223,9 @@ struct Client {
     bearer: tonic::metadata::MetadataValue<tonic::metadata::Ascii>,
 }
 
-type Svc = tonic::service::interceptor::InterceptedService<
-    tonic::transport::Channel,
-    Box<dyn FnMut(tonic::Request<()>) -> Result<tonic::Request<()>, tonic::Status> + Send>,
->;
+/// Adds the bearer token to a call.
+type Auth = Box<dyn FnMut(tonic::Request<()>) -> Result<tonic::Request<()>, tonic::Status> + Send>;
+type Svc = tonic::service::interceptor::InterceptedService<tonic::transport::Channel, Auth>;
 
 impl Client {
     async fn connect(url: &str, token: &str) -> anyhow::Result<Client> {
@@ -239,10 +238,7 @@ impl Client {
         Ok(Client { channel, bearer })
     }
 
-    fn interceptor(
-        &self,
-    ) -> Box<dyn FnMut(tonic::Request<()>) -> Result<tonic::Request<()>, tonic::Status> + Send>
-    {
+    fn interceptor(&self) -> Auth {
         let bearer = self.bearer.clone();
         Box::new(move |mut req: tonic::Request<()>| {
             req.metadata_mut().insert("authorization", bearer.clone());
