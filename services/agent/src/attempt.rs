@@ -294,6 +294,8 @@ pub struct AttemptReport {
     pub delivered: usize,
     /// Events dropped (fenced, refused, or abandoned).
     pub dropped: usize,
+    /// The log could not be written (its disk is full): why. The job was stopped.
+    pub unwritable: Option<String>,
 }
 
 /// Runs the attempt to its end: checks the code out if the workspace says so, sends
@@ -804,6 +806,14 @@ pub(crate) async fn pump(
                 Err(SinkError::Failed(reason)) => {
                     tracing::error!(%reason, events = batch.len(), "cannot send job events");
                     report.dropped += batch.len();
+                    break;
+                }
+                Err(SinkError::Unwritable(reason)) => {
+                    tracing::error!(%reason, "the log cannot be written: stopping the job");
+                    report.dropped += batch.len();
+                    report.unwritable.get_or_insert(reason);
+                    dropping = true;
+                    ctl.fence.cancel();
                     break;
                 }
             }

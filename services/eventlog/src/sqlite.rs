@@ -264,6 +264,7 @@ impl SqliteLog {
         // runtime is busy with, and that latency adds up on the append path.
         let (ready_tx, ready_rx) = oneshot::channel();
         let inserts = (0..INSERT_SHAPES).map(|k| insert_sql(1 << k)).collect();
+        let log_path = path.to_owned();
         let writer_recent = recent.clone();
         std::thread::Builder::new()
             .name("eventlog-writer".into())
@@ -286,6 +287,8 @@ impl SqliteLog {
                     let checkpointer = tokio::spawn(checkpoint(checkpointer, checkpoint_rx));
                     let writer = Writer {
                         conn,
+                        connect: writer_connect,
+                        path: log_path,
                         inserts,
                         end: end_tx,
                         recent: writer_recent,
@@ -759,6 +762,10 @@ enum WriterMsg {
 /// The single writer task's state.
 struct Writer {
     conn: SqliteConnection,
+    /// How `conn` was opened: a connection left inside a failed transaction is replaced.
+    connect: SqliteConnectOptions,
+    /// The log's file, for errors.
+    path: PathBuf,
     /// `inserts[k]`: the multi-row `INSERT` of `2^k` rows.
     inserts: Vec<String>,
     end: watch::Sender<Offset>,
@@ -887,6 +894,7 @@ impl Writer {
                 }
             }
             Err(error) => {
+                self.recover().await;
                 // Usually a retried event id hitting the UNIQUE index. Write each request on its
                 // own, with lookups, so that a failure only fails its own caller.
                 tracing::debug!(
@@ -906,6 +914,8 @@ impl Writer {
                             Ok(offsets)
                         }
                         Err(error) => {
+                            self.recover().await;
+                            let error = self.unwritable(error);
                             tracing::warn!(%error, events = req.rows.len(), "append failed");
                             Err(error)
                         }
@@ -914,12 +924,57 @@ impl Writer {
                 }
                 for req in commits {
                     let result = commit_one(&mut self.conn, &req).await;
-                    if let Err(error) = &result {
-                        tracing::warn!(%error, group = %req.group, "consumer offset commit failed");
-                    }
+                    let result = match result {
+                        Ok(()) => Ok(()),
+                        Err(error) => {
+                            self.recover().await;
+                            let error = self.unwritable(error);
+                            tracing::warn!(%error, group = %req.group, "consumer offset commit failed");
+                            Err(error)
+                        }
+                    };
                     let _ = req.reply.send(result);
                 }
             }
+        }
+    }
+
+    /// After a failed transaction: a connection still inside it (a COMMIT that fails for want
+    /// of space leaves SQLite's transaction open, and sqlx then refuses to begin another) is
+    /// closed, which rolls it back, and replaced by a fresh one. Nothing committed is touched.
+    async fn recover(&mut self) {
+        if !self.conn.is_in_transaction() {
+            return;
+        }
+        match SqliteConnection::connect_with(&self.connect).await {
+            Ok(fresh) => {
+                let stale = std::mem::replace(&mut self.conn, fresh);
+                if let Err(error) = stale.close().await {
+                    tracing::debug!(%error, "closing the event log's failed writer connection");
+                }
+                tracing::warn!(path = %self.path.display(), "event log writer: rolled back a failed transaction and reconnected");
+            }
+            Err(error) => {
+                tracing::error!(%error, path = %self.path.display(), "event log writer: cannot reconnect after a failed transaction; retrying at the next append");
+            }
+        }
+    }
+
+    /// `error` as the caller should read it: a full disk or an I/O error names the file and
+    /// what to do.
+    fn unwritable(&self, error: LogError) -> LogError {
+        let LogError::Storage(sqlx::Error::Database(db)) = &error else {
+            return error;
+        };
+        let code: Option<i64> = db.code().and_then(|c| c.parse().ok());
+        let cause = match code.map(|c| c & 0xff) {
+            Some(13) => "the disk is full (no space left on device)".to_owned(),
+            Some(10) => format!("an I/O error ({})", db.message()),
+            _ => return error,
+        };
+        LogError::Unwritable {
+            path: self.path.display().to_string(),
+            cause,
         }
     }
 

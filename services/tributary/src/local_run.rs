@@ -155,6 +155,18 @@ pub async fn drive(
     loop {
         let records = tokio::select! {
             r = sub.next_batch() => r?,
+            Some(done) = tasks.join_next(), if !tasks.is_empty() => {
+                // A job that could not write the log (its disk is full) cannot finish on it:
+                // the run ends here, with the reason.
+                if let Ok(tributary_agent::AttemptReport { unwritable: Some(reason), .. }) = done {
+                    for token in running.values() {
+                        token.cancel();
+                    }
+                    while tasks.join_next().await.is_some() {}
+                    anyhow::bail!("{reason}");
+                }
+                continue;
+            }
             _ = cancel.cancelled(), if !cancel_sent => {
                 cancel_sent = true;
                 let canceled = Payload::BuildCanceled(BuildCanceled {

@@ -23,6 +23,7 @@ mod autoscaler_kubernetes;
 mod caches;
 mod containers;
 mod deploy;
+mod disk_full;
 mod first_hour;
 mod images;
 mod kafka_services;
