@@ -196,6 +196,8 @@ impl Default for SqliteLogOptions {
 /// The SQLite event log. Cheap to share behind an `Arc`; see the [module docs](self).
 pub struct SqliteLog {
     path: PathBuf,
+    /// Set by the writer while its file cannot be written (disk full): `probe` reports it.
+    unwritable: Arc<std::sync::Mutex<Option<String>>>,
     writer: mpsc::Sender<WriterMsg>,
     /// Kept so that subscriptions can clone it; the writer task owns the sender.
     end: watch::Receiver<Offset>,
@@ -265,6 +267,8 @@ impl SqliteLog {
         let (ready_tx, ready_rx) = oneshot::channel();
         let inserts = (0..INSERT_SHAPES).map(|k| insert_sql(1 << k)).collect();
         let log_path = path.to_owned();
+        let unwritable: Arc<std::sync::Mutex<Option<String>>> = Arc::default();
+        let writer_unwritable = unwritable.clone();
         let writer_recent = recent.clone();
         std::thread::Builder::new()
             .name("eventlog-writer".into())
@@ -289,6 +293,7 @@ impl SqliteLog {
                         conn,
                         connect: writer_connect,
                         path: log_path,
+                        unwritable: writer_unwritable,
                         inserts,
                         end: end_tx,
                         recent: writer_recent,
@@ -310,6 +315,7 @@ impl SqliteLog {
         tracing::debug!(path = %path.display(), end, "opened SQLite event log");
 
         Ok(SqliteLog {
+            unwritable,
             path: path.to_owned(),
             writer: writer_tx,
             end: end_rx,
@@ -399,6 +405,15 @@ impl EventLog for SqliteLog {
         Capabilities {
             dedupes_event_ids: true,
             atomic_append: true,
+        }
+    }
+
+    /// Not ready while the last write failed for want of space (or an I/O error): reads still
+    /// work, appends do not.
+    async fn probe(&self, _within: Duration) -> Result<(), LogError> {
+        match self.unwritable.lock().ok().and_then(|w| w.clone()) {
+            Some(why) => Err(LogError::Invalid(why)),
+            None => Ok(()),
         }
     }
 
@@ -766,6 +781,9 @@ struct Writer {
     connect: SqliteConnectOptions,
     /// The log's file, for errors.
     path: PathBuf,
+    /// Why the last write failed for want of space (or an I/O error); None once one succeeds.
+    /// `probe` (`/readyz`) reports it.
+    unwritable: Arc<std::sync::Mutex<Option<String>>>,
     /// `inserts[k]`: the multi-row `INSERT` of `2^k` rows.
     inserts: Vec<String>,
     end: watch::Sender<Offset>,
@@ -885,6 +903,7 @@ impl Writer {
                 }
                 self.recent.push(records);
                 publish(&self.end, end);
+                self.set_unwritable(None);
                 self.written(bytes);
                 for (reply, offsets) in replies {
                     let _ = reply.send(Ok(offsets.collect()));
@@ -972,9 +991,17 @@ impl Writer {
             Some(10) => format!("an I/O error ({})", db.message()),
             _ => return error,
         };
-        LogError::Unwritable {
+        let error = LogError::Unwritable {
             path: self.path.display().to_string(),
             cause,
+        };
+        self.set_unwritable(Some(error.to_string()));
+        error
+    }
+
+    fn set_unwritable(&self, why: Option<String>) {
+        if let Ok(mut flag) = self.unwritable.lock() {
+            *flag = why;
         }
     }
 

@@ -639,6 +639,13 @@ async fn a_full_disk_fails_appends_clearly_and_the_log_carries_on_once_space_is_
         }
     }
     let failure = failure.expect("an 8 MB disk cannot hold 50 MB of chunks");
+    let probe = log.probe(Duration::from_secs(1)).await;
+    assert!(
+        probe
+            .as_ref()
+            .is_err_and(|e| e.to_string().contains("full")),
+        "not ready while full (/readyz): {probe:?}"
+    );
     let text = failure.to_string();
     assert!(
         text.contains("full") && text.contains(&path.display().to_string()),
@@ -655,6 +662,9 @@ async fn a_full_disk_fails_appends_clearly_and_the_log_carries_on_once_space_is_
         .await
         .expect("appends resume once there is space");
     assert!(after[0] >= stored.last().map_or(0, |(o, _)| *o + 1));
+    log.probe(Duration::from_secs(1))
+        .await
+        .expect("ready again once an append went through");
     // Everything stored before is intact and readable.
     let records = log.read(0, 10_000).await.expect("read");
     for (offset, e) in &stored {
