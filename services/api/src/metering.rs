@@ -169,7 +169,9 @@ impl MeteringReader {
             Some(i) => issued[i].clone(),
             None => live_invoice(&state, &self.plan, tenant, period)?,
         };
-        issued.retain(|i| i.period != current.period || current.status != InvoiceStatus::Issued.as_str());
+        issued.retain(|i| {
+            i.period != current.period || current.status != InvoiceStatus::Issued.as_str()
+        });
         Ok(TenantUsage {
             days,
             current,

@@ -30,8 +30,8 @@ pub use calendar::{Day, Period};
 pub use fold::{Effect, MeteringState, Pos};
 pub use invoice::{price, Invoice};
 pub use plan::PricePlan;
-pub use status::InvoiceStatus;
 pub use projector::MeteringProjector;
+pub use status::InvoiceStatus;
 pub use store::MeteringStore;
 
 #[derive(Debug, thiserror::Error)]

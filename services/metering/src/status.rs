@@ -46,7 +46,10 @@ mod tests {
         assert_eq!(of(false, nov.start_us()), InvoiceStatus::Live);
         assert_eq!(of(false, nov.end_us() - 1), InvoiceStatus::Live);
         assert_eq!(of(false, nov.end_us()), InvoiceStatus::NotIssued);
-        assert_eq!(of(false, nov.end_us() + 86_400_000_000), InvoiceStatus::NotIssued);
+        assert_eq!(
+            of(false, nov.end_us() + 86_400_000_000),
+            InvoiceStatus::NotIssued
+        );
         assert_eq!(of(true, nov.end_us()), InvoiceStatus::Issued);
         // Issued is final, whatever the clock says.
         assert_eq!(of(true, nov.start_us()), InvoiceStatus::Issued);

@@ -278,7 +278,10 @@ impl Session {
             ("GIT_AUTHOR_NAME".to_owned(), "New User".to_owned()),
             ("GIT_AUTHOR_EMAIL".to_owned(), "new@example.com".to_owned()),
             ("GIT_COMMITTER_NAME".to_owned(), "New User".to_owned()),
-            ("GIT_COMMITTER_EMAIL".to_owned(), "new@example.com".to_owned()),
+            (
+                "GIT_COMMITTER_EMAIL".to_owned(),
+                "new@example.com".to_owned(),
+            ),
         ]);
         // The container engine the machine has, as a user's shell would.
         if let Ok(host) = std::env::var("DOCKER_HOST") {
@@ -450,7 +453,10 @@ fn the_readme_commands_work_as_written() {
     let ran = s.block("local-after", &[]);
     ran[0].shows("succeeded");
     let last: serde_json::Value = serde_json::from_str(ran[1].stdout.trim()).unwrap();
-    assert!(last["type"].is_string() && last["offset"].is_u64(), "{last}");
+    assert!(
+        last["type"].is_string() && last["offset"].is_u64(),
+        "{last}"
+    );
     ran[2]
         .shows("(2 jobs)")
         .shows("[test[shell=sh]] testing with sh")
@@ -463,7 +469,10 @@ fn the_readme_commands_work_as_written() {
         "*\n"
     );
     let status = s.git_status();
-    assert!(!status.contains(".tributary"), "git ignores .tributary/: {status}");
+    assert!(
+        !status.contains(".tributary"),
+        "git ignores .tributary/: {status}"
+    );
 
     // A server build in four commands.
     let ran = s.block("server", &["tributary is up"]);
@@ -476,7 +485,11 @@ fn the_readme_commands_work_as_written() {
     // Agents: tenants, tokens, an agent enrolled with an enrollment token.
     let ran = s.block("agents", &["tributary agent "]);
     ran[0].shows("tenant acme created");
-    assert!(ran[1].stdout.trim().starts_with("trib_"), "{}", ran[1].stdout);
+    assert!(
+        ran[1].stdout.trim().starts_with("trib_"),
+        "{}",
+        ran[1].stdout
+    );
     assert!(s.env["TRIBUTARY_ENROLLMENT_TOKEN"].starts_with("trib_"));
     ran[3].shows("builder-1").shows("linux");
 
@@ -502,8 +515,7 @@ fn the_readme_commands_work_as_written() {
     ran[2].shows("audit: OK");
 
     // Containers, caches, artifacts.
-    if !tributary_testkit::engines::engine_or_skip(tributary_testkit::engines::Engine::Containers)
-    {
+    if !tributary_testkit::engines::engine_or_skip(tributary_testkit::engines::Engine::Containers) {
         return;
     }
     s.add_jobs("containers-pipeline");
@@ -568,18 +580,26 @@ fn the_setup_and_install_commands_name_what_exists() {
     assert!(words.contains(&"--locked"), "{words:?}");
     let path = words[words.iter().position(|w| *w == "--path").unwrap() + 1];
     let manifest = read(&format!("{path}/Cargo.toml"));
-    assert!(manifest.contains("[[bin]]\nname = \"tributary\""), "{manifest}");
+    assert!(
+        manifest.contains("[[bin]]\nname = \"tributary\""),
+        "{manifest}"
+    );
     assert!(root.join("Cargo.lock").is_file());
 }
 
 #[test]
 fn blocks_lines_and_invocations_are_read_as_a_shell_would() {
     let text = "x\n<!-- readme-test: a -->\n```sh\ntributary run   # go\n```\n```sh\nb\n```\n";
-    assert_eq!(marked_block(text, "a").as_deref(), Some("tributary run   # go\n"));
+    assert_eq!(
+        marked_block(text, "a").as_deref(),
+        Some("tributary run   # go\n")
+    );
     assert_eq!(marked_block(text, "b"), None);
     assert_eq!(sh_blocks(text).len(), 2);
     assert_eq!(
-        lines_of("# only a comment\ntributary up --data ~/t &   # keeps running\necho 'a # b' && x\n"),
+        lines_of(
+            "# only a comment\ntributary up --data ~/t &   # keeps running\necho 'a # b' && x\n"
+        ),
         [
             Line {
                 text: "tributary up --data ~/t".into(),
@@ -609,5 +629,9 @@ fn blocks_lines_and_invocations_are_read_as_a_shell_would() {
         check(&mut helps, "t", &["trigger".into(), "--folow".into()])
     }));
     assert!(bad.is_err());
-    check(&mut helps, "t", &["trigger".into(), "x".into(), "--follow".into()]);
+    check(
+        &mut helps,
+        "t",
+        &["trigger".into(), "x".into(), "--follow".into()],
+    );
 }

@@ -495,7 +495,10 @@ fn the_invoice_of_an_ended_month_is_not_live() {
         &["invoice", "--period", "2020-01", "--format", "csv"],
     );
     let stdout = String::from_utf8_lossy(&out.stdout);
-    assert!(stdout.contains("local,2020-01,not_issued,total"), "{stdout}");
+    assert!(
+        stdout.contains("local,2020-01,not_issued,total"),
+        "{stdout}"
+    );
     let out = tributary(dir.path(), &["invoice"]);
     let stdout = String::from_utf8_lossy(&out.stdout);
     assert!(stdout.contains("live: the month so far"), "{stdout}");
