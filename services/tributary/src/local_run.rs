@@ -306,8 +306,8 @@ fn git(dir: &Path, args: &[&str]) -> String {
 pub fn read_pipeline(file: &Path) -> anyhow::Result<String> {
     std::fs::read_to_string(file).with_context(|| {
         format!(
-            "cannot read pipeline file {}: create it (see README.md, \"Pipeline syntax\") or \
-             pass another file with -f FILE",
+            "cannot read pipeline file {}: create it (`tributary init` writes a starter \
+             one; docs/PIPELINES.md has the syntax) or pass another file with -f FILE",
             file.display()
         )
     })

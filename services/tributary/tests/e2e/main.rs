@@ -31,6 +31,7 @@ mod local_run;
 mod metering;
 mod new_user;
 mod objects_s3;
+mod readme;
 mod remote_agents;
 mod repo_isolation;
 mod run;
