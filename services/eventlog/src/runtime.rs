@@ -87,6 +87,21 @@ pub trait Fold: Send {
         true
     }
 
+    /// Applies a record straight from its bytes, when the fold reads records itself
+    /// (metering's usage ticks, borrowed from the record without decoding it): `true` = applied,
+    /// the driver neither decodes it nor checks its event id (the fold dedupes what it reads this
+    /// way itself); `false` (the default) = decode it and [`Self::apply`] it as usual. Called for
+    /// every record past the partition's position, before [`Self::interest`] and
+    /// [`Self::admit`].
+    fn apply_record(
+        &mut self,
+        at: Position,
+        record: &Record,
+    ) -> impl Future<Output = Result<bool, Self::Error>> + Send {
+        let _ = (at, record);
+        async { Ok(false) }
+    }
+
     /// Applies one event, found at `at`.
     fn apply(
         &mut self,
@@ -364,6 +379,13 @@ impl<F: Fold> Consumer<F> {
                     });
                 }
             }
+            let at = Position {
+                partition: record.partition,
+                offset: record.offset,
+            };
+            if self.fold.apply_record(at, record).await? {
+                continue;
+            }
             if self.interest.admits(&record.data) == Admit::Skip || !self.fold.admit(record) {
                 continue;
             }
@@ -376,10 +398,6 @@ impl<F: Fold> Consumer<F> {
                 tracing::debug!(consumer = self.name, event_id = %env.event_id, partition = record.partition, offset = record.offset, "skipping a re-delivered event");
                 continue;
             }
-            let at = Position {
-                partition: record.partition,
-                offset: record.offset,
-            };
             self.fold.apply(at, env).await?;
         }
         Ok(())

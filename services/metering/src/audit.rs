@@ -139,20 +139,19 @@ pub async fn replay_partitions(
     if ends.len() == 1 && ends.contains_key(&0) && log.layout().partitions() == 1 {
         return replay(log, ends[&0]).await;
     }
-    let mut state = MeteringState::default();
-    let mut barriers =
-        crate::projector::Barriers::start(log.as_ref(), &mut state, ends.clone()).await?;
-    while let Some(records) = barriers.next(log.as_ref(), &state).await? {
-        for record in &records {
-            let at = Pos::new(record.partition, record.offset);
-            match view(&record.data) {
-                Ok(event) => {
-                    state.apply_view(at, &event);
-                }
-                Err(_) => state.skip(at),
-            }
-        }
-    }
+    // The consumer runtime in the canonical order (`Barriers`), from offset 0, in memory.
+    let mut consumer = tributary_eventlog::runtime::Consumer::with_seen(
+        crate::projector::MeteringFold::in_memory(),
+        tributary_eventlog::runtime::SeenIds::unbounded(),
+    );
+    consumer
+        .catch_up_in(
+            log.as_ref(),
+            ends,
+            &mut crate::projector::Barriers::default(),
+        )
+        .await?;
+    let mut state = consumer.into_fold().state;
     state.take_decided();
     Ok(state)
 }
