@@ -94,7 +94,9 @@ fn an_agent_reconnects_after_the_server_crashes_and_its_job_s_events_arrive() {
 
 #[test]
 fn a_frozen_agent_loses_its_lease_and_its_late_events_are_refused() {
-    let s = start_with(&["--agents", "0", "--lease-ttl", "2"]);
+    // Agents beat every 2 s: three beats per lease, so only the frozen agent loses its own
+    // (a lease of 2 s expired between two punctual beats on a loaded machine).
+    let s = start_with(&["--agents", "0", "--lease-ttl", "6"]);
     let mut frozen = s.agent("frozen", &["--labels", "shared,f1"]);
     let frozen_id = s.agent_id("frozen");
     let flag = s.root.join("go");
@@ -107,7 +109,7 @@ fn a_frozen_agent_loses_its_lease_and_its_late_events_are_refused() {
     frozen.signal(libc::SIGSTOP);
     let _other = s.agent("other", &["--labels", "shared"]);
     let other_id = s.agent_id("other");
-    // Lease lost after 2 s without a heartbeat: attempt 2 goes to the other agent.
+    // Lease lost after 6 s without a heartbeat: attempt 2 goes to the other agent.
     let b = wait_build(&s, &build, "attempt 2 on the other agent", 60, |b| {
         job(b, "work")["attempt"] == 2 && job(b, "work")["status"] == "running"
     });
@@ -156,9 +158,9 @@ fn a_frozen_agent_loses_its_lease_and_its_late_events_are_refused() {
 }
 
 #[test]
-#[ignore = "known gap (issue 23 item 2): revoking a connected agent does not close its PullWork stream, so it keeps its job and never exits; fix the server, then drop this ignore"]
 fn a_revoked_agent_loses_its_job_and_exits_saying_how_to_register_again() {
-    let s = start_with(&["--agents", "0", "--lease-ttl", "2"]);
+    // Leases outlive the test's waits: only the revoke can take the job back in time.
+    let s = start_with(&["--agents", "0", "--lease-ttl", "120"]);
     let mut doomed = s.agent("doomed", &["--labels", "shared"]);
     let doomed_id = s.agent_id("doomed");
     let flag = s.root.join("go");
@@ -172,7 +174,13 @@ fn a_revoked_agent_loses_its_job_and_exits_saying_how_to_register_again() {
     let status = doomed.wait_exit(Duration::from_secs(60));
     assert!(!status.success(), "a revoked agent exits with an error");
     let log = std::fs::read_to_string(s.root.join("agent-doomed.log")).unwrap();
+    // The server's own words reach the agent: revoked, and how to register again.
+    assert!(
+        log.contains(&format!("agent {doomed_id} is revoked")),
+        "{log}"
+    );
     assert!(log.contains("delete agent.json"), "{log}");
+    assert!(log.contains("--token"), "{log}");
 
     // Its job runs again elsewhere.
     std::fs::write(&flag, "").unwrap();
@@ -180,12 +188,32 @@ fn a_revoked_agent_loses_its_job_and_exits_saying_how_to_register_again() {
     let other_id = s.agent_id("other");
     let b = s.finished(&build, Duration::from_secs(60));
     assert_eq!(b["status"], "succeeded", "{b}");
-    assert_eq!(job(&b, "work")["attempt"], 2);
-    assert_eq!(job(&b, "work")["agent_id"], other_id.as_str());
     let events = s.events(Some(&build));
+    assert_eq!(job(&b, "work")["attempt"], 2, "{b}\n{events:?}");
+    assert_eq!(job(&b, "work")["agent_id"], other_id.as_str(), "{b}");
     let requeued = of_type(&events, "job_requeued");
     assert_eq!(requeued.len(), 1, "{events:?}");
     assert_eq!(requeued[0]["agent_id"], doomed_id.as_str());
+    assert_eq!(requeued[0]["attempt"], 1, "{events:?}");
+    assert!(
+        requeued[0]["reason"]
+            .as_str()
+            .is_some_and(|r| r.contains("revoked")),
+        "{events:?}"
+    );
+    // Nothing of the revoked agent's attempt after its requeue made it onto the log.
+    let at = events
+        .iter()
+        .position(|e| e["type"] == "job_requeued")
+        .unwrap();
+    let late: Vec<&Value> = events[at + 1..]
+        .iter()
+        .filter(|e| e["attempt"] == 1 && e["type"] != "usage_tick")
+        .collect();
+    assert!(
+        late.is_empty(),
+        "late events of the revoked attempt: {late:?}"
+    );
     let agents = s.admin(&["agents"]);
     let line = agents.lines().find(|l| l.contains(&doomed_id)).unwrap();
     assert!(line.contains("revoked"), "{agents}");

@@ -8,11 +8,11 @@
 //! build histories.
 
 mod common;
-#[path = "common/scale.rs"]
-mod scale;
 #[allow(dead_code)]
 #[path = "../../../../projections/tests/common/mod.rs"]
 mod history;
+#[path = "common/scale.rs"]
+mod scale;
 
 mod agent;
 mod agent_faults;
