@@ -652,6 +652,7 @@ impl Runtime {
             lease_id: lease.lease_id.clone(),
             inputs: lease.artifacts,
             caches: lease.caches,
+            superseded_caches: lease.superseded_caches,
             cache_limit: lease.cache_limit_bytes,
             secrets: crate::JobSecrets {
                 values: lease

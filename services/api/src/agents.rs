@@ -97,11 +97,12 @@ async fn lease_message(
     let Some((env, t)) = crate::builds::triggered_of(state, build_id).await? else {
         return Ok(None);
     };
-    let (plan, artifacts, caches) = state.cluster.read(|c| {
+    let (plan, artifacts, caches, superseded_caches) = state.cluster.read(|c| {
         (
             c.job_plan(build_id, job).cloned(),
             c.needed_artifacts(build_id, job),
             c.cache_entries(build_id),
+            c.superseded_caches(build_id),
         )
     })?;
     // The job's secrets, opened for this lease only (the stream is the agent's own).
@@ -131,6 +132,7 @@ async fn lease_message(
         cancel: false,
         artifacts,
         caches,
+        superseded_caches,
         cache_limit_bytes: state.cache_limit_bytes,
         drain: false,
     }))
