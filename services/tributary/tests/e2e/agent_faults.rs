@@ -18,7 +18,7 @@ use crate::common;
 
 use std::time::Duration;
 
-use common::{job, of_type, start_with, wait_secs, Server};
+use common::{job, of_type, start_with, wait_secs, Proc, Server};
 use serde_json::Value;
 
 /// The `get --json` of `build`, waited on until `done` holds; fails with the last one seen.
@@ -56,18 +56,48 @@ fn waits_for(flag: &std::path::Path, labels: &str) -> String {
     )
 }
 
+/// What every test here starts from: a `tributary up` with no in-process agent, one agent
+/// process, and a build of project `p` whose job `work` runs on it until `flag` exists.
+struct Running {
+    s: Server,
+    agent: Proc,
+    agent_id: String,
+    flag: std::path::PathBuf,
+    build: String,
+}
+
+/// Starts the server with leases of `lease_ttl` seconds and the agent `name` with `labels`;
+/// triggers the job (`runs-on: [runs_on]`) and waits until it runs on that agent.
+fn a_job_running(lease_ttl: &str, name: &str, labels: &str, runs_on: &str) -> Running {
+    let s = start_with(&["--agents", "0", "--lease-ttl", lease_ttl]);
+    let agent = s.agent(name, &["--labels", labels]);
+    let agent_id = s.agent_id(name);
+    let flag = s.root.join("go");
+    s.project("p", &waits_for(&flag, runs_on));
+    let build = s.trigger("p");
+    let b = wait_build(&s, &build, "the job to run", 60, |b| {
+        job(b, "work")["status"] == "running"
+    });
+    assert_eq!(job(&b, "work")["agent_id"], agent_id.as_str(), "{b}");
+    Running {
+        s,
+        agent,
+        agent_id,
+        flag,
+        build,
+    }
+}
+
 #[test]
 fn an_agent_reconnects_after_the_server_crashes_and_its_job_s_events_arrive() {
     // Leases outlive the restart (the server is down a few seconds).
-    let mut s = start_with(&["--agents", "0", "--lease-ttl", "60"]);
-    let _agent = s.agent("box", &["--labels", "box"]);
-    let agent_id = s.agent_id("box");
-    let flag = s.root.join("go");
-    s.project("p", &waits_for(&flag, "box"));
-    let build = s.trigger("p");
-    wait_build(&s, &build, "the job to run", 60, |b| {
-        job(b, "work")["status"] == "running"
-    });
+    let Running {
+        mut s,
+        agent: _agent,
+        agent_id,
+        flag,
+        build,
+    } = a_job_running("60", "box", "box", "box");
 
     s.crash_and_restart();
     // The job finishes while the agent is (re)connecting.
@@ -96,15 +126,13 @@ fn an_agent_reconnects_after_the_server_crashes_and_its_job_s_events_arrive() {
 fn a_frozen_agent_loses_its_lease_and_its_late_events_are_refused() {
     // Agents beat every 2 s: three beats per lease, so only the frozen agent loses its own
     // (a lease of 2 s expired between two punctual beats on a loaded machine).
-    let s = start_with(&["--agents", "0", "--lease-ttl", "6"]);
-    let mut frozen = s.agent("frozen", &["--labels", "shared,f1"]);
-    let frozen_id = s.agent_id("frozen");
-    let flag = s.root.join("go");
-    s.project("p", &waits_for(&flag, "shared"));
-    let build = s.trigger("p");
-    wait_build(&s, &build, "the job to run", 60, |b| {
-        job(b, "work")["status"] == "running"
-    });
+    let Running {
+        s,
+        agent: mut frozen,
+        agent_id: frozen_id,
+        flag,
+        build,
+    } = a_job_running("6", "frozen", "shared,f1", "shared");
 
     frozen.signal(libc::SIGSTOP);
     let _other = s.agent("other", &["--labels", "shared"]);
@@ -160,15 +188,13 @@ fn a_frozen_agent_loses_its_lease_and_its_late_events_are_refused() {
 #[test]
 fn a_revoked_agent_loses_its_job_and_exits_saying_how_to_register_again() {
     // Leases outlive the test's waits: only the revoke can take the job back in time.
-    let s = start_with(&["--agents", "0", "--lease-ttl", "120"]);
-    let mut doomed = s.agent("doomed", &["--labels", "shared"]);
-    let doomed_id = s.agent_id("doomed");
-    let flag = s.root.join("go");
-    s.project("p", &waits_for(&flag, "shared"));
-    let build = s.trigger("p");
-    wait_build(&s, &build, "the job to run", 60, |b| {
-        job(b, "work")["status"] == "running"
-    });
+    let Running {
+        s,
+        agent: mut doomed,
+        agent_id: doomed_id,
+        flag,
+        build,
+    } = a_job_running("120", "doomed", "shared", "shared");
 
     s.admin(&["agents", "--revoke", &doomed_id]);
     let status = doomed.wait_exit(Duration::from_secs(60));
