@@ -180,6 +180,9 @@ pub struct Lease {
     pub inputs: Vec<ArtifactUploaded>,
     /// The project's cache index (folded from the log): what a restore trusts.
     pub caches: Vec<tributary_proto::api::CacheEntry>,
+    /// The project's superseded archives (a later save of their key replaced them): a save
+    /// deletes those past their grace.
+    pub superseded_caches: Vec<tributary_proto::api::CacheEntry>,
     /// The project's cache size limit in bytes (0 = none): eviction after a save.
     pub cache_limit: u64,
     /// The secrets the job names (`secrets:`), opened by the server.
@@ -532,6 +535,7 @@ async fn produce(
     let ctx_dir = workdir.clone();
     let ctx_workdir = workdir.clone();
     let lease_caches = lease.caches;
+    let lease_superseded = lease.superseded_caches;
     let lease_cache_limit = lease.cache_limit;
     let ctx = JobContext {
         build_id: build.build_id.clone(),
@@ -607,6 +611,7 @@ async fn produce(
             objects,
             build,
             &lease_caches,
+            &lease_superseded,
             lease_cache_limit,
             &restored.caches,
             &job_id,

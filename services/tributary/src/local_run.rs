@@ -264,6 +264,7 @@ pub async fn drive(
                     .cloned()
                     .collect(),
                 caches: state.caches.entries(&build.tenant, &build.project),
+                superseded_caches: state.caches.superseded(&build.tenant, &build.project),
                 cache_limit: cfg.cache_limit,
                 // A local run has no secret store: a job's secrets come from this process's
                 // environment (masked all the same).
