@@ -15,9 +15,10 @@ use std::sync::Arc;
 
 use anyhow::Context;
 use tokio_util::sync::CancellationToken;
-use tributary_eventlog::EventLog;
+use tributary_eventlog::runtime::{Consumer, Fold, Interest, Position, JOB_OUTPUT};
+use tributary_eventlog::{EventLog, LogError, Partition, Topic};
 use tributary_proto::events::{
-    envelope::Payload, BuildCanceled, BuildTriggered, JobAssigned, JobPlan, Status,
+    envelope::Payload, BuildCanceled, BuildTriggered, Envelope, JobAssigned, JobPlan, Status,
 };
 use tributary_scheduler::{decide, Decision, SchedulerState};
 
@@ -127,6 +128,37 @@ pub struct DriveConfig {
     pub usage: Option<tributary_agent::UsageMeter>,
 }
 
+/// What the local run folds: the scheduler's state (other builds only for what they left: runs
+/// to reuse, caches) and this build's events, queued for the driver's side effects (plans,
+/// cancels, the end). A job's output (chunks, steps, lines, ticks) is skipped undecoded.
+struct LocalFold {
+    build_id: String,
+    state: SchedulerState,
+    mine: Vec<Envelope>,
+}
+
+impl Fold for LocalFold {
+    type Error = LogError;
+
+    fn name(&self) -> &'static str {
+        "local-run"
+    }
+
+    fn interest(&self) -> Interest {
+        Interest::except(&JOB_OUTPUT)
+    }
+
+    async fn apply(&mut self, at: Position, env: Envelope) -> Result<(), LogError> {
+        if env.build_id != self.build_id {
+            self.state.apply_history(&env);
+        } else {
+            self.state.apply(at.offset, &env);
+            self.mine.push(env);
+        }
+        Ok(())
+    }
+}
+
 /// Drives one build to its end: folds the log (other builds only for what they left: runs
 /// to reuse, caches), decides, appends the decisions, runs assigned jobs with the in-process
 /// agent, and returns the build's status and reason once BuildFinished is on the log.
@@ -140,14 +172,19 @@ pub async fn drive(
     let log = cfg.log.clone();
     let build = &cfg.build;
     let workspaces = Workspaces::Fixed(cfg.workdir.clone());
-    let mut state = SchedulerState::default();
+    let mut consumer = Consumer::new(LocalFold {
+        build_id: build.build_id.clone(),
+        state: SchedulerState::default(),
+        mine: Vec::new(),
+    });
     let mut plans: HashMap<String, JobPlan> = HashMap::new();
     // Artifacts of jobs reused from earlier builds: jobs that need them download them (the
     // others' files are in the shared directory already).
     let mut reused: HashMap<String, Vec<tributary_proto::events::ArtifactUploaded>> =
         HashMap::new();
     // From 0: earlier builds in this data directory may have runs to reuse and caches.
-    let mut sub = log.subscribe(0);
+    let partitions: Vec<Partition> = log.layout().topic_partitions(Topic::Events).collect();
+    let mut sub = consumer.subscribe(log.as_ref(), partitions.iter().copied());
     let mut awaiting: Option<u64> = None;
     let mut running: HashMap<(String, u32), CancellationToken> = HashMap::new();
     let mut tasks = tokio::task::JoinSet::new();
@@ -177,16 +214,8 @@ pub async fn drive(
                 continue;
             }
         };
-        for record in &records {
-            let Ok(env) = record.decode() else {
-                tracing::error!(offset = record.offset, "skipping malformed event");
-                continue;
-            };
-            if env.build_id != build.build_id {
-                state.apply_history(&env);
-                continue;
-            }
-            state.apply(record.offset, &env);
+        consumer.apply(&records).await?;
+        for env in std::mem::take(&mut consumer.fold_mut().mine) {
             match &env.payload {
                 Some(Payload::JobReused(r)) => {
                     reused.insert(r.job.clone(), r.artifacts.clone());
@@ -211,11 +240,12 @@ pub async fn drive(
                 _ => {}
             }
         }
-        if awaiting.is_some_and(|a| sub.position() <= a) {
+        if awaiting.is_some_and(|a| partitions.iter().all(|p| consumer.position(*p) <= a)) {
             continue; // our last decisions are not folded yet
         }
+        let state = &consumer.fold().state;
         let free = cfg.slots.max(1).saturating_sub(state.busy());
-        let decisions = decide(&state, free);
+        let decisions = decide(state, free);
         if decisions.is_empty() {
             continue;
         }

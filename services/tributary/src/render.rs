@@ -9,7 +9,8 @@ use std::time::Duration;
 
 use console::style;
 use indicatif::{MultiProgress, ProgressBar, ProgressStyle};
-use tributary_eventlog::EventLog;
+use tributary_eventlog::runtime::{Consumer, Fold, Position};
+use tributary_eventlog::{EventLog, LogError};
 use tributary_proto::events::{envelope::Payload, Envelope, Status};
 
 pub struct Renderer {
@@ -56,22 +57,25 @@ impl Renderer {
         self.print(format!("{} {msg}", self.prefix(job)));
     }
 
-    /// Follows the build's events from `from` until BuildFinished.
-    pub async fn follow(mut self, log: std::sync::Arc<dyn EventLog>, from: u64) {
-        let mut sub = log.subscribe(from);
+    /// Follows the build's events from `from` (on the one events partition of a local log)
+    /// until BuildFinished, on the consumer runtime.
+    pub async fn follow(self, log: std::sync::Arc<dyn EventLog>, from: u64) {
+        let mut consumer = Consumer::new(Following {
+            renderer: self,
+            done: false,
+        });
+        consumer.set_positions(&[(0, from)]);
+        let mut sub = consumer.subscribe(log.as_ref(), [0]);
         loop {
             let Ok(records) = sub.next_batch().await else {
                 return;
             };
-            for record in records {
-                let Ok(env) = record.decode() else { continue };
-                if env.build_id != self.build_id {
-                    continue;
-                }
-                if self.event(&env) {
-                    self.finish();
-                    return;
-                }
+            if consumer.apply(&records).await.is_err() {
+                return;
+            }
+            if consumer.fold().done {
+                consumer.into_fold().renderer.finish();
+                return;
             }
         }
     }
@@ -282,5 +286,26 @@ fn colour(status: Status, msg: String) -> String {
         Status::Succeeded => style(msg).green().to_string(),
         Status::Skipped | Status::Canceled => style(msg).yellow().to_string(),
         _ => style(msg).red().to_string(),
+    }
+}
+
+/// A [`Renderer`] as a fold of the log: this build's events rendered until BuildFinished.
+struct Following {
+    renderer: Renderer,
+    done: bool,
+}
+
+impl Fold for Following {
+    type Error = LogError;
+
+    fn name(&self) -> &'static str {
+        "render"
+    }
+
+    async fn apply(&mut self, _at: Position, env: Envelope) -> Result<(), LogError> {
+        if !self.done && env.build_id == self.renderer.build_id && self.renderer.event(&env) {
+            self.done = true;
+        }
+        Ok(())
     }
 }
