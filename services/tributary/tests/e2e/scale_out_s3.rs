@@ -6,7 +6,6 @@
 //!
 //! Needs Kafka and PostgreSQL (`scripts/setup-brokers.sh`) and MinIO (`scripts/setup-s3.sh`).
 
-use crate::common;
 use crate::scale;
 
 use std::time::Duration;
