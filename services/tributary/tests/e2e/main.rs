@@ -8,11 +8,11 @@
 //! build histories.
 
 mod common;
-#[path = "common/scale.rs"]
-mod scale;
 #[allow(dead_code)]
 #[path = "../../../../projections/tests/common/mod.rs"]
 mod history;
+#[path = "common/scale.rs"]
+mod scale;
 
 mod agent;
 mod agent_faults;
@@ -30,6 +30,7 @@ mod local_run;
 mod metering;
 mod new_user;
 mod objects_s3;
+mod odd_paths;
 mod remote_agents;
 mod repo_isolation;
 mod run;
