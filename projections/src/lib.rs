@@ -18,12 +18,14 @@ pub mod builds;
 pub mod chunks;
 pub mod directory;
 pub mod history;
+pub mod positions;
 pub mod projector;
 pub mod replay;
 pub mod store;
 pub mod why;
 
 pub use builds::{apply, Build, BuildsState, Job, Line, Phase, Step, Touch};
+pub use positions::ReadModelPositions;
 pub use projector::{BuildsProjector, ChunkCounter};
 pub use store::BuildsStore;
 

@@ -47,6 +47,9 @@ pub use tributary_sqlstore::Engine;
 pub struct BuildsStore {
     pool: AnyPool,
     engine: Engine,
+    /// The PostgreSQL URL (for the `LISTEN` connection of [`crate::positions`]); None on
+    /// SQLite.
+    url: Option<std::sync::Arc<str>>,
 }
 
 impl BuildsStore {
@@ -74,15 +77,22 @@ impl BuildsStore {
             schema: None,
         };
         let store = tributary_sqlstore::open(location, &settings).await?;
+        let url = (store.engine == Engine::Postgres).then(|| store.url.as_str().into());
         Ok(BuildsStore {
             pool: store.pool,
             engine: store.engine,
+            url,
         })
     }
 
     /// The database engine.
     pub fn engine(&self) -> Engine {
         self.engine
+    }
+
+    /// The PostgreSQL URL the store was opened with (None on SQLite).
+    pub fn url(&self) -> Option<&str> {
+        self.url.as_deref()
     }
 
     pub async fn close(&self) {
@@ -133,6 +143,7 @@ impl BuildsStore {
             }
         }
         write_offset_of(&mut tx, 0, next_offset).await?;
+        self.notify_positions(&mut tx, [(0, next_offset)]).await?;
         tx.commit().await?;
         Ok(())
     }
@@ -168,7 +179,28 @@ impl BuildsStore {
         for advance in advances {
             advance_offset(&mut tx, advance).await?;
         }
+        self.notify_positions(&mut tx, advances.iter().map(|a| (a.partition, a.to)))
+            .await?;
         tx.commit().await?;
+        Ok(())
+    }
+
+    /// On PostgreSQL, tells the API processes listening ([`crate::positions`]) where the
+    /// read model now is; delivered when `tx` commits, never before.
+    async fn notify_positions(
+        &self,
+        tx: &mut Tx<'_>,
+        positions: impl IntoIterator<Item = (u32, u64)>,
+    ) -> Result<(), ProjectionError> {
+        if self.engine != Engine::Postgres {
+            return Ok(());
+        }
+        let payload = crate::positions::describe(positions.into_iter());
+        sqlx::query("SELECT pg_notify($1, $2)")
+            .bind(crate::positions::NOTIFY_CHANNEL)
+            .bind(payload)
+            .execute(&mut **tx)
+            .await?;
         Ok(())
     }
 

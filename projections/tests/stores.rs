@@ -195,3 +195,78 @@ async fn replay_check_finds_a_tampered_row_and_rebuild_repairs_it_on_both_databa
     })
     .await;
 }
+
+/// A read that must see a write waits on the read model's positions as another process's
+/// projector commits them: notified through PostgreSQL's LISTEN, read while waited on SQLite.
+/// The reader has its own connection pool and never runs the projector.
+#[tokio::test]
+async fn a_reader_in_another_process_waits_for_the_projectors_commits_on_both_databases() {
+    use std::time::{Duration, Instant};
+    use tributary_projections::ReadModelPositions;
+
+    on_both(|log, url| async move {
+        let reader_store = BuildsStore::connect(&url).await.expect("connect reader");
+        let engine = reader_store.engine();
+        let positions = ReadModelPositions::of_store(&reader_store, 1)
+            .await
+            .expect("positions");
+        assert_eq!(positions.now(), vec![(0, 0)], "{engine:?}: a fresh store");
+        append_all(&log, &common::build_history("b1", 2, true)).await;
+        let end = log.end_offset().await.expect("end");
+        assert!(!positions.reached(&[(0, end)]), "{engine:?}");
+
+        // The projector: its own pool, as `serve projector` in another process would have.
+        let writer_store = BuildsStore::connect(&url).await.expect("connect writer");
+        let follower = {
+            let log = log.clone();
+            tokio::spawn(async move {
+                let mut p = BuildsProjector::open(writer_store)
+                    .await
+                    .expect("projector");
+                p.follow(log.as_ref()).await
+            })
+        };
+        let started = Instant::now();
+        positions
+            .wait(&[(0, end)], Duration::from_secs(20))
+            .await
+            .unwrap_or_else(|e| panic!("{engine:?}: {e}"));
+        println!(
+            "{engine:?}: the reader saw offset {end} applied {:?} after the projector started",
+            started.elapsed()
+        );
+        // What the positions say is in the store.
+        let b1 = reader_store
+            .load_build("b1")
+            .await
+            .expect("load")
+            .expect("b1");
+        assert_eq!(b1.phase, Phase::Succeeded, "{engine:?}");
+
+        // More appended later: the same reader sees it applied too.
+        append_all(&log, &common::build_history("b2", 1, false)).await;
+        let end2 = log.end_offset().await.expect("end");
+        positions
+            .wait(&[(0, end2)], Duration::from_secs(20))
+            .await
+            .unwrap_or_else(|e| panic!("{engine:?}: {e}"));
+        assert!(
+            reader_store.load_build("b2").await.expect("load").is_some(),
+            "{engine:?}"
+        );
+
+        // A position nobody will write: a clear error at the deadline, not a hang.
+        let err = positions
+            .wait(&[(0, end2 + 1000)], Duration::from_millis(300))
+            .await
+            .expect_err("nothing is appended there");
+        let text = err.to_string();
+        assert!(
+            text.contains(&format!("0:{}", end2 + 1000)) && text.contains("retry"),
+            "{engine:?}: {text}"
+        );
+        follower.abort();
+        reader_store.close().await;
+    })
+    .await;
+}

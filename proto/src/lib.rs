@@ -135,6 +135,7 @@ impl Payload {
             Payload::TokenRevoked(_) => "token_revoked",
             Payload::ProjectCreated(_) => "project_created",
             Payload::ProjectRepositoryChanged(_) => "project_repository_changed",
+            Payload::SchedulerStarted(_) => "scheduler_started",
             Payload::AgentRegistered(_) => "agent_registered",
             Payload::AgentConnected(_) => "agent_connected",
             Payload::AgentHeartbeat(_) => "agent_heartbeat",

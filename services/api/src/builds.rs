@@ -43,11 +43,15 @@ impl BuildsApi {
     }
 }
 
-/// The build, if it exists in the caller's tenant, once the read model has folded everything
-/// on the log now. Another tenant's build is NOT_FOUND, so its existence is not revealed.
+/// The build, if it exists in the caller's tenant, once the read model has applied every
+/// record of it the API has seen on the log (the caller's own writes included; nobody else's
+/// appends are waited for). Another tenant's build is NOT_FOUND, so its existence is not
+/// revealed.
 pub async fn build_of(state: &ApiState, who: &Principal, id: &str) -> Result<ReadBuild, Status> {
-    let end = state.log_end().await?;
-    state.wait_builds(&end).await?;
+    let Some(start) = state.build_start(id).await? else {
+        return Err(Status::not_found(format!("no build {id}")));
+    };
+    state.wait_builds(&start.seen()).await?;
     match state.store.load_build(id).await.map_err(internal)? {
         Some(b) if b.tenant == who.tenant => Ok(b),
         _ => Err(Status::not_found(format!("no build {id}"))),
@@ -62,13 +66,22 @@ pub async fn resolve_id(state: &ApiState, who: &Principal, id: &str) -> Result<S
     if id.len() >= 36 || id.is_empty() {
         return Ok(id.to_owned());
     }
-    let end = state.log_end().await?;
-    state.wait_builds(&end).await?;
-    let ids = state
+    let mut ids = state
         .store
         .build_ids_with_prefix(Some(&who.tenant), id, 6)
         .await
         .map_err(internal)?;
+    if ids.is_empty() {
+        // Maybe just triggered: once the read model holds every build of the tenant seen so far.
+        state
+            .wait_builds(&state.starts.newest_of(&who.tenant)?)
+            .await?;
+        ids = state
+            .store
+            .build_ids_with_prefix(Some(&who.tenant), id, 6)
+            .await
+            .map_err(internal)?;
+    }
     pick_id(id, ids).map_err(|e| match e {
         IdError::None(m) => Status::not_found(m),
         IdError::Several(m) => Status::invalid_argument(m),
@@ -448,12 +461,15 @@ impl Builds for BuildsApi {
         }
         let build = build_of(&self.state, &who, &id).await?;
         let mut api = to_api(&build);
-        // Why queued jobs are not running, from the same routing rules the scheduler uses.
-        let end = self.state.log_end().await?;
-        self.state.cluster.wait(&end).await?;
-        let config = tributary_scheduler::cluster::ClusterConfig::default();
+        // Why queued jobs are not running, from the same routing rules the scheduler uses and
+        // the configuration it announced (`SchedulerStarted`), once the cluster fold has seen
+        // every record of the build the API has.
+        if let Some(start) = self.state.build_start(&build.id).await? {
+            self.state.cluster.wait(&start.seen()).await?;
+        }
         let mut notes = runs_on_notes(&self.state, &build).await?;
         let reasons = self.state.cluster.read(|c| {
+            let config = c.config.clone().unwrap_or_default();
             for job in &mut api.jobs {
                 if let Some(agent) = c.agents.get(&job.agent_id) {
                     job.agent_name = agent.name.clone();
@@ -498,8 +514,9 @@ impl Builds for BuildsApi {
                 req.status
             )));
         }
-        let end = self.state.log_end().await?;
-        self.state.wait_builds(&end).await?;
+        // Every build of the tenant triggered so far is in the list.
+        let newest = self.state.starts.newest_of(&who.tenant)?;
+        self.state.wait_builds(&newest).await?;
         let limit = if req.limit == 0 {
             50
         } else {
@@ -844,6 +861,8 @@ mod tests {
             tenant: "t".into(),
             events: 700,
             logs: 90,
+            partition: parts.events,
+            last: 700,
         };
         let mut req = WatchEventsRequest {
             build_id: build.clone(),

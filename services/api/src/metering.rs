@@ -288,8 +288,10 @@ impl Metering for MeteringApi {
     ) -> Result<Response<BuildUsage>, Status> {
         let who = self.who(&request)?;
         let id = request.into_inner().build_id;
-        let end = self.state.log_end().await?;
-        self.state.wait_builds(&end).await?;
+        let Some(start) = self.state.build_start(&id).await? else {
+            return Err(Status::not_found(format!("no build {id}")));
+        };
+        self.state.wait_builds(&start.seen()).await?;
         match self.state.store.load_build(&id).await.map_err(internal)? {
             Some(b) if b.tenant == who.tenant || who.kind == TokenKind::Admin => {}
             _ => return Err(Status::not_found(format!("no build {id}"))),

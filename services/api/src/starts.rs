@@ -8,15 +8,19 @@
 //! partition's end when the build was triggered). Only a key's first record is decoded, so the
 //! fold costs a hash lookup per record. [`Starts`] keeps it following the log.
 //!
-//! Memory: one entry per build ever triggered (its id, tenant and two offsets), and one per
+//! It also knows, per build, the offset of the last record it has seen (a hash lookup per
+//! record, no decoding): a read of a build waits for the read model to have applied that far
+//! ([`Start::seen`]), so it sees its own writes without waiting for anyone else's appends.
+//!
+//! Memory: one entry per build ever triggered (its id, tenant and four offsets), and one per
 //! other partition key seen first (agent ids, the directory's keys).
 
-use std::collections::{HashMap, HashSet};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::{Arc, RwLock};
 
 use tonic::Status;
 use tributary_eventlog::runtime::{Fold, Position};
-use tributary_eventlog::{EventLog, LogError, Offset, Record};
+use tributary_eventlog::{EventLog, LogError, Offset, Partition, Record};
 use tributary_proto::events::{envelope::Payload, Envelope};
 
 use crate::follow::{BuildPartitions, Cursor};
@@ -30,6 +34,18 @@ pub struct Start {
     pub events: Offset,
     /// No chunk of the build is before this offset of its logs partition.
     pub logs: Offset,
+    /// Where its first record is: the build's events partition.
+    pub partition: Partition,
+    /// The offset of the build's last record in its events partition the index has seen.
+    pub last: Offset,
+}
+
+impl Start {
+    /// Just past every record of the build the index has seen: what a read of the build waits
+    /// for the read model to have applied (its own writes included).
+    pub fn seen(&self) -> Mark {
+        Mark(vec![(self.partition, self.last + 1)])
+    }
 }
 
 impl Start {
@@ -52,6 +68,9 @@ impl Start {
 pub struct BuildStarts {
     builds: HashMap<String, Start>,
     others: HashSet<String>,
+    /// Per tenant, per events partition: just past the newest build start seen (what a list of
+    /// the tenant's builds waits for the read model to have applied).
+    newest: HashMap<String, BTreeMap<Partition, Offset>>,
 }
 
 impl BuildStarts {
@@ -59,11 +78,21 @@ impl BuildStarts {
     /// build's (its key is its build id) is its start, anything else is remembered as not a
     /// build. Malformed records are skipped (the key's next record counts).
     pub fn apply(&mut self, record: &Record) {
-        if self.knows(&record.key) {
+        if self.seen_again(record) {
             return;
         }
         let Ok(env) = record.decode() else { return };
-        self.apply_first(&record.key, record.offset, env);
+        self.apply_first(&record.key, record.partition, record.offset, env);
+    }
+
+    /// Whether `record`'s key's first record was folded already; a build's record moves its
+    /// `last`.
+    pub fn seen_again(&mut self, record: &Record) -> bool {
+        if let Some(start) = self.builds.get_mut(&record.key) {
+            start.last = start.last.max(record.offset);
+            return true;
+        }
+        self.others.contains(&record.key)
     }
 
     /// Whether `key`'s first record was folded.
@@ -72,7 +101,7 @@ impl BuildStarts {
     }
 
     /// Folds `env`, the first well-formed record of `key`, at `offset`.
-    pub fn apply_first(&mut self, key: &str, offset: Offset, env: Envelope) {
+    pub fn apply_first(&mut self, key: &str, partition: Partition, offset: Offset, env: Envelope) {
         if env.build_id.is_empty() || env.build_id != key {
             self.others.insert(key.to_owned());
             return;
@@ -81,18 +110,37 @@ impl BuildStarts {
             Some(Payload::BuildTriggered(t)) => t.logs_from,
             _ => 0,
         };
+        let newest = self
+            .newest
+            .entry(env.tenant.clone())
+            .or_default()
+            .entry(partition)
+            .or_default();
+        *newest = (*newest).max(offset + 1);
         self.builds.insert(
             key.to_owned(),
             Start {
                 tenant: env.tenant,
                 events: offset,
                 logs,
+                partition,
+                last: offset,
             },
         );
     }
 
     pub fn get(&self, build_id: &str) -> Option<&Start> {
         self.builds.get(build_id)
+    }
+
+    /// Just past the newest build start of `tenant` in each partition.
+    pub fn newest_of(&self, tenant: &str) -> Mark {
+        Mark(
+            self.newest
+                .get(tenant)
+                .map(|ends| ends.iter().map(|(p, o)| (*p, *o)).collect())
+                .unwrap_or_default(),
+        )
     }
 }
 
@@ -116,7 +164,10 @@ impl Fold for StartsFold {
     }
 
     fn admit(&mut self, record: &Record) -> bool {
-        let known = self.state.read().map_or(true, |s| s.knows(&record.key));
+        let known = self
+            .state
+            .write()
+            .map_or(true, |mut s| s.seen_again(record));
         if !known {
             self.key.clone_from(&record.key);
         }
@@ -125,7 +176,7 @@ impl Fold for StartsFold {
 
     async fn apply(&mut self, at: Position, env: Envelope) -> Result<(), LogError> {
         if let Ok(mut s) = self.state.write() {
-            s.apply_first(&self.key, at.offset, env);
+            s.apply_first(&self.key, at.partition, at.offset, env);
         }
         Ok(())
     }
@@ -149,6 +200,11 @@ impl Starts {
     /// Waits (bounded) until the index has folded past `mark`.
     pub async fn wait(&self, mark: &Mark) -> Result<(), Status> {
         self.0.wait(mark).await
+    }
+
+    /// Just past the newest build start of `tenant` the index has folded, per partition.
+    pub fn newest_of(&self, tenant: &str) -> Result<Mark, Status> {
+        self.0.read(|s| s.newest_of(tenant))
     }
 }
 
@@ -211,9 +267,17 @@ mod tests {
             Some(&Start {
                 tenant: "acme".into(),
                 events: 7,
-                logs: 42
+                logs: 42,
+                partition: 0,
+                last: 9,
             })
         );
+        assert_eq!(
+            starts.get(&build).map(Start::seen),
+            Some(Mark(vec![(0, 10)]))
+        );
+        assert_eq!(starts.newest_of("acme"), Mark(vec![(0, 8)]));
+        assert_eq!(starts.newest_of("other"), Mark(vec![]));
         assert_eq!(starts.get(""), None);
         assert_eq!(starts.get(&tenant.partition_key()), None);
     }
@@ -224,6 +288,8 @@ mod tests {
             tenant: "t".into(),
             events: 10,
             logs: 4,
+            partition: 0,
+            last: 10,
         };
         assert_eq!(
             start.cursor(BuildPartitions { events: 0, logs: 0 }),

@@ -10,10 +10,12 @@ use std::time::Duration;
 
 use tokio::sync::watch;
 use tonic::Status;
-use tributary_eventlog::runtime::{Applied, Consumer, Fold, Interest, Position, JOB_OUTPUT};
+use tributary_eventlog::runtime::{
+    Applied, Consumer, Fold, Interest, Sequenced, Sequential, JOB_OUTPUT,
+};
 use tributary_eventlog::{EventLog, Layout, LogError, Offset, Partition, Record, Topic};
 use tributary_projections::directory::Directory;
-use tributary_projections::BuildsStore;
+use tributary_projections::{BuildsStore, ReadModelPositions};
 use tributary_proto::events::{envelope::Payload, Envelope};
 use tributary_scheduler::cluster::ClusterState;
 
@@ -68,33 +70,18 @@ impl<S> Clone for Folded<S> {
     }
 }
 
-/// A fold of a [`Folded`] read model: `apply` on the shared state, each event with its place in
-/// the fold's order (0, 1, 2...).
-struct Shared<S> {
+/// The shared state of a [`Folded`] read model, applied under its lock (each event with its
+/// place in the fold's order, [`Sequenced`]).
+struct Locked<S> {
     state: Arc<RwLock<S>>,
-    name: &'static str,
-    interest: Interest,
     apply: fn(&mut S, u64, &Envelope),
-    sequence: u64,
 }
 
-impl<S: Send + Sync + 'static> Fold for Shared<S> {
-    type Error = LogError;
-
-    fn name(&self) -> &'static str {
-        self.name
-    }
-
-    fn interest(&self) -> Interest {
-        self.interest
-    }
-
-    async fn apply(&mut self, _at: Position, env: Envelope) -> Result<(), LogError> {
+impl<S: Send + Sync> Sequential for Locked<S> {
+    fn apply(&mut self, sequence: u64, env: &Envelope) {
         if let Ok(mut s) = self.state.write() {
-            (self.apply)(&mut s, self.sequence, &env);
+            (self.apply)(&mut s, sequence, env);
         }
-        self.sequence += 1;
-        Ok(())
     }
 }
 
@@ -109,13 +96,14 @@ impl<S: Default + Send + Sync + 'static> Folded<S> {
         apply: fn(&mut S, u64, &Envelope),
     ) -> Self {
         let state = Arc::new(RwLock::new(S::default()));
-        let fold = Shared {
-            state: state.clone(),
-            name: consumer,
+        let fold = Sequenced::new(
+            consumer,
             interest,
-            apply,
-            sequence: 0,
-        };
+            Locked {
+                state: state.clone(),
+                apply,
+            },
+        );
         Folded::run(log, fold, state)
     }
 }
@@ -195,7 +183,12 @@ pub struct ApiState {
     pub objects: Option<tributary_objects::Objects>,
     /// Each project's cache size limit in bytes (0 = none), handed to agents in leases.
     pub cache_limit_bytes: u64,
+    /// How far the builds read model (`store`) has applied the log, as it moves.
+    pub model: ReadModelPositions,
 }
+
+/// How long a read waits for the builds read model to apply what it must see.
+pub const READ_MODEL_WAIT: Duration = Duration::from_secs(5);
 
 /// Counts one open tail while alive.
 pub struct TailGuard(Arc<std::sync::atomic::AtomicUsize>);
@@ -238,6 +231,13 @@ impl ApiState {
             |c: &mut ClusterState, offset, env| c.apply(offset, env),
         );
         let starts = crate::starts::Starts::start(&log);
+        let model = ReadModelPositions::of_store(&store, log.layout().events)
+            .await
+            .map_err(|e| {
+                tributary_eventlog::LogError::Invalid(format!(
+                    "cannot read how far the builds read model is: {e}"
+                ))
+            })?;
         let state = ApiState {
             log,
             store,
@@ -249,6 +249,7 @@ impl ApiState {
             tail_subscribers: Arc::default(),
             objects: None,
             cache_limit_bytes: 0,
+            model,
         };
         let end = Mark(
             state
@@ -318,27 +319,21 @@ impl ApiState {
         Mark::after_append(self.log.layout(), events, offsets)
     }
 
-    /// Waits (bounded) until the builds read model has folded past `mark` in every events
-    /// partition (a partition the projector has stored no offset for is at 0).
+    /// Waits (at most [`READ_MODEL_WAIT`]) until the builds read model has applied everything
+    /// before `mark` in every events partition (a partition it has not applied is at 0), on its
+    /// position watch ([`ReadModelPositions`]): no query per waiting request.
     pub async fn wait_builds(&self, mark: &Mark) -> Result<(), Status> {
-        let events = self.log.layout().topic_partitions(Topic::Events);
-        let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
-        loop {
-            let stored = self.store.next_offsets().await.map_err(internal)?;
-            let at: BTreeMap<Partition, Offset> = events
-                .clone()
-                .map(|p| (p, stored.get(&p).copied().unwrap_or(0)))
-                .collect();
-            if mark.reached_by(&at) {
-                return Ok(());
-            }
-            if tokio::time::Instant::now() > deadline {
-                return Err(Status::unavailable(
-                    "the builds read model is lagging; retry",
-                ));
-            }
-            tokio::time::sleep(Duration::from_millis(5)).await;
-        }
+        self.model
+            .wait(&mark.0, READ_MODEL_WAIT)
+            .await
+            .map_err(|e| Status::unavailable(e.to_string()))
+    }
+
+    /// The same state with the positions of the projector that writes its read model (in this
+    /// process: `tributary up`). Default: read from the store ([`ReadModelPositions::of_store`]).
+    pub fn with_read_model(mut self, model: ReadModelPositions) -> Self {
+        self.model = model;
+        self
     }
 
     /// Appends and returns the offsets; a storage failure is UNAVAILABLE (retry).

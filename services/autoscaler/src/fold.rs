@@ -57,6 +57,12 @@ fn duration_key(env: &Envelope, job: &str) -> String {
     format!("{}/{}/{job}", env.tenant, env.project)
 }
 
+impl tributary_eventlog::runtime::Sequential for PoolState {
+    fn apply(&mut self, sequence: u64, env: &Envelope) {
+        PoolState::apply(self, sequence, env);
+    }
+}
+
 impl PoolState {
     pub fn new() -> Self {
         Self::default()

@@ -23,7 +23,7 @@ use std::time::Duration;
 
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
-use tributary_eventlog::runtime::{Consumer, Fold, Interest, Position, JOB_OUTPUT};
+use tributary_eventlog::runtime::{Consumer, Interest, Sequenced, JOB_OUTPUT};
 use tributary_eventlog::{EventLog, LogError, Offset, Partition, Topic};
 use tributary_proto::events::{envelope::Payload, AgentProvisioned, AgentReleased, Envelope};
 
@@ -46,28 +46,15 @@ pub enum Replicas {
 }
 
 /// [`PoolState`] as the runtime drives it: events folded in the order read.
-#[derive(Default)]
-pub struct PoolFold {
-    pub state: PoolState,
-    sequence: u64,
-}
+pub type PoolFold = Sequenced<PoolState>;
 
-impl Fold for PoolFold {
-    type Error = LogError;
-
-    fn name(&self) -> &'static str {
-        "autoscaler"
-    }
-
-    fn interest(&self) -> Interest {
-        Interest::except(&JOB_OUTPUT)
-    }
-
-    async fn apply(&mut self, _at: Position, env: Envelope) -> Result<(), LogError> {
-        self.state.apply(self.sequence, &env);
-        self.sequence += 1;
-        Ok(())
-    }
+/// A fresh [`PoolFold`].
+pub fn pool_fold() -> PoolFold {
+    Sequenced::new(
+        "autoscaler",
+        Interest::except(&JOB_OUTPUT),
+        PoolState::default(),
+    )
 }
 
 /// Runs until `stop` is cancelled (then the provider drains what it runs) or the log closes.
@@ -78,7 +65,7 @@ pub async fn run(
     replicas: Replicas,
     stop: CancellationToken,
 ) -> Result<(), LogError> {
-    let mut consumer = Consumer::new(PoolFold::default());
+    let mut consumer = Consumer::new(pool_fold());
     let result = drive(
         log.clone(),
         &config,

@@ -32,10 +32,12 @@ use crate::{EventLog, GroupEvent, LogError, Offset, Partition, Record, Topic};
 
 mod interest;
 mod seen;
+mod sequenced;
 pub mod suite;
 
 pub use interest::{peek, Admit, Interest, Peek, JOB_OUTPUT};
 pub use seen::SeenIds;
+pub use sequenced::{Sequenced, Sequential};
 
 /// Where a record is: its partition and offset.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]

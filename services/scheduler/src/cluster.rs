@@ -100,6 +100,28 @@ impl Default for ClusterConfig {
     }
 }
 
+impl ClusterConfig {
+    /// The event a scheduler appends when it starts with this configuration.
+    pub fn started(&self) -> tributary_proto::events::SchedulerStarted {
+        tributary_proto::events::SchedulerStarted {
+            lease_ttl_us: self.lease_ttl_us,
+            agent_ttl_us: self.agent_ttl_us,
+            max_requeues: self.max_requeues,
+            timeout_grace_us: self.timeout_grace_us,
+        }
+    }
+
+    /// The configuration a `SchedulerStarted` announces.
+    pub fn from_event(e: &tributary_proto::events::SchedulerStarted) -> Self {
+        ClusterConfig {
+            lease_ttl_us: e.lease_ttl_us,
+            agent_ttl_us: e.agent_ttl_us,
+            max_requeues: e.max_requeues,
+            timeout_grace_us: e.timeout_grace_us,
+        }
+    }
+}
+
 /// An agent as the log describes it.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct AgentState {
@@ -235,9 +257,17 @@ pub struct ClusterState {
     pub build_info: BTreeMap<String, BuildInfo>,
     /// Lease id -> (build, job) of the live leases.
     lease_ids: BTreeMap<String, (String, String)>,
+    /// The configuration the latest scheduler started with (`SchedulerStarted`), if any.
+    pub config: Option<ClusterConfig>,
 }
 
 type Key = (String, String);
+
+impl tributary_eventlog::runtime::Sequential for ClusterState {
+    fn apply(&mut self, sequence: u64, env: &Envelope) {
+        ClusterState::apply(self, sequence, env);
+    }
+}
 
 impl ClusterState {
     pub fn new() -> Self {
@@ -250,6 +280,9 @@ impl ClusterState {
         let t = env.time_us;
         let build_id = &env.build_id;
         match payload {
+            Payload::SchedulerStarted(e) => {
+                self.config = Some(ClusterConfig::from_event(e));
+            }
             Payload::AgentRegistered(e) => {
                 let agent = self.agents.entry(e.agent_id.clone()).or_default();
                 agent.registered = true;

@@ -21,7 +21,7 @@ use std::time::Duration;
 
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
-use tributary_eventlog::runtime::{Consumer, Fold, Interest, Position, JOB_OUTPUT};
+use tributary_eventlog::runtime::{Consumer, Interest, Sequenced, JOB_OUTPUT};
 use tributary_eventlog::{EventLog, Layout, LogError, Offset, Partition, Topic};
 use tributary_proto::events::{envelope::Payload, Envelope};
 
@@ -57,28 +57,15 @@ impl Partitions {
 /// [`ClusterState`] as the consumer runtime drives it: each event with its place in the fold's
 /// order (first come, first served). A job's output (chunks, steps, lines, ticks) is not
 /// read by the cluster fold: skipped undecoded.
-#[derive(Default)]
-pub struct ClusterFold {
-    pub state: ClusterState,
-    sequence: u64,
-}
+pub type ClusterFold = Sequenced<ClusterState>;
 
-impl Fold for ClusterFold {
-    type Error = LogError;
-
-    fn name(&self) -> &'static str {
-        "scheduler"
-    }
-
-    fn interest(&self) -> Interest {
-        Interest::except(&JOB_OUTPUT)
-    }
-
-    async fn apply(&mut self, _at: Position, env: Envelope) -> Result<(), LogError> {
-        self.state.apply(self.sequence, &env);
-        self.sequence += 1;
-        Ok(())
-    }
+/// A fresh [`ClusterFold`].
+pub fn cluster_fold() -> ClusterFold {
+    Sequenced::new(
+        "scheduler",
+        Interest::except(&JOB_OUTPUT),
+        ClusterState::default(),
+    )
 }
 
 /// Runs until `stop` is cancelled or the log closes.
@@ -90,7 +77,22 @@ pub async fn run(
     stop: CancellationToken,
 ) -> Result<(), LogError> {
     let layout = log.layout();
-    let mut consumer = Consumer::new(ClusterFold::default());
+    // Announced on the log, so `get` explains waiting jobs with the TTLs this scheduler uses.
+    let started = [Envelope::new(
+        "",
+        "",
+        "",
+        Payload::SchedulerStarted(config.started()),
+    )];
+    if retry_transient(&stop, "announcing the scheduler's configuration", || {
+        log.append(&started)
+    })
+    .await?
+    .is_none()
+    {
+        return Ok(());
+    }
+    let mut consumer = Consumer::new(cluster_fold());
     let mut sub = consumer.subscribe(log.as_ref(), layout.topic_partitions(Topic::Events));
     let mut ownership = Ownership::new();
     let mut assignment_open = true;

@@ -100,6 +100,10 @@ pub async fn bench(cmd: BenchCommand) -> anyhow::Result<ExitCode> {
             })
             .await
         }
+        BenchCommand::History { builds, live } => {
+            crate::bench_history::bench_history(crate::bench_history::Options { builds, live })
+                .await
+        }
         BenchCommand::Ui {
             viewers,
             lines,

@@ -48,6 +48,8 @@ const TARGET_FIRST_LINE_P99_MS: f64 = 25.0;
 const TARGET_BUILDS_PER_SEC: f64 = 300.0;
 const TARGET_TAIL_P99_MS: f64 = 50.0;
 const TARGET_IDLE_RSS_MB: f64 = 40.0;
+/// Read-your-write: the build just triggered, read back (issue 14).
+const TARGET_GET_AFTER_TRIGGER_P99_MS: f64 = 5.0;
 
 pub struct Options {
     pub builds: usize,
@@ -411,6 +413,18 @@ fn report_latencies(run: &BuildsRun, row: &impl Fn(&str, &[f64], &str)) {
     );
     let rpc: Vec<f64> = run.ok().map(|b| ms(b.rtt)).collect();
     row("TriggerBuild call", &rpc, "");
+    let get: Vec<f64> = run.ok().filter_map(|b| b.get.map(ms)).collect();
+    if !get.is_empty() {
+        let p99 = pct(&get, 99.0);
+        row(
+            "GetBuild right after TriggerBuild",
+            &get,
+            &format!(
+                "   target p99 <= {TARGET_GET_AFTER_TRIGGER_P99_MS} ms: {}",
+                verdict(p99 <= TARGET_GET_AFTER_TRIGGER_P99_MS)
+            ),
+        );
+    }
 }
 
 /// How [`measure_builds`] triggers.
@@ -428,6 +442,8 @@ struct Measured {
     sent: Instant,
     sent_us: i64,
     rtt: Duration,
+    /// GetBuild sent as soon as the trigger returned, until its answer (under load only).
+    get: Option<Duration>,
     first_line: Option<Instant>,
     finished: Option<(Instant, i32)>,
 }
@@ -562,7 +578,28 @@ async fn measure_builds(
                 if let (Err(_), Some(slots)) = (&r, &slots) {
                     slots.add_permits(1); // no build to finish
                 }
-                out.push((sent, sent_us, rtt, r.map(|r| r.into_inner().build_id)));
+                let r = r.map(|r| r.into_inner().build_id);
+                // Read-your-write: GetBuild right after the trigger returned must show it.
+                let get = match &r {
+                    Ok(id) => {
+                        let asked = Instant::now();
+                        let got = client
+                            .get_build(api::GetBuildRequest {
+                                build_id: id.clone(),
+                                ..Default::default()
+                            })
+                            .await;
+                        Some(got.map(|_| asked.elapsed()).map_err(|e| {
+                            format!(
+                                "GetBuild right after TriggerBuild: {} ({:?})",
+                                e.message(),
+                                e.code()
+                            )
+                        }))
+                    }
+                    Err(_) => None,
+                };
+                out.push((sent, sent_us, rtt, get, r));
             }
             out
         });
@@ -583,11 +620,19 @@ async fn measure_builds(
         }
         tokio::select! {
             Some(done) = triggerers.join_next(), if !triggerers.is_empty() => {
-                for (sent, sent_us, rtt, r) in done? {
+                for (sent, sent_us, rtt, get, r) in done? {
+                    let get = match get {
+                        Some(Err(e)) => {
+                            run.errors.push(e);
+                            None
+                        }
+                        Some(Ok(took)) => Some(took),
+                        None => None,
+                    };
                     match r {
                         Ok(id) => {
                             let Arrivals { first_line, finished } = early.remove(&id).unwrap_or_default();
-                            run.builds.insert(id, Measured { sent, sent_us, rtt, first_line, finished });
+                            run.builds.insert(id, Measured { sent, sent_us, rtt, get, first_line, finished });
                         }
                         Err(e) => run.errors.push(format!("{} ({:?})", e.message(), e.code())),
                     }

@@ -536,6 +536,22 @@ pub enum BenchCommand {
         #[arg(long, value_name = "N", default_value_t = 200)]
         latency_builds: usize,
     },
+    /// What a long history costs the embedded server: RSS and restart-to-ready time after
+    /// N finished builds.
+    ///
+    /// A real one-job build on a `tributary up` started here is the template; copies of its
+    /// events (fresh ids) are appended to the stopped server's log until it holds each count of
+    /// --builds, and the server is restarted and measured each time: time to the first answered
+    /// call, time until the newest build is in the read model, RSS, and RSS after --live real
+    /// builds. Targets: RSS <= 2 x a fresh server's, ready <= 1 s, flat in the history.
+    History {
+        /// Finished builds in the log at each measurement (comma-separated, ascending).
+        #[arg(long, value_name = "N,N,...", value_delimiter = ',', default_values_t = [1000u64, 10000, 50000])]
+        builds: Vec<u64>,
+        /// Real builds run after each restart.
+        #[arg(long, value_name = "N", default_value_t = 20)]
+        live: usize,
+    },
     /// Generate a synthetic log of usage ticks over many tenants, then print ticks/s through
     /// the metering projection (into SQLite) and the time `audit` takes to replay it.
     Metering {

@@ -48,13 +48,17 @@ pub async fn up(args: UpArgs) -> anyhow::Result<ExitCode> {
     let access = args.repos.access(&data.path)?;
     let mirrors =
         tributary_repo::Mirrors::new(data.path.join("mirrors")).with_access(access.clone());
+    // The builds projector runs here: reads that must see a write wait on its position watch.
+    let mut builds_projector = tributary_projections::BuildsProjector::open(data.store.clone())
+        .await
+        .context("cannot open the builds read model")?;
+    let read_model = tributary_projections::ReadModelPositions::in_process(
+        builds_projector.applied(),
+        log.layout().events,
+    );
     let projector = {
-        let store = data.store.clone();
         let log = log.clone();
-        tokio::spawn(async move {
-            let mut p = tributary_projections::BuildsProjector::open(store).await?;
-            p.follow(log.as_ref()).await
-        })
+        tokio::spawn(async move { builds_projector.follow(log.as_ref()).await })
     };
     let server_key = load_or_create_key(&data.path.join("server.key"))?;
     let objects = match args.objects.as_deref().filter(|u| !u.trim().is_empty()) {
@@ -69,8 +73,10 @@ pub async fn up(args: UpArgs) -> anyhow::Result<ExitCode> {
         Some(server_key),
     )
     .await?
+    .with_read_model(read_model)
     .with_objects(objects.clone())
     .with_cache_limit(args.cache_limit);
+    crate::memory::trim_periodically();
 
     // Scheduler service: folds the log, assigns leases to connected agents, requeues lost ones.
     let ttl_us = (args.lease_ttl * 1e6) as i64;

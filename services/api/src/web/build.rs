@@ -251,7 +251,13 @@ pub async fn summary(
     headers: HeaderMap,
 ) -> Result<Markup, WebError> {
     let session = api_session(&state, &headers)?;
-    let end = super::projects::after_end(&state, q.after.as_deref()).await?;
+    let end = match q.after.as_deref() {
+        Some(after) => super::projects::after_end(&state, Some(after)).await?,
+        None => match state.build_start(&id).await? {
+            Some(start) => start.seen(),
+            None => return Err(WebError::NotFound(format!("no build {id}"))),
+        },
+    };
     state.wait_builds(&end).await?;
     match state.store.load_build(&id).await.map_err(internal)? {
         Some(b) if b.tenant == session.who.tenant => {

@@ -95,8 +95,21 @@ async fn project_builds(
     if !known {
         return Err(WebError::NotFound(format!("no project {project}")));
     }
-    let end = after_end(state, after).await?;
-    state.wait_builds(&end).await?;
+    // With the viewer's position: at least there. Without: every build of the tenant
+    // triggered so far, and the live stream goes on from where the read model is (read before
+    // the rows: an event both in the rows and on the stream is applied twice, harmlessly; none
+    // is missed).
+    let end = match after {
+        Some(_) => {
+            let end = after_end(state, after).await?;
+            state.wait_builds(&end).await?;
+            end
+        }
+        None => {
+            state.wait_builds(&state.starts.newest_of(tenant)?).await?;
+            Mark(state.model.now())
+        }
+    };
     let builds = state
         .store
         .list_builds_for(tenant, Some(project), None, LIST_LIMIT)
