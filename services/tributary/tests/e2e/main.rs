@@ -33,6 +33,7 @@ mod objects_s3;
 mod odd_paths;
 mod remote_agents;
 mod repo_isolation;
+mod roles;
 mod run;
 mod scale_autoscaler;
 mod scale_metering;
