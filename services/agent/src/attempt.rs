@@ -180,6 +180,9 @@ pub struct Lease {
     pub inputs: Vec<ArtifactUploaded>,
     /// The project's cache index (folded from the log): what a restore trusts.
     pub caches: Vec<tributary_proto::api::CacheEntry>,
+    /// The project's superseded archives (a later save of their key replaced them): a save
+    /// deletes those past their grace.
+    pub superseded_caches: Vec<tributary_proto::api::CacheEntry>,
     /// The project's cache size limit in bytes (0 = none): eviction after a save.
     pub cache_limit: u64,
     /// The secrets the job names (`secrets:`), opened by the server.
@@ -294,6 +297,8 @@ pub struct AttemptReport {
     pub delivered: usize,
     /// Events dropped (fenced, refused, or abandoned).
     pub dropped: usize,
+    /// The log could not be written (its disk is full): why. The job was stopped.
+    pub unwritable: Option<String>,
 }
 
 /// Runs the attempt to its end: checks the code out if the workspace says so, sends
@@ -530,6 +535,7 @@ async fn produce(
     let ctx_dir = workdir.clone();
     let ctx_workdir = workdir.clone();
     let lease_caches = lease.caches;
+    let lease_superseded = lease.superseded_caches;
     let lease_cache_limit = lease.cache_limit;
     let ctx = JobContext {
         build_id: build.build_id.clone(),
@@ -605,6 +611,7 @@ async fn produce(
             objects,
             build,
             &lease_caches,
+            &lease_superseded,
             lease_cache_limit,
             &restored.caches,
             &job_id,
@@ -804,6 +811,14 @@ pub(crate) async fn pump(
                 Err(SinkError::Failed(reason)) => {
                     tracing::error!(%reason, events = batch.len(), "cannot send job events");
                     report.dropped += batch.len();
+                    break;
+                }
+                Err(SinkError::Unwritable(reason)) => {
+                    tracing::error!(%reason, "the log cannot be written: stopping the job");
+                    report.dropped += batch.len();
+                    report.unwritable.get_or_insert(reason);
+                    dropping = true;
+                    ctl.fence.cancel();
                     break;
                 }
             }

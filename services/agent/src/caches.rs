@@ -14,6 +14,10 @@
 //! * After a save the agent decides eviction with [`tributary_scheduler::evict`] over the index
 //!   plus the new archive and the lease's per-project limit, appends CacheEvicted for each
 //!   archive it deletes, then deletes it.
+//! * Every save is an archive of its own (`keys::cache` takes a fresh id), so a restore reads
+//!   exactly what the index names even while another job saves the same key. An archive a
+//!   later save superseded is deleted (CacheEvicted) by a later save of the project once its
+//!   grace is over ([`tributary_scheduler::superseded_to_delete`]).
 
 use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
@@ -128,12 +132,14 @@ pub(crate) async fn restore(
 }
 
 /// Saves every missed cache of a job that succeeded, then evicts what the project's limit
-/// requires. Problems are warnings (tracing): the job succeeded.
+/// requires, and, when it saved one, deletes the superseded archives past their grace.
+/// Problems are warnings (tracing): the job succeeded.
 #[allow(clippy::too_many_arguments)]
 pub(crate) async fn save(
     objects: &Objects,
     build: &BuildRef,
     index: &[CacheEntry],
+    superseded: &[CacheEntry],
     limit: u64,
     caches: &[Resolved],
     job: &str,
@@ -193,7 +199,41 @@ pub(crate) async fn save(
             }
         }
     }
+    let saved_one = events.iter().any(|e| matches!(e, Payload::CacheSaved(_)));
+    if saved_one {
+        let now = tributary_proto::now_us();
+        for gone in tributary_scheduler::superseded_to_delete(superseded, now) {
+            if let Err(e) = objects.delete(&gone.object_key).await {
+                tracing::warn!(key = %gone.key, error = %e, "cannot delete a superseded cache");
+                continue;
+            }
+            events.push(Payload::CacheEvicted(CacheEvicted {
+                key: gone.key.clone(),
+                object_key: gone.object_key.clone(),
+                size: gone.size,
+                last_used_us: gone.last_used_us,
+                reason: format!(
+                    "a later save of key {:?} superseded it more than {} ago",
+                    gone.key,
+                    human_duration(tributary_scheduler::caches::SUPERSEDED_GRACE_US)
+                ),
+                job: job.to_owned(),
+                attempt,
+            }));
+        }
+    }
     events
+}
+
+fn human_duration(us: i64) -> String {
+    let secs = us / 1_000_000;
+    if secs % 3600 == 0 {
+        format!("{} h", secs / 3600)
+    } else if secs % 60 == 0 {
+        format!("{} min", secs / 60)
+    } else {
+        format!("{secs} s")
+    }
 }
 
 async fn save_one(
@@ -203,8 +243,9 @@ async fn save_one(
     workdir: &Path,
     scratch: &Path,
 ) -> Result<(Stored, u64, String), String> {
+    let save = tributary_proto::new_id();
     let object_key =
-        keys::cache(&build.tenant, &build.project, &cache.key).map_err(|e| e.to_string())?;
+        keys::cache(&build.tenant, &build.project, &cache.key, &save).map_err(|e| e.to_string())?;
     let archive = scratch_file(scratch, "save")?;
     let root = workdir.to_path_buf();
     let patterns = cache.paths.clone();

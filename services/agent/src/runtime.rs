@@ -652,6 +652,7 @@ impl Runtime {
             lease_id: lease.lease_id.clone(),
             inputs: lease.artifacts,
             caches: lease.caches,
+            superseded_caches: lease.superseded_caches,
             cache_limit: lease.cache_limit_bytes,
             secrets: crate::JobSecrets {
                 values: lease
@@ -828,13 +829,20 @@ async fn pull_loop(
 /// A PullWork error after which retrying is pointless.
 fn refusal(status: &tonic::Status, server: &str) -> Option<AgentError> {
     match status.code() {
-        Code::Unauthenticated | Code::PermissionDenied => Some(AgentError::Rejected(format!(
-            "the server at {server} refused this agent's identity: {} ({:?}); if the agent was \
-             revoked, delete agent.json in the work directory and register again with an \
-             enrollment token",
-            status.message(),
-            status.code()
-        ))),
+        Code::Unauthenticated | Code::PermissionDenied => {
+            // A server that says how to register again (a revoke) is not repeated.
+            let hint = if status.message().contains("agent.json") {
+                ""
+            } else {
+                "; if the agent was revoked, delete agent.json in the work directory and \
+                 register again with an enrollment token"
+            };
+            Some(AgentError::Rejected(format!(
+                "the server at {server} refused this agent's identity: {} ({:?}){hint}",
+                status.message(),
+                status.code()
+            )))
+        }
         Code::Unimplemented => Some(AgentError::Rejected(format!(
             "the server at {server} does not serve agents (tributary.api.v1.Agents): {}",
             status.message()
@@ -1093,6 +1101,13 @@ mod tests {
         assert!(refusal(&tonic::Status::unimplemented("no"), "s").is_some());
         assert!(refusal(&tonic::Status::unavailable("down"), "s").is_none());
         assert!(refusal(&tonic::Status::internal("oops"), "s").is_none());
+        // Every refusal of identity says how to register again, once.
+        for message in ["revoked", "revoked: delete agent.json and register again"] {
+            let said = refusal(&tonic::Status::permission_denied(message), "s")
+                .unwrap()
+                .to_string();
+            assert_eq!(said.matches("agent.json").count(), 1, "{said}");
+        }
     }
 
     #[test]

@@ -32,6 +32,11 @@ pub enum SinkError {
     /// Anything else: the batch is dropped, later events are still sent.
     #[error("{0}")]
     Failed(String),
+    /// The log cannot store anything now (the embedded log's disk is full): the attempt is
+    /// stopped, its remaining events are dropped, and the reason is reported to whoever runs it
+    /// (`tributary run` exits with it).
+    #[error("{0}")]
+    Unwritable(String),
 }
 
 /// Receives the events of one job attempt, in order, batch after batch. A batch is only sent
@@ -42,7 +47,8 @@ pub trait EventSink: Send + Sync + 'static {
 }
 
 /// Appends batches to an event log. Append errors are [`SinkError::Failed`]: the batch is not
-/// retried (a job without JobFinished is seen as lost by the scheduler).
+/// retried (a job without JobFinished is seen as lost by the scheduler); a log that cannot be
+/// written at all is [`SinkError::Unwritable`].
 #[derive(Clone)]
 pub struct LogSink {
     log: Arc<dyn EventLog>,
@@ -61,7 +67,12 @@ impl EventSink for LogSink {
             .append(&batch)
             .await
             .map(|_| ())
-            .map_err(|e| SinkError::Failed(format!("cannot append to the log: {e}")))
+            .map_err(|e| match e {
+                tributary_eventlog::LogError::Unwritable { .. } => {
+                    SinkError::Unwritable(e.to_string())
+                }
+                e => SinkError::Failed(format!("cannot append to the log: {e}")),
+            })
     }
 }
 

@@ -91,6 +91,7 @@ fn lease(lines: &[&str]) -> Lease {
         },
         inputs: Vec::new(),
         caches: Vec::new(),
+        superseded_caches: Vec::new(),
         cache_limit: 0,
         secrets: Default::default(),
         attempt: 2,

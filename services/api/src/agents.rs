@@ -5,7 +5,9 @@
 //!   scheduler's `JobAssigned` is on the log (Buildkite-style streaming dispatch, no polling).
 //!   An `AgentDraining` of the agent (the autoscaler lets it go) is pushed as a drain
 //!   instruction (`Lease.drain`).
-//!   Opening it appends `AgentConnected`; closing it appends `AgentDisconnected`.
+//!   Opening it appends `AgentConnected`; closing it appends `AgentDisconnected`. An
+//!   `AgentRevoked` of the agent ends the stream with PERMISSION_DENIED saying how to register
+//!   again ([`revoked_status`]); the scheduler requeues the revoked agent's leases.
 //! * `Heartbeat` appends `AgentHeartbeat` (renewing the agent's leases) and answers which
 //!   leases to stop.
 //! * `SendEvents` is the only way an agent's events reach the log. Fencing: a lease that is no
@@ -57,9 +59,7 @@ impl AgentsApi {
             .cluster
             .read(|c| c.agents.get(&who.name).is_none_or(|a| a.revoked))?;
         if revoked {
-            return Err(Status::permission_denied(
-                "this agent is revoked or unknown",
-            ));
+            return Err(revoked_status(&who.name));
         }
         Ok(who)
     }
@@ -97,11 +97,12 @@ async fn lease_message(
     let Some((env, t)) = crate::builds::triggered_of(state, build_id).await? else {
         return Ok(None);
     };
-    let (plan, artifacts, caches) = state.cluster.read(|c| {
+    let (plan, artifacts, caches, superseded_caches) = state.cluster.read(|c| {
         (
             c.job_plan(build_id, job).cloned(),
             c.needed_artifacts(build_id, job),
             c.cache_entries(build_id),
+            c.superseded_caches(build_id),
         )
     })?;
     // The job's secrets, opened for this lease only (the stream is the agent's own).
@@ -131,9 +132,21 @@ async fn lease_message(
         cancel: false,
         artifacts,
         caches,
+        superseded_caches,
         cache_limit_bytes: state.cache_limit_bytes,
         drain: false,
     }))
+}
+
+/// What a revoked (or unknown) agent hears on every call, its work stream included: the
+/// agent stops (`tributary agent` exits non-zero with this message).
+pub fn revoked_status(agent_id: &str) -> Status {
+    Status::permission_denied(format!(
+        "agent {agent_id} is revoked or unknown: it gets no more work and its jobs run \
+         elsewhere; to use this machine again, delete agent.json in the agent's work directory \
+         and start it again with an enrollment token (--token; `tributary admin token-create \
+         --kind enrollment`)"
+    ))
 }
 
 /// Tells the agent to drain (the autoscaler lets it go).
@@ -303,13 +316,17 @@ impl Agents for AgentsApi {
                 .map(|((b, j), l)| (b.clone(), j.clone(), l.attempt, l.lease_id.clone()))
                 .collect()
         })?;
-        // An agent the autoscaler is draining hears it first thing.
-        let draining = self
-            .state
-            .cluster
-            .read(|c| c.agents.get(&agent_id).is_some_and(|a| a.drain_requested))?;
+        // An agent the autoscaler is draining hears it first thing; one revoked since the
+        // check above (before `from`, so not in the subscription) hears that and nothing else.
+        let (draining, revoked) = self.state.cluster.read(|c| {
+            c.agents
+                .get(&agent_id)
+                .map_or((false, true), |a| (a.drain_requested, a.revoked))
+        })?;
         let (tx, rx) = mpsc::channel::<Result<Lease, Status>>(64);
-        if draining {
+        if revoked {
+            let _ = tx.send(Err(revoked_status(&agent_id))).await;
+        } else if draining {
             let _ = tx.send(Ok(drain_message())).await;
         }
         let state = self.state.clone();
@@ -317,8 +334,9 @@ impl Agents for AgentsApi {
         let tenant = who.tenant.clone();
         tokio::spawn(async move {
             let mut sub = state.log.subscribe_partitions(&from);
-            let mut send = pending;
-            loop {
+            let mut send = if revoked { Vec::new() } else { pending };
+            let mut open = !revoked;
+            while open {
                 for (build, job, attempt, lease_id) in send.drain(..) {
                     match lease_message(&state, &build, &job, attempt, &lease_id).await {
                         Ok(Some(lease)) => {
@@ -362,6 +380,14 @@ impl Agents for AgentsApi {
                             }
                         }
                     }
+                    if let Some(Payload::AgentRevoked(r)) = &env.payload {
+                        if r.agent_id == agent_id {
+                            tracing::info!(agent_id = %agent_id, "agent revoked: ending its work stream");
+                            let _ = tx.send(Err(revoked_status(&agent_id))).await;
+                            open = false;
+                            break;
+                        }
+                    }
                     if let Some(Payload::AgentDraining(d)) = &env.payload {
                         if d.agent_id == agent_id && tx.send(Ok(drain_message())).await.is_err() {
                             break;
@@ -389,7 +415,12 @@ impl Agents for AgentsApi {
                 let gone = Payload::AgentDisconnected(AgentDisconnected {
                     agent_id: agent_id.clone(),
                     session_id: session.clone(),
-                    reason: "work stream closed".into(),
+                    reason: if open {
+                        "work stream closed"
+                    } else {
+                        "revoked"
+                    }
+                    .into(),
                 });
                 if let Err(e) = state
                     .log

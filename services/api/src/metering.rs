@@ -9,7 +9,9 @@ use std::time::Duration;
 use tonic::{Request, Response, Status};
 use tributary_eventlog::EventLog;
 use tributary_metering::fold::IssuedInvoice;
-use tributary_metering::{price, Day, MeteringState, MeteringStore, Period, PricePlan};
+use tributary_metering::{
+    price, Day, InvoiceStatus, MeteringState, MeteringStore, Period, PricePlan,
+};
 use tributary_projections::directory::TokenKind;
 use tributary_proto::api::{metering_server::Metering, *};
 
@@ -167,7 +169,9 @@ impl MeteringReader {
             Some(i) => issued[i].clone(),
             None => live_invoice(&state, &self.plan, tenant, period)?,
         };
-        issued.retain(|i| i.period != current.period || current.status != "issued");
+        issued.retain(|i| {
+            i.period != current.period || current.status != InvoiceStatus::Issued.as_str()
+        });
         Ok(TenantUsage {
             days,
             current,
@@ -190,7 +194,7 @@ fn issued_invoice(issued: IssuedInvoice) -> Invoice {
         free_millis_used: inv.free_millis_used(),
         tenant: inv.tenant,
         period: inv.period,
-        status: "issued".into(),
+        status: InvoiceStatus::Issued.as_str().into(),
         plan_version: inv.plan_version,
         currency: inv.currency,
         lines: inv.lines,
@@ -216,7 +220,9 @@ fn live_invoice(
         free_millis_used: inv.free_millis_used(),
         tenant: inv.tenant,
         period: inv.period,
-        status: "live".into(),
+        status: InvoiceStatus::of(period, false, tributary_proto::now_us())
+            .as_str()
+            .into(),
         plan_version: inv.plan_version,
         currency: inv.currency,
         lines: inv.lines,

@@ -107,6 +107,13 @@ pub enum LogError {
     /// The Kafka client or broker failed.
     #[error("Kafka: {0}")]
     Kafka(String),
+    /// The embedded log cannot write its file (disk full, I/O error): nothing of the failed
+    /// append was stored, and the log carries on once the cause is fixed.
+    #[error(
+        "cannot write the event log {path}: {cause}; free space on that filesystem (or fix the \
+         disk) and appends resume by themselves: nothing stored before is lost"
+    )]
+    Unwritable { path: String, cause: String },
 }
 
 /// What a backend guarantees beyond the invariants every backend keeps.

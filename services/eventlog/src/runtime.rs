@@ -87,6 +87,21 @@ pub trait Fold: Send {
         true
     }
 
+    /// Applies a record straight from its bytes, when the fold reads records itself
+    /// (metering's usage ticks, borrowed from the record without decoding it): `true` = applied,
+    /// the driver neither decodes it nor checks its event id (the fold dedupes what it reads this
+    /// way itself); `false` (the default) = decode it and [`Self::apply`] it as usual. Called for
+    /// every record past the partition's position, before [`Self::interest`] and
+    /// [`Self::admit`].
+    fn apply_record(
+        &mut self,
+        at: Position,
+        record: &Record,
+    ) -> impl Future<Output = Result<bool, Self::Error>> + Send {
+        let _ = (at, record);
+        async { Ok(false) }
+    }
+
     /// Applies one event, found at `at`.
     fn apply(
         &mut self,
@@ -364,6 +379,13 @@ impl<F: Fold> Consumer<F> {
                     });
                 }
             }
+            let at = Position {
+                partition: record.partition,
+                offset: record.offset,
+            };
+            if self.fold.apply_record(at, record).await? {
+                continue;
+            }
             if self.interest.admits(&record.data) == Admit::Skip || !self.fold.admit(record) {
                 continue;
             }
@@ -376,10 +398,6 @@ impl<F: Fold> Consumer<F> {
                 tracing::debug!(consumer = self.name, event_id = %env.event_id, partition = record.partition, offset = record.offset, "skipping a re-delivered event");
                 continue;
             }
-            let at = Position {
-                partition: record.partition,
-                offset: record.offset,
-            };
             self.fold.apply(at, env).await?;
         }
         Ok(())
@@ -421,6 +439,9 @@ impl<F: Fold> Consumer<F> {
         order
             .start(log, &mut self.fold, &self.positions, ends)
             .await?;
+        // The next page of the partition being read, fetched while the current one is applied
+        // (partition, its first offset, the records): reading and folding overlap.
+        let mut ahead: Option<(Partition, Offset, Vec<Record>)> = None;
         loop {
             let mut read = false;
             for (&p, &end) in ends {
@@ -432,12 +453,30 @@ impl<F: Fold> Consumer<F> {
                 let want = usize::try_from(limit - from)
                     .unwrap_or(self.page)
                     .min(self.page);
-                let mut records = log.read_partition(p, from, want).await?;
+                let mut records = match ahead.take() {
+                    Some((ap, af, records)) if ap == p && af == from => records,
+                    _ => log.read_partition(p, from, want).await?,
+                };
                 records.retain(|r| r.offset < limit);
                 if records.is_empty() {
                     continue;
                 }
-                self.apply(&records).await?;
+                // Read on while this page is folded, unless a limit (a barrier) holds this
+                // partition back: what is past it may not be read yet.
+                let next = records.last().map_or(from, |r| r.offset + 1);
+                let page = self.page;
+                let prefetch = async {
+                    if limit < end || next >= end {
+                        return Ok(None);
+                    }
+                    let want = usize::try_from(end - next).unwrap_or(page).min(page);
+                    log.read_partition(p, next, want)
+                        .await
+                        .map(|records| Some((p, next, records)))
+                };
+                let (applied, fetched) = tokio::join!(self.apply(&records), prefetch);
+                applied?;
+                ahead = fetched?;
                 read = true;
                 break;
             }

@@ -196,6 +196,8 @@ impl Default for SqliteLogOptions {
 /// The SQLite event log. Cheap to share behind an `Arc`; see the [module docs](self).
 pub struct SqliteLog {
     path: PathBuf,
+    /// Set by the writer while its file cannot be written (disk full): `probe` reports it.
+    unwritable: Arc<std::sync::Mutex<Option<String>>>,
     writer: mpsc::Sender<WriterMsg>,
     /// Kept so that subscriptions can clone it; the writer task owns the sender.
     end: watch::Receiver<Offset>,
@@ -264,6 +266,9 @@ impl SqliteLog {
         // runtime is busy with, and that latency adds up on the append path.
         let (ready_tx, ready_rx) = oneshot::channel();
         let inserts = (0..INSERT_SHAPES).map(|k| insert_sql(1 << k)).collect();
+        let log_path = path.to_owned();
+        let unwritable: Arc<std::sync::Mutex<Option<String>>> = Arc::default();
+        let writer_unwritable = unwritable.clone();
         let writer_recent = recent.clone();
         std::thread::Builder::new()
             .name("eventlog-writer".into())
@@ -286,6 +291,9 @@ impl SqliteLog {
                     let checkpointer = tokio::spawn(checkpoint(checkpointer, checkpoint_rx));
                     let writer = Writer {
                         conn,
+                        connect: writer_connect,
+                        path: log_path,
+                        unwritable: writer_unwritable,
                         inserts,
                         end: end_tx,
                         recent: writer_recent,
@@ -307,6 +315,7 @@ impl SqliteLog {
         tracing::debug!(path = %path.display(), end, "opened SQLite event log");
 
         Ok(SqliteLog {
+            unwritable,
             path: path.to_owned(),
             writer: writer_tx,
             end: end_rx,
@@ -396,6 +405,15 @@ impl EventLog for SqliteLog {
         Capabilities {
             dedupes_event_ids: true,
             atomic_append: true,
+        }
+    }
+
+    /// Not ready while the last write failed for want of space (or an I/O error): reads still
+    /// work, appends do not.
+    async fn probe(&self, _within: Duration) -> Result<(), LogError> {
+        match self.unwritable.lock().ok().and_then(|w| w.clone()) {
+            Some(why) => Err(LogError::Invalid(why)),
+            None => Ok(()),
         }
     }
 
@@ -759,6 +777,13 @@ enum WriterMsg {
 /// The single writer task's state.
 struct Writer {
     conn: SqliteConnection,
+    /// How `conn` was opened: a connection left inside a failed transaction is replaced.
+    connect: SqliteConnectOptions,
+    /// The log's file, for errors.
+    path: PathBuf,
+    /// Why the last write failed for want of space (or an I/O error); None once one succeeds.
+    /// `probe` (`/readyz`) reports it.
+    unwritable: Arc<std::sync::Mutex<Option<String>>>,
     /// `inserts[k]`: the multi-row `INSERT` of `2^k` rows.
     inserts: Vec<String>,
     end: watch::Sender<Offset>,
@@ -878,6 +903,7 @@ impl Writer {
                 }
                 self.recent.push(records);
                 publish(&self.end, end);
+                self.set_unwritable(None);
                 self.written(bytes);
                 for (reply, offsets) in replies {
                     let _ = reply.send(Ok(offsets.collect()));
@@ -887,6 +913,7 @@ impl Writer {
                 }
             }
             Err(error) => {
+                self.recover().await;
                 // Usually a retried event id hitting the UNIQUE index. Write each request on its
                 // own, with lookups, so that a failure only fails its own caller.
                 tracing::debug!(
@@ -906,6 +933,8 @@ impl Writer {
                             Ok(offsets)
                         }
                         Err(error) => {
+                            self.recover().await;
+                            let error = self.unwritable(error);
                             tracing::warn!(%error, events = req.rows.len(), "append failed");
                             Err(error)
                         }
@@ -914,12 +943,65 @@ impl Writer {
                 }
                 for req in commits {
                     let result = commit_one(&mut self.conn, &req).await;
-                    if let Err(error) = &result {
-                        tracing::warn!(%error, group = %req.group, "consumer offset commit failed");
-                    }
+                    let result = match result {
+                        Ok(()) => Ok(()),
+                        Err(error) => {
+                            self.recover().await;
+                            let error = self.unwritable(error);
+                            tracing::warn!(%error, group = %req.group, "consumer offset commit failed");
+                            Err(error)
+                        }
+                    };
                     let _ = req.reply.send(result);
                 }
             }
+        }
+    }
+
+    /// After a failed transaction: a connection still inside it (a COMMIT that fails for want
+    /// of space leaves SQLite's transaction open, and sqlx then refuses to begin another) is
+    /// closed, which rolls it back, and replaced by a fresh one. Nothing committed is touched.
+    async fn recover(&mut self) {
+        if !self.conn.is_in_transaction() {
+            return;
+        }
+        match SqliteConnection::connect_with(&self.connect).await {
+            Ok(fresh) => {
+                let stale = std::mem::replace(&mut self.conn, fresh);
+                if let Err(error) = stale.close().await {
+                    tracing::debug!(%error, "closing the event log's failed writer connection");
+                }
+                tracing::warn!(path = %self.path.display(), "event log writer: rolled back a failed transaction and reconnected");
+            }
+            Err(error) => {
+                tracing::error!(%error, path = %self.path.display(), "event log writer: cannot reconnect after a failed transaction; retrying at the next append");
+            }
+        }
+    }
+
+    /// `error` as the caller should read it: a full disk or an I/O error names the file and
+    /// what to do.
+    fn unwritable(&self, error: LogError) -> LogError {
+        let LogError::Storage(sqlx::Error::Database(db)) = &error else {
+            return error;
+        };
+        let code: Option<i64> = db.code().and_then(|c| c.parse().ok());
+        let cause = match code.map(|c| c & 0xff) {
+            Some(13) => "the disk is full (no space left on device)".to_owned(),
+            Some(10) => format!("an I/O error ({})", db.message()),
+            _ => return error,
+        };
+        let error = LogError::Unwritable {
+            path: self.path.display().to_string(),
+            cause,
+        };
+        self.set_unwritable(Some(error.to_string()));
+        error
+    }
+
+    fn set_unwritable(&self, why: Option<String>) {
+        if let Ok(mut flag) = self.unwritable.lock() {
+            *flag = why;
         }
     }
 

@@ -597,3 +597,82 @@ async fn verify_after_crash(
     }
     log.close().await;
 }
+
+/// A disk that fills: the append that does not fit fails with an error naming the file and the
+/// cause; the writer stays usable (a COMMIT that fails for want of space leaves SQLite's
+/// transaction open: it is rolled back and the connection replaced), so once space is freed
+/// appends carry on by themselves; nothing committed before is lost or damaged.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_full_disk_fails_appends_clearly_and_the_log_carries_on_once_space_is_freed() {
+    tributary_testkit::require!(SmallFs);
+    let fs = tributary_testkit::SmallFs::mount(8).expect("mount a small tmpfs");
+    let path = fs.path().join("events.db");
+    let log = SqliteLog::open(&path).await.expect("open");
+    // 4 MB of something else on the disk, deleted later to make room.
+    let ballast = fs.path().join("ballast");
+    std::fs::write(&ballast, vec![0u8; 4 << 20]).expect("ballast");
+    let big = |i: usize| {
+        Envelope::new(
+            "t",
+            "p",
+            "b",
+            Payload::LogChunk(LogChunk {
+                job: "j".into(),
+                attempt: 1,
+                stream: Stream::Stdout as i32,
+                data: vec![b'x' + (i % 3) as u8; 256 * 1024],
+                ..LogChunk::default()
+            }),
+        )
+    };
+    // Fill the disk with the log itself until an append fails.
+    let mut stored = Vec::new();
+    let mut failure = None;
+    for i in 0..200 {
+        let e = big(i);
+        match log.append(std::slice::from_ref(&e)).await {
+            Ok(offsets) => stored.push((offsets[0], e)),
+            Err(error) => {
+                failure = Some(error);
+                break;
+            }
+        }
+    }
+    let failure = failure.expect("an 8 MB disk cannot hold 50 MB of chunks");
+    let probe = log.probe(Duration::from_secs(1)).await;
+    assert!(
+        probe
+            .as_ref()
+            .is_err_and(|e| e.to_string().contains("full")),
+        "not ready while full (/readyz): {probe:?}"
+    );
+    let text = failure.to_string();
+    assert!(
+        text.contains("full") && text.contains(&path.display().to_string()),
+        "the error names the file and the cause: {text}"
+    );
+    assert!(stored.len() > 3, "some appends fit first: {}", stored.len());
+    // Another big one while full: fails again, and must not wedge the writer either.
+    assert!(log.append(std::slice::from_ref(&big(7))).await.is_err());
+    let small = test_event("b", 1);
+    // Free space (the ballast an operator deletes): the log carries on by itself.
+    std::fs::remove_file(&ballast).expect("remove the ballast");
+    let after = log
+        .append(std::slice::from_ref(&small))
+        .await
+        .expect("appends resume once there is space");
+    assert!(after[0] >= stored.last().map_or(0, |(o, _)| *o + 1));
+    log.probe(Duration::from_secs(1))
+        .await
+        .expect("ready again once an append went through");
+    // Everything stored before is intact and readable.
+    let records = log.read(0, 10_000).await.expect("read");
+    for (offset, e) in &stored {
+        let r = records
+            .iter()
+            .find(|r| r.offset == *offset)
+            .unwrap_or_else(|| panic!("offset {offset} lost"));
+        assert_eq!(r.decode().expect("decode").event_id, e.event_id);
+    }
+    log.integrity_check().await.expect("integrity");
+}

@@ -7,152 +7,67 @@
 use std::collections::BTreeMap;
 use std::sync::Arc;
 
-use tributary_eventlog::Partition;
-
-use tributary_eventlog::{EventLog, Record};
+use tributary_eventlog::runtime::{Consumer, Fold, Position};
+use tributary_eventlog::{EventLog, Partition};
 use tributary_proto::events::Envelope;
 
 use crate::fold::{MeteringState, Pos};
 use crate::store::MeteringStore;
-use crate::view::view;
 use crate::MeteringError;
 
-/// Reads `[0, end)` and calls `f` for every decodable event, in offset order. Three stages
-/// overlap: the log's reader, a task that decodes the next batch, and the caller's fold.
-/// Returns the number of malformed records skipped.
+/// A fold handing each decoded event to a closure, with its offset: audit's one pass over the
+/// log for several models at once.
+struct Each<F>(F);
+
+impl<F: FnMut(u64, &Envelope) + Send> Fold for Each<F> {
+    type Error = MeteringError;
+
+    fn name(&self) -> &'static str {
+        "audit"
+    }
+
+    async fn apply(&mut self, at: Position, env: Envelope) -> Result<(), MeteringError> {
+        (self.0)(at.offset, &env);
+        Ok(())
+    }
+}
+
+/// Reads `[0, end)` of a one-partition log on the consumer runtime (reading the next page while
+/// this one is folded) and calls `f` for every decodable event, in offset order. Returns the
+/// number of malformed records skipped.
 pub async fn replay_log(
     log: Arc<dyn EventLog>,
     end: u64,
-    mut f: impl FnMut(u64, &Envelope),
+    f: impl FnMut(u64, &Envelope) + Send,
 ) -> Result<u64, MeteringError> {
-    const BATCH: usize = 8192;
-    type Decoded = (Vec<(u64, Envelope)>, u64);
-    let (tx, mut rx) = tokio::sync::mpsc::channel::<Result<Decoded, MeteringError>>(4);
-    let reader = tokio::spawn(async move {
-        let mut next = 0;
-        let mut pending: Option<tokio::task::JoinHandle<Result<Vec<Record>, MeteringError>>> = None;
-        loop {
-            // Start reading the following batch before decoding this one.
-            let records = match pending.take() {
-                Some(h) => match h.await {
-                    Ok(r) => r,
-                    Err(e) => Err(MeteringError::Corrupt(format!("log reader failed: {e}"))),
-                },
-                None if next < end => log.read(next, BATCH).await.map_err(Into::into),
-                None => break,
-            };
-            let records = match records {
-                Ok(r) => r,
-                Err(e) => {
-                    let _ = tx.send(Err(e)).await;
-                    break;
-                }
-            };
-            let Some(last) = records.last() else { break };
-            next = last.offset + 1;
-            if next < end {
-                let log = log.clone();
-                pending = Some(tokio::spawn(async move {
-                    log.read(next, BATCH).await.map_err(Into::into)
-                }));
-            }
-            let mut malformed = 0;
-            let mut decoded = Vec::with_capacity(records.len());
-            for record in &records {
-                if record.offset >= end {
-                    break;
-                }
-                match record.decode() {
-                    Ok(env) => decoded.push((record.offset, env)),
-                    Err(_) => malformed += 1,
-                }
-            }
-            if tx.send(Ok((decoded, malformed))).await.is_err() {
-                break;
-            }
-        }
-        if let Some(h) = pending {
-            h.abort();
-        }
-    });
-    let mut malformed = 0;
-    while let Some(batch) = rx.recv().await {
-        let (events, bad) = batch?;
-        malformed += bad;
-        for (offset, env) in &events {
-            f(*offset, env);
-        }
-    }
-    let _ = reader.await;
-    Ok(malformed)
+    let mut consumer = Consumer::new(Each(f));
+    consumer.catch_up_to(log.as_ref(), &[(0, end)]).await?;
+    Ok(consumer.skipped().malformed)
 }
 
-/// A fresh metering state from `[0, end)`: two stages overlap, the log's reader and this
-/// task, which reads each record through [`view`] (usage ticks borrowed from the record's
-/// bytes, events metering does not fold never decoded) and folds it.
+/// A fresh metering state from `[0, end)` of a one-partition log: [`replay_partitions`].
 pub async fn replay(log: Arc<dyn EventLog>, end: u64) -> Result<MeteringState, MeteringError> {
-    const BATCH: usize = 16_384;
-    let (tx, mut rx) = tokio::sync::mpsc::channel::<Result<Vec<Record>, MeteringError>>(4);
-    let reader = tokio::spawn(async move {
-        let mut next = 0;
-        while next < end {
-            let records = log.read(next, BATCH).await.map_err(MeteringError::from);
-            if let Ok(records) = &records {
-                match records.last() {
-                    Some(last) => next = last.offset + 1,
-                    None => break,
-                }
-            }
-            let failed = records.is_err();
-            if tx.send(records).await.is_err() || failed {
-                break;
-            }
-        }
-    });
-    let mut state = MeteringState::default();
-    while let Some(batch) = rx.recv().await {
-        for record in &batch? {
-            if record.offset >= end {
-                break;
-            }
-            // A malformed record is skipped, as every fold skips it.
-            let at = Pos::at(record.offset);
-            match view(&record.data) {
-                Ok(event) => {
-                    state.apply_view(at, &event);
-                }
-                Err(_) => state.skip(at),
-            }
-        }
-    }
-    let _ = reader.await;
-    Ok(state)
+    replay_partitions(log, &BTreeMap::from([(0, end)])).await
 }
 
-/// A fresh metering state from every partition of `ends` (partition -> end offset), read
-/// in turn a batch at a time from offset 0: the replay of a partitioned log. The fold's
-/// decisions do not depend on how partitions interleave (invoices wait for their cut).
+/// A fresh metering state from every partition of `ends` (partition -> end offset), on the
+/// consumer runtime in the canonical order ([`crate::projector::Barriers`]) from offset 0,
+/// each record read through [`crate::view::view`] (usage ticks borrowed from the record's
+/// bytes, events metering does not fold never decoded). The fold's decisions do not depend on
+/// how partitions interleave (invoices wait for their cut).
 pub async fn replay_partitions(
     log: Arc<dyn EventLog>,
     ends: &BTreeMap<Partition, u64>,
 ) -> Result<MeteringState, MeteringError> {
-    if ends.len() == 1 && ends.contains_key(&0) && log.layout().partitions() == 1 {
-        return replay(log, ends[&0]).await;
-    }
-    let mut state = MeteringState::default();
-    let mut barriers =
-        crate::projector::Barriers::start(log.as_ref(), &mut state, ends.clone()).await?;
-    while let Some(records) = barriers.next(log.as_ref(), &state).await? {
-        for record in &records {
-            let at = Pos::new(record.partition, record.offset);
-            match view(&record.data) {
-                Ok(event) => {
-                    state.apply_view(at, &event);
-                }
-                Err(_) => state.skip(at),
-            }
-        }
-    }
+    let mut consumer = Consumer::new(crate::projector::MeteringFold::in_memory());
+    consumer
+        .catch_up_in(
+            log.as_ref(),
+            ends,
+            &mut crate::projector::Barriers::default(),
+        )
+        .await?;
+    let mut state = consumer.into_fold().state;
     state.take_decided();
     Ok(state)
 }

@@ -362,6 +362,14 @@ impl MeteringState {
         self.positions.get(partition as usize).copied().unwrap_or(0)
     }
 
+    /// `(partition, next offset)` of every partition the fold has a position in.
+    pub fn positions(&self) -> impl Iterator<Item = (u32, u64)> + '_ {
+        self.positions
+            .iter()
+            .enumerate()
+            .map(|(p, next)| (p as u32, *next))
+    }
+
     /// Sets where the fold is in `partition` (a stored model loaded with its offsets).
     pub fn set_position(&mut self, partition: u32, next_offset: u64) {
         let i = partition as usize;

@@ -22,6 +22,7 @@ pub mod invoice;
 pub mod plan;
 pub mod projector;
 pub mod service;
+pub mod status;
 pub mod store;
 pub mod view;
 
@@ -30,6 +31,7 @@ pub use fold::{Effect, MeteringState, Pos};
 pub use invoice::{price, Invoice};
 pub use plan::PricePlan;
 pub use projector::MeteringProjector;
+pub use status::InvoiceStatus;
 pub use store::MeteringStore;
 
 #[derive(Debug, thiserror::Error)]

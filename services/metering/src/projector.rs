@@ -9,154 +9,90 @@
 use std::collections::BTreeMap;
 use std::ops::Range;
 
-use tributary_eventlog::{EventLog, Partition, Record, Topic};
+use tributary_eventlog::runtime::{Advance, Consumer, Fold, Order, Position};
+use tributary_eventlog::{EventLog, Offset, Partition, Record, Subscription, Topic};
 use tributary_proto::events::envelope::Payload;
+use tributary_proto::events::Envelope;
 
 use crate::fold::{Effect, MeteringState, Pos};
 use crate::store::MeteringStore;
 use crate::view::{view, View};
 use crate::MeteringError;
 
-pub struct MeteringProjector {
-    store: MeteringStore,
-    state: MeteringState,
+/// The metering fold as the consumer runtime drives it: every record is read through [`view`]
+/// (usage ticks borrowed from the record's bytes, the few other events metering folds decoded,
+/// everything else skipped undecoded), so the runtime never decodes for it; the fold dedupes
+/// what it reads itself (tick sequence numbers, invoice event ids). Each applied batch commits
+/// the rows it changed with the fold's positions in one transaction (when it has a store: the
+/// replay of `audit` has none).
+pub struct MeteringFold {
+    store: Option<MeteringStore>,
+    pub state: MeteringState,
+    /// What the records applied since the caller last looked decided (not `Nothing`/`Counted`).
+    effects: Vec<Effect>,
     /// Records that could not be decoded and were skipped.
-    pub malformed: u64,
+    malformed: u64,
     /// Events folded before (re-appended ticks or invoices) that changed nothing.
-    pub duplicates: u64,
+    duplicates: u64,
 }
 
-/// The partitions metering reads: the events topic's (log chunks are not metered).
-pub fn partitions(log: &dyn EventLog) -> Range<Partition> {
-    log.layout().topic_partitions(Topic::Events)
-}
-
-impl MeteringProjector {
-    pub async fn open(store: MeteringStore) -> Result<Self, MeteringError> {
-        let state = store.load_all().await?;
-        Ok(MeteringProjector {
-            store,
+impl MeteringFold {
+    /// A fold of `state`, committed to `store` batch by batch.
+    pub fn stored(store: MeteringStore, state: MeteringState) -> Self {
+        MeteringFold {
+            store: Some(store),
             state,
+            effects: Vec::new(),
             malformed: 0,
             duplicates: 0,
-        })
-    }
-
-    /// The next offset of partition 0 (the single-partition log's position).
-    pub fn next_offset(&self) -> u64 {
-        self.state.position(0)
-    }
-
-    /// `(partition, next offset)` of every partition in `partitions`.
-    pub fn positions(&self, partitions: Range<Partition>) -> Vec<(Partition, u64)> {
-        partitions.map(|p| (p, self.state.position(p))).collect()
-    }
-
-    pub fn state(&self) -> &MeteringState {
-        &self.state
-    }
-
-    pub fn store(&self) -> &MeteringStore {
-        &self.store
-    }
-
-    /// Applies every record of the events partitions up to their current ends, in the
-    /// canonical order of [`Barriers`].
-    pub async fn catch_up(&mut self, log: &dyn EventLog) -> Result<(), MeteringError> {
-        let ends = crate::audit::events_ends(log).await?;
-        let mut barriers = Barriers::start(log, &mut self.state, ends).await?;
-        while let Some(records) = barriers.next(log, &self.state).await? {
-            self.apply_batch(&records).await?;
         }
-        // Invoices found ahead are part of the state now.
-        let dirty = self.state.take_dirty();
-        if !dirty.is_empty() {
-            self.store.commit_batch(&self.state, &dirty).await?;
-        }
-        Ok(())
     }
 
-    /// The issuer's own invoice, just appended at `at`: decided now, at its cut (the fold's
-    /// positions when it was priced), and committed before anything else is folded.
-    pub async fn issued(
-        &mut self,
-        at: Pos,
-        env: &tributary_proto::events::Envelope,
-    ) -> Result<Effect, MeteringError> {
-        let effect = self.state.expect_invoice(at, env);
-        self.note(at, "", &effect);
+    /// A fold in memory only, from a fresh state (a replay).
+    pub fn in_memory() -> Self {
+        MeteringFold {
+            store: None,
+            state: MeteringState::default(),
+            effects: Vec::new(),
+            malformed: 0,
+            duplicates: 0,
+        }
+    }
+
+    fn fold_record(&mut self, record: &Record) {
+        let at = Pos::new(record.partition, record.offset);
+        match view(&record.data) {
+            Ok(event) => {
+                let effect = self.state.apply_view(at, &event);
+                self.note(at, &record.key, &effect);
+                if !matches!(effect, Effect::Nothing | Effect::Counted) {
+                    self.effects.push(effect);
+                }
+            }
+            Err(e) => {
+                self.malformed += 1;
+                // Served on /metrics like every consumer's skipped records. (Events of an
+                // unknown type are skipped undecoded by `view`, as metering folds only ticks,
+                // job ends and invoices: not counted.)
+                tributary_eventlog::skipped::count(
+                    "metering",
+                    tributary_eventlog::skipped::Skip::Undecodable,
+                );
+                self.state.skip(at);
+                tracing::error!(
+                    partition = record.partition,
+                    offset = record.offset,
+                    key = %record.key,
+                    error = %e,
+                    malformed = self.malformed,
+                    "skipping a malformed record"
+                );
+            }
+        }
         for (at, effect) in self.state.take_decided() {
             self.note(at, "", &effect);
+            self.effects.push(effect);
         }
-        let dirty = self.state.take_dirty();
-        if let Err(e) = self.store.commit_batch(&self.state, &dirty).await {
-            self.state = self.store.load_all().await?;
-            return Err(e);
-        }
-        Ok(effect)
-    }
-
-    /// Whether the fold has read every events partition up to `ends` (indexed by partition,
-    /// as [`EventLog::end_offsets`] gives them).
-    pub fn reached(&self, log: &dyn EventLog, ends: &[u64]) -> bool {
-        partitions(log)
-            .all(|p| self.state.position(p) >= ends.get(p as usize).copied().unwrap_or(0))
-    }
-
-    /// Folds `records` and commits the rows they changed with the new positions. Records
-    /// before a partition's position (re-deliveries) are skipped.
-    pub async fn apply_batch(&mut self, records: &[Record]) -> Result<Vec<Effect>, MeteringError> {
-        let mut effects = Vec::new();
-        let mut applied = false;
-        for record in records {
-            if record.offset < self.state.position(record.partition) {
-                continue;
-            }
-            applied = true;
-            let at = Pos::new(record.partition, record.offset);
-            match view(&record.data) {
-                Ok(event) => {
-                    let effect = self.state.apply_view(at, &event);
-                    self.note(at, &record.key, &effect);
-                    if !matches!(effect, Effect::Nothing | Effect::Counted) {
-                        effects.push(effect);
-                    }
-                }
-                Err(e) => {
-                    self.malformed += 1;
-                    // Served on /metrics like every consumer's skipped records. (Events of an
-                    // unknown type are skipped undecoded by `view`, as metering folds only
-                    // ticks, job ends and invoices: not counted.)
-                    tributary_eventlog::skipped::count(
-                        "metering",
-                        tributary_eventlog::skipped::Skip::Undecodable,
-                    );
-                    self.state.skip(at);
-                    tracing::error!(
-                        partition = record.partition,
-                        offset = record.offset,
-                        key = %record.key,
-                        error = %e,
-                        malformed = self.malformed,
-                        "skipping a malformed record"
-                    );
-                }
-            }
-            for (at, effect) in self.state.take_decided() {
-                self.note(at, "", &effect);
-                effects.push(effect);
-            }
-        }
-        if !applied {
-            return Ok(effects);
-        }
-        let dirty = self.state.take_dirty();
-        if let Err(e) = self.store.commit_batch(&self.state, &dirty).await {
-            // The memory is ahead of the database now: reload it, the batch is re-applied.
-            self.state = self.store.load_all().await?;
-            return Err(e);
-        }
-        Ok(effects)
     }
 
     fn note(&mut self, at: Pos, key: &str, effect: &Effect) {
@@ -181,15 +117,167 @@ impl MeteringProjector {
             }
         }
     }
+}
+
+impl Fold for MeteringFold {
+    type Error = MeteringError;
+
+    fn name(&self) -> &'static str {
+        "metering"
+    }
+
+    async fn start(
+        &mut self,
+        partitions: &[Partition],
+    ) -> Result<Vec<(Partition, Offset)>, MeteringError> {
+        Ok(partitions
+            .iter()
+            .map(|p| (*p, self.state.position(*p)))
+            .collect())
+    }
+
+    async fn apply_record(
+        &mut self,
+        _at: Position,
+        record: &Record,
+    ) -> Result<bool, MeteringError> {
+        self.fold_record(record);
+        Ok(true)
+    }
+
+    async fn apply(&mut self, at: Position, env: Envelope) -> Result<(), MeteringError> {
+        // Not reached: every record is read by `apply_record`.
+        self.state.apply(Pos::new(at.partition, at.offset), &env);
+        Ok(())
+    }
+
+    async fn commit(&mut self, _advances: &[Advance]) -> Result<(), MeteringError> {
+        let Some(store) = &self.store else {
+            return Ok(());
+        };
+        let dirty = self.state.take_dirty();
+        if let Err(e) = store.commit_batch(&self.state, &dirty).await {
+            // The memory is ahead of the database now: reload it; the batch is applied again.
+            self.state = store.load_all().await?;
+            return Err(e);
+        }
+        Ok(())
+    }
+}
+
+pub struct MeteringProjector {
+    consumer: Consumer<MeteringFold>,
+}
+
+/// The partitions metering reads: the events topic's (log chunks are not metered).
+pub fn partitions(log: &dyn EventLog) -> Range<Partition> {
+    log.layout().topic_partitions(Topic::Events)
+}
+
+impl MeteringProjector {
+    pub async fn open(store: MeteringStore) -> Result<Self, MeteringError> {
+        let state = store.load_all().await?;
+        let positions: Vec<(Partition, Offset)> = state.positions().collect();
+        let mut consumer = Consumer::new(MeteringFold::stored(store, state));
+        consumer.set_positions(&positions);
+        Ok(MeteringProjector { consumer })
+    }
+
+    /// The next offset of partition 0 (the single-partition log's position).
+    pub fn next_offset(&self) -> u64 {
+        self.state().position(0)
+    }
+
+    /// `(partition, next offset)` of every partition in `partitions`.
+    pub fn positions(&self, partitions: Range<Partition>) -> Vec<(Partition, u64)> {
+        partitions.map(|p| (p, self.state().position(p))).collect()
+    }
+
+    pub fn state(&self) -> &MeteringState {
+        &self.consumer.fold().state
+    }
+
+    pub fn store(&self) -> &MeteringStore {
+        self.consumer
+            .fold()
+            .store
+            .as_ref()
+            .expect("a projector always has a store")
+    }
+
+    /// Records that could not be decoded and were skipped.
+    pub fn malformed(&self) -> u64 {
+        self.consumer.fold().malformed
+    }
+
+    /// Events folded before (re-appended ticks or invoices) that changed nothing.
+    pub fn duplicates(&self) -> u64 {
+        self.consumer.fold().duplicates
+    }
+
+    /// Applies every record of the events partitions up to their current ends, in the
+    /// canonical order of [`Barriers`].
+    pub async fn catch_up(&mut self, log: &dyn EventLog) -> Result<(), MeteringError> {
+        let ends = crate::audit::events_ends(log).await?;
+        self.consumer
+            .catch_up_in(log, &ends, &mut Barriers::default())
+            .await?;
+        // Invoices found ahead are part of the state now.
+        let fold = self.consumer.fold_mut();
+        fold.effects.clear();
+        let dirty = fold.state.take_dirty();
+        if !dirty.is_empty() {
+            if let Some(store) = &fold.store {
+                store.commit_batch(&fold.state, &dirty).await?;
+            }
+        }
+        Ok(())
+    }
+
+    /// A subscription to every events partition from the positions reached, for the service
+    /// (hand each batch to [`Self::apply_batch`]).
+    pub fn subscribe(&mut self, log: &dyn EventLog) -> Box<dyn Subscription> {
+        self.consumer.subscribe(log, partitions(log))
+    }
+
+    /// The issuer's own invoice, just appended at `at`: decided now, at its cut (the fold's
+    /// positions when it was priced), and committed before anything else is folded.
+    pub async fn issued(&mut self, at: Pos, env: &Envelope) -> Result<Effect, MeteringError> {
+        let fold = self.consumer.fold_mut();
+        let effect = fold.state.expect_invoice(at, env);
+        fold.note(at, "", &effect);
+        for (at, effect) in fold.state.take_decided() {
+            fold.note(at, "", &effect);
+        }
+        let dirty = fold.state.take_dirty();
+        if let Some(store) = &fold.store {
+            if let Err(e) = store.commit_batch(&fold.state, &dirty).await {
+                fold.state = store.load_all().await?;
+                return Err(e);
+            }
+        }
+        Ok(effect)
+    }
+
+    /// Whether the fold has read every events partition up to `ends` (indexed by partition,
+    /// as [`EventLog::end_offsets`] gives them).
+    pub fn reached(&self, log: &dyn EventLog, ends: &[u64]) -> bool {
+        partitions(log)
+            .all(|p| self.state().position(p) >= ends.get(p as usize).copied().unwrap_or(0))
+    }
+
+    /// Folds `records` and commits the rows they changed with the new positions. Records
+    /// before a partition's position (re-deliveries) are skipped.
+    pub async fn apply_batch(&mut self, records: &[Record]) -> Result<Vec<Effect>, MeteringError> {
+        self.consumer.apply(records).await?;
+        Ok(std::mem::take(&mut self.consumer.fold_mut().effects))
+    }
 
     /// Test hook: folds the batch but "crashes" before the commit.
     #[doc(hidden)]
     pub fn apply_batch_and_crash(mut self, records: &[Record]) {
         for record in records {
-            if let Ok(env) = record.decode() {
-                self.state
-                    .apply(Pos::new(record.partition, record.offset), &env);
-            }
+            self.consumer.fold_mut().fold_record(record);
         }
     }
 }
@@ -200,77 +288,58 @@ impl MeteringProjector {
 /// an invoice waiting at the head of its tenant's queue. Each invoice is so decided on
 /// exactly the records before its cut, whatever the partitions' speeds. (On one partition
 /// the log's order is already canonical: no scan.) If cuts cannot all be reached (cuts beyond
-/// `ends`, or rival cuts that block each other), the rest is read without barriers.
+/// the ends, or rival cuts that block each other), the rest is read without barriers.
+#[derive(Default)]
 pub struct Barriers {
-    ends: BTreeMap<Partition, u64>,
     free: bool,
 }
 
-const BATCH: usize = 16_384;
+const SCAN_PAGE: usize = 16_384;
 
-impl Barriers {
-    pub async fn start(
+impl Order<MeteringFold> for Barriers {
+    async fn start(
+        &mut self,
         log: &dyn EventLog,
-        state: &mut MeteringState,
-        ends: BTreeMap<Partition, u64>,
-    ) -> Result<Barriers, MeteringError> {
-        if ends.len() > 1 {
-            for (&p, &end) in &ends {
-                let mut from = state.position(p);
-                while from < end {
-                    let records = log.read_partition(p, from, BATCH).await?;
-                    let Some(last) = records.last() else { break };
-                    from = last.offset + 1;
-                    for r in records.iter().filter(|r| r.offset < end) {
-                        if let Ok(View::Decoded(env)) = view(&r.data) {
-                            if matches!(env.payload, Some(Payload::InvoiceIssued(_))) {
-                                state.expect_invoice(Pos::new(p, r.offset), &env);
-                            }
+        fold: &mut MeteringFold,
+        _positions: &BTreeMap<Partition, Offset>,
+        ends: &BTreeMap<Partition, Offset>,
+    ) -> Result<(), MeteringError> {
+        if ends.len() <= 1 {
+            return Ok(());
+        }
+        for (&p, &end) in ends {
+            let mut from = fold.state.position(p);
+            while from < end {
+                let records = log.read_partition(p, from, SCAN_PAGE).await?;
+                let Some(last) = records.last() else { break };
+                from = last.offset + 1;
+                for r in records.iter().filter(|r| r.offset < end) {
+                    if let Ok(View::Decoded(env)) = view(&r.data) {
+                        if matches!(env.payload, Some(Payload::InvoiceIssued(_))) {
+                            fold.state.expect_invoice(Pos::new(p, r.offset), &env);
                         }
                     }
                 }
             }
         }
-        Ok(Barriers { ends, free: false })
+        Ok(())
     }
 
-    /// The next records to fold (one partition's, in order), or None when every partition
-    /// reached its end.
-    pub async fn next(
-        &mut self,
-        log: &dyn EventLog,
-        state: &MeteringState,
-    ) -> Result<Option<Vec<Record>>, MeteringError> {
-        loop {
-            let barriers = if self.free {
-                BTreeMap::new()
-            } else {
-                state.barriers()
-            };
-            for (&p, &end) in &self.ends {
-                let limit = barriers.get(&p).map_or(end, |b| (*b).min(end));
-                let from = state.position(p);
-                if from >= limit {
-                    continue;
-                }
-                let want = usize::try_from(limit - from).unwrap_or(BATCH).min(BATCH);
-                let mut records = log.read_partition(p, from, want).await?;
-                records.retain(|r| r.offset < limit);
-                if !records.is_empty() {
-                    return Ok(Some(records));
-                }
-            }
-            if self.free {
-                return Ok(None);
-            }
-            let done = self.ends.iter().all(|(&p, &end)| state.position(p) >= end);
-            if done {
-                return Ok(None);
-            }
-            tracing::warn!(
-                "invoices wait for cuts this read cannot reach; reading on without barriers"
-            );
-            self.free = true;
+    fn limit(&self, fold: &MeteringFold, partition: Partition) -> Option<Offset> {
+        if self.free {
+            return None;
         }
+        fold.state.barriers().get(&partition).copied()
+    }
+
+    fn blocked(&mut self) -> bool {
+        if self.free {
+            return false;
+        }
+        tracing::warn!(
+            "invoices wait for cuts this read cannot reach; reading on without barriers"
+        );
+        self.free = true;
+        true
     }
 }

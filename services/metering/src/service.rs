@@ -69,7 +69,7 @@ async fn follow(
     // cuts), then follow.
     projector.catch_up(log.as_ref()).await?;
     let parts = crate::projector::partitions(log.as_ref());
-    let mut sub = log.subscribe_partitions(&projector.positions(parts.clone()));
+    let mut sub = projector.subscribe(log.as_ref());
     let mut ticker = tokio::time::interval(config.check_every);
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     // Invoices appended and not yet read back: (tenant, period) -> (partition, offset).

@@ -44,6 +44,17 @@ pub enum ObjectsError {
         #[source]
         source: Box<object_store::Error>,
     },
+    /// A write found no bucket (S3 answers 404 to a PUT only when the bucket is missing).
+    #[error(
+        "cannot store {key} in {location}: the bucket is not there (deleted, or never \
+         created); create it again or point --objects at one that exists ({detail})"
+    )]
+    NoBucket {
+        key: String,
+        location: String,
+        /// The store's own words, without the response body.
+        detail: String,
+    },
     #[error("{what}: {source}")]
     Io {
         what: String,

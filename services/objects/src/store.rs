@@ -215,7 +215,10 @@ impl Objects {
         self.store
             .put(&Key::from(key), PutPayload::from_bytes(bytes))
             .await
-            .map_err(|e| self.store_error(key, e))?;
+            .map_err(|e| match e {
+                object_store::Error::NotFound { .. } => self.no_bucket(key, &e.to_string()),
+                e => self.store_error(key, e),
+            })?;
         Ok(stored)
     }
 
@@ -330,6 +333,14 @@ impl Objects {
         }
     }
 
+    fn no_bucket(&self, key: &str, detail: &str) -> ObjectsError {
+        ObjectsError::NoBucket {
+            key: key.to_owned(),
+            location: self.location.clone(),
+            detail: short_detail(detail),
+        }
+    }
+
     fn store_error(&self, key: &str, e: object_store::Error) -> ObjectsError {
         match e {
             object_store::Error::NotFound { .. } => ObjectsError::NotFound {
@@ -344,10 +355,45 @@ impl Objects {
         }
     }
 
+    /// An upload's error; a "not found" on a write means the bucket is gone.
     fn io_error(&self, key: &str, e: std::io::Error) -> ObjectsError {
+        if e.kind() == std::io::ErrorKind::NotFound {
+            return self.no_bucket(key, &e.to_string());
+        }
         ObjectsError::Io {
             what: format!("cannot upload {key} to {}", self.location),
             source: e,
         }
+    }
+}
+
+/// The store's message up to the response body it may quote (S3's XML), on one line and
+/// bounded.
+fn short_detail(message: &str) -> String {
+    let head = message.split("<?xml").next().unwrap_or_default();
+    let line: String = head.split_whitespace().collect::<Vec<_>>().join(" ");
+    let line = line.trim_end_matches([':', ' ']);
+    match line.char_indices().nth(300) {
+        Some((at, _)) => format!("{}…", &line[..at]),
+        None => line.to_owned(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::short_detail;
+
+    #[test]
+    fn a_store_message_is_cut_before_the_body_it_quotes() {
+        let s3 = "Object at location a/b not found: Error performing PUT http://h/b/a/b in 2ms - \
+                  Server returned non-2xx status code: 404 Not Found: <?xml version=\"1.0\"?>\n\
+                  <Error><Code>NoSuchBucket</Code></Error>";
+        assert_eq!(
+            short_detail(s3),
+            "Object at location a/b not found: Error performing PUT http://h/b/a/b in 2ms - \
+             Server returned non-2xx status code: 404 Not Found"
+        );
+        let long = "x".repeat(400);
+        assert_eq!(short_detail(&long).chars().count(), 301);
     }
 }

@@ -9,16 +9,30 @@
 //!
 //! A lease carries its project's entries ([`CacheIndex::entries`]): a restore trusts their
 //! size and sha256, and the agent that saved an archive decides eviction with [`evict`].
+//!
+//! Every save of a key is an archive of its own (`tributary_objects::keys::cache`), so a save
+//! never changes the archive another job is restoring. A save of a key the index already
+//! has (two builds saving it at once, or a save after a broken archive) *supersedes* the
+//! earlier archive: it leaves the entries for [`CacheIndex::superseded`] (time: when it was
+//! superseded), and once [`SUPERSEDED_GRACE_US`] has passed ([`superseded_to_delete`]), the
+//! project's next save deletes it with a `CacheEvicted`. The grace leaves time to jobs whose
+//! leases still name it.
 
 use std::collections::BTreeMap;
 
 use tributary_proto::api::CacheEntry;
 use tributary_proto::events::{envelope::Payload, Envelope};
 
+/// How long a superseded archive is kept for the jobs whose leases still name it.
+pub const SUPERSEDED_GRACE_US: i64 = 3600 * 1_000_000;
+
 /// Cache entries by (tenant, project), then by key.
 #[derive(Clone, Debug, Default, PartialEq)]
 pub struct CacheIndex {
     projects: BTreeMap<(String, String), BTreeMap<String, CacheEntry>>,
+    /// Archives replaced by a later save of their key and not deleted yet, by (tenant,
+    /// project), then by object key; `last_used_us` is when they were superseded.
+    superseded: BTreeMap<(String, String), BTreeMap<String, CacheEntry>>,
 }
 
 impl CacheIndex {
@@ -27,7 +41,7 @@ impl CacheIndex {
         let project = (env.tenant.clone(), env.project.clone());
         match &env.payload {
             Some(Payload::CacheSaved(e)) => {
-                self.projects.entry(project).or_default().insert(
+                let replaced = self.projects.entry(project.clone()).or_default().insert(
                     e.key.clone(),
                     CacheEntry {
                         key: e.key.clone(),
@@ -37,6 +51,16 @@ impl CacheIndex {
                         last_used_us: env.time_us,
                     },
                 );
+                // An archive of its own (not one written over): it waits to be deleted.
+                if let Some(old) = replaced.filter(|old| old.object_key != e.object_key) {
+                    self.superseded.entry(project).or_default().insert(
+                        old.object_key.clone(),
+                        CacheEntry {
+                            last_used_us: env.time_us,
+                            ..old
+                        },
+                    );
+                }
             }
             Some(Payload::CacheRestored(e)) if e.hit => {
                 let entry = self
@@ -51,6 +75,12 @@ impl CacheIndex {
                 }
             }
             Some(Payload::CacheEvicted(e)) => {
+                if let Some(p) = self.superseded.get_mut(&project) {
+                    p.remove(&e.object_key);
+                    if p.is_empty() {
+                        self.superseded.remove(&project);
+                    }
+                }
                 if let Some(p) = self.projects.get_mut(&project) {
                     // A newer save of the same key (after the eviction was decided) stays.
                     if p.get(&e.key).is_some_and(|c| {
@@ -67,6 +97,14 @@ impl CacheIndex {
     /// The project's entries, by key.
     pub fn entries(&self, tenant: &str, project: &str) -> Vec<CacheEntry> {
         self.projects
+            .get(&(tenant.to_owned(), project.to_owned()))
+            .map(|p| p.values().cloned().collect())
+            .unwrap_or_default()
+    }
+
+    /// The project's superseded archives not deleted yet (`last_used_us`: when superseded).
+    pub fn superseded(&self, tenant: &str, project: &str) -> Vec<CacheEntry> {
+        self.superseded
             .get(&(tenant.to_owned(), project.to_owned()))
             .map(|p| p.values().cloned().collect())
             .unwrap_or_default()
@@ -99,6 +137,15 @@ pub fn evict(entries: &[CacheEntry], limit: u64, keep: &str) -> Vec<CacheEntry> 
         out.push(e.clone());
     }
     out
+}
+
+/// The superseded archives whose grace is over at `now_us`: to delete.
+pub fn superseded_to_delete(superseded: &[CacheEntry], now_us: i64) -> Vec<CacheEntry> {
+    superseded
+        .iter()
+        .filter(|e| now_us.saturating_sub(e.last_used_us) >= SUPERSEDED_GRACE_US)
+        .cloned()
+        .collect()
 }
 
 #[cfg(test)]
@@ -176,6 +223,65 @@ mod tests {
             }),
         ));
         assert_eq!(index.entries("t", "p"), [entry("a", 5, 30)]);
+        assert!(index.superseded("t", "p").is_empty());
+    }
+
+    #[test]
+    fn a_save_of_a_known_key_supersedes_its_archive_until_evicted() {
+        let mut index = CacheIndex::default();
+        let saved = |object: &str| {
+            Payload::CacheSaved(CacheSaved {
+                key: "a".into(),
+                size: 5,
+                sha256: format!("sha-{object}"),
+                object_key: format!("caches/t/p/a/{object}.tar"),
+                ..CacheSaved::default()
+            })
+        };
+        index.apply(&env(10, saved("s1")));
+        index.apply(&env(20, saved("s2")));
+        let current = index.entries("t", "p");
+        assert_eq!(current.len(), 1);
+        assert_eq!(current[0].object_key, "caches/t/p/a/s2.tar");
+        // s1 waits, dated by when s2 superseded it.
+        let old = index.superseded("t", "p");
+        assert_eq!(old.len(), 1);
+        assert_eq!(old[0].object_key, "caches/t/p/a/s1.tar");
+        assert_eq!(old[0].last_used_us, 20);
+        assert!(superseded_to_delete(&old, 20 + SUPERSEDED_GRACE_US - 1).is_empty());
+        assert_eq!(
+            superseded_to_delete(&old, 20 + SUPERSEDED_GRACE_US),
+            old.clone()
+        );
+        // A hit on the superseded archive does not make it current again.
+        index.apply(&env(
+            30,
+            Payload::CacheRestored(CacheRestored {
+                key: "a".into(),
+                hit: true,
+                sha256: "sha-s1".into(),
+                ..CacheRestored::default()
+            }),
+        ));
+        assert_eq!(index.entries("t", "p")[0].object_key, "caches/t/p/a/s2.tar");
+        assert_eq!(index.entries("t", "p")[0].last_used_us, 20);
+        // Its deletion leaves the current archive alone.
+        index.apply(&env(
+            40,
+            Payload::CacheEvicted(CacheEvicted {
+                key: "a".into(),
+                object_key: "caches/t/p/a/s1.tar".into(),
+                size: 5,
+                last_used_us: 20,
+                ..CacheEvicted::default()
+            }),
+        ));
+        assert!(index.superseded("t", "p").is_empty());
+        assert_eq!(index.entries("t", "p")[0].object_key, "caches/t/p/a/s2.tar");
+        // An archive written over in place (the layout before one object per save) is not
+        // superseded: there is nothing else to delete.
+        index.apply(&env(50, saved("s2")));
+        assert!(index.superseded("t", "p").is_empty());
     }
 
     proptest! {

@@ -564,6 +564,14 @@ impl ClusterState {
         }
     }
 
+    /// The superseded cache archives of the build's project, still to delete.
+    pub fn superseded_caches(&self, build: &str) -> Vec<tributary_proto::api::CacheEntry> {
+        match self.builds.builds.get(build) {
+            Some(run) => self.builds.caches.superseded(&run.tenant, &run.project),
+            None => Vec::new(),
+        }
+    }
+
     /// The artifacts of the jobs `job` needs (their current attempts'), in `needs` order.
     pub fn needed_artifacts(&self, build: &str, job: &str) -> Vec<ArtifactUploaded> {
         let Some(info) = self.build_info.get(build) else {

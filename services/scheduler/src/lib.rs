@@ -16,7 +16,7 @@ use tributary_proto::events::{
     envelope::Payload, BuildFinished, Envelope, JobFinished, JobPlan, JobQueued, JobReused, Status,
 };
 
-pub use caches::{evict, CacheIndex};
+pub use caches::{evict, superseded_to_delete, CacheIndex};
 pub use reuse::{definition_hash, ReuseIndex, ReusedFrom};
 
 /// Where a job is in its life, as far as the scheduler cares.

@@ -215,9 +215,13 @@ where
     }
 }
 
-/// Errors of an unreachable backend, which pass when it is back.
+/// Errors of an unreachable backend, which pass when it is back (a Kafka broker restarting, a
+/// full disk under the embedded log that someone frees).
 fn is_transient(error: &LogError) -> bool {
-    matches!(error, LogError::Kafka(_) | LogError::Io(_))
+    matches!(
+        error,
+        LogError::Kafka(_) | LogError::Io(_) | LogError::Unwritable { .. }
+    )
 }
 
 /// The event recording `decision`, in its build's tenant and project. Assignments get a fresh

@@ -37,16 +37,19 @@ pub enum Engine {
     Kube,
     /// Headless chromium and chromedriver on the PATH.
     Browser,
+    /// Mounting a small tmpfs (a full disk on demand): root, as CI runs the tests.
+    SmallFs,
 }
 
 impl Engine {
-    pub const ALL: [Engine; 6] = [
+    pub const ALL: [Engine; 7] = [
         Engine::Kafka,
         Engine::Postgres,
         Engine::S3,
         Engine::Containers,
         Engine::Kube,
         Engine::Browser,
+        Engine::SmallFs,
     ];
 
     pub fn name(self) -> &'static str {
@@ -57,6 +60,7 @@ impl Engine {
             Engine::Containers => "container engine",
             Engine::Kube => "Kubernetes API server",
             Engine::Browser => "chromium/chromedriver",
+            Engine::SmallFs => "tmpfs mount",
         }
     }
 
@@ -68,6 +72,7 @@ impl Engine {
             Engine::Containers => "sudo scripts/setup-containers.sh",
             Engine::Kube => "sudo scripts/setup-kube.sh",
             Engine::Browser => "scripts/setup-browser.sh",
+            Engine::SmallFs => "sudo cargo test (mounting a tmpfs needs root)",
         }
     }
 
@@ -80,6 +85,7 @@ impl Engine {
             Engine::Containers => "containers",
             Engine::Kube => "kube",
             Engine::Browser => "browser",
+            Engine::SmallFs => "smallfs",
         }
     }
 
@@ -97,6 +103,7 @@ impl Engine {
             Engine::Containers => docker_host(),
             Engine::Kube => crate::kubeconfig_path().display().to_string(),
             Engine::Browser => "the PATH".into(),
+            Engine::SmallFs => "mount -t tmpfs".into(),
         }
     }
 
@@ -132,6 +139,7 @@ impl Engine {
                     .is_some_and(|hp| tcp_answers(&hp))
             }
             Engine::Browser => on_path("chromium") && on_path("chromedriver"),
+            Engine::SmallFs => crate::smallfs::SmallFs::mount(1).is_ok(),
         }
     }
 }

@@ -11,6 +11,8 @@
 //! * [`s3`]: the test S3 server (MinIO) of `scripts/setup-s3.sh`, fresh buckets on it, and the
 //!   `AWS_*` environment for a child process.
 //!
+//! * [`SmallFs`]: a tmpfs of a few MB of a test's own (a disk that fills on demand), unmounted
+//!   on drop; needs root (`require!(SmallFs)`).
 //! * [`engines`]: [`require!`] at the top of a test that needs an engine: without it the test is
 //!   skipped visibly (a line on stderr, and the one-line summary at the end of `cargo test`), or
 //!   fails when `TRIBUTARY_REQUIRE_ENGINES=1` (`scripts/test.sh`, CI).
@@ -19,8 +21,10 @@
 //! starts it: tests never skip silently. A dev-dependency only.
 
 mod s3;
+pub mod smallfs;
 
 pub use s3::{s3, TestS3};
+pub use smallfs::SmallFs;
 
 use std::path::PathBuf;
 use std::time::Duration;

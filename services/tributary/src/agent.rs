@@ -32,7 +32,7 @@ pub async fn run_attempt(
     scratch_dir: PathBuf,
     cancel: CancellationToken,
     options: AttemptOptions,
-) {
+) -> tributary_agent::AttemptReport {
     tributary_agent::run_attempt(
         Arc::new(LogSink::new(log)),
         build,
@@ -42,7 +42,7 @@ pub async fn run_attempt(
         cancel,
         options,
     )
-    .await;
+    .await
 }
 
 /// The machine class of `--machine-class`: the host's by default, none (no usage ticks) when

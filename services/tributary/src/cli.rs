@@ -838,7 +838,7 @@ pub enum ProjectCommand {
         webhook_secret: Option<String>,
         /// With the admin token: another tenant's project. Adding a project that exists
         /// replaces its repository only when the server's rules refuse the current one
-        /// (README: upgrading to repository rules).
+        /// (docs/OPERATIONS.md: upgrading to these rules).
         #[arg(long, value_name = "TENANT")]
         tenant: Option<String>,
         #[command(flatten)]

@@ -200,7 +200,7 @@ pub fn starter(found: &Found) -> String {
         }
     }
     text.push_str(
-        "# Run it with `tributary run`; README.md (\"Pipeline syntax\") shows the rest: needs,\n\
+        "# Run it with `tributary run`; docs/PIPELINES.md shows the rest: needs,\n\
          # matrix, image (containers), cache, artifacts, secrets.\njobs:\n",
     );
     for (job, steps) in jobs {

@@ -155,6 +155,18 @@ pub async fn drive(
     loop {
         let records = tokio::select! {
             r = sub.next_batch() => r?,
+            Some(done) = tasks.join_next(), if !tasks.is_empty() => {
+                // A job that could not write the log (its disk is full) cannot finish on it:
+                // the run ends here, with the reason.
+                if let Ok(tributary_agent::AttemptReport { unwritable: Some(reason), .. }) = done {
+                    for token in running.values() {
+                        token.cancel();
+                    }
+                    while tasks.join_next().await.is_some() {}
+                    anyhow::bail!("{reason}");
+                }
+                continue;
+            }
             _ = cancel.cancelled(), if !cancel_sent => {
                 cancel_sent = true;
                 let canceled = Payload::BuildCanceled(BuildCanceled {
@@ -252,6 +264,7 @@ pub async fn drive(
                     .cloned()
                     .collect(),
                 caches: state.caches.entries(&build.tenant, &build.project),
+                superseded_caches: state.caches.superseded(&build.tenant, &build.project),
                 cache_limit: cfg.cache_limit,
                 // A local run has no secret store: a job's secrets come from this process's
                 // environment (masked all the same).
@@ -294,8 +307,8 @@ fn git(dir: &Path, args: &[&str]) -> String {
 pub fn read_pipeline(file: &Path) -> anyhow::Result<String> {
     std::fs::read_to_string(file).with_context(|| {
         format!(
-            "cannot read pipeline file {}: create it (see README.md, \"Pipeline syntax\") or \
-             pass another file with -f FILE",
+            "cannot read pipeline file {}: create it (`tributary init` writes a starter \
+             one; docs/PIPELINES.md has the syntax) or pass another file with -f FILE",
             file.display()
         )
     })

@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 use anyhow::Context;
 use tributary_metering::plan::format_money;
 use tributary_metering::service::ServiceConfig;
-use tributary_metering::{audit as maudit, MeteringState, Period, PricePlan};
+use tributary_metering::{audit as maudit, InvoiceStatus, MeteringState, Period, PricePlan};
 use tributary_projections::{replay, BuildsState};
 use tributary_proto::api;
 
@@ -77,8 +77,13 @@ pub async fn invoice(args: InvoiceArgs) -> anyhow::Result<ExitCode> {
                 .map_err(crate::client::status)?
         }
     };
-    let ended = period.end_us() <= tributary_proto::now_us();
-    print_invoice(&inv, args.format, ended)?;
+    // The status from this binary's clock too: a server from before `not_issued` says `live`.
+    let mut inv = inv;
+    let issued = inv.status == InvoiceStatus::Issued.as_str();
+    inv.status = InvoiceStatus::of(period, issued, tributary_proto::now_us())
+        .as_str()
+        .to_owned();
+    print_invoice(&inv, args.format)?;
     Ok(ExitCode::SUCCESS)
 }
 
@@ -88,8 +93,8 @@ fn minutes(ms: u64) -> String {
     format!("{}.{:02}", hundredths / 100, hundredths % 100)
 }
 
-/// `ended`: the invoice's month is over (an invoice not issued then is no longer "live").
-fn print_invoice(inv: &api::Invoice, format: InvoiceFormat, ended: bool) -> anyhow::Result<()> {
+/// Prints `inv` in `format`; every format gives the same status (see [`InvoiceStatus`]).
+fn print_invoice(inv: &api::Invoice, format: InvoiceFormat) -> anyhow::Result<()> {
     let mut out = std::io::stdout().lock();
     let money = |m: i64| format_money(m, 2);
     let price = |m: i64| format_money(m, 6).trim_end_matches('0').to_owned();
@@ -130,9 +135,9 @@ fn print_invoice(inv: &api::Invoice, format: InvoiceFormat, ended: bool) -> anyh
             )?;
         }
         InvoiceFormat::Table => {
-            let status = if inv.status == "issued" {
+            let status = if inv.status == InvoiceStatus::Issued.as_str() {
                 format!("issued (offset {})", inv.issued_offset)
-            } else if ended {
+            } else if inv.status == InvoiceStatus::NotIssued.as_str() {
                 "not issued yet: the month is over (the metering service issues it after \
                  --close-after-hours)"
                     .to_owned()

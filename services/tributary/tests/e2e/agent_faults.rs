@@ -18,7 +18,7 @@ use crate::common;
 
 use std::time::Duration;
 
-use common::{job, of_type, start_with, wait_secs, Server};
+use common::{job, of_type, start_with, wait_secs, Proc, Server};
 use serde_json::Value;
 
 /// The `get --json` of `build`, waited on until `done` holds; fails with the last one seen.
@@ -56,18 +56,48 @@ fn waits_for(flag: &std::path::Path, labels: &str) -> String {
     )
 }
 
+/// What every test here starts from: a `tributary up` with no in-process agent, one agent
+/// process, and a build of project `p` whose job `work` runs on it until `flag` exists.
+struct Running {
+    s: Server,
+    agent: Proc,
+    agent_id: String,
+    flag: std::path::PathBuf,
+    build: String,
+}
+
+/// Starts the server with leases of `lease_ttl` seconds and the agent `name` with `labels`;
+/// triggers the job (`runs-on: [runs_on]`) and waits until it runs on that agent.
+fn a_job_running(lease_ttl: &str, name: &str, labels: &str, runs_on: &str) -> Running {
+    let s = start_with(&["--agents", "0", "--lease-ttl", lease_ttl]);
+    let agent = s.agent(name, &["--labels", labels]);
+    let agent_id = s.agent_id(name);
+    let flag = s.root.join("go");
+    s.project("p", &waits_for(&flag, runs_on));
+    let build = s.trigger("p");
+    let b = wait_build(&s, &build, "the job to run", 60, |b| {
+        job(b, "work")["status"] == "running"
+    });
+    assert_eq!(job(&b, "work")["agent_id"], agent_id.as_str(), "{b}");
+    Running {
+        s,
+        agent,
+        agent_id,
+        flag,
+        build,
+    }
+}
+
 #[test]
 fn an_agent_reconnects_after_the_server_crashes_and_its_job_s_events_arrive() {
     // Leases outlive the restart (the server is down a few seconds).
-    let mut s = start_with(&["--agents", "0", "--lease-ttl", "60"]);
-    let _agent = s.agent("box", &["--labels", "box"]);
-    let agent_id = s.agent_id("box");
-    let flag = s.root.join("go");
-    s.project("p", &waits_for(&flag, "box"));
-    let build = s.trigger("p");
-    wait_build(&s, &build, "the job to run", 60, |b| {
-        job(b, "work")["status"] == "running"
-    });
+    let Running {
+        mut s,
+        agent: _agent,
+        agent_id,
+        flag,
+        build,
+    } = a_job_running("60", "box", "box", "box");
 
     s.crash_and_restart();
     // The job finishes while the agent is (re)connecting.
@@ -94,20 +124,20 @@ fn an_agent_reconnects_after_the_server_crashes_and_its_job_s_events_arrive() {
 
 #[test]
 fn a_frozen_agent_loses_its_lease_and_its_late_events_are_refused() {
-    let s = start_with(&["--agents", "0", "--lease-ttl", "2"]);
-    let mut frozen = s.agent("frozen", &["--labels", "shared,f1"]);
-    let frozen_id = s.agent_id("frozen");
-    let flag = s.root.join("go");
-    s.project("p", &waits_for(&flag, "shared"));
-    let build = s.trigger("p");
-    wait_build(&s, &build, "the job to run", 60, |b| {
-        job(b, "work")["status"] == "running"
-    });
+    // Agents beat every 2 s: three beats per lease, so only the frozen agent loses its own
+    // (a lease of 2 s expired between two punctual beats on a loaded machine).
+    let Running {
+        s,
+        agent: mut frozen,
+        agent_id: frozen_id,
+        flag,
+        build,
+    } = a_job_running("6", "frozen", "shared,f1", "shared");
 
     frozen.signal(libc::SIGSTOP);
     let _other = s.agent("other", &["--labels", "shared"]);
     let other_id = s.agent_id("other");
-    // Lease lost after 2 s without a heartbeat: attempt 2 goes to the other agent.
+    // Lease lost after 6 s without a heartbeat: attempt 2 goes to the other agent.
     let b = wait_build(&s, &build, "attempt 2 on the other agent", 60, |b| {
         job(b, "work")["attempt"] == 2 && job(b, "work")["status"] == "running"
     });
@@ -156,23 +186,27 @@ fn a_frozen_agent_loses_its_lease_and_its_late_events_are_refused() {
 }
 
 #[test]
-#[ignore = "known gap (issue 23 item 2): revoking a connected agent does not close its PullWork stream, so it keeps its job and never exits; fix the server, then drop this ignore"]
 fn a_revoked_agent_loses_its_job_and_exits_saying_how_to_register_again() {
-    let s = start_with(&["--agents", "0", "--lease-ttl", "2"]);
-    let mut doomed = s.agent("doomed", &["--labels", "shared"]);
-    let doomed_id = s.agent_id("doomed");
-    let flag = s.root.join("go");
-    s.project("p", &waits_for(&flag, "shared"));
-    let build = s.trigger("p");
-    wait_build(&s, &build, "the job to run", 60, |b| {
-        job(b, "work")["status"] == "running"
-    });
+    // Leases outlive the test's waits: only the revoke can take the job back in time.
+    let Running {
+        s,
+        agent: mut doomed,
+        agent_id: doomed_id,
+        flag,
+        build,
+    } = a_job_running("120", "doomed", "shared", "shared");
 
     s.admin(&["agents", "--revoke", &doomed_id]);
     let status = doomed.wait_exit(Duration::from_secs(60));
     assert!(!status.success(), "a revoked agent exits with an error");
     let log = std::fs::read_to_string(s.root.join("agent-doomed.log")).unwrap();
+    // The server's own words reach the agent: revoked, and how to register again.
+    assert!(
+        log.contains(&format!("agent {doomed_id} is revoked")),
+        "{log}"
+    );
     assert!(log.contains("delete agent.json"), "{log}");
+    assert!(log.contains("--token"), "{log}");
 
     // Its job runs again elsewhere.
     std::fs::write(&flag, "").unwrap();
@@ -180,12 +214,32 @@ fn a_revoked_agent_loses_its_job_and_exits_saying_how_to_register_again() {
     let other_id = s.agent_id("other");
     let b = s.finished(&build, Duration::from_secs(60));
     assert_eq!(b["status"], "succeeded", "{b}");
-    assert_eq!(job(&b, "work")["attempt"], 2);
-    assert_eq!(job(&b, "work")["agent_id"], other_id.as_str());
     let events = s.events(Some(&build));
+    assert_eq!(job(&b, "work")["attempt"], 2, "{b}\n{events:?}");
+    assert_eq!(job(&b, "work")["agent_id"], other_id.as_str(), "{b}");
     let requeued = of_type(&events, "job_requeued");
     assert_eq!(requeued.len(), 1, "{events:?}");
     assert_eq!(requeued[0]["agent_id"], doomed_id.as_str());
+    assert_eq!(requeued[0]["attempt"], 1, "{events:?}");
+    assert!(
+        requeued[0]["reason"]
+            .as_str()
+            .is_some_and(|r| r.contains("revoked")),
+        "{events:?}"
+    );
+    // Nothing of the revoked agent's attempt after its requeue made it onto the log.
+    let at = events
+        .iter()
+        .position(|e| e["type"] == "job_requeued")
+        .unwrap();
+    let late: Vec<&Value> = events[at + 1..]
+        .iter()
+        .filter(|e| e["attempt"] == 1 && e["type"] != "usage_tick")
+        .collect();
+    assert!(
+        late.is_empty(),
+        "late events of the revoked attempt: {late:?}"
+    );
     let agents = s.admin(&["agents"]);
     let line = agents.lines().find(|l| l.contains(&doomed_id)).unwrap();
     assert!(line.contains("revoked"), "{agents}");

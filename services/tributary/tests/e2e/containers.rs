@@ -194,5 +194,5 @@ fn image_jobs_wait_for_an_agent_with_an_engine_and_a_crashed_agent_cleans_up() {
 
 /// `tributary up` without in-process agents; leases lost after 3 s without a heartbeat.
 fn cluster() -> Server {
-    common::start_with(&["--agents", "0", "--lease-ttl", "3"])
+    common::start_with(&["--agents", "0", "--lease-ttl", "6"])
 }

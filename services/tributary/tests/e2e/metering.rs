@@ -159,7 +159,7 @@ fn in_process_agents_tick_with_their_machine_class_and_invoices_are_tenant_isola
 
 #[test]
 fn an_agent_killed_mid_job_is_billed_to_its_last_tick_and_audit_checks_the_run() {
-    let mut s = common::start_with(&["--agents", "0", "--lease-ttl", "2"]);
+    let mut s = common::start_with(&["--agents", "0", "--lease-ttl", "6"]);
     s.project(
         "long",
         "jobs:\n  work:\n    steps:\n      - run: sleep 120\n",

@@ -169,9 +169,18 @@ fn a_bucket_removed_mid_build_fails_the_job_with_an_error_that_names_it() {
     let make = job(&b, "make");
     assert_eq!(make["status"], "failed", "{b}");
     let reason = make["reason"].as_str().unwrap_or_default();
+    println!("the job's reason: {reason}");
+    // What failed, where, why and what to do, on one line without S3's XML body.
     assert!(
-        reason.contains("artifact") && reason.contains(&bucket),
-        "the reason names what failed and where: {reason}"
+        reason.contains("cannot upload artifact dist/out.txt")
+            && reason.contains(&format!("s3://{bucket}"))
+            && reason.contains("the bucket is not there")
+            && reason.contains("create it again"),
+        "the reason names what failed, where and what to do: {reason}"
+    );
+    assert!(
+        !reason.contains("<?xml") && !reason.contains('\n'),
+        "{reason}"
     );
     // `logs` of a failed build exits 1; its output still names the bucket.
     let out = s.cli(&s.token, &["logs", &id]);

@@ -12,9 +12,11 @@ use serde_json::Value;
 use tributary_proto::api::{agents_client::AgentsClient, SendEventsRequest};
 use tributary_proto::events::{envelope::Payload, Envelope, LineStarted};
 
-/// `tributary up` without in-process agents, leases lost after 2 s without a heartbeat.
+/// `tributary up` without in-process agents, leases lost after 6 s without a heartbeat: three
+/// of an agent's 2 s beats (a lease of 2 s expired between two punctual beats on a loaded
+/// machine, and a requeue made `flaky` run a third attempt).
 fn start() -> Server {
-    common::start_with(&["--agents", "0", "--lease-ttl", "2"])
+    common::start_with(&["--agents", "0", "--lease-ttl", "6"])
 }
 
 /// A `tributary agent` carrying `labels` (comma-separated; empty = a generic agent).
@@ -183,10 +185,10 @@ fn timeout_kills_the_job_and_retry_reruns_a_failure() {
         "the timeout must stop `sleep 30`"
     );
     let b = c.get(&build);
-    assert_eq!(job(&b, "slow")["status"], "timed_out");
+    assert_eq!(job(&b, "slow")["status"], "timed_out", "{b}");
     let flaky = job(&b, "flaky");
-    assert_eq!(flaky["status"], "succeeded");
-    assert_eq!(flaky["attempt"], 2);
+    assert_eq!(flaky["status"], "succeeded", "{b}");
+    assert_eq!(flaky["attempt"], 2, "{b}");
 }
 
 /// A cancel reaches a remote agent at its next heartbeat (about a second): measured on the

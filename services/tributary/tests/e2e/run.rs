@@ -465,7 +465,7 @@ fn audit_of_a_missing_data_directory_fails_without_creating_it() {
     assert!(!dir.path().join("typo").exists());
 }
 
-/// The invoice of a month that is over is not "live".
+/// The invoice of a month that is over is not "live", in every format.
 #[test]
 fn the_invoice_of_an_ended_month_is_not_live() {
     let dir = tempfile::tempdir().unwrap();
@@ -483,9 +483,28 @@ fn the_invoice_of_an_ended_month_is_not_live() {
         stdout.contains("not issued yet: the month is over"),
         "{stdout}"
     );
+    // JSON and CSV say the same as the table.
+    let out = tributary(
+        dir.path(),
+        &["invoice", "--period", "2020-01", "--format", "json"],
+    );
+    let json: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(json["status"], "not_issued", "{json}");
+    let out = tributary(
+        dir.path(),
+        &["invoice", "--period", "2020-01", "--format", "csv"],
+    );
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        stdout.contains("local,2020-01,not_issued,total"),
+        "{stdout}"
+    );
     let out = tributary(dir.path(), &["invoice"]);
     let stdout = String::from_utf8_lossy(&out.stdout);
     assert!(stdout.contains("live: the month so far"), "{stdout}");
+    let out = tributary(dir.path(), &["invoice", "--format", "json"]);
+    let json: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(json["status"], "live", "{json}");
 }
 
 /// One process writes a data directory at a time: a second run on a directory in use is

@@ -104,7 +104,7 @@ fn get_at_shows_a_finished_build_as_it_was_mid_run() {
 
 /// `tributary up` without in-process agents, leases lost after 2 s without a heartbeat.
 fn start_remote() -> Server {
-    common::start_with(&["--agents", "0", "--lease-ttl", "2"])
+    common::start_with(&["--agents", "0", "--lease-ttl", "6"])
 }
 
 fn why(s: &Server, build: &str, job: &str) -> Vec<Value> {

@@ -231,5 +231,5 @@ fn a_running_agent_sweeps_kept_workspaces_whose_time_is_up() {
 
 /// `tributary up` without in-process agents; leases lost after 3 s without a heartbeat.
 fn cluster() -> Server {
-    common::start_with(&["--agents", "0", "--lease-ttl", "3"])
+    common::start_with(&["--agents", "0", "--lease-ttl", "6"])
 }
