@@ -41,6 +41,8 @@ pub enum ProjectionError {
     Json(#[from] serde_json::Error),
     #[error("read-model database is corrupt: {0}")]
     Corrupt(String),
+    #[error("read-model database: {0}")]
+    Store(#[from] tributary_sqlstore::SqlStoreError),
     /// Another projector advanced this partition since this one read its offset.
     #[error(
         "partition {partition}: the stored offset is no longer {expected}; another projector \

@@ -6,11 +6,11 @@
 
 use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::path::Path;
-use std::time::Duration;
 
-use sqlx::any::{AnyPoolOptions, AnyRow};
+use sqlx::any::AnyRow;
 use sqlx::migrate::Migrator;
-use sqlx::{AnyPool, Executor, Row};
+use sqlx::{AnyPool, Row};
+use tributary_sqlstore::{to_i64, to_u32, to_u64, Location, Migrations, Settings, Synchronous};
 
 use crate::builds::{Build, BuildsState, Job, Line, Phase, Step, Touch};
 use crate::chunks::{overlay, ChunkCounts, ChunkKey};
@@ -26,23 +26,23 @@ pub type EventIds = HashMap<String, VecDeque<String>>;
 /// Name of the builds projection in the offsets table.
 pub const BUILDS_PROJECTION: &str = "builds";
 
-/// Migrations of the SQLite read-model database (`projections/migrations/sqlite`).
+/// The read model's migrations, one directory per engine (`projections/migrations/{sqlite,postgres}`).
+static MIGRATIONS: Migrations = Migrations {
+    sqlite: &SQLITE_MIGRATIONS,
+    postgres: &POSTGRES_MIGRATIONS,
+};
 static SQLITE_MIGRATIONS: Migrator = sqlx::migrate!("./migrations/sqlite");
-/// Migrations of the PostgreSQL read-model database (`projections/migrations/postgres`).
 static POSTGRES_MIGRATIONS: Migrator = sqlx::migrate!("./migrations/postgres");
 
-/// The database engine behind a [`BuildsStore`].
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Engine {
-    Sqlite,
-    Postgres,
-}
+/// The database engine behind a [`BuildsStore`] (the shared store module's).
+pub use tributary_sqlstore::Engine;
 
 /// The builds read model's tables in one SQLite or PostgreSQL database.
 ///
 /// The SQL is shared: `$n` parameters (SQLite reads them as positional too) and
-/// `INSERT ... ON CONFLICT ... DO UPDATE` upserts, through sqlx's `Any` driver. The schema comes
-/// from per-engine migrations (`projections/migrations/{sqlite,postgres}`), run at open.
+/// `INSERT ... ON CONFLICT ... DO UPDATE` upserts, through sqlx's `Any` driver. Opening (engine,
+/// URL, pool, per-engine migrations from `projections/migrations/{sqlite,postgres}`) is
+/// `tributary-sqlstore`'s.
 #[derive(Clone)]
 pub struct BuildsStore {
     pool: AnyPool,
@@ -53,62 +53,36 @@ pub struct BuildsStore {
 }
 
 impl BuildsStore {
-    /// Opens (creating if needed) the SQLite read-model database at `path`.
+    /// Opens (creating if needed) the SQLite read-model database at `path`, whatever the path
+    /// holds (`#`, `?`, `%`, spaces).
     pub async fn open(path: &Path) -> Result<Self, ProjectionError> {
-        let path = path.to_str().ok_or_else(|| {
-            ProjectionError::Corrupt(format!(
-                "the read-model path {} is not UTF-8; choose another data directory",
-                path.display()
-            ))
-        })?;
-        Self::connect(&sqlite_url(path)).await
+        Self::open_at(&Location::SqliteFile(path.to_path_buf())).await
     }
 
     /// Connects to the read-model database at `url`: `sqlite://PATH[?mode=rwc]` or
     /// `postgres://USER:PASSWORD@HOST:PORT/DATABASE`, and migrates its schema.
     pub async fn connect(url: &str) -> Result<Self, ProjectionError> {
-        sqlx::any::install_default_drivers();
-        let engine = if url.starts_with("sqlite:") {
-            Engine::Sqlite
-        } else if url.starts_with("postgres:") || url.starts_with("postgresql:") {
-            Engine::Postgres
-        } else {
-            return Err(ProjectionError::Corrupt(format!(
-                "unsupported read-model database URL {url:?}: use sqlite://PATH or \
-                 postgres://USER:PASSWORD@HOST:PORT/DATABASE"
-            )));
-        };
-        let mut options = AnyPoolOptions::new().max_connections(4);
-        if engine == Engine::Sqlite {
-            // A file has no connection to lose: no ping (a round trip to sqlx's worker thread)
-            // before every use.
-            options = options.test_before_acquire(false);
+        Self::open_at(&Location::Url(url.to_owned())).await
+    }
+
+    async fn open_at(location: &Location) -> Result<Self, ProjectionError> {
+        let settings = Settings {
+            what: "read-model",
+            migrations: MIGRATIONS,
             // WAL without a sync per commit: a read model is rebuilt from the log, and its
             // offset commits with its rows, so a power loss can only take both back to an
             // earlier consistent point, from which the projector replays. (A sync per commit
             // here would queue behind, and ahead of, the log's own syncs on the same disk.)
-            options = options.after_connect(|conn, _| {
-                Box::pin(async move {
-                    conn.execute(
-                        "PRAGMA journal_mode = WAL; PRAGMA synchronous = NORMAL; \
-                         PRAGMA busy_timeout = 10000;",
-                    )
-                    .await?;
-                    Ok(())
-                })
-            });
-        }
-        let pool = options
-            .acquire_timeout(Duration::from_secs(30))
-            .connect(url)
-            .await?;
-        let migrator = match engine {
-            Engine::Sqlite => &SQLITE_MIGRATIONS,
-            Engine::Postgres => &POSTGRES_MIGRATIONS,
+            synchronous: Synchronous::Normal,
+            schema: None,
         };
-        migrator.run(&pool).await?;
-        let url = (engine == Engine::Postgres).then(|| url.into());
-        Ok(BuildsStore { pool, engine, url })
+        let store = tributary_sqlstore::open(location, &settings).await?;
+        let url = (store.engine == Engine::Postgres).then(|| store.url.as_str().into());
+        Ok(BuildsStore {
+            pool: store.pool,
+            engine: store.engine,
+            url,
+        })
     }
 
     /// The database engine.
@@ -134,7 +108,7 @@ impl BuildsStore {
         .fetch_optional(&self.pool)
         .await?;
         Ok(match row {
-            Some(row) => to_u64(row.try_get::<i64, _>(0)?),
+            Some(row) => to_u64(row.try_get::<i64, _>(0)?, "next_offset")?,
             None => 0,
         })
     }
@@ -149,10 +123,8 @@ impl BuildsStore {
         .await?;
         let mut offsets = BTreeMap::new();
         for row in rows {
-            let partition = u32::try_from(row.try_get::<i64, _>(0)?).map_err(|_| {
-                ProjectionError::Corrupt("a negative partition in projection_offsets".into())
-            })?;
-            offsets.insert(partition, to_u64(row.try_get::<i64, _>(1)?));
+            let partition = to_u32(row.try_get::<i64, _>(0)?, "partition")?;
+            offsets.insert(partition, to_u64(row.try_get::<i64, _>(1)?, "next_offset")?);
         }
         Ok(offsets)
     }
@@ -272,11 +244,11 @@ impl BuildsStore {
             let key = ChunkKey {
                 build_id: id.to_owned(),
                 job: row.try_get("job")?,
-                attempt: to_u32(row.try_get("attempt")?),
-                step: to_u32(row.try_get("step")?),
-                line: to_u32(row.try_get("line")?),
+                attempt: to_u32(row.try_get("attempt")?, "attempt")?,
+                step: to_u32(row.try_get("step")?, "step")?,
+                line: to_u32(row.try_get("line")?, "line")?,
             };
-            counts.insert(key, to_u64(row.try_get("bytes")?));
+            counts.insert(key, to_u64(row.try_get("bytes")?, "bytes")?);
         }
         Ok(counts)
     }
@@ -462,8 +434,8 @@ async fn advance_offset(tx: &mut Tx<'_>, advance: &Advance) -> Result<(), Projec
     )
     .bind(BUILDS_PROJECTION)
     .bind(i64::from(advance.partition))
-    .bind(to_i64(advance.from))
-    .bind(to_i64(advance.to))
+    .bind(to_i64(advance.from, "next_offset")?)
+    .bind(to_i64(advance.to, "next_offset")?)
     .execute(&mut **tx)
     .await?
     .rows_affected();
@@ -477,7 +449,7 @@ async fn advance_offset(tx: &mut Tx<'_>, advance: &Advance) -> Result<(), Projec
         )
         .bind(BUILDS_PROJECTION)
         .bind(i64::from(advance.partition))
-        .bind(to_i64(advance.to))
+        .bind(to_i64(advance.to, "next_offset")?)
         .execute(&mut **tx)
         .await?
         .rows_affected();
@@ -504,7 +476,7 @@ async fn write_offset_of(
     )
     .bind(BUILDS_PROJECTION)
     .bind(i64::from(partition))
-    .bind(to_i64(next_offset))
+    .bind(to_i64(next_offset, "next_offset")?)
     .execute(&mut **tx)
     .await?;
     Ok(())
@@ -532,7 +504,7 @@ async fn add_chunk_bytes(
             .bind(i64::from(key.attempt))
             .bind(i64::from(key.step))
             .bind(i64::from(key.line))
-            .bind(to_i64(*bytes))
+            .bind(to_i64(*bytes, "bytes")?)
             .execute(&mut **tx)
             .await?;
     }
@@ -609,7 +581,7 @@ async fn write_build(tx: &mut Tx<'_>, b: &Build) -> Result<(), ProjectionError> 
     .bind(&b.id)
     .bind(&b.tenant)
     .bind(&b.project)
-    .bind(to_i64(b.number))
+    .bind(to_i64(b.number, "number")?)
     .bind(b.phase.name())
     .bind(&b.who)
     .bind(&b.source)
@@ -621,7 +593,7 @@ async fn write_build(tx: &mut Tx<'_>, b: &Build) -> Result<(), ProjectionError> 
     .bind(b.started_us)
     .bind(b.finished_us)
     .bind(&b.reason)
-    .bind(to_i64(b.last_offset))
+    .bind(to_i64(b.last_offset, "last_offset")?)
     .execute(&mut **tx)
     .await?;
     Ok(())
@@ -670,7 +642,7 @@ async fn write_job(tx: &mut Tx<'_>, b: &Build, j: usize, job: &Job) -> Result<()
     .bind(job.finished_us)
     .bind(job.exit_code)
     .bind(&job.reason)
-    .bind(to_i64(job.log_bytes))
+    .bind(to_i64(job.log_bytes, "log_bytes")?)
     .execute(&mut **tx)
     .await?;
     Ok(())
@@ -696,7 +668,11 @@ async fn write_step(
     .bind(&step.name)
     .bind(step.phase.name())
     .bind(step.started_us)
-    .bind(step.duration_us.map(to_i64))
+    .bind(
+        step.duration_us
+            .map(|d| to_i64(d, "duration_us"))
+            .transpose()?,
+    )
     .bind(step.exit_code)
     .execute(&mut **tx)
     .await?;
@@ -726,9 +702,13 @@ async fn write_line(
     .bind(&line.text)
     .bind(line.phase.name())
     .bind(line.started_us)
-    .bind(line.duration_us.map(to_i64))
+    .bind(
+        line.duration_us
+            .map(|d| to_i64(d, "duration_us"))
+            .transpose()?,
+    )
     .bind(line.exit_code)
-    .bind(to_i64(line.log_bytes))
+    .bind(to_i64(line.log_bytes, "log_bytes")?)
     .execute(&mut **tx)
     .await?;
     Ok(())
@@ -754,7 +734,7 @@ async fn load_children(pool: &AnyPool, build: &mut Build) -> Result<(), Projecti
             finished_us: row.try_get("finished_us")?,
             exit_code: row.try_get("exit_code")?,
             reason: row.try_get("reason")?,
-            log_bytes: to_u64(row.try_get("log_bytes")?),
+            log_bytes: to_u64(row.try_get("log_bytes")?, "log_bytes")?,
             steps: Vec::new(),
         });
     }
@@ -771,7 +751,10 @@ async fn load_children(pool: &AnyPool, build: &mut Build) -> Result<(), Projecti
             name: row.try_get("name")?,
             phase: phase(row.try_get("phase")?)?,
             started_us: row.try_get("started_us")?,
-            duration_us: row.try_get::<Option<i64>, _>("duration_us")?.map(to_u64),
+            duration_us: row
+                .try_get::<Option<i64>, _>("duration_us")?
+                .map(|v| to_u64(v, "duration_us"))
+                .transpose()?,
             exit_code: row.try_get("exit_code")?,
             lines: Vec::new(),
         });
@@ -795,9 +778,12 @@ async fn load_children(pool: &AnyPool, build: &mut Build) -> Result<(), Projecti
             text: row.try_get("text")?,
             phase: phase(row.try_get("phase")?)?,
             started_us: row.try_get("started_us")?,
-            duration_us: row.try_get::<Option<i64>, _>("duration_us")?.map(to_u64),
+            duration_us: row
+                .try_get::<Option<i64>, _>("duration_us")?
+                .map(|v| to_u64(v, "duration_us"))
+                .transpose()?,
             exit_code: row.try_get("exit_code")?,
-            log_bytes: to_u64(row.try_get("log_bytes")?),
+            log_bytes: to_u64(row.try_get("log_bytes")?, "log_bytes")?,
         });
     }
     Ok(())
@@ -808,7 +794,7 @@ fn build_from_row(row: &AnyRow) -> Result<Build, ProjectionError> {
         id: row.try_get("id")?,
         tenant: row.try_get("tenant")?,
         project: row.try_get("project")?,
-        number: to_u64(row.try_get("number")?),
+        number: to_u64(row.try_get("number")?, "number")?,
         phase: phase(row.try_get("phase")?)?,
         who: row.try_get("who")?,
         source: row.try_get("source")?,
@@ -820,42 +806,13 @@ fn build_from_row(row: &AnyRow) -> Result<Build, ProjectionError> {
         started_us: row.try_get("started_us")?,
         finished_us: row.try_get("finished_us")?,
         reason: row.try_get("reason")?,
-        last_offset: to_u64(row.try_get("last_offset")?),
+        last_offset: to_u64(row.try_get("last_offset")?, "last_offset")?,
         jobs: Vec::new(),
     })
 }
 
-/// The `sqlite://` URL of the file at `path`, created if missing. sqlx percent-decodes the path,
-/// so the characters that would end or escape it are encoded.
-fn sqlite_url(path: &str) -> String {
-    let mut url = String::from("sqlite://");
-    for c in path.chars() {
-        match c {
-            '%' => url.push_str("%25"),
-            '?' => url.push_str("%3F"),
-            '#' => url.push_str("%23"),
-            ' ' => url.push_str("%20"),
-            c => url.push(c),
-        }
-    }
-    url.push_str("?mode=rwc");
-    url
-}
-
 fn phase(s: &str) -> Result<Phase, ProjectionError> {
     Phase::parse(s).ok_or_else(|| ProjectionError::Corrupt(format!("unknown phase {s:?}")))
-}
-
-fn to_i64(v: u64) -> i64 {
-    i64::try_from(v).unwrap_or(i64::MAX)
-}
-
-fn to_u32(v: i64) -> u32 {
-    u32::try_from(v).unwrap_or(0)
-}
-
-fn to_u64(v: i64) -> u64 {
-    u64::try_from(v).unwrap_or(0)
 }
 
 #[cfg(test)]
@@ -872,5 +829,25 @@ mod tests {
         assert_eq!(store.next_offset().await.expect("next_offset"), 0);
         store.close().await;
         assert!(path.exists(), "the database is at the path given");
+    }
+
+    #[tokio::test]
+    async fn a_stored_number_out_of_range_is_an_error_not_zero() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let store = BuildsStore::open(&dir.path().join("rm.db"))
+            .await
+            .expect("open");
+        sqlx::query(
+            "INSERT INTO projection_offsets (projection, partition, next_offset) \
+             VALUES ($1, 0, -5)",
+        )
+        .bind(BUILDS_PROJECTION)
+        .execute(&store.pool)
+        .await
+        .expect("tamper");
+        let e = store.next_offset().await.expect_err("-5 is no offset");
+        assert!(e.to_string().contains("next_offset"), "{e}");
+        assert!(store.next_offsets().await.is_err());
+        store.close().await;
     }
 }

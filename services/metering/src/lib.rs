@@ -46,4 +46,6 @@ pub enum MeteringError {
     Json(#[from] serde_json::Error),
     #[error("{0}")]
     Corrupt(String),
+    #[error("metering database: {0}")]
+    Store(#[from] tributary_sqlstore::SqlStoreError),
 }

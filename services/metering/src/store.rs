@@ -20,7 +20,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use prost::Message;
-use sqlx::any::{AnyConnectOptions, AnyPoolOptions, AnyRow};
+use sqlx::any::{AnyConnectOptions, AnyRow};
 use sqlx::migrate::Migrator;
 use sqlx::{AnyConnection, AnyPool, ConnectOptions, Connection, Executor, Row};
 use tokio::sync::Mutex;
@@ -33,19 +33,20 @@ use crate::fold::{
 };
 use crate::invoice::Invoice;
 use crate::MeteringError;
+use tributary_sqlstore::{to_i64, to_u32, to_u64, Location, Migrations, Settings, Synchronous};
 
 /// The PostgreSQL schema of the live metering tables.
 pub const SCHEMA: &str = "metering";
 
+static MIGRATIONS: Migrations = Migrations {
+    sqlite: &SQLITE_MIGRATIONS,
+    postgres: &POSTGRES_MIGRATIONS,
+};
 static SQLITE_MIGRATIONS: Migrator = sqlx::migrate!("./migrations/sqlite");
 static POSTGRES_MIGRATIONS: Migrator = sqlx::migrate!("./migrations/postgres");
 
-/// The database engine behind a [`MeteringStore`].
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Engine {
-    Sqlite,
-    Postgres,
-}
+/// The database engine behind a [`MeteringStore`] (the shared store module's).
+pub use tributary_sqlstore::Engine;
 
 type Tx<'a> = sqlx::Transaction<'a, sqlx::Any>;
 
@@ -61,15 +62,10 @@ pub struct MeteringStore {
 }
 
 impl MeteringStore {
-    /// Opens (creating if needed) the SQLite metering database at `path`.
+    /// Opens (creating if needed) the SQLite metering database at `path`, whatever the path
+    /// holds (`#`, `?`, `%`, spaces).
     pub async fn open(path: &Path) -> Result<Self, MeteringError> {
-        let path = path.to_str().ok_or_else(|| {
-            MeteringError::Corrupt(format!(
-                "the metering database path {} is not UTF-8; choose another data directory",
-                path.display()
-            ))
-        })?;
-        Self::connect(&format!("sqlite://{path}?mode=rwc")).await
+        Self::open_at(&Location::SqliteFile(path.to_path_buf()), SCHEMA).await
     }
 
     /// Connects to `sqlite://PATH` or `postgres://USER:PASSWORD@HOST:PORT/DB` (schema
@@ -81,63 +77,21 @@ impl MeteringStore {
     /// As [`MeteringStore::connect`], in PostgreSQL schema `schema` (created if missing;
     /// ignored on SQLite). Replay builds a fresh model in a schema of its own.
     pub async fn connect_schema(url: &str, schema: &str) -> Result<Self, MeteringError> {
-        sqlx::any::install_default_drivers();
-        let engine = engine_of(url)?;
-        if !schema
-            .chars()
-            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_')
-            || schema.is_empty()
-        {
-            return Err(MeteringError::Corrupt(format!(
-                "invalid metering schema name {schema:?}: use lowercase letters, digits and _"
-            )));
-        }
-        let mut options = AnyPoolOptions::new()
-            .max_connections(4)
-            .acquire_timeout(Duration::from_secs(30));
-        match engine {
-            Engine::Sqlite => {
-                // A file has no connection to lose: no ping before every use.
-                options = options.test_before_acquire(false).after_connect(|conn, _| {
-                    Box::pin(async move {
-                        conn.execute(
-                            "PRAGMA journal_mode = WAL; PRAGMA synchronous = FULL; \
-                             PRAGMA busy_timeout = 10000;",
-                        )
-                        .await?;
-                        Ok(())
-                    })
-                });
-            }
-            Engine::Postgres => {
-                // Create the schema first (a replica racing another may see it appear).
-                let mut conn = AnyConnection::connect(url).await?;
-                let create = format!("CREATE SCHEMA IF NOT EXISTS {schema}");
-                if let Err(e) = conn.execute(create.as_str()).await {
-                    tracing::debug!(error = %e, "creating the metering schema (retrying once)");
-                    conn.execute(create.as_str()).await?;
-                }
-                conn.close().await?;
-                let set = format!("SET search_path TO {schema}");
-                options = options.after_connect(move |conn, _| {
-                    let set = set.clone();
-                    Box::pin(async move {
-                        conn.execute(set.as_str()).await?;
-                        Ok(())
-                    })
-                });
-            }
-        }
-        let pool = options.connect(url).await?;
-        let migrator = match engine {
-            Engine::Sqlite => &SQLITE_MIGRATIONS,
-            Engine::Postgres => &POSTGRES_MIGRATIONS,
+        Self::open_at(&Location::Url(url.to_owned()), schema).await
+    }
+
+    async fn open_at(location: &Location, schema: &str) -> Result<Self, MeteringError> {
+        let settings = Settings {
+            what: "metering",
+            migrations: MIGRATIONS,
+            synchronous: Synchronous::Full,
+            schema: Some(schema.to_owned()),
         };
-        migrator.run(&pool).await?;
+        let store = tributary_sqlstore::open(location, &settings).await?;
         Ok(MeteringStore {
-            pool,
-            engine,
-            url: url.to_owned(),
+            pool: store.pool,
+            engine: store.engine,
+            url: store.url,
             schema: schema.to_owned(),
             writer: None,
         })
@@ -236,7 +190,10 @@ impl MeteringStore {
             .await?;
         let mut out = BTreeMap::new();
         for row in rows {
-            out.insert(to_u32(row.try_get(0)?)?, to_u64(row.try_get(1)?));
+            out.insert(
+                to_u32(row.try_get(0)?, "partition")?,
+                to_u64(row.try_get(1)?, "next_offset")?,
+            );
         }
         Ok(out)
     }
@@ -330,13 +287,16 @@ impl MeteringStore {
             .fetch_all(&mut *tx)
             .await?
         {
-            state.set_position(to_u32(row.try_get(0)?)?, to_u64(row.try_get(1)?));
+            state.set_position(
+                to_u32(row.try_get(0)?, "partition")?,
+                to_u64(row.try_get(1)?, "next_offset")?,
+            );
         }
         let rejected: Option<i64> =
             sqlx::query_scalar("SELECT value FROM metering_counters WHERE name = 'rejected'")
                 .fetch_optional(&mut *tx)
                 .await?;
-        state.rejected = rejected.map_or(0, to_u64);
+        state.rejected = rejected.map_or(Ok(0), |v| to_u64(v, "rejected"))?;
         load_parts(&mut tx, None, &mut state).await?;
         load_invoices(&mut tx, None, &mut state).await?;
         for row in sqlx::query("SELECT * FROM usage_daily")
@@ -451,27 +411,18 @@ fn released() -> MeteringError {
     )
 }
 
-fn engine_of(url: &str) -> Result<Engine, MeteringError> {
-    if url.starts_with("sqlite:") {
-        Ok(Engine::Sqlite)
-    } else if url.starts_with("postgres:") || url.starts_with("postgresql:") {
-        Ok(Engine::Postgres)
-    } else {
-        Err(MeteringError::Corrupt(format!(
-            "unsupported metering database URL {url:?}: use sqlite://PATH or \
-             postgres://USER:PASSWORD@HOST:PORT/DATABASE"
-        )))
-    }
-}
-
 fn corrupt(what: String) -> MeteringError {
     MeteringError::Corrupt(format!("the metering database holds an invalid {what}"))
 }
 
-fn pos_of(row: &AnyRow, partition: &str, offset: &str) -> Result<Pos, MeteringError> {
+fn pos_of(
+    row: &AnyRow,
+    partition: &'static str,
+    offset: &'static str,
+) -> Result<Pos, MeteringError> {
     Ok(Pos {
-        partition: to_u32(row.try_get(partition)?)?,
-        offset: to_u64(row.try_get(offset)?),
+        partition: to_u32(row.try_get(partition)?, partition)?,
+        offset: to_u64(row.try_get(offset)?, offset)?,
     })
 }
 
@@ -484,7 +435,7 @@ fn usage_from_row(row: &AnyRow) -> Result<(UsageKey, u64), MeteringError> {
             machine_class: row.try_get("machine_class")?,
             day: Day::parse(&day).ok_or_else(|| corrupt(format!("day {day:?}")))?,
         },
-        to_u64(row.try_get("millis")?),
+        to_u64(row.try_get("millis")?, "millis")?,
     ))
 }
 
@@ -513,7 +464,7 @@ async fn load_parts(
             period: Period::parse(&period).map_err(|_| corrupt(format!("period {period:?}")))?,
             build_id: row.try_get("build_id")?,
             job: row.try_get("job")?,
-            attempt: to_u32(row.try_get("attempt")?)?,
+            attempt: to_u32(row.try_get("attempt")?, "attempt")?,
             machine_class: row.try_get("machine_class")?,
         };
         state.part_keys.insert(key.clone());
@@ -521,8 +472,11 @@ async fn load_parts(
             key,
             Part {
                 project: row.try_get("project")?,
-                millis: to_u64(row.try_get("millis")?),
-                billed_millis: row.try_get::<Option<i64>, _>("billed_millis")?.map(to_u64),
+                millis: to_u64(row.try_get("millis")?, "millis")?,
+                billed_millis: row
+                    .try_get::<Option<i64>, _>("billed_millis")?
+                    .map(|v| to_u64(v, "billed_millis"))
+                    .transpose()?,
                 last: pos_of(&row, "last_partition", "last_offset")?,
             },
         );
@@ -578,18 +532,18 @@ fn attempt_from_row(row: &AnyRow) -> Result<(AttemptKey, AttemptUsage), Metering
         AttemptKey {
             build_id: row.try_get("build_id")?,
             job: row.try_get("job")?,
-            attempt: to_u32(row.try_get("attempt")?)?,
+            attempt: to_u32(row.try_get("attempt")?, "attempt")?,
         },
         AttemptUsage {
             tenant: row.try_get("tenant")?,
             project: row.try_get("project")?,
             machine_class: row.try_get("machine_class")?,
-            millis: to_u64(row.try_get("millis")?),
-            ticks: to_u64(row.try_get("ticks")?),
+            millis: to_u64(row.try_get("millis")?, "millis")?,
+            ticks: to_u64(row.try_get("ticks")?, "ticks")?,
             complete: row.try_get::<i64, _>("complete")? != 0,
             ended: row.try_get::<i64, _>("ended")? != 0,
             seqs: SeqSet {
-                contiguous: to_u32(row.try_get("seq_contiguous")?)?,
+                contiguous: to_u32(row.try_get("seq_contiguous")?, "seq_contiguous")?,
                 sparse: serde_json::from_str(&sparse)
                     .map_err(|_| corrupt("tick sequence set".into()))?,
                 ids: serde_json::from_str(&ids).map_err(|_| corrupt("tick id set".into()))?,
@@ -609,7 +563,7 @@ async fn write_positions(
              ON CONFLICT (partition) DO UPDATE SET next_offset = excluded.next_offset",
         )
         .bind(partition as i64)
-        .bind(to_i64(*next))
+        .bind(to_i64(*next, "next_offset")?)
         .execute(&mut *tx)
         .await?;
     }
@@ -617,7 +571,7 @@ async fn write_positions(
         "INSERT INTO metering_counters (name, value) VALUES ('rejected', $1) \
          ON CONFLICT (name) DO UPDATE SET value = excluded.value",
     )
-    .bind(to_i64(state.rejected))
+    .bind(to_i64(state.rejected, "rejected")?)
     .execute(&mut *tx)
     .await?;
     Ok(())
@@ -635,8 +589,8 @@ async fn write_usage(tx: &mut AnyConnection, k: &UsageKey, u: &Usage) -> Result<
     .bind(&k.project)
     .bind(&k.machine_class)
     .bind(k.day.to_string())
-    .bind(to_i64(u.millis))
-    .bind(to_i64(u.last.offset))
+    .bind(to_i64(u.millis, "millis")?)
+    .bind(to_i64(u.last.offset, "offset")?)
     .bind(i64::from(u.last.partition))
     .execute(&mut *tx)
     .await?;
@@ -660,9 +614,13 @@ async fn write_part(tx: &mut AnyConnection, k: &PartKey, p: &Part) -> Result<(),
     .bind(i64::from(k.attempt))
     .bind(&k.machine_class)
     .bind(&p.project)
-    .bind(to_i64(p.millis))
-    .bind(p.billed_millis.map(to_i64))
-    .bind(to_i64(p.last.offset))
+    .bind(to_i64(p.millis, "millis")?)
+    .bind(
+        p.billed_millis
+            .map(|v| to_i64(v, "billed_millis"))
+            .transpose()?,
+    )
+    .bind(to_i64(p.last.offset, "offset")?)
     .bind(i64::from(p.last.partition))
     .execute(&mut *tx)
     .await?;
@@ -691,14 +649,14 @@ async fn write_attempt(
     .bind(&a.tenant)
     .bind(&a.project)
     .bind(&a.machine_class)
-    .bind(to_i64(a.millis))
-    .bind(to_i64(a.ticks))
+    .bind(to_i64(a.millis, "millis")?)
+    .bind(to_i64(a.ticks, "ticks")?)
     .bind(i64::from(a.complete))
     .bind(i64::from(a.ended))
     .bind(i64::from(a.seqs.contiguous))
     .bind(serde_json::to_string(&a.seqs.sparse)?)
     .bind(serde_json::to_string(&a.seqs.ids)?)
-    .bind(to_i64(a.last.offset))
+    .bind(to_i64(a.last.offset, "offset")?)
     .bind(i64::from(a.last.partition))
     .execute(&mut *tx)
     .await?;
@@ -728,7 +686,7 @@ async fn write_invoice(tx: &mut AnyConnection, i: &IssuedInvoice) -> Result<(), 
     )
     .bind(&i.invoice.tenant)
     .bind(&i.invoice.period)
-    .bind(to_i64(i.at.offset))
+    .bind(to_i64(i.at.offset, "offset")?)
     .bind(i.time_us)
     .bind(&i.event_id)
     .bind(invoice_body(&i.invoice))
@@ -756,7 +714,7 @@ async fn write_pending(
         .bind(tenant)
         .bind(seq as i64)
         .bind(i64::from(p.at.partition))
-        .bind(to_i64(p.at.offset))
+        .bind(to_i64(p.at.offset, "offset")?)
         .bind(p.time_us)
         .bind(&p.event_id)
         .bind(p.event.encode_to_vec())
@@ -764,16 +722,4 @@ async fn write_pending(
         .await?;
     }
     Ok(())
-}
-
-fn to_i64(v: u64) -> i64 {
-    i64::try_from(v).unwrap_or(i64::MAX)
-}
-
-fn to_u64(v: i64) -> u64 {
-    u64::try_from(v).unwrap_or(0)
-}
-
-fn to_u32(v: i64) -> Result<u32, MeteringError> {
-    u32::try_from(v).map_err(|_| corrupt(format!("number {v} (expected 0..2^32)")))
 }

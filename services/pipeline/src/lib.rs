@@ -148,6 +148,7 @@ pub use plan::IMAGE_STEP;
 
 pub mod artifacts;
 pub mod cache;
+pub mod duration;
 mod parse;
 mod plan;
 pub mod runs_on;

@@ -3,6 +3,7 @@
 
 use marked_yaml::types::{MarkedMappingNode, MarkedScalarNode, MarkedSequenceNode, Node};
 
+use crate::duration::{parse_duration, DurationError};
 use crate::suggest::{closest, closest_key};
 use crate::yaml::{describe, kind, Kind, Loc, Owner, Source};
 use crate::PipelineError;
@@ -1328,50 +1329,6 @@ fn unknown_need(names: &[&str], job: &str, target: &str) -> String {
     }
 }
 
-#[derive(Debug, PartialEq, Eq)]
-pub(crate) enum DurationError {
-    Invalid,
-    TooLarge,
-}
-
-/// Seconds in `600`, `90s`, `10m`, `1h`, `1h30m`, `2h5m10s` (units in that order, each once).
-pub(crate) fn parse_duration(text: &str) -> std::result::Result<u64, DurationError> {
-    if text.is_empty() {
-        return Err(DurationError::Invalid);
-    }
-    if text.chars().all(|c| c.is_ascii_digit()) {
-        return text.parse().map_err(|_| DurationError::TooLarge);
-    }
-    let mut total: u64 = 0;
-    let mut rest = text;
-    // Units still allowed, largest first.
-    let mut units: &[(char, u64)] = &[('h', 3600), ('m', 60), ('s', 1)];
-    while !rest.is_empty() {
-        let digits = rest
-            .find(|c: char| !c.is_ascii_digit())
-            .unwrap_or(rest.len());
-        if digits == 0 || digits == rest.len() {
-            return Err(DurationError::Invalid);
-        }
-        let n: u64 = rest[..digits]
-            .parse()
-            .map_err(|_| DurationError::TooLarge)?;
-        let unit = rest[digits..]
-            .chars()
-            .next()
-            .ok_or(DurationError::Invalid)?;
-        let pos = units
-            .iter()
-            .position(|(u, _)| *u == unit)
-            .ok_or(DurationError::Invalid)?;
-        let secs = n.checked_mul(units[pos].1).ok_or(DurationError::TooLarge)?;
-        total = total.checked_add(secs).ok_or(DurationError::TooLarge)?;
-        units = &units[pos + 1..];
-        rest = &rest[digits + unit.len_utf8()..];
-    }
-    Ok(total)
-}
-
 /// How errors name a list of patterns ([`Parser::patterns`]).
 struct Patterns<'a> {
     /// The list, e.g. "`artifacts` of job \"build\"".
@@ -1384,34 +1341,4 @@ struct Patterns<'a> {
     add: &'a str,
     /// What to do about an empty entry.
     hint: &'a str,
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn durations() {
-        assert_eq!(parse_duration("600"), Ok(600));
-        assert_eq!(parse_duration("90s"), Ok(90));
-        assert_eq!(parse_duration("10m"), Ok(600));
-        assert_eq!(parse_duration("1h"), Ok(3600));
-        assert_eq!(parse_duration("1h30m"), Ok(5400));
-        assert_eq!(parse_duration("2h5m10s"), Ok(7510));
-        assert_eq!(parse_duration("1h10s"), Ok(3610));
-        assert_eq!(parse_duration("0s"), Ok(0));
-        for bad in [
-            "", "m", "10x", "1m1h", "1h1h", "1.5h", "10 m", "-5s", "1h30", "h1",
-        ] {
-            assert_eq!(parse_duration(bad), Err(DurationError::Invalid), "{bad:?}");
-        }
-        assert_eq!(
-            parse_duration("99999999999999999999"),
-            Err(DurationError::TooLarge)
-        );
-        assert_eq!(
-            parse_duration("9999999999999999h"),
-            Err(DurationError::TooLarge)
-        );
-    }
 }

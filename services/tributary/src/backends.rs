@@ -20,6 +20,7 @@ use tributary_eventlog::kafka::{KafkaLog, KafkaOptions};
 use tributary_eventlog::sqlite::SqliteLog;
 use tributary_eventlog::EventLog;
 use tributary_projections::BuildsStore;
+use tributary_sqlstore::{redact, Engine};
 
 /// The data directory [`merge`] puts when nothing names one; [`BackendArgs::resolve`] replaces
 /// it with the per-repository default ([`crate::data_dir::default_dir`]), which falls back to it
@@ -265,7 +266,7 @@ impl Backends {
     /// DIR/metering.db (also when `--database` is a SQLite file: metering keeps its own).
     pub async fn open_metering(&self) -> anyhow::Result<tributary_metering::MeteringStore> {
         match &self.database {
-            Some(url) if !url.starts_with("sqlite:") => {
+            Some(url) if Engine::of_url(url) != Some(Engine::Sqlite) => {
                 tributary_metering::MeteringStore::connect(url)
                     .await
                     .with_context(|| format!("cannot open the metering tables in {}", redact(url)))
@@ -285,7 +286,7 @@ impl Backends {
     /// Where the metering read model is, for messages.
     pub fn metering_location(&self) -> String {
         match &self.database {
-            Some(url) if !url.starts_with("sqlite:") => {
+            Some(url) if Engine::of_url(url) != Some(Engine::Sqlite) => {
                 format!("schema metering of {}", redact(url))
             }
             _ => self.data.join("metering.db").display().to_string(),
@@ -311,20 +312,6 @@ impl Backends {
             Some(k) => format!("Kafka {} (topics {}.*)", k.brokers, k.prefix),
             None => self.data.join("events.db").display().to_string(),
         }
-    }
-}
-
-/// `url` without its password, for messages.
-pub fn redact(url: &str) -> String {
-    match (url.find("://"), url.rfind('@')) {
-        (Some(scheme), Some(at)) if at > scheme => {
-            let userinfo = &url[scheme + 3..at];
-            match userinfo.split_once(':') {
-                Some((user, _)) => format!("{}{user}:***{}", &url[..scheme + 3], &url[at..]),
-                None => url.to_owned(),
-            }
-        }
-        _ => url.to_owned(),
     }
 }
 
@@ -389,14 +376,5 @@ mod tests {
         backends.open_objects().expect("objects");
         assert!(dir.path().join("d/events.db").exists());
         assert!(dir.path().join("d/readmodels.db").exists());
-    }
-
-    #[test]
-    fn passwords_are_redacted() {
-        assert_eq!(
-            redact("postgres://tributary:secret@127.0.0.1:5432/db"),
-            "postgres://tributary:***@127.0.0.1:5432/db"
-        );
-        assert_eq!(redact("sqlite:///tmp/x.db"), "sqlite:///tmp/x.db");
     }
 }

@@ -282,47 +282,22 @@ pub struct RunArgs {
     pub cache_limit: u64,
 }
 
-/// How long a failed job's workspace is kept.
+/// A duration flag (`--keep-failed-for` …) in the pipeline's syntax
+/// ([`tributary_pipeline::duration`]): `3600`, `24h`, `1h30m`, `90s`, `0`; surrounding spaces
+/// are ignored.
 fn parse_keep(text: &str) -> Result<std::time::Duration, String> {
     parse_duration(text).map(std::time::Duration::from_secs)
 }
 
-/// Seconds, or hours/minutes/seconds in that order: `3600`, `24h`, `1h30m`, `90s`, `0`.
+/// Seconds in a duration flag's text, or the message clap shows.
 pub fn parse_duration(text: &str) -> Result<u64, String> {
-    let t = text.trim();
-    let bad = || format!("{text:?} is not a duration; write e.g. 24h, 30m, 1h30m, 90s or 0");
-    if let Ok(secs) = t.parse::<u64>() {
-        return Ok(secs);
-    }
-    let mut total: u64 = 0;
-    let mut num = String::new();
-    let mut last_unit = 0;
-    for c in t.chars() {
-        if c.is_ascii_digit() {
-            num.push(c);
-            continue;
+    use tributary_pipeline::duration::{self, DurationError};
+    duration::parse_duration(text.trim()).map_err(|e| match e {
+        DurationError::Invalid => {
+            format!("{text:?} is not a duration; write e.g. 24h, 30m, 1h30m, 90s or 0")
         }
-        let (rank, mult) = match c {
-            'h' => (1, 3600),
-            'm' => (2, 60),
-            's' => (3, 1),
-            _ => return Err(bad()),
-        };
-        if num.is_empty() || rank <= last_unit {
-            return Err(bad());
-        }
-        last_unit = rank;
-        let n: u64 = num.parse().map_err(|_| bad())?;
-        total = n
-            .checked_mul(mult)
-            .and_then(|v| total.checked_add(v))
-            .ok_or_else(bad)?;
-        num.clear();
-    }
-    if !num.is_empty() || last_unit == 0 {
-        return Err(bad());
-    }
-    Ok(total)
+        DurationError::TooLarge => format!("{text:?} is too large a duration; give a shorter one"),
+    })
 }
 
 /// Container jobs (`image:` in the pipeline): the engine and the limits of every container.
@@ -1126,6 +1101,13 @@ mod tests {
         assert!(parse_duration("30m1h").is_err());
         assert!(parse_duration("h").is_err());
         assert!(parse_duration("1d").is_err());
+        assert_eq!(
+            parse_duration(" 10m "),
+            Ok(600),
+            "spaces around a flag's value are ignored"
+        );
+        let e = parse_duration("99999999999999999999h").unwrap_err();
+        assert!(e.contains("too large"), "{e}");
     }
 }
 

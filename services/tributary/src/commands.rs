@@ -25,7 +25,7 @@ pub async fn dispatch(command: Command) -> anyhow::Result<ExitCode> {
         Command::Bench(cmd) => crate::bench::bench(cmd).await,
         Command::Up(args) => crate::server::up(args).await,
         Command::Serve(crate::cli::ServeCommand::Autoscaler(args)) => {
-            crate::autoscaler::serve(args).await
+            crate::serve::autoscaler(args).await
         }
         Command::Project(cmd) => crate::client::project(cmd).await,
         Command::Trigger(args) => crate::client::trigger(args).await,
@@ -42,14 +42,14 @@ pub async fn dispatch(command: Command) -> anyhow::Result<ExitCode> {
         Command::Agents(args) => crate::client::agents(args).await,
         Command::Agent(args) => crate::agent::command(args).await,
         Command::Serve(crate::cli::ServeCommand::Projector(args)) => {
-            crate::projector::serve(args).await
+            crate::serve::projector(args).await
         }
         Command::Serve(crate::cli::ServeCommand::Api(args)) => crate::serve::api(args).await,
         Command::Serve(crate::cli::ServeCommand::Scheduler(args)) => {
             crate::serve::scheduler(args).await
         }
         Command::Serve(crate::cli::ServeCommand::Metering(args)) => {
-            crate::metering::serve(args).await
+            crate::serve::metering(args).await
         }
         Command::Invoice(args) => crate::metering::invoice(args).await,
         Command::Init(args) => crate::init::command(args),

@@ -1,4 +1,5 @@
-//! Metering commands: `serve metering`, `invoice`, `audit`, and the price plan flags.
+//! Metering commands: `invoice`, `audit`, and the price plan flags (`serve metering` is the
+//! metering role, `crate::roles::metering`).
 
 use std::collections::BTreeMap;
 use std::io::Write;
@@ -6,14 +7,13 @@ use std::process::ExitCode;
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
-use tokio_util::sync::CancellationToken;
 use tributary_metering::plan::format_money;
 use tributary_metering::service::ServiceConfig;
 use tributary_metering::{audit as maudit, InvoiceStatus, MeteringState, Period, PricePlan};
 use tributary_projections::{replay, BuildsState};
 use tributary_proto::api;
 
-use crate::cli::{AuditArgs, InvoiceArgs, InvoiceFormat, MeteringArgs, ServeMeteringArgs};
+use crate::cli::{AuditArgs, InvoiceArgs, InvoiceFormat, MeteringArgs};
 use crate::data_dir::DataDir;
 
 /// The price plan of `--price-plan FILE`, or the built-in one.
@@ -37,45 +37,6 @@ pub fn service_config(args: &MeteringArgs) -> anyhow::Result<ServiceConfig> {
         close_after: Duration::from_secs_f64(hours * 3600.0),
         check_every: Duration::from_secs(5),
     })
-}
-
-/// `tributary serve metering`: the embedded data directory or the scale-out backends.
-pub async fn serve(args: ServeMeteringArgs) -> anyhow::Result<ExitCode> {
-    let config = service_config(&args.metering)?;
-    let backends = args.backends.resolve()?;
-    let _lock = backends.lock_data()?;
-    let log = backends.open_log().await?;
-    let store = backends.open_metering().await?;
-    let _health = crate::health::start_with_log(&args.health, "metering", log.clone()).await?;
-    let stop = CancellationToken::new();
-    let mut task = tokio::spawn(tributary_metering::service::run(
-        log.clone(),
-        store.clone(),
-        config.clone(),
-        stop.clone(),
-    ));
-    println!(
-        "metering: following {} into {} (plan {}, invoices {:.1} h after each month)",
-        backends.log_location(),
-        backends.metering_location(),
-        config.plan.version,
-        config.close_after.as_secs_f64() / 3600.0
-    );
-    let _ = std::io::stdout().flush();
-    let result = tokio::select! {
-        _ = crate::server::wait_for_signal() => {
-            stop.cancel();
-            task.await
-        }
-        r = &mut task => r,
-    };
-    store.close().await;
-    match result {
-        Ok(Ok(())) => {}
-        Ok(Err(e)) => return Err(e).context("the metering service stopped"),
-        Err(e) => anyhow::bail!("the metering service panicked: {e}"),
-    }
-    Ok(ExitCode::SUCCESS)
 }
 
 pub async fn invoice(args: InvoiceArgs) -> anyhow::Result<ExitCode> {

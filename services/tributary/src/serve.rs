@@ -1,21 +1,19 @@
-//! `tributary serve api`: the API as its own process on the shared backends (Kafka or the
-//! embedded log, PostgreSQL or SQLite read models, S3 or local objects). Replicas are
-//! stateless: each folds the directory and the cluster from the log, serves gRPC, webhooks and
-//! the web UI on one port, and pushes leases to the agents connected to it. The builds read
-//! model is written by `serve projector`, assignments by `serve scheduler`.
+//! `tributary serve X`: one role (`crate::roles`) in its own process, on the backends its flags
+//! name (Kafka or the embedded log, PostgreSQL or SQLite read models, S3 or local objects),
+//! until SIGINT/SIGTERM. `serve api` replicas are stateless: each folds the directory and the
+//! cluster from the log, serves gRPC, webhooks and the web UI on one port, and pushes leases to
+//! the agents connected to it. The builds read model is written by `serve projector`,
+//! assignments by `serve scheduler`, invoices by `serve metering`, agents sized by
+//! `serve autoscaler`.
 
 use std::io::Write;
-use std::os::unix::fs::OpenOptionsExt;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::ExitCode;
 
 use anyhow::Context;
 use clap::Args;
-use tokio_util::sync::CancellationToken;
-use tributary_eventlog::EventLog;
-use tributary_proto::events::{envelope::Payload, Envelope, TenantCreated, TokenIssued};
 
-use crate::server::DEFAULT_TENANT;
+use crate::roles;
 
 #[derive(Debug, Args)]
 pub struct ServeApiArgs {
@@ -57,128 +55,56 @@ pub async fn api(args: ServeApiArgs) -> anyhow::Result<ExitCode> {
         .server_key_file
         .clone()
         .unwrap_or_else(|| backends.data.join("server.key"));
-    let server_key = crate::server::load_or_create_key(&key_path)?;
-    let listener = tokio::net::TcpListener::bind(&args.listen)
-        .await
-        .with_context(|| {
-            format!(
-                "cannot listen on {}; pick another --listen ADDR",
-                args.listen
-            )
-        })?;
+    let server_key = roles::load_or_create_key(&key_path)?;
+    let listener = roles::bind(&args.listen).await?;
     let addr = listener.local_addr()?;
     let access = args.repos.access(&backends.data)?;
-    let mirrors = tributary_repo::Mirrors::new(backends.data.join("mirrors")).with_access(access);
-    let state =
-        tributary_api::ApiState::start(log.clone(), store, mirrors, Some(server_key)).await?;
-    let state = state.with_objects(objects);
-
+    // Metering: invoices, usage and the web UI's usage page from the tables `serve metering`
+    // writes (the `metering` schema of --database, or DIR/metering.db).
+    let plan = crate::metering::load_plan(args.price_plan.as_deref())?;
+    let metering = backends.open_metering().await?;
     let token_path = args
         .admin_token_file
         .clone()
         .unwrap_or_else(|| backends.data.join("admin.token"));
-    let token = read_or_create_token(&token_path)?;
-    let sha256 = tributary_api::auth::sha256_hex(&token);
-    let known = state
-        .directory(|d| d.token(&sha256).is_some())
-        .map_err(|e| anyhow::anyhow!("{e}"))?;
-    let has_tenant = state
-        .directory(|d| d.tenants.contains_key(DEFAULT_TENANT))
-        .map_err(|e| anyhow::anyhow!("{e}"))?;
-    if !known {
-        register_admin_token(log.as_ref(), &sha256, !has_tenant).await?;
-        tracing::info!(file = %token_path.display(), "admin token registered on the log");
-    }
-
-    // Metering: invoices, usage and the web UI's usage page from the tables `serve metering`
-    // writes (the `metering` schema of --database, or DIR/metering.db).
-    let plan = crate::metering::load_plan(args.price_plan.as_deref())?;
-    let metering_store = backends.open_metering().await?;
-    let metering = tributary_api::metering::MeteringApi::new(
-        state.clone(),
-        tributary_api::metering::MeteringReader::new(metering_store, plan),
-    );
-    let stop = CancellationToken::new();
-    let mut server = {
-        let stop = stop.clone();
-        tokio::spawn(tributary_api::serve_with_metering(
-            state,
-            Some(metering),
+    let shutdown = roles::shutdown_on_signal();
+    let role = tokio::spawn(roles::api::run(
+        roles::api::Backends {
+            log,
+            store,
+            metering,
+            objects,
+            data: backends.data.clone(),
+        },
+        roles::api::Options {
             listener,
-            async move { stop.cancelled().await },
-        ))
-    };
+            server_key,
+            access,
+            plan,
+            cache_limit: 0,
+            read_model: None,
+            admin_token: Some(token_path),
+        },
+        shutdown,
+    ));
     println!(
         "tributary api: gRPC and HTTP on http://{addr} (web UI /ui/), log {}",
         backends.log_location()
     );
     let _ = std::io::stdout().flush();
-    let result = tokio::select! {
-        () = crate::server::wait_for_signal() => {
-            stop.cancel();
-            server.await
-        }
-        r = &mut server => r,
-    };
-    match result {
+    finish("the API server", role.await)
+}
+
+/// A role's end as the command's: success, its error, or its panic.
+fn finish(
+    what: &str,
+    joined: Result<anyhow::Result<()>, tokio::task::JoinError>,
+) -> anyhow::Result<ExitCode> {
+    match joined {
         Ok(Ok(())) => Ok(ExitCode::SUCCESS),
-        Ok(Err(e)) => Err(anyhow::anyhow!("the API server stopped: {e}")),
-        Err(e) => Err(anyhow::anyhow!("the API server panicked: {e}")),
+        Ok(Err(e)) => Err(e),
+        Err(e) => Err(anyhow::anyhow!("{what} panicked: {e}")),
     }
-}
-
-/// The token in `path`, or a new one written there (mode 0600).
-fn read_or_create_token(path: &Path) -> anyhow::Result<String> {
-    match std::fs::read_to_string(path) {
-        Ok(text) if !text.trim().is_empty() => return Ok(text.trim().to_owned()),
-        Ok(_) => anyhow::bail!("{} is empty: put the admin token in it", path.display()),
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-        Err(e) => return Err(e).with_context(|| format!("cannot read {}", path.display())),
-    }
-    let (token, _) = tributary_api::auth::new_token();
-    let mut file = std::fs::OpenOptions::new()
-        .write(true)
-        .create_new(true)
-        .mode(0o600)
-        .open(path)
-        .with_context(|| format!("cannot create {}", path.display()))?;
-    writeln!(file, "{token}")?;
-    file.sync_all()?;
-    println!("admin token written to {} (mode 0600)", path.display());
-    Ok(token)
-}
-
-/// Puts the admin token's sha256 (and, first, the default tenant) on the log.
-pub(crate) async fn register_admin_token(
-    log: &dyn EventLog,
-    sha256: &str,
-    with_tenant: bool,
-) -> anyhow::Result<()> {
-    let mut events = Vec::new();
-    if with_tenant {
-        events.push(Envelope::new(
-            DEFAULT_TENANT,
-            "",
-            "",
-            Payload::TenantCreated(TenantCreated {
-                name: DEFAULT_TENANT.into(),
-            }),
-        ));
-    }
-    events.push(Envelope::new(
-        DEFAULT_TENANT,
-        "",
-        "",
-        Payload::TokenIssued(TokenIssued {
-            token_id: tributary_proto::new_id(),
-            tenant: DEFAULT_TENANT.into(),
-            kind: "admin".into(),
-            name: "admin".into(),
-            sha256: sha256.to_owned(),
-        }),
-    ));
-    log.append(&events).await?;
-    Ok(())
 }
 
 #[derive(Debug, Args)]
@@ -195,66 +121,147 @@ pub struct ServeSchedulerArgs {
 /// `tributary serve scheduler`: a member of consumer group `scheduler` on the events topic;
 /// it folds every partition and decides for the builds of the partitions the group gives it.
 pub async fn scheduler(args: ServeSchedulerArgs) -> anyhow::Result<ExitCode> {
-    use std::collections::BTreeSet;
-    use tributary_scheduler::service;
-
+    let config = roles::scheduler::config(args.lease_ttl)?;
     let backends = args.backends.resolve()?;
     let log = backends.open_log().await?;
     let _health = crate::health::start_with_log(&args.health, "scheduler", log.clone()).await?;
-    if !(args.lease_ttl.is_finite() && args.lease_ttl > 0.0) {
-        anyhow::bail!("--lease-ttl must be a positive number of seconds");
-    }
-    let ttl_us = (args.lease_ttl * 1e6) as i64;
-    let config = tributary_scheduler::cluster::ClusterConfig {
-        lease_ttl_us: ttl_us,
-        agent_ttl_us: ttl_us,
-        ..Default::default()
-    };
-    let stop = CancellationToken::new();
-    let (assigned_tx, assigned_rx) = tokio::sync::watch::channel(BTreeSet::new());
-    let (partitions, deciding_rx) = service::Partitions::new(assigned_rx);
-    let mut owner = tokio::spawn(service::own_by_group(
-        log.clone(),
-        "scheduler",
-        assigned_tx,
-        deciding_rx,
-        stop.clone(),
-    ));
-    let mut decider = tokio::spawn(service::run(
-        log.clone(),
-        config,
-        std::time::Duration::from_millis(250),
-        partitions,
-        stop.clone(),
+    let shutdown = roles::shutdown_on_signal();
+    let role = tokio::spawn(roles::scheduler::run(
+        log,
+        roles::scheduler::Options {
+            config,
+            ownership: roles::scheduler::Ownership::Group,
+        },
+        shutdown,
     ));
     println!(
         "tributary scheduler: log {}, member of consumer group `scheduler`",
         backends.log_location()
     );
     let _ = std::io::stdout().flush();
-    let first = tokio::select! {
-        () = crate::server::wait_for_signal() => None,
-        r = &mut owner => Some(("group membership", r)),
-        r = &mut decider => Some(("scheduling", r)),
-    };
-    stop.cancel();
-    let failed = match first {
-        Some((what, Ok(Err(e)))) => Some(format!("{what} stopped: {e}")),
-        Some((what, Err(e))) => Some(format!("{what} panicked: {e}")),
-        Some((_, Ok(Ok(())))) | None => None,
-    };
-    if let Some(failed) = failed {
-        anyhow::bail!("the scheduler stopped: {failed}");
+    finish("the scheduler", role.await)
+}
+
+/// `tributary serve projector`: the builds projector as its own process.
+pub async fn projector(args: crate::cli::ServeProjectorArgs) -> anyhow::Result<ExitCode> {
+    let backends = args.backends.resolve()?;
+    let _lock = backends.lock_data()?;
+    let log = backends.open_log().await?;
+    let store = backends.open_store().await?;
+    let _health = crate::health::start_with_log(&args.health, "projector", log.clone()).await?;
+    let projector = tributary_projections::BuildsProjector::open(store).await?;
+    tracing::info!(
+        log = %backends.log_location(),
+        layout = ?log.layout(),
+        "builds projector starting"
+    );
+    let shutdown = roles::shutdown_on_signal();
+    let role = tokio::spawn(roles::projector::run(log, projector, shutdown));
+    finish("the builds projector", role.await)
+}
+
+/// `tributary serve metering`: the embedded data directory or the scale-out backends.
+pub async fn metering(args: crate::cli::ServeMeteringArgs) -> anyhow::Result<ExitCode> {
+    let config = crate::metering::service_config(&args.metering)?;
+    let backends = args.backends.resolve()?;
+    let _lock = backends.lock_data()?;
+    let log = backends.open_log().await?;
+    let store = backends.open_metering().await?;
+    let _health = crate::health::start_with_log(&args.health, "metering", log.clone()).await?;
+    println!(
+        "metering: following {} into {} (plan {}, invoices {:.1} h after each month)",
+        backends.log_location(),
+        backends.metering_location(),
+        config.plan.version,
+        config.close_after.as_secs_f64() / 3600.0
+    );
+    let _ = std::io::stdout().flush();
+    let shutdown = roles::shutdown_on_signal();
+    let role = tokio::spawn(roles::metering::run(log, store.clone(), config, shutdown));
+    let joined = role.await;
+    store.close().await;
+    finish("the metering service", joined)
+}
+
+/// `tributary serve autoscaler`: on a `tributary up` data directory, or on Kafka as one of
+/// the replicas of consumer group `autoscaler` (one active at a time).
+pub async fn autoscaler(args: crate::cli::AutoscalerArgs) -> anyhow::Result<ExitCode> {
+    use tributary_autoscaler::service::Replicas;
+
+    let config = crate::autoscaler::load_config(&args.config)?;
+    let backends = args.backends.resolve()?;
+    let data = &backends.data;
+    let on_kafka = backends.kafka.is_some();
+    if !on_kafka && !data.join("events.db").exists() {
+        anyhow::bail!(
+            "{} holds no event log: point --data at the data directory of a `tributary up`, \
+             or --kafka at the brokers of a scale-out deployment",
+            data.display()
+        );
     }
-    for (what, task) in [("group membership", owner), ("scheduling", decider)] {
-        if task.is_finished() {
-            continue;
+    let token = match args.token.filter(|t| !t.trim().is_empty()) {
+        Some(t) => t.trim().to_owned(),
+        None => {
+            let path = data.join("admin.token");
+            std::fs::read_to_string(&path)
+                .with_context(|| {
+                    format!(
+                        "no --token (TRIBUTARY_ENROLLMENT_TOKEN) and cannot read {}: agents need \
+                         an enrollment token (`tributary admin token-create --kind enrollment`)",
+                        path.display()
+                    )
+                })?
+                .trim()
+                .to_owned()
         }
-        match task.await {
-            Ok(Ok(())) => {}
-            Ok(Err(e)) => tracing::error!(error = %e, "{what} stopped with an error"),
-            Err(e) => tracing::error!(error = %e, "{what} panicked"),
+    };
+    let log = backends.open_log().await?;
+    let _health = crate::health::start_with_log(&args.health, "autoscaler", log.clone()).await?;
+    let provider = crate::autoscaler::provider(
+        args.provider,
+        &config,
+        &args.config,
+        args.server.clone(),
+        token,
+        data.join("autoscaler"),
+    )
+    .await?;
+    // On Kafka, replicas share the log: one active at a time. The embedded log is one process's.
+    let replicas = if on_kafka {
+        Replicas::Group(tributary_autoscaler::service::GROUP.to_owned())
+    } else {
+        Replicas::Alone
+    };
+    println!(
+        "tributary autoscaler: log {}, provider {}, {} kind(s), budget {}/h, agents join {}{}",
+        backends.log_location(),
+        provider.name(),
+        config.kinds.len(),
+        tributary_autoscaler::config::format_money(config.budget_per_hour_micros),
+        args.server,
+        if on_kafka {
+            ", member of consumer group `autoscaler` (one active replica)"
+        } else {
+            ""
         }
+    );
+    let _ = std::io::stdout().flush();
+    let shutdown = roles::shutdown_on_signal();
+    {
+        let shutdown = shutdown.clone();
+        tokio::spawn(async move {
+            shutdown.cancelled().await;
+            tracing::info!("stopping: draining the agents this autoscaler started");
+        });
     }
-    Ok(ExitCode::SUCCESS)
+    let role = tokio::spawn(roles::autoscaler::run(
+        log,
+        roles::autoscaler::Options {
+            config,
+            provider,
+            replicas,
+        },
+        shutdown,
+    ));
+    finish("the autoscaler", role.await)
 }

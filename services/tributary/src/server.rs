@@ -1,25 +1,22 @@
-//! `tributary up`: the embedded all-in-one server — the gRPC API, the scheduler driver, the
-//! builds projector, the metering service and in-process agents, on the SQLite log in the
-//! data directory.
+//! `tributary up`: the embedded all-in-one server — every role of `crate::roles` (the API, the
+//! scheduler, the builds projector, metering, optionally the autoscaler) in one process on the
+//! data directory's SQLite log and read models, plus in-process agents. The listener, signal,
+//! server key, admin token and scheduler configuration are the roles' shared code, the same as
+//! `tributary serve X` uses.
 
 use std::io::Write;
-use std::os::unix::fs::OpenOptionsExt;
 use std::process::ExitCode;
 use std::sync::Arc;
 
-use std::time::Duration;
-
 use anyhow::Context;
+use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 use tributary_agent::AgentConfig;
 use tributary_eventlog::EventLog;
-use tributary_scheduler::cluster::ClusterConfig;
 
 use crate::cli::UpArgs;
 use crate::data_dir::DataDir;
-
-/// The tenant the admin token belongs to (and the default for its own projects).
-pub const DEFAULT_TENANT: &str = "default";
+use crate::roles::{self, wait_for_signal};
 
 pub async fn up(args: UpArgs) -> anyhow::Result<ExitCode> {
     // First: a second `up` on this directory stops here, before it touches anything.
@@ -29,98 +26,80 @@ pub async fn up(args: UpArgs) -> anyhow::Result<ExitCode> {
         None => None,
     };
     let metering_config = crate::metering::service_config(&args.metering)?;
+    let scheduler_config = roles::scheduler::config(args.lease_ttl)?;
     let data = DataDir::open(&args.data.dir()).await?;
     let log: Arc<dyn EventLog> = data.log.clone();
     let token_path = data.path.join("admin.token");
     let first_start = !token_path.exists();
     if first_start {
-        create_admin_token(log.as_ref(), &token_path).await?;
+        roles::create_admin_token(log.as_ref(), &token_path).await?;
     }
-    let listener = tokio::net::TcpListener::bind(&args.listen)
-        .await
-        .with_context(|| {
-            format!(
-                "cannot listen on {}; pick another --listen ADDR",
-                args.listen
-            )
-        })?;
+    let listener = roles::bind(&args.listen).await?;
     let addr = listener.local_addr()?;
     let access = args.repos.access(&data.path)?;
-    let mirrors =
-        tributary_repo::Mirrors::new(data.path.join("mirrors")).with_access(access.clone());
     // The builds projector runs here: reads that must see a write wait on its position watch.
-    let mut builds_projector = tributary_projections::BuildsProjector::open(data.store.clone())
+    let builds_projector = tributary_projections::BuildsProjector::open(data.store.clone())
         .await
         .context("cannot open the builds read model")?;
     let read_model = tributary_projections::ReadModelPositions::in_process(
         builds_projector.applied(),
         log.layout().events,
     );
-    let projector = {
-        let log = log.clone();
-        tokio::spawn(async move { builds_projector.follow(log.as_ref()).await })
-    };
-    let server_key = load_or_create_key(&data.path.join("server.key"))?;
+    let projector_stop = CancellationToken::new();
+    let projector = tokio::spawn(roles::projector::run(
+        log.clone(),
+        builds_projector,
+        projector_stop.clone(),
+    ));
+    let server_key = roles::load_or_create_key(&data.path.join("server.key"))?;
     let objects = match args.objects.as_deref().filter(|u| !u.trim().is_empty()) {
         Some(url) => tributary_objects::Objects::open(url.trim())
             .with_context(|| format!("cannot open the object storage {url} (--objects)"))?,
         None => data.objects()?,
     };
-    let state = tributary_api::ApiState::start(
-        log.clone(),
-        data.store.clone(),
-        mirrors.clone(),
-        Some(server_key),
-    )
-    .await?
-    .with_read_model(read_model)
-    .with_objects(objects.clone())
-    .with_cache_limit(args.cache_limit);
+
+    // The API (gRPC + HTTP on one port).
+    let api_stop = CancellationToken::new();
+    let api = tokio::spawn(roles::api::run(
+        roles::api::Backends {
+            log: log.clone(),
+            store: data.store.clone(),
+            metering: data.metering.clone(),
+            objects: objects.clone(),
+            data: data.path.clone(),
+        },
+        roles::api::Options {
+            listener,
+            server_key,
+            access: access.clone(),
+            plan: metering_config.plan.clone(),
+            cache_limit: args.cache_limit,
+            read_model: Some(read_model),
+            admin_token: None,
+        },
+        api_stop.clone(),
+    ));
     crate::memory::trim_periodically();
 
-    // Scheduler service: folds the log, assigns leases to connected agents, requeues lost ones.
-    let ttl_us = (args.lease_ttl * 1e6) as i64;
-    let config = ClusterConfig {
-        lease_ttl_us: ttl_us,
-        agent_ttl_us: ttl_us,
-        ..ClusterConfig::default()
-    };
+    // Scheduler: folds the log, assigns leases to connected agents, requeues lost ones.
     let scheduler_stop = CancellationToken::new();
-    let scheduler = tokio::spawn(tributary_scheduler::service::run(
+    let scheduler = tokio::spawn(roles::scheduler::run(
         log.clone(),
-        config,
-        Duration::from_millis(250),
-        tributary_scheduler::service::Partitions::every(log.layout()),
+        roles::scheduler::Options {
+            config: scheduler_config,
+            ownership: roles::scheduler::Ownership::Every,
+        },
         scheduler_stop.clone(),
     ));
 
     // Metering: usage ticks -> usage and invoices (metering.db); issues closed months.
     let metering_stop = CancellationToken::new();
-    let metering = tokio::spawn(tributary_metering::service::run(
+    let metering = tokio::spawn(roles::metering::run(
         log.clone(),
         data.metering.clone(),
-        metering_config.clone(),
+        metering_config,
         metering_stop.clone(),
     ));
-    let metering_api = tributary_api::metering::MeteringApi::new(
-        state.clone(),
-        tributary_api::metering::MeteringReader::new(
-            data.metering.clone(),
-            metering_config.plan.clone(),
-        ),
-    );
-
-    // The API (gRPC + HTTP on one port).
-    let server_stop = CancellationToken::new();
-    let server = {
-        let stop = server_stop.clone();
-        tokio::spawn(tributary_api::serve_with_metering(
-            state,
-            Some(metering_api),
-            listener,
-            async move { stop.cancelled().await },
-        ))
-    };
 
     // In-process agents: the same agent runtime as `tributary agent`, over loopback gRPC,
     // enrolled with the admin token as shared agents.
@@ -165,13 +144,15 @@ pub async fn up(args: UpArgs) -> anyhow::Result<ExitCode> {
                 data.path.join("autoscaler"),
             )
             .await?;
-            Some(crate::autoscaler::spawn(
+            Some(tokio::spawn(roles::autoscaler::run(
                 log.clone(),
-                config,
-                provider,
-                tributary_autoscaler::service::Replicas::Alone,
+                roles::autoscaler::Options {
+                    config,
+                    provider,
+                    replicas: tributary_autoscaler::service::Replicas::Alone,
+                },
                 autoscaler_stop.clone(),
-            ))
+            )))
         }
         None => None,
     };
@@ -200,80 +181,30 @@ pub async fn up(args: UpArgs) -> anyhow::Result<ExitCode> {
             while agents.join_next().await.is_some() {}
             // The autoscaler's provider drains the agents it started.
             if let Some(autoscaler) = autoscaler {
-                if let Ok(Err(e)) = autoscaler.await {
-                    tracing::error!(error = %e, "autoscaler stopped with an error");
-                }
+                stopped("autoscaler", autoscaler).await;
             }
         } => {}
         _ = wait_for_signal() => tracing::warn!("second signal: stopping without waiting for jobs"),
     }
-    scheduler_stop.cancel();
-    if let Ok(Err(e)) = scheduler.await {
-        tracing::error!(error = %e, "scheduler stopped with an error");
+    // Then the roles, the API last but the projector (it applies what the others appended).
+    for (what, stop, task) in [
+        ("scheduler", scheduler_stop, scheduler),
+        ("metering", metering_stop, metering),
+        ("API server", api_stop, api),
+        ("builds projector", projector_stop, projector),
+    ] {
+        stop.cancel();
+        stopped(what, task).await;
     }
-    metering_stop.cancel();
-    if let Ok(Err(e)) = metering.await {
-        tracing::error!(error = %e, "metering stopped with an error");
-    }
-    server_stop.cancel();
-    if let Ok(Err(e)) = server.await {
-        tracing::error!(error = %e, "API server stopped with an error");
-    }
-    projector.abort();
     data.log.close().await;
     Ok(ExitCode::SUCCESS)
 }
 
-pub async fn wait_for_signal() {
-    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).ok();
-    tokio::select! {
-        _ = tokio::signal::ctrl_c() => {}
-        _ = async {
-            match term.as_mut() {
-                Some(t) => { t.recv().await; }
-                None => std::future::pending::<()>().await,
-            }
-        } => {}
+/// Waits for a stopped role, logging how it failed if it did.
+async fn stopped(what: &str, task: JoinHandle<anyhow::Result<()>>) {
+    match task.await {
+        Ok(Ok(())) => {}
+        Ok(Err(e)) => tracing::error!(error = format!("{e:#}"), "{what} stopped with an error"),
+        Err(e) => tracing::error!(error = %e, "{what} panicked"),
     }
-}
-
-/// The key that seals secrets at rest: 32 random bytes in `path` (0600), made on first start.
-pub(crate) fn load_or_create_key(
-    path: &std::path::Path,
-) -> anyhow::Result<tributary_api::seal::ServerKey> {
-    if let Ok(bytes) = std::fs::read(path) {
-        let key: [u8; 32] = bytes.try_into().map_err(|_| {
-            anyhow::anyhow!(
-                "{} is not a 32-byte key; restore it from backup",
-                path.display()
-            )
-        })?;
-        return Ok(tributary_api::seal::ServerKey::new(key));
-    }
-    let key = tributary_api::seal::ServerKey::generate();
-    let mut file = std::fs::OpenOptions::new()
-        .write(true)
-        .create_new(true)
-        .mode(0o600)
-        .open(path)
-        .with_context(|| format!("cannot create {}", path.display()))?;
-    file.write_all(key.bytes())?;
-    file.sync_all()?;
-    Ok(key)
-}
-
-/// First start: the default tenant and an admin token, whose sha256 goes on the log and whose
-/// text goes to `path` (readable by the owner only).
-async fn create_admin_token(log: &dyn EventLog, path: &std::path::Path) -> anyhow::Result<()> {
-    let (token, sha256) = tributary_api::auth::new_token();
-    let mut file = std::fs::OpenOptions::new()
-        .write(true)
-        .create_new(true)
-        .mode(0o600)
-        .open(path)
-        .with_context(|| format!("cannot create {}", path.display()))?;
-    crate::serve::register_admin_token(log, &sha256, true).await?;
-    writeln!(file, "{token}")?;
-    file.sync_all()?;
-    Ok(())
 }

@@ -10,7 +10,7 @@ use tributary_autoscaler::sim::{simulate, Mode, SimOptions, SimReport, TraceJob}
 use tributary_autoscaler::trace;
 
 /// The pool the benchmark sizes unless `--config` says otherwise.
-const DEFAULT_POOL: &str = include_str!("../../autoscaler/traces/bench-pool.toml");
+const DEFAULT_POOL: &str = include_str!("../../../autoscaler/traces/bench-pool.toml");
 const DAY_US: i64 = 24 * 3600 * SECOND_US;
 
 pub struct Options {

@@ -1,4 +1,14 @@
-//! `tributary bench ...`: benchmarks that print figures (recorded in docs/PERFORMANCE.md).
+//! `tributary bench ...`: benchmarks that print figures (recorded in docs/PERFORMANCE.md). This
+//! module dispatches the subcommands and holds `bench log` and `bench run`; each other benchmark
+//! is a module of its own. Nothing outside `bench` depends on it but the command's dispatch.
+
+mod artifacts;
+mod autoscale;
+mod exec;
+mod history;
+mod metering;
+mod server;
+mod ui;
 
 use std::process::ExitCode;
 use std::sync::Arc;
@@ -52,7 +62,7 @@ pub async fn bench(cmd: BenchCommand) -> anyhow::Result<ExitCode> {
             config,
             generate,
             seed,
-        } => crate::bench_autoscale::bench_autoscale(crate::bench_autoscale::Options {
+        } => crate::bench::autoscale::bench_autoscale(crate::bench::autoscale::Options {
             trace,
             config,
             generate,
@@ -63,13 +73,13 @@ pub async fn bench(cmd: BenchCommand) -> anyhow::Result<ExitCode> {
             tenants,
             ticks_per_job,
             data,
-        } => crate::bench_metering::bench(ticks, tenants, ticks_per_job, data).await,
+        } => crate::bench::metering::bench(ticks, tenants, ticks_per_job, data).await,
         BenchCommand::Exec {
             runs,
             image,
             engine,
         } => {
-            crate::bench_exec::bench_exec(crate::bench_exec::Options {
+            crate::bench::exec::bench_exec(crate::bench::exec::Options {
                 runs,
                 image,
                 engine: engine.unwrap_or_else(tributary_executor::container::engine_from_env),
@@ -87,7 +97,7 @@ pub async fn bench(cmd: BenchCommand) -> anyhow::Result<ExitCode> {
             in_flight,
             latency_builds,
         } => {
-            crate::bench_server::bench_server(crate::bench_server::Options {
+            crate::bench::server::bench_server(crate::bench::server::Options {
                 builds,
                 concurrency,
                 agents,
@@ -101,7 +111,7 @@ pub async fn bench(cmd: BenchCommand) -> anyhow::Result<ExitCode> {
             .await
         }
         BenchCommand::History { builds, live } => {
-            crate::bench_history::bench_history(crate::bench_history::Options { builds, live })
+            crate::bench::history::bench_history(crate::bench::history::Options { builds, live })
                 .await
         }
         BenchCommand::Ui {
@@ -109,7 +119,7 @@ pub async fn bench(cmd: BenchCommand) -> anyhow::Result<ExitCode> {
             lines,
             interval_ms,
         } => {
-            crate::bench_ui::bench_ui(crate::bench_ui::Options {
+            crate::bench::ui::bench_ui(crate::bench::ui::Options {
                 viewers,
                 lines,
                 interval_ms,

@@ -20,7 +20,7 @@ use http_body_util::{BodyExt, Empty};
 use hyper_util::client::legacy::{connect::HttpConnector, Client};
 use tokio::sync::Notify;
 
-use crate::bench_server::{git, last_lines, memory, ms, pct, Spawned};
+use crate::bench::server::{git, last_lines, memory, ms, pct, Spawned};
 
 pub struct Options {
     pub viewers: usize,
@@ -197,7 +197,7 @@ async fn run(
         pct(&all, 99.0),
         pct(&all, 100.0)
     );
-    let mib = |m: &Option<crate::bench_server::Memory>| m.as_ref().map_or(f64::NAN, |m| m.rss_mib);
+    let mib = |m: &Option<crate::bench::server::Memory>| m.as_ref().map_or(f64::NAN, |m| m.rss_mib);
     println!(
         "  server RSS: idle {:.1} MiB, {} viewers connected {:.1} MiB, after {:.1} MiB, peak {:.1} MiB",
         mib(&idle),

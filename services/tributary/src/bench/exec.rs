@@ -5,7 +5,7 @@
 //! Figures: from the executor's start to the first LineStarted event ("start to first line":
 //! for a container job that includes creating and starting the container and the first `exec`),
 //! and the whole job (for a container job including its removal). First it prints artifact
-//! upload/download throughput with hashing ([`crate::bench_artifacts`]).
+//! upload/download throughput with hashing ([`crate::bench::artifacts`]).
 
 use std::process::ExitCode;
 use std::time::{Duration, Instant};
@@ -24,7 +24,7 @@ pub struct Options {
 
 pub async fn bench_exec(opts: Options) -> anyhow::Result<ExitCode> {
     let scratch = tempfile::tempdir()?;
-    crate::bench_artifacts::bench_artifacts(scratch.path()).await?;
+    crate::bench::artifacts::bench_artifacts(scratch.path()).await?;
     drop(scratch);
     let engine = Engine::connect(&opts.engine).await?;
     let runtime = ContainerRuntime {

@@ -23,7 +23,7 @@ use tributary_eventlog::EventLog;
 use tributary_proto::api::{self, builds_client::BuildsClient, projects_client::ProjectsClient};
 use tributary_proto::events::{envelope::Payload, Envelope};
 
-use crate::bench_server::{git, memory, ms, Spawned};
+use crate::bench::server::{git, memory, ms, Spawned};
 
 const PIPELINE: &str = "jobs:\n  hello:\n    steps:\n      - run: echo hello\n";
 const TARGET_READY_MS: f64 = 1000.0;

@@ -1,0 +1,1 @@
+CREATE TABLE things (n BIGINT NOT NULL);
