@@ -261,11 +261,19 @@ fn serve_autoscaler_with_the_command_provider_scales_up_and_back_to_zero() {
     assert_eq!(s.get(&build)["status"], "succeeded");
 
     let mut events = Vec::new();
+    // `agent_released` is appended before the provider's release script runs (the decision
+    // first): wait for the scripts too, not only for the events.
+    let released_lines = || {
+        std::fs::read_to_string(root.join("released"))
+            .map(|t| t.lines().count())
+            .unwrap_or(0)
+    };
     wait_secs("the pool to return to zero", 120, || {
         events = s.events(None);
         let requested = of_type(&events, "agent_requested").len();
         requested > 0
             && requested == of_type(&events, "agent_released").len()
+            && released_lines() == requested
             && agent_processes_under(&root) == 0
     });
     let requested = of_type(&events, "agent_requested");
