@@ -208,10 +208,17 @@ impl Agents for AgentsApi {
     ) -> Result<Response<RegisterAgentResponse>, Status> {
         let caps = capabilities(&request)?;
         let req = request.into_inner();
-        let token = self
-            .state
-            .directory(|d| d.token(&sha256_hex(req.enrollment_token.trim())).cloned())?
-            .ok_or_else(|| Status::unauthenticated("unknown or revoked enrollment token"))?;
+        let sha = sha256_hex(req.enrollment_token.trim());
+        let mut token = self.state.directory(|d| d.token(&sha).cloned())?;
+        if token.is_none() {
+            // Maybe created a moment ago through another API replica: look again once this
+            // replica's directory has folded everything on the log now.
+            let end = self.state.log_end().await?;
+            self.state.wait_directory(&end).await?;
+            token = self.state.directory(|d| d.token(&sha).cloned())?;
+        }
+        let token =
+            token.ok_or_else(|| Status::unauthenticated("unknown or revoked enrollment token"))?;
         // Agents enrolled with the admin token are shared by every tenant.
         let tenant = match token.kind {
             TokenKind::Enrollment => token.tenant.clone(),
