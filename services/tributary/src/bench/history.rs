@@ -256,46 +256,36 @@ impl Client {
 
     /// The time from `started` to the first answered ListBuilds.
     async fn first_answer(&self, started: Instant) -> anyhow::Result<Duration> {
-        let mut builds = self.builds();
-        loop {
-            let r = builds
-                .list_builds(api::ListBuildsRequest {
-                    limit: 1,
-                    ..Default::default()
-                })
-                .await;
-            if r.is_ok() {
-                return Ok(started.elapsed());
+        until_ok(started, "the restarted server did not answer", 5, || {
+            let mut builds = self.builds();
+            async move {
+                builds
+                    .list_builds(api::ListBuildsRequest {
+                        limit: 1,
+                        ..Default::default()
+                    })
+                    .await
             }
-            anyhow::ensure!(
-                started.elapsed() < Duration::from_secs(600),
-                "the restarted server did not answer within 10 minutes: {:?}",
-                r.err()
-            );
-            tokio::time::sleep(Duration::from_millis(5)).await;
-        }
+        })
+        .await
     }
 
     /// The time from `started` until build `id` is in the builds read model.
     async fn until_known(&self, id: &str, started: Instant) -> anyhow::Result<Duration> {
-        let mut builds = self.builds();
-        loop {
-            let r = builds
-                .get_build(api::GetBuildRequest {
-                    build_id: id.to_owned(),
-                    ..Default::default()
-                })
-                .await;
-            if r.is_ok() {
-                return Ok(started.elapsed());
+        let what = format!("build {id} was not in the read model");
+        until_ok(started, &what, 20, || {
+            let mut builds = self.builds();
+            let build_id = id.to_owned();
+            async move {
+                builds
+                    .get_build(api::GetBuildRequest {
+                        build_id,
+                        ..Default::default()
+                    })
+                    .await
             }
-            anyhow::ensure!(
-                started.elapsed() < Duration::from_secs(600),
-                "build {id} was not in the read model within 10 minutes: {:?}",
-                r.err()
-            );
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
+        })
+        .await
     }
 
     /// Runs `n` builds of project `history` at `main`, 4 at a time; returns their ids once all
@@ -351,5 +341,31 @@ impl Client {
             );
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
+    }
+}
+
+/// Calls `call` every `every_ms` until it answers; the time from `started` then. Gives up after
+/// 10 minutes saying `what` and the last error.
+async fn until_ok<T, F, Fut>(
+    started: Instant,
+    what: &str,
+    every_ms: u64,
+    mut call: F,
+) -> anyhow::Result<Duration>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Result<T, tonic::Status>>,
+{
+    loop {
+        let r = call().await;
+        if r.is_ok() {
+            return Ok(started.elapsed());
+        }
+        anyhow::ensure!(
+            started.elapsed() < Duration::from_secs(600),
+            "{what} within 10 minutes: {:?}",
+            r.err()
+        );
+        tokio::time::sleep(Duration::from_millis(every_ms)).await;
     }
 }
